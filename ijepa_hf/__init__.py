@@ -1,0 +1,74 @@
+"""ijepa_hf: I-JEPA (Assran et al., 2023) as Hugging Face models.
+
+Importing the package registers its model types (``ijepa_hf_encoder``, ``ijepa_hf_predictor``,
+``ijepa_hf_pretraining``) with transformers' Auto classes. transformers' own ``ijepa`` type is never touched.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
+
+from .configuration_ijepa_hf import (
+    ENCODER_SIZES,
+    PRETRAINING_PRESETS,
+    IJepaEncoderConfig,
+    IJepaPredictorConfig,
+    IJepaPretrainingConfig,
+    list_presets,
+)
+from .image_processing import make_image_processor
+from .modeling_ijepa_hf import (
+    IJepaEncoderForImageClassification,
+    IJepaEncoderModel,
+    IJepaPredictorModel,
+    IJepaPredictorOutput,
+    IJepaPreTrainedModel,
+    IJepaPretrainingModel,
+    IJepaPretrainingOutput,
+    sincos_position_embeddings,
+)
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    from transformers import ViTImageProcessorPil
+
+    for config_class in (IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(IJepaEncoderConfig, IJepaEncoderModel, exist_ok=True)
+    AutoModel.register(IJepaPredictorConfig, IJepaPredictorModel, exist_ok=True)
+    AutoModel.register(IJepaPretrainingConfig, IJepaPretrainingModel, exist_ok=True)
+    AutoModelForPreTraining.register(IJepaPretrainingConfig, IJepaPretrainingModel, exist_ok=True)
+    AutoModelForImageClassification.register(IJepaEncoderConfig, IJepaEncoderForImageClassification, exist_ok=True)
+    for config_class in (IJepaEncoderConfig, IJepaPretrainingConfig):
+        AutoImageProcessor.register(
+            config_class,
+            image_processor_classes={"pil": ViTImageProcessorPil},
+            exist_ok=True,
+        )
+
+
+_register()
+
+__all__ = [
+    "ENCODER_SIZES",
+    "PRETRAINING_PRESETS",
+    "IJepaEncoderConfig",
+    "IJepaPredictorConfig",
+    "IJepaPretrainingConfig",
+    "IJepaPreTrainedModel",
+    "IJepaEncoderModel",
+    "IJepaPredictorModel",
+    "IJepaPretrainingModel",
+    "IJepaEncoderForImageClassification",
+    "IJepaPredictorOutput",
+    "IJepaPretrainingOutput",
+    "list_presets",
+    "make_image_processor",
+    "sincos_position_embeddings",
+]

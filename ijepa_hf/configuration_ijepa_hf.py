@@ -1,0 +1,403 @@
+"""Configurations of the I-JEPA encoder, predictor and pretraining model.
+
+This file is self-contained (it imports only transformers) so that it can be copied next to the weights of a
+Hub repo and loaded with ``trust_remote_code=True`` by people who do not have ``ijepa_hf`` installed.
+
+The model types are ``ijepa_hf_encoder``, ``ijepa_hf_predictor`` and ``ijepa_hf_pretraining``; transformers'
+own ``ijepa`` type (its encoder-only ``IJepaModel``) is left untouched and is reached through conversion.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+__all__ = [
+    "IJepaEncoderConfig",
+    "IJepaPredictorConfig",
+    "IJepaPretrainingConfig",
+    "ENCODER_SIZES",
+    "PRETRAINING_PRESETS",
+    "list_presets",
+]
+
+
+def _as_pair(value: Any, field_name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"`{field_name}` must be an int or a pair of ints (height, width), got {value!r}.")
+
+
+def _check_positive_int(value: Any, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
+
+
+def _check_range(value: Any, field_name: str, low: float, high: float, *, low_open: bool = True) -> tuple[float, float]:
+    """Validates a (min, max) pair inside (low, high] (or [low, high] when ``low_open`` is False)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"`{field_name}` must be a (min, max) pair, got {value!r}.")
+    lo, hi = float(value[0]), float(value[1])
+    lower_ok = (lo > low) if low_open else (lo >= low)
+    if not (lower_ok and hi <= high and lo <= hi):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"`{field_name}` must satisfy min <= max with both in {interval}, got {value!r}.")
+    return lo, hi
+
+
+def _check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int, int]:
+    image_h, image_w = _as_pair(image_size, f"{prefix}image_size")
+    patch_h, patch_w = _as_pair(patch_size, f"{prefix}patch_size")
+    for value, name in ((image_h, "image_size"), (image_w, "image_size"), (patch_h, "patch_size"), (patch_w, "patch_size")):
+        _check_positive_int(value, prefix + name)
+    if image_h % patch_h or image_w % patch_w:
+        raise ValueError(
+            f"`{prefix}image_size` {image_size} is not divisible by `{prefix}patch_size` {patch_size}: "
+            f"choose an image size that is a multiple of the patch size (e.g. {image_h // patch_h * patch_h} or "
+            f"{(image_h // patch_h + 1) * patch_h})."
+        )
+    return image_h // patch_h, image_w // patch_w
+
+
+class IJepaEncoderConfig(PretrainedConfig):
+    r"""Configuration of an I-JEPA vision transformer encoder (context or target encoder).
+
+    A plain pre-norm ViT without CLS token, with fixed 2-D sin-cos position embeddings, as in the official
+    implementation. Defaults describe a ViT-B/16 at 224 px; see `ENCODER_SIZES` and
+    `IJepaPretrainingConfig.from_preset` for the official sizes.
+
+    Args:
+        image_size: Input resolution the position table is built for (other resolutions still work).
+        patch_size: Side of the square patches.
+        num_channels: Number of input channels.
+        hidden_size: Width D of the transformer.
+        num_hidden_layers: Number of blocks.
+        num_attention_heads: Heads per block; must divide `hidden_size`.
+        intermediate_size: Hidden width of the MLP (4 * D for all official sizes but ViT-g, 6144).
+        hidden_act: MLP activation (exact GELU in the official code).
+        layer_norm_eps: LayerNorm epsilon (1e-6 in the official code).
+        qkv_bias: Bias in the fused query/key/value projection.
+        initializer_range: Std of the truncated-normal init of linear and conv weights.
+        attention_dropout, hidden_dropout, drop_path_rate: Regularisation (all 0 in the official pretraining).
+    """
+
+    model_type = "ijepa_hf_encoder"
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        initializer_range: float = 0.02,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.initializer_range = initializer_range
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.drop_path_rate = drop_path_rate
+        super().__init__(**kwargs)
+        self.validate_encoder()
+
+    def validate_encoder(self) -> None:
+        """Raises `ValueError` naming the first invalid field."""
+        _check_grid(self.image_size, self.patch_size)
+        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _check_positive_int(getattr(self, name), name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        for name in ("attention_dropout", "hidden_dropout", "drop_path_rate"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+        if not float(self.layer_norm_eps) > 0:
+            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        if not float(self.initializer_range) > 0:
+            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid at `image_size`."""
+        return _check_grid(self.image_size, self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "IJepaEncoderConfig":
+        """An encoder config of an official size, e.g. ``"vit_huge"`` (patch/image size via overrides)."""
+        if name not in ENCODER_SIZES:
+            raise ValueError(f"Unknown encoder size {name!r}; choose one of {sorted(ENCODER_SIZES)}.")
+        return cls(**{**ENCODER_SIZES[name], **overrides})
+
+
+class IJepaPredictorConfig(PretrainedConfig):
+    r"""Configuration of the narrow I-JEPA predictor transformer.
+
+    Args:
+        encoder_hidden_size: Width D of the encoder whose outputs are predicted (input and output width).
+        image_size, patch_size: Define the patch grid of the predictor's fixed sin-cos position table; they must
+            match the encoder's.
+        hidden_size: Predictor width (384 in every official config).
+        num_hidden_layers: Predictor depth (12 for ViT-H, 16 for ViT-g in the official configs).
+        num_attention_heads: Heads; the official code reuses the encoder's head count.
+        intermediate_size: MLP width (4 * `hidden_size` by default).
+    """
+
+    model_type = "ijepa_hf_predictor"
+
+    def __init__(
+        self,
+        encoder_hidden_size: int = 768,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        hidden_size: int = 384,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        initializer_range: float = 0.02,
+        attention_dropout: float = 0.0,
+        hidden_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.encoder_hidden_size = encoder_hidden_size
+        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.initializer_range = initializer_range
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.drop_path_rate = drop_path_rate
+        super().__init__(**kwargs)
+        self.validate_predictor()
+
+    def validate_predictor(self) -> None:
+        """Raises `ValueError` naming the first invalid field."""
+        _check_grid(self.image_size, self.patch_size, prefix="predictor ")
+        for name in ("encoder_hidden_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size"):
+            _check_positive_int(getattr(self, name), f"predictor {name}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"predictor `hidden_size` ({self.hidden_size}) must be divisible by predictor "
+                f"`num_attention_heads` ({self.num_attention_heads})."
+            )
+        for name in ("attention_dropout", "hidden_dropout", "drop_path_rate"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"predictor `{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return _check_grid(self.image_size, self.patch_size)
+
+
+_MASK_MODES = ("fixed", "official")
+_LOSSES = ("smooth_l1", "mse")
+
+
+class IJepaPretrainingConfig(PretrainedConfig):
+    r"""Configuration of the full I-JEPA pretraining model: context encoder, EMA target encoder (same
+    architecture), predictor, plus the multi-block mask, loss and EMA settings of the recipe.
+
+    Args:
+        encoder_config: `IJepaEncoderConfig` or dict; shared by the context and the target encoder.
+        predictor_config: `IJepaPredictorConfig` or dict. Its `encoder_hidden_size`, `image_size` and
+            `patch_size` default to the encoder's, and must equal them.
+        num_target_blocks: Target blocks per image (4).
+        context_scale: Scale range of the context block (0.85, 1.0), aspect ratio 1.
+        target_scale: Scale range of each target block (0.15, 0.2).
+        target_aspect_ratio: Height/width range of the target blocks (0.75, 1.5).
+        min_keep: A mask must keep more than this many patches (10 in the official configs).
+        allow_overlap: Whether the context may overlap the targets (False).
+        mask_mode: ``"fixed"`` (default: the official sampler with its defects fixed) or ``"official"`` (the
+            official distribution, defects included).
+        loss: ``"smooth_l1"`` (the official code) or ``"mse"`` (the paper's L2).
+        smooth_l1_beta: Beta of the smooth L1 loss (1.0 = torch default, as the official code).
+        normalize_targets: Apply a parameter-free LayerNorm to the target encoder output (official).
+        ema_momentum: (start, end) of the linear EMA momentum schedule (0.996, 1.0).
+    """
+
+    model_type = "ijepa_hf_pretraining"
+    sub_configs = {"encoder_config": IJepaEncoderConfig, "predictor_config": IJepaPredictorConfig}
+
+    def __init__(
+        self,
+        encoder_config: IJepaEncoderConfig | dict | None = None,
+        predictor_config: IJepaPredictorConfig | dict | None = None,
+        num_target_blocks: int = 4,
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+        mask_mode: str = "fixed",
+        loss: str = "smooth_l1",
+        smooth_l1_beta: float = 1.0,
+        normalize_targets: bool = True,
+        ema_momentum: tuple[float, float] = (0.996, 1.0),
+        **kwargs: Any,
+    ) -> None:
+        if encoder_config is None:
+            encoder_config = IJepaEncoderConfig()
+        elif isinstance(encoder_config, dict):
+            encoder_config = IJepaEncoderConfig(**encoder_config)
+        if predictor_config is None:
+            predictor_config = {}
+        if isinstance(predictor_config, dict):
+            # The predictor lives on the encoder's grid and width: inherit them unless given explicitly.
+            predictor_config = {
+                "encoder_hidden_size": encoder_config.hidden_size,
+                "image_size": encoder_config.image_size,
+                "patch_size": encoder_config.patch_size,
+                "num_attention_heads": encoder_config.num_attention_heads,
+                **predictor_config,
+            }
+            predictor_config = IJepaPredictorConfig(**predictor_config)
+        self.encoder_config = encoder_config
+        self.predictor_config = predictor_config
+        self.num_target_blocks = num_target_blocks
+        self.context_scale = list(context_scale)
+        self.target_scale = list(target_scale)
+        self.target_aspect_ratio = list(target_aspect_ratio)
+        self.min_keep = min_keep
+        self.allow_overlap = allow_overlap
+        self.mask_mode = mask_mode
+        self.loss = loss
+        self.smooth_l1_beta = smooth_l1_beta
+        self.normalize_targets = normalize_targets
+        self.ema_momentum = list(ema_momentum)
+        super().__init__(**kwargs)
+        self.validate_pretraining()
+
+    def validate_pretraining(self) -> None:
+        """Raises `ValueError` naming the first invalid field."""
+        enc, pred = self.encoder_config, self.predictor_config
+        if pred.encoder_hidden_size != enc.hidden_size:
+            raise ValueError(
+                f"`predictor_config.encoder_hidden_size` ({pred.encoder_hidden_size}) must equal "
+                f"`encoder_config.hidden_size` ({enc.hidden_size})."
+            )
+        if pred.grid_size != enc.grid_size:
+            raise ValueError(
+                f"The predictor's patch grid {pred.grid_size} (image_size {pred.image_size}, patch_size "
+                f"{pred.patch_size}) must equal the encoder's {enc.grid_size}: set the same image_size and "
+                "patch_size in `predictor_config` as in `encoder_config`."
+            )
+        _check_positive_int(self.num_target_blocks, "num_target_blocks")
+        _check_range(self.context_scale, "context_scale", 0.0, 1.0)
+        _check_range(self.target_scale, "target_scale", 0.0, 1.0)
+        _check_range(self.target_aspect_ratio, "target_aspect_ratio", 0.0, math.inf)
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 0:
+            raise ValueError(f"`min_keep` must be a non-negative integer, got {self.min_keep!r}.")
+        if self.mask_mode not in _MASK_MODES:
+            raise ValueError(f"`mask_mode` must be one of {_MASK_MODES}, got {self.mask_mode!r}.")
+        if self.loss not in _LOSSES:
+            raise ValueError(f"`loss` must be one of {_LOSSES}, got {self.loss!r}.")
+        if not float(self.smooth_l1_beta) > 0:
+            raise ValueError(f"`smooth_l1_beta` must be positive, got {self.smooth_l1_beta!r}.")
+        _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0, low_open=False)
+
+    # Aliases so that mask samplers can read the geometry from the pretraining config directly.
+    @property
+    def image_size(self) -> int | list[int]:
+        return self.encoder_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder_config.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        for key in ("encoder_config", "predictor_config"):
+            value = getattr(self, key)
+            output[key] = value.to_dict() if isinstance(value, PretrainedConfig) else value
+        return output
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "IJepaPretrainingConfig":
+        """The configuration of a named preset (see `list_presets()`), e.g. ``"vit_huge_patch14_224"`` (the
+        official IN-1k ViT-H/14 recipe) or ``"vit_tiny_patch16_224"``.
+
+        ``overrides`` may contain ``encoder`` / ``predictor`` dicts (merged into the sub-configs) and any
+        top-level field.
+        """
+        if name not in PRETRAINING_PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {list_presets()}.")
+        preset = copy.deepcopy(PRETRAINING_PRESETS[name])
+        encoder = {**preset.pop("encoder"), **overrides.pop("encoder", {})}
+        predictor = {**preset.pop("predictor"), **overrides.pop("predictor", {})}
+        return cls(encoder_config=encoder, predictor_config=predictor, **{**preset, **overrides})
+
+
+# Official encoder sizes (facebookresearch/ijepa src/models/vision_transformer.py); LayerNorm eps 1e-6, qkv bias.
+ENCODER_SIZES: dict[str, dict[str, int]] = {
+    "vit_tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
+    "vit_small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "vit_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "vit_large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "vit_huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120),
+    "vit_giant": dict(hidden_size=1408, num_hidden_layers=40, num_attention_heads=16, intermediate_size=6144),
+}
+
+
+def _preset(size: str, patch: int, image: int, predictor_depth: int, **extra: Any) -> dict[str, Any]:
+    encoder = dict(ENCODER_SIZES[size], patch_size=patch, image_size=image)
+    # The official helper gives the predictor the encoder's head count; the width is 384 in every config.
+    predictor = dict(hidden_size=384, num_hidden_layers=predictor_depth,
+                     num_attention_heads=encoder["num_attention_heads"])
+    return dict(encoder=encoder, predictor=predictor, **extra)
+
+
+PRETRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    # Generic sizes with the official predictor (width 384, depth 12) at 224 px.
+    **{f"{size}_patch{patch}_224": _preset(size, patch, 224, 12)
+       for size in ENCODER_SIZES for patch in (14, 16)},
+    # The four released recipes (configs/*.yaml of the official repository).
+    "ijepa_vith14_in1k": _preset("vit_huge", 14, 224, 12),
+    "ijepa_vith16_448_in1k": _preset("vit_huge", 16, 448, 12),
+    "ijepa_vith14_in22k": _preset("vit_huge", 14, 224, 12),
+    "ijepa_vitg16_in22k": _preset("vit_giant", 16, 224, 16),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `IJepaPretrainingConfig.from_preset`."""
+    return sorted(PRETRAINING_PRESETS)

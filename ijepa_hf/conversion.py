@@ -1,0 +1,324 @@
+"""Conversion between official I-JEPA checkpoints, ``ijepa_hf`` models and transformers' stock ``ijepa`` encoder.
+
+Every conversion is strict: a missing, unexpected or mis-shaped key is an error that lists them, never a silent
+partial load (the official ``load_checkpoint`` swallows errors and restarts from scratch; a ``strict=False`` load
+left V-JEPA predictor blocks random).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
+from .modeling_ijepa_hf import IJepaEncoderModel, IJepaPredictorModel, IJepaPretrainingModel
+
+__all__ = [
+    "CheckpointMismatchError",
+    "load_official_checkpoint",
+    "infer_official_config",
+    "official_encoder_to_ours",
+    "official_predictor_to_ours",
+    "convert_official_checkpoint",
+    "encoder_to_transformers",
+    "encoder_from_transformers",
+    "transformers_config_from_ours",
+]
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model it is loaded into; the message lists every offending key."""
+
+
+def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict` that raises `CheckpointMismatchError` listing missing, unexpected and mis-shaped keys.
+
+    Persistent position tables are required too: they hold the exact values the weights were trained with.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    misshaped = sorted(
+        f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"Cannot load {what}: the checkpoint does not match the architecture."]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+        if misshaped:
+            lines.append(f"  mis-shaped keys ({len(misshaped)}): {misshaped}")
+        lines.append("Check the architecture (size, patch, image size, predictor depth/width) given to the converter.")
+        raise CheckpointMismatchError("\n".join(lines))
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Official checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+
+_OFFICIAL_SECTIONS = ("encoder", "predictor", "target_encoder")
+
+
+def _strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state_dict.items()}
+
+
+def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads an official ``.pth.tar`` safely (``weights_only=True``) and strips the DDP ``module.`` prefixes.
+
+    Returns the checkpoint dict with ``encoder``, ``predictor`` and ``target_encoder`` state dicts (those present)
+    plus the metadata (``epoch``, ``batch_size``, ...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise ValueError(f"Could not read {path} as an official I-JEPA checkpoint (torch.load, weights_only): {error}") from error
+    if not isinstance(checkpoint, Mapping) or not any(key in checkpoint for key in _OFFICIAL_SECTIONS):
+        found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(
+            f"{path} is not an official I-JEPA checkpoint: expected top-level keys {_OFFICIAL_SECTIONS}, found {found}."
+        )
+    result = dict(checkpoint)
+    for section in _OFFICIAL_SECTIONS:
+        if result.get(section) is not None:
+            result[section] = _strip_ddp_prefix(result[section])
+    return result
+
+
+def official_encoder_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames an official encoder state dict (prefix already stripped) to `IJepaEncoderModel` keys."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^patch_embed\.proj\.", "patch_embed.", key)
+        renamed[key] = value
+    return renamed
+
+
+_PREDICTOR_RENAMES = (
+    (r"^predictor_embed\.", "embed."),
+    (r"^predictor_pos_embed$", "pos_embed"),
+    (r"^predictor_blocks\.", "blocks."),
+    (r"^predictor_norm\.", "norm."),
+    (r"^predictor_proj\.", "proj."),
+)
+
+
+def official_predictor_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames an official predictor state dict (prefix already stripped) to `IJepaPredictorModel` keys."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _PREDICTOR_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def infer_official_config(checkpoint: Mapping[str, Any], layer_norm_eps: float = 1e-6) -> IJepaPretrainingConfig:
+    """Reads the architecture off the tensor shapes of an official checkpoint.
+
+    Widths, depths, patch size, grid and MLP widths are exact; head counts are not stored in the weights, so they
+    follow the official sizes (64-dim heads for widths <= 768 as in ViT-Ti/S/B... i.e. the official table), which
+    can be overridden through the returned config.
+    """
+    encoder = checkpoint.get("target_encoder") or checkpoint.get("encoder")
+    if encoder is None:
+        raise ValueError("The checkpoint has neither `encoder` nor `target_encoder` weights.")
+    hidden = encoder["patch_embed.proj.weight"].shape[0]
+    patch = encoder["patch_embed.proj.weight"].shape[-1]
+    num_positions = encoder["pos_embed"].shape[1]
+    grid = int(round(num_positions**0.5))
+    if grid * grid != num_positions:
+        raise ValueError(f"Cannot infer a square grid from {num_positions} positions.")
+    depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks."))
+    official_heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+    heads = official_heads.get(hidden, max(1, hidden // 64))
+    encoder_config = dict(
+        image_size=grid * patch,
+        patch_size=patch,
+        num_channels=encoder["patch_embed.proj.weight"].shape[1],
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=encoder["blocks.0.mlp.fc1.weight"].shape[0],
+        layer_norm_eps=layer_norm_eps,
+        qkv_bias="blocks.0.attn.qkv.bias" in encoder,
+    )
+    predictor_config = {}
+    predictor = checkpoint.get("predictor")
+    if predictor is not None:
+        predictor_config = dict(
+            hidden_size=predictor["predictor_embed.weight"].shape[0],
+            num_hidden_layers=1 + max(int(k.split(".")[1]) for k in predictor if k.startswith("predictor_blocks.")),
+            num_attention_heads=heads,
+            intermediate_size=predictor["predictor_blocks.0.mlp.fc1.weight"].shape[0],
+            layer_norm_eps=layer_norm_eps,
+            qkv_bias="predictor_blocks.0.attn.qkv.bias" in predictor,
+        )
+    return IJepaPretrainingConfig(encoder_config=encoder_config, predictor_config=predictor_config)
+
+
+def convert_official_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any], config: IJepaPretrainingConfig | None = None
+) -> IJepaPretrainingModel:
+    """Builds an `IJepaPretrainingModel` holding the official context encoder, target encoder and predictor.
+
+    Args:
+        checkpoint: path to an official ``.pth.tar`` or the dict returned by `load_official_checkpoint`.
+        config: the architecture; inferred from the tensor shapes when omitted (head counts follow the official
+            sizes, see `infer_official_config`).
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_official_checkpoint(checkpoint)
+    missing_sections = [s for s in _OFFICIAL_SECTIONS if checkpoint.get(s) is None]
+    if missing_sections:
+        raise ValueError(
+            f"The checkpoint lacks {missing_sections}: a pretraining model needs all of {_OFFICIAL_SECTIONS}. "
+            "Use --encoder-only to convert just an encoder."
+        )
+    config = config or infer_official_config(checkpoint)
+    model = IJepaPretrainingModel(config)
+    load_strict(model.context_encoder, official_encoder_to_ours(checkpoint["encoder"]), "the context encoder (`encoder`)")
+    load_strict(model.target_encoder, official_encoder_to_ours(checkpoint["target_encoder"]), "the target encoder")
+    load_strict(model.predictor, official_predictor_to_ours(checkpoint["predictor"]), "the predictor")
+    return model
+
+
+def convert_official_encoder(
+    checkpoint: str | Path | Mapping[str, Any], which: str = "target_encoder", config: IJepaEncoderConfig | None = None
+) -> IJepaEncoderModel:
+    """An `IJepaEncoderModel` from one encoder of an official checkpoint (``target_encoder`` by default: the paper
+    evaluates the target encoder; transformers' and timm's converters use ``encoder``)."""
+    if which not in ("encoder", "target_encoder"):
+        raise ValueError(f"`which` must be 'encoder' or 'target_encoder', got {which!r}.")
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_official_checkpoint(checkpoint)
+    if checkpoint.get(which) is None:
+        raise ValueError(f"The checkpoint has no `{which}` weights; available: {[s for s in _OFFICIAL_SECTIONS if checkpoint.get(s) is not None]}.")
+    config = config or infer_official_config({which: checkpoint[which]}).encoder_config
+    model = IJepaEncoderModel(config)
+    load_strict(model, official_encoder_to_ours(checkpoint[which]), f"the `{which}` weights")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# transformers' stock `ijepa` (IJepaModel)
+# ------------------------------------------------------------------------------------------------------------------
+
+# ours -> stock in-memory names (transformers 5.x); qkv is split/fused separately.
+_TO_STOCK = (
+    (r"^pos_embed$", "embeddings.position_embeddings"),
+    (r"^patch_embed\.", "embeddings.patch_embeddings.projection."),
+    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.layernorm_before."),
+    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.layernorm_after."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"layers.\1.attention.o_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc(\d)\.", r"layers.\1.mlp.fc\2."),
+    (r"^norm\.", "layernorm."),
+)
+_FROM_STOCK = (
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
+    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
+    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
+    (r"^layers\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
+    (r"^layernorm\.", "norm."),
+)
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in table:
+        new_key, count = re.subn(pattern, replacement, key)
+        if count:
+            return new_key
+    return key
+
+
+def transformers_config_from_ours(config: IJepaEncoderConfig):
+    """The stock `transformers.IJepaConfig` describing the same encoder."""
+    from transformers import IJepaConfig
+
+    image_size = config.image_size
+    if isinstance(image_size, (list, tuple)):
+        if image_size[0] != image_size[1]:
+            raise ValueError(f"transformers' IJepaModel supports square images only, got image_size {image_size}.")
+        image_size = image_size[0]
+    return IJepaConfig(
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        image_size=image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        qkv_bias=config.qkv_bias,
+        initializer_range=config.initializer_range,
+        hidden_dropout_prob=config.hidden_dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+    )
+
+
+def encoder_to_transformers(encoder: IJepaEncoderModel):
+    """A stock `transformers.IJepaModel` with the same weights (its ``save_pretrained`` repo loads with plain
+    ``transformers.AutoModel``, without ``ijepa_hf``). Note that the stock model's pooler is the first token, so
+    average-pool its ``last_hidden_state`` yourself."""
+    from transformers import IJepaModel
+
+    stock = IJepaModel(transformers_config_from_ours(encoder.config))
+    state = {}
+    for key, value in encoder.state_dict().items():
+        match = re.match(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$", key)
+        if match:
+            layer, kind = match.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                state[f"layers.{layer}.attention.{name}.{kind}"] = part.clone()
+        else:
+            state[_rename(key, _TO_STOCK)] = value.clone()
+    load_strict(stock, state, "the stock transformers IJepaModel")
+    return stock.to(device=encoder.pos_embed.device)
+
+
+def encoder_from_transformers(stock: Any) -> IJepaEncoderModel:
+    """An `IJepaEncoderModel` from a stock `transformers.IJepaModel` (or a path/repo id loadable by it)."""
+    from transformers import IJepaModel
+
+    if not isinstance(stock, IJepaModel):
+        stock = IJepaModel.from_pretrained(stock)
+    stock_config = stock.config
+    config = IJepaEncoderConfig(
+        image_size=stock_config.image_size,
+        patch_size=stock_config.patch_size,
+        num_channels=stock_config.num_channels,
+        hidden_size=stock_config.hidden_size,
+        num_hidden_layers=stock_config.num_hidden_layers,
+        num_attention_heads=stock_config.num_attention_heads,
+        intermediate_size=stock_config.intermediate_size,
+        hidden_act=stock_config.hidden_act,
+        layer_norm_eps=stock_config.layer_norm_eps,
+        qkv_bias=stock_config.qkv_bias,
+        initializer_range=stock_config.initializer_range,
+    )
+    source = {k: v for k, v in stock.state_dict().items() if not k.startswith(("pooler.", "embeddings.mask_token"))}
+    state: dict[str, torch.Tensor] = {}
+    for layer in range(stock_config.num_hidden_layers):
+        for kind in ("weight", "bias"):
+            parts = [source.pop(f"layers.{layer}.attention.{name}.{kind}", None) for name in ("q_proj", "k_proj", "v_proj")]
+            if all(part is not None for part in parts):
+                state[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat(parts, dim=0).clone()
+    for key, value in source.items():
+        state[_rename(key, _FROM_STOCK)] = value.detach().clone()
+    encoder = IJepaEncoderModel(config)
+    load_strict(encoder, state, "a stock transformers `ijepa` encoder")
+    return encoder

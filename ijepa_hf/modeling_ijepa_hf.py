@@ -1,0 +1,661 @@
+"""I-JEPA models: encoder, predictor, pretraining model (context + EMA target encoder + predictor + loss) and an
+image-classification head.
+
+Index conventions, fixed once for the whole package:
+- patches are numbered in raster order, ``index = row * grid_width + column``;
+- a context mask is a LongTensor ``[B, Kc]`` of patch indices, target masks are ``[B, M, Kt]`` (M blocks per image,
+  or a list of M ``[B, Kt]`` tensors as the official code passes them);
+- predictions and targets are ordered block-major: row ``j * B + b`` is target block ``j`` of image ``b``
+  (the official layout).
+
+This file only imports torch, transformers and its sibling configuration file, so it can be shipped with the
+weights for ``trust_remote_code=True`` loading.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
+
+__all__ = [
+    "IJepaPreTrainedModel",
+    "IJepaEncoderModel",
+    "IJepaPredictorModel",
+    "IJepaPretrainingModel",
+    "IJepaEncoderForImageClassification",
+    "IJepaPredictorOutput",
+    "IJepaPretrainingOutput",
+    "sincos_position_embeddings",
+    "gather_patches",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Position embeddings and index helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sincos_position_embeddings(embed_dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table of the official code (MAE layout), float32 ``[rows * cols, embed_dim]``.
+
+    The first ``embed_dim / 2`` channels encode the column index, the last half the row index; each half is
+    ``[sin(pos * w_i), cos(pos * w_i)]`` with ``w_i = 10000 ** (-i / (embed_dim / 4))``. Computed in float64 and
+    cast, as the official numpy code.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"sin-cos position embeddings need a width divisible by 4, got {embed_dim}.")
+    rows, cols = grid_size
+    omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4.0))
+
+    def one_axis(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    row_index, col_index = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64), indexing="ij"
+    )
+    table = torch.cat([one_axis(col_index), one_axis(row_index)], dim=1)
+    return table.to(torch.float32)
+
+
+def gather_patches(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Selects patches per image: ``tokens [B, N, D]``, ``indices [B, K]`` -> ``[B, K, D]``.
+
+    ``tokens`` may also be a single table ``[1, N, D]`` shared by the batch (position embeddings).
+    """
+    if tokens.shape[0] == 1 and indices.shape[0] != 1:
+        return tokens[0][indices]
+    return torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def _stack_target_masks(target_masks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """Normalises target masks to ``[B, M, Kt]``."""
+    if isinstance(target_masks, torch.Tensor):
+        if target_masks.dim() == 2:
+            return target_masks.unsqueeze(1)
+        if target_masks.dim() != 3:
+            raise ValueError(f"`target_masks` must be [B, M, Kt] indices, got shape {tuple(target_masks.shape)}.")
+        return target_masks
+    return torch.stack(list(target_masks), dim=1)
+
+
+def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_size: int) -> None:
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"`{name}` must hold integer patch indices, got dtype {indices.dtype}.")
+    if indices.shape[0] != batch_size:
+        raise ValueError(f"`{name}` has batch size {indices.shape[0]} but the input has {batch_size}.")
+    if indices.numel() and not torch.compiler.is_compiling():
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= num_patches:
+            raise ValueError(f"`{name}` holds patch indices in [{low}, {high}], outside [0, {num_patches - 1}].")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention that also returns the probabilities. ``query/key/value [B, H, N, Dh]``."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class IJepaAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (official key layout ``attn.qkv``/``attn.proj``)."""
+
+    def __init__(self, config: IJepaEncoderConfig | IJepaPredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        # transformers' SDPA wrapper is causal unless told otherwise; I-JEPA attention is bidirectional.
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        implementation = self.config._attn_implementation or "sdpa"
+        if output_attentions or implementation == "eager":
+            attention: Callable = eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+        )
+        output = self.proj(output.reshape(batch_size, length, width))
+        return output, weights
+
+
+class IJepaMLP(nn.Module):
+    def __init__(self, config: IJepaEncoderConfig | IJepaPredictorConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(hidden_states)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (off in the official pretraining, useful for fine-tuning)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.rate
+        mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.dim() - 1)).bernoulli_(keep)
+        return hidden_states * mask / keep
+
+
+class IJepaBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, config: IJepaEncoderConfig | IJepaPredictorConfig, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = IJepaAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = IJepaMLP(config)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(hidden_states), output_attentions=output_attentions)
+        hidden_states = hidden_states + self.drop_path(attended)
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
+        return hidden_states, weights
+
+
+def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.ModuleList:
+    """``num_hidden_layers`` blocks with stochastic-depth rates rising linearly to ``drop_path_rate``."""
+    rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+    return nn.ModuleList(IJepaBlock(config, rate) for rate in rates)
+
+
+def run_blocks(
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, output_hidden_states: bool, output_attentions: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    """Runs the blocks, collecting the input and every block's output, and the attention maps, on request."""
+    all_hidden = (hidden_states,) if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for block in blocks:
+        hidden_states, weights = block(hidden_states, output_attentions=output_attentions)
+        if output_hidden_states:
+            all_hidden = all_hidden + (hidden_states,)
+        if output_attentions:
+            all_attentions = all_attentions + (weights,)
+    return hidden_states, all_hidden, all_attentions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class IJepaPredictorOutput(ModelOutput):
+    """
+    Args:
+        predictions (`[M * B, Kt, D]`): predicted target-encoder features, block-major (row ``j * B + b`` is block
+            ``j`` of image ``b``), in the encoder's width D.
+        hidden_states (tuple of `[M * B, Kc + Kt, Dp]`, optional): the predictor's hidden states.
+        attentions (tuple of `[M * B, H, Kc + Kt, Kc + Kt]`, optional).
+    """
+
+    predictions: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class IJepaPretrainingOutput(ModelOutput):
+    """
+    Args:
+        loss (scalar): smooth L1 (or MSE) between predictions and targets, computed in float32.
+        predictions (`[M * B, Kt, D]`): predictor output, block-major.
+        targets (`[M * B, Kt, D]`): target-encoder features (LayerNorm'ed unless disabled) at the target blocks.
+        context_hidden_state (`[B, Kc, D]`): context-encoder output on the context patches.
+        target_hidden_state (`[B, N, D]`): target-encoder output on all patches (before the target LayerNorm).
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    targets: torch.FloatTensor | None = None
+    context_hidden_state: torch.FloatTensor | None = None
+    target_hidden_state: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class IJepaPreTrainedModel(PreTrainedModel):
+    """Weight init (official: truncated normal 0.02 on linear/conv weights, zero biases, unit LayerNorms, no depth
+    rescaling since the official ``init_model`` overwrites it) and strict loading."""
+
+    config_class = IJepaEncoderConfig
+    base_model_prefix = "encoder"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["IJepaBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Regexes of keys that may legitimately be missing from a checkpoint (recomputed or freshly initialised heads).
+    _allowed_missing_keys: tuple[str, ...] = (r"(^|\.)pos_embed$",)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (IJepaEncoderModel, IJepaPredictorModel)):
+            # The sin-cos table is a persistent buffer: recomputed here whenever a checkpoint does not provide it
+            # (construction from a config, or a file without it), so it is never left empty or zero.
+            init.copy_(module.pos_embed, sincos_position_embeddings(module.pos_embed.shape[-1], module.grid_size)[None])
+            if isinstance(module, IJepaPredictorModel):
+                init.trunc_normal_(module.mask_token, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, strict: bool = True, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint that does not fit the architecture is an error.
+
+        Missing, unexpected or mis-shaped keys raise `ValueError` listing them (transformers only warns, which
+        silently leaves random weights). Keys the model recomputes (sin-cos tables) or heads that are meant to be
+        trained (a classifier on top of an encoder checkpoint) may be missing. Pass ``strict=False`` to get
+        transformers' lenient behaviour.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if strict:
+            allowed = [re.compile(p) for p in cls._allowed_missing_keys]
+            missing = [k for k in info.get("missing_keys", []) if not any(p.search(k) for p in allowed)]
+            unexpected = list(info.get("unexpected_keys", []))
+            mismatched = list(info.get("mismatched_keys", []))
+            if missing or unexpected or mismatched:
+                raise ValueError(
+                    f"The checkpoint does not match {cls.__name__}: missing keys {sorted(missing)}, unexpected keys "
+                    f"{sorted(unexpected)}, mis-shaped keys {mismatched}. Check that the config matches the weights "
+                    "(or convert an official checkpoint with `ijepa-hf convert`); pass strict=False to load anyway."
+                )
+        model._after_load()
+        return (model, info) if wants_info else model
+
+    def _after_load(self) -> None:
+        """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
+
+
+class IJepaEncoderModel(IJepaPreTrainedModel):
+    """The I-JEPA vision transformer (context or target encoder): patch embedding, fixed 2-D sin-cos positions
+    (no CLS token), pre-norm blocks, final LayerNorm. Returns average-pooled patch features as `pooler_output`
+    (the paper's evaluation protocol)."""
+
+    config_class = IJepaEncoderConfig
+    base_model_prefix = ""
+
+    def __init__(self, config: IJepaEncoderConfig) -> None:
+        super().__init__(config)
+        self.grid_size = config.grid_size
+        self.patch_embed = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.register_buffer(
+            "pos_embed", sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True
+        )
+        self.blocks = build_blocks(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.patch_embed
+
+    def position_embeddings(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        """``[1, rows * cols, D]``: the stored table at the trained grid, the same sin-cos formula elsewhere (fixed
+        sin-cos positions extend to any grid, so no interpolation is needed)."""
+        if tuple(grid_size) == tuple(self.grid_size):
+            return self.pos_embed
+        table = sincos_position_embeddings(self.config.hidden_size, grid_size)
+        return table[None].to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus positions: ``pixel_values [B, C, H, W]`` -> ``[B, N, D]``."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"`pixel_values` must be [batch, {self.config.num_channels}, height, width], got shape "
+                f"{tuple(pixel_values.shape)}. Convert grayscale/RGBA images to RGB first (the image processor does)."
+            )
+        height, width = pixel_values.shape[-2:]
+        patch = self.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(
+                f"Input size {height}x{width} is not divisible by the patch size {patch}: resize or crop to a "
+                f"multiple of {patch} (e.g. {height // patch * patch}x{width // patch * patch})."
+            )
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
+        tokens = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+        return tokens + self.position_embeddings((height // patch, width // patch))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        context_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images; H and W multiples of the patch size (any resolution).
+            context_mask (`[B, K]` long, optional): patch indices to keep (raster order). All other tokens are
+                dropped before the blocks, so compute scales with K. A list of such tensors runs each and stacks the
+                results along the batch, mask-major (the official multi-mask layout).
+
+        Returns:
+            `BaseModelOutputWithPooling` with `last_hidden_state [B, K or N, D]` (after the final LayerNorm),
+            `pooler_output [B, D]` (mean over the returned patches), optional `hidden_states` (embeddings then
+            each block, before the final norm) and `attentions`.
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        hidden_states = self.embed(pixel_values)
+        if context_mask is not None:
+            masks = [context_mask] if isinstance(context_mask, torch.Tensor) else list(context_mask)
+            for mask in masks:
+                _check_indices(mask, hidden_states.shape[1], "context_mask", hidden_states.shape[0])
+            hidden_states = torch.cat([gather_patches(hidden_states, mask) for mask in masks], dim=0)
+        hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
+        hidden_states = self.norm(hidden_states)
+        pooled = hidden_states.mean(dim=1)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, pooled, all_hidden, all_attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attentions
+        )
+
+
+class IJepaPredictorModel(IJepaPreTrainedModel):
+    """The I-JEPA predictor: projects context features to its width, appends one learned mask token (plus its
+    fixed sin-cos position) per target patch, runs its blocks and projects the target tokens back to the encoder
+    width. As in the official code, each target block of each image is predicted from the full context in its own
+    sequence."""
+
+    config_class = IJepaPredictorConfig
+    base_model_prefix = ""
+    _allowed_missing_keys = (r"(^|\.)pos_embed$",)
+
+    def __init__(self, config: IJepaPredictorConfig) -> None:
+        super().__init__(config)
+        self.grid_size = config.grid_size
+        self.embed = nn.Linear(config.encoder_hidden_size, config.hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.register_buffer(
+            "pos_embed", sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True
+        )
+        self.blocks = build_blocks(config)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(config.hidden_size, config.encoder_hidden_size)
+        self.post_init()
+
+    def forward(
+        self,
+        encoder_hidden_states: torch.Tensor,
+        context_mask: torch.Tensor,
+        target_masks: torch.Tensor | Sequence[torch.Tensor],
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> IJepaPredictorOutput | tuple:
+        r"""
+        Args:
+            encoder_hidden_states (`[B, Kc, D]`): context-encoder output on the context patches.
+            context_mask (`[B, Kc]` long): the patch index of each context token.
+            target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): the patches of each target block.
+
+        Returns:
+            `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major).
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        batch_size, num_context, _ = encoder_hidden_states.shape
+        target_masks = _stack_target_masks(target_masks)
+        num_patches = self.pos_embed.shape[1]
+        _check_indices(context_mask, num_patches, "context_mask", batch_size)
+        _check_indices(target_masks, num_patches, "target_masks", batch_size)
+        if context_mask.shape[1] != num_context:
+            raise ValueError(
+                f"`context_mask` selects {context_mask.shape[1]} patches but `encoder_hidden_states` has {num_context}."
+            )
+        num_blocks, num_targets = target_masks.shape[1], target_masks.shape[2]
+
+        context = self.embed(encoder_hidden_states) + gather_patches(self.pos_embed, context_mask)
+        # Block-major layout [M * B, ...]: block j of every image, then block j + 1, as the official code.
+        target_index = target_masks.transpose(0, 1).reshape(num_blocks * batch_size, num_targets)
+        queries = self.mask_token.to(context.dtype) + gather_patches(self.pos_embed, target_index)
+        context = context.repeat(num_blocks, 1, 1)
+        hidden_states = torch.cat([context, queries], dim=1)
+
+        hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
+        predictions = self.proj(self.norm(hidden_states[:, num_context:]))
+        if not return_dict:
+            return tuple(v for v in (predictions, all_hidden, all_attentions) if v is not None)
+        return IJepaPredictorOutput(predictions=predictions, hidden_states=all_hidden, attentions=all_attentions)
+
+
+class IJepaPretrainingModel(IJepaPreTrainedModel):
+    """I-JEPA pretraining: a context encoder on the context patches, a predictor for each target block, and an
+    EMA target encoder (no gradients; saved and loaded with the model) that provides the targets on the full image.
+
+    Call `update_target_encoder(momentum)` after each optimizer step.
+    """
+
+    config_class = IJepaPretrainingConfig
+    base_model_prefix = ""
+    _no_split_modules = ["IJepaBlock"]
+
+    def __init__(self, config: IJepaPretrainingConfig) -> None:
+        super().__init__(config)
+        self.context_encoder = IJepaEncoderModel(config.encoder_config)
+        self.target_encoder = IJepaEncoderModel(config.encoder_config)
+        self.predictor = IJepaPredictorModel(config.predictor_config)
+        self.post_init()
+        # The target starts as an exact copy of the context encoder (official: deepcopy after init).
+        self.target_encoder.load_state_dict(self.context_encoder.state_dict())
+        self._freeze_target_encoder()
+
+    def _freeze_target_encoder(self) -> None:
+        # transformers 5.x re-enables gradients of frozen parameters on load, hence a method called after loading.
+        self.target_encoder.requires_grad_(False)
+        self.target_encoder.eval()
+
+    def _after_load(self) -> None:
+        self._freeze_target_encoder()
+
+    def train(self, mode: bool = True) -> "IJepaPretrainingModel":
+        super().train(mode)
+        self.target_encoder.eval()  # its outputs must be deterministic targets (no dropout / drop-path)
+        return self
+
+    @torch.no_grad()
+    def update_target_encoder(self, momentum: float) -> None:
+        """EMA update ``target = momentum * target + (1 - momentum) * context`` of every parameter."""
+        target = list(self.target_encoder.parameters())
+        context = [p.detach() for p in self.context_encoder.parameters()]
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, context, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def compute_targets(self, pixel_values: torch.Tensor, target_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target-encoder features of the full image gathered at the target blocks.
+
+        Returns ``targets [M * B, Kt, D]`` (block-major) and the full output ``[B, N, D]``.
+        """
+        full = self.target_encoder(pixel_values).last_hidden_state
+        normed = F.layer_norm(full, (full.shape[-1],)) if self.config.normalize_targets else full
+        batch_size, num_blocks, num_targets = target_masks.shape
+        index = target_masks.transpose(0, 1).reshape(num_blocks * batch_size, num_targets)
+        targets = gather_patches(normed.repeat(num_blocks, 1, 1), index)
+        return targets, full
+
+    def loss_fn(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        predictions, targets = predictions.float(), targets.float()
+        if self.config.loss == "mse":
+            return F.mse_loss(predictions, targets)
+        return F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        target_masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> IJepaPretrainingOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images.
+            context_mask (`[B, Kc]` long): context patch indices (from `IJepaMaskCollator`).
+            target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): target blocks.
+            return_loss: compute the loss (also lets `Trainer` report an eval loss without labels).
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if context_mask is None or target_masks is None:
+            raise ValueError(
+                "I-JEPA pretraining needs `context_mask` and `target_masks`: build batches with "
+                "`ijepa_hf.IJepaMaskCollator` (or pass patch indices of shape [B, Kc] and [B, M, Kt])."
+            )
+        target_masks = _stack_target_masks(target_masks)
+        targets, target_full = self.compute_targets(pixel_values, target_masks)
+        context = self.context_encoder(pixel_values, context_mask=context_mask).last_hidden_state
+        predictions = self.predictor(context, context_mask, target_masks).predictions
+        loss = self.loss_fn(predictions, targets) if return_loss else None
+        output = IJepaPretrainingOutput(
+            loss=loss,
+            predictions=predictions,
+            targets=targets,
+            context_hidden_state=context,
+            target_hidden_state=target_full,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def get_encoder(self, which: str = "target") -> IJepaEncoderModel:
+        """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``)."""
+        if which not in ("target", "context"):
+            raise ValueError(f"`which` must be 'target' or 'context', got {which!r}.")
+        return self.target_encoder if which == "target" else self.context_encoder
+
+    def export_encoder(self, which: str = "target") -> IJepaEncoderModel:
+        """A standalone, trainable copy of one encoder, ready for `save_pretrained`/`push_to_hub`."""
+        source = self.get_encoder(which)
+        encoder = IJepaEncoderModel(IJepaEncoderConfig.from_dict(source.config.to_dict()))
+        encoder.load_state_dict(source.state_dict())
+        return encoder.to(device=source.pos_embed.device)
+
+
+class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
+    """An I-JEPA encoder, average pooling over patches and a linear head. ``labels`` give a cross-entropy loss
+    (or MSE / BCE following `config.problem_type`, as transformers' classifiers)."""
+
+    config_class = IJepaEncoderConfig
+    base_model_prefix = "encoder"
+    _allowed_missing_keys = (r"(^|\.)pos_embed$", r"^classifier\.")
+
+    def __init__(self, config: IJepaEncoderConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.encoder = IJepaEncoderModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> ImageClassifierOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images.
+            labels (`[B]` long, optional): class indices.
+
+        Returns:
+            `ImageClassifierOutput` with `logits [B, num_labels]` and `loss` when labels are given.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.encoder(
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels, logits, self.config)
+        if not return_dict:
+            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
