@@ -372,23 +372,32 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         table = sincos_position_embeddings(self.config.hidden_size, grid_size)
         return table[None].to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch embedding plus positions: ``pixel_values [B, C, H, W]`` -> ``[B, N, D]``."""
+    def embed(self, pixel_values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding plus positions: ``pixel_values [B, C, H, W]`` -> ``[B, N, D]``, or ``[B, K, D]`` for the
+        patches ``keep [B, K]`` only (then only those patches are embedded: the official code embeds all of them)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"`pixel_values` must be [batch, {self.config.num_channels}, height, width], got shape "
                 f"{tuple(pixel_values.shape)}. Convert grayscale/RGBA images to RGB first (the image processor does)."
             )
-        height, width = pixel_values.shape[-2:]
+        batch_size, channels, height, width = pixel_values.shape
         patch = self.config.patch_size
         if height % patch or width % patch:
             raise ValueError(
                 f"Input size {height}x{width} is not divisible by the patch size {patch}: resize or crop to a "
                 f"multiple of {patch} (e.g. {height // patch * patch}x{width // patch * patch})."
             )
+        grid = (height // patch, width // patch)
+        positions = self.position_embeddings(grid)
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
-        tokens = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
-        return tokens + self.position_embeddings((height // patch, width // patch))
+        if keep is None:
+            return self.patch_embed(pixel_values).flatten(2).transpose(1, 2) + positions
+        _check_indices(keep, grid[0] * grid[1], "context_mask", batch_size)
+        # A stride-p convolution is a linear map of each flattened (C, p, p) patch: apply it to the kept ones.
+        patches = pixel_values.reshape(batch_size, channels, grid[0], patch, grid[1], patch)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, grid[0] * grid[1], channels * patch * patch)
+        tokens = F.linear(gather_patches(patches, keep), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
+        return tokens + gather_patches(positions, keep)
 
     def forward(
         self,
@@ -415,12 +424,12 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
-        hidden_states = self.embed(pixel_values)
-        if context_mask is not None:
-            masks = [context_mask] if isinstance(context_mask, torch.Tensor) else list(context_mask)
-            for mask in masks:
-                _check_indices(mask, hidden_states.shape[1], "context_mask", hidden_states.shape[0])
-            hidden_states = torch.cat([gather_patches(hidden_states, mask) for mask in masks], dim=0)
+        if context_mask is None:
+            hidden_states = self.embed(pixel_values)
+        elif isinstance(context_mask, torch.Tensor):
+            hidden_states = self.embed(pixel_values, context_mask)
+        else:
+            hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
         hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
         hidden_states = self.norm(hidden_states)
         pooled = hidden_states.mean(dim=1)

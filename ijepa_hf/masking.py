@@ -1,0 +1,572 @@
+"""Multi-block masking for I-JEPA pretraining (Assran et al., 2023).
+
+This module provides :class:`IJepaMaskCollator`, a seedable, vectorised multi-block mask sampler
+that doubles as a data collator for ``torch.utils.data.DataLoader`` and ``transformers.Trainer``.
+It is an independent reimplementation of the sampling scheme described in the paper and in the
+reference notes (``official-ijepa.md`` section 1); no code was copied from the official repository.
+
+Conventions (shared with the model, loss and visualisation code):
+
+* The image is split into an ``H x W`` grid of patches, ``H = image_h // patch_size``,
+  ``W = image_w // patch_size``. A patch is named by its **raster index** ``row * W + col``.
+* ``context_mask``: ``LongTensor[B, Kc]``, the context patch indices of each image, sorted ascending.
+* ``target_masks``: ``LongTensor[B, M, Kt]``, ``M = num_target_blocks`` rectangles per image, each
+  listed in raster order (so also sorted ascending).
+
+Sampling (one batch):
+
+1. ONE target block size ``(th, tw)`` and ONE context block size ``(ch, cw)`` are drawn for the
+   whole batch (the predictor then works on equal-length sequences without padding).
+2. Per image, ``M`` target rectangles of that size are placed uniformly at random, and one context
+   rectangle; the context is the rectangle minus the union of that image's targets (unless
+   ``allow_overlap``). A context that keeps ``<= min_keep`` patches is redrawn; after ``max_tries``
+   failed draws the overlap constraint with the most recently drawn target is dropped, and so on
+   (the official fallback). This is done for all failing rows at once.
+3. Context lengths differ per image, so they are equalised to the shortest one in the batch.
+
+Two modes:
+
+* ``mode="official"`` reproduces the *distribution* of the official sampler, defects included:
+  one uniform number drives both scale and aspect ratio; blocks are at most ``(H-1) x (W-1)`` and
+  never touch the last patch row/column; equalisation keeps the FIRST ``k`` indices in raster order
+  (which starves the bottom of the image of context).
+* ``mode="fixed"`` (default) draws scale and aspect ratio independently, lets blocks reach the full
+  grid and every row/column, and equalises by keeping a uniformly random subset of each context.
+
+Determinism: the masks of batch number ``i`` are a pure function of ``(seed, i, mode, params)``;
+the collator counts batches in :attr:`IJepaMaskCollator.step` and maps DataLoader worker calls to
+global batch indices, so results do not depend on ``num_workers`` or worker timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IJepaMaskCollator", "masks_to_boolean", "MASK_MODES"]
+
+MASK_MODES = ("fixed", "official")
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of the SplitMix64 mixer (a bijection on 64-bit ints with good avalanche)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    # Mixing (seed, index) through SplitMix64 avoids the overlapping streams one would get from
+    # e.g. ``seed + index`` (run with seed 0 at batch 1 == run with seed 1 at batch 0).
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (batch_index & _MASK64)) >> 1  # 63 bits
+
+
+def masks_to_boolean(indices: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Convert patch-index masks to boolean masks.
+
+    Args:
+        indices: ``LongTensor[..., K]`` of patch indices in ``[0, num_patches)`` (e.g. a context
+            mask ``[B, Kc]`` or target masks ``[B, M, Kt]``).
+        num_patches: ``H * W``.
+
+    Returns:
+        ``BoolTensor[..., num_patches]``, True at the listed indices. Reshape the last dimension to
+        ``(H, W)`` for a picture of the mask.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    out = torch.zeros((*indices.shape[:-1], num_patches), dtype=torch.bool, device=indices.device)
+    return out.scatter_(-1, indices, True)
+
+
+def _as_pair(value: Any, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def _as_range(value: Any, name: str, *, unit_interval: bool) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (min, max) of numbers, got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if lo > hi:
+        raise ValueError(f"{name} must satisfy min <= max, got {value!r}")
+    if unit_interval and not (0.0 < lo and hi <= 1.0):
+        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
+    if not unit_interval and lo <= 0.0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return lo, hi
+
+
+def _block_hw(max_keep: np.ndarray, ar: np.ndarray, h_max: int, w_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block height/width for a patch budget and aspect ratio ``ar = h / w`` (vectorised).
+
+    ``np.round`` rounds half to even exactly like Python's ``round`` used by the official code, so
+    the scalar path (:meth:`IJepaMaskCollator._block_size`) and the feasibility scan agree.
+    """
+    h = np.round(np.sqrt(max_keep * ar)).astype(np.int64)
+    w = np.round(np.sqrt(max_keep / ar)).astype(np.int64)
+    return np.minimum(h, h_max), np.minimum(w, w_max)
+
+
+class IJepaMaskCollator:
+    """Multi-block mask sampler and data collator for I-JEPA.
+
+    Args:
+        image_size: input resolution, an int (square) or ``(height, width)``.
+        patch_size: patch side in pixels (int or ``(ph, pw)``); must divide ``image_size``.
+        num_target_blocks: ``M``, target rectangles per image (official ``npred``).
+        context_scale: ``(min, max)`` fraction of the grid covered by the context rectangle
+            (aspect ratio 1), before the targets are removed (official ``enc_mask_scale``).
+        target_scale: ``(min, max)`` fraction of the grid covered by each target block
+            (official ``pred_mask_scale``).
+        target_aspect_ratio: ``(min, max)`` of ``h / w`` for target blocks.
+        min_keep: a mask is valid only if it keeps MORE than ``min_keep`` patches (official rule).
+        allow_overlap: if True the context is the full rectangle (may overlap targets).
+        mode: ``"fixed"`` (default, defects fixed) or ``"official"`` (official distribution).
+        seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mode, params)``.
+        num_processes, process_index: for data-parallel runs. Each call with a local batch of ``B``
+            samples the masks of the global batch of ``num_processes * B`` images and returns the
+            rows of this process, so a P-process run sees the masks of a 1-process run. Every
+            process must use the same ``seed``.
+        max_tries: failed context draws per constraint level before the overlap constraint with
+            the most recent target is dropped (the official value is 20).
+
+    Example::
+
+        collator = IJepaMaskCollator(224, 16)
+        loader = DataLoader(dataset, batch_size=64, collate_fn=collator, num_workers=4)
+        batch = next(iter(loader))
+        # batch["pixel_values"] [64,3,224,224], batch["context_mask"] [64,Kc],
+        # batch["target_masks"] [64,4,Kt]
+
+    With ``num_workers > 0`` the DataLoader works on copies of the collator, so the main-process
+    :attr:`step` does not advance: call :meth:`set_step` with the number of batches already drawn
+    at each epoch start and on resume (e.g. ``collator.set_step(epoch * len(loader))``), or keep
+    ``persistent_workers=True`` (worker copies then keep counting; ``set_step`` no longer reaches
+    them).
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        *,
+        num_target_blocks: int = 4,
+        context_scale: tuple[float, float] = (0.85, 1.0),
+        target_scale: tuple[float, float] = (0.15, 0.2),
+        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
+        min_keep: int = 10,
+        allow_overlap: bool = False,
+        mode: str = "fixed",
+        seed: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+        max_tries: int = 20,
+    ) -> None:
+        self.image_size = _as_pair(image_size, "image_size")
+        self.patch_size = _as_pair(patch_size, "patch_size")
+        for name, v in (("image_size", self.image_size), ("patch_size", self.patch_size)):
+            if min(v) <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}"
+            )
+        self.height = self.image_size[0] // self.patch_size[0]
+        self.width = self.image_size[1] // self.patch_size[1]
+        self.num_patches = self.height * self.width
+
+        def _int(v: Any, name: str, low: int) -> int:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            return int(v)
+
+        self.num_target_blocks = _int(num_target_blocks, "num_target_blocks", 1)
+        self.min_keep = _int(min_keep, "min_keep", 0)
+        self.num_processes = _int(num_processes, "num_processes", 1)
+        self.process_index = _int(process_index, "process_index", 0)
+        if self.process_index >= self.num_processes:
+            raise ValueError(
+                f"process_index must be < num_processes ({self.num_processes}), got {process_index}"
+            )
+        self.max_tries = _int(max_tries, "max_tries", 1)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = int(seed)
+        self.context_scale = _as_range(context_scale, "context_scale", unit_interval=True)
+        self.target_scale = _as_range(target_scale, "target_scale", unit_interval=True)
+        self.target_aspect_ratio = _as_range(target_aspect_ratio, "target_aspect_ratio", unit_interval=False)
+        if not isinstance(allow_overlap, (bool, np.bool_)):
+            raise ValueError(f"allow_overlap must be a bool, got {allow_overlap!r}")
+        self.allow_overlap = bool(allow_overlap)
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+        self.mode = mode
+
+        self._step = 0  # batches drawn so far (main-process view)
+        self._worker_calls = 0  # calls made by this copy inside a DataLoader worker
+        self.num_fallbacks = 0  # contexts that needed the overlap fallback (diagnostic)
+        self._check_feasible()
+
+    # ------------------------------------------------------------------------------------------
+    # configuration helpers
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> IJepaMaskCollator:
+        """Build a collator from the mask fields of a pretraining config.
+
+        Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
+        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode``;
+        missing fields keep the defaults. ``overrides`` (any ``__init__`` argument) win.
+        """
+        fields = {
+            "image_size": "image_size",
+            "patch_size": "patch_size",
+            "num_target_blocks": "num_target_blocks",
+            "context_scale": "context_scale",
+            "target_scale": "target_scale",
+            "target_aspect_ratio": "target_aspect_ratio",
+            "min_keep": "min_keep",
+            "allow_overlap": "allow_overlap",
+            "mask_mode": "mode",
+            "mask_seed": "seed",
+        }
+        kwargs: dict[str, Any] = {}
+        for field, arg in fields.items():
+            if isinstance(config, Mapping):
+                value = config.get(field, None)
+            else:
+                value = getattr(config, field, None)
+            if value is not None:
+                kwargs[arg] = tuple(value) if isinstance(value, list) else value
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "image_size": list(self.image_size),
+            "patch_size": list(self.patch_size),
+            "num_target_blocks": self.num_target_blocks,
+            "context_scale": list(self.context_scale),
+            "target_scale": list(self.target_scale),
+            "target_aspect_ratio": list(self.target_aspect_ratio),
+            "min_keep": self.min_keep,
+            "allow_overlap": self.allow_overlap,
+            "max_tries": self.max_tries,
+        }
+
+    def __repr__(self) -> str:
+        p = self._params()
+        p.update(mode=self.mode, seed=self.seed, step=self._step, num_processes=self.num_processes,
+                 process_index=self.process_index)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in p.items())})"
+
+    # ------------------------------------------------------------------------------------------
+    # block sizes
+    def _block_size(self, generator: torch.Generator, scale: tuple[float, float],
+                    aspect: tuple[float, float] | None) -> tuple[int, int]:
+        """Draw one block size ``(h, w)`` (``aspect=None`` means aspect ratio 1, no draw)."""
+        if self.mode == "official":
+            # Official defect: ONE uniform number drives scale and aspect ratio (and the context
+            # "aspect range" (1, 1) still consumes that same number, no extra draw).
+            r = torch.rand(1, generator=generator).item()
+            s = scale[0] + r * (scale[1] - scale[0])
+            ar = 1.0 if aspect is None else aspect[0] + r * (aspect[1] - aspect[0])
+            h_max, w_max = self.height - 1, self.width - 1  # official clamp: h < H, w < W
+        else:
+            r = torch.rand(1 if aspect is None else 2, generator=generator).tolist()
+            s = scale[0] + r[0] * (scale[1] - scale[0])
+            ar = 1.0 if aspect is None else aspect[0] + r[1] * (aspect[1] - aspect[0])
+            h_max, w_max = self.height, self.width
+        max_keep = int(self.num_patches * s)
+        h = min(int(round(math.sqrt(max_keep * ar))), h_max)
+        w = min(int(round(math.sqrt(max_keep / ar))), w_max)
+        if self.mode == "fixed":
+            h, w = max(h, 1), max(w, 1)
+        return h, w
+
+    def possible_block_sizes(self, which: str = "target") -> list[tuple[int, int]]:
+        """All block sizes ``(h, w)`` the sampler can draw (``which`` = "target" or "context").
+
+        Computed by a dense scan of the random draws (exact in the integer patch budget), used for
+        the feasibility check at construction.
+        """
+        scale = self.target_scale if which == "target" else self.context_scale
+        aspect = self.target_aspect_ratio if which == "target" else (1.0, 1.0)
+        n = self.num_patches
+        if self.mode == "official":
+            r = np.linspace(0.0, 1.0 - 2.0**-24, 20001)  # torch.rand (float32) is < 1
+            max_keep = np.floor(n * (scale[0] + r * (scale[1] - scale[0])))
+            ar = aspect[0] + r * (aspect[1] - aspect[0])
+            h, w = _block_hw(max_keep, ar, self.height - 1, self.width - 1)
+        else:
+            # h and w only depend on the integer budget int(n * s), so enumerate budgets exactly
+            # and scan the aspect ratio densely.
+            budgets = np.arange(int(n * scale[0]), int(n * scale[1]) + 1, dtype=np.float64)
+            ar = np.linspace(aspect[0], aspect[1], 4097)
+            h, w = _block_hw(budgets[:, None], ar[None, :], self.height, self.width)
+            h, w = np.maximum(h, 1).ravel(), np.maximum(w, 1).ravel()
+        return sorted({(int(a), int(b)) for a, b in zip(h, w)})
+
+    def _check_feasible(self) -> None:
+        grid = (f"image_size={self.image_size}, patch_size={self.patch_size} "
+                f"({self.height}x{self.width} patch grid)")
+        hang = " (the official sampler would loop forever here)" if self.mode == "official" else ""
+        tsizes = self.possible_block_sizes("target")
+        th, tw = min(tsizes, key=lambda s: s[0] * s[1])
+        if th * tw <= self.min_keep:
+            raise ValueError(
+                f"Mask sampler cannot work with {grid}, target_scale={self.target_scale}, "
+                f"target_aspect_ratio={self.target_aspect_ratio}, mode={self.mode!r}: the smallest "
+                f"target block is {th}x{tw} = {th * tw} patches, not more than min_keep="
+                f"{self.min_keep}{hang}. Fix: lower min_keep (below {th * tw}), use a larger "
+                f"image_size or a smaller patch_size, or a larger target_scale."
+            )
+        csizes = self.possible_block_sizes("context")
+        ch, cw = min(csizes, key=lambda s: s[0] * s[1])
+        if ch * cw <= self.min_keep:
+            raise ValueError(
+                f"Mask sampler cannot work with {grid}, context_scale={self.context_scale}, "
+                f"mode={self.mode!r}: the smallest context block is {ch}x{cw} = {ch * cw} patches, "
+                f"not more than min_keep={self.min_keep}{hang}. Fix: lower min_keep, use a larger "
+                f"image_size or a smaller patch_size, or a larger context_scale."
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # step counter and state
+    @property
+    def step(self) -> int:
+        """Number of batches drawn so far (the next batch index in the main process)."""
+        return self._step
+
+    def set_step(self, step: int) -> None:
+        """Set the number of batches already drawn (call at epoch start / on resume)."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self._step = int(step)
+        self._worker_calls = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed", "step", "mode", **params}``; plain Python types (JSON/pickle friendly)."""
+        return {"seed": self.seed, "step": self._step, "mode": self.mode, **self._params()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``seed``, ``step`` and ``mode``; warn if the geometry parameters differ."""
+        for key in ("seed", "step"):
+            if key not in state:
+                raise ValueError(f"state dict has no {key!r} entry")
+        mode = state.get("mode", self.mode)
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+        mine = self._params()
+        diff = [k for k, v in mine.items() if k in state and _normalise(state[k]) != _normalise(v)]
+        if diff:
+            warnings.warn(f"Mask collator parameters differ from the saved state: {diff}; the mask "
+                          f"sequence will not continue the saved run exactly.", stacklevel=2)
+        old_mode = self.mode
+        self.mode = mode
+        if mode != old_mode:
+            try:
+                self._check_feasible()
+            except ValueError:
+                self.mode = old_mode
+                raise
+        self.seed = int(state["seed"])
+        self.set_step(int(state["step"]))
+
+    def _next_batch_index(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            index = self._step
+            self._step += 1
+            return index
+        # Inside a DataLoader worker (a copy of the collator made when the workers started):
+        # the DataLoader hands batches to workers round-robin, so the k-th batch of worker w is
+        # global batch step + k * num_workers + w, independent of worker timing.
+        index = self._step + self._worker_calls * info.num_workers + info.id
+        self._worker_calls += 1
+        return index
+
+    # ------------------------------------------------------------------------------------------
+    # sampling
+    def sample_masks(self, batch_size: int, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the masks of one (local) batch.
+
+        Args:
+            batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
+            batch_index: global batch number; ``None`` takes the next one from the step counter
+                (and advances it).
+
+        Returns:
+            ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the global
+            batch) and ``target_masks`` ``LongTensor[B, M, Kt]`` (each block in raster order).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if batch_index is None:
+            batch_index = self._next_batch_index()
+        elif batch_index < 0:
+            raise ValueError(f"batch_index must be >= 0, got {batch_index}")
+        ctx, tgt = self._sample_global(batch_size * self.num_processes, int(batch_index))
+        lo = self.process_index * batch_size
+        if self.num_processes > 1:
+            ctx, tgt = ctx[lo:lo + batch_size].contiguous(), tgt[lo:lo + batch_size].contiguous()
+        return ctx, tgt
+
+    def _sample_global(self, n: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks of a global batch of ``n`` images: ``([n, Kc], [n, M, Kt])``."""
+        H, W, M = self.height, self.width, self.num_target_blocks
+        official = self.mode == "official"
+        g = torch.Generator()
+        g.manual_seed(_batch_seed(self.seed, batch_index))
+
+        # 1) one target size and one context size for the whole batch (target first, as official)
+        th, tw = self._block_size(g, self.target_scale, self.target_aspect_ratio)
+        ch, cw = self._block_size(g, self.context_scale, None)
+        if th * tw <= self.min_keep or ch * cw <= self.min_keep:  # excluded by _check_feasible
+            raise ValueError(f"drew a {th}x{tw} target / {ch}x{cw} context block, not more than "
+                             f"min_keep={self.min_keep}; lower min_keep or use a larger grid")
+
+        # 2) target positions. Official: randint(0, H - h) excludes H - h, so the last row/column
+        # is never covered; fixed: every position with the block inside the grid.
+        extra = 0 if official else 1
+        top = torch.randint(0, H - th + extra, (n, M), generator=g)
+        left = torch.randint(0, W - tw + extra, (n, M), generator=g)
+        rows, cols = torch.arange(H), torch.arange(W)
+        t_rows = (rows >= top[..., None]) & (rows < top[..., None] + th)  # [n, M, H]
+        t_cols = (cols >= left[..., None]) & (cols < left[..., None] + tw)  # [n, M, W]
+
+        # 3) context rectangle minus the union of the targets
+        c_top = torch.randint(0, H - ch + extra, (n,), generator=g)
+        c_left = torch.randint(0, W - cw + extra, (n,), generator=g)
+        ctx = ((rows >= c_top[:, None]) & (rows < c_top[:, None] + ch))[:, :, None] & (
+            (cols >= c_left[:, None]) & (cols < c_left[:, None] + cw))[:, None, :]  # [n, H, W]
+        if not self.allow_overlap:
+            union = t_rows[:, 0, :, None] & t_cols[:, 0, None, :]
+            for m in range(1, M):
+                union |= t_rows[:, m, :, None] & t_cols[:, m, None, :]
+            ctx &= ~union
+        ctx = ctx.view(n, H * W)
+        counts = ctx.sum(1)
+        bad = (counts <= self.min_keep).nonzero().squeeze(1)
+        if bad.numel():
+            self._redraw_contexts(ctx, counts, bad, t_rows, t_cols, ch, cw, extra, g)
+
+        # 4) equalise context lengths to the shortest in the (global) batch
+        k = int(counts.min())
+        if official:
+            # official defect: keep the FIRST k indices in raster order
+            keep = ctx & (ctx.cumsum(1) <= k)
+            context = keep.nonzero()[:, 1].view(n, k)
+        elif bool((counts == k).all()):
+            context = ctx.nonzero()[:, 1].view(n, k)
+        else:
+            # uniform random k-subset of each context: top-k of random scores, restricted to the
+            # context (scores in [1, 2) there, [0, 1) elsewhere; every row has >= k context patches)
+            scores = torch.rand(n, H * W, generator=g).add_(ctx)
+            context = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+        # 5) target indices, raster order inside each block: (top + i) * W + (left + j)
+        t_idx = ((top[..., None] + torch.arange(th)) * W)[..., :, None] + (
+            left[..., None] + torch.arange(tw))[..., None, :]  # [n, M, th, tw]
+        return context, t_idx.view(n, M, th * tw)
+
+    def _redraw_contexts(self, ctx: torch.Tensor, counts: torch.Tensor, bad: torch.Tensor,
+                         t_rows: torch.Tensor, t_cols: torch.Tensor, ch: int, cw: int, extra: int,
+                         g: torch.Generator) -> None:
+        """Redraw invalid contexts in place (all failing rows at once), official fallback included.
+
+        Each failing row is redrawn; after ``max_tries`` consecutive failures at one level the
+        overlap constraint with its most recent remaining target is dropped. Bounded by
+        ``max_tries * (M + 1)`` rounds because a bare context rectangle is always valid.
+        """
+        H, W, M = self.height, self.width, self.num_target_blocks
+        rows, cols = torch.arange(H), torch.arange(W)
+        n = ctx.shape[0]
+        fails = torch.zeros(n, dtype=torch.long)
+        dropped = torch.zeros(n, dtype=torch.long)  # constraints dropped (official "tries")
+        for _ in range(self.max_tries * (M + 1) + 1):
+            if bad.numel() == 0:
+                break
+            fails[bad] += 1
+            bump = bad[fails[bad] >= self.max_tries]
+            dropped[bump] += 1
+            fails[bump] = 0
+            nb = bad.numel()
+            c_top = torch.randint(0, H - ch + extra, (nb,), generator=g)
+            c_left = torch.randint(0, W - cw + extra, (nb,), generator=g)
+            rect = ((rows >= c_top[:, None]) & (rows < c_top[:, None] + ch))[:, :, None] & (
+                (cols >= c_left[:, None]) & (cols < c_left[:, None] + cw))[:, None, :]
+            active = torch.arange(M) < (M - dropped[bad])[:, None]  # [nb, M] constraints kept
+            blocks = t_rows[bad][:, :, :, None] & t_cols[bad][:, :, None, :]  # [nb, M, H, W]
+            union = (blocks & active[:, :, None, None]).any(1)
+            new = (rect & ~union).view(nb, H * W)
+            ctx[bad] = new
+            counts[bad] = new.sum(1)
+            bad = bad[counts[bad] <= self.min_keep]
+        else:
+            if bad.numel():
+                raise ValueError("could not draw a valid context mask; lower min_keep or use a larger grid")
+        n_fb = int((dropped > 0).sum())
+        if n_fb:
+            self.num_fallbacks += n_fb
+            log = logger.warning if self.num_fallbacks == n_fb else logger.debug
+            log("Mask sampler: %d context(s) in this batch needed the overlap fallback (%d so far); "
+                "consider fewer/smaller target blocks, a lower min_keep or a larger grid.",
+                n_fb, self.num_fallbacks)
+
+    # ------------------------------------------------------------------------------------------
+    # collation
+    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Collate examples and attach masks.
+
+        Args:
+            examples: a list of dicts with a ``"pixel_values"`` tensor ``[C, H, W]``, of tensors, or
+                of ``(tensor, label)`` tuples (labels are dropped).
+
+        Returns:
+            ``{"pixel_values": FloatTensor[B, C, H, W], "context_mask": LongTensor[B, Kc],
+            "target_masks": LongTensor[B, M, Kt]}``.
+        """
+        if len(examples) == 0:
+            raise ValueError("cannot collate an empty list of examples")
+        images = []
+        for ex in examples:
+            if isinstance(ex, Mapping):
+                if "pixel_values" not in ex:
+                    raise ValueError(f"example dict has no 'pixel_values' key (keys: {list(ex)})")
+                ex = ex["pixel_values"]
+            elif isinstance(ex, (tuple, list)):
+                ex = ex[0]
+            images.append(torch.as_tensor(ex))
+        pixel_values = torch.stack(images)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
+            raise ValueError(f"expected images of shape [C, {self.image_size[0]}, {self.image_size[1]}], "
+                             f"got {tuple(images[0].shape)}")
+        if not pixel_values.is_floating_point():
+            pixel_values = pixel_values.float()
+        context_mask, target_masks = self.sample_masks(len(images))
+        return {"pixel_values": pixel_values, "context_mask": context_mask, "target_masks": target_masks}
+
+
+def _normalise(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_normalise(x) for x in v]
+    return v
