@@ -1,0 +1,83 @@
+"""Data for I-JEPA: robust image loading, torchvision-free transforms, procedural shapes, Fashion-MNIST,
+and a ``datasets.load_dataset`` wrapper.
+
+Pipeline: file -> :func:`load_image` (bad files -> ``None``, counted) -> :class:`PretrainTransform`
+(``[3, S, S]``) -> :class:`SkipBadCollator` (drops ``None`` rows) -> the mask collator.
+"""
+
+from .fashion_mnist import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ENV_VAR,
+    IDXFormatError,
+    fashion_mnist_dataset,
+    load_fashion_mnist,
+    read_idx,
+)
+from .folder import IMAGE_COLUMN_CANDIDATES, detect_image_column, load_image_dataset
+from .loading import (
+    IMAGE_EXTENSIONS,
+    BadImageCounter,
+    ImageFileDataset,
+    SafeDataset,
+    SkipBadCollator,
+    default_bad_image_counter,
+    is_bad_example,
+    list_image_files,
+    load_image,
+    to_rgb,
+)
+from .procedural import SHAPE_NAMES, TEXTURE_NAMES, ProceduralShapes, ShapeSpec, as_hf_dataset
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    PretrainTransform,
+    RandomResizedCrop,
+    make_transform_fn,
+    normalize,
+    pil_to_tensor,
+    set_image_transform,
+)
+
+__all__ = [
+    # transforms
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RandomResizedCrop",
+    "PretrainTransform",
+    "EvalTransform",
+    "pil_to_tensor",
+    "normalize",
+    "make_transform_fn",
+    "set_image_transform",
+    # loading
+    "IMAGE_EXTENSIONS",
+    "BadImageCounter",
+    "default_bad_image_counter",
+    "to_rgb",
+    "load_image",
+    "list_image_files",
+    "ImageFileDataset",
+    "SafeDataset",
+    "SkipBadCollator",
+    "is_bad_example",
+    # procedural
+    "SHAPE_NAMES",
+    "TEXTURE_NAMES",
+    "ShapeSpec",
+    "ProceduralShapes",
+    "as_hf_dataset",
+    # fashion-mnist
+    "FASHION_MNIST_CLASSES",
+    "DEFAULT_FASHION_MNIST_DIR",
+    "FASHION_MNIST_ENV_VAR",
+    "IDXFormatError",
+    "read_idx",
+    "load_fashion_mnist",
+    "fashion_mnist_dataset",
+    # folders / hub
+    "IMAGE_COLUMN_CANDIDATES",
+    "detect_image_column",
+    "load_image_dataset",
+]

@@ -1,0 +1,43 @@
+"""Shared pytest fixtures.
+
+Hub fixtures: ``fake_hub`` (an in-memory Hub server, see ``tests/fake_hub.py``) and ``run_hub_script``
+(re-exported from ``tests/hub_utils.py``) to run a snippet in a subprocess wired to it. Other fixtures may be
+added below by other modules' authors.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Make `fake_hub` / `hub_utils` importable whatever pytest's import mode (prepend or importlib).
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from fake_hub import FakeHub  # noqa: E402
+from hub_utils import run_hub_script  # noqa: E402,F401  (re-exported for tests: `from conftest import ...` is fragile)
+
+
+@pytest.fixture(scope="session")
+def fake_hub_server() -> Iterator[FakeHub]:
+    """One in-memory Hub for the whole session; tests use distinct repo names so they do not collide."""
+    with FakeHub() as hub:
+        yield hub
+
+
+@pytest.fixture
+def fake_hub(fake_hub_server: FakeHub) -> str:
+    """The endpoint URL (``http://127.0.0.1:<port>``) of the session's fake Hub."""
+    return fake_hub_server.endpoint
+
+
+@pytest.fixture
+def hf_home(tmp_path: Path) -> Path:
+    """A private, empty ``HF_HOME`` for a test's Hub subprocesses."""
+    path = tmp_path / "hf_home"
+    path.mkdir()
+    return path
