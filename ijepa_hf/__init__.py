@@ -21,6 +21,7 @@ from .configuration_ijepa_hf import (
     list_presets,
 )
 from .image_processing import make_image_processor
+from .masking import IJepaMaskCollator, masks_to_boolean
 from .modeling_ijepa_hf import (
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
@@ -68,6 +69,8 @@ __all__ = [
     "IJepaEncoderForImageClassification",
     "IJepaPredictorOutput",
     "IJepaPretrainingOutput",
+    "IJepaMaskCollator",
+    "masks_to_boolean",
     "list_presets",
     "make_image_processor",
     "sincos_position_embeddings",

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def make_image_processor(image_size: int | tuple[int, int] | list[int] = 224, **overrides: Any):
@@ -27,8 +26,8 @@ def make_image_processor(image_size: int | tuple[int, int] | list[int] = 224, **
         resample=PILImageResampling.BICUBIC,
         do_rescale=True,
         do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
         do_convert_rgb=True,
     )
     kwargs.update(overrides)
