@@ -1,7 +1,7 @@
 """Feature extraction: ijepa_hf's encoder vs transformers' stock IJepaModel on identical weights.
 
 Measures images/s (timed repetitions interleaved between the models, so a busy machine slows both alike) and the
-peak resident memory of a fresh process running each configuration, in fp32 and under bf16 autocast; then the
+peak resident memory of a fresh process loading and running each configuration, in fp32 and under bf16 autocast; then the
 context-masked forward (the I-JEPA context encoder on K of N patches) against the full forward.
 
     python benchmarks/bench_encoder.py                       # ViT-S/16 at 224 px, batch 32, 2 threads
@@ -17,6 +17,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -50,18 +51,21 @@ def time_calls(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def peak_memory_child(args: argparse.Namespace, kind: str, precision: str) -> float:
-    """Peak RSS (MiB) of a fresh process that builds one model and runs it: isolates each configuration."""
-    command = [sys.executable, __file__, "--child", kind, "--child-precision", precision, "--size", args.size,
-               "--image-size", str(args.image_size), "--patch-size", str(args.patch_size),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+def peak_memory_child(args: argparse.Namespace, model_dir: str, kind: str, precision: str) -> float:
+    """Peak RSS (MiB) of a fresh process that loads one saved model and runs it: isolates each configuration."""
+    command = [sys.executable, __file__, "--child", kind, "--child-dir", model_dir, "--child-precision", precision,
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model = build(args.child, args.size, args.image_size, args.patch_size)
+    if args.child == "ours":
+        from ijepa_hf import IJepaEncoderModel as model_class
+    else:
+        from transformers import IJepaModel as model_class
+    model = model_class.from_pretrained(args.child_dir).eval()
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.child_precision == "bf16"):
         features(model, pixels)
@@ -81,6 +85,7 @@ def main() -> None:
                         help="share of patches kept by the context mask (the official masks keep ~30%%)")
     parser.add_argument("--child", choices=("ours", "stock"), help=argparse.SUPPRESS)
     parser.add_argument("--child-precision", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run_child(args)
@@ -89,6 +94,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ours = build("ours", args.size, args.image_size, args.patch_size)
     stock = build("stock", args.size, args.image_size, args.patch_size)
+    saved = {kind: tempfile.mkdtemp(prefix=f"bench-{kind}-") for kind in ("ours", "stock")}
+    ours.save_pretrained(saved["ours"])
+    stock.save_pretrained(saved["stock"])
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     num_patches = (args.image_size // args.patch_size) ** 2
     keep = int(num_patches * args.context_fraction)
@@ -116,7 +124,7 @@ def main() -> None:
                 best["masked"] = min(best["masked"], time_calls(lambda: features(ours, pixels, context_mask), args.repeats))
         rows[precision] = best
         for kind, label in (("stock", "transformers IJepaModel (sdpa)"), ("ours", "ijepa_hf IJepaEncoderModel")):
-            memory = peak_memory_child(args, kind, precision)
+            memory = peak_memory_child(args, saved[kind], kind, precision)
             difference = "0" if kind == "ours" else f"{diff:.1e}"
             print(f"| {precision} | {label} | {args.batch_size / best[kind]:.1f} | {memory:.0f} | {difference} |")
     print()

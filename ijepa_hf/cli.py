@@ -1,7 +1,10 @@
 """The ``ijepa-hf`` command line.
 
     ijepa-hf convert CHECKPOINT OUTPUT_DIR [--encoder-only [--which context|target] | --to-transformers | --all]
-                     [--release NAME | --num-heads N] [--push-to-hub REPO_ID]
+                     [--release NAME] [--num-heads N] [--remote-code] [--push-to-hub REPO_ID [--private]]
+
+Every written directory is a ready-to-push repo: config and weights, ``preprocessor_config.json``, a README
+model card (CC BY-NC 4.0, the licence of Meta's weights) and, with ``--remote-code``, the modelling code.
 """
 
 from __future__ import annotations
@@ -9,35 +12,69 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-# Architectures of the four released checkpoints (dl.fbaipublicfiles.com/ijepa/...), keyed by release name; the
-# values are preset names of `IJepaPretrainingConfig.from_preset`. Head counts are not stored in the weights.
-OFFICIAL_RELEASES: dict[str, dict[str, str]] = {
-    "IN1K-vit.h.14-300e": dict(preset="ijepa_vith14_in1k", dataset="imagenet-1k", hub="facebook/ijepa_vith14_1k"),
-    "IN1K-vit.h.16-448px-300e": dict(preset="ijepa_vith16_448_in1k", dataset="imagenet-1k", hub="facebook/ijepa_vith16_1k"),
-    "IN22K-vit.h.14-900e": dict(preset="ijepa_vith14_in22k", dataset="imagenet-21k", hub="facebook/ijepa_vith14_22k"),
-    "IN22K-vit.g.16-600e": dict(preset="ijepa_vitg16_in22k", dataset="imagenet-21k", hub="facebook/ijepa_vitg16_22k"),
+# Architectures of the four released checkpoints (dl.fbaipublicfiles.com/ijepa/<name>.pth.tar), keyed by release
+# name: `preset` names an `IJepaPretrainingConfig.from_preset` config (head counts are not stored in the weights,
+# so they cannot be inferred), `dataset` the Hub dataset it was pretrained on, `hub` the facebook/ repo of
+# transformers' conversion (the card's base_model) and `epochs` the schedule length, as the file name says.
+OFFICIAL_RELEASES: dict[str, dict[str, Any]] = {
+    "IN1K-vit.h.14-300e": dict(preset="ijepa_vith14_in1k", dataset="imagenet-1k", hub="facebook/ijepa_vith14_1k",
+                               epochs=300),
+    "IN1K-vit.h.16-448px-300e": dict(preset="ijepa_vith16_448_in1k", dataset="imagenet-1k",
+                                     hub="facebook/ijepa_vith16_1k", epochs=300),
+    "IN22K-vit.h.14-900e": dict(preset="ijepa_vith14_in22k", dataset="imagenet-21k", hub="facebook/ijepa_vith14_22k",
+                                epochs=900),
+    "IN22K-vit.g.16-600e": dict(preset="ijepa_vitg16_in22k", dataset="imagenet-21k", hub="facebook/ijepa_vitg16_22k",
+                                epochs=600),
 }
 
 
 def _release_for(checkpoint: Path, release: str | None) -> str | None:
+    """The release named by ``--release``, else the one the file name gives (``IN1K-vit.h.14-300e.pth.tar``)."""
     if release:
         if release not in OFFICIAL_RELEASES:
-            raise SystemExit(f"Unknown --release {release!r}; choose one of {sorted(OFFICIAL_RELEASES)}.")
+            # ValueError: `main` reports it as a one-line CLI error (exit code 2), not a traceback.
+            raise ValueError(f"unknown --release {release!r}; choose one of {sorted(OFFICIAL_RELEASES)}.")
         return release
     name = checkpoint.name.removesuffix(".pth.tar")
     return name if name in OFFICIAL_RELEASES else None
+
+
+# Config fields that the tensor shapes determine, compared between a release's preset and the checkpoint.
+_SHAPE_FIELDS = {
+    "encoder_config": ("image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
+                       "intermediate_size"),
+    "predictor_config": ("hidden_size", "num_hidden_layers", "intermediate_size"),
+}
+
+
+def _check_release_matches(release: str, preset: Any, inferred: Any, has_predictor: bool) -> None:
+    """Fail fast, before a (multi-GB) model of the release's size is built, when the weights are of another shape."""
+    differences = [
+        f"{section.removesuffix('_config')}.{field}: release {getattr(getattr(preset, section), field)} vs "
+        f"checkpoint {getattr(getattr(inferred, section), field)}"
+        for section, fields in _SHAPE_FIELDS.items()
+        if section == "encoder_config" or has_predictor
+        for field in fields
+        if getattr(getattr(preset, section), field) != getattr(getattr(inferred, section), field)
+    ]
+    if differences:
+        raise ValueError(
+            f"the checkpoint does not match the architecture of release {release!r} ({'; '.join(differences)}). "
+            "Pass the right --release, or rename the file and give --num-heads to convert it by its shapes."
+        )
 
 
 def _config_for(checkpoint: dict, release: str | None, num_heads: int | None):
     from .configuration_ijepa_hf import IJepaPretrainingConfig
     from .conversion import infer_official_config
 
+    config = infer_official_config(checkpoint)  # cheap: reads tensor shapes only
     if release:
-        config = IJepaPretrainingConfig.from_preset(OFFICIAL_RELEASES[release]["preset"])
-    else:
-        config = infer_official_config(checkpoint)
+        preset = IJepaPretrainingConfig.from_preset(OFFICIAL_RELEASES[release]["preset"])
+        _check_release_matches(release, preset, config, has_predictor=checkpoint.get("predictor") is not None)
+        config = preset  # the release also fixes what the shapes cannot tell: the head counts
     if num_heads:
         config.encoder_config.num_attention_heads = num_heads
         config.predictor_config.num_attention_heads = num_heads
@@ -46,15 +83,11 @@ def _config_for(checkpoint: dict, release: str | None, num_heads: int | None):
     return config
 
 
-def _write_card(model, output_dir: Path, kind: str, release: str | None, source: str) -> None:
-    """A model card for a converted checkpoint (CC BY-NC 4.0 for Meta's weights)."""
-    try:
-        from .hub import card_for_converted_checkpoint
-    except ImportError:  # the card module is optional for conversion itself
-        return
-    card = card_for_converted_checkpoint(model, kind=kind, release=release, source=source,
-                                         release_info=OFFICIAL_RELEASES.get(release or "", {}))
-    card.save(output_dir / "README.md")
+def _repo_ids(push_to_hub: str | None, kinds: Sequence[str]) -> list[str | None]:
+    """Hub repo of each written directory: ``REPO_ID`` for a single repo, ``REPO_ID-<kind>`` with ``--all``."""
+    if not push_to_hub:
+        return [None] * len(kinds)
+    return [push_to_hub if len(kinds) == 1 else f"{push_to_hub}-{kind}" for kind in kinds]
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -64,8 +97,11 @@ def convert(args: argparse.Namespace) -> None:
         encoder_to_transformers,
         load_official_checkpoint,
     )
+    from .hub import card_for_converted_checkpoint, push_folder, save_model_repo
     from .image_processing import make_image_processor
 
+    if args.remote_code and args.to_transformers:
+        raise ValueError("--remote-code does not apply to --to-transformers: stock `ijepa` repos load without it.")
     checkpoint_path = Path(args.checkpoint)
     output_dir = Path(args.output_dir)
     release = _release_for(checkpoint_path, args.release)
@@ -73,36 +109,37 @@ def convert(args: argparse.Namespace) -> None:
     config = _config_for(checkpoint, release, args.num_heads)
     which = "encoder" if args.which == "context" else "target_encoder"
 
-    written: list[tuple[Path, object, str]] = []
+    # (directory, model, kind, which encoder for encoder repos)
+    written: list[tuple[Path, Any, str, str | None]] = []
     if args.encoder_only or args.to_transformers:
         encoder = convert_official_encoder(checkpoint, which=which, config=config.encoder_config)
         model = encoder_to_transformers(encoder) if args.to_transformers else encoder
-        written.append((output_dir, model, "encoder"))
+        written.append((output_dir, model, "encoder", args.which))
     else:
         pretraining = convert_official_checkpoint(checkpoint, config)
         if args.all:
             written += [
-                (output_dir / "pretraining", pretraining, "pretraining"),
-                (output_dir / "encoder", pretraining.export_encoder("context" if args.which == "context" else "target"), "encoder"),
-                (output_dir / "predictor", pretraining.predictor, "predictor"),
+                (output_dir / "pretraining", pretraining, "pretraining", None),
+                (output_dir / "encoder", pretraining.export_encoder(args.which), "encoder", args.which),
+                (output_dir / "predictor", pretraining.predictor, "predictor", None),
             ]
         else:
-            written.append((output_dir, pretraining, "pretraining"))
+            written.append((output_dir, pretraining, "pretraining", None))
 
-    for directory, model, kind in written:
-        directory.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(directory)
-        make_image_processor(config.encoder_config.image_size).save_pretrained(directory)
-        _write_card(model, directory, kind, release, source=checkpoint_path.name)
+    repo_ids = _repo_ids(args.push_to_hub, [kind for _, _, kind, _ in written])
+    for (directory, model, kind, encoder_choice), repo_id in zip(written, repo_ids):
+        card = card_for_converted_checkpoint(
+            model, kind=kind, release=release, source=checkpoint_path.name,
+            release_info=OFFICIAL_RELEASES.get(release or "", {}), which=encoder_choice, model_name=repo_id,
+            remote_code=args.remote_code,
+        )
+        save_model_repo(model, directory, image_processor=make_image_processor(config.encoder_config.image_size),
+                        card=card, remote_code=args.remote_code)
         print(f"wrote {kind} ({type(model).__name__}) to {directory}")
-        if args.push_to_hub:
-            from huggingface_hub import HfApi
-
-            repo_id = args.push_to_hub if len(written) == 1 else f"{args.push_to_hub}-{kind}"
-            api = HfApi()
-            api.create_repo(repo_id, exist_ok=True, private=args.private)
-            api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=f"Convert {checkpoint_path.name}")
-            print(f"pushed {directory} to {repo_id}")
+        if repo_id:
+            commit = push_folder(directory, repo_id, private=args.private or None,
+                                 commit_message=f"Convert {checkpoint_path.name} ({kind})")
+            print(f"pushed {directory} to {repo_id} ({commit.commit_url})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--release", help=f"official release name, one of {sorted(OFFICIAL_RELEASES)} "
                                         "(detected from the file name when possible)")
     conv.add_argument("--num-heads", type=int, help="attention heads (not stored in the weights; inferred otherwise)")
-    conv.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the written repo(s) to the Hub")
-    conv.add_argument("--private", action="store_true", help="create the Hub repo(s) private")
+    conv.add_argument("--remote-code", action="store_true",
+                      help="also save the modelling code and an auto_map, so the repos load with "
+                           "trust_remote_code=True where ijepa_hf is not installed")
+    conv.add_argument("--push-to-hub", metavar="REPO_ID",
+                      help="also upload the written repo(s) to the Hub (with --all: REPO_ID-pretraining, "
+                           "REPO_ID-encoder, REPO_ID-predictor)")
+    conv.add_argument("--private", action="store_true", help="create new Hub repo(s) private")
     conv.set_defaults(func=convert)
     return parser
 

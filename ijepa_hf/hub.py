@@ -7,27 +7,46 @@ so that the Hub indexes it (library, pipeline, licence, datasets, base model, ``
 body documents what users of self-supervised checkpoints keep asking for: how to pool features (I-JEPA has no
 [CLS] token), the training recipe, and the licence of weights derived from Meta's release.
 
-This module itself needs only ``huggingface_hub`` (and Jinja2, which renders the template); it never builds a
+Card functions need only ``huggingface_hub`` (and Jinja2, which renders the template); they never build a
 model, so cards are cheap to write from conversion and training scripts.
+
+Publishing (:func:`save_model_repo`, :func:`save_with_remote_code`, :func:`push_folder`, :func:`push_model`)
+writes and uploads ready-to-use repos: weights and config, the image processor, the card and, optionally, the
+modelling code itself (``auto_map`` + the two self-contained source files), so that people without ``ijepa_hf``
+can load the model with ``trust_remote_code=True``. :func:`card_for_converted_checkpoint` is the card of
+``ijepa-hf convert``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
+
+if TYPE_CHECKING:  # only for annotations: importing transformers here would make card writing slow
+    from transformers import PreTrainedModel
 
 __all__ = [
     "BASE_TAGS",
     "IJEPA_BIBTEX",
+    "META_WEIGHTS_LICENSE",
     "MODEL_CARD_TEMPLATE_PATH",
     "ModelKind",
+    "card_for_converted_checkpoint",
+    "continue_pretraining_code",
     "default_loading_code",
     "example_encoder_card",
     "license_statement",
     "make_model_card",
+    "push_folder",
+    "push_model",
+    "remote_code_auto_map",
+    "save_model_repo",
+    "save_with_remote_code",
     "summarize_config",
 ]
 
@@ -326,6 +345,302 @@ def _result_row(result: EvalResult) -> dict[str, str]:
         "metric": result.metric_name or result.metric_type,
         "value": _format_value(result.metric_value),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cards of converted official checkpoints (`ijepa-hf convert`)
+# ----------------------------------------------------------------------------------------------------------------
+
+_ENCODER_CHOICES: dict[str, str] = {
+    "target": (
+        "the checkpoint's **target encoder**: the exponential moving average of the context encoder, which is the "
+        "encoder the I-JEPA paper evaluates"
+    ),
+    "context": (
+        "the checkpoint's **context encoder**: the encoder trained by gradient descent, which is the one "
+        "transformers' and timm's conversions of the official checkpoints use"
+    ),
+}
+
+
+def continue_pretraining_code(model_name: str) -> str:
+    """A runnable sketch that resumes I-JEPA pretraining from a pretraining repo (masks, AdamW groups, EMA)."""
+    return f"""import torch
+from transformers import AutoModelForPreTraining
+
+import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types
+from ijepa_hf.masking import IJepaMaskCollator
+from ijepa_hf.training import EMAMomentum, build_optimizer
+
+model = AutoModelForPreTraining.from_pretrained("{model_name}").train()
+# `dataset` yields {{"pixel_values": FloatTensor[3, H, W]}} preprocessed like this repo's image processor.
+collator = IJepaMaskCollator.from_config(model.config)  # the multi-block masks of the config
+loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=collator)
+# The target encoder is frozen and follows the context encoder by EMA; only these two networks are optimised.
+optimizer = build_optimizer({{"encoder": model.context_encoder, "predictor": model.predictor}}, lr=1e-4)
+ema = EMAMomentum(total_steps=len(loader), start=model.config.ema_momentum[0], end=model.config.ema_momentum[1])
+for batch in loader:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.update_target_encoder(ema.step())
+model.save_pretrained("ijepa-continued")
+"""
+
+
+def card_for_converted_checkpoint(
+    model: Any,
+    *,
+    kind: ModelKind,
+    release: str | None,
+    source: str,
+    release_info: Mapping[str, Any] | None = None,
+    which: Literal["target", "context"] | None = None,
+    model_name: str | None = None,
+    remote_code: bool = False,
+) -> ModelCard:
+    """The model card of a repo written by ``ijepa-hf convert`` from an official I-JEPA checkpoint.
+
+    The licence is always CC BY-NC 4.0: official-format checkpoints are Meta's released weights (or weights
+    trained with Meta's CC BY-NC code), and conversion does not change their licence.
+
+    Args:
+        model: The converted model (any ``ijepa_hf`` model or a stock transformers ``IJepaModel``); its config
+            gives the architecture table.
+        kind: ``"encoder"``, ``"pretraining"`` or ``"predictor"``.
+        release: Official release name (``"IN1K-vit.h.14-300e"``...), or ``None`` for an unknown checkpoint.
+        source: File name of the converted checkpoint.
+        release_info: The release's entry of ``ijepa_hf.cli.OFFICIAL_RELEASES``: ``hub`` (the facebook/ repo,
+            used as ``base_model``), ``dataset`` (Hub dataset id) and ``epochs``, all optional.
+        which: For encoder repos, which encoder of the checkpoint was exported (``"target"`` or ``"context"``).
+        model_name: The Hub repo id the card is for (used in the title and the loading code); a placeholder
+            ``your-username/...`` name otherwise.
+        remote_code: The repo ships its modelling code (``auto_map``), so it loads without ``ijepa_hf``.
+    """
+    info = dict(release_info or {})
+    stem = release or source.removesuffix(".pth.tar").removesuffix(".pth")
+    model_name = model_name or f"your-username/ijepa-{stem.lower()}-{kind}"
+    summary = summarize_config(model)
+    dataset = info.get("dataset")
+    training: dict[str, Any] = {}
+    if dataset:
+        training["data"] = f"{dataset} train split (labels unused)"
+    image_size = summary.get("image_size", summary.get("encoder.image_size"))
+    if info and image_size is not None:
+        training["image_size"] = image_size
+    if info.get("epochs"):
+        training["epochs"] = info["epochs"]
+    if training:
+        training["loss"] = "smooth L1 between predicted and layer-normalised target-encoder features"
+
+    origin = f"the official I-JEPA checkpoint `{source}`"
+    if release:
+        origin += f" (release `{release}` of [facebookresearch/ijepa](https://github.com/facebookresearch/ijepa))"
+    conversion = [f"Converted with `ijepa-hf convert` (the `ijepa_hf` package) from {origin}."]
+    if kind == "encoder":
+        if which is not None:
+            conversion.append(f"The weights are {_ENCODER_CHOICES[which]}.")
+        conversion.append(
+            "The checkpoint's other encoder is in the pretraining repository converted from the same file "
+            "(`model.get_encoder(\"context\")` / `model.get_encoder(\"target\")`)."
+        )
+    elif kind == "pretraining":
+        conversion.append(
+            "All three networks of the checkpoint are included: `context_encoder`, `predictor` and `target_encoder` "
+            "(frozen, updated by EMA). The optimiser state of the official checkpoint is not converted, so a resumed "
+            "run starts with fresh AdamW moments and schedules."
+        )
+    elif kind == "predictor":
+        conversion.append(
+            "The predictor was trained together with the checkpoint's context encoder, which is in the pretraining "
+            "repository converted from the same file; it is only meaningful with that encoder."
+        )
+    sections = ["## Conversion\n\n" + " ".join(conversion)]
+    if remote_code:
+        sections.append(
+            "This repository ships its modelling code (`configuration_ijepa_hf.py`, `modeling_ijepa_hf.py` and an "
+            "`auto_map` in `config.json`): without `ijepa_hf` installed, drop the `import ijepa_hf` line and pass "
+            "`trust_remote_code=True` to `from_pretrained`."
+        )
+    if kind == "pretraining":
+        sections.append(
+            "## Continue pretraining\n\n```python\n" + continue_pretraining_code(model_name).rstrip("\n") + "\n```"
+        )
+    return make_model_card(
+        model_name=model_name,
+        kind=kind,
+        config_summary=summary,
+        license=META_WEIGHTS_LICENSE,
+        datasets=dataset,
+        base_model=info.get("hub"),
+        training=training or None,
+        extra="\n\n".join(sections),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and pushing repos, optionally with their modelling code (trust_remote_code)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Model auto classes that `ijepa_hf/__init__.py` registers; the auto_map of a saved repo lists those of them that
+# the model's config type is registered with, so remote code loads through the same Auto classes as local code.
+_REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification")
+_UNSET = object()
+
+
+def remote_code_auto_map(model: "PreTrainedModel") -> dict[str, str]:
+    """The ``auto_map`` that lets ``model`` be loaded with ``trust_remote_code=True``.
+
+    ``{"AutoConfig": "configuration_ijepa_hf.<Config>", "AutoModel": "modeling_ijepa_hf.<Model>", ...}``: AutoConfig
+    plus every model Auto class its config type is registered with in ``ijepa_hf`` (AutoModelForPreTraining for the
+    pretraining model, AutoModelForImageClassification for encoder configs). Raises ``ValueError`` for models whose
+    code is not the shippable ``ijepa_hf`` modelling file (stock transformers models need no remote code).
+    """
+    import transformers
+
+    model_class, config_class = type(model), type(model.config)
+    if not str(getattr(model.config, "model_type", "")).startswith("ijepa_hf_"):
+        raise ValueError(
+            f"{model_class.__name__} (model_type {model.config.model_type!r}) is not an ijepa_hf model: only "
+            "ijepa_hf_* models need (and can ship) remote code; stock transformers models load without it."
+        )
+    module = model_class.__module__
+    auto_map = {"AutoConfig": f"{config_class.__module__.rsplit('.', 1)[-1]}.{config_class.__name__}"}
+    for auto_name in _REMOTE_CODE_AUTO_CLASSES:
+        try:
+            registered = getattr(transformers, auto_name)._model_mapping[config_class]
+        except KeyError:
+            continue
+        # Only classes defined in the copied modelling file can be named in auto_map.
+        if registered.__module__ == module:
+            auto_map[auto_name] = f"{module.rsplit('.', 1)[-1]}.{registered.__name__}"
+    if model_class.__name__ not in {v.rsplit(".", 1)[-1] for k, v in auto_map.items() if k != "AutoConfig"}:
+        raise ValueError(
+            f"{model_class.__module__}.{model_class.__name__} is not one of the ijepa_hf model classes registered "
+            "with the Auto classes, so its code cannot be shipped as remote code; save an ijepa_hf class instead."
+        )
+    return auto_map
+
+
+@contextlib.contextmanager
+def _registered_for_auto_classes(model: "PreTrainedModel") -> Iterator[dict[str, str]]:
+    """Temporarily register ``model``'s classes for remote code (``register_for_auto_class``) and give its config
+    the full ``auto_map``; everything is restored on exit.
+
+    ``register_for_auto_class`` sets a class attribute, which would make every later ``save_pretrained`` of any
+    instance copy the source files too; restoring it keeps plain saves plain.
+    """
+    auto_map = remote_code_auto_map(model)
+    model_class, config_class, config = type(model), type(model.config), model.config
+    # transformers writes one auto_map entry per registered class (the one of `_auto_class`); we pre-fill the
+    # config with the whole map so that every Auto class works, and register the model under its own entry.
+    primary = next(k for k, v in auto_map.items() if k != "AutoConfig" and v.endswith(f".{model_class.__name__}"))
+    saved_classes = [(cls, cls.__dict__.get("_auto_class", _UNSET)) for cls in (model_class, config_class)]
+    saved_map = getattr(config, "auto_map", _UNSET)
+    try:
+        model_class.register_for_auto_class(primary)
+        config_class.register_for_auto_class("AutoConfig")
+        config.auto_map = dict(auto_map)
+        yield auto_map
+    finally:
+        for cls, value in saved_classes:
+            if value is _UNSET:
+                if "_auto_class" in cls.__dict__:
+                    delattr(cls, "_auto_class")  # falls back to the base classes' None
+            else:
+                cls._auto_class = value
+        if saved_map is _UNSET:
+            with contextlib.suppress(AttributeError):
+                delattr(config, "auto_map")
+        else:
+            config.auto_map = saved_map
+
+
+def save_model_repo(
+    model: "PreTrainedModel",
+    save_directory: str | Path,
+    *,
+    image_processor: Any | None = None,
+    card: ModelCard | None = None,
+    remote_code: bool = False,
+    **save_kwargs: Any,
+) -> Path:
+    """Write a ready-to-push repo: ``config.json`` and weights, plus ``preprocessor_config.json`` (when
+    ``image_processor`` is given, e.g. :func:`ijepa_hf.make_image_processor`), ``README.md`` (``card``) and, with
+    ``remote_code``, the modelling code (see :func:`save_with_remote_code`). ``save_kwargs`` go to
+    ``save_pretrained``. Returns the directory.
+    """
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with _registered_for_auto_classes(model) if remote_code else contextlib.nullcontext():
+        model.save_pretrained(directory, **save_kwargs)
+    if image_processor is not None:
+        image_processor.save_pretrained(directory)
+    if card is not None:
+        card.save(directory / "README.md")
+    return directory
+
+
+def save_with_remote_code(
+    model: "PreTrainedModel",
+    save_directory: str | Path,
+    image_processor: Any | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Save ``model`` so that it loads **without** ``ijepa_hf`` installed, with ``trust_remote_code=True``.
+
+    Besides the config and weights, the directory gets ``configuration_ijepa_hf.py`` and ``modeling_ijepa_hf.py``
+    (self-contained: they import only torch and transformers) and ``config.json`` gets an ``auto_map`` (see
+    :func:`remote_code_auto_map`), e.g. for a pretraining model::
+
+        AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)
+
+    The classes are registered with ``register_for_auto_class`` only for the duration of the save: later plain
+    ``save_pretrained`` calls do not ship code. ``kwargs`` are those of :func:`save_model_repo` (``card``, and
+    ``save_pretrained`` options). Returns the directory.
+    """
+    return save_model_repo(model, save_directory, image_processor=image_processor, remote_code=True, **kwargs)
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    commit_message: str = "Upload I-JEPA model",
+    token: str | None = None,
+) -> CommitInfo:
+    """Create ``repo_id`` if needed (``private`` only applies to a new repo) and upload ``folder`` as one commit.
+
+    Uses ``HfApi`` with the process's Hub settings (``HF_ENDPOINT``, ``HF_TOKEN``). Returns the ``CommitInfo``
+    (``.oid`` is the commit sha, usable as ``revision=``).
+    """
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # resolves a missing namespace
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+
+
+def push_model(
+    model: "PreTrainedModel",
+    repo_id: str,
+    image_processor: Any | None = None,
+    card: ModelCard | None = None,
+    remote_code: bool = False,
+    private: bool | None = None,
+    commit_message: str = "Upload I-JEPA model",
+    token: str | None = None,
+) -> CommitInfo:
+    """Push ``model`` (plus its image processor, card and, with ``remote_code``, its code) to ``repo_id`` in one
+    commit.
+
+    Unlike ``model.push_to_hub`` this uploads everything atomically and can ship the modelling code. Without
+    ``card``, a README already in the repo is left as it is (none is generated: the licence of the weights is
+    not known here; see :func:`make_model_card`). Returns the ``CommitInfo``.
+    """
+    with tempfile.TemporaryDirectory(prefix="ijepa_hf_push_") as tmp:
+        save_model_repo(model, tmp, image_processor=image_processor, card=card, remote_code=remote_code)
+        return push_folder(tmp, repo_id, private=private, commit_message=commit_message, token=token)
 
 
 def example_encoder_card() -> ModelCard:
