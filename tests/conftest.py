@@ -41,3 +41,24 @@ def hf_home(tmp_path: Path) -> Path:
     path = tmp_path / "hf_home"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load_example("finetune")`` imports ``examples/finetune.py`` as a module (examples are scripts, not a
+    package), so tests call its ``main(argv)`` in-process instead of paying a subprocess start-up."""
+    import importlib.util
+
+    examples_dir = Path(__file__).resolve().parents[1] / "examples"
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"ijepa_hf_example_{name}", examples_dir / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+            spec.loader.exec_module(module)
+            loaded[name] = module
+        return loaded[name]
+
+    return load

@@ -186,12 +186,28 @@ def test_official_param_groups():
     assert len(flat) == len(set(flat)) and id(enc.proj.weight) in ids(groups[0]["params"])
 
 
+def test_fused_optimizer_matches_the_reference_adamw():
+    torch.manual_seed(0)
+    fused, reference = _Toy(), _Toy()
+    reference.load_state_dict(fused.state_dict())
+    optimizers = [build_optimizer({"encoder": fused}), build_optimizer({"encoder": reference}, foreach=False)]
+    assert optimizers[0].defaults.get("fused") and not optimizers[1].defaults.get("fused")
+    for model, optimizer in zip((fused, reference), optimizers):
+        for _ in range(3):
+            loss = sum((p.float() ** 2).sum() for p in model.parameters())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(fused.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_build_optimizer_with_schedules():
     enc, pred = _Toy(), _Toy()
     opt = build_optimizer({"encoder": enc, "predictor": pred}, lr=1e-3, weight_decay=0.04)
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 4
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
-    assert not opt.defaults.get("fused")  # CPU parameters: torch's default path
+    assert opt.defaults.get("fused")  # floating-point CPU parameters: torch's fused kernel
     lr = WarmupCosineLR(opt, 2, 10, START, REF, FINAL)
     wd = CosineWeightDecay(opt, 10)
     lr.step(), wd.step()

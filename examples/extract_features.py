@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Extract average-pooled I-JEPA features of an image dataset and save them.
+
+The features are those of the paper's evaluation (see `ijepa_hf.evaluation.extract_features`): the mean over
+patches of the final output (``--layers last``, ``[N, D]``) or of the last k blocks, each LayerNorm'ed and
+concatenated (``--layers 4``, ``[N, 4D]``).
+
+Examples::
+
+    python examples/extract_features.py --model_name_or_path ./ijepa-run --train_dir ./images \\
+        --output ./features --format datasets
+    python examples/extract_features.py --model_name_or_path facebook/ijepa_vith14_1k \\
+        --dataset_name cifar10 --split test --layers 4 --output cifar10-test.npz --format npz
+
+Outputs:
+    * ``--format datasets``: a ``datasets.Dataset`` saved with ``save_to_disk`` (columns ``features``
+      float32 ``[D]`` and ``label``; reload with ``datasets.load_from_disk``), plus ``extraction.json``;
+    * ``--format npz``: one ``.npz`` with ``features [N, D]``, ``labels [N]`` and a JSON ``metadata`` string.
+
+Labels are -1 when the data has no label column (e.g. an image folder without class sub-folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ijepa_hf.data import load_image_dataset
+from ijepa_hf.evaluation import extract_features, load_encoder
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="Encoder, pretraining or classifier repo.")
+    parser.add_argument("--encoder", choices=("target", "context"), default="target",
+                        help="Which encoder of a pretraining repo.")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset (or a datasets builder name).")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_dir", default=None, help="Local image folder (read with imagefolder).")
+    parser.add_argument("--split", default="train", help="Split to extract (default: train).")
+    parser.add_argument("--image_column_name", default=None, help="Image column (auto-detected).")
+    parser.add_argument("--label_column_name", default="label")
+    parser.add_argument("--max_samples", type=int, default=None)
+    parser.add_argument("--output", required=True, help="Output folder (datasets) or .npz file.")
+    parser.add_argument("--format", choices=("datasets", "npz"), default="datasets")
+    parser.add_argument("--layers", default="last", help="'last' or a number k of last blocks (e.g. 4).")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.dataset_name is None and args.train_dir is None:
+        parser.error("give --dataset_name or --train_dir.")
+    return args
+
+
+def save_features(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    output: str | Path,
+    output_format: str,
+    metadata: dict[str, Any],
+    label_feature: Any | None = None,
+) -> Path:
+    """Writes ``features [N, D]`` and ``labels [N]`` as a saved ``datasets.Dataset`` or an ``.npz``.
+
+    ``label_feature``: the source's label feature (a ``ClassLabel`` keeps the class names); default int64.
+    """
+    output = Path(output)
+    if output_format == "npz":
+        output = output if output.suffix == ".npz" else output.with_suffix(".npz")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(output, features=features.numpy(), labels=labels.numpy(), metadata=json.dumps(metadata))
+        return output
+    import datasets
+
+    dataset = datasets.Dataset.from_dict(
+        {"features": features.numpy(), "label": labels.numpy()},
+        features=datasets.Features({
+            "features": datasets.List(datasets.Value("float32"), length=features.shape[1]),
+            "label": label_feature if label_feature is not None and (labels >= 0).all() else datasets.Value("int64"),
+        }),
+    )
+    dataset.save_to_disk(str(output))
+    (output / "extraction.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    return output
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Extracts and saves the features; returns the output path."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = load_image_dataset(
+        dataset_name=args.dataset_name,
+        train_dir=args.train_dir,
+        dataset_config_name=args.dataset_config_name,
+        split=args.split,
+        image_column=args.image_column_name,
+        max_samples=args.max_samples,
+        decode=False,  # decode in ijepa_hf's robust loader: a corrupt file is skipped, not fatal
+    )
+    label_column = args.label_column_name if args.label_column_name in dataset.column_names else None
+    if label_column is None:
+        logger.warning("No %r column: labels are saved as -1.", args.label_column_name)
+    encoder, image_processor = load_encoder(
+        args.model_name_or_path, which=args.encoder, **({"revision": args.revision} if args.revision else {})
+    )
+    encoder.to(device)
+    features, labels = extract_features(
+        encoder,
+        dataset,
+        image_processor=image_processor,
+        label_column=label_column,
+        batch_size=args.batch_size,
+        layers=args.layers,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    if len(labels) < len(dataset):
+        logger.warning("%d unreadable image(s) were skipped.", len(dataset) - len(labels))
+    metadata = {
+        "model_name_or_path": args.model_name_or_path,
+        "encoder": args.encoder,
+        "layers": args.layers,
+        "pooling": "mean over patch tokens",
+        "source": args.dataset_name or args.train_dir,
+        "split": args.split,
+        "num_images": int(features.shape[0]),
+        "feature_dim": int(features.shape[1]),
+    }
+    label_feature = dataset.features[label_column] if label_column else None
+    if hasattr(label_feature, "names"):  # a ClassLabel: keep the class names with the npz too
+        metadata["class_names"] = list(label_feature.names)
+    output = save_features(features, labels, args.output, args.format, metadata, label_feature)
+    logger.info("Saved %d x %d features to %s", features.shape[0], features.shape[1], output)
+    return output
+
+
+if __name__ == "__main__":
+    main()

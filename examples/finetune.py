@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Fine-tune an image classifier with `transformers.Trainer`: an I-JEPA encoder (or pretraining) repo gets a new
+linear head on average-pooled patch features; any transformers image classifier works too.
+
+Follows the conventions of transformers' ``examples/pytorch/image-classification/run_image_classification.py``
+(HfArgumentParser with a JSON-file alternative, imagefolder/Hub data, ``--train_val_split``, Trainer, model card),
+without torchvision. Extras: ``--layer_decay`` (layer-wise lr decay through a custom optimizer) and the
+``procedural_shapes`` / ``fashion_mnist`` datasets that need no download.
+
+Example::
+
+    python examples/finetune.py \\
+        --model_name_or_path ./ijepa-encoder --train_dir ./images/train --validation_dir ./images/val \\
+        --output_dir ./ijepa-finetuned --do_train --do_eval --num_train_epochs 10 \\
+        --learning_rate 1e-3 --layer_decay 0.75 --weight_decay 0.05 --per_device_train_batch_size 64 \\
+        --eval_strategy epoch --save_strategy epoch --load_best_model_at_end --metric_for_best_model accuracy
+
+``--remove_unused_columns`` is forced to False (the transform, not the model, consumes the ``image`` column).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ijepa_hf.data import set_image_transform
+from ijepa_hf.evaluation import load_image_processor
+from ijepa_hf.finetuning import (
+    BUILTIN_DATASETS,
+    build_layerwise_optimizer,
+    classification_collate,
+    load_accuracy_metric,
+    load_image_classifier,
+    load_labeled_splits,
+    make_compute_metrics,
+    make_finetune_transforms,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Encoder, pretraining or classifier repo (Hub id or local folder)."}
+    )
+    encoder: str = field(
+        default="target",
+        metadata={"help": "For an I-JEPA pretraining repo: the 'target' (default, as the paper) or 'context' encoder."},
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise lr decay (e.g. 0.75): block i gets lr * decay^(depth - i), the head lr. "
+                          "Unset: one lr for all parameters (Trainer's default AdamW)."},
+    )
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth for fine-tuning."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a classifier head whose number of labels differs."}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """What data to fine-tune and evaluate on."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Hub dataset, or one of {BUILTIN_DATASETS} (no download needed)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Validation image folder."})
+    train_val_split: float = field(
+        default=0.15, metadata={"help": "Fraction of train held out when there is no validation data."}
+    )
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
+    label_column_name: str = field(default="label", metadata={"help": "Label column."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    min_crop_scale: float = field(default=0.08, metadata={"help": "Smallest area of the random resized crop."})
+    eval_resize_ratio: float = field(
+        default=1.0, metadata={"help": "Eval: resize the shorter side to size * ratio, centre-crop (ImageNet: 1.143)."}
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.dataset_name is None and data_args.train_dir is None:
+        parser.error("give --dataset_name or --train_dir.")
+    if not (training_args.do_train or training_args.do_eval):
+        training_args.do_train = training_args.do_eval = True  # the usual intent of a bare command line
+    if training_args.remove_unused_columns:
+        training_args.remove_unused_columns = False  # keep `image`: the transform consumes it, not the model
+    return model_args, data_args, training_args
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def main(argv: list[str] | None = None) -> Trainer:
+    """Runs the fine-tuning; returns the `Trainer` (for notebooks and tests)."""
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    logger.info("Training/evaluation parameters %s", training_args)
+    set_seed(training_args.seed)  # before the head is initialised
+
+    hub_kwargs: dict[str, Any] = {"revision": model_args.model_revision}
+    for key in ("cache_dir", "token"):
+        if getattr(model_args, key) is not None:
+            hub_kwargs[key] = getattr(model_args, key)
+
+    splits = load_labeled_splits(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        train_val_split=data_args.train_val_split,
+        image_column=data_args.image_column_name,
+        label_column=data_args.label_column_name,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=training_args.seed,
+        **{k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "token")},
+    )
+    names = splits["train"].features["label"].names
+    id2label = {i: name for i, name in enumerate(names)}
+    logger.info("%d classes, %d training and %d validation images.", len(names), len(splits["train"]),
+                len(splits["validation"]))
+
+    overrides = {} if model_args.drop_path_rate is None else {"drop_path_rate": model_args.drop_path_rate}
+    model = load_image_classifier(
+        model_args.model_name_or_path,
+        num_labels=len(names),
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        encoder=model_args.encoder,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **overrides,
+        **hub_kwargs,
+    )
+    image_processor = load_image_processor(model_args.model_name_or_path, model.config, **hub_kwargs)
+    train_transform, eval_transform = make_finetune_transforms(
+        image_processor, crop_scale=(data_args.min_crop_scale, 1.0), eval_resize_ratio=data_args.eval_resize_ratio
+    )
+    train_dataset = set_image_transform(splits["train"], train_transform) if training_args.do_train else None
+    eval_dataset = set_image_transform(splits["validation"], eval_transform) if training_args.do_eval else None
+
+    optimizers: tuple[Any, Any] = (None, None)
+    if model_args.layer_decay is not None:
+        optimizer = build_layerwise_optimizer(
+            model,
+            lr=training_args.learning_rate,
+            weight_decay=training_args.weight_decay,
+            layer_decay=model_args.layer_decay,
+            betas=(training_args.adam_beta1, training_args.adam_beta2),
+            eps=training_args.adam_epsilon,
+        )
+        optimizers = (optimizer, None)  # Trainer still builds the lr schedule, scaling each group's own lr
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=image_processor,
+        data_collator=classification_collate,
+        compute_metrics=make_compute_metrics(load_accuracy_metric()),
+        optimizers=optimizers,
+    )
+
+    if training_args.do_train:
+        checkpoint = training_args.resume_from_checkpoint
+        if checkpoint == "last":
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+            if checkpoint is None:
+                raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # the model and, as processing_class, the image processor
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    card_kwargs: dict[str, Any] = {
+        "finetuned_from": model_args.model_name_or_path,
+        "tasks": "image-classification",
+        "tags": ["image-classification", "vision", "ijepa"],
+    }
+    if data_args.dataset_name is not None:
+        card_kwargs["dataset"] = data_args.dataset_name
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**card_kwargs)
+    elif trainer.is_world_process_zero():
+        trainer.create_model_card(**card_kwargs)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Frozen-feature evaluation of an I-JEPA encoder: linear probe and k-NN on average-pooled patch features of
+the last layer and of the last 4 layers (the paper's protocol; see `ijepa_hf.evaluation`).
+
+Examples::
+
+    # the embedded procedural-shapes data (no download), a pretraining run's target encoder
+    python examples/probe.py --model_name_or_path ./ijepa-run --dataset_name procedural_shapes
+
+    # the context encoder, Fashion-MNIST from local IDX files, several models in one table
+    python examples/probe.py --model_name_or_path ./run-a ./run-b --encoder context --dataset_name fashion_mnist
+
+    # an image folder with train/ and val/ class sub-folders, results saved as JSON
+    python examples/probe.py --model_name_or_path facebook/ijepa_vith14_1k --train_dir imgs/train \\
+        --validation_dir imgs/val --output_json probe.json
+
+Prints a Markdown table (linear and k-NN accuracy for each model and layer choice) and writes all numbers,
+including each probe's chosen weight decay and its search, to ``--output_json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ijepa_hf.evaluation import evaluate_encoder, format_results_table, load_encoder
+from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", nargs="+", required=True,
+                       help="Encoder, pretraining or classifier repo(s) / folder(s); several give one table.")
+    model.add_argument("--encoder", choices=("target", "context"), default="target",
+                       help="Which encoder of a pretraining repo (the paper evaluates the target encoder).")
+    model.add_argument("--revision", default=None)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default=None,
+                      help=f"Hub dataset or one of {BUILTIN_DATASETS} (no download).")
+    data.add_argument("--dataset_config_name", default=None)
+    data.add_argument("--train_dir", default=None, help="Image folder with one sub-folder per class.")
+    data.add_argument("--validation_dir", default=None, help="Evaluation image folder.")
+    data.add_argument("--train_val_split", type=float, default=0.15,
+                      help="Held-out fraction of train when there is no validation/test data.")
+    data.add_argument("--image_column_name", default=None)
+    data.add_argument("--label_column_name", default="label")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Truncate train (procedural_shapes: how many to generate, default 2000).")
+    data.add_argument("--max_eval_samples", type=int, default=None,
+                      help="Truncate the evaluation split (procedural_shapes: default 500).")
+    data.add_argument("--procedural_image_size", type=int, default=64)
+    probe = parser.add_argument_group("probes")
+    probe.add_argument("--layers", nargs="+", default=["last", "4"],
+                       help="Feature choices: 'last' and/or a number k of last blocks (default: last 4).")
+    probe.add_argument("--linear_epochs", type=int, default=100, help="L-BFGS iterations (AdamW: epochs).")
+    probe.add_argument("--linear_optimizer", choices=("lbfgs", "adamw"), default="lbfgs")
+    probe.add_argument("--k", type=int, default=20, help="k-NN neighbours.")
+    probe.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature.")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch_size", type=int, default=64)
+    run.add_argument("--num_workers", type=int, default=0)
+    run.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output_json", default=None, help="Where to write all results.")
+    run.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
+    args = parser.parse_args(argv)
+    if args.dataset_name is None and args.train_dir is None:
+        parser.error("give --dataset_name or --train_dir.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the probes; returns the result rows (see `ijepa_hf.evaluation.evaluate_encoder`)."""
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    splits = load_labeled_splits(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        validation_dir=args.validation_dir,
+        train_val_split=args.train_val_split,
+        image_column=args.image_column_name,
+        label_column=args.label_column_name,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        seed=args.seed,
+        procedural_image_size=args.procedural_image_size,
+    )
+    logger.info("Probing on %d training and %d evaluation images.", len(splits["train"]), len(splits["validation"]))
+
+    rows = []
+    for path in args.model_name_or_path:
+        hub_kwargs = {"revision": args.revision} if args.revision else {}
+        encoder, image_processor = load_encoder(path, which=args.encoder, **hub_kwargs)
+        encoder.to(device)
+        name = path if args.encoder == "target" else f"{path} ({args.encoder})"
+        for layers in args.layers:
+            rows.append(evaluate_encoder(
+                encoder,
+                splits["train"],
+                splits["validation"],
+                layers=layers,
+                name=name,
+                image_processor=image_processor,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                progress=not args.no_progress,
+                linear_kwargs={"epochs": args.linear_epochs, "optimizer": args.linear_optimizer, "seed": args.seed},
+                knn_kwargs={"k": args.k, "temperature": args.temperature},
+            ))
+            logger.info("%s, %s: linear %.2f%%, k-NN %.2f%%", name, rows[-1]["layers"],
+                        100 * rows[-1]["linear_accuracy"], 100 * rows[-1]["knn_accuracy"])
+        del encoder
+
+    print(format_results_table(rows))
+    if args.output_json:
+        output = Path(args.output_json)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        dataset = args.dataset_name or args.train_dir
+        payload = {"dataset": dataset, "encoder": args.encoder, "rows": rows}
+        output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        logger.info("Results written to %s", output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

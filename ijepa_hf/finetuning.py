@@ -1,0 +1,488 @@
+"""Helpers for fine-tuning image classifiers (I-JEPA or any ViT-style transformers model) with `Trainer`.
+
+* :func:`layerwise_lr_groups` / :func:`build_layerwise_optimizer`: layer-wise learning-rate decay (BEiT/MAE
+  fine-tuning recipe): block ``i`` of a depth-``L`` encoder trains at ``lr * decay ** (L - i)``, the patch
+  embedding at ``lr * decay ** (L + 1)``, the final norm and the head at ``lr``. Pass the optimizer to
+  ``Trainer(optimizers=(optimizer, None))``; Trainer's scheduler multiplies every group's own lr, so the ratios
+  hold for the whole run.
+* :class:`FinetuneTrainTransform` and :func:`make_finetune_transforms`: torchvision-free training (random
+  resized crop + horizontal flip + normalise) and evaluation (resize + centre crop + normalise) transforms.
+* :func:`load_accuracy_metric`: ``evaluate.load("accuracy")`` when it can be loaded, else :class:`LocalAccuracy`
+  (same ``compute(predictions=, references=)`` interface), which is what happens offline; and
+  :func:`make_compute_metrics` for `Trainer`.
+* :func:`classification_collate`: stacks ``pixel_values`` and ``labels`` and drops unreadable images.
+* :func:`load_labeled_splits`: train/validation ``datasets`` splits with one consistent ``ClassLabel`` column,
+  from an image folder, the Hub, or the embedded ``procedural_shapes`` / local ``fashion_mnist`` data (shared by
+  the fine-tuning and probing examples).
+* :func:`load_image_classifier`: ``AutoModelForImageClassification`` with a fresh head, also from an I-JEPA
+  pretraining repo (its target or context encoder).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop, normalize, pil_to_tensor, to_rgb
+from .training.optim import is_no_decay_param
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "parameter_layer_id",
+    "layerwise_lr_groups",
+    "build_layerwise_optimizer",
+    "FinetuneTrainTransform",
+    "make_finetune_transforms",
+    "processor_image_size",
+    "LocalAccuracy",
+    "load_accuracy_metric",
+    "make_compute_metrics",
+    "classification_collate",
+    "BUILTIN_DATASETS",
+    "load_labeled_splits",
+    "load_image_classifier",
+]
+
+# One stack of transformer blocks: ours (`blocks.3.`), transformers' ViT/I-JEPA in memory (`layers.3.`) and
+# on disk / older models (`encoder.layer.3.`).
+_BLOCK_PATTERN = re.compile(r"(?:^|\.)(?:blocks|layers|layer)\.(\d+)(?:\.|$)")
+# Everything that comes before the first block.
+_EMBEDDING_PATTERN = re.compile(
+    r"(?:^|\.)(?:patch_embed|pos_embed|embeddings|cls_token|mask_token|register_tokens)(?:\.|$)"
+)
+# Position tables and special tokens are not decayed in the MAE/BEiT fine-tuning recipes (they are not weights
+# of a linear map; shrinking them only erases information), on top of the usual biases and norm weights.
+_NO_DECAY_PATTERN = re.compile(r"(?:^|\.)(?:pos_embed|position_embeddings|cls_token|mask_token|register_tokens)$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def parameter_layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise lr decay: 0 for the embeddings, ``i + 1`` for block ``i``, and
+    ``num_layers + 1`` for everything after the blocks (final norm, pooler, classification head)."""
+    if _EMBEDDING_PATTERN.search(name):
+        return 0
+    match = _BLOCK_PATTERN.search(name)
+    if match:
+        return min(int(match.group(1)), num_layers - 1) + 1
+    return num_layers + 1
+
+
+def _num_layers(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attribute in ("num_hidden_layers", "depth", "num_layers"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    blocks = [int(m.group(1)) for name, _ in model.named_parameters() if (m := _BLOCK_PATTERN.search(name))]
+    if not blocks:
+        raise ValueError(
+            f"cannot find the depth of {type(model).__name__}: no `config.num_hidden_layers` and no parameters "
+            "named like `blocks.<i>.` / `layers.<i>.`; pass num_layers=."
+        )
+    return max(blocks) + 1
+
+
+def layerwise_lr_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    layer_decay: float,
+    *,
+    num_layers: int | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups with layer-wise learning-rate decay.
+
+    With ``L = num_layers`` blocks (default ``model.config.num_hidden_layers``), a parameter at depth ``d``
+    (:func:`parameter_layer_id`: 0 = patch/position embeddings, ``i + 1`` = block ``i``, ``L + 1`` = final
+    norm and head) gets ``lr * layer_decay ** (L + 1 - d)``: block ``i`` -> ``lr * decay ** (L - i)``, the
+    embeddings the smallest lr, the head the full ``lr``. ``layer_decay = 1`` gives one lr everywhere.
+
+    Weight decay applies to weight matrices only: biases, 1-D parameters (norms) and position tables / special
+    tokens get 0. Frozen parameters are left out.
+
+    Returns:
+        Groups from the head down to the embeddings (so the first group, whose lr `Trainer` logs, has the full
+        ``lr``), each ``{"params", "lr", "weight_decay", "lr_scale", "layer_id", "group_name"}``
+        (``group_name`` like ``"layer_3.decay"``), ready for ``torch.optim.AdamW``.
+    """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}.")
+    num_layers = num_layers if num_layers is not None else _num_layers(model)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer_id = parameter_layer_id(name, num_layers)
+        no_decay = is_no_decay_param(name, param) or bool(_NO_DECAY_PATTERN.search(name))
+        key = (layer_id, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - layer_id)
+            groups[key] = {
+                "params": [],
+                "lr": lr * scale,
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": scale,
+                "layer_id": layer_id,
+                "group_name": f"layer_{layer_id}.{'no_decay' if no_decay else 'decay'}",
+            }
+        groups[key]["params"].append(param)
+    if not groups:
+        raise ValueError("the model has no trainable parameters.")
+    return [groups[key] for key in sorted(groups, key=lambda key: (-key[0], key[1]))]
+
+
+def build_layerwise_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.05,
+    layer_decay: float = 0.75,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    num_layers: int | None = None,
+) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over :func:`layerwise_lr_groups` (for ``Trainer(optimizers=(optimizer, None))``)."""
+    groups = layerwise_lr_groups(model, lr, weight_decay, layer_decay, num_layers=num_layers)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms and collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FinetuneTrainTransform:
+    """Random resized crop -> random horizontal flip -> to-tensor -> normalise (the usual fine-tuning recipe,
+    without torchvision). ``__call__(PIL.Image) -> FloatTensor [3, S, S]``; the flip uses torch's global RNG
+    (seeded by ``Trainer`` and DataLoader workers) like torchvision."""
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        flip_probability: float = 0.5,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        interpolation: str = "bicubic",
+    ) -> None:
+        self.crop = RandomResizedCrop(image_size, scale=crop_scale, interpolation=interpolation)
+        self.flip_probability = float(flip_probability)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = self.crop(to_rgb(image) if image.mode != "RGB" else image)
+        if torch.rand(()).item() < self.flip_probability:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return normalize(pil_to_tensor(image), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(crop={self.crop!r}, flip_probability={self.flip_probability})"
+
+
+def processor_image_size(image_processor: Any) -> int:
+    """The square input side an image processor produces (``crop_size``, else ``size``)."""
+    for attribute in ("crop_size", "size"):
+        size = getattr(image_processor, attribute, None)
+        if isinstance(size, int):
+            return size
+        # A dict in older processors, a `SizeDict` (attributes) in transformers 5.
+        for key in ("height", "shortest_edge"):
+            value = size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+            if value:
+                return int(value)
+    raise ValueError(f"cannot read an image size from {type(image_processor).__name__}; pass image_size=.")
+
+
+def make_finetune_transforms(
+    image_processor: Any | None = None,
+    *,
+    image_size: int | None = None,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    eval_resize_ratio: float = 1.0,
+) -> tuple[FinetuneTrainTransform, EvalTransform]:
+    """Training and evaluation transforms matching an image processor's size and normalisation.
+
+    Training: :class:`FinetuneTrainTransform`. Evaluation: shorter side resized to
+    ``image_size * eval_resize_ratio`` then centre-cropped to ``image_size`` (1.0 by default; the ImageNet
+    protocol uses 256/224). Mean and std come from the processor (ImageNet when it has none).
+    """
+    if image_size is None:
+        if image_processor is None:
+            raise ValueError("give an image_processor or image_size.")
+        image_size = processor_image_size(image_processor)
+    mean = getattr(image_processor, "image_mean", None) or IMAGENET_MEAN
+    std = getattr(image_processor, "image_std", None) or IMAGENET_STD
+    train = FinetuneTrainTransform(image_size, crop_scale=crop_scale, mean=mean, std=std)
+    evaluation = EvalTransform(image_size, resize_ratio=eval_resize_ratio, mean=mean, std=std)
+    return train, evaluation
+
+
+def classification_collate(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """``[{"pixel_values": [3, H, W] or None, "label": int}, ...]`` -> ``{"pixel_values": [B, 3, H, W],
+    "labels": [B]}``. Rows whose image could not be read (``pixel_values=None``, see
+    `ijepa_hf.data.set_image_transform`) are dropped."""
+    good = [example for example in examples if example.get("pixel_values") is not None]
+    if not good:
+        raise ValueError("every image of this batch was unreadable; check the dataset files.")
+    label_key = "labels" if "labels" in good[0] else "label"
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in good]),
+        "labels": torch.tensor([int(example[label_key]) for example in good], dtype=torch.long),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LocalAccuracy:
+    """Drop-in for ``evaluate.load("accuracy")`` that needs no download (and no scikit-learn).
+
+    ``compute(predictions=[...], references=[...], normalize=True, sample_weight=None) -> {"accuracy": x}``;
+    ``add_batch`` accumulates like an ``evaluate`` module, then ``compute()`` uses what was added.
+    """
+
+    name = "accuracy"
+
+    def __init__(self) -> None:
+        self._predictions: list[np.ndarray] = []
+        self._references: list[np.ndarray] = []
+
+    def add_batch(self, *, predictions: Any, references: Any) -> None:
+        self._predictions.append(np.asarray(predictions).reshape(-1))
+        self._references.append(np.asarray(references).reshape(-1))
+
+    def compute(
+        self,
+        *,
+        predictions: Any = None,
+        references: Any = None,
+        normalize: bool = True,
+        sample_weight: Any = None,
+    ) -> dict[str, float]:
+        if predictions is None and references is None:
+            if not self._predictions:
+                raise ValueError("nothing to compute: pass predictions/references or call add_batch first.")
+            predictions, references = np.concatenate(self._predictions), np.concatenate(self._references)
+            self._predictions, self._references = [], []
+        predictions = np.asarray(predictions).reshape(-1)
+        references = np.asarray(references).reshape(-1)
+        if predictions.shape != references.shape:
+            raise ValueError(f"{predictions.shape[0]} predictions but {references.shape[0]} references.")
+        weights = np.ones(len(predictions)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+        correct = float(((predictions == references) * weights).sum())
+        if not normalize:
+            return {"accuracy": correct}
+        return {"accuracy": correct / float(weights.sum()) if len(predictions) else float("nan")}
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def load_accuracy_metric(prefer_local: bool = False) -> Any:
+    """``evaluate.load("accuracy")`` if it loads, else :class:`LocalAccuracy`.
+
+    The Hub metric is a Space, so offline (or without scikit-learn, which it imports) loading fails; we catch
+    that and fall back. With ``HF_HUB_OFFLINE=1`` evaluate is told to stay offline too (it only reads its own
+    ``HF_EVALUATE_OFFLINE``), so it answers from its cache at once instead of waiting on network timeouts.
+    ``prefer_local=True`` skips evaluate altogether.
+    """
+    if prefer_local:
+        return LocalAccuracy()
+    try:
+        import evaluate
+        from evaluate import config as evaluate_config
+
+        saved = evaluate_config.HF_EVALUATE_OFFLINE
+        evaluate_config.HF_EVALUATE_OFFLINE = saved or _offline()
+        try:
+            return evaluate.load("accuracy")
+        finally:
+            evaluate_config.HF_EVALUATE_OFFLINE = saved
+    except Exception as error:  # noqa: BLE001 - FileNotFoundError offline, ImportError without sklearn, ...
+        logger.info("evaluate.load('accuracy') failed (%s: %s); using the local accuracy.", type(error).__name__, error)
+        return LocalAccuracy()
+
+
+def make_compute_metrics(metric: Any | None = None) -> Callable[[Any], dict[str, float]]:
+    """A `Trainer` ``compute_metrics``: argmax of the logits vs. the labels, scored by ``metric``
+    (default :func:`load_accuracy_metric`)."""
+    metric = metric if metric is not None else load_accuracy_metric()
+
+    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=eval_prediction.label_ids)
+
+    return compute_metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labelled data and models
+# ----------------------------------------------------------------------------------------------------------------
+
+# Datasets that need no download: the embedded procedural shapes (label = class of the largest shape) and
+# Fashion-MNIST read from local IDX files (see `ijepa_hf.data.fashion_mnist`).
+BUILTIN_DATASETS: tuple[str, ...] = ("procedural_shapes", "fashion_mnist")
+
+
+def _builtin_splits(name: str, max_train: int | None, max_eval: int | None, image_size: int, seed: int) -> Any:
+    import datasets
+
+    from .data import as_hf_dataset, fashion_mnist_dataset
+
+    if name == "procedural_shapes":
+        # Distinct seeds: the two splits are disjoint draws of the same distribution.
+        train = as_hf_dataset(max_train or 2000, image_size=image_size, seed=2 * seed)
+        validation = as_hf_dataset(max_eval or 500, image_size=image_size, seed=2 * seed + 1)
+    else:
+        train = fashion_mnist_dataset("train", max_samples=max_train)
+        validation = fashion_mnist_dataset("test", max_samples=max_eval)
+    keep = ["image", "label"]
+    return datasets.DatasetDict(
+        train=train.select_columns(keep), validation=validation.select_columns(keep)
+    )
+
+
+def _load_split(split: str, **kwargs: Any) -> Any | None:
+    """One split through `load_image_dataset`, or ``None`` when the dataset has no such split."""
+    from .data import load_image_dataset
+
+    try:
+        return load_image_dataset(split=split, **kwargs)
+    except ValueError as error:  # datasets: 'Unknown split "validation". Should be one of [...]'
+        if "split" not in str(error).lower():
+            raise
+        return None
+
+
+def load_labeled_splits(
+    *,
+    dataset_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    dataset_config_name: str | None = None,
+    train_val_split: float = 0.15,
+    image_column: str | None = None,
+    label_column: str = "label",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+    procedural_image_size: int = 64,
+    **load_kwargs: Any,
+) -> Any:
+    """Train and validation splits of a labelled image dataset.
+
+    Sources: ``dataset_name`` in :data:`BUILTIN_DATASETS`; a Hub dataset; a local ``train_dir`` (imagefolder:
+    class sub-folders become labels); with ``validation_dir`` for the validation images. Without a
+    validation source, the Hub's ``validation`` (else ``test``) split is used, else ``train_val_split`` of the
+    training set is held out (stratified when possible).
+
+    Returns:
+        ``datasets.DatasetDict(train=..., validation=...)`` with an ``image`` column and a ``label`` column
+        that is a ``ClassLabel`` shared by both splits (string or integer labels are encoded).
+        ``load_kwargs`` (``cache_dir``, ``token``, ...) go to `ijepa_hf.data.load_image_dataset`.
+    """
+    import datasets
+
+    if dataset_name in BUILTIN_DATASETS:
+        return _builtin_splits(dataset_name, max_train_samples, max_eval_samples, procedural_image_size, seed)
+    common = dict(dataset_config_name=dataset_config_name, image_column=image_column, **load_kwargs)
+    train = _load_split("train", dataset_name=dataset_name, train_dir=train_dir, **common)
+    if train is None:
+        raise ValueError(f"{dataset_name or train_dir} has no 'train' split.")
+    validation = None
+    if validation_dir is not None:
+        validation = _load_split("train", train_dir=validation_dir, **common)
+    elif train_dir is None:
+        validation = _load_split("validation", dataset_name=dataset_name, **common)
+        if validation is None:
+            validation = _load_split("test", dataset_name=dataset_name, **common)
+
+    def prepare(dataset: Any) -> Any:
+        if label_column not in dataset.column_names:
+            raise ValueError(
+                f"label column {label_column!r} not found in {dataset.column_names}; pass label_column= (an "
+                "image folder needs one sub-folder per class)."
+            )
+        if label_column != "label":
+            dataset = dataset.remove_columns([c for c in ["label"] if c in dataset.column_names])
+            dataset = dataset.rename_column(label_column, "label")
+        return dataset.select_columns(["image", "label"])
+
+    train = prepare(train)
+    if not isinstance(train.features["label"], datasets.ClassLabel):
+        train = train.class_encode_column("label")
+    if validation is None:
+        if not 0.0 < train_val_split < 1.0:
+            raise ValueError(f"no validation data and train_val_split={train_val_split} is not in (0, 1).")
+        try:
+            splits = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column="label")
+        except ValueError:  # a class too small to stratify
+            splits = train.train_test_split(test_size=train_val_split, seed=seed)
+        train, validation = splits["train"], splits["test"]
+    else:
+        # Cast, not re-encode: the validation ids must follow the training names.
+        validation = prepare(validation).cast_column("label", train.features["label"])
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    if max_eval_samples is not None:
+        validation = validation.select(range(min(max_eval_samples, len(validation))))
+    return datasets.DatasetDict(train=train, validation=validation)
+
+
+def load_image_classifier(
+    model_name_or_path: str,
+    *,
+    num_labels: int,
+    id2label: Mapping[int, str] | None = None,
+    label2id: Mapping[str, int] | None = None,
+    encoder: str = "target",
+    **kwargs: Any,
+) -> nn.Module:
+    """An image classifier with a new ``num_labels`` head on a pretrained backbone.
+
+    An I-JEPA pretraining repo (``ijepa_hf_pretraining``) gives an `IJepaEncoderForImageClassification` on its
+    ``encoder`` (``"target"``, the one the paper evaluates, or ``"context"``); anything else goes through
+    ``AutoModelForImageClassification.from_pretrained`` (our encoder or classifier repos, stock transformers
+    models). ``kwargs`` (``revision``, ``token``, ``cache_dir``, ``ignore_mismatched_sizes``, config fields such
+    as ``drop_path_rate``) go to ``from_pretrained``.
+    """
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
+    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaPretrainingModel
+
+    labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
+    labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
+    hub_keys = ("revision", "token", "cache_dir")
+    config = AutoConfig.from_pretrained(model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
+    if not isinstance(config, IJepaPretrainingConfig):
+        return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)
+    pretraining = IJepaPretrainingModel.from_pretrained(
+        model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys}
+    )
+    backbone = pretraining.export_encoder(encoder)
+    overrides = {k: v for k, v in kwargs.items() if k not in hub_keys and k != "ignore_mismatched_sizes"}
+    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), **overrides, **labels})
+    classifier = IJepaEncoderForImageClassification(classifier_config)
+    classifier.encoder.load_state_dict(backbone.state_dict())
+    classifier.config._name_or_path = model_name_or_path
+    return classifier

@@ -1,0 +1,196 @@
+"""Frozen-feature evaluation: probes on synthetic features, feature extraction with a tiny model, the table,
+and the probe example end to end."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_encoder_config, tiny_pretraining_config
+
+from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaPretrainingModel
+from ijepa_hf.data import EvalTransform
+from ijepa_hf.evaluation import (
+    evaluate_encoder,
+    extract_features,
+    format_results_table,
+    knn_probe,
+    linear_probe,
+)
+
+
+def clusters(num_classes: int = 4, dim: int = 16, n: int = 300, seed: int = 0, spread: float = 3.0):
+    """Gaussian blobs, one per class: ``(x [n, dim], y [n])``, linearly separable for a large spread."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(1234)) * spread
+    labels = torch.randint(0, num_classes, (n,), generator=generator)
+    return centres[labels] + torch.randn(n, dim, generator=generator), labels
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Probes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_linear_probe_separable_and_deterministic():
+    train_x, train_y = clusters(seed=0)
+    test_x, test_y = clusters(seed=1)
+    result = linear_probe(train_x, train_y, test_x, test_y)
+    assert result["accuracy"] >= 0.97 and result["train_accuracy"] >= 0.97
+    assert result["num_classes"] == 4 and result["feature_dim"] == 16
+    assert set(result["weight_decay_search"]) == {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1}
+    assert linear_probe(train_x, train_y, test_x, test_y) == result
+
+
+def test_linear_probe_chance_on_random_labels():
+    train_x, _ = clusters(seed=0, n=400)
+    test_x, _ = clusters(seed=1, n=400)
+    generator = torch.Generator().manual_seed(5)
+    train_y, test_y = torch.randint(0, 4, (400,), generator=generator), torch.randint(0, 4, (400,), generator=generator)
+    assert linear_probe(train_x, train_y, test_x, test_y)["accuracy"] < 0.35  # chance is 0.25
+    assert knn_probe(train_x, train_y, test_x, test_y)["accuracy"] < 0.35
+
+
+def test_linear_probe_adamw_fixed_weight_decay_and_arbitrary_class_ids():
+    train_x, train_y = clusters(num_classes=3, seed=0)
+    test_x, test_y = clusters(num_classes=3, seed=1)
+    ids = torch.tensor([3, 7, 10])  # class ids need not be 0..C-1
+    result = linear_probe(train_x, ids[train_y], test_x, ids[test_y], optimizer="adamw", epochs=20, lr=1e-2,
+                          batch_size=64, weight_decay=1e-4, standardize=False)
+    assert result["accuracy"] >= 0.95
+    assert result["num_classes"] == 3 and result["weight_decay"] == 1e-4 and result["weight_decay_search"] == {}
+
+
+def test_knn_exact_on_duplicated_points():
+    points, labels = clusters(n=50, seed=3, spread=0.1)  # heavily overlapping classes
+    train_x, train_y = points.repeat(3, 1), labels.repeat(3)  # every point three times
+    for weighted in (True, False):
+        result = knn_probe(train_x, train_y, points, labels, k=3, weighted=weighted)
+        assert result["accuracy"] == 1.0 and result["k"] == 3
+    # Chunking does not change the votes; k is clamped to the training-set size.
+    assert knn_probe(train_x, train_y, points, labels, k=20, chunk_size=7) == knn_probe(train_x, train_y, points,
+                                                                                       labels, k=20)
+    assert knn_probe(points[:5], labels[:5], points, labels, k=20)["k"] == 5
+
+
+def test_probes_reject_bad_inputs():
+    x, y = clusters(n=20)
+    with pytest.raises(ValueError, match="train_labels must be"):
+        linear_probe(x, y[:10], x, y)
+    with pytest.raises(ValueError, match="negative"):
+        knn_probe(x, torch.full_like(y, -1), x, y)
+    with pytest.raises(ValueError, match="widths differ"):
+        knn_probe(x, y, x[:, :3], y)
+
+
+def test_format_results_table():
+    table = format_results_table([
+        {"model": "a|b", "layers": "last", "linear_accuracy": 0.8123, "knn_accuracy": 0.5, "linear": {"x": 1}},
+        {"model": "c", "layers": "last 4", "linear_accuracy": 0.9, "knn_accuracy": None, "note": "x"},
+    ])
+    lines = table.splitlines()
+    assert lines[0] == "| model | layers | linear acc (%) | k-NN acc (%) | note |"
+    assert lines[2] == "| a\\|b | last | 81.2 | 50.0 | – |"
+    assert lines[3] == "| c | last 4 | 90.0 | – | x |"
+    with pytest.raises(ValueError):
+        format_results_table([])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature extraction
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_dataset() -> datasets.Dataset:
+    """7 PIL images of mixed sizes, 2 of them grayscale, with ClassLabel labels."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(5)]
+    images += [Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8)) for _ in range(2)]  # mode "L"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    return datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2, 0]}, features=features)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> IJepaEncoderModel:
+    torch.manual_seed(0)
+    return IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+
+
+def test_extract_features_last_and_last4(image_dataset, encoder):
+    last, labels = extract_features(encoder, image_dataset, batch_size=3, progress=False)
+    assert last.shape == (7, 32) and last.dtype == torch.float32
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    four, _ = extract_features(encoder, image_dataset, batch_size=3, layers=4, progress=False)
+    assert four.shape == (7, 4 * 32)
+    # The last block's slice is the final output; layers=1 is "last".
+    torch.testing.assert_close(four[:, -32:], last, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extract_features(encoder, image_dataset, layers=1, progress=False)[0], last)
+
+    # By hand: each of the last 4 blocks' outputs through the final norm, mean-pooled, concatenated.
+    from ijepa_hf import make_image_processor
+
+    pixel_values = make_image_processor(32)(images=list(image_dataset["image"]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = encoder(pixel_values, output_hidden_states=True).hidden_states
+    expected = torch.cat([encoder.norm(h).mean(1) for h in hidden[-4:]], dim=-1)
+    torch.testing.assert_close(four, expected, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="4 blocks"):
+        extract_features(encoder, image_dataset, layers=5, progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        extract_features(encoder, image_dataset, layers="first", progress=False)
+
+
+def test_extract_features_resolves_wrapped_models(image_dataset):
+    torch.manual_seed(0)
+    pretraining = IJepaPretrainingModel(tiny_pretraining_config()).train()
+    target, _ = extract_features(pretraining, image_dataset, progress=False)
+    expected, _ = extract_features(pretraining.target_encoder, image_dataset, progress=False)
+    torch.testing.assert_close(target, expected)
+    context, _ = extract_features(pretraining, image_dataset, progress=False, which="context")
+    assert context.shape == target.shape
+    assert pretraining.context_encoder.training  # the previous mode is restored
+
+    classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))
+    features, _ = extract_features(classifier, image_dataset, progress=False)
+    torch.testing.assert_close(features, extract_features(classifier.encoder, image_dataset, progress=False)[0])
+
+
+def test_extract_features_iterables_transforms_and_missing_labels(image_dataset, encoder):
+    images = list(image_dataset["image"])
+    transform = EvalTransform(32, resize_ratio=1.0)
+    # A generator (no length) of dicts without labels, with a per-image transform.
+    features, labels = extract_features(encoder, ({"image": image} for image in images), transform=transform,
+                                        batch_size=4, progress=False)
+    assert features.shape == (7, 32) and labels.tolist() == [-1] * 7
+    # Pre-transformed (pixel_values, label) pairs in a list give the same features.
+    pairs = [(transform(image), i % 3) for i, image in enumerate(images)]
+    same, pair_labels = extract_features(encoder, pairs, batch_size=4, progress=False)
+    torch.testing.assert_close(same, features)
+    assert pair_labels.tolist() == [i % 3 for i in range(7)]
+
+
+def test_evaluate_encoder_row(image_dataset, encoder):
+    row = evaluate_encoder(encoder, image_dataset, image_dataset, layers=4, name="tiny", batch_size=4,
+                           progress=False, knn_kwargs={"k": 1})
+    assert row["model"] == "tiny" and row["layers"] == "last 4" and row["feature_dim"] == 128
+    assert row["knn_accuracy"] == 1.0  # test == train: each point is its own nearest neighbour
+    assert "| tiny | last 4 |" in format_results_table([row])
+
+
+def test_probe_example_on_procedural_shapes(tmp_path, load_example, encoder):
+    encoder.save_pretrained(tmp_path / "encoder")
+    output = tmp_path / "probe.json"
+    rows = load_example("probe").main([
+        "--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
+        "--procedural_image_size", "32", "--max_train_samples", "40", "--max_eval_samples", "20",
+        "--layers", "last", "4", "--k", "5", "--output_json", str(output), "--no_progress",
+    ])
+    assert [row["layers"] for row in rows] == ["last", "last 4"]
+    saved = json.loads(output.read_text())
+    assert saved["rows"][1]["feature_dim"] == 128 and 0.0 <= saved["rows"][0]["linear_accuracy"] <= 1.0

@@ -1,0 +1,199 @@
+"""Fine-tuning helpers and the Trainer example: layer-wise lr groups, the offline accuracy metric, data splits,
+and a short fine-tuning run whose loss falls and whose saved model reloads with the same logits."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_encoder_config, tiny_pretraining_config
+
+from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaPretrainingModel, make_image_processor
+from ijepa_hf.finetuning import (
+    LocalAccuracy,
+    classification_collate,
+    layerwise_lr_groups,
+    load_accuracy_metric,
+    load_image_classifier,
+    load_labeled_splits,
+    make_finetune_transforms,
+    parameter_layer_id,
+)
+
+COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """``root/<class>/<i>.png``: 16 noisy 40x40 images per colour class (a task a tiny model learns fast)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(16):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder_repo(tmp_path_factory) -> Path:
+    """A saved tiny encoder with its image processor, as `export_encoder` + `save_pretrained` would leave it."""
+    path = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(path)
+    make_image_processor(32).save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layer-wise learning rates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_layerwise_lr_groups():
+    model = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))  # depth 2
+    lr, decay = 1e-3, 0.5
+    groups = layerwise_lr_groups(model, lr, 0.05, decay)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named) == sum(len(g["params"]) for g in groups)  # each parameter exactly once
+    expected = {
+        "encoder.patch_embed.weight": lr * decay**3,  # embeddings: decay^(depth + 1)
+        "encoder.blocks.0.attn.qkv.weight": lr * decay**2,  # block i: decay^(depth - i)
+        "encoder.blocks.1.mlp.fc2.weight": lr * decay,
+        "encoder.norm.weight": lr,  # final norm and head: full lr
+        "classifier.weight": lr,
+    }
+    for name, value in expected.items():
+        assert lr_of[id(named[name])] == pytest.approx(value), name
+    assert wd_of[id(named["classifier.weight"])] == 0.05
+    assert wd_of[id(named["classifier.bias"])] == wd_of[id(named["encoder.norm.weight"])] == 0.0
+    assert groups[0]["lr"] == lr  # head first: Trainer logs the first group's lr
+
+    # No decay -> one lr; frozen parameters are left out.
+    model.encoder.patch_embed.requires_grad_(False)
+    flat = layerwise_lr_groups(model, lr, 0.05, 1.0)
+    assert {g["lr"] for g in flat} == {lr}
+    assert sum(len(g["params"]) for g in flat) == len(named) - 2
+    with pytest.raises(ValueError, match="layer_decay"):
+        layerwise_lr_groups(model, lr, 0.05, 0.0)
+
+
+@pytest.mark.parametrize("name, depth", [
+    ("ijepa.embeddings.patch_embeddings.projection.weight", 0),  # transformers' I-JEPA / ViT
+    ("ijepa.layers.3.mlp.fc1.weight", 4),
+    ("vit.encoder.layer.0.attention.attention.query.weight", 1),
+    ("vit.layernorm.weight", 13),
+    ("classifier.bias", 13),
+    ("encoder.pos_embed", 0),
+])
+def test_parameter_layer_id_other_naming_schemes(name, depth):
+    assert parameter_layer_id(name, num_layers=12) == depth
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics, transforms, data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_accuracy_metric_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    metric = load_accuracy_metric()  # evaluate's Hub metric cannot be fetched: the local one is returned
+    assert time.perf_counter() - started < 30
+    assert metric.compute(predictions=[0, 1, 1, 2], references=[0, 1, 0, 2])["accuracy"] == pytest.approx(0.75)
+
+    local = LocalAccuracy()
+    assert local.compute(predictions=np.array([1, 1]), references=[1, 0], normalize=False) == {"accuracy": 1.0}
+    local.add_batch(predictions=[0, 0], references=[0, 1])
+    local.add_batch(predictions=[2], references=[2])
+    assert local.compute()["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        local.compute(predictions=[0], references=[0, 1])
+
+
+def test_finetune_transforms_and_collate():
+    train, evaluation = make_finetune_transforms(make_image_processor(32))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40), dtype=np.uint8))  # grayscale
+    assert train(image).shape == evaluation(image).shape == (3, 32, 32)
+    torch.testing.assert_close(evaluation(image), evaluation(image))
+    batch = classification_collate([{"pixel_values": torch.zeros(3, 32, 32), "label": 1},
+                                    {"pixel_values": None, "label": 0}])  # an unreadable image is dropped
+    assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["labels"].tolist() == [1]
+
+
+def test_load_labeled_splits(image_folder):
+    splits = load_labeled_splits(train_dir=str(image_folder), train_val_split=0.25, seed=0)
+    assert len(splits["train"]) == 24 and len(splits["validation"]) == 8
+    assert splits["train"].features["label"].names == ["blue", "red"]
+    assert sorted(set(splits["validation"]["label"])) == [0, 1]  # stratified
+    shapes = load_labeled_splits(dataset_name="procedural_shapes", max_train_samples=6, max_eval_samples=4,
+                                 procedural_image_size=32)
+    assert (len(shapes["train"]), len(shapes["validation"])) == (6, 4)
+    assert shapes["train"].column_names == ["image", "label"]
+
+
+def test_load_image_classifier_from_pretraining_repo(tmp_path):
+    torch.manual_seed(0)
+    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    with torch.no_grad():  # make the two encoders differ
+        for parameter in pretraining.context_encoder.parameters():
+            parameter.add_(1.0)
+    pretraining.save_pretrained(tmp_path)
+    for which in ("target", "context"):
+        classifier = load_image_classifier(str(tmp_path), num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                           encoder=which)
+        assert isinstance(classifier, IJepaEncoderForImageClassification) and classifier.config.num_labels == 3
+        source = pretraining.get_encoder(which).state_dict()
+        for key, value in classifier.encoder.state_dict().items():
+            torch.testing.assert_close(value, source[key])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Trainer example
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_example(tmp_path, monkeypatch, load_example, image_folder, encoder_repo):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output_dir = tmp_path / "finetuned"
+    trainer = load_example("finetune").main([
+        "--model_name_or_path", str(encoder_repo), "--train_dir", str(image_folder), "--train_val_split", "0.25",
+        "--output_dir", str(output_dir), "--max_steps", "30", "--per_device_train_batch_size", "8",
+        "--learning_rate", "1e-3", "--layer_decay", "0.75", "--warmup_steps", "3", "--logging_steps", "1",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "0", "--do_train", "--do_eval",
+    ])
+
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+
+    # The layer-wise groups reached the optimizer; Trainer's schedule kept their ratios.
+    for group in trainer.optimizer.param_groups:
+        assert group["initial_lr"] == pytest.approx(1e-3 * group["lr_scale"])
+    assert min(g["lr_scale"] for g in trainer.optimizer.param_groups) == pytest.approx(0.75**3)
+
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert 0.0 <= eval_results["eval_accuracy"] <= 1.0
+    assert (output_dir / "README.md").is_file()
+
+    reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
+    assert reloaded.config.id2label == {0: "blue", 1: "red"}
+    processor = AutoImageProcessor.from_pretrained(output_dir)
+    images = [Image.open(path) for path in sorted(image_folder.glob("*/0.png"))]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).logits, trained(pixel_values.to(trained.device)).logits)
