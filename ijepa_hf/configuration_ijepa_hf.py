@@ -64,7 +64,71 @@ def _check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int
     return image_h // patch_h, image_w // patch_w
 
 
-class IJepaEncoderConfig(PretrainedConfig):
+class _IJepaTransformerConfig(PretrainedConfig):
+    """Fields shared by the encoder and the predictor: a stack of pre-norm ViT blocks on a patch grid."""
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int],
+        patch_size: int,
+        hidden_size: int,
+        num_hidden_layers: int,
+        num_attention_heads: int,
+        intermediate_size: int | None,
+        hidden_act: str,
+        layer_norm_eps: float,
+        qkv_bias: bool,
+        initializer_range: float,
+        attention_dropout: float,
+        hidden_dropout: float,
+        drop_path_rate: float,
+        **kwargs: Any,
+    ) -> None:
+        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.initializer_range = initializer_range
+        self.attention_dropout = attention_dropout
+        self.hidden_dropout = hidden_dropout
+        self.drop_path_rate = drop_path_rate
+        super().__init__(**kwargs)
+
+    def _validate_transformer(self, prefix: str = "") -> None:
+        """Raises `ValueError` naming the first invalid shared field (``prefix`` says whose field it is)."""
+        _check_grid(self.image_size, self.patch_size, prefix=prefix)
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            _check_positive_int(getattr(self, name), prefix + name)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"{prefix}`hidden_size` ({self.hidden_size}) must be divisible by {prefix}`num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        for name in ("attention_dropout", "hidden_dropout", "drop_path_rate"):
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise ValueError(f"{prefix}`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
+        if not float(self.layer_norm_eps) > 0:
+            raise ValueError(f"{prefix}`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
+        if not float(self.initializer_range) > 0:
+            raise ValueError(f"{prefix}`initializer_range` must be positive, got {self.initializer_range!r}.")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(rows, columns) of the patch grid at `image_size`."""
+        return _check_grid(self.image_size, self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid_size
+        return rows * cols
+
+
+class IJepaEncoderConfig(_IJepaTransformerConfig):
     r"""Configuration of an I-JEPA vision transformer encoder (context or target encoder).
 
     A plain pre-norm ViT without CLS token, with fixed 2-D sin-cos position embeddings, as in the official
@@ -106,50 +170,20 @@ class IJepaEncoderConfig(PretrainedConfig):
         drop_path_rate: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
-        self.patch_size = patch_size
         self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.qkv_bias = qkv_bias
-        self.initializer_range = initializer_range
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.drop_path_rate = drop_path_rate
-        super().__init__(**kwargs)
+        super().__init__(
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
+            qkv_bias=qkv_bias, initializer_range=initializer_range, attention_dropout=attention_dropout,
+            hidden_dropout=hidden_dropout, drop_path_rate=drop_path_rate, **kwargs,
+        )
         self.validate_encoder()
 
     def validate_encoder(self) -> None:
         """Raises `ValueError` naming the first invalid field."""
-        _check_grid(self.image_size, self.patch_size)
-        for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-            _check_positive_int(getattr(self, name), name)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
-                f"({self.num_attention_heads})."
-            )
-        for name in ("attention_dropout", "hidden_dropout", "drop_path_rate"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
-        if not float(self.layer_norm_eps) > 0:
-            raise ValueError(f"`layer_norm_eps` must be positive, got {self.layer_norm_eps!r}.")
-        if not float(self.initializer_range) > 0:
-            raise ValueError(f"`initializer_range` must be positive, got {self.initializer_range!r}.")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(rows, columns) of the patch grid at `image_size`."""
-        return _check_grid(self.image_size, self.patch_size)
-
-    @property
-    def num_patches(self) -> int:
-        rows, cols = self.grid_size
-        return rows * cols
+        _check_positive_int(self.num_channels, "num_channels")
+        self._validate_transformer()
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "IJepaEncoderConfig":
@@ -159,7 +193,7 @@ class IJepaEncoderConfig(PretrainedConfig):
         return cls(**{**ENCODER_SIZES[name], **overrides})
 
 
-class IJepaPredictorConfig(PretrainedConfig):
+class IJepaPredictorConfig(_IJepaTransformerConfig):
     r"""Configuration of the narrow I-JEPA predictor transformer.
 
     Args:
@@ -170,6 +204,7 @@ class IJepaPredictorConfig(PretrainedConfig):
         num_hidden_layers: Predictor depth (12 for ViT-H, 16 for ViT-g in the official configs).
         num_attention_heads: Heads; the official code reuses the encoder's head count.
         intermediate_size: MLP width (4 * `hidden_size` by default).
+        Other fields as in `IJepaEncoderConfig`.
     """
 
     model_type = "ijepa_hf_predictor"
@@ -193,40 +228,19 @@ class IJepaPredictorConfig(PretrainedConfig):
         **kwargs: Any,
     ) -> None:
         self.encoder_hidden_size = encoder_hidden_size
-        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.qkv_bias = qkv_bias
-        self.initializer_range = initializer_range
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.drop_path_rate = drop_path_rate
-        super().__init__(**kwargs)
+        super().__init__(
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            intermediate_size=intermediate_size, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
+            qkv_bias=qkv_bias, initializer_range=initializer_range, attention_dropout=attention_dropout,
+            hidden_dropout=hidden_dropout, drop_path_rate=drop_path_rate, **kwargs,
+        )
         self.validate_predictor()
 
     def validate_predictor(self) -> None:
         """Raises `ValueError` naming the first invalid field."""
-        _check_grid(self.image_size, self.patch_size, prefix="predictor ")
-        for name in ("encoder_hidden_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size"):
-            _check_positive_int(getattr(self, name), f"predictor {name}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"predictor `hidden_size` ({self.hidden_size}) must be divisible by predictor "
-                f"`num_attention_heads` ({self.num_attention_heads})."
-            )
-        for name in ("attention_dropout", "hidden_dropout", "drop_path_rate"):
-            if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"predictor `{name}` must be in [0, 1), got {getattr(self, name)!r}.")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return _check_grid(self.image_size, self.patch_size)
+        _check_positive_int(self.encoder_hidden_size, "predictor encoder_hidden_size")
+        self._validate_transformer(prefix="predictor ")
 
 
 _MASK_MODES = ("fixed", "official")

@@ -215,25 +215,30 @@ def convert_official_encoder(
 # transformers' stock `ijepa` (IJepaModel)
 # ------------------------------------------------------------------------------------------------------------------
 
-# ours -> stock in-memory names (transformers 5.x); qkv is split/fused separately.
-_TO_STOCK = (
-    (r"^pos_embed$", "embeddings.position_embeddings"),
-    (r"^patch_embed\.", "embeddings.patch_embeddings.projection."),
-    (r"^blocks\.(\d+)\.norm1\.", r"layers.\1.layernorm_before."),
-    (r"^blocks\.(\d+)\.norm2\.", r"layers.\1.layernorm_after."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"layers.\1.attention.o_proj."),
-    (r"^blocks\.(\d+)\.mlp\.fc(\d)\.", r"layers.\1.mlp.fc\2."),
-    (r"^norm\.", "layernorm."),
+# (ours, stock in-memory name in transformers 5.x) prefixes; "{n}" is a block index. qkv is split/fused apart.
+_STOCK_NAME_PAIRS = (
+    ("pos_embed", "embeddings.position_embeddings"),
+    ("patch_embed.", "embeddings.patch_embeddings.projection."),
+    ("blocks.{n}.norm1.", "layers.{n}.layernorm_before."),
+    ("blocks.{n}.norm2.", "layers.{n}.layernorm_after."),
+    ("blocks.{n}.attn.proj.", "layers.{n}.attention.o_proj."),
+    ("blocks.{n}.mlp.fc1.", "layers.{n}.mlp.fc1."),
+    ("blocks.{n}.mlp.fc2.", "layers.{n}.mlp.fc2."),
+    ("norm.", "layernorm."),
 )
-_FROM_STOCK = (
-    (r"^embeddings\.position_embeddings$", "pos_embed"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed."),
-    (r"^layers\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"^layers\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"^layers\.(\d+)\.attention\.o_proj\.", r"blocks.\1.attn.proj."),
-    (r"^layers\.(\d+)\.mlp\.fc(\d)\.", r"blocks.\1.mlp.fc\2."),
-    (r"^layernorm\.", "norm."),
-)
+
+
+def _rename_table(pairs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """Anchored regexes for prefix renames ``source -> target``, "{n}" becoming a captured block index."""
+    table = []
+    for source, target in pairs:
+        pattern = "^" + re.escape(source).replace(r"\{n\}", r"(\d+)") + ("$" if not source.endswith(".") else "")
+        table.append((pattern, target.replace("{n}", r"\1")))
+    return tuple(table)
+
+
+_TO_STOCK = _rename_table(_STOCK_NAME_PAIRS)
+_FROM_STOCK = _rename_table(tuple((stock, ours) for ours, stock in _STOCK_NAME_PAIRS))
 
 
 def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str:

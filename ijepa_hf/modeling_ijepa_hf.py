@@ -216,7 +216,9 @@ class IJepaBlock(GradientCheckpointingLayer):
 
 def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.ModuleList:
     """``num_hidden_layers`` blocks with stochastic-depth rates rising linearly to ``drop_path_rate``."""
-    rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+    depth = config.num_hidden_layers
+    # Plain Python so that models can be built on the meta device.
+    rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList(IJepaBlock(config, rate) for rate in rates)
 
 
@@ -339,6 +341,16 @@ class IJepaPreTrainedModel(PreTrainedModel):
     def _after_load(self) -> None:
         """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
 
+    def _output_flags(
+        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """Call arguments, falling back to the config's defaults (transformers' convention)."""
+        return (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            self.config.output_attentions if output_attentions is None else output_attentions,
+            self.config.return_dict if return_dict is None else return_dict,
+        )
+
 
 class IJepaEncoderModel(IJepaPreTrainedModel):
     """The I-JEPA vision transformer (context or target encoder): patch embedding, fixed 2-D sin-cos positions
@@ -420,9 +432,9 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             `pooler_output [B, D]` (mean over the returned patches), optional `hidden_states` (embeddings then
             each block, before the final norm) and `attentions`.
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
 
         if context_mask is None:
             hidden_states = self.embed(pixel_values)
@@ -482,9 +494,9 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         Returns:
             `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major).
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states, output_attentions, return_dict = self._output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
 
         batch_size, num_context, _ = encoder_hidden_states.shape
         target_masks = _stack_target_masks(target_masks)
