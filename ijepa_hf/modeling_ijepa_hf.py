@@ -533,6 +533,8 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
     config_class = IJepaPretrainingConfig
     base_model_prefix = ""
     _no_split_modules = ["IJepaBlock"]
+    # The loss is a mean over tokens that knows nothing of gradient accumulation: let Trainer scale it.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: IJepaPretrainingConfig) -> None:
         super().__init__(config)

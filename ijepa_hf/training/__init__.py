@@ -20,4 +20,34 @@ __all__ = [
     "official_param_groups",
     "build_optimizer",
     "is_no_decay_param",
+    # loop.py (Accelerate pretraining) and trainer.py (transformers.Trainer), imported lazily below
+    "PretrainingArguments",
+    "PretrainingResult",
+    "pretrain",
+    "parse_args",
+    "IJepaTrainer",
+    "EMACallback",
+    "WeightDecayScheduleCallback",
+    "MaskCollatorStepCallback",
 ]
+
+# The loop and the Trainer helpers pull in accelerate / datasets / transformers.Trainer: load them on first use so
+# that `import ijepa_hf.training` (schedules, optimizer groups) stays light.
+_LAZY = {
+    "PretrainingArguments": "loop",
+    "PretrainingResult": "loop",
+    "pretrain": "loop",
+    "parse_args": "loop",
+    "IJepaTrainer": "trainer",
+    "EMACallback": "trainer",
+    "WeightDecayScheduleCallback": "trainer",
+    "MaskCollatorStepCallback": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,470 @@
+"""Tests of the pretraining loop (ijepa_hf.training.loop), the Trainer path (ijepa_hf.training.trainer) and the
+example's argument handling. Every run uses a tiny model (32 px, patch 8, width 32, depth 2) on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ijepa_hf import IJepaEncoderModel, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf.training.loop import (
+    PretrainingArguments,
+    apply_config_overrides,
+    build_config,
+    find_latest_checkpoint,
+    parse_args,
+    parse_config_overrides,
+    pretrain,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# 4x4 patch grid: two target blocks of 3-4 patches, min_keep 0 (the official 10 is infeasible on 16 patches).
+TINY_OVERRIDES = (
+    "encoder.image_size=32,encoder.patch_size=8,encoder.hidden_size=32,encoder.num_hidden_layers=2,"
+    "encoder.num_attention_heads=2,predictor.hidden_size=16,predictor.num_hidden_layers=2,"
+    "predictor.num_attention_heads=2,min_keep=0,target_scale=[0.2,0.3],num_target_blocks=2"
+)
+
+
+def tiny_argv(output_dir: Path | str, *extra: str, images: int = 48, batch: int = 8, steps: int = 8) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--config_overrides", TINY_OVERRIDES,
+        "--embedded_num_images", str(images), "--per_device_train_batch_size", str(batch),
+        "--max_train_steps", str(steps), "--logging_steps", "2", "--warmup_steps", "2", *extra,
+    ]
+
+
+def run(output_dir: Path | str, *extra: str, **kwargs):
+    return pretrain(parse_args(tiny_argv(output_dir, *extra, **kwargs)))
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Keep in-process runs on one thread (the CI machine is small and shared)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A short run and its outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining
+
+    out = tmp_path / "run"
+    result = run(out, "--with_tracking", steps=6)
+
+    assert result.global_step == result.total_steps == 6
+    assert math.isfinite(result.final_loss) and result.bad_images == 0 and result.images_per_s > 0
+    rows = read_log(out)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for row in rows:
+        assert {"step", "loss", "lr", "wd", "momentum", "images_per_s", "target_std", "pred_std"} <= row.keys()
+        assert math.isfinite(row["loss"]) and row["target_std"] > 0 and row["pred_std"] > 0
+    # Official schedules: LR ends at final_lr, weight decay rises towards 0.4, EMA momentum increases from 0.996.
+    assert rows[-1]["lr"] == pytest.approx(1e-6) and rows[-1]["wd"] == pytest.approx(0.4)
+    assert 0.996 < rows[0]["momentum"] < rows[-1]["momentum"] < 1.0
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard event file"
+    assert result.log_file == str(out / "train_log.jsonl")
+
+    model = AutoModelForPreTraining.from_pretrained(out)
+    assert isinstance(model, IJepaPretrainingModel)
+    encoder = AutoModel.from_pretrained(out / "encoder")
+    assert isinstance(encoder, IJepaEncoderModel)
+    for key, value in model.target_encoder.state_dict().items():
+        assert torch.equal(value, encoder.state_dict()[key]), key
+    # The EMA moved the target encoder away from the context encoder (both started equal).
+    context = model.context_encoder.state_dict()
+    assert any(not torch.equal(v, context[k]) for k, v in model.target_encoder.state_dict().items())
+    processor = AutoImageProcessor.from_pretrained(out / "encoder")
+    assert processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
+    for card in (out / "README.md", out / "encoder" / "README.md"):
+        text = card.read_text()
+        assert "procedural-shapes" in text and "6 of 6" in text and "warmup" in text, card
+    assert 'subfolder="encoder"' in (out / "encoder" / "README.md").read_text()
+    assert result.model is not None and result.to_dict()["global_step"] == 6
+
+
+def test_collapse_statistics_and_warning(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from ijepa_hf.training.loop import collapse_statistics
+
+    same = torch.randn(1, 16, 32).expand(4, 16, 32)  # every image gets the same features: complete collapse
+    varied = torch.randn(4, 16, 32)
+    tokens = torch.randn(8, 3, 32)
+    collapsed = collapse_statistics(SimpleNamespace(target_hidden_state=same, targets=tokens, predictions=tokens))
+    healthy = collapse_statistics(SimpleNamespace(target_hidden_state=varied, targets=tokens, predictions=tokens))
+    assert collapsed["target_std"] < 1e-6 < 0.1 < healthy["target_std"]
+    assert collapsed["pred_std"] == pytest.approx(collapsed["target_token_std"])
+
+    with caplog.at_level("WARNING", logger="ijepa_hf.training.loop"):
+        run(tmp_path / "run", "--collapse_threshold", "100", steps=2)  # any real std is below 100
+    assert "Possible representation collapse at step 2" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact resume
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    assert any(k.startswith("predictor.") for k in left) and any(k.startswith("target_encoder.") for k in left)
+    different = [k for k in left if not torch.equal(left[k], right[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _interrupted_run(straight: Path, resumed: Path, *extra: str) -> None:
+    """Simulate a crash after step 4: start a new run from a copy of step_4 only, and resume it to step 8."""
+    resumed.mkdir(parents=True)
+    shutil.copytree(straight / "step_4", resumed / "step_4")
+    result = run(resumed, "--resume_from_checkpoint", "latest", *extra)
+    assert result.resumed_from == str(resumed / "step_4") and result.global_step == 8
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """8 steps, 48 images in batches of 8 (6 batches per epoch): the resume at step 4 crosses an epoch boundary."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(out, "--checkpointing_steps", "4")
+    torch.set_num_threads(previous)
+    return out
+
+
+def test_resume_latest_is_bitwise_exact(straight_run, tmp_path):
+    assert find_latest_checkpoint(straight_run) == straight_run / "step_8"
+    resumed = tmp_path / "resumed"
+    _interrupted_run(straight_run, resumed, "--checkpointing_steps", "4")
+    _assert_same_weights(straight_run, resumed)
+    losses = {r["step"]: r["loss"] for r in read_log(straight_run)}
+    assert [(r["step"], r["loss"]) for r in read_log(resumed)] == [(s, losses[s]) for s in (6, 8)]
+
+
+def test_resume_with_dataloader_workers_is_bitwise_exact(straight_run, tmp_path):
+    # Crops and masks depend on sample / batch positions only, so 2 workers reproduce the 0-worker run too.
+    workers = tmp_path / "workers"
+    run(workers, "--checkpointing_steps", "4", "--num_workers", "2")
+    _assert_same_weights(straight_run, workers)
+    resumed = tmp_path / "resumed"
+    _interrupted_run(workers, resumed, "--num_workers", "2")
+    _assert_same_weights(straight_run, resumed)
+
+
+def test_model_name_or_path_continues_from_saved_weights(straight_run, tmp_path):
+    # With every rate at 0 (LR, weight decay, 1 - EMA momentum) one step must leave the loaded weights untouched.
+    out = tmp_path / "continued"
+    zero = ["--learning_rate", "0", "--start_lr", "0", "--final_lr", "0", "--weight_decay", "0",
+            "--final_weight_decay", "0", "--ema_momentum", "1,1"]
+    pretrain(parse_args(["--model_name_or_path", str(straight_run), "--output_dir", str(out),
+                         "--embedded_num_images", "8", "--per_device_train_batch_size", "8", "--max_train_steps", "1",
+                         *zero]))
+    _assert_same_weights(straight_run, out)
+    assert json.loads((out / "config.json").read_text())["encoder_config"]["hidden_size"] == 32
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
+    result = run(tmp_path / "fresh", "--resume_from_checkpoint", "latest", steps=2)
+    assert result.resumed_from is None and result.global_step == 2
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        run(tmp_path / "x", "--resume_from_checkpoint", str(tmp_path / "missing"), steps=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallel: 2 CPU processes == 1 process with the same global batch
+# ----------------------------------------------------------------------------------------------------------------
+
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from ijepa_hf.training.loop import parse_args, pretrain
+result = pretrain(parse_args(sys.argv[1:]))
+rank = dist.get_rank() if dist.is_initialized() else 0
+state = {k: v.detach().clone() for k, v in result.model.state_dict().items() if k.startswith("target_encoder.")}
+torch.save(state, f"{result.output_dir}/target_rank{rank}.pt")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_match_one_process(tmp_path):
+    script = tmp_path / "rank_script.py"
+    script.write_text(_RANK_SCRIPT)
+    two = tmp_path / "two"
+    # accelerate 1.15: `--cpu --num_processes 2` silently runs ONE process (its multi-CPU launcher needs mpirun).
+    # `--multi_gpu` launches 2 processes through torchrun, and ACCELERATE_USE_CPU=1 (which `--cpu` would set) makes
+    # Accelerate build a gloo CPU process group (MULTI_CPU) instead of looking for GPUs.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(script),
+        *tiny_argv(two, images=32, batch=4, steps=4),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert "processes = 2" in proc.stderr + proc.stdout
+
+    one = tmp_path / "one"
+    run(one, images=32, batch=8, steps=4)  # global batch 8 = 2 x 4
+
+    left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    assert worst < 1e-4, f"1-process and 2-process weights differ by {worst}"
+    losses_one = [r["loss"] for r in read_log(one)]
+    losses_two = [r["loss"] for r in read_log(two)]
+    assert losses_two == pytest.approx(losses_one, abs=1e-5)
+    rank0, rank1 = (torch.load(two / f"target_rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0), \
+        "EMA target encoders differ between ranks"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_ema_callback_follows_the_ema_formula(tmp_path):
+    from transformers import TrainerCallback, TrainingArguments
+
+    from ijepa_hf.data import PretrainTransform, ProceduralShapes
+    from ijepa_hf.masking import IJepaMaskCollator
+    from ijepa_hf.training.schedules import ema_momentum_value
+    from ijepa_hf.training.trainer import IJepaTrainer
+
+    torch.manual_seed(0)
+    config = apply_config_overrides(IJepaPretrainingConfig(), TINY_OVERRIDES)
+    model = IJepaPretrainingModel(config)
+    collator = IJepaMaskCollator.from_config(config, seed=0)
+    dataset = ProceduralShapes(16, image_size=32, transform=PretrainTransform(32))
+
+    class Recorder(TrainerCallback):
+        """Snapshots around the optimizer step; added after the EMA callback, so it sees the updated target."""
+
+        def __init__(self) -> None:
+            self.records: list[dict] = []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.before = [p.detach().clone() for p in model.target_encoder.parameters()]
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.records.append({
+                "step": state.global_step, "max_steps": state.max_steps, "before": self.before,
+                "context": [p.detach().clone() for p in model.context_encoder.parameters()],
+                "after": [p.detach().clone() for p in model.target_encoder.parameters()],
+            })
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-3,
+        warmup_steps=1, weight_decay=0.04, remove_unused_columns=False, report_to="none", use_cpu=True,
+        save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
+    )
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    recorder = Recorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+
+    assert [r["step"] for r in recorder.records] == [0, 1, 2]
+    for record in recorder.records:
+        m = ema_momentum_value(record["step"], record["max_steps"], 0.996, 1.0)
+        for before, context, after in zip(record["before"], record["context"], record["after"]):
+            torch.testing.assert_close(after, before * m + context * (1 - m), rtol=0, atol=1e-7)
+    assert recorder.records[0]["after"][0].ne(recorder.records[0]["before"][0]).any()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    # The optimizer is the official one: decay groups end at the cosine's final value, no-decay groups at 0.
+    groups = trainer.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups if g.get("WD_exclude")} == {0.0}
+    assert all(g["weight_decay"] > 0.04 for g in groups if not g.get("WD_exclude"))
+    assert collator.step >= 3  # the collator was used for every batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _make_messy_folder(root: Path) -> None:
+    root.mkdir()
+    generator = torch.Generator().manual_seed(0)
+
+    def pixels(channels: int) -> "Image.Image":
+        array = torch.randint(0, 256, (40, 48, channels), generator=generator, dtype=torch.uint8).numpy()
+        return Image.fromarray(array.squeeze(-1) if channels == 1 else array)
+
+    for i in range(3):
+        pixels(3).save(root / f"rgb_{i}.png")
+    pixels(1).save(root / "gray.png")  # mode L
+    Image.fromarray(torch.randint(0, 256, (40, 48, 4), generator=generator, dtype=torch.uint8).numpy(),
+                    mode="RGBA").save(root / "rgba.png")
+    pixels(3).convert("CMYK").save(root / "cmyk.jpg")
+    good = (root / "rgb_0.png").read_bytes()
+    (root / "corrupt.png").write_bytes(good[: len(good) // 3])  # truncated: the header parses, decoding fails
+
+
+def test_bad_and_odd_images_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "images"
+    _make_messy_folder(folder)
+    # Batch size 1: the corrupt image makes a batch with no good image at all (the zero-loss path).
+    result = pretrain(parse_args([
+        "--train_dir", str(folder), "--output_dir", str(tmp_path / "out"), "--config_overrides", TINY_OVERRIDES,
+        "--per_device_train_batch_size", "1", "--num_train_epochs", "1", "--logging_steps", "1",
+    ]))
+    assert result.global_step == 7 and result.bad_images == 1
+    rows = read_log(tmp_path / "out")
+    assert sum(r["skipped_batches"] for r in rows) == 1
+    assert all(math.isfinite(r["loss"]) for r in rows) and len(rows) == 6  # the empty step logs no loss
+    assert f"image folder {folder}" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_data_without_any_readable_image_is_a_clear_error(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"bad_{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    with pytest.raises(RuntimeError, match="no readable image"):
+        pretrain(parse_args(["--train_dir", str(folder), "--output_dir", str(tmp_path / "out"),
+                             "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "1"]))
+
+
+def test_streaming_image_folder_trains_and_skips_bad_files(tmp_path):
+    folder = tmp_path / "images"
+    _make_messy_folder(folder)
+    result = pretrain(parse_args([
+        "--train_dir", str(folder), "--streaming", "--shuffle_buffer_size", "4", "--output_dir", str(tmp_path / "out"),
+        "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "2", "--max_train_steps", "5",
+        "--logging_steps", "1",
+    ]))
+    # 6 good images per pass in batches of 2: 3 steps per epoch, so 5 steps run over two epochs of the stream.
+    assert result.global_step == 5 and result.bad_images == 2  # the corrupt file, seen once per epoch
+    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments and config overrides
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_parse_config_overrides_values_and_lists():
+    parsed = parse_config_overrides(
+        "num_target_blocks=3, encoder.hidden_size=64,target_scale=[0.1,0.25],mask_mode=official,allow_overlap=true,"
+        "smooth_l1_beta=0.5"
+    )
+    assert parsed == {"num_target_blocks": 3, "encoder.hidden_size": 64, "target_scale": [0.1, 0.25],
+                      "mask_mode": "official", "allow_overlap": True, "smooth_l1_beta": 0.5}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_config_overrides("num_target_blocks")
+
+
+def test_apply_config_overrides_sub_configs_follow_and_errors():
+    base = IJepaPretrainingConfig.from_preset("vit_tiny_patch16_224")
+    config = apply_config_overrides(base, "encoder.hidden_size=96,encoder.num_attention_heads=2,encoder.image_size=64,"
+                                          "predictor.num_hidden_layers=2,min_keep=4,target_scale=[0.1,0.2]")
+    assert config.encoder_config.hidden_size == 96 and config.encoder_config.intermediate_size == 384
+    # The predictor follows the encoder's width and grid unless told otherwise.
+    assert config.predictor_config.encoder_hidden_size == 96 and config.predictor_config.image_size == 64
+    assert config.predictor_config.num_hidden_layers == 2 and config.target_scale == [0.1, 0.2]
+    assert base.encoder_config.hidden_size == 192  # the input config is untouched
+
+    typo = r"unknown config key 'encoder\.hiden_size'.*Did you mean encoder\.hidden_size"
+    with pytest.raises(ValueError, match=typo):
+        apply_config_overrides(base, "encoder.hiden_size=64")
+    with pytest.raises(ValueError, match="unknown config key 'num_targets'"):
+        apply_config_overrides(base, "num_targets=2")
+    with pytest.raises(ValueError, match="unknown config prefix 'decoder'"):
+        apply_config_overrides(base, "decoder.hidden_size=2")
+    with pytest.raises(ValueError, match="does not match the type"):
+        apply_config_overrides(base, "encoder.hidden_size=wide")
+    with pytest.raises(ValueError, match="divisible"):
+        apply_config_overrides(base, "encoder.hidden_size=100")  # 3 heads: the config's own validation
+
+
+def test_build_config_from_preset_with_image_size_mask_mode_and_ema(tmp_path):
+    args = PretrainingArguments(config_name="vit_tiny_patch16_224", image_size=64, mask_mode="official",
+                                ema_momentum="0.99,1.0", output_dir=str(tmp_path))
+    config = build_config(args)
+    assert config.encoder_config.image_size == 64 and config.predictor_config.image_size == 64
+    assert config.mask_mode == "official" and config.ema_momentum == [0.99, 1.0]
+    with pytest.raises(ValueError, match="neither a preset"):
+        build_config(PretrainingArguments(config_name=str(tmp_path / "nope"), output_dir=str(tmp_path)))
+
+
+def test_arguments_validation_and_json_file(tmp_path):
+    with pytest.raises(ValueError, match="checkpointing_steps"):
+        PretrainingArguments(checkpointing_steps="often")
+    with pytest.raises(ValueError, match="--streaming needs --max_train_steps"):
+        PretrainingArguments(streaming=True, dataset_name="x")
+    with pytest.raises(ValueError, match="ema_momentum"):
+        PretrainingArguments(ema_momentum="0.9")
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": "o", "max_train_steps": 5, "checkpointing_steps": "epoch"}))
+    args = parse_args([str(path)])
+    assert args.max_train_steps == 5 and args.checkpointing_steps == "epoch" and args.uses_embedded_data
+
+
+def test_example_script_defaults_are_overridable():
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain as example  # examples/pretrain.py
+    finally:
+        sys.path.pop(0)
+    args = parse_args(example.with_script_defaults(["--max_train_steps", "7"]))
+    assert args.max_train_steps == 7 and args.output_dir == "outputs/pretrain-default"
+    config = build_config(args)
+    assert config.encoder_config.image_size == 64 and config.encoder_config.patch_size == 8
+    assert config.min_keep == 4
+    # Picking a model drops the example's model defaults.
+    args = parse_args(example.with_script_defaults(["--config_name", "vit_tiny_patch16_224"]))
+    assert args.config_overrides is None and args.image_size is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub push (in-repo fake Hub)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_push_to_hub_uploads_model_encoder_and_cards_without_checkpoints(fake_hub, hf_home, tmp_path):
+    from hub_utils import run_hub_script
+
+    argv = tiny_argv(tmp_path / "pushed", "--checkpointing_steps", "1", "--push_to_hub",
+                     "--hub_model_id", "fake-user/ijepa-tiny-pretrain", steps=2)
+    proc = run_hub_script(f"""
+        import json, os
+        os.environ["OMP_NUM_THREADS"] = "1"
+        from huggingface_hub import HfApi
+        from ijepa_hf.training.loop import parse_args, pretrain
+        result = pretrain(parse_args({argv!r}))
+        print("FILES", json.dumps(sorted(HfApi().list_repo_files("fake-user/ijepa-tiny-pretrain"))))
+        print("URL", result.hub_url)
+    """, fake_hub, hf_home, timeout=240)
+    files = json.loads(proc.stdout.split("FILES", 1)[1].splitlines()[0])
+    for name in ("README.md", "config.json", "model.safetensors", "preprocessor_config.json", "train_log.jsonl",
+                 "encoder/README.md", "encoder/config.json", "encoder/model.safetensors"):
+        assert name in files, (name, files)
+    assert not [f for f in files if f.startswith("step_")], files
