@@ -127,9 +127,9 @@ def official_predictor_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[s
 def infer_official_config(checkpoint: Mapping[str, Any], layer_norm_eps: float = 1e-6) -> IJepaPretrainingConfig:
     """Reads the architecture off the tensor shapes of an official checkpoint.
 
-    Widths, depths, patch size, grid and MLP widths are exact; head counts are not stored in the weights, so they
-    follow the official sizes (64-dim heads for widths <= 768 as in ViT-Ti/S/B... i.e. the official table), which
-    can be overridden through the returned config.
+    Widths, depths, patch size, grid and MLP widths are exact. Head counts are not stored in the weights: they
+    follow the official table (3/6/12/16/16/16 heads for widths 192/384/768/1024/1280/1408, the predictor reusing
+    the encoder's), else 64-dim heads; override them through the returned config (``--num-heads`` in the CLI).
     """
     encoder = checkpoint.get("target_encoder") or checkpoint.get("encoder")
     if encoder is None:
