@@ -349,7 +349,7 @@ def test_procedural_deterministic_and_labels():
 def test_procedural_hf_dataset():
     ds = as_hf_dataset(6, image_size=32, seed=1)
     src = ProceduralShapes(6, image_size=32, seed=1)
-    assert set(ds.column_names) == {"image", "label", "shape", "count", "position", "size"}
+    assert set(ds.column_names) == {"image", "label", "shape", "texture", "count", "position", "size"}
     assert ds.features["label"].names == list(SHAPE_NAMES)
     row = ds[2]
     assert isinstance(row["image"], Image.Image) and row["image"].size == (32, 32)

@@ -1,30 +1,37 @@
 """An embedded procedural image dataset: textured backgrounds with a few simple shapes.
 
 No download, deterministic, fast (numpy only), and structured enough for self-supervised features to pick
-something up: shapes, colours, textures and positions vary, and each image comes with labels for
-probes (what is the largest shape, where is it, how many objects are there).
+something up: textures, shapes, sizes and positions vary, and each image comes with labels for probes (what
+is the background texture, what is the largest shape, where is it, how many objects are there).
 
 Every image is generated on the fly from ``(seed, index)`` with its own ``numpy.random.Generator``, so item
 ``i`` is the same in every process, worker and run, whatever order items are read in.
 
 Image content:
     * background: one of ``TEXTURE_NAMES`` (solid, linear gradient, sine stripes, checkerboard, smooth
-      noise) between two random colours, plus mild pixel noise;
-    * ``1..max_objects`` non-overlapping objects, each a ``SHAPE_NAMES`` shape (circle, square, triangle,
-      ellipse, cross) with a random colour (kept away from the background colour), rotation, and a solid or
-      striped fill. Shapes are anti-aliased.
+      noise) between two colours, plus mild pixel noise;
+    * ``1..max_objects`` (default 3) non-overlapping objects, each a ``SHAPE_NAMES`` shape (circle, square,
+      triangle, ellipse, cross) with a random rotation and a solid or striped fill. Shapes are anti-aliased.
     * The *largest* object (largest circumscribed radius) is always object 0; every other object's radius
       is 45-80 % of it, so "largest" is never ambiguous.
+    * Colours (``palette``): ``"grey"`` (default) draws every image with the same grey levels
+      (``GREY_LEVELS``: dark background texture, bright objects, mid-grey stripes); ``"random"`` gives the
+      background and every object random colours (objects kept away from the background colour). Random
+      colours dominate the mean-pooled features of a small ViT (their spread is almost all in 3 directions,
+      the mean RGB), so a few CPU minutes of I-JEPA pretraining learn colour and nothing a texture or shape
+      probe can see; with the grey palette the scene's structure is what varies. Both palettes draw the same
+      random numbers, so item ``i`` has the same layout, shapes, texture and noise in both.
 
 Labels per image:
     * ``label`` / ``shape``: class id (into ``SHAPE_NAMES``) of the largest object;
+    * ``texture``: class id (into ``TEXTURE_NAMES``) of the background texture;
     * ``count``: number of objects, in ``[1, max_objects]``;
     * ``position``: centre ``(x, y)`` of the largest object divided by the image size, in ``[0, 1]``;
     * ``size``: circumscribed radius of the largest object divided by the image size.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +41,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["SHAPE_NAMES", "TEXTURE_NAMES", "ShapeSpec", "ProceduralShapes", "as_hf_dataset"]
+__all__ = ["SHAPE_NAMES", "TEXTURE_NAMES", "PALETTES", "GREY_LEVELS", "ShapeSpec", "ProceduralShapes", "as_hf_dataset"]
 
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "ellipse", "cross")
 TEXTURE_NAMES: tuple[str, ...] = ("solid", "gradient", "stripes", "checker", "noise")
+PALETTES: tuple[str, ...] = ("grey", "random")
+# Grey levels of the "grey" palette (0-255): the background's two texture colours, the objects, their stripes.
+GREY_LEVELS: dict[str, float] = {"background1": 40.0, "background2": 110.0, "object": 230.0, "stripe": 150.0}
 
 # Triangle edge normals (an equilateral triangle pointing "up" in local coordinates): inside when
 # u*cos(a) + v*sin(a) <= r/2 for the three angles (the apothem is half the circumradius).
@@ -74,9 +84,11 @@ class ProceduralShapes(torch.utils.data.Dataset):
             ``"pixel_values"`` instead of ``"image"``.
         radius_range: range of the largest object's circumscribed radius, as a fraction of ``S``.
         noise_std: maximum standard deviation of the additive pixel noise (0-255 scale).
+        palette: ``"grey"`` (default: the same grey levels in every image) or ``"random"`` (random colours);
+            see the module docstring.
 
     ``__getitem__(i)`` returns ``{"image": PIL RGB [S x S]`` (or ``"pixel_values": transform(image)``),
-    ``"label": int, "shape": int, "count": int, "position": FloatTensor [2], "size": float}``.
+    ``"label": int, "shape": int, "texture": int, "count": int, "position": FloatTensor [2], "size": float}``.
     """
 
     shape_names = SHAPE_NAMES
@@ -87,11 +99,12 @@ class ProceduralShapes(torch.utils.data.Dataset):
         num_images: int,
         image_size: int = 64,
         seed: int = 0,
-        max_objects: int = 4,
+        max_objects: int = 3,
         min_objects: int = 1,
         transform: Callable[[Image.Image], Any] | None = None,
         radius_range: tuple[float, float] = (0.14, 0.3),
         noise_std: float = 6.0,
+        palette: str = "grey",
     ) -> None:
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
@@ -103,6 +116,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
             raise ValueError(f"radius_range must satisfy 0 < lo <= hi < 0.5, got {radius_range}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if palette not in PALETTES:
+            raise ValueError(f"palette must be one of {PALETTES}, got {palette!r}")
         self.num_images = int(num_images)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -111,6 +126,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         self.transform = transform
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.noise_std = float(noise_std)
+        self.palette = palette
         # Pixel-centre coordinates, shared by all images of this size.
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
         self._xs = coords[None, :]
@@ -202,6 +218,19 @@ class ProceduralShapes(torch.utils.data.Dataset):
             )
             placed.append((position[0], position[1], r))
         background["pixel_noise_seed"] = int(rng.integers(2**31))
+        if self.palette == "grey":
+            # The random colours were drawn all the same, so both palettes give the same scenes (layout,
+            # shapes, textures, noise) and only the colours differ.
+            background["color1"] = np.full(3, GREY_LEVELS["background1"])
+            background["color2"] = np.full(3, GREY_LEVELS["background2"])
+            objects = [
+                dataclasses.replace(
+                    obj,
+                    color=(GREY_LEVELS["object"],) * 3,
+                    stripe_color=None if obj.stripe_color is None else (GREY_LEVELS["stripe"],) * 3,
+                )
+                for obj in objects
+            ]
         return background, objects
 
     # ------------------------------------------------------------------------------------------------
@@ -281,14 +310,15 @@ class ProceduralShapes(torch.utils.data.Dataset):
             noise_rng = np.random.default_rng(background["pixel_noise_seed"])
             canvas += noise_rng.standard_normal(canvas.shape, dtype=np.float32) * background["noise_std"]
         array = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
-        return array, self._labels(objects)
+        return array, self._labels(background, objects)
 
-    def _labels(self, objects: list[ShapeSpec]) -> dict[str, Any]:
+    def _labels(self, background: dict[str, Any], objects: list[ShapeSpec]) -> dict[str, Any]:
         largest = objects[0]
         S = float(self.image_size)
         return {
             "label": largest.shape,
             "shape": largest.shape,
+            "texture": int(background["texture"]),
             "count": len(objects),
             "position": (largest.cx / S, largest.cy / S),
             "size": largest.radius / S,
@@ -300,13 +330,13 @@ class ProceduralShapes(torch.utils.data.Dataset):
         return {
             "background": {**background, "texture_name": TEXTURE_NAMES[background["texture"]]},
             "objects": [{**obj.__dict__, "shape_name": SHAPE_NAMES[obj.shape]} for obj in objects],
-            **self._labels(objects),
+            **self._labels(background, objects),
         }
 
     def labels(self, index: int) -> dict[str, Any]:
         """Labels of item ``index`` without rendering it (cheap)."""
-        _, objects = self._layout(self._rng(index))
-        return self._labels(objects)
+        background, objects = self._layout(self._rng(index))
+        return self._labels(background, objects)
 
     def get_image(self, index: int) -> Image.Image:
         """Item ``index`` as a PIL RGB image of size ``S x S``."""
@@ -328,7 +358,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
         """The whole dataset as an in-memory ``datasets.Dataset``.
 
         Columns: ``image`` (``datasets.Image``, PNG-encoded), ``label`` and ``shape``
-        (``ClassLabel(SHAPE_NAMES)``), ``count`` (int64), ``position`` (2 x float32), ``size`` (float32).
+        (``ClassLabel(SHAPE_NAMES)``), ``texture`` (``ClassLabel(TEXTURE_NAMES)``), ``count`` (int64),
+        ``position`` (2 x float32), ``size`` (float32).
         """
         import datasets
 
@@ -337,6 +368,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
                 "image": datasets.Image(),
                 "label": datasets.ClassLabel(names=list(SHAPE_NAMES)),
                 "shape": datasets.ClassLabel(names=list(SHAPE_NAMES)),
+                "texture": datasets.ClassLabel(names=list(TEXTURE_NAMES)),
                 "count": datasets.Value("int64"),
                 "position": datasets.List(datasets.Value("float32"), length=2),
                 "size": datasets.Value("float32"),
@@ -346,7 +378,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         for i in range(self.num_images):
             array, labels = self.render(i)
             columns["image"].append(Image.fromarray(array))
-            for key in ("label", "shape", "count", "size"):
+            for key in ("label", "shape", "texture", "count", "size"):
                 columns[key].append(labels[key])
             columns["position"].append(list(labels["position"]))
         return datasets.Dataset.from_dict(columns, features=features)
@@ -354,7 +386,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_images={self.num_images}, image_size={self.image_size}, "
-            f"seed={self.seed}, objects={self.min_objects}..{self.max_objects})"
+            f"seed={self.seed}, objects={self.min_objects}..{self.max_objects}, palette={self.palette!r})"
         )
 
 
@@ -362,12 +394,12 @@ def as_hf_dataset(
     num_images: int,
     image_size: int = 64,
     seed: int = 0,
-    max_objects: int = 4,
+    max_objects: int = 3,
     **kwargs: Any,
 ) -> Any:
     """``ProceduralShapes(num_images, image_size, seed, max_objects, **kwargs).to_hf_dataset()``.
 
-    Returns a ``datasets.Dataset`` with columns ``image`` (PIL), ``label``, ``shape``, ``count``,
+    Returns a ``datasets.Dataset`` with columns ``image`` (PIL), ``label``, ``shape``, ``texture``, ``count``,
     ``position``, ``size``.
     """
     shapes = ProceduralShapes(num_images, image_size=image_size, seed=seed, max_objects=max_objects, **kwargs)
