@@ -20,6 +20,7 @@ from ijepa_hf.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SHAPE_NAMES,
+    TEXTURE_NAMES,
     BadImageCounter,
     EvalTransform,
     IDXFormatError,
@@ -326,19 +327,21 @@ def test_procedural_deterministic_and_labels():
     assert np.array_equal(a.render(7)[0], b.render(7)[0])
     assert not np.array_equal(a.render(7)[0], a.render(8)[0])
     assert not np.array_equal(a.render(7)[0], ProceduralShapes(40, image_size=48, seed=4).render(7)[0])
-    counts, shapes = set(), set()
+    counts, shapes, textures = set(), set(), set()
     for i in range(len(a)):
         item = a[i]
         assert item["image"].size == (48, 48) and item["image"].mode == "RGB"
         assert 1 <= item["count"] <= 4 and 0 <= item["label"] < len(SHAPE_NAMES)
         assert item["label"] == item["shape"] == a.labels(i)["shape"]
+        assert 0 <= item["texture"] < len(TEXTURE_NAMES) and item["texture"] == a.describe(i)["background"]["texture"]
         assert item["position"].shape == (2,) and bool(((item["position"] > 0) & (item["position"] < 1)).all())
         d = a.describe(i)
         assert len(d["objects"]) == item["count"]
         assert all(o["radius"] < d["objects"][0]["radius"] for o in d["objects"][1:])  # largest is unique
         counts.add(item["count"])
         shapes.add(item["label"])
-    assert len(counts) >= 3 and len(shapes) >= 4  # varied
+        textures.add(item["texture"])
+    assert len(counts) >= 3 and len(shapes) >= 4 and len(textures) >= 4  # varied
     with pytest.raises(IndexError):
         a.render(40)
     t = ProceduralShapes(4, image_size=32, transform=PretrainTransform(24))
@@ -350,11 +353,12 @@ def test_procedural_hf_dataset():
     ds = as_hf_dataset(6, image_size=32, seed=1)
     src = ProceduralShapes(6, image_size=32, seed=1)
     assert set(ds.column_names) == {"image", "label", "shape", "texture", "count", "position", "size"}
-    assert ds.features["label"].names == list(SHAPE_NAMES)
+    assert ds.features["label"].names == list(SHAPE_NAMES) and ds.features["texture"].names == list(TEXTURE_NAMES)
     row = ds[2]
     assert isinstance(row["image"], Image.Image) and row["image"].size == (32, 32)
     assert np.array_equal(np.asarray(row["image"]), src.render(2)[0])  # PNG is lossless
     assert row["label"] == src.labels(2)["label"] and row["count"] == src.labels(2)["count"]
+    assert row["texture"] == src.labels(2)["texture"]
     assert np.allclose(row["position"], src.labels(2)["position"], atol=1e-6)
 
 
