@@ -444,6 +444,34 @@ def test_example_script_defaults_are_overridable():
     assert args.config_overrides is None and args.image_size is None
 
 
+def test_example_main_job_writes_probe_table_and_figures(tmp_path, monkeypatch, capsys):
+    """The main job's tail on a tiny run: probes of three feature sets for every label, the figures, the printout."""
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain as example  # examples/pretrain.py
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(example, "PROBE_TRAIN_IMAGES", 40)
+    monkeypatch.setattr(example, "PROBE_TEST_IMAGES", 20)
+    summary = example.main(tiny_argv(tmp_path / "run", steps=2))
+    results = summary["probe"]
+    assert results["main_label"] == example.MAIN_LABEL == "texture"
+    assert list(results["labels"]) == list(example.PROBE_LABELS)
+    assert [row["model"] for row in results["rows"]][:2] == ["I-JEPA target encoder", "random init (same architecture)"]
+    for row in results["rows"]:
+        for label in example.PROBE_LABELS:
+            assert 0.0 <= row[label]["linear_accuracy"] <= 1.0 and 0.0 <= row[label]["knn_accuracy"] <= 1.0
+            assert row[label]["knn"]["num_test"] == 20
+    saved = json.loads((tmp_path / "run" / "probe_results.json").read_text())
+    assert saved["probe"]["rows"][0]["texture"]["linear_accuracy"] == results["rows"][0]["texture"]["linear_accuracy"]
+    for name in ("training_curves.png", "masks.png"):
+        with Image.open(tmp_path / "run" / name) as image:
+            assert image.width > 100 and image.height > 100
+    printed = capsys.readouterr().out
+    assert "texture (main) linear" in printed and "chance (majority class)" in printed
+    assert "vs random init on texture" in printed and str(tmp_path / "run" / "probe_results.json") in printed
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Hub push (in-repo fake Hub)
 # ----------------------------------------------------------------------------------------------------------------
