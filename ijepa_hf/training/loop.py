@@ -475,14 +475,8 @@ class _SeededTransform:
         return self.transform(image)
 
 
-class PretrainImageDataset(Dataset):
-    """Map-style pretraining dataset: ``source[i][image_key]`` -> ``{"pixel_values": [3, S, S]}`` or ``None``.
-
-    ``source`` is anything indexable whose items are dicts holding an image (a PIL image, a path, bytes or a
-    ``datasets`` ``{"bytes", "path"}`` dict): a ``datasets.Dataset`` with an ``Image(decode=False)`` column or
-    :class:`~ijepa_hf.data.ProceduralShapes`. Unreadable images (and any error reading the row) return ``None``
-    and are counted in ``counter``; the crop of item ``i`` in epoch ``e`` is seeded by ``(seed, e, i)``.
-    """
+class _CroppedImageSource:
+    """What both pretraining datasets share: an image source, the bad-image counter and the seeded crop."""
 
     def __init__(self, source: Any, image_size: int, *, image_key: str = "image",
                  crop_scale: tuple[float, float] = (0.3, 1.0), counter: BadImageCounter | None = None,
@@ -494,6 +488,16 @@ class PretrainImageDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.transform.epoch = int(epoch)
+
+
+class PretrainImageDataset(_CroppedImageSource, Dataset):
+    """Map-style pretraining dataset: ``source[i][image_key]`` -> ``{"pixel_values": [3, S, S]}`` or ``None``.
+
+    ``source`` is anything indexable whose items are dicts holding an image (a PIL image, a path, bytes or a
+    ``datasets`` ``{"bytes", "path"}`` dict): a ``datasets.Dataset`` with an ``Image(decode=False)`` column or
+    :class:`~ijepa_hf.data.ProceduralShapes`. Unreadable images (and any error reading the row) return ``None``
+    and are counted in ``counter``; the crop of item ``i`` in epoch ``e`` is seeded by ``(seed, e, i)``.
+    """
 
     def __len__(self) -> int:
         return len(self.source)
@@ -508,20 +512,12 @@ class PretrainImageDataset(Dataset):
         return None if image is None else {"pixel_values": self.transform(image, index)}
 
 
-class PretrainIterableImageDataset(IterableDataset):
+class PretrainIterableImageDataset(_CroppedImageSource, IterableDataset):
     """Streaming counterpart of :class:`PretrainImageDataset`: bad rows are skipped (counted), crops are seeded
     by ``(seed, epoch, worker, position)``. ``set_epoch`` is forwarded to the source (HF shuffling)."""
 
-    def __init__(self, source: Any, image_size: int, *, image_key: str = "image",
-                 crop_scale: tuple[float, float] = (0.3, 1.0), counter: BadImageCounter | None = None,
-                 seed: int = 0) -> None:
-        self.source = source
-        self.image_key = image_key
-        self.counter = counter if counter is not None else BadImageCounter()
-        self.transform = _SeededTransform(image_size, crop_scale, seed)
-
     def set_epoch(self, epoch: int) -> None:
-        self.transform.epoch = int(epoch)
+        super().set_epoch(epoch)
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
 
