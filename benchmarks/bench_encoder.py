@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this script
 
 
 def build(kind: str, size: str, image_size: int, patch_size: int):
@@ -69,7 +69,7 @@ def run_child(args: argparse.Namespace) -> None:
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.child_precision == "bf16"):
         features(model, pixels)
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": peak_rss_bytes() / 2**20}))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ encoder on the context patches, predictor (one sequence per target block), smoot
 official parameter groups, EMA update. Default sizes are the official step's measured in the reference: ViT-Ti/16
 at 224 px, predictor width 384 depth 6, official masks, batch 16, 2 threads.
 
-    python benchmarks/bench_train_step.py                      # fp32 and bf16 tables
+    python benchmarks/bench_train_step.py                      # fp32 and bf16, tuned and default allocator
     python benchmarks/bench_train_step.py --scaling            # + step time vs batch size and image size
 """
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -26,10 +25,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
-from ijepa_hf.training import build_optimizer
+from ijepa_hf.training import build_optimizer, keep_freed_memory_for_reuse
+from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this script
 
 # The official code on this machine (reference notes): seconds per step, images/s and peak RSS at the default sizes.
 OFFICIAL = {"fp32": dict(seconds=2.58, rss_gb=2.1), "bf16": dict(seconds=0.81, rss_gb=1.8)}
+# Its masks came to ~470 matmul GFLOP per step; ours are another draw, so the per-FLOP ratio is the fair one.
+OFFICIAL_GFLOP_PER_STEP = 470.0
 
 
 @dataclass
@@ -50,9 +52,28 @@ def make_setup(args: argparse.Namespace, batch_size: int, image_size: int) -> Se
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
-    collator = IJepaMaskCollator.from_config(config, mode=args.mask_mode, min_keep=10)
-    batch = collator([{"pixel_values": torch.randn(3, image_size, image_size)} for _ in range(batch_size)])
-    return Setup(model, optimizer, batch)
+    return Setup(model, optimizer, typical_batch(config, args.mask_mode, batch_size, image_size))
+
+
+def typical_batch(config: IJepaPretrainingConfig, mask_mode: str, batch_size: int, image_size: int) -> dict:
+    """A mask batch whose sizes are the sampler's averages, so that one batch stands for a typical step.
+
+    Step time follows the context length and the target-block length, which vary from batch to batch (the official
+    sampler's batch-min truncation most of all); the official step was measured at the averages of its sampler
+    (B=16: ~60 context and ~33 target patches per block at 224/16). The first of 64 seeds whose draw is closest to
+    the averages of those 64 draws is used.
+    """
+    images = [{"pixel_values": torch.randn(3, image_size, image_size)} for _ in range(batch_size)]
+    try:
+        IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=10)
+        min_keep = 10
+    except ValueError:  # the official min_keep is infeasible on small grids (e.g. 8x8: smallest target block 3x3)
+        min_keep = 3
+    draws = [IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=min_keep, seed=seed)(images)
+             for seed in range(64)]
+    lengths = torch.tensor([[d["context_mask"].shape[1], d["target_masks"].shape[-1]] for d in draws], dtype=torch.float)
+    distance = ((lengths - lengths.mean(0)) / lengths.mean(0)).abs().sum(1)
+    return draws[int(distance.argmin())]
 
 
 def train_step(setup: Setup, precision: str) -> torch.Tensor:
@@ -130,15 +151,27 @@ def matmul_ceiling(precision: str, size: int = 1536, repeats: int = 20) -> float
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def peak_rss_child(args: argparse.Namespace, precision: str) -> float:
-    command = [sys.executable, __file__, "--child", precision, "--size", args.size, "--patch-size", str(args.patch_size),
-               "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-               "--predictor-width", str(args.predictor_width), "--predictor-depth", str(args.predictor_depth),
-               "--threads", str(args.threads), "--mask-mode", args.mask_mode]
+def measure_in_child(args: argparse.Namespace, precision: str, allocator: str) -> dict:
+    """Seconds per step, peak RSS and the split, in a fresh process: each configuration starts from the same
+    empty heap, and the peak belongs to that configuration alone."""
+    command = [sys.executable, __file__, "--child", precision, "--allocator", allocator, "--size", args.size,
+               "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+               "--image-size", str(args.image_size), "--predictor-width", str(args.predictor_width),
+               "--predictor-depth", str(args.predictor_depth), "--threads", str(args.threads),
+               "--mask-mode", args.mask_mode, "--steps", str(args.steps)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["peak_rss_gb"]
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.allocator == "tuned":
+        keep_freed_memory_for_reuse()
+    setup = make_setup(args, args.batch_size, args.image_size)
+    seconds = seconds_per_step(setup, args.child, args.steps)
+    parts = split(setup, args.child)
+    print(json.dumps({"seconds": seconds, "split": parts, "peak_rss_gb": peak_rss_bytes() / 2**30}))
 
 
 def main() -> None:
@@ -151,20 +184,24 @@ def main() -> None:
     parser.add_argument("--predictor-depth", type=int, default=6)
     parser.add_argument("--mask-mode", default="official", choices=("official", "fixed"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--allocators", default="tuned,default",
+                        help="'tuned': glibc malloc keeps freed memory, as ijepa_hf's training loops set it on CPU "
+                             "(ijepa_hf.training.keep_freed_memory_for_reuse); 'default': glibc's defaults")
     parser.add_argument("--scaling", action="store_true", help="also time batch 8-64 and image 96-224 (bf16)")
+    parser.add_argument("--scaling-only", action="store_true", help="only the scaling table")
     parser.add_argument("--child", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
+    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
     if args.child:
-        setup = make_setup(args, args.batch_size, args.image_size)
-        for _ in range(3):
-            train_step(setup, args.child)
-        print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
+        child(args)
         return
 
+    if args.scaling_only:
+        scaling_table(args)
+        return
     setup = make_setup(args, args.batch_size, args.image_size)
     flops = step_flops(setup)
     context_len = setup.batch["context_mask"].shape[1]
@@ -173,42 +210,52 @@ def main() -> None:
           f"predictor {args.predictor_width}x{args.predictor_depth}, {args.mask_mode} masks "
           f"(context {context_len}, 4 targets of {target_len} patches)")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; threads "
-          f"{torch.get_num_threads()}; {flops / 1e9:.1f} matmul GFLOP per step (forward + backward)")
+          f"{torch.get_num_threads()}; {flops / 1e9:.1f} matmul GFLOP per step (forward + backward); each row is a "
+          f"fresh process, median of {args.steps} steps")
     print()
-    print("| precision | s/step | images/s | GFLOP/s | matmul ceiling GFLOP/s | of ceiling | peak RSS GB | "
-          "official s/step | speed-up vs official | official RSS GB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| precision | allocator | s/step | images/s | GFLOP/s | matmul ceiling GFLOP/s | of ceiling | peak RSS GB | "
+          "official s/step | official GFLOP/s | speed-up: images/s | speed-up: GFLOP/s | official RSS GB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     splits = {}
     for precision in ("fp32", "bf16"):
         ceiling = matmul_ceiling(precision)
-        seconds = seconds_per_step(setup, precision, args.steps)
-        rss = peak_rss_child(args, precision)
-        official = OFFICIAL[precision]
-        achieved = flops / seconds / 1e9
-        print(f"| {precision} | {seconds:.3f} | {args.batch_size / seconds:.1f} | {achieved:.0f} | {ceiling:.0f} | "
-              f"{achieved / ceiling:.0%} | {rss:.2f} | {official['seconds']} | {official['seconds'] / seconds:.2f}x | "
-              f"{official['rss_gb']} |")
-        splits[precision] = split(setup, precision)
+        for allocator in args.allocators.split(","):
+            result = measure_in_child(args, precision, allocator)
+            seconds, official = result["seconds"], OFFICIAL[precision]
+            achieved = flops / seconds / 1e9
+            official_rate = OFFICIAL_GFLOP_PER_STEP / official["seconds"]
+            print(f"| {precision} | {allocator} | {seconds:.3f} | {args.batch_size / seconds:.1f} | {achieved:.0f} | "
+                  f"{ceiling:.0f} | {achieved / ceiling:.0%} | {result['peak_rss_gb']:.2f} | {official['seconds']} | "
+                  f"{official_rate:.0f} | {official['seconds'] / seconds:.2f}x | {achieved / official_rate:.2f}x | "
+                  f"{official['rss_gb']} |")
+            splits[(precision, allocator)] = result["split"]
     print()
     print("Official figures were measured on this machine with the official code (reference notes), at the default "
           "sizes only.")
     print()
-    print("| precision | target encoder (fwd) s | context encoder (fwd+bwd) s | predictor + loss (fwd+bwd) s |")
-    print("|---|---:|---:|---:|")
-    for precision, parts in splits.items():
-        print(f"| {precision} | " + " | ".join(f"{parts[name]:.3f}" for name in parts) + " |")
+    print("| precision | allocator | target encoder (fwd) s | context encoder (fwd+bwd) s | predictor + loss (fwd+bwd) s |")
+    print("|---|---|---:|---:|---:|")
+    for (precision, allocator), parts in splits.items():
+        print(f"| {precision} | {allocator} | " + " | ".join(f"{parts[name]:.3f}" for name in parts) + " |")
 
     if args.scaling:
-        print()
-        print("## Step time (bf16) vs batch size and image size")
-        print()
-        print("| batch | image | context / target patches | s/step | images/s |")
-        print("|---:|---:|---|---:|---:|")
-        for batch_size, image_size in [(8, 224), (16, 224), (32, 224), (64, 224), (16, 96), (16, 128), (16, 160)]:
-            scaled = make_setup(args, batch_size, image_size)
-            seconds = seconds_per_step(scaled, "bf16", max(2, args.steps // 2), warmup=1)
-            lengths = f"{scaled.batch['context_mask'].shape[1]} / 4x{scaled.batch['target_masks'].shape[-1]}"
-            print(f"| {batch_size} | {image_size} | {lengths} | {seconds:.3f} | {batch_size / seconds:.1f} |")
+        scaling_table(args)
+
+
+def scaling_table(args: argparse.Namespace) -> None:
+    """bf16 step time against batch size (at 224 px) and image size (at batch 16), tuned allocator."""
+    keep_freed_memory_for_reuse()
+    print()
+    print("## Step time (bf16, tuned allocator) vs batch size and image size")
+    print()
+    print("| batch | image | context / target patches | s/step | images/s |")
+    print("|---:|---:|---|---:|---:|")
+    for batch_size, image_size in [(8, 224), (16, 224), (32, 224), (64, 224), (16, 96), (16, 128), (16, 160),
+                                   (16, 192)]:
+        scaled = make_setup(args, batch_size, image_size)
+        seconds = seconds_per_step(scaled, "bf16", max(2, args.steps // 2), warmup=1)
+        lengths = f"{scaled.batch['context_mask'].shape[1]} / 4x{scaled.batch['target_masks'].shape[-1]}"
+        print(f"| {batch_size} | {image_size} | {lengths} | {seconds:.3f} | {batch_size / seconds:.1f} |")
 
 
 if __name__ == "__main__":

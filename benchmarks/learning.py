@@ -66,7 +66,13 @@ from ijepa_hf.data import IMAGENET_MEAN, IMAGENET_STD, ProceduralShapes, load_fa
 from ijepa_hf.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
 from ijepa_hf.evaluation import extract_features, format_results_table, knn_probe, linear_probe
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
-from ijepa_hf.training import CosineWeightDecay, EMAMomentum, WarmupCosineLR, build_optimizer
+from ijepa_hf.training import (
+    CosineWeightDecay,
+    EMAMomentum,
+    WarmupCosineLR,
+    build_optimizer,
+    keep_freed_memory_for_reuse,
+)
 from ijepa_hf.training.loop import collapse_statistics
 from ijepa_hf.visualization import plot_training_curves
 
@@ -862,6 +868,7 @@ def _plot(result: TrainResult, path: Path, title: str) -> str | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by ``args`` (see :func:`parse_args`); returns the results dict (also saved)."""
     torch.set_num_threads(args.threads)
+    keep_freed_memory_for_reuse()  # as the package's training loops do on CPU; it helps every method alike
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.task

@@ -123,10 +123,29 @@ def eager_attention_forward(
     weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # torch's softmax kernels accumulate half types in fp32 already; an explicit fp32 round trip would only add two
+    # N x N copies (forward and backward) for the same result up to the last bit.
+    weights = F.softmax(weights, dim=-1)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+# Measured on a 2-core AMX CPU (torch 2.13, bf16, benchmarks/README.md): with gradients, torch's CPU flash-attention
+# kernel is 1.5-4x slower than two batched matmuls and a softmax for sequences up to ~200 tokens (its backward
+# recomputes in small tiles that AMX cannot fill), while without gradients it is faster at every length. Beyond
+# ~200 tokens the N x N probabilities kept for backward also start to cost real memory.
+_CPU_MATMUL_ATTENTION_MAX_LENGTH = 196
+
+
+def _prefers_matmul_attention(query: torch.Tensor) -> bool:
+    """True where the plain matmul-softmax attention beats SDPA: low-precision CPU training on short sequences."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.requires_grad
+        and query.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_LENGTH
+    )
 
 
 class IJepaAttention(nn.Module):
@@ -144,13 +163,18 @@ class IJepaAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states [B, N, D]`` -> ``[B, N - query_start, D]``: every token is a key and a value, only the
+        tokens from ``query_start`` on are queries (all of them by default)."""
         batch_size, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query = query[:, :, query_start:]
         implementation = self.config._attn_implementation or "sdpa"
-        if output_attentions or implementation == "eager":
+        if output_attentions or implementation == "eager" or (
+            implementation == "sdpa" and _prefers_matmul_attention(query)
+        ):
             attention: Callable = eager_attention_forward
         else:
             attention = ALL_ATTENTION_FUNCTIONS[implementation]
@@ -163,7 +187,7 @@ class IJepaAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0,
         )
-        output = self.proj(output.reshape(batch_size, length, width))
+        output = self.proj(output.reshape(batch_size, length - query_start, width))
         return output, weights
 
 
@@ -206,10 +230,14 @@ class IJepaBlock(GradientCheckpointingLayer):
         self.drop_path = DropPath(drop_path)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_start: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, weights = self.attn(self.norm1(hidden_states), output_attentions=output_attentions)
-        hidden_states = hidden_states + self.drop_path(attended)
+        """``[B, N, D]`` -> ``[B, N - query_start, D]``: with ``query_start > 0`` only the later tokens are updated
+        (attending to all), for a last block whose earlier outputs nobody reads."""
+        attended, weights = self.attn(
+            self.norm1(hidden_states), output_attentions=output_attentions, query_start=query_start
+        )
+        hidden_states = hidden_states[:, query_start:] + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
         return hidden_states, weights
 
@@ -223,13 +251,25 @@ def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.Module
 
 
 def run_blocks(
-    blocks: nn.ModuleList, hidden_states: torch.Tensor, output_hidden_states: bool, output_attentions: bool
+    blocks: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    output_hidden_states: bool,
+    output_attentions: bool,
+    last_query_start: int = 0,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Runs the blocks, collecting the input and every block's output, and the attention maps, on request."""
+    """Runs the blocks, collecting the input and every block's output, and the attention maps, on request.
+
+    ``last_query_start``: the last block updates only the tokens from there on and the result has only those
+    (the predictor's context tokens are never read after the last block); ignored when the full per-layer outputs
+    are requested, so that every returned layer has every token.
+    """
     all_hidden = (hidden_states,) if output_hidden_states else None
     all_attentions = () if output_attentions else None
-    for block in blocks:
-        hidden_states, weights = block(hidden_states, output_attentions=output_attentions)
+    if output_hidden_states or output_attentions:
+        last_query_start = 0
+    for index, block in enumerate(blocks):
+        query_start = last_query_start if index == len(blocks) - 1 else 0
+        hidden_states, weights = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
         if output_hidden_states:
             all_hidden = all_hidden + (hidden_states,)
         if output_attentions:
@@ -403,7 +443,9 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         positions = self.position_embeddings(grid)
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
         if keep is None:
-            return self.patch_embed(pixel_values).flatten(2).transpose(1, 2) + positions
+            # contiguous(): the transposed view would make the whole residual stream [B, N, D] with stride 1 along N,
+            # and every later LayerNorm, add and linear pay for the strided layout (measured: 10% of a forward).
+            return self.patch_embed(pixel_values).flatten(2).transpose(1, 2).contiguous() + positions
         _check_indices(keep, grid[0] * grid[1], "context_mask", batch_size)
         # A stride-p convolution is a linear map of each flattened (C, p, p) patch: apply it to the kept ones.
         patches = pixel_values.reshape(batch_size, channels, grid[0], patch, grid[1], patch)
@@ -516,8 +558,12 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         context = context.repeat(num_blocks, 1, 1)
         hidden_states = torch.cat([context, queries], dim=1)
 
-        hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
-        predictions = self.proj(self.norm(hidden_states[:, num_context:]))
+        # The context tokens' last-block outputs are never read: their MLP and attention rows are skipped (~8% of
+        # a 6-block predictor's work at the official mask sizes).
+        hidden_states, all_hidden, all_attentions = run_blocks(
+            self.blocks, hidden_states, output_hidden_states, output_attentions, last_query_start=num_context
+        )
+        predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
         if not return_dict:
             return tuple(v for v in (predictions, all_hidden, all_attentions) if v is not None)
         return IJepaPredictorOutput(predictions=predictions, hidden_states=all_hidden, attentions=all_attentions)

@@ -154,6 +154,46 @@ def test_each_target_block_is_predicted_in_its_own_sequence():
             torch.testing.assert_close(joint[block * 3 : (block + 1) * 3], alone, atol=1e-5, rtol=0)
 
 
+def test_predictor_skips_the_context_rows_of_its_last_block_without_changing_anything():
+    torch.manual_seed(0)
+    predictor = IJepaPretrainingModel(tiny_pretraining_config()).predictor.train()
+    context_mask, target_masks = random_masks(3, 16, 7, 4, 3)
+    features = torch.randn(3, 7, 32, requires_grad=True)
+    pruned = predictor(features, context_mask, target_masks).predictions
+    (grad_pruned,) = torch.autograd.grad(pruned.square().sum(), features)
+    # Asking for every layer's hidden states turns the pruning off: the full last block is the reference.
+    full = predictor(features, context_mask, target_masks, output_hidden_states=True)
+    assert full.hidden_states[-1].shape == (4 * 3, 7 + 3, predictor.config.hidden_size)
+    (grad_full,) = torch.autograd.grad(full.predictions.square().sum(), features)
+    torch.testing.assert_close(pruned, full.predictions, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad_pruned, grad_full, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_bf16_training_attention_takes_the_matmul_path_with_the_same_result():
+    from ijepa_hf.modeling_ijepa_hf import _prefers_matmul_attention
+
+    query = torch.randn(2, 2, 16, 8, dtype=torch.bfloat16)
+    assert not _prefers_matmul_attention(query)  # no gradient: SDPA's kernel is the faster one
+    assert _prefers_matmul_attention(query.requires_grad_())
+    assert not _prefers_matmul_attention(torch.randn(2, 2, 16, 8, requires_grad=True))  # fp32: SDPA
+    assert not _prefers_matmul_attention(torch.randn(1, 1, 400, 8, dtype=torch.bfloat16, requires_grad=True))
+
+    torch.manual_seed(0)
+    sdpa = IJepaEncoderModel(tiny_encoder_config()).train()
+    eager_config = tiny_encoder_config()
+    eager_config._attn_implementation = "eager"
+    eager = IJepaEncoderModel(eager_config).train()
+    eager.load_state_dict(sdpa.state_dict())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = sdpa(pixels).last_hidden_state
+        reference = eager(pixels).last_hidden_state
+    torch.testing.assert_close(fast, reference, atol=0, rtol=0)  # the same code path, so bit-identical
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inference = sdpa(pixels).last_hidden_state  # SDPA kernel: equal up to bf16 rounding
+    torch.testing.assert_close(inference, reference.detach(), atol=0.1, rtol=0.05)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = IJepaPretrainingModel(tiny_pretraining_config()).train()

@@ -1,5 +1,6 @@
 """Training utilities: the official I-JEPA schedules (lr, weight decay, EMA momentum) and AdamW groups."""
 
+from .cpu_allocator import keep_freed_memory_for_reuse
 from .optim import build_optimizer, is_no_decay_param, official_param_groups
 from .schedules import (
     CosineWeightDecay,
@@ -20,6 +21,7 @@ __all__ = [
     "official_param_groups",
     "build_optimizer",
     "is_no_decay_param",
+    "keep_freed_memory_for_reuse",
     # loop.py (Accelerate pretraining) and trainer.py (transformers.Trainer), imported lazily below
     "PretrainingArguments",
     "PretrainingResult",

@@ -708,6 +708,8 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedType, set_seed
 
+    from .cpu_allocator import keep_freed_memory_for_reuse
+
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -720,6 +722,8 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         dynamo_backend="inductor" if args.torch_compile else None,
     )
     _configure_logging(accelerator.is_main_process)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory_for_reuse()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         # Accelerate only builds a CPU process group when asked to use the CPU; otherwise every launched process

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .cpu_allocator import keep_freed_memory_for_reuse
 from .optim import build_optimizer
 from .schedules import cosine_wd_value, ema_momentum_value, warmup_cosine_value
 
@@ -168,6 +169,8 @@ class IJepaTrainer(Trainer):
         # The model's forward takes **kwargs only for API compatibility; it returns a mean loss, so the Trainer
         # must scale it for gradient accumulation instead of passing num_items_in_batch.
         self.model_accepts_loss_kwargs = False
+        if self.args.device.type == "cpu":
+            keep_freed_memory_for_reuse()
         self.add_callback(WeightDecayScheduleCallback(final_weight_decay))
         self.add_callback(EMACallback(ema_momentum))
         if hasattr(self.data_collator, "set_step"):
