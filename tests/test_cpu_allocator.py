@@ -22,14 +22,20 @@ else:
     assert libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
 def one_round():
     # A training step in miniature: activations pile up on the heap, then all are freed at the end of backward.
+    # Two are above the 32 MiB that glibc allows as an mmap threshold (the predictor's MLP at batch 64 is 75 MiB).
     live = [torch.empty(8 * 2**20, dtype=torch.uint8).fill_(1) for _ in range(12)]
+    live += [torch.empty(48 * 2**20, dtype=torch.uint8).fill_(1) for _ in range(2)]
     del live
 def faults_per_round():
     one_round()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    faults = []
+    for _ in range(7):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         one_round()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    # The median: the heap may still grow once (a small allocation between rounds can split its free space), which is
+    # not refaulting.
+    return sorted(faults)[len(faults) // 2]
 print(faults_per_round())
 """
 
@@ -42,9 +48,9 @@ def _faults(mode: str) -> float:
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 def test_tuned_allocator_stops_refaulting_freed_buffers():
     tuned, default = _faults("tuned"), _faults("static-defaults")
-    # 96 MiB written per round is ~24.6k pages. With glibc's static defaults every 8 MiB buffer is mmap'ed and
-    # unmapped again, so each round faults it all in anew; the tuned heap keeps the freed memory and reuses it.
-    assert default > 20_000, default
+    # 192 MiB written per round is ~49.2k pages. With glibc's static defaults every buffer is mmap'ed and unmapped
+    # again, so each round faults it all in anew; the tuned heap keeps the freed memory and reuses it.
+    assert default > 45_000, default
     assert tuned < 1_000, tuned
 
 

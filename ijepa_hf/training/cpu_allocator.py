@@ -3,9 +3,14 @@
 A training step allocates and frees the same large activation buffers every step. With glibc's defaults, buffers
 above a dynamic threshold are ``mmap``'ed and ``munmap``'ed each time and the top of the heap is trimmed, so every
 step faults in (and zeroes) its activations again: ~100k page faults and ~0.15 s of kernel time per step of the
-benchmark's vit_tiny/16 step (``benchmarks/bench_train_step.py``), about 10 % of the step. Raising the thresholds
-keeps freed memory in the process for reuse. Peak memory is unchanged (it is the same peak); memory freed after the
-peak stays with the process until it exits, which is what a training process wants anyway.
+benchmark's vit_tiny/16 step (``benchmarks/bench_train_step.py``), about 10 % of the step. Serving every buffer
+from the heap and not trimming it keeps freed memory in the process for reuse. Peak memory is unchanged (it is the
+same peak); memory freed after the peak stays with the process until it exits, which is what a training process
+wants anyway.
+
+``mmap`` is switched off rather than given a high threshold because glibc caps that threshold at 32 MiB on 64-bit
+systems, and one activation of a larger batch (the predictor's MLP at batch 64: 75 MiB) passes it. Threads other
+than the main one still fall back to ``mmap`` for requests their arena cannot hold (glibc does so by itself).
 
 PyTorch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``) gets the same effect by preloading jemalloc
 or tcmalloc; this needs no preload and no restart, so the training loop can apply it itself.
@@ -23,10 +28,8 @@ logger = logging.getLogger(__name__)
 # mallopt parameters (glibc malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 
-# glibc refuses mmap thresholds above HEAP_MAX_SIZE / 2, which is 32 MiB on 64-bit systems.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
 TOP_PAD_BYTES = 64 * 2**20
 
@@ -44,7 +47,7 @@ def keep_freed_memory_for_reuse() -> bool:
     except OSError:
         return False
     settings = {
-        "M_MMAP_THRESHOLD": (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+        "M_MMAP_MAX": (_M_MMAP_MAX, 0),
         "M_TRIM_THRESHOLD": (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         "M_TOP_PAD": (_M_TOP_PAD, TOP_PAD_BYTES),
     }
