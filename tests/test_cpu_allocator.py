@@ -59,3 +59,11 @@ def test_is_a_no_op_elsewhere(monkeypatch):
 
     monkeypatch.setattr(cpu_allocator.platform, "system", lambda: "Darwin")
     assert cpu_allocator.keep_freed_memory_for_reuse() is False
+
+
+def test_environment_variable_opts_out(monkeypatch):
+    from ijepa_hf.training import cpu_allocator
+
+    monkeypatch.setenv("IJEPA_HF_MALLOC_TUNING", "0")
+    monkeypatch.setattr(cpu_allocator.ctypes, "CDLL", lambda *a, **k: pytest.fail("mallopt must not be reached"))
+    assert cpu_allocator.keep_freed_memory_for_reuse() is False

@@ -12,6 +12,9 @@ wants anyway.
 systems, and one activation of a larger batch (the predictor's MLP at batch 64: 75 MiB) passes it. Threads other
 than the main one still fall back to ``mmap`` for requests their arena cannot hold (glibc does so by itself).
 
+The training loops apply it on CPU; set ``IJEPA_HF_MALLOC_TUNING=0`` to keep glibc's defaults (e.g. for a process
+that goes on to do other work and wants freed memory returned to the system).
+
 PyTorch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``) gets the same effect by preloading jemalloc
 or tcmalloc; this needs no preload and no restart, so the training loop can apply it itself.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 
 logger = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 
+OPT_OUT_VARIABLE = "IJEPA_HF_MALLOC_TUNING"
 TRIM_THRESHOLD_BYTES = 2**30
 TOP_PAD_BYTES = 64 * 2**20
 
@@ -37,9 +42,12 @@ TOP_PAD_BYTES = 64 * 2**20
 def keep_freed_memory_for_reuse() -> bool:
     """Tunes glibc malloc for a training process (see the module docstring). Returns whether it applied.
 
-    Does nothing (and returns False) off glibc, e.g. on macOS or musl, or when a preloaded allocator such as jemalloc
-    replaces ``mallopt``'s effect. Safe to call more than once.
+    Does nothing (and returns False) off glibc, e.g. on macOS or musl, or when ``IJEPA_HF_MALLOC_TUNING=0``. A
+    preloaded allocator such as jemalloc makes ``mallopt`` moot (and is itself enough). Safe to call more than once.
     """
+    if os.environ.get(OPT_OUT_VARIABLE, "1").strip() == "0":
+        logger.debug("%s=0: glibc malloc left at its defaults.", OPT_OUT_VARIABLE)
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
