@@ -1,0 +1,313 @@
+"""I-JEPA training on one GPU: step throughput and MFU with bf16 autocast at the largest batch that fits, and how
+closely a bf16-autocast step agrees with an fp32 one.
+
+Prepared to run as one short job on a lent GPU machine (it also runs on CPU at toy sizes, which the tests use):
+
+    python benchmarks/bench_gpu.py                                  # ViT-B/16 and ViT-H/14, writes a JSON + table
+    python benchmarks/bench_gpu.py --models vit_base_patch16_224 --max-batch 64 --steps 5
+
+Per model (official presets: predictor width 384, depth 12; official masks; AdamW with the official groups, fused;
+EMA update): the batch is doubled from ``--min-batch`` until a step runs out of memory or reaches ``--max-batch``;
+the largest batch that ran is timed (CUDA-synchronised, median step). MFU is the step's matmul FLOPs (counted by
+``torch.utils.flop_counter`` on one forward + backward) over the time, against the card's dense bf16 peak from its
+data sheet and against a bf16 matrix product measured in the same run. Agreement: the same weights and batch, loss,
+predictions and gradients with bf16 autocast against fp32 (TF32 off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf.training import build_optimizer
+
+DEFAULT_MODELS = ("vit_base_patch16_224", "ijepa_vith14_in1k")
+# Dense bf16 tensor-core peaks from the data sheets, TFLOP/s. Matched as substrings of the device name, first hit wins.
+DATASHEET_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0),
+                         ("A10G", 70.0), ("L4", 121.0))
+
+
+def datasheet_peak_tflops(name: str) -> float | None:
+    """The card's dense bf16 peak, or None for a device not in the table (a CPU, an unlisted GPU)."""
+    return next((peak for key, peak in DATASHEET_BF16_TFLOPS if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
+    """TFLOP/s of a plain bf16 square matrix product: the practical ceiling of this device."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaPretrainingModel, IJepaPretrainingConfig]:
+    torch.manual_seed(seed)
+    config = IJepaPretrainingConfig.from_preset(preset)
+    with device:  # built in place: a ViT-H pair is 1.3B parameters, slow to initialise on the host
+        model = IJepaPretrainingModel(config)
+    return model.train(), config
+
+
+def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Random images with official-mode masks, on the device."""
+    size = config.encoder_config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    images = [{"pixel_values": torch.randn(3, height, width, generator=generator)} for _ in range(batch_size)]
+    batch = IJepaMaskCollator.from_config(config, mode="official", seed=seed)(images)
+    return {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
+
+
+def make_step(model: IJepaPretrainingModel, optimizer: torch.optim.Optimizer, batch: dict,
+              device: torch.device) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target_encoder(0.996)
+        return loss
+
+    return step
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: int) -> tuple[int, list[str]]:
+    """Doubles the batch until two training steps run out of memory; returns the largest that ran, and a log."""
+    log: list[str] = []
+    model, config = build(preset, device)
+    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    best, batch_size = 0, min_batch
+    while batch_size <= max_batch:
+        try:
+            step = make_step(model, optimizer, mask_batch(config, batch_size, device), device)
+            for _ in range(2):
+                step()
+            synchronize(device)
+            best = batch_size
+            log.append(f"batch {batch_size}: ok")
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            log.append(f"batch {batch_size}: out of memory")
+            break
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        batch_size *= 2
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if best == 0:
+        raise RuntimeError(f"{preset}: even batch {min_batch} does not fit on {device}; lower --min-batch.")
+    return best, log
+
+
+def step_flops(model: IJepaPretrainingModel, batch: dict, device: torch.device) -> float:
+    """Matmul FLOPs of one forward + backward (multiply-add = 2)."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def measure_throughput(preset: str, device: torch.device, batch_size: int, steps: int,
+                       ceiling_tflops: float) -> dict:
+    model, config = build(preset, device)
+    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    batch = mask_batch(config, batch_size, device)
+    step = make_step(model, optimizer, batch, device)
+    for _ in range(3):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    flops = step_flops(model, batch, device)
+    achieved = flops / seconds / 1e12
+    peak = datasheet_peak_tflops(device_name(device))
+    result = {
+        "model": preset,
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "batch_size": batch_size,
+        "context_patches": int(batch["context_mask"].shape[1]),
+        "target_patches": list(batch["target_masks"].shape[1:]),
+        "seconds_per_step": seconds,
+        "images_per_second": batch_size / seconds,
+        "tflop_per_step": flops / 1e12,
+        "achieved_tflops": achieved,
+        "mfu_datasheet": achieved / peak if peak else None,
+        "of_matmul_ceiling": achieved / ceiling_tflops,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def agreement(preset: str, device: torch.device, batch_size: int) -> dict:
+    """bf16 autocast against fp32 (TF32 off) on the same weights and batch: loss, predictions, gradients."""
+    model, config = build(preset, device)
+    batch = mask_batch(config, batch_size, device, seed=1)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    runs = {}
+    try:
+        for name, enabled in (("fp32", False), ("bf16", True)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                output = model(**batch)
+            output.loss.backward()
+            grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+            runs[name] = (output.loss.detach().float(), output.predictions.detach().float(),
+                          output.targets.detach().float(), grads)
+            model.zero_grad(set_to_none=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    (loss32, pred32, tgt32, grad32), (loss16, pred16, tgt16, grad16) = runs["fp32"], runs["bf16"]
+    del model
+    return {
+        "model": preset,
+        "batch_size": batch_size,
+        "loss_fp32": float(loss32),
+        "loss_bf16": float(loss16),
+        "loss_relative_difference": abs(float(loss16) - float(loss32)) / abs(float(loss32)),
+        "predictions_relative_error": _relative(pred16, pred32),
+        "predictions_cosine": _cosine(pred16, pred32),
+        "targets_relative_error": _relative(tgt16, tgt32),
+        "gradient_relative_error": _relative(grad16, grad32),
+        "gradient_cosine": _cosine(grad16, grad32),
+    }
+
+
+def format_tables(device_label: str, throughput: list[dict], agreements: list[dict]) -> str:
+    lines = [f"device: {device_label}", "",
+             "| model | params (M) | batch | context / target patches | s/step | images/s | TFLOP/step | "
+             "achieved TFLOP/s | MFU (data sheet) | of measured bf16 matmul | peak memory GiB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in throughput:
+        mfu = f"{row['mfu_datasheet']:.1%}" if row["mfu_datasheet"] is not None else "n/a"
+        memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a"
+        blocks, per_block = row["target_patches"]
+        lines.append(f"| {row['model']} | {row['parameters_m']} | {row['batch_size']} | {row['context_patches']} / "
+                     f"{blocks}x{per_block} | {row['seconds_per_step']:.3f} | {row['images_per_second']:.1f} | "
+                     f"{row['tflop_per_step']:.2f} | {row['achieved_tflops']:.1f} | {mfu} | "
+                     f"{row['of_matmul_ceiling']:.1%} | {memory} |")
+    lines += ["", "| model | batch | loss fp32 | loss bf16 | loss rel. diff | predictions rel. err / cosine | "
+              "targets rel. err | gradient rel. err / cosine |", "|---|---:|---:|---:|---:|---|---:|---|"]
+    for row in agreements:
+        lines.append(f"| {row['model']} | {row['batch_size']} | {row['loss_fp32']:.5f} | {row['loss_bf16']:.5f} | "
+                     f"{row['loss_relative_difference']:.2e} | {row['predictions_relative_error']:.2e} / "
+                     f"{row['predictions_cosine']:.5f} | {row['targets_relative_error']:.2e} | "
+                     f"{row['gradient_relative_error']:.2e} / {row['gradient_cosine']:.5f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help="comma-separated presets (IJepaPretrainingConfig.from_preset names)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-batch", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median)")
+    parser.add_argument("--agreement-models", default="vit_base_patch16_224",
+                        help="comma-separated presets for the bf16-vs-fp32 check ('' to skip)")
+    parser.add_argument("--agreement-batch", type=int, default=16)
+    parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: $OUT/gpu_results.json if $OUT is set, else none)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU; pass --device cpu for a toy run.")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of an autocast step, as a GPU user runs them
+    name = device_name(device)
+    print(f"{name}; torch {torch.__version__}", flush=True)
+    ceiling = matmul_ceiling_tflops(device, args.matmul_size)
+    print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
+
+    throughput, searches = [], {}
+    for preset in [m.strip() for m in args.models.split(",") if m.strip()]:
+        batch_size, searches[preset] = largest_batch(preset, device, args.min_batch, args.max_batch)
+        print(f"{preset}: {', '.join(searches[preset])}", flush=True)
+        try:
+            throughput.append(measure_throughput(preset, device, batch_size, args.steps, ceiling))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # a fresh model can fragment differently
+            if not _is_out_of_memory(error) or batch_size // 2 < args.min_batch:
+                raise
+            torch.cuda.empty_cache()
+            throughput.append(measure_throughput(preset, device, batch_size // 2, args.steps, ceiling))
+        print(json.dumps(throughput[-1]), flush=True)
+    agreements = [agreement(preset.strip(), device, args.agreement_batch)
+                  for preset in args.agreement_models.split(",") if preset.strip()]
+    for row in agreements:
+        print(json.dumps(row), flush=True)
+
+    table = format_tables(name, throughput, agreements)
+    print("\n" + table)
+    results = {"device": name, "torch": torch.__version__, "matmul_ceiling_tflops": ceiling,
+               "datasheet_bf16_tflops": datasheet_peak_tflops(name), "batch_search": searches,
+               "throughput": throughput, "agreement": agreements, "table": table, "command": sys.argv}
+    output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(results, indent=1))
+        print(f"wrote {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

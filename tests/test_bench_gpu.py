@@ -1,0 +1,74 @@
+"""``benchmarks/bench_gpu.py`` (the prepared GPU throughput / MFU / bf16-agreement job) at toy sizes on CPU, so that
+the script a device session runs is known to work before device time is spent on it. No timings are asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+TOY = ["--device", "cpu", "--models", "vit_tiny_patch16_224", "--min-batch", "2", "--max-batch", "2", "--steps", "1",
+       "--agreement-models", "vit_tiny_patch16_224", "--agreement-batch", "2", "--matmul-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    spec = importlib.util.spec_from_file_location("benchmarks_bench_gpu", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):
+    output = tmp_path / "gpu.json"
+    results = bench_gpu.main(TOY + ["--output", str(output)])
+    assert json.loads(output.read_text())["throughput"] == results["throughput"]
+    (row,) = results["throughput"]
+    assert row["batch_size"] == 2 and row["model"] == "vit_tiny_patch16_224"
+    # vit_tiny/16 + predictor 384x12 at two images: a few hundred GFLOP per step, counted, not guessed.
+    assert 0.05 < row["tflop_per_step"] < 1.0
+    assert row["achieved_tflops"] == pytest.approx(row["tflop_per_step"] / row["seconds_per_step"])
+    assert row["mfu_datasheet"] is None  # no data-sheet peak for a CPU
+    (agree,) = results["agreement"]
+    # bf16 autocast against fp32 on identical weights and batch: close, but not identical.
+    assert 0 < agree["loss_relative_difference"] < 1e-2
+    assert 0.999 < agree["gradient_cosine"] < 1.0
+    assert 0 < agree["predictions_relative_error"] < 0.05
+    assert "vit_tiny_patch16_224" in results["table"]
+
+
+def test_batch_search_stops_at_the_first_out_of_memory(bench_gpu, monkeypatch):
+    real_mask_batch = bench_gpu.mask_batch
+
+    def mask_batch(config, batch_size, device, seed=0):
+        if batch_size > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_mask_batch(config, batch_size, device, seed)
+
+    monkeypatch.setattr(bench_gpu, "mask_batch", mask_batch)
+    best, log = bench_gpu.largest_batch("vit_tiny_patch16_224", torch.device("cpu"), min_batch=2, max_batch=64)
+    assert best == 4
+    assert log == ["batch 2: ok", "batch 4: ok", "batch 8: out of memory"]
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(bench_gpu, monkeypatch):
+    def mask_batch(config, batch_size, device, seed=0):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(bench_gpu, "mask_batch", mask_batch)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench_gpu.largest_batch("vit_tiny_patch16_224", torch.device("cpu"), min_batch=2, max_batch=4)
+
+
+def test_datasheet_peaks_match_the_most_specific_name(bench_gpu):
+    assert bench_gpu.datasheet_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench_gpu.datasheet_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bench_gpu.datasheet_peak_tflops("NVIDIA H200") == 989.4
+    assert bench_gpu.datasheet_peak_tflops("Intel(R) Xeon(R) Processor") is None
