@@ -20,14 +20,18 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from bench_train_step import (  # benchmarks/bench_train_step.py, beside this script: the same step, timed the same way
+    Setup,
+    matmul_ceiling,
+    seconds_per_step,
+    step_flops,
+    synchronize,
+    train_step,
+)
 
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
 from ijepa_hf.training import build_optimizer
@@ -47,31 +51,19 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_ceiling_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
-    """TFLOP/s of a plain bf16 square matrix product: the practical ceiling of this device."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
 def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaPretrainingModel, IJepaPretrainingConfig]:
     torch.manual_seed(seed)
     config = IJepaPretrainingConfig.from_preset(preset)
     with device:  # built in place: a ViT-H pair is 1.3B parameters, slow to initialise on the host
         model = IJepaPretrainingModel(config)
     return model.train(), config
+
+
+def training_setup(preset: str, device: torch.device, batch_size: int) -> Setup:
+    """Model, AdamW (official groups, fused) and one official-mask batch, as bench_train_step.py's step uses them."""
+    model, config = build(preset, device)
+    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    return Setup(model, optimizer, mask_batch(config, batch_size, device))
 
 
 def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.device, seed: int = 0) -> dict:
@@ -82,20 +74,6 @@ def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.de
     images = [{"pixel_values": torch.randn(3, height, width, generator=generator)} for _ in range(batch_size)]
     batch = IJepaMaskCollator.from_config(config, mode="official", seed=seed)(images)
     return {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
-
-
-def make_step(model: IJepaPretrainingModel, optimizer: torch.optim.Optimizer, batch: dict,
-              device: torch.device) -> Callable[[], torch.Tensor]:
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_target_encoder(0.996)
-        return loss
-
-    return step
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -110,9 +88,9 @@ def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: 
     best, batch_size = 0, min_batch
     while batch_size <= max_batch:
         try:
-            step = make_step(model, optimizer, mask_batch(config, batch_size, device), device)
+            setup = Setup(model, optimizer, mask_batch(config, batch_size, device))
             for _ in range(2):
-                step()
+                train_step(setup, "bf16")
             synchronize(device)
             best = batch_size
             log.append(f"batch {batch_size}: ok")
@@ -122,6 +100,7 @@ def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: 
             log.append(f"batch {batch_size}: out of memory")
             break
         finally:
+            setup = None
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -134,35 +113,15 @@ def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: 
     return best, log
 
 
-def step_flops(model: IJepaPretrainingModel, batch: dict, device: torch.device) -> float:
-    """Matmul FLOPs of one forward + backward (multiply-add = 2)."""
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
 def measure_throughput(preset: str, device: torch.device, batch_size: int, steps: int,
                        ceiling_tflops: float) -> dict:
-    model, config = build(preset, device)
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
-    batch = mask_batch(config, batch_size, device)
-    step = make_step(model, optimizer, batch, device)
-    for _ in range(3):
-        step()
-    synchronize(device)
+    setup = training_setup(preset, device, batch_size)
+    model, batch = setup.model, setup.batch
     if device.type == "cuda":
+        train_step(setup, "bf16")  # the optimizer state exists from here on, so the peak below is a step's
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    flops = step_flops(model, batch, device)
+    seconds = seconds_per_step(setup, "bf16", steps, warmup=3)
+    flops = step_flops(setup, "bf16")
     achieved = flops / seconds / 1e12
     peak = datasheet_peak_tflops(device_name(device))
     result = {
@@ -179,7 +138,7 @@ def measure_throughput(preset: str, device: torch.device, batch_size: int, steps
         "of_matmul_ceiling": achieved / ceiling_tflops,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    del model, optimizer
+    del setup, model, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -276,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of an autocast step, as a GPU user runs them
     name = device_name(device)
     print(f"{name}; torch {torch.__version__}", flush=True)
-    ceiling = matmul_ceiling_tflops(device, args.matmul_size)
+    ceiling = matmul_ceiling("bf16", args.matmul_size, device=device) / 1e3
     print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
 
     throughput, searches = [], {}

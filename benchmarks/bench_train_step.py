@@ -78,8 +78,15 @@ def typical_batch(config: IJepaPretrainingConfig, mask_mode: str, batch_size: in
     return draws[int(distance.argmin())]
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work, so that wall-clock timers measure it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(setup: Setup, precision: str) -> torch.Tensor:
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    """One full step on the device that holds the batch (bench_gpu.py runs the same step on a GPU)."""
+    with torch.autocast(setup.batch["pixel_values"].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = setup.model(**setup.batch).loss
     loss.backward()
     setup.optimizer.step()
@@ -89,20 +96,26 @@ def train_step(setup: Setup, precision: str) -> torch.Tensor:
 
 
 def seconds_per_step(setup: Setup, precision: str, steps: int, warmup: int = 2) -> float:
+    device = setup.batch["pixel_values"].device
     for _ in range(warmup):
         train_step(setup, precision)
+    synchronize(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         train_step(setup, precision)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]  # median: robust to a noisy neighbour
 
 
-def step_flops(setup: Setup) -> float:
-    """Matmul FLOPs of one forward + backward (multiply-add = 2), as counted by torch."""
+def step_flops(setup: Setup, precision: str = "fp32") -> float:
+    """Matmul FLOPs of one forward + backward (multiply-add = 2), as counted by torch: the same count in either
+    precision; bf16 needs less memory for the largest batches on a GPU."""
     with FlopCounterMode(display=False) as counter:
-        setup.model(**setup.batch).loss.backward()
+        with torch.autocast(setup.batch["pixel_values"].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = setup.model(**setup.batch).loss
+        loss.backward()
     setup.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -141,15 +154,19 @@ def split(setup: Setup, precision: str, repeats: int = 3) -> dict[str, float]:
     return {name: sorted(values)[len(values) // 2] for name, values in results.items()}
 
 
-def matmul_ceiling(precision: str, size: int = 1536, repeats: int = 20) -> float:
-    """GFLOP/s of a plain square matrix product at this thread count: the practical ceiling."""
+def matmul_ceiling(precision: str, size: int = 1536, repeats: int = 20, device: torch.device | str = "cpu") -> float:
+    """GFLOP/s of a plain square matrix product (at this thread count on CPU): the practical ceiling."""
+    device = torch.device(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 

@@ -18,12 +18,17 @@ TOY = ["--device", "cpu", "--models", "vit_tiny_patch16_224", "--min-batch", "2"
 
 @pytest.fixture(scope="module")
 def bench_gpu():
+    # The script imports its sibling bench_train_step.py, as `python benchmarks/bench_gpu.py` finds it.
+    sys.path.insert(0, str(_SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("benchmarks_bench_gpu", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(_SCRIPT.parent))
 
 
 def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):
