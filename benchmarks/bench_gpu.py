@@ -11,7 +11,10 @@ EMA update): the batch is doubled from ``--min-batch`` until a step runs out of 
 the largest batch that ran is timed (CUDA-synchronised, median step). MFU is the step's matmul FLOPs (counted by
 ``torch.utils.flop_counter`` on one forward + backward) over the time, against the card's dense bf16 peak from its
 data sheet and against a bf16 matrix product measured in the same run. Agreement: the same weights and batch, loss,
-predictions and gradients with bf16 autocast against fp32 (TF32 off).
+predictions and gradients with bf16 autocast against fp32 (TF32 off). Profile: torch.profiler over a few steps of one
+model at its timed batch, the busiest kernels and how much of the wall-clock step the GPU was busy (a step that
+waits on the host shows as a low fraction). The JSON is rewritten after every stage, so a run stopped by a time
+limit still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -144,6 +148,30 @@ def measure_throughput(preset: str, device: torch.device, batch_size: int, steps
     return result
 
 
+def profile_steps(setup: Setup, steps: int = 3, rows: int = 15) -> tuple[dict, str]:
+    """Profiles ``steps`` bf16 training steps: device-busy fraction of the wall clock and the busiest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = setup.batch["pixel_values"].device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    train_step(setup, "bf16")
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            train_step(setup, "bf16")
+        synchronize(device)
+    wall = (time.perf_counter() - start) / steps
+    averages = profiler.key_averages()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # Kernels have no CPU-side self time; ops launched from Python have no device-side self time, so summing device
+    # self time over all events counts each kernel once.
+    busy = sum(getattr(event, "self_device_time_total", 0.0) for event in averages) / 1e6 / steps
+    summary = {"wall_seconds_per_step": wall, "device_busy_seconds_per_step": busy if device.type == "cuda" else None,
+               "device_busy_fraction": busy / wall if device.type == "cuda" else None}
+    return summary, averages.table(sort_by=sort_by, row_limit=rows)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -215,12 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated presets (IJepaPretrainingConfig.from_preset names)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-batch", type=int, default=8)
-    parser.add_argument("--max-batch", type=int, default=512)
+    parser.add_argument("--max-batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median)")
     parser.add_argument("--agreement-models", default="vit_base_patch16_224",
                         help="comma-separated presets for the bf16-vs-fp32 check ('' to skip)")
     parser.add_argument("--agreement-batch", type=int, default=16)
     parser.add_argument("--matmul-size", type=int, default=8192)
+    parser.add_argument("--profile-model", default="vit_base_patch16_224",
+                        help="preset whose timed batch is profiled (one of --models; '' to skip)")
     parser.add_argument("--output", default=None,
                         help="JSON path (default: $OUT/gpu_results.json if $OUT is set, else none)")
     return parser
@@ -235,35 +265,51 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of an autocast step, as a GPU user runs them
     name = device_name(device)
     print(f"{name}; torch {torch.__version__}", flush=True)
-    ceiling = matmul_ceiling("bf16", args.matmul_size, device=device) / 1e3
-    print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
+    output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
+    results: dict = {"device": name, "torch": torch.__version__, "command": sys.argv, "batch_search": {},
+                     "throughput": [], "agreement": [], "profile": {}}
 
-    throughput, searches = [], {}
+    def save() -> None:
+        results["table"] = format_tables(name, results["throughput"], results["agreement"])
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(results, indent=1))
+
+    ceiling = matmul_ceiling("bf16", args.matmul_size, device=device) / 1e3
+    results.update(matmul_ceiling_tflops=ceiling, datasheet_bf16_tflops=datasheet_peak_tflops(name))
+    print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
+    save()
+    # Agreement first: it is short, and a run cut off by its time limit during the largest model still reports it.
+    for preset in [m.strip() for m in args.agreement_models.split(",") if m.strip()]:
+        results["agreement"].append(agreement(preset, device, args.agreement_batch))
+        print(json.dumps(results["agreement"][-1]), flush=True)
+        save()
+
     for preset in [m.strip() for m in args.models.split(",") if m.strip()]:
-        batch_size, searches[preset] = largest_batch(preset, device, args.min_batch, args.max_batch)
-        print(f"{preset}: {', '.join(searches[preset])}", flush=True)
+        batch_size, results["batch_search"][preset] = largest_batch(preset, device, args.min_batch, args.max_batch)
+        print(f"{preset}: {', '.join(results['batch_search'][preset])}", flush=True)
         try:
-            throughput.append(measure_throughput(preset, device, batch_size, args.steps, ceiling))
+            row = measure_throughput(preset, device, batch_size, args.steps, ceiling)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # a fresh model can fragment differently
             if not _is_out_of_memory(error) or batch_size // 2 < args.min_batch:
                 raise
             torch.cuda.empty_cache()
-            throughput.append(measure_throughput(preset, device, batch_size // 2, args.steps, ceiling))
-        print(json.dumps(throughput[-1]), flush=True)
-    agreements = [agreement(preset.strip(), device, args.agreement_batch)
-                  for preset in args.agreement_models.split(",") if preset.strip()]
-    for row in agreements:
+            row = measure_throughput(preset, device, batch_size // 2, args.steps, ceiling)
+        results["throughput"].append(row)
         print(json.dumps(row), flush=True)
+        save()
+        if preset == args.profile_model:
+            setup = training_setup(preset, device, row["batch_size"])
+            summary, table = profile_steps(setup)
+            del setup
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results["profile"] = {"model": preset, "batch_size": row["batch_size"], **summary, "top_kernels": table}
+            print(json.dumps(summary) + "\n" + table, flush=True)
+            save()
 
-    table = format_tables(name, throughput, agreements)
-    print("\n" + table)
-    results = {"device": name, "torch": torch.__version__, "matmul_ceiling_tflops": ceiling,
-               "datasheet_bf16_tflops": datasheet_peak_tflops(name), "batch_search": searches,
-               "throughput": throughput, "agreement": agreements, "table": table, "command": sys.argv}
-    output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
+    print("\n" + results["table"])
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(results, indent=1))
         print(f"wrote {output}")
     return results
 

@@ -13,7 +13,8 @@ import torch
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 TOY = ["--device", "cpu", "--models", "vit_tiny_patch16_224", "--min-batch", "2", "--max-batch", "2", "--steps", "1",
-       "--agreement-models", "vit_tiny_patch16_224", "--agreement-batch", "2", "--matmul-size", "128"]
+       "--agreement-models", "vit_tiny_patch16_224", "--agreement-batch", "2", "--matmul-size", "128",
+       "--profile-model", "vit_tiny_patch16_224"]
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,10 @@ def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):
     assert 0.999 < agree["gradient_cosine"] < 1.0
     assert 0 < agree["predictions_relative_error"] < 0.05
     assert "vit_tiny_patch16_224" in results["table"]
+    profile = results["profile"]
+    assert profile["model"] == "vit_tiny_patch16_224" and profile["wall_seconds_per_step"] > 0
+    assert "aten::" in profile["top_kernels"]  # the profiler's table of the busiest ops
+    assert json.loads(output.read_text())["profile"]["top_kernels"] == profile["top_kernels"]
 
 
 def test_batch_search_stops_at_the_first_out_of_memory(bench_gpu, monkeypatch):
