@@ -32,6 +32,7 @@ from bench_train_step import (  # benchmarks/bench_train_step.py, beside this sc
     Setup,
     matmul_ceiling,
     seconds_per_step,
+    split,
     step_flops,
     synchronize,
     train_step,
@@ -126,6 +127,7 @@ def measure_throughput(preset: str, device: torch.device, batch_size: int, steps
         torch.cuda.reset_peak_memory_stats(device)
     seconds = seconds_per_step(setup, "bf16", steps, warmup=3)
     flops = step_flops(setup, "bf16")
+    parts = split(setup, "bf16")
     achieved = flops / seconds / 1e12
     peak = datasheet_peak_tflops(device_name(device))
     result = {
@@ -141,6 +143,7 @@ def measure_throughput(preset: str, device: torch.device, batch_size: int, steps
         "mfu_datasheet": achieved / peak if peak else None,
         "of_matmul_ceiling": achieved / ceiling_tflops,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "split_seconds": parts,  # forward of the target encoder; forward + backward of the others; no AdamW / EMA
     }
     del setup, model, batch
     if device.type == "cuda":
@@ -164,11 +167,11 @@ def profile_steps(setup: Setup, steps: int = 3, rows: int = 15) -> tuple[dict, s
     wall = (time.perf_counter() - start) / steps
     averages = profiler.key_averages()
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    # Kernels have no CPU-side self time; ops launched from Python have no device-side self time, so summing device
-    # self time over all events counts each kernel once.
-    busy = sum(getattr(event, "self_device_time_total", 0.0) for event in averages) / 1e6 / steps
-    summary = {"wall_seconds_per_step": wall, "device_busy_seconds_per_step": busy if device.type == "cuda" else None,
-               "device_busy_fraction": busy / wall if device.type == "cuda" else None}
+    # An aten op's device time repeats that of the kernels it launched; kernels alone have no CPU-side time.
+    kernels = [event for event in averages if event.self_cpu_time_total == 0 and event.self_device_time_total > 0]
+    busy = sum(event.self_device_time_total for event in kernels) / 1e6 / steps
+    summary = {"wall_seconds_per_step": wall, "kernel_seconds_per_step": busy if kernels else None,
+               "device_busy_fraction": busy / wall if kernels else None}
     return summary, averages.table(sort_by=sort_by, row_limit=rows)
 
 
@@ -217,16 +220,19 @@ def agreement(preset: str, device: torch.device, batch_size: int) -> dict:
 def format_tables(device_label: str, throughput: list[dict], agreements: list[dict]) -> str:
     lines = [f"device: {device_label}", "",
              "| model | params (M) | batch | context / target patches | s/step | images/s | TFLOP/step | "
-             "achieved TFLOP/s | MFU (data sheet) | of measured bf16 matmul | peak memory GiB |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "achieved TFLOP/s | MFU (data sheet) | of measured bf16 matmul | peak memory GiB | "
+             "split s: target / context / predictor |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in throughput:
         mfu = f"{row['mfu_datasheet']:.1%}" if row["mfu_datasheet"] is not None else "n/a"
         memory = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a"
         blocks, per_block = row["target_patches"]
+        parts = " / ".join(f"{row['split_seconds'][part]:.3f}"
+                           for part in ("target encoder", "context encoder", "predictor + loss"))
         lines.append(f"| {row['model']} | {row['parameters_m']} | {row['batch_size']} | {row['context_patches']} / "
                      f"{blocks}x{per_block} | {row['seconds_per_step']:.3f} | {row['images_per_second']:.1f} | "
                      f"{row['tflop_per_step']:.2f} | {row['achieved_tflops']:.1f} | {mfu} | "
-                     f"{row['of_matmul_ceiling']:.1%} | {memory} |")
+                     f"{row['of_matmul_ceiling']:.1%} | {memory} | {parts} |")
     lines += ["", "| model | batch | loss fp32 | loss bf16 | loss rel. diff | predictions rel. err / cosine | "
               "targets rel. err | gradient rel. err / cosine |", "|---|---:|---:|---:|---:|---|---:|---|"]
     for row in agreements:

@@ -123,33 +123,34 @@ def step_flops(setup: Setup, precision: str = "fp32") -> float:
 def split(setup: Setup, precision: str, repeats: int = 3) -> dict[str, float]:
     """Seconds spent in target encoder (forward), context encoder and predictor (forward + backward)."""
     model, batch = setup.model, setup.batch
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+    device = batch["pixel_values"].device
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
     results: dict[str, list[float]] = {"target encoder": [], "context encoder": [], "predictor + loss": []}
     from ijepa_hf.modeling_ijepa_hf import _stack_target_masks
 
-    target_masks = _stack_target_masks(batch["target_masks"])
-    for _ in range(repeats):
+    def timed(work):
+        synchronize(device)
         start = time.perf_counter()
-        with autocast():
-            targets, _ = model.compute_targets(batch["pixel_values"], target_masks)
-        results["target encoder"].append(time.perf_counter() - start)
+        value = work()
+        synchronize(device)
+        return value, time.perf_counter() - start
 
-        start = time.perf_counter()
-        with autocast():
-            context = model.context_encoder(batch["pixel_values"], context_mask=batch["context_mask"]).last_hidden_state
-        context_leaf = context.detach().requires_grad_(True)
-        forward_context = time.perf_counter() - start
-
-        start = time.perf_counter()
+    def predictor_step():
         with autocast():
             predictions = model.predictor(context_leaf, batch["context_mask"], target_masks).predictions
             loss = model.loss_fn(predictions, targets)
         loss.backward()
-        results["predictor + loss"].append(time.perf_counter() - start)
 
-        start = time.perf_counter()
-        context.backward(context_leaf.grad)
-        results["context encoder"].append(forward_context + time.perf_counter() - start)
+    target_masks = _stack_target_masks(batch["target_masks"])
+    for _ in range(repeats):
+        with autocast():
+            (targets, _), seconds = timed(lambda: model.compute_targets(batch["pixel_values"], target_masks))
+            results["target encoder"].append(seconds)
+            context, forward_context = timed(lambda: model.context_encoder(
+                batch["pixel_values"], context_mask=batch["context_mask"]).last_hidden_state)
+        context_leaf = context.detach().requires_grad_(True)
+        results["predictor + loss"].append(timed(predictor_step)[1])
+        results["context encoder"].append(forward_context + timed(lambda: context.backward(context_leaf.grad))[1])
         setup.optimizer.zero_grad(set_to_none=True)
     return {name: sorted(values)[len(values) // 2] for name, values in results.items()}
 
