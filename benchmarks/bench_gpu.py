@@ -175,6 +175,55 @@ def profile_steps(setup: Setup, steps: int = 3, rows: int = 15) -> tuple[dict, s
     return summary, averages.table(sort_by=sort_by, row_limit=rows)
 
 
+def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: int, backend: str = "inductor") -> dict:
+    """The bf16 step with ``torch.compile(model)`` (what ``--torch_compile`` does) against eager, same model and batch.
+
+    Official masks change the context and target lengths from batch to batch, so the compiled model first sees a
+    batch of another shape: dynamo recompiles once with dynamic sizes, as in training, before anything is timed.
+    """
+    setup = training_setup(preset, device, batch_size)
+    model = setup.model
+    config = model.config
+    other_shape = next(batch for seed in range(1, 20)
+                       if (batch := mask_batch(config, batch_size, device, seed))["context_mask"].shape
+                       != setup.batch["context_mask"].shape)
+    shapes = [{name: list(batch[name].shape) for name in ("context_mask", "target_masks")}
+              for batch in (setup.batch, other_shape)]
+    torch._dynamo.reset()
+
+    def loss_and_backward(module: torch.nn.Module, batch: dict) -> tuple[float, float]:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = module(**batch).loss
+        loss.backward()
+        setup.optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return float(loss.detach()), time.perf_counter() - start
+
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    eager_loss, _ = loss_and_backward(model, setup.batch)
+    compiled = torch.compile(model, backend=backend)
+    compiled_loss, first_compile = loss_and_backward(compiled, setup.batch)  # same weights: the losses must agree
+    _, second_compile = loss_and_backward(compiled, other_shape)
+    eager_seconds = seconds_per_step(setup, "bf16", steps, warmup=2)
+    compiled_seconds = seconds_per_step(Setup(compiled, setup.optimizer, setup.batch), "bf16", steps, warmup=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    del setup, model, compiled
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "model": preset, "batch_size": batch_size, "backend": backend,
+        "mask_shapes": shapes,
+        "first_compile_seconds": first_compile, "recompile_seconds": second_compile, "graphs": graphs,
+        "eager_seconds_per_step": eager_seconds, "compiled_seconds_per_step": compiled_seconds,
+        "speed_up": eager_seconds / compiled_seconds,
+        "loss_eager": eager_loss, "loss_compiled": compiled_loss,
+        "loss_relative_difference": abs(compiled_loss - eager_loss) / abs(eager_loss),
+    }
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -257,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--profile-model", default="vit_base_patch16_224",
                         help="preset whose timed batch is profiled (one of --models; '' to skip)")
+    parser.add_argument("--compile-models", default="",
+                        help="comma-separated presets whose step is also timed under torch.compile (minutes each)")
+    parser.add_argument("--compile-batch", type=int, default=None,
+                        help="batch for --compile-models (default: the largest found for that preset)")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--output", default=None,
                         help="JSON path (default: $OUT/gpu_results.json if $OUT is set, else none)")
     return parser
@@ -273,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}; torch {torch.__version__}", flush=True)
     output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
     results: dict = {"device": name, "torch": torch.__version__, "command": sys.argv, "batch_search": {},
-                     "throughput": [], "agreement": [], "profile": {}}
+                     "throughput": [], "agreement": [], "profile": {}, "compiled": []}
 
     def save() -> None:
         results["table"] = format_tables(name, results["throughput"], results["agreement"])
@@ -313,6 +367,15 @@ def main(argv: list[str] | None = None) -> dict:
             results["profile"] = {"model": preset, "batch_size": row["batch_size"], **summary, "top_kernels": table}
             print(json.dumps(summary) + "\n" + table, flush=True)
             save()
+
+    batches = {row["model"]: row["batch_size"] for row in results["throughput"]}
+    for preset in [m.strip() for m in args.compile_models.split(",") if m.strip()]:
+        batch_size = args.compile_batch or batches.get(preset)
+        if batch_size is None:
+            raise SystemExit(f"--compile-models {preset}: pass --compile-batch, or list it in --models too.")
+        results["compiled"].append(compiled_speedup(preset, device, batch_size, args.steps, args.compile_backend))
+        print(json.dumps(results["compiled"][-1]), flush=True)
+        save()
 
     print("\n" + results["table"])
     if output:
