@@ -40,6 +40,7 @@ from bench_train_step import (  # benchmarks/bench_train_step.py, beside this sc
 
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
 from ijepa_hf.training import build_optimizer
+from ijepa_hf.training.compilation import configure_inductor_for_variable_masks
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "ijepa_vith14_in1k")
 # Dense bf16 tensor-core peaks from the data sheets, TFLOP/s. Matched as substrings of the device name, first hit wins.
@@ -180,7 +181,12 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
 
     Official masks change the context and target lengths from batch to batch, so the compiled model first sees a
     batch of another shape: dynamo recompiles once with dynamic sizes, as in training, before anything is timed.
+    Inductor's mix-order reduction is turned off as the training loops do (``ijepa_hf.training.compilation``),
+    unless ``TORCHINDUCTOR_MIX_ORDER_REDUCTION`` says otherwise.
     """
+    from torch._inductor import config as inductor_config
+
+    configure_inductor_for_variable_masks()
     setup = training_setup(preset, device, batch_size)
     model = setup.model
     config = model.config
@@ -221,6 +227,7 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
         "speed_up": eager_seconds / compiled_seconds,
         "loss_eager": eager_loss, "loss_compiled": compiled_loss,
         "loss_relative_difference": abs(compiled_loss - eager_loss) / abs(eager_loss),
+        "mix_order_reduction": bool(getattr(inductor_config.triton, "mix_order_reduction", False)),
     }
 
 

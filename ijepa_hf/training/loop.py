@@ -708,9 +708,12 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedType, set_seed
 
+    from .compilation import configure_inductor_for_variable_masks
     from .cpu_allocator import keep_freed_memory_for_reuse
 
     output_dir = Path(args.output_dir)
+    if args.torch_compile:
+        configure_inductor_for_variable_masks()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

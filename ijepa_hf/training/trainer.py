@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .optim import build_optimizer
 from .schedules import cosine_wd_value, ema_momentum_value, warmup_cosine_value
@@ -171,6 +172,8 @@ class IJepaTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         if self.args.device.type == "cpu":
             keep_freed_memory_for_reuse()
+        if self.args.torch_compile:
+            configure_inductor_for_variable_masks()
         self.add_callback(WeightDecayScheduleCallback(final_weight_decay))
         self.add_callback(EMACallback(ema_momentum))
         if hasattr(self.data_collator, "set_step"):
