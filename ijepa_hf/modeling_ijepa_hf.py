@@ -99,7 +99,7 @@ def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_siz
     if indices.shape[0] != batch_size:
         raise ValueError(f"`{name}` has batch size {indices.shape[0]} but the input has {batch_size}.")
     if indices.numel() and not torch.compiler.is_compiling():
-        low, high = int(indices.min()), int(indices.max())
+        low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host sync on a GPU, not two
         if low < 0 or high >= num_patches:
             raise ValueError(f"`{name}` holds patch indices in [{low}, {high}], outside [0, {num_patches - 1}].")
 

@@ -136,6 +136,10 @@ def test_bad_mask_indices_are_clear_errors():
     context, targets = random_masks(2, 16, 6, 2, 3)
     with pytest.raises(ValueError, match="outside"):
         model(pixels, context + 100, targets)
+    negative = context.clone()
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match=r"`context_mask` holds patch indices in \[-1, \d+\], outside \[0, 15\]"):
+        model(pixels, negative, targets)
     with pytest.raises(ValueError, match="batch size"):
         model(pixels, context[:1], targets)
     with pytest.raises(ValueError, match="IJepaMaskCollator"):
