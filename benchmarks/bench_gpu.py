@@ -5,6 +5,10 @@ Prepared to run as one short job on a lent GPU machine (it also runs on CPU at t
 
     python benchmarks/bench_gpu.py                                  # ViT-B/16 and ViT-H/14, writes a JSON + table
     python benchmarks/bench_gpu.py --models vit_base_patch16_224 --max-batch 64 --steps 5
+    python benchmarks/bench_gpu.py --models '' --agreement-models '' --profile-model '' \
+        --compile-models vit_base_patch16_224 --compile-batch 1024  # torch.compile against eager (minutes)
+
+Results of a run on an H200 are in benchmarks/README.md (GPU section) and benchmarks/results/gpu_h200*.json.
 
 Per model (official presets: predictor width 384, depth 12; official masks; AdamW with the official groups, fused;
 EMA update): the batch is doubled from ``--min-batch`` until a step runs out of memory or reaches ``--max-batch``;
@@ -13,8 +17,9 @@ the largest batch that ran is timed (CUDA-synchronised, median step). MFU is the
 data sheet and against a bf16 matrix product measured in the same run. Agreement: the same weights and batch, loss,
 predictions and gradients with bf16 autocast against fp32 (TF32 off). Profile: torch.profiler over a few steps of one
 model at its timed batch, the busiest kernels and how much of the wall-clock step the GPU was busy (a step that
-waits on the host shows as a low fraction). The JSON is rewritten after every stage, so a run stopped by a time
-limit still leaves what it measured.
+waits on the host shows as a low fraction). Compile: the step under ``torch.compile`` against eager, after one
+recompile for a second mask shape. The JSON is rewritten after every stage, so a run stopped by a time limit still
+leaves what it measured.
 """
 
 from __future__ import annotations
