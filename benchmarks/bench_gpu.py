@@ -87,6 +87,11 @@ def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.de
     return {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
+def _presets(text: str) -> list[str]:
+    """A comma-separated list of preset names; '' is none."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -124,8 +129,10 @@ def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: 
     return best, log
 
 
-def measure_throughput(preset: str, device: torch.device, batch_size: int, steps: int,
-                       ceiling_tflops: float) -> dict:
+def measure_throughput(preset: str, device: torch.device, batch_size: int, steps: int, ceiling_tflops: float,
+                       profile: bool = False) -> tuple[dict, dict | None]:
+    """The timed row of ``preset`` at ``batch_size``; with ``profile``, also :func:`profile_steps` on the same model
+    and batch (else None)."""
     setup = training_setup(preset, device, batch_size)
     model, batch = setup.model, setup.batch
     if device.type == "cuda":
@@ -151,10 +158,14 @@ def measure_throughput(preset: str, device: torch.device, batch_size: int, steps
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "split_seconds": parts,  # forward of the target encoder; forward + backward of the others; no AdamW / EMA
     }
+    profiled = None
+    if profile:
+        summary, table = profile_steps(setup)
+        profiled = {"model": preset, "batch_size": batch_size, **summary, "top_kernels": table}
     del setup, model, batch
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
+    return result, profiled
 
 
 def profile_steps(setup: Setup, steps: int = 3, rows: int = 15) -> tuple[dict, str]:
@@ -352,36 +363,32 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bf16 matmul {args.matmul_size}^3: {ceiling:.1f} TFLOP/s", flush=True)
     save()
     # Agreement first: it is short, and a run cut off by its time limit during the largest model still reports it.
-    for preset in [m.strip() for m in args.agreement_models.split(",") if m.strip()]:
+    for preset in _presets(args.agreement_models):
         results["agreement"].append(agreement(preset, device, args.agreement_batch))
         print(json.dumps(results["agreement"][-1]), flush=True)
         save()
 
-    for preset in [m.strip() for m in args.models.split(",") if m.strip()]:
+    for preset in _presets(args.models):
         batch_size, results["batch_search"][preset] = largest_batch(preset, device, args.min_batch, args.max_batch)
         print(f"{preset}: {', '.join(results['batch_search'][preset])}", flush=True)
+        profile = preset == args.profile_model
         try:
-            row = measure_throughput(preset, device, batch_size, args.steps, ceiling)
+            row, profiled = measure_throughput(preset, device, batch_size, args.steps, ceiling, profile)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # a fresh model can fragment differently
             if not _is_out_of_memory(error) or batch_size // 2 < args.min_batch:
                 raise
             torch.cuda.empty_cache()
-            row = measure_throughput(preset, device, batch_size // 2, args.steps, ceiling)
+            row, profiled = measure_throughput(preset, device, batch_size // 2, args.steps, ceiling, profile)
         results["throughput"].append(row)
         print(json.dumps(row), flush=True)
+        if profiled:
+            results["profile"] = profiled
+            summary = {key: value for key, value in profiled.items() if key != "top_kernels"}
+            print(json.dumps(summary) + "\n" + profiled["top_kernels"], flush=True)
         save()
-        if preset == args.profile_model:
-            setup = training_setup(preset, device, row["batch_size"])
-            summary, table = profile_steps(setup)
-            del setup
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            results["profile"] = {"model": preset, "batch_size": row["batch_size"], **summary, "top_kernels": table}
-            print(json.dumps(summary) + "\n" + table, flush=True)
-            save()
 
     batches = {row["model"]: row["batch_size"] for row in results["throughput"]}
-    for preset in [m.strip() for m in args.compile_models.split(",") if m.strip()]:
+    for preset in _presets(args.compile_models):
         batch_size = args.compile_batch or batches.get(preset)
         if batch_size is None:
             raise SystemExit(f"--compile-models {preset}: pass --compile-batch, or list it in --models too.")
