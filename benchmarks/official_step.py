@@ -1,20 +1,22 @@
 """The official I-JEPA training step, rebuilt op for op as a same-run baseline for ``bench_train_step.py``.
 
 The issue's official figures (2.58 s fp32, 0.81 s bf16 per step) were measured once, on a host whose speed drifts
-between sessions (the bf16 matmul ceiling measured here has ranged from ~2.0 to ~2.4 TFLOP/s), so a ratio against
+between sessions (the bf16 matmul ceiling measured here has ranged from ~2.0 to ~2.6 TFLOP/s), so a ratio against
 them moves with the host. This module runs the official step's computation in the same run instead. It is written
-from the description of the official code in the reference notes (facebookresearch/ijepa is CC BY-NC, so none of
-its code is copied), keeping every choice that costs time:
+from the reference notes' description and a reading of the official source (facebookresearch/ijepa is CC BY-NC, so
+none of its code is copied), keeping every choice that costs time:
 
 - patch embedding as ``conv -> flatten -> transpose`` (a non-contiguous residual stream until the first add);
-- attention as explicit ``q @ k^T * scale -> softmax -> @ v``, so under bf16 autocast the softmax runs in fp32;
+- attention as explicit ``q @ k^T * scale -> softmax -> @ v``, so under bf16 autocast the softmax runs in fp32, with
+  q, k and v indexed out of the packed projection;
 - the predictor's last block on every row, context rows included;
 - ``torch.optim.AdamW`` with torch's CPU default (one parameter at a time) and the official four groups;
 - the EMA as a Python loop, ``k.mul_(m).add_((1 - m) * q)``, and the per-step gradient statistics;
 - glibc's default allocator (the caller runs it in a fresh process with nothing tuned).
 
 Not reproduced, because they do nothing in a single CPU process: DDP, ``AllReduce`` of the loss, the CUDA
-GradScaler (disabled without CUDA). Parameter names follow the official state dicts, so an official checkpoint loads
+GradScaler (disabled without CUDA); nor the per-step learning-rate and weight-decay schedule writes (a few dict
+entries) and the data loader's worker processes. Parameter names follow the official state dicts, so an official checkpoint loads
 as is; ``tests/test_bench_official_step.py`` checks the loss before and after one AdamW + EMA step against golden
 vectors made by the official code (to 1e-5).
 """
@@ -54,7 +56,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        # indexed, not unpacked: three `select`s, whose backward the official code pays (a zero-filled qkv-sized
+        # gradient per select, then their sum) instead of one `stack`
+        q, k, v = qkv[0], qkv[1], qkv[2]
         weights = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, dim))
 
