@@ -12,12 +12,14 @@ are probed with the package's probes (``ijepa_hf.evaluation.linear_probe`` / ``k
   for the object count (linear probe and k-NN), the class of the largest shape (linear probe) and the position of
   the largest object (closed-form ridge regression: R^2 and mean absolute error in pixels).
 
-Recipe (defaults; every knob is a flag): bf16 autocast, batch 128, ViT width 192 depth 6 heads 3 (MLP 768),
-I-JEPA predictor 96 x 4, official mask scales with ``min_keep`` 4 and ``mask_mode`` fixed, AdamW with the official
+Recipe (defaults, ``--recipe official``; every knob is a flag): bf16 autocast, batch 128, ViT width 192 depth 6 heads
+3 (MLP 768), I-JEPA predictor 96 x 4, official mask scales with ``min_keep`` 4 and ``mask_mode`` fixed, AdamW with the official
 parameter groups, warmup-cosine lr (2e-4 -> 1e-3 -> 1e-6, warmup 40/300 of the run), cosine weight decay
 0.04 -> 0.4, EMA 0.996 -> 1. MAE: mask ratio 0.75, decoder 128 x 2, same lr schedule, AdamW betas (0.9, 0.95) and a
 constant weight decay 0.05 (MAE's recipe). Augmentation for both: random resized crop only (area 0.3-1, the official
-I-JEPA recipe), done on whole batches of tensors.
+I-JEPA recipe), done on whole batches of tensors. ``--recipe cpu-budget`` changes the sizes and the warm-up only:
+ViT 128 x 4 (2 heads), a one-block predictor 128 wide, warm-up 25 % of the run (MAE gets the same encoder and
+warm-up).
 
 The number of optimizer steps that fits the budget is estimated from the first steps and re-estimated at 25, 50
 and 75 % of the budget, so the lr / wd / EMA schedules end when the budget ends (a run stops at the budget or at
@@ -26,6 +28,7 @@ the planned step count, whichever comes first; both are reported).
 Run::
 
     python benchmarks/learning.py --task fashion-mnist --budget-minutes 20
+    python benchmarks/learning.py --task fashion-mnist --budget-minutes 20 --recipe cpu-budget
     python benchmarks/learning.py --task spatial --budget-minutes 5
     python benchmarks/learning.py --budget-minutes 0.5          # smoke run (a few minutes, numbers meaningless)
 
@@ -84,6 +87,14 @@ DEFAULT_BUDGET_MINUTES = {"fashion-mnist": 20.0, "spatial": 5.0}
 # Below this budget the run is a smoke test: probe on subsets so it ends in a few minutes (override with
 # --probe-train-size / --probe-test-size).
 SMOKE_BUDGET_MINUTES = 2.0
+# Named starting points for the model sizes and the warm-up; any of these flags given explicitly wins.
+RECIPES = {
+    # the reference sizes (the official code was measured with them)
+    "official": dict(width=192, depth=6, heads=3, predictor_width=96, predictor_depth=4, warmup_fraction=40 / 300),
+    # best in the 5-minute pilots (benchmarks/README.md): a one-block predictor as wide as a smaller encoder doubles
+    # the steps that fit a short CPU budget, and a longer warm-up helps at that lr
+    "cpu-budget": dict(width=128, depth=4, heads=2, predictor_width=128, predictor_depth=1, warmup_fraction=0.25),
+}
 SMOKE_PROBE_SIZES = (4000, 1000)
 SPATIAL_PROBE_TRAIN_IMAGES = 5000
 # A 1-minute load average at least this high before the run means other processes compete for the CPUs.
@@ -1024,13 +1035,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--augment", choices=("rrc", "none"), default="rrc", help="random resized crop (official) or none")
     add("--crop-scale", type=_pair, default=(0.3, 1.0))
     # model
+    add("--recipe", choices=tuple(RECIPES), default="official",
+        help="model sizes and warm-up: 'official' (the issue's reference sizes: ViT 192x6, predictor 96x4, warm-up "
+             "40/300) or 'cpu-budget' (ViT 128x4, a one-block predictor 128 wide, warm-up 25%%: 2x the steps in a "
+             "short budget); the flags below override it")
     add("--batch-size", type=int, default=128)
-    add("--width", type=int, default=192)
-    add("--depth", type=int, default=6)
-    add("--heads", type=int, default=3)
+    add("--width", type=int, default=None)
+    add("--depth", type=int, default=None)
+    add("--heads", type=int, default=None)
     add("--mlp-ratio", type=int, default=4)
-    add("--predictor-width", type=int, default=96)
-    add("--predictor-depth", type=int, default=4)
+    add("--predictor-width", type=int, default=None)
+    add("--predictor-depth", type=int, default=None)
     add("--predictor-heads", type=int, default=None, help="default: the encoder's (official)")
     # masks
     add("--num-target-blocks", type=int, default=4)
@@ -1044,7 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=1e-3)
     add("--start-lr", type=float, default=2e-4)
     add("--final-lr", type=float, default=1e-6)
-    add("--warmup-fraction", type=float, default=40 / 300)
+    add("--warmup-fraction", type=float, default=None)
     add("--weight-decay", type=float, default=0.04)
     add("--final-weight-decay", type=float, default=0.4)
     add("--ema", type=_pair, default=(0.996, 1.0))
@@ -1068,6 +1083,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     spatial = args.task == "spatial"
     if args.budget_minutes is None:
         args.budget_minutes = DEFAULT_BUDGET_MINUTES[args.task]

@@ -126,3 +126,20 @@ def test_spatial_end_to_end(learning, tmp_path):
     for row in rows.values():
         assert 0.0 <= row["count_linear_accuracy"] <= 1.0 and row["position_mae_px"] >= 0.0
         assert row["position_r2"] <= 1.0
+
+
+def test_recipes_fill_only_the_flags_not_given(learning):
+    official = learning.parse_args([])
+    assert (official.width, official.depth, official.heads, official.predictor_width, official.predictor_depth) == (
+        192, 6, 3, 96, 4)
+    assert official.warmup_fraction == pytest.approx(40 / 300)
+    budget = learning.parse_args(["--recipe", "cpu-budget"])
+    assert (budget.width, budget.depth, budget.heads, budget.predictor_width, budget.predictor_depth) == (
+        128, 4, 2, 128, 1)
+    assert budget.warmup_fraction == 0.25
+    overridden = learning.parse_args(["--recipe", "cpu-budget", "--predictor-depth", "2", "--warmup-fraction", "0.1"])
+    assert (overridden.width, overridden.predictor_depth, overridden.warmup_fraction) == (128, 2, 0.1)
+    # the model the recipe names is the one that gets built
+    config = learning.build_ijepa(budget).config
+    assert (config.encoder_config.hidden_size, config.encoder_config.num_hidden_layers) == (128, 4)
+    assert (config.predictor_config.hidden_size, config.predictor_config.num_hidden_layers) == (128, 1)
