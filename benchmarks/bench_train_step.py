@@ -23,9 +23,9 @@ import platform
 import subprocess
 import sys
 import time
-from statistics import median
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import median
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +39,7 @@ from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this
 # sizes.
 OFFICIAL = {"fp32": dict(seconds=2.58, rss_gb=2.1), "bf16": dict(seconds=0.81, rss_gb=1.8)}
 ALLOCATORS = ("tuned", "default")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -234,18 +235,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _precisions(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names or set(names) - {"fp32", "bf16"}:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of fp32,bf16, got {text!r}")
-    return names
+def _subset_of(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a non-empty comma-separated subset of ``choices``."""
+    def parse(text: str) -> list[str]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        if not names or set(names) - set(choices):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
+        return names
 
-
-def _allocators(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names or set(names) - set(ALLOCATORS):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(ALLOCATORS)}, got {text!r}")
-    return names
+    return parse
 
 
 def child(args: argparse.Namespace) -> None:
@@ -275,9 +273,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=_positive, default=3,
                         help="fresh processes per row, interleaved with the rebuilt official step's")
-    parser.add_argument("--precisions", type=_precisions, default=["fp32", "bf16"])
+    parser.add_argument("--precisions", type=_subset_of(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--allocators", type=_allocators, default=list(ALLOCATORS),
+    parser.add_argument("--allocators", type=_subset_of(ALLOCATORS), default=list(ALLOCATORS),
                         help="'tuned': glibc malloc keeps freed memory, as ijepa_hf's training loops set it on CPU "
                              "(ijepa_hf.training.keep_freed_memory_for_reuse); 'default': glibc's defaults")
     parser.add_argument("--scaling", action="store_true", help="also time batch 8-64 and image 96-224 (bf16)")
@@ -312,7 +310,7 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
     splits = {}
     at_official_sizes = all(getattr(args, name) == parser.get_default(name) for name in (
-        "size", "patch_size", "image_size", "batch_size", "predictor_width", "predictor_depth", "mask_mode"))
+        "size", "patch_size", "image_size", "batch_size", "predictor_width", "predictor_depth", "mask_mode", "threads"))
     for precision in args.precisions:
         ceiling = matmul_ceiling(precision)
         published = OFFICIAL[precision] if at_official_sizes else None

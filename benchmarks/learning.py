@@ -87,6 +87,8 @@ DEFAULT_BUDGET_MINUTES = {"fashion-mnist": 20.0, "spatial": 5.0}
 # Below this budget the run is a smoke test: probe on subsets so it ends in a few minutes (override with
 # --probe-train-size / --probe-test-size).
 SMOKE_BUDGET_MINUTES = 2.0
+SMOKE_PROBE_SIZES = (4000, 1000)
+SPATIAL_PROBE_TRAIN_IMAGES = 5000
 # Named starting points for the model sizes and the warm-up; any of these flags given explicitly wins.
 RECIPES = {
     # the reference sizes (the official code was measured with them)
@@ -95,8 +97,6 @@ RECIPES = {
     # the steps that fit a short CPU budget, and a longer warm-up helps at that lr
     "cpu-budget": dict(width=128, depth=4, heads=2, predictor_width=128, predictor_depth=1, warmup_fraction=0.25),
 }
-SMOKE_PROBE_SIZES = (4000, 1000)
-SPATIAL_PROBE_TRAIN_IMAGES = 5000
 # A 1-minute load average at least this high before the run means other processes compete for the CPUs.
 BUSY_LOAD_AVERAGE = 1.0
 INSTALL_COMMAND = ["apt-get", "install", "-y", "dataset-fashion-mnist"]

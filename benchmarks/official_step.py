@@ -16,8 +16,8 @@ none of its code is copied), keeping every choice that costs time:
 
 Not reproduced, because they do nothing in a single CPU process: DDP, ``AllReduce`` of the loss, the CUDA
 GradScaler (disabled without CUDA); nor the per-step learning-rate and weight-decay schedule writes (a few dict
-entries) and the data loader's worker processes. Parameter names follow the official state dicts, so an official checkpoint loads
-as is; ``tests/test_bench_official_step.py`` checks the loss before and after one AdamW + EMA step against golden
+entries) and the data loader's worker processes. Parameter names follow the official state dicts, so an official
+checkpoint loads as is; ``tests/test_bench_official_step.py`` checks the loss before and after one AdamW + EMA step against golden
 vectors made by the official code (to 1e-5).
 """
 
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
+from ijepa_hf.training import is_no_decay_param
 
 LAYER_NORM_EPS = 1e-6
 
@@ -154,7 +155,7 @@ def official_groups(encoder: nn.Module, predictor: nn.Module) -> list[dict]:
     """Decay groups (the optimizer's default weight decay): names without "bias" and not 1-D, frozen position tables
     included, as officially; then the rest, without decay."""
     def select(module: nn.Module, decay: bool) -> list[nn.Parameter]:
-        return [p for n, p in module.named_parameters() if ("bias" not in n and p.ndim != 1) == decay]
+        return [p for n, p in module.named_parameters() if is_no_decay_param(n, p) != decay]
 
     return [{"params": select(encoder, True)}, {"params": select(predictor, True)},
             {"params": select(encoder, False), "WD_exclude": True, "weight_decay": 0.0},

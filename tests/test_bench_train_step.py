@@ -43,3 +43,11 @@ def test_side_by_side_table_at_toy_sizes():
 def test_rounds_must_be_positive():
     result = subprocess.run([sys.executable, str(_SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "expected a positive whole number, got '0'" in result.stderr
+
+
+def test_lists_must_name_known_precisions_and_allocators():
+    for flag, value, choices in (("--precisions", "fp32,fp16", "fp32,bf16"), ("--allocators", "", "tuned,default")):
+        result = subprocess.run([sys.executable, str(_SCRIPT), flag, value], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode != 0
+        assert f"expected a comma-separated subset of {choices}, got {value!r}" in result.stderr
