@@ -10,6 +10,7 @@ own ``ijepa`` type (its encoder-only ``IJepaModel``) is left untouched and is re
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "ENCODER_SIZES",
     "PRETRAINING_PRESETS",
     "list_presets",
+    "parse_config_overrides",
 ]
 
 
@@ -365,6 +367,53 @@ class IJepaPretrainingConfig(PretrainedConfig):
             output[key] = value.to_dict() if isinstance(value, PretrainedConfig) else value
         return output
 
+    # Predictor fields that follow the encoder's in `update_from_string` unless overridden too.
+    _PREDICTOR_FOLLOWS_ENCODER = {"image_size": "image_size", "patch_size": "patch_size",
+                                  "encoder_hidden_size": "hidden_size"}
+
+    def update_from_string(self, update_str: str) -> None:
+        """Update fields in place from ``"key=value,..."`` (transformers' ``--config_overrides`` language).
+
+        Keys are top-level fields (``num_target_blocks``, ``min_keep``, ``mask_mode``, ...) or ``encoder.<field>``
+        / ``predictor.<field>`` for the sub-configs. Values: ``true``/``false``, ``none``, ints, floats, bracketed
+        lists (``target_scale=[0.15,0.2]``), otherwise strings; each must match the type of the current value.
+        When the encoder's ``image_size``, ``patch_size`` or ``hidden_size`` change, the predictor follows unless
+        its own value is given too, and an unset ``intermediate_size`` is re-derived from the new width.
+
+        Raises:
+            ValueError: a malformed item, an unknown key (with close matches), a value of the wrong type, or an
+                invalid resulting config; the config is left unchanged.
+        """
+        items = parse_config_overrides(update_str)
+        if not items:
+            return
+        data = self.to_dict()
+        subs = {"encoder": data["encoder_config"], "predictor": data["predictor_config"]}
+        for key, value in items.items():
+            prefix, dot, name = key.partition(".")
+            if dot and prefix not in subs:
+                raise ValueError(f"unknown config prefix {prefix!r} in {key!r}; use 'encoder.' or 'predictor.'")
+            target, label = (subs[prefix], f"{prefix}.") if dot else (data, "")
+            name = name if dot else key
+            if name not in target or name.endswith("_config") or name.startswith("_"):
+                valid = sorted(k for k in target if not k.startswith("_") and not k.endswith("_config"))
+                close = difflib.get_close_matches(name, valid, n=3)
+                hint = f" Did you mean {', '.join(label + c for c in close)}?" if close else ""
+                raise ValueError(
+                    f"unknown config key {key!r}.{hint} Valid {label or 'top-level '}keys: {', '.join(valid)}"
+                    + ("" if dot else "; sub-config keys take an 'encoder.' or 'predictor.' prefix.")
+                )
+            target[name] = _coerce_override(value, target[name], key)
+        encoder, predictor = subs["encoder"], subs["predictor"]
+        for pred_key, enc_key in self._PREDICTOR_FOLLOWS_ENCODER.items():
+            if f"encoder.{enc_key}" in items and f"predictor.{pred_key}" not in items:
+                predictor[pred_key] = encoder[enc_key]
+        for prefix, sub in subs.items():
+            if f"{prefix}.hidden_size" in items and f"{prefix}.intermediate_size" not in items:
+                sub["intermediate_size"] = None  # re-derive 4 * hidden_size rather than keep the old width
+        updated = type(self).from_dict(data)  # validates everything before anything changes
+        self.__dict__.update(updated.__dict__)
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "IJepaPretrainingConfig":
         """The configuration of a named preset (see `list_presets()`), e.g. ``"vit_huge_patch14_224"`` (the
@@ -379,6 +428,77 @@ class IJepaPretrainingConfig(PretrainedConfig):
         encoder = {**preset.pop("encoder"), **overrides.pop("encoder", {})}
         predictor = {**preset.pop("predictor"), **overrides.pop("predictor", {})}
         return cls(encoder_config=encoder, predictor_config=predictor, **{**preset, **overrides})
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets (so list values like ``[0.15,0.2]`` survive)."""
+    parts, depth, current = [], 0, []
+    for char in text:
+        depth += (char in "[(") - (char in "])")
+        if char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _parse_override_value(text: str) -> Any:
+    """``true``/``false``/``none``, int, float, a bracketed list or a bare string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if text[:1] in "[(" and text[-1:] in "])":
+        return [_parse_override_value(v) for v in _split_top_level(text[1:-1])]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip("'\"")
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """Parse ``"a=1,encoder.hidden_size=192,target_scale=[0.15,0.2]"`` into ``{key: value}`` (keys keep their
+    ``encoder.`` / ``predictor.`` prefix); see `IJepaPretrainingConfig.update_from_string`."""
+    overrides: dict[str, Any] = {}
+    for item in _split_top_level(text or ""):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value.strip():
+            raise ValueError(f"config override {item!r} is not of the form key=value (in {text!r})")
+        if key in overrides:
+            raise ValueError(f"config override {key!r} is given twice (in {text!r})")
+        overrides[key] = _parse_override_value(value.strip())
+    return overrides
+
+
+def _coerce_override(value: Any, current: Any, key: str) -> Any:
+    """Check ``value`` against the type of the current config value."""
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, (list, tuple)):
+        if isinstance(value, list) and len(value) == len(current):
+            return [_coerce_override(v, c, key) for v, c in zip(value, current)]
+        if len(current) == 2 and isinstance(value, int) and not isinstance(value, bool):
+            return value  # e.g. image_size=[224,224] may be overridden by a single int
+    elif isinstance(current, str):
+        return str(value)
+    else:
+        return value
+    raise ValueError(f"config override {key}={value!r} does not match the type of the current value {current!r}")
 
 
 # Official encoder sizes (facebookresearch/ijepa src/models/vision_transformer.py); LayerNorm eps 1e-6, qkv bias.

@@ -169,8 +169,10 @@ def summarize_config(config_or_model: Any, extra_keys: Sequence[str] = ()) -> di
     return summary
 
 
-def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = False) -> str:
-    """A short, runnable snippet that loads ``model_name`` and extracts pooled image features.
+def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = False,
+                         subfolder: str | None = None) -> str:
+    """A short, runnable snippet that loads ``model_name`` (its ``subfolder``, if given) and extracts pooled image
+    features.
 
     ``custom_code`` means the checkpoint uses an ``ijepa_hf_*`` model type, which the Auto classes only know
     once ``ijepa_hf`` is imported (or with ``trust_remote_code=True`` when the repo ships its modelling code).
@@ -181,11 +183,12 @@ def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = F
     lines = ["import torch", "from PIL import Image", f"from transformers import AutoImageProcessor, {auto_class}"]
     if custom_code:
         lines += ["", "import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types with the Auto classes"]
+    where = f', subfolder="{subfolder}"' if subfolder else ""
     lines += [
         "",
         f'repo_id = "{model_name}"',
-        "processor = AutoImageProcessor.from_pretrained(repo_id)",
-        f"model = {auto_class}.from_pretrained(repo_id).eval()",
+        f"processor = AutoImageProcessor.from_pretrained(repo_id{where})",
+        f"model = {auto_class}.from_pretrained(repo_id{where}).eval()",
     ]
     if kind == "predictor":
         lines += [
@@ -370,7 +373,7 @@ from transformers import AutoModelForPreTraining
 
 import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types
 from ijepa_hf.masking import IJepaMaskCollator
-from ijepa_hf.training import EMAMomentum, build_optimizer
+from ijepa_hf.training import PretrainingSchedule, build_optimizer
 
 model = AutoModelForPreTraining.from_pretrained("{model_name}").train()
 # `dataset` yields {{"pixel_values": FloatTensor[3, H, W]}} preprocessed like this repo's image processor.
@@ -378,13 +381,16 @@ collator = IJepaMaskCollator.from_config(model.config)  # the multi-block masks 
 loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=collator)
 # The target encoder is frozen and follows the context encoder by EMA; only these two networks are optimised.
 optimizer = build_optimizer({{"encoder": model.context_encoder, "predictor": model.predictor}}, lr=1e-4)
-ema = EMAMomentum(total_steps=len(loader), start=model.config.ema_momentum[0], end=model.config.ema_momentum[1])
-for batch in loader:
+# Stateless schedules: pass the 1-based update number (here a short, constant-lr continuation with the EMA ramp).
+schedule = PretrainingSchedule(total_steps=len(loader), start_lr=1e-4, peak_lr=1e-4, final_lr=1e-4,
+                               ema_start=model.config.ema_momentum[0], ema_end=model.config.ema_momentum[1])
+for update, batch in enumerate(loader, start=1):
+    schedule.apply(optimizer, update)  # lr and weight decay of this update
     loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-    model.update_target_encoder(ema.step())
+    model.update_target_encoder(schedule.momentum_at(update))
 model.save_pretrained("ijepa-continued")
 """
 

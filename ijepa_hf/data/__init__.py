@@ -27,6 +27,15 @@ from .loading import (
     load_image,
     to_rgb,
 )
+from .pretraining import (
+    EMBEDDED_DATASET_NAME,
+    EpochShuffleSampler,
+    MaskedBatchCollator,
+    PretrainImageDataset,
+    PretrainingData,
+    PretrainIterableImageDataset,
+    build_pretraining_data,
+)
 from .procedural import SHAPE_NAMES, TEXTURE_NAMES, ProceduralShapes, ShapeSpec, as_hf_dataset
 from .transforms import (
     IMAGENET_MEAN,
@@ -80,4 +89,12 @@ __all__ = [
     "IMAGE_COLUMN_CANDIDATES",
     "detect_image_column",
     "load_image_dataset",
+    # the pretraining pipeline
+    "EMBEDDED_DATASET_NAME",
+    "EpochShuffleSampler",
+    "PretrainImageDataset",
+    "PretrainIterableImageDataset",
+    "MaskedBatchCollator",
+    "PretrainingData",
+    "build_pretraining_data",
 ]

@@ -1,20 +1,25 @@
-"""Training utilities: the official I-JEPA schedules (lr, weight decay, EMA momentum) and AdamW groups."""
+"""Training: the official I-JEPA schedules and AdamW groups, the training step, checkpoints, metrics, the
+Accelerate loop (:func:`pretrain`) and the ``transformers.Trainer`` integration (:class:`IJepaTrainer`).
+
+Modules, one concept each: ``arguments`` (the run's options and config), ``schedules`` (lr / weight decay / EMA as
+functions of the update number), ``optim`` (parameter groups), ``step`` (one training step), ``checkpointing``
+(output folder, lock, atomic save, resume), ``metrics`` (log schema, collapse statistics), ``export`` (final model,
+cards, push), ``loop`` (:func:`pretrain`), ``trainer`` (:class:`IJepaTrainer`).
+"""
 
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .optim import build_optimizer, is_no_decay_param, official_param_groups
 from .schedules import (
-    CosineWeightDecay,
-    EMAMomentum,
-    WarmupCosineLR,
+    PretrainingSchedule,
+    applies_weight_decay,
     cosine_wd_value,
     ema_momentum_value,
     warmup_cosine_value,
 )
 
 __all__ = [
-    "WarmupCosineLR",
-    "CosineWeightDecay",
-    "EMAMomentum",
+    "PretrainingSchedule",
+    "applies_weight_decay",
     "warmup_cosine_value",
     "cosine_wd_value",
     "ema_momentum_value",
@@ -22,28 +27,35 @@ __all__ = [
     "build_optimizer",
     "is_no_decay_param",
     "keep_freed_memory_for_reuse",
-    # loop.py (Accelerate pretraining) and trainer.py (transformers.Trainer), imported lazily below
+    # imported lazily below (they pull in accelerate / datasets / transformers.Trainer)
     "PretrainingArguments",
     "PretrainingResult",
     "pretrain",
     "parse_args",
+    "build_config",
+    "PretrainingStep",
+    "NonFiniteLossError",
     "IJepaTrainer",
     "EMACallback",
     "WeightDecayScheduleCallback",
     "MaskCollatorStepCallback",
+    "official_training_arguments",
 ]
 
-# The loop and the Trainer helpers pull in accelerate / datasets / transformers.Trainer: load them on first use so
-# that `import ijepa_hf.training` (schedules, optimizer groups) stays light.
+# `import ijepa_hf.training` (schedules, optimizer groups) stays light: the rest loads on first use.
 _LAZY = {
-    "PretrainingArguments": "loop",
+    "PretrainingArguments": "arguments",
+    "parse_args": "arguments",
+    "build_config": "arguments",
     "PretrainingResult": "loop",
     "pretrain": "loop",
-    "parse_args": "loop",
+    "PretrainingStep": "step",
+    "NonFiniteLossError": "step",
     "IJepaTrainer": "trainer",
     "EMACallback": "trainer",
     "WeightDecayScheduleCallback": "trainer",
     "MaskCollatorStepCallback": "trainer",
+    "official_training_arguments": "trainer",
 }
 
 

@@ -2,8 +2,8 @@
 
 For each module (official: the context encoder, then the predictor), parameters whose name does not
 contain ``"bias"`` and that are not 1-D get weight decay; biases and 1-D parameters (LayerNorm weights)
-get none and are flagged ``WD_exclude=True`` so :class:`~ijepa_hf.training.CosineWeightDecay` leaves them
-alone. The 3-D ``mask_token`` and the patch-embedding conv are therefore decayed, as in the official code.
+get none and are flagged ``WD_exclude=True`` (the decay groups ``WD_exclude=False``), so the weight-decay schedule
+(:meth:`~ijepa_hf.training.PretrainingSchedule.apply`) writes only into the decay groups. The 3-D ``mask_token`` and the patch-embedding conv are therefore decayed, as in the official code.
 Group order is official too: every module's decay group, then every module's no-decay group, so with
 ``(encoder, predictor)`` the four groups are ``[enc decay, pred decay, enc no-decay, pred no-decay]``.
 
@@ -53,7 +53,7 @@ def official_param_groups(
             official ``0.04``).
 
     Returns:
-        A list of dicts for ``torch.optim.AdamW``: decay groups ``{"params", "weight_decay",
+        A list of dicts for ``torch.optim.AdamW``: decay groups ``{"params", "weight_decay", "WD_exclude": False,
         "group_name": "<module>.decay"}`` for every module, then no-decay groups ``{"params",
         "weight_decay": 0.0, "WD_exclude": True, "group_name": "<module>.no_decay"}``. Empty groups are
         left out; frozen parameters are skipped; a parameter shared between modules is kept only in its
@@ -72,7 +72,8 @@ def official_param_groups(
             (no_decay if is_no_decay_param(name, param) else decay).append(param)
         if decay:
             decay_groups.append(
-                {"params": decay, "weight_decay": float(weight_decay), "group_name": f"{module_name}.decay"}
+                {"params": decay, "weight_decay": float(weight_decay), "WD_exclude": False,
+                 "group_name": f"{module_name}.decay"}
             )
         if no_decay:
             no_decay_groups.append(

@@ -1,0 +1,220 @@
+"""The pretraining data pipeline: sample order, seeded crops, bad-image handling and the masked batch.
+
+Everything random is a pure function of the seed and of positions, never of a global RNG or of worker timing:
+
+* the sample order of epoch ``e`` is a permutation seeded by ``(seed, e)`` (:class:`EpochShuffleSampler`);
+* the random resized crop of sample ``i`` in epoch ``e`` uses a generator seeded by ``(seed, e, i)``;
+* the masks of global batch ``k`` depend only on ``(seed, k)`` (``IJepaMaskCollator``; the training loop calls
+  ``set_step`` with the global batch index at every epoch start and on resume).
+
+So a resumed run sees bitwise the same images, crops and masks as an uninterrupted one, whatever the number of
+DataLoader workers, and a ``P``-process run sees those of a 1-process run with the same global batch (streamed
+datasets: the order is deterministic for a fixed number of workers only). Unreadable images are counted and
+skipped (:func:`~ijepa_hf.data.load_image`); a batch whose images are all bad collates to ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler
+
+from .folder import load_image_dataset
+from .loading import BadImageCounter, load_image
+from .procedural import ProceduralShapes
+from .transforms import PretrainTransform
+
+__all__ = [
+    "EMBEDDED_DATASET_NAME",
+    "EpochShuffleSampler",
+    "PretrainImageDataset",
+    "PretrainIterableImageDataset",
+    "MaskedBatchCollator",
+    "PretrainingData",
+    "build_pretraining_data",
+]
+
+EMBEDDED_DATASET_NAME = "procedural-shapes"
+
+
+def _mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence hashing: nearby inputs give unrelated streams)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+
+    Unlike ``RandomSampler`` it consumes no global RNG state, so the order survives a resume and is the same
+    for any number of processes (Accelerate shards the batches of this order across ranks).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class _SeededTransform:
+    """The pretraining transform with its own generator, reseeded for every sample (crops depend on position,
+    not on which worker or process draws them)."""
+
+    def __init__(self, image_size: int, crop_scale: tuple[float, float], seed: int) -> None:
+        self.generator = torch.Generator()
+        self.transform = PretrainTransform(image_size, crop_scale=crop_scale, generator=self.generator)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def __call__(self, image: Any, *position: int) -> torch.Tensor:
+        self.generator.manual_seed(_mix_seed(self.seed, self.epoch, *position))
+        return self.transform(image)
+
+
+class _CroppedImageSource:
+    """What both pretraining datasets share: an image source, the bad-image counter and the seeded crop."""
+
+    def __init__(self, source: Any, image_size: int, *, image_key: str = "image",
+                 crop_scale: tuple[float, float] = (0.3, 1.0), counter: BadImageCounter | None = None,
+                 seed: int = 0) -> None:
+        self.source = source
+        self.image_key = image_key
+        self.counter = counter if counter is not None else BadImageCounter()
+        self.transform = _SeededTransform(image_size, crop_scale, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.transform.epoch = int(epoch)
+
+
+class PretrainImageDataset(_CroppedImageSource, Dataset):
+    """Map-style pretraining dataset: ``source[i][image_key]`` -> ``{"pixel_values": [3, S, S]}`` or ``None``.
+
+    ``source`` is anything indexable whose items are dicts holding an image (a PIL image, a path, bytes or a
+    ``datasets`` ``{"bytes", "path"}`` dict): a ``datasets.Dataset`` with an ``Image(decode=False)`` column or
+    :class:`~ijepa_hf.data.ProceduralShapes`. Unreadable images (and any error reading the row) return ``None``
+    and are counted in ``counter``; the crop of item ``i`` in epoch ``e`` is seeded by ``(seed, e, i)``.
+    """
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+        try:
+            item = self.source[index][self.image_key]
+        except Exception as error:  # noqa: BLE001 - a broken row must not stop a long run
+            self.counter.add(f"item {index}", error)
+            return None
+        image = load_image(item, counter=self.counter)
+        return None if image is None else {"pixel_values": self.transform(image, index)}
+
+
+class PretrainIterableImageDataset(_CroppedImageSource, IterableDataset):
+    """Streaming counterpart of :class:`PretrainImageDataset`: bad rows are skipped (counted), crops are seeded
+    by ``(seed, epoch, worker, position)``. ``set_epoch`` is forwarded to the source (HF shuffling)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        for position, row in enumerate(self.source):  # HF IterableDatasets shard themselves over workers
+            image = load_image(row[self.image_key], counter=self.counter)
+            if image is not None:
+                yield {"pixel_values": self.transform(image, worker, position)}
+
+
+class MaskedBatchCollator:
+    """Drop bad (``None``) examples, then collate with the mask collator.
+
+    A batch with no good example returns ``None`` but still consumes its mask index, so the masks of later
+    batches do not shift (the mask stream stays a function of the batch position).
+    """
+
+    def __init__(self, mask_collator: Any) -> None:
+        self.mask_collator = mask_collator
+
+    def set_step(self, step: int) -> None:
+        """Forwarded to the mask collator (so step-aligning hooks can treat both alike)."""
+        self.mask_collator.set_step(step)
+
+    def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor] | None:
+        good = [example for example in examples if example is not None and example.get("pixel_values") is not None]
+        if not good:
+            self.mask_collator.sample_masks(1)  # advance the mask stream; result unused
+            return None
+        return self.mask_collator(good)
+
+
+@dataclass
+class PretrainingData:
+    """The training dataset of a run and how to describe it."""
+
+    dataset: Dataset | IterableDataset
+    sampler: EpochShuffleSampler | None  # None for streamed data
+    description: str  # for logs and the model card
+    hub_dataset: str | None  # Hub dataset id for the card metadata
+    num_images: int | None  # None for streamed data
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.description.startswith(EMBEDDED_DATASET_NAME)
+
+
+def build_pretraining_data(
+    *,
+    image_size: int,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.3, 1.0),
+    counter: BadImageCounter | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    image_column_name: str | None = None,
+    dataset_split: str = "train",
+    streaming: bool = False,
+    shuffle_buffer_size: int = 1000,
+    max_train_samples: int | None = None,
+    embedded_num_images: int = 4096,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> PretrainingData:
+    """The pretraining dataset: a Hub dataset / builder (``dataset_name``), an image folder (``train_dir``), or
+    without either the embedded procedural scenes (rendered at ``image_size``; their generator seed is fixed so
+    that ``seed`` varies only the training)."""
+    counter = counter if counter is not None else BadImageCounter()
+    common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed)
+    if dataset_name is None and train_dir is None:
+        num = min(embedded_num_images, max_train_samples or embedded_num_images)
+        source = ProceduralShapes(num, image_size=image_size, seed=0)
+        return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed),
+                               f"{EMBEDDED_DATASET_NAME} (embedded, {num} images at {image_size}px)", None, num)
+    source = load_image_dataset(
+        dataset_name=dataset_name, train_dir=train_dir, streaming=streaming, image_column=image_column_name,
+        split=dataset_split, dataset_config_name=dataset_config_name, cache_dir=cache_dir, token=token,
+        max_samples=max_train_samples, decode=False,
+    )
+    name = dataset_name if dataset_name not in (None, "imagefolder") else None
+    description = name or f"image folder {train_dir}"
+    if streaming:
+        if shuffle_buffer_size > 0:
+            source = source.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
+        return PretrainingData(PretrainIterableImageDataset(source, **common), None, f"{description} (streamed)",
+                               name, None)
+    return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed),
+                           f"{description} ({len(source)} images)", name, len(source))

@@ -1,0 +1,410 @@
+"""The arguments of a pretraining run, the embedded demo's settings, and the config a run trains.
+
+:class:`PretrainingArguments` is the command line of ``examples/pretrain.py`` (``HfArgumentParser``, transformers'
+example-script names); its defaults are what ``--help`` prints. :func:`parse_args` reads the command line or one
+JSON file the same way, and when no data source is given applies the embedded demo's settings
+(:data:`EMBEDDED_DEMO_DEFAULTS`) to the options the user did not set, saying so in the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..configuration_ijepa_hf import IJepaPretrainingConfig, list_presets, parse_config_overrides
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PretrainingArguments",
+    "parse_args",
+    "build_config",
+    "EMBEDDED_DEMO_DEFAULTS",
+    "EMBEDDED_DEMO_MODEL",
+    "OPERATIONAL_FIELDS",
+    "SCHEDULE_LENGTH_FIELDS",
+    "check_resume_compatible",
+]
+
+
+def _help(text: str) -> dict[str, Any]:
+    return {"help": text}
+
+
+@dataclass
+class PretrainingArguments:
+    """Arguments of :func:`~ijepa_hf.training.pretrain` (also the command line of ``examples/pretrain.py``).
+
+    Defaults follow the official I-JEPA configs where they exist (LR 1e-3 with start 2e-4 and final 1e-6, weight
+    decay 0.04 -> 0.4, EMA 0.996 -> 1.0, warm-up 40 of 300 epochs, random resized crop 0.3-1.0 only, no gradient
+    clipping). Without any data argument the run uses the embedded procedural-shapes dataset (no download).
+    """
+
+    # ---- data
+    dataset_name: str | None = field(default=None, metadata=_help(
+        "Hub dataset name (e.g. 'cifar10') or a datasets builder ('imagefolder' together with --train_dir)."))
+    dataset_config_name: str | None = field(default=None, metadata=_help("Configuration name of the Hub dataset."))
+    train_dir: str | None = field(default=None, metadata=_help(
+        "Local folder of images (read with the 'imagefolder' builder; class sub-folders are fine)."))
+    image_column_name: str | None = field(default=None, metadata=_help(
+        "Image column of the dataset (default: 'image', then 'img', then the first Image feature)."))
+    dataset_split: str = field(default="train", metadata=_help("Split to train on."))
+    streaming: bool = field(default=False, metadata=_help(
+        "Stream the dataset (IterableDataset, nothing downloaded up front); needs --max_train_steps."))
+    shuffle_buffer_size: int = field(default=1000, metadata=_help(
+        "Shuffle buffer of a streamed dataset (0 disables shuffling)."))
+    max_train_samples: int | None = field(default=None, metadata=_help("Keep only the first N training images."))
+    embedded_num_images: int = field(default=4096, metadata=_help(
+        "Size of the embedded procedural-shapes dataset used when no data argument is given."))
+    cache_dir: str | None = field(default=None, metadata=_help("datasets / transformers cache directory."))
+    crop_scale: str = field(default="0.3,1.0", metadata=_help(
+        "Area range 'min,max' of the random resized crop (official 0.3,1.0)."))
+    # ---- model
+    config_name: str | None = field(default=None, metadata=_help(
+        "A preset name (see ijepa_hf.list_presets()) or a path/repo id of a pretraining config. Default: "
+        "IJepaPretrainingConfig() (ViT-B/16, 224 px); the embedded demo uses a small ViT instead."))
+    model_name_or_path: str | None = field(default=None, metadata=_help(
+        "Continue from a saved pretraining model (local directory or Hub repo with context, target encoder and "
+        "predictor)."))
+    config_overrides: str | None = field(default=None, metadata=_help(
+        "Config overrides 'a=1,b=2' (IJepaPretrainingConfig.update_from_string); prefix 'encoder.' / 'predictor.' "
+        "for the sub-configs, lists in brackets, e.g. "
+        "'encoder.hidden_size=192,predictor.num_hidden_layers=4,target_scale=[0.15,0.2]'."))
+    image_size: int | None = field(default=None, metadata=_help(
+        "Training resolution (the encoder's and predictor's image_size); not together with an image_size in "
+        "--config_overrides."))
+    mask_mode: str | None = field(default=None, metadata=_help(
+        "Mask sampler: 'fixed' (the config's default: official sampler with its defects fixed) or 'official'."))
+    # ---- output
+    output_dir: str = field(default="outputs/pretrain", metadata=_help(
+        "Where checkpoints and the model go (embedded demo: outputs/pretrain-default)."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Start a new run in an --output_dir that holds another one (its files are replaced as the new run writes "
+        "them; its checkpoints are never resumed or pruned by the new run)."))
+    # ---- optimisation
+    per_device_train_batch_size: int = field(default=64, metadata=_help(
+        "Batch size per process (embedded demo: 16)."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    max_train_steps: int | None = field(default=None, metadata=_help(
+        "Total optimizer steps; overrides --num_train_epochs (embedded demo: 2400 unless --num_train_epochs is "
+        "given)."))
+    num_train_epochs: int = field(default=1, metadata=_help("Epochs (ignored when --max_train_steps is set)."))
+    learning_rate: float = field(default=1e-3, metadata=_help(
+        "Peak (reference) learning rate (official 1e-3; embedded demo: 5e-4)."))
+    start_lr: float = field(default=2e-4, metadata=_help("Learning rate at the start of the warm-up."))
+    final_lr: float = field(default=1e-6, metadata=_help("Learning rate at the end of the cosine."))
+    warmup_steps: int | None = field(default=None, metadata=_help("Warm-up steps (overrides --warmup_ratio)."))
+    warmup_ratio: float = field(default=40 / 300, metadata=_help(
+        "Warm-up as a fraction of all steps (official IN-1k: 40 of 300 epochs)."))
+    weight_decay: float = field(default=0.04, metadata=_help("Initial weight decay."))
+    final_weight_decay: float = field(default=0.4, metadata=_help("Final weight decay (cosine schedule)."))
+    ema_momentum: str | None = field(default=None, metadata=_help(
+        "EMA momentum 'start,end' of the target encoder (default: the config's, officially 0.996,1.0); not "
+        "together with ema_momentum in --config_overrides."))
+    max_grad_norm: float | None = field(default=None, metadata=_help(
+        "Clip the gradient norm to this value; unset or <= 0: no clipping (the official recipe does not clip)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW beta1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
+    mixed_precision: str | None = field(default=None, metadata=_help(
+        "'no', 'fp16' or 'bf16' (official: bf16); default: what `accelerate launch`/config says."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
+    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (inductor)."))
+    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    seed: int = field(default=0, metadata=_help("Seed of the model init, data order, crops and masks."))
+    skip_nonfinite_steps: int = field(default=0, metadata=_help(
+        "Skip up to N updates whose loss or gradients are not finite (their optimizer step and EMA are not "
+        "applied) before stopping. 0 (default): stop at the first one. N > 0 checks every step on the host "
+        "(one device sync per step)."))
+    # ---- checkpoints
+    checkpointing_steps: str | None = field(default=None, metadata=_help(
+        "Save the training state every N optimizer steps, or 'epoch' (to output_dir/step_<N>)."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help(
+        "Keep only the newest N complete checkpoints of this run."))
+    resume_from_checkpoint: str | None = field(default=None, metadata=_help(
+        "A step_<N> folder, or 'latest' (the newest complete checkpoint of the run in output_dir; starts the run "
+        "afresh if it has none). The run's settings must be the checkpoint's (see --extend_run)."))
+    extend_run: bool = field(default=False, metadata=_help(
+        "On resume, accept a larger --max_train_steps / --num_train_epochs: the LR, weight-decay and EMA "
+        "schedules are recomputed for the new length and continue from the checkpoint's step on the new curves."))
+    # ---- distributed
+    ddp_timeout: int = field(default=600, metadata=_help(
+        "Seconds a process waits for the others in a collective before the run fails (a rank that died or "
+        "stalled); torch's default would be 1800."))
+    # ---- logging
+    with_tracking: bool = field(default=False, metadata=_help("Log metrics to trackers (see --report_to)."))
+    report_to: str = field(default="tensorboard", metadata=_help(
+        "Tracker(s) for --with_tracking: 'tensorboard', 'wandb', 'all', ... (comma-separated)."))
+    logging_steps: int = field(default=10, metadata=_help(
+        "Log (train_log.jsonl, trackers, progress bar) every N optimizer steps (embedded demo: 20)."))
+    collapse_threshold: float = field(default=0.01, metadata=_help(
+        "Collapse warning when the batch std of the pooled, normalised target features falls below this."))
+    collapse_max_cosine: float = field(default=0.99, metadata=_help(
+        "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this."))
+    # ---- hub
+    push_to_hub: bool = field(default=False, metadata=_help("Upload output_dir to the Hub at the end."))
+    hub_model_id: str | None = field(default=None, metadata=_help(
+        "Repo id for --push_to_hub (default: the name of output_dir)."))
+    hub_token: str | None = field(default=None, metadata=_help("Hub token (also used to read Hub datasets)."))
+    hub_private_repo: bool | None = field(default=None, metadata=_help("Create the Hub repo as private."))
+
+    def __post_init__(self) -> None:
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                     "logging_steps", "embedded_num_images", "ddp_timeout"):
+            positive(name)
+        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "image_size"):
+            positive(name, allow_none=True)
+        for name in ("warmup_steps", "num_workers", "skip_nonfinite_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        for name in ("learning_rate", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+        if self.max_grad_norm is not None and not math.isfinite(self.max_grad_norm):
+            raise ValueError(f"--max_grad_norm must be finite (<= 0 or unset: no clipping), got {self.max_grad_norm}")
+        if self.checkpointing_steps is not None:
+            text = str(self.checkpointing_steps).strip()
+            if text != "epoch" and not (text.isdigit() and int(text) > 0):
+                raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {text!r}")
+            self.checkpointing_steps = text
+        if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
+            raise ValueError(f"--mixed_precision must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}")
+        if self.mask_mode is not None and self.mask_mode not in ("fixed", "official"):
+            raise ValueError(f"--mask_mode must be 'fixed' or 'official', got {self.mask_mode!r}")
+        if self.streaming and self.max_train_steps is None:
+            raise ValueError("--streaming needs --max_train_steps (a streamed dataset has no length to count epochs)")
+        if self.streaming and self.dataset_name is None and self.train_dir is None:
+            raise ValueError("--streaming needs --dataset_name or --train_dir")
+        if self.config_name is not None and self.model_name_or_path is not None:
+            raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
+                             "give only one of them")
+        if self.extend_run and not self.resume_from_checkpoint:
+            raise ValueError("--extend_run only applies with --resume_from_checkpoint")
+        overrides = parse_config_overrides(self.config_overrides)  # validates the syntax early
+        for flag, keys in (("image_size", ("encoder.image_size", "predictor.image_size")),
+                           ("mask_mode", ("mask_mode",)), ("ema_momentum", ("ema_momentum",))):
+            clash = [key for key in keys if key in overrides]
+            if getattr(self, flag) is not None and clash:
+                raise ValueError(f"--{flag} and --config_overrides {clash[0]}=... set the same field: give it once")
+        self.ema_range  # validates the string
+        self.crop_range  # validates the string
+        self._demo_defaults: dict[str, Any] = {}
+
+    @staticmethod
+    def _pair(text: str, name: str, low: float, high: float) -> tuple[float, float]:
+        try:
+            values = [float(v) for v in str(text).replace(" ", "").strip("()[]").split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 2 or not (low <= values[0] <= values[1] <= high):
+            raise ValueError(f"--{name} must be 'min,max' with {low} <= min <= max <= {high}, got {text!r}")
+        return values[0], values[1]
+
+    @property
+    def ema_range(self) -> tuple[float, float] | None:
+        """``--ema_momentum`` as ``(start, end)``, or ``None`` (use the config's)."""
+        return None if self.ema_momentum is None else self._pair(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+
+    @property
+    def crop_range(self) -> tuple[float, float]:
+        return self._pair(self.crop_scale, "crop_scale", 1e-6, 1.0)
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """The clipping norm, or ``None`` when clipping is off (unset or ``<= 0``, transformers' convention)."""
+        return self.max_grad_norm if self.max_grad_norm is not None and self.max_grad_norm > 0 else None
+
+    @property
+    def uses_embedded_data(self) -> bool:
+        """True when no data argument was given (the embedded procedural-shapes dataset is used)."""
+        return self.dataset_name is None and self.train_dir is None
+
+    @property
+    def demo_defaults_applied(self) -> dict[str, Any]:
+        """The embedded demo's settings :func:`parse_args` filled in (empty otherwise)."""
+        return dict(self._demo_defaults)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as JSON-ready values, without the Hub token."""
+        values = dataclasses.asdict(self)
+        values.pop("hub_token", None)
+        return values
+
+
+# Settings of the embedded demo (no data argument), sized for a 2-core CPU: a small ViT on an 8x8 patch grid (64 px,
+# patch 8, width 128, depth 4, 2 heads; predictor 64 x 3, the official predictor/encoder width ratio being 0.3), 2400
+# steps of batch 16 (about 9 epochs of the 4096 images), peak lr 5e-4. At that budget small batches learned clearly
+# more than batch 64; the official peak lr 1e-3 made the outcome depend on the seed, 2e-3 collapsed. min_keep 4 keeps
+# the official masks feasible on an 8x8 grid (the official 10 assumes 14x14 or more).
+EMBEDDED_DEMO_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/pretrain-default",
+    "per_device_train_batch_size": 16,
+    "max_train_steps": 2400,
+    "logging_steps": 20,
+    "learning_rate": 5e-4,
+}
+EMBEDDED_DEMO_MODEL: dict[str, Any] = {
+    "image_size": 64,
+    "config_overrides": "encoder.patch_size=8,encoder.hidden_size=128,encoder.num_hidden_layers=4,"
+                        "encoder.num_attention_heads=2,predictor.hidden_size=64,predictor.num_hidden_layers=3,"
+                        "predictor.num_attention_heads=2,min_keep=4",
+}
+# Options that choose a model: when any is given, the demo's model is not used.
+_MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
+
+# Options that may differ between a run and its resume: where and how often things are written, how the work is
+# spread, logged or published. Every other option defines the run and must equal the checkpoint's.
+OPERATIONAL_FIELDS = frozenset({
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
+    "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
+    "hub_token", "hub_private_repo", "num_workers", "ddp_timeout", "cache_dir", "torch_compile",
+    "gradient_checkpointing", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
+})
+# Options that set the run's length: may grow on resume with --extend_run.
+SCHEDULE_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")
+
+
+def _explicit_options(argv: Sequence[str]) -> set[str]:
+    """Option names present on a command line (``--name value`` or ``--name=value``)."""
+    names = set()
+    for item in argv:
+        if item.startswith("--"):
+            names.add(item[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
+    """Parse a command line, or a single ``.json`` file of arguments, into :class:`PretrainingArguments`.
+
+    Both forms mean the same run. Without a data source (``--dataset_name`` / ``--train_dir``) the embedded demo's
+    settings (:data:`EMBEDDED_DEMO_DEFAULTS`, and :data:`EMBEDDED_DEMO_MODEL` unless a model option is given) fill
+    the options not given; ``args.demo_defaults_applied`` lists them and the run logs them.
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(PretrainingArguments)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(os.path.abspath(argv[0]), encoding="utf-8") as handle:
+            values = json.load(handle)
+        if not isinstance(values, dict):
+            raise ValueError(f"{argv[0]} must hold a JSON object of arguments")
+        explicit = set(values)
+        (args,) = parser.parse_dict(values)
+    else:
+        explicit = _explicit_options(argv)
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    if not args.uses_embedded_data:
+        return args
+    demo = {k: v for k, v in EMBEDDED_DEMO_DEFAULTS.items() if k not in explicit}
+    if {"max_train_steps", "num_train_epochs"} & explicit:
+        demo.pop("max_train_steps", None)
+    if not set(_MODEL_OPTIONS) & explicit:
+        demo.update({k: v for k, v in EMBEDDED_DEMO_MODEL.items() if k not in explicit})
+    if demo:
+        args = dataclasses.replace(args, **demo)  # re-runs the validation
+        args._demo_defaults = demo
+    return args
+
+
+def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
+    """The pretraining config: a preset / file / repo (``--config_name``), a saved model's
+    (``--model_name_or_path``) or the default, then ``--config_overrides`` and the ``--image_size``,
+    ``--mask_mode`` and ``--ema_momentum`` flags (which may not set the same field as an override)."""
+    if args.model_name_or_path is not None:
+        config = IJepaPretrainingConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir,
+                                                        token=args.hub_token)
+    elif args.config_name is None:
+        config = IJepaPretrainingConfig()
+    elif args.config_name in list_presets():
+        config = IJepaPretrainingConfig.from_preset(args.config_name)
+    else:
+        try:
+            config = IJepaPretrainingConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir,
+                                                            token=args.hub_token)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--config_name {args.config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
+                f"loadable config path/repo: {error}"
+            ) from error
+    flags = []
+    if args.config_overrides:
+        flags.append(args.config_overrides)
+    if args.image_size is not None:
+        flags.append(f"encoder.image_size={args.image_size}")
+    if args.mask_mode is not None:
+        flags.append(f"mask_mode={args.mask_mode}")
+    if args.ema_range is not None:
+        flags.append(f"ema_momentum=[{args.ema_range[0]},{args.ema_range[1]}]")
+    if flags:
+        config.update_from_string(",".join(flags))
+    return config
+
+
+def _comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("transformers_version", "_name_or_path", "architectures",
+                                                          "dtype", "torch_dtype")}
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, config: IJepaPretrainingConfig,
+                            num_processes: int, total_steps: int) -> None:
+    """Refuse to resume a checkpoint under other settings than it was trained with.
+
+    ``saved`` is the loop state of the checkpoint (its ``arguments``, ``config``, ``num_processes`` and
+    ``total_steps``). Only :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run
+    (:data:`SCHEDULE_LENGTH_FIELDS`). Raises ``ValueError`` naming every differing field.
+    """
+    problems = []
+    old_args, new_args = saved["arguments"], args.to_dict()
+    for name, new in new_args.items():
+        if name in OPERATIONAL_FIELDS or name not in old_args or old_args[name] == new:
+            continue
+        if name in SCHEDULE_LENGTH_FIELDS and args.extend_run:
+            continue
+        problems.append(f"--{name} is {new!r}, the checkpoint was trained with {old_args[name]!r}")
+    if saved["num_processes"] != num_processes:
+        problems.append(f"{num_processes} processes, the checkpoint was trained on {saved['num_processes']} (the "
+                        "global batch and the data sharding would change)")
+    old_config = _flatten(_comparable_config(saved["config"]))
+    new_config = _flatten(_comparable_config(config.to_dict()))
+    for key in sorted(set(old_config) | set(new_config)):
+        if old_config.get(key) != new_config.get(key):
+            problems.append(f"config {key} is {new_config.get(key)!r}, the checkpoint's is {old_config.get(key)!r}")
+    if saved["total_steps"] != total_steps:
+        if not args.extend_run:
+            problems.append(f"the run would last {total_steps} steps, the checkpoint's run {saved['total_steps']} "
+                            "(add --extend_run to recompute the schedules for the new length)")
+        elif total_steps < saved["progress"]["completed_steps"]:
+            problems.append(f"--extend_run: the new length ({total_steps} steps) is shorter than the "
+                            f"{saved['progress']['completed_steps']} steps already done")
+    if problems:
+        raise ValueError("Cannot resume exactly: " + "; ".join(problems) + ". Resume with the checkpoint's settings, "
+                         "or start a new run (another --output_dir or --overwrite_output_dir).")

@@ -1,0 +1,441 @@
+"""Checkpoints of a pretraining run: the output-folder policy, the run lock, atomic saves, discovery, pruning and a
+resume that loads no code.
+
+Layout of ``output_dir``::
+
+    run.json                 the run's identity (``run_id``), written when the run starts
+    .ijepa_hf.lock           held (``flock``) by the process that trains into the folder
+    train_log.jsonl          see ijepa_hf.training.metrics
+    step_<N>/                a complete checkpoint: accelerate's ``save_state`` files + checkpoint.json
+    .step_<N>.incomplete/    a checkpoint being written (never read)
+
+A checkpoint is written under its ``.incomplete`` name, every file is flushed to disk, ``checkpoint.json`` (the
+manifest: run id, step, the loop's own state as JSON, the size of every file) is written last, and the folder is
+published by a rename — so a process killed at any instant leaves either the previous set of complete checkpoints
+or one more, never a ``step_<N>`` that cannot be loaded. Folders named ``step_<N>`` without a valid manifest
+(older versions, or copies cut short) are skipped with a warning.
+
+Nothing is unpickled beyond plain tensors and numbers: the loop's own state is JSON in the manifest, and
+accelerate (>= 1.1) reads model, optimizer, scaler and RNG files with ``torch.load(weights_only=True)``; no custom
+object is registered with ``accelerator.register_for_checkpointing`` (accelerate loads those with
+``weights_only=False``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "RUN_FILE_NAME",
+    "LOCK_FILE_NAME",
+    "CheckpointInfo",
+    "RunFolder",
+    "CheckpointError",
+    "OutputDirLock",
+    "OutputDirInUseError",
+    "prepare_output_dir",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "read_manifest",
+    "load_checkpoint",
+    "prune_checkpoints",
+]
+
+MANIFEST_NAME = "checkpoint.json"
+RUN_FILE_NAME = "run.json"
+LOCK_FILE_NAME = ".ijepa_hf.lock"
+MANIFEST_FORMAT = 1
+_CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+_INCOMPLETE_RE = re.compile(r"^\.step_(\d+)\.incomplete$")
+# Files a fresh run may find in its output folder without it holding another run.
+_IGNORED_IN_EMPTY_DIR = {LOCK_FILE_NAME, ".DS_Store"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or loaded; the message says why and what to do."""
+
+
+class OutputDirInUseError(RuntimeError):
+    """Another process is training into the same output folder."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run lock
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class OutputDirLock:
+    """An exclusive ``flock`` on ``output_dir/.ijepa_hf.lock`` for the lifetime of a run (main process only).
+
+    A second run into the same folder fails at once with :class:`OutputDirInUseError` naming the holder (pid,
+    host, start time, command). The kernel drops the lock when the holder dies, even by ``kill -9``. ``flock`` is
+    reliable on local file systems; on network file systems it may not exclude processes on other hosts.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir) / LOCK_FILE_NAME
+        self._handle: Any = None
+
+    def acquire(self) -> OutputDirLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown holder"
+            handle.close()
+            raise OutputDirInUseError(
+                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, or "
+                "choose another --output_dir"
+            ) from error
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "command": " ".join(sys.argv)[:500]}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+    run_id: str | None  # None: no valid manifest
+    problem: str | None = None  # why it is incomplete (None: complete)
+
+    @property
+    def complete(self) -> bool:
+        return self.problem is None
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; :class:`CheckpointError` naming what is missing otherwise."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST_NAME}: it was not completely written (or comes from an "
+                              "older version of ijepa_hf)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{manifest_path} cannot be read: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"{manifest_path} is not an ijepa_hf checkpoint manifest (format {MANIFEST_FORMAT})")
+    for name, size in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path} is incomplete: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{path} is incomplete: {name} has {file.stat().st_size} bytes, the manifest "
+                                  f"says {size}")
+    return manifest
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[CheckpointInfo]:
+    """Every ``step_<N>`` folder of ``output_dir``, by step, each complete or with the reason it is not."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _CHECKPOINT_RE.match(path.name)
+        if not (match and path.is_dir()):
+            continue
+        try:
+            manifest = read_manifest(path)
+        except CheckpointError as error:
+            found.append(CheckpointInfo(int(match.group(1)), path, None, str(error)))
+        else:
+            found.append(CheckpointInfo(int(match.group(1)), path, manifest.get("run_id")))
+    return sorted(found, key=lambda info: info.step)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, run_id: str | None = None) -> CheckpointInfo | None:
+    """The newest *complete* checkpoint (of run ``run_id`` when given); incomplete ones newer than it are skipped
+    with a warning naming them."""
+    chosen = None
+    for info in reversed(list_checkpoints(output_dir)):
+        if not info.complete:
+            logger.warning("Skipping checkpoint %s: %s", info.path, info.problem)
+            continue
+        if run_id is not None and info.run_id != run_id:
+            continue
+        chosen = info
+        break
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output-folder policy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_run_id(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / RUN_FILE_NAME).read_text(encoding="utf-8"))["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """What :func:`prepare_output_dir` decided: the run's id and the checkpoint to resume from (if any)."""
+
+    run_id: str
+    resume_from: Path | None
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,
+                       overwrite_output_dir: bool) -> RunFolder:
+    """Apply the output-folder policy of transformers' example scripts (main process, lock held).
+
+    * A fresh run needs an empty (or absent) folder, or ``overwrite_output_dir``; a folder holding another run is
+      refused with an error naming ``--overwrite_output_dir`` and ``--resume_from_checkpoint``. An overwriting run
+      gets a new run id: the other run's ``step_*`` checkpoints are then never resumed or pruned by it.
+    * ``resume_from_checkpoint="latest"`` continues the folder's run from its newest complete checkpoint; without
+      one it starts that run afresh (a run that never reached its first checkpoint) — or, when the folder holds
+      something else, refuses as above.
+    * ``resume_from_checkpoint=<path>`` continues the run of that checkpoint.
+    """
+    output_dir = Path(output_dir)
+    if overwrite_output_dir and resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give "
+                         "only one of them")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.iterdir():  # what a killed save left behind
+        if _INCOMPLETE_RE.match(stale.name):
+            logger.warning("Removing %s, a checkpoint that was being written when its run stopped", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    run_id = _read_run_id(output_dir)
+    contents = sorted(p.name for p in output_dir.iterdir() if p.name not in _IGNORED_IN_EMPTY_DIR)
+    refuse = ValueError(
+        f"--output_dir {output_dir} already holds another run ({', '.join(contents[:6])}"
+        f"{', ...' if len(contents) > 6 else ''}). Use --resume_from_checkpoint latest to continue it, "
+        "--overwrite_output_dir to start a new run there, or choose another --output_dir."
+    )
+    if resume_from_checkpoint == "latest":
+        if run_id is None and contents:
+            # A folder from an older version has no run.json: adopt the run of its newest complete checkpoint.
+            found = latest_checkpoint(output_dir)
+            if found is None:
+                raise refuse
+            run_id = found.run_id
+        found = latest_checkpoint(output_dir, run_id) if run_id is not None else None
+        if found is None:
+            logger.warning("--resume_from_checkpoint latest: no complete checkpoint of this run in %s, starting "
+                           "it from scratch", output_dir)
+            run_id = run_id or uuid.uuid4().hex
+            _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
+            return RunFolder(run_id, None)
+        return RunFolder(run_id, found.path)
+    if resume_from_checkpoint:
+        path = Path(resume_from_checkpoint)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from_checkpoint!r} is not a checkpoint "
+                                    "folder (give a step_<N> folder or 'latest')")
+        manifest = read_manifest(path)
+        if run_id is not None and run_id != manifest["run_id"] and not path.resolve().is_relative_to(
+                output_dir.resolve()):
+            raise ValueError(f"--output_dir {output_dir} holds another run than the checkpoint {path}: resume into "
+                             "the checkpoint's own folder or an empty one")
+        _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": manifest["run_id"]})
+        return RunFolder(manifest["run_id"], path)
+    if contents and not overwrite_output_dir:
+        raise refuse
+    if contents:
+        logger.warning("--overwrite_output_dir: starting a new run in %s; its files will be replaced as the new run "
+                       "writes them, and the old run's checkpoints are ignored", output_dir)
+    run_id = uuid.uuid4().hex
+    _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
+    return RunFolder(run_id, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save / load / prune
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_tree(root: Path) -> dict[str, int]:
+    """Flush every file under ``root`` to disk; returns ``{relative path: size}``."""
+    sizes = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            sizes[path.relative_to(root).as_posix()] = path.stat().st_size
+    return sizes
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left" in text or "file write failed" in text or "Disk quota" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _write_error(error: BaseException, output_dir: Path, path: Path) -> CheckpointError:
+    if _is_disk_full(error):
+        free = shutil.disk_usage(output_dir).free
+        return CheckpointError(
+            f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing checkpoint "
+            f"{path.name}; it was discarded and the earlier checkpoints are intact. Free some space (or lower "
+            "--checkpoints_total_limit) and resume with --resume_from_checkpoint latest."
+        )
+    return CheckpointError(f"Could not write checkpoint {path.name} in {output_dir}: {error!r}. It was discarded "
+                           "and the earlier checkpoints are intact.")
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, run_id: str,
+                    state: Mapping[str, Any], total_limit: int | None = None) -> Path:
+    """Save ``accelerator.save_state`` plus the loop's JSON ``state`` as ``output_dir/step_<step>``, atomically.
+
+    Every rank must call it. A failure (e.g. a full disk) discards the partial folder and raises
+    :class:`CheckpointError` in plain words; earlier checkpoints are untouched. With ``total_limit`` the oldest
+    complete checkpoints of this run beyond the limit are removed afterwards (the new one is always kept).
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"step_{step}"
+    temporary = output_dir / f".step_{step}.incomplete"
+    failure: BaseException | None = None
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(temporary))  # every rank writes its part (RNG states, shards)
+    except Exception as error:  # noqa: BLE001 - translated below, after the other ranks are done
+        failure = error
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            if failure is not None:
+                raise failure
+            files = _fsync_tree(temporary)
+            manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "step": int(step),
+                        "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files, "state": dict(state)}
+            _write_json_atomic(temporary / MANIFEST_NAME, manifest)
+            if final.exists():  # another run's step_<N> (--overwrite_output_dir): replace it
+                trash = output_dir / f".step_{step}.replaced"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+                os.replace(temporary, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(temporary, final)
+            _fsync_dir(output_dir)
+        except Exception as error:  # noqa: BLE001
+            shutil.rmtree(temporary, ignore_errors=True)
+            failure = error
+    # Every rank learns whether the save worked, so that none trains on while another stopped.
+    from accelerate.utils import gather_object
+
+    ok = gather_object([failure is None])
+    if not all(ok):
+        if failure is not None:
+            raise _write_error(failure, output_dir, final) from failure
+        raise CheckpointError(f"checkpoint {final.name} failed on another process (see its log)")
+    logger.info("Saved checkpoint %s", final)
+    if accelerator.is_main_process and total_limit:
+        prune_checkpoints(output_dir, run_id, total_limit)
+    return final
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, run_id: str, keep: int) -> list[Path]:
+    """Remove the oldest complete checkpoints of run ``run_id`` beyond the newest ``keep`` (``keep >= 1``).
+
+    Other runs' checkpoints and incomplete folders are never touched, so the newest complete checkpoint of this run
+    always survives. Returns the removed paths.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    mine = [info for info in list_checkpoints(output_dir) if info.complete and info.run_id == run_id]
+    removed = []
+    for info in mine[:-keep]:
+        shutil.rmtree(info.path, ignore_errors=True)
+        removed.append(info.path)
+        logger.info("Removed checkpoint %s (--checkpoints_total_limit %d)", info.path, keep)
+    return removed
+
+
+def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Restore model, optimizer, scaler and RNG states from a complete checkpoint (every rank) and return its
+    manifest (with the loop's JSON ``state``).
+
+    Raises:
+        CheckpointError: incomplete, or a file that is not plain tensor data (``weights_only=True`` refused it:
+            the checkpoint was tampered with or is not from ijepa_hf).
+    """
+    import pickle
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"Refusing to load {path}: one of its files holds more than tensors and numbers (torch.load with "
+            f"weights_only=True refused it: {str(error).splitlines()[0]}). It may have been tampered with; "
+            "nothing in it was executed."
+        ) from error
+    return manifest

@@ -1,0 +1,235 @@
+"""Training metrics: the ``train_log.jsonl`` schema, representation-collapse statistics and the log window.
+
+One row of ``train_log.jsonl`` is written every ``logging_steps`` optimizer updates; its keys are the constants
+below, which :mod:`ijepa_hf.visualization` reads too. The collapse statistics are computed on the batch of a log
+step only, from tensors the forward pass made anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TRAIN_LOG_NAME",
+    "LOSS_KEY",
+    "SCHEDULE_KEYS",
+    "COLLAPSE_KEYS",
+    "THROUGHPUT_KEY",
+    "LOG_KEYS",
+    "collapse_statistics",
+    "effective_rank",
+    "CollapseMonitor",
+    "LogWindow",
+    "read_train_log",
+    "truncate_train_log",
+    "append_train_log",
+]
+
+TRAIN_LOG_NAME = "train_log.jsonl"
+# The keys of a log row (``step`` and ``epoch`` first). Values that could not be computed are JSON null.
+LOSS_KEY = "loss"
+SCHEDULE_KEYS = ("lr", "weight_decay", "momentum")
+# target_std: std over the batch of the pooled target features; target_token_std / pred_std: std over all target
+# tokens of the targets / predictions; target_rankme: effective rank (RankMe) of the pooled target features;
+# target_cosine: mean pairwise cosine similarity of the pooled target features of different images.
+COLLAPSE_KEYS = ("target_std", "target_token_std", "pred_std", "target_rankme", "target_cosine")
+THROUGHPUT_KEY = "images_per_s"
+LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *COLLAPSE_KEYS, "context_patches",
+            "target_patches", "skipped_batches")
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """RankMe (Garrido et al., 2023): ``exp`` of the entropy of the normalised singular values of ``features``
+    ``[N, D]``. Between 1 (all rows on one line) and ``min(N, D)``; ``nan`` for fewer than 2 rows."""
+    if features.shape[0] < 2:
+        return float("nan")
+    singular = torch.linalg.svdvals(features.float())
+    p = singular / singular.sum().clamp_min(1e-12) + 1e-7
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def collapse_statistics(output: Any) -> dict[str, float]:
+    """Representation-collapse signals of one forward pass (an ``IJepaForPreTraining``-style output with
+    ``target_hidden_state [B, N, D]``, ``targets [..., D]`` and ``predictions [..., D]``).
+
+    The std alone is fooled by scale: features that all point the same way with a little noise keep a std above
+    any fixed threshold. The pairwise cosine and the effective rank of the pooled features are scale-free.
+    """
+    hidden = output.target_hidden_state.float()
+    pooled = F.layer_norm(hidden, hidden.shape[-1:]).mean(1)  # [B, D]
+    targets = output.targets.float().flatten(0, -2)
+    predictions = output.predictions.float().flatten(0, -2)
+    nan = float("nan")
+    batch = pooled.shape[0]
+    if batch > 1:
+        unit = F.normalize(pooled, dim=-1)
+        similarity = unit @ unit.T
+        cosine = float((similarity.sum() - similarity.diagonal().sum()) / (batch * (batch - 1)))
+    else:
+        cosine = nan
+    return {
+        "target_std": pooled.std(0).mean().item() if batch > 1 else nan,
+        "target_token_std": targets.std(0).mean().item() if targets.shape[0] > 1 else nan,
+        "pred_std": predictions.std(0).mean().item() if predictions.shape[0] > 1 else nan,
+        "target_rankme": effective_rank(pooled),
+        "target_cosine": cosine,
+    }
+
+
+class CollapseMonitor:
+    """Warns once when a logged row shows representation collapse.
+
+    Collapse is declared when the pooled target features of different images are nearly parallel
+    (``target_cosine > max_cosine``), when their effective rank falls below ``min_rank_fraction`` of the most the
+    batch allows, or when their std falls below ``min_std``. Rows without statistics (``nan``) are skipped.
+    """
+
+    def __init__(self, min_std: float = 0.01, max_cosine: float = 0.99, min_rank_fraction: float = 0.05) -> None:
+        self.min_std, self.max_cosine, self.min_rank_fraction = min_std, max_cosine, min_rank_fraction
+        self.warned_at: int | None = None
+
+    def reasons(self, row: Mapping[str, Any], batch_size: int | None = None) -> list[str]:
+        """The collapse criteria a row meets (empty when healthy or without statistics)."""
+        def finite(key: str) -> float | None:
+            value = row.get(key)
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+        found = []
+        if (cosine := finite("target_cosine")) is not None and cosine > self.max_cosine:
+            found.append(f"target_cosine={cosine:.4f} > {self.max_cosine} (different images get nearly parallel "
+                         "features)")
+        rank = finite("target_rankme")
+        if rank is not None and batch_size and rank < self.min_rank_fraction * batch_size:
+            found.append(f"target_rankme={rank:.2f} < {self.min_rank_fraction} x batch {batch_size}")
+        if (std := finite("target_std")) is not None and std < self.min_std:
+            found.append(f"target_std={std:.2e} < {self.min_std}")
+        return found
+
+    def check(self, row: Mapping[str, Any], batch_size: int | None = None) -> bool:
+        """Log the warning the first time a row meets a criterion; returns whether this row did."""
+        found = self.reasons(row, batch_size)
+        if found and self.warned_at is None:
+            self.warned_at = int(row.get("step", 0))
+            logger.warning(
+                "Possible representation collapse at step %s: %s. The target encoder maps different images to "
+                "nearly the same features; consider a lower learning rate, a longer warm-up or a higher EMA "
+                "momentum.", row.get("step"), "; ".join(found))
+        return bool(found)
+
+
+class LogWindow:
+    """Accumulates micro-batch results between two log rows without a device-to-host sync per step.
+
+    Losses are summed on the device; :meth:`flush` reduces them over ranks at the log step (the one sync the loop
+    makes there anyway).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._time = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.loss_count = 0
+        self.images = self.context = self.target = self.batches = self.skipped = 0
+        self.stats: dict[str, float] | None = None
+
+    def add(self, loss: torch.Tensor | None, num_images: int, context_patches: int, target_patches: int,
+            stats: dict[str, float] | None = None) -> None:
+        self.batches += 1
+        self.context += context_patches
+        self.target += target_patches
+        self.images += num_images
+        if loss is None:
+            self.skipped += 1
+        else:
+            self.loss_sum += loss.detach().to(torch.float64)
+            self.loss_count += 1
+        if stats is not None:
+            self.stats = stats
+
+    def flush(self, accelerator: Any, **fields: Any) -> dict[str, Any] | None:
+        """Reduce over ranks (every rank must call this) and return the row to log (``None`` if no rank had a good
+        batch since the last row: the counts then carry over into the next row)."""
+        stats = self.stats or {}
+        values = torch.stack([
+            self.loss_sum,
+            *(torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in (
+                self.loss_count, self.images, self.skipped, *(stats.get(k, float("nan")) for k in COLLAPSE_KEYS))),
+        ])
+        summed = accelerator.reduce(values, "sum").tolist()
+        if summed[1] == 0:
+            return None
+        now = time.perf_counter()
+        elapsed, self._time = now - self._time, now
+        batches, context, target = self.batches, self.context, self.target
+        self._reset()
+        processes = accelerator.num_processes
+        row = {**fields, LOSS_KEY: summed[0] / summed[1], THROUGHPUT_KEY: summed[2] / max(elapsed, 1e-9)}
+        row.update({k: v / processes for k, v in zip(COLLAPSE_KEYS, summed[4:])})
+        row.update(context_patches=context / max(batches, 1), target_patches=target / max(batches, 1),
+                   skipped_batches=int(summed[3]))
+        return row
+
+
+def _json_row(row: Mapping[str, Any]) -> str:
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+
+
+def append_train_log(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+    """Append one row (non-finite numbers become ``null``) and flush it to disk."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(_json_row(row) + "\n")
+        handle.flush()
+
+
+def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``train_log.jsonl``.
+
+    A crash or a full disk can leave the *last* line cut off: it is dropped with a warning. A malformed line
+    anywhere else means the file was edited or mixed up with another and raises ``ValueError`` naming it.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif position == len(numbered) - 1:
+            logger.warning("%s: dropped its last line %d, cut off (%r): an interrupted write.", path, number,
+                           line[:80])
+        else:
+            raise ValueError(f"{path}:{number} is not a JSON object ({line[:80]!r}); the log is corrupt — move it "
+                             "away to start a new one")
+    return rows
+
+
+def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
+    """Keep the rows up to ``last_step`` (rows after it were logged by an interrupted run and are logged again
+    after the resume); a torn last line is dropped. Written to a temporary file and renamed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [row for row in read_train_log(path) if row.get("step", 0) <= last_step]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(_json_row(row) + "\n" for row in kept), encoding="utf-8")
+    os.replace(temporary, path)
