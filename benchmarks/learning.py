@@ -44,6 +44,7 @@ the result. Our own sin-cos buffers are checked against their formula by :func:`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -69,14 +70,7 @@ from ijepa_hf.data import IMAGENET_MEAN, IMAGENET_STD, ProceduralShapes, load_fa
 from ijepa_hf.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
 from ijepa_hf.evaluation import extract_features, format_results_table, knn_probe, linear_probe
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
-from ijepa_hf.training import (
-    CosineWeightDecay,
-    EMAMomentum,
-    WarmupCosineLR,
-    build_optimizer,
-    keep_freed_memory_for_reuse,
-)
-from ijepa_hf.training.loop import collapse_statistics
+from ijepa_hf.training import PretrainingSchedule, PretrainingStep, build_optimizer, keep_freed_memory_for_reuse
 from ijepa_hf.visualization import plot_training_curves
 
 logger = logging.getLogger("learning")
@@ -399,73 +393,60 @@ def check_mae_initialization(model: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Schedules:
-    """The per-step schedules of one run; :meth:`retarget` moves their end to a newly planned step count."""
+class _Learner:
+    """What both methods share: a stateless schedule whose length :meth:`retarget` moves to a newly planned step
+    count (values already used are not rewritten: the caller passes the update number)."""
 
-    lr: WarmupCosineLR
-    wd: CosineWeightDecay | None = None
-    ema: EMAMomentum | None = None
-    warmup_fraction: float = 40 / 300
+    name = ""
+    schedule: PretrainingSchedule
+    warmup_fraction: float
 
     def retarget(self, total_steps: int) -> None:
-        # The schedule objects read these attributes on every step, so changing them re-plans the rest of the run
-        # (the values already used are not rewritten).
         total_steps = max(1, int(total_steps))
-        self.lr.total_steps = total_steps
-        self.lr.warmup_steps = min(total_steps, int(round(self.warmup_fraction * total_steps)))
-        for schedule in (self.wd, self.ema):
-            if schedule is not None:
-                schedule.total_steps = total_steps
+        self.schedule = dataclasses.replace(self.schedule, total_steps=total_steps, warmup_steps=min(
+            total_steps, int(round(self.warmup_fraction * total_steps))))
 
-    def values(self) -> dict[str, float]:
-        row = {"lr": self.lr.value}
-        if self.wd is not None:
-            row["wd"] = self.wd.value
-        if self.ema is not None:
-            row["momentum"] = self.ema.value
-        return row
+    def values(self, update: int) -> dict[str, float]:
+        return self.schedule.values_at(update)
 
 
-class IJepaLearner:
-    """One official I-JEPA step: lr/wd schedules first, forward (target, context, predictor), smooth-L1, backward,
-    AdamW, then the EMA update of the target encoder."""
+class IJepaLearner(_Learner):
+    """The library's I-JEPA training step (``ijepa_hf.training.PretrainingStep``: lr/wd schedules first, forward,
+    smooth-L1, backward, AdamW, then the EMA of the target encoder) on batches masked by the library's collator."""
 
     name = "ijepa"
 
     def __init__(self, model: IJepaPretrainingModel, args: argparse.Namespace) -> None:
+        from accelerate import Accelerator
+
         self.model = model.train()
+        if args.precision == "bf16":
+            # Autocast around forward only, as Accelerate's mixed precision does (backward follows forward's dtypes).
+            model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
         self.collator = IJepaMaskCollator.from_config(model.config, seed=args.seed)
         self.optimizer = build_optimizer(
             {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.lr, weight_decay=args.weight_decay
         )
-        self.schedules = Schedules(
-            lr=WarmupCosineLR(self.optimizer, int(args.warmup_fraction * PROVISIONAL_STEPS), PROVISIONAL_STEPS,
-                              args.start_lr, args.lr, args.final_lr),
-            wd=CosineWeightDecay(self.optimizer, PROVISIONAL_STEPS, args.weight_decay, args.final_weight_decay),
-            ema=EMAMomentum(PROVISIONAL_STEPS, *args.ema),
-            warmup_fraction=args.warmup_fraction,
-        )
-        self.autocast = args.precision == "bf16"
+        self.warmup_fraction = args.warmup_fraction
+        self.schedule = PretrainingSchedule(
+            total_steps=PROVISIONAL_STEPS, warmup_steps=int(args.warmup_fraction * PROVISIONAL_STEPS),
+            start_lr=args.start_lr, peak_lr=args.lr, final_lr=args.final_lr, start_weight_decay=args.weight_decay,
+            final_weight_decay=args.final_weight_decay, ema_start=args.ema[0], ema_end=args.ema[1])
+        self.step_fn = PretrainingStep(Accelerator(cpu=True), self.model, self.optimizer, self.schedule)
 
-    def step(self, pixel_values: torch.Tensor, want_stats: bool) -> tuple[float, dict[str, float]]:
+    def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
         context_mask, target_masks = self.collator.sample_masks(pixel_values.shape[0])
-        self.schedules.lr.step()
-        self.schedules.wd.step()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            output = self.model(pixel_values, context_mask=context_mask, target_masks=target_masks)
-        output.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target_encoder(self.schedules.ema.step())
+        self.step_fn.schedule = self.schedule
+        out = self.step_fn({"pixel_values": pixel_values, "context_mask": context_mask, "target_masks": target_masks},
+                           update, want_stats=want_stats)
         stats: dict[str, float] = {}
         if want_stats:
-            stats = collapse_statistics(output)
-            stats.update(context_patches=float(context_mask.shape[1]), target_patches=float(target_masks.shape[-1]))
-        return output.loss.item(), stats
+            stats = dict(out.stats)
+            stats.update(context_patches=float(out.context_patches), target_patches=float(out.target_patches))
+        return out.loss.item(), stats
 
 
-class MAELearner:
+class MAELearner(_Learner):
     """One MAE step with transformers' ``ViTMAEForPreTraining`` (random 75 % masking inside the model)."""
 
     name = "mae"
@@ -476,21 +457,24 @@ class MAELearner:
         # weight decay (MAE's recipe has no wd schedule).
         self.optimizer = build_optimizer({"mae": model}, lr=args.mae_lr, weight_decay=args.mae_weight_decay,
                                          betas=(0.9, 0.95))
-        self.schedules = Schedules(
-            lr=WarmupCosineLR(self.optimizer, int(args.warmup_fraction * PROVISIONAL_STEPS), PROVISIONAL_STEPS,
-                              args.start_lr * args.mae_lr / args.lr, args.mae_lr, args.final_lr),
-            warmup_fraction=args.warmup_fraction,
-        )
+        self.warmup_fraction = args.warmup_fraction
+        self.schedule = PretrainingSchedule(
+            total_steps=PROVISIONAL_STEPS, warmup_steps=int(args.warmup_fraction * PROVISIONAL_STEPS),
+            start_lr=args.start_lr * args.mae_lr / args.lr, peak_lr=args.mae_lr, final_lr=args.final_lr,
+            start_weight_decay=args.mae_weight_decay, final_weight_decay=args.mae_weight_decay)
         self.autocast = args.precision == "bf16"
 
-    def step(self, pixel_values: torch.Tensor, want_stats: bool) -> tuple[float, dict[str, float]]:
-        self.schedules.lr.step()
+    def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
+        self.schedule.apply(self.optimizer, update)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(pixel_values=pixel_values).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item(), {}
+
+    def values(self, update: int) -> dict[str, float]:
+        return {"lr": self.schedule.lr_at(update)}
 
 
 @dataclass
@@ -541,10 +525,9 @@ def train_for_budget(
         raise ValueError("give a budget or max_steps")
     generator = torch.Generator().manual_seed(args.seed)
     batches = iter(EpochBatches(len(data.train), args.batch_size, generator))
-    schedules = learner.schedules
     planned = max_steps
     if planned is not None:
-        schedules.retarget(planned)
+        learner.retarget(planned)
     replans = list(REPLAN_FRACTIONS) if budget_seconds else []
     rows: list[dict[str, Any]] = []
     window_loss, window_count, window_images = 0.0, 0, 0
@@ -570,7 +553,7 @@ def train_for_budget(
             images = random_resized_crop_batch(images, scale=args.crop_scale, generator=generator)
         pixel_values = data.to_model_input(images)
         want_stats = (step + 1) % args.log_every == 0
-        loss, stats = learner.step(pixel_values, want_stats)
+        loss, stats = learner.step(pixel_values, step + 1, want_stats)
         step += 1
         images_seen += len(index)
         last_loss = loss
@@ -592,7 +575,7 @@ def train_for_budget(
             elif due and calibration_start is not None:
                 seconds_per_step = (now - calibration_start) / (step - 1)
                 planned = step + int((budget_seconds - (now - start)) / seconds_per_step)
-                schedules.retarget(planned)
+                learner.retarget(planned)
                 progress.total = planned
                 progress.refresh()
                 logger.info("%s: %.3f s/step after %d steps -> %d steps planned for the budget", learner.name,
@@ -600,7 +583,7 @@ def train_for_budget(
 
         # ---- logging
         if step % args.log_every == 0 or (planned is not None and step == planned):
-            row = {"step": step, "loss": window_loss / window_count, **schedules.values(),
+            row = {"step": step, "loss": window_loss / window_count, **learner.values(step),
                    "images_per_s": window_images / max(now - window_start, 1e-9), "elapsed_s": round(now - start, 2),
                    **stats}
             rows.append(row)

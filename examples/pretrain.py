@@ -8,11 +8,13 @@
         --per_device_train_batch_size 128 --mixed_precision bf16 --num_train_epochs 300 --with_tracking
     python examples/pretrain.py args.json                # all arguments from a JSON file
 
-Every option of ``ijepa_hf.training.PretrainingArguments`` is accepted (``--help`` lists them). This script only
-adds defaults sized for a 2-core CPU (below) and, when no data argument is given (the embedded
-``ijepa_hf.data.ProceduralShapes`` scenes), the probe: frozen, mean-pooled features of the **target encoder** on
-held-out procedural images (other generator seeds than the training images), with a linear probe (L-BFGS logistic
-regression) and a 20-NN probe, next to a randomly initialised encoder of the same architecture and raw pixels.
+Every option of ``ijepa_hf.training.PretrainingArguments`` is accepted (``--help`` lists them with their
+defaults). When no data argument is given, the embedded ``ijepa_hf.data.ProceduralShapes`` scenes are used with the
+library's demo settings sized for a 2-core CPU (``ijepa_hf.training.arguments.EMBEDDED_DEMO_DEFAULTS`` /
+``EMBEDDED_DEMO_MODEL``, filled in only for options not given, and logged), and the run ends with a probe: frozen,
+mean-pooled features of the **target encoder** on held-out procedural images (other generator seeds than the
+training images), with a linear probe (L-BFGS logistic regression) and a 20-NN probe, next to a randomly
+initialised encoder of the same architecture and raw pixels.
 
 Labels probed (all read from the generator, i.e. properties of the image content):
 
@@ -38,35 +40,10 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.training.loop import PretrainingArguments, PretrainingResult, parse_args, pretrain
+from ijepa_hf.training import PretrainingArguments, PretrainingResult, parse_args, pretrain
 
 logger = logging.getLogger("pretrain")
 
-# Defaults of this script (any of them can be overridden on the command line), sized so that the whole job,
-# probe included, takes about 4 minutes on an otherwise idle 2-core CPU. The model is a small ViT on an 8x8 patch
-# grid: 64 px images, patch 8, width 128, depth 4 (2 heads of 64); predictor width 64, depth 3 (the official
-# predictor/encoder width ratio is 384/1280 = 0.3). Width 192 triples the step time on such a CPU. min_keep 4 keeps
-# the official masks feasible on an 8x8 grid (the official 10 assumes 14x14 or more).
-# Optimisation: 2400 steps of batch 16 (about 9 epochs of the 4096 embedded images), peak lr 5e-4, EMA 0.996 -> 1.0
-# (official). At a fixed CPU budget, small batches (more updates) learned clearly more than batch 64 (300 or 800
-# steps: the probes could barely or not reliably tell the target encoder from its random initialisation). With the
-# official peak lr 1e-3 the outcome depended on the seed (texture probe +15 points over random init for one seed,
-# +4 for another, after phases of near-collapse); 2e-3 collapsed; EMA 0.99 collapsed for long stretches.
-SCRIPT_DEFAULTS: list[str] = [
-    "--output_dir", "outputs/pretrain-default",
-    "--per_device_train_batch_size", "16",
-    "--max_train_steps", "2400",
-    "--logging_steps", "20",
-    "--learning_rate", "5e-4",
-    "--ema_momentum", "0.996,1.0",
-    "--embedded_num_images", "4096",
-]
-MODEL_DEFAULTS: list[str] = [
-    "--image_size", "64",
-    "--config_overrides",
-    "encoder.patch_size=8,encoder.hidden_size=128,encoder.num_hidden_layers=4,encoder.num_attention_heads=2,"
-    "predictor.hidden_size=64,predictor.num_hidden_layers=3,predictor.num_attention_heads=2,min_keep=4",
-]
 # Held-out probe data: the training images use generator seed 0, the probe's train / test images seeds 1 / 2, so
 # no probe image was seen in pretraining. The images come from the same generator settings (the defaults) as the
 # training images.
@@ -82,16 +59,6 @@ LABEL_DESCRIPTIONS = {
     "count": "number of objects",
 }
 RAW_PIXELS_SIZE = 16  # raw-pixel baseline: the image average-pooled to 16x16 RGB (768 numbers)
-
-
-def with_script_defaults(argv: list[str]) -> list[str]:
-    """Prepend this script's defaults; later (user) occurrences of an option win. The model defaults are only
-    used when the user picks no model (``--config_name`` / ``--model_name_or_path`` / ``--config_overrides``)."""
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return argv  # a JSON file is the complete argument set
-    user_picks_model = any(a.split("=")[0] in ("--config_name", "--model_name_or_path", "--config_overrides")
-                           for a in argv)
-    return SCRIPT_DEFAULTS + ([] if user_picks_model else MODEL_DEFAULTS) + argv
 
 
 def _class_names(label: str) -> list[str]:
@@ -181,6 +148,12 @@ def format_probe_table(results: dict[str, Any]) -> str:
     return "\n".join([line(header), rule] + [line(cells) for cells in table])
 
 
+def _data_name(args: PretrainingArguments) -> str:
+    if args.uses_embedded_data:
+        return "procedural shapes"
+    return args.dataset_name if args.dataset_name not in (None, "imagefolder") else f"images in {args.train_dir}"
+
+
 def write_figures(args: PretrainingArguments, result: PretrainingResult) -> dict[str, str]:
     """Training curves (from the run's ``train_log.jsonl``) and, on the embedded data, the masks of the first 8
     training images (uncropped), as PNGs."""
@@ -193,7 +166,7 @@ def write_figures(args: PretrainingArguments, result: PretrainingResult) -> dict
     try:
         paths["training_curves"] = str(plot_training_curves(
             result.log_file, output_dir / "training_curves.png",
-            title=f"I-JEPA pretraining on procedural shapes ({result.global_step} steps)"))
+            title=f"I-JEPA pretraining on {_data_name(args)} ({result.global_step} steps)"))
     except (OSError, ValueError) as error:
         logger.warning("No training-curve figure: %s", error)
     if not args.uses_embedded_data:
@@ -251,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO)
     started = time.perf_counter()
-    args = parse_args(with_script_defaults(list(sys.argv[1:] if argv is None else argv)))
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
     result = pretrain(args)
     summary: dict[str, Any] = {"pretraining": result.to_dict()}
     is_main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True

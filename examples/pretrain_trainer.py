@@ -5,48 +5,54 @@
     python examples/pretrain_trainer.py --train_dir ./images --config_name vit_small_patch16_224 \\
         --output_dir outputs/trainer --per_device_train_batch_size 64 --num_train_epochs 100 --bf16
     torchrun --nproc_per_node 8 examples/pretrain_trainer.py ...        # data parallel, as any Trainer script
+    python examples/pretrain_trainer.py args.json                        # the same options from a JSON file
 
-What makes it I-JEPA (all in ``ijepa_hf.training.trainer.IJepaTrainer``):
-
-* ``data_collator=IJepaMaskCollator``: the multi-block masks; ``remove_unused_columns=False`` so the Trainer keeps
-  the ``pixel_values`` column the collator needs;
-* the official AdamW parameter groups and warmup-cosine LR (``--learning_rate`` is the peak, ``--start_lr`` /
-  ``--final_lr`` the ends) and the cosine weight-decay schedule (``--weight_decay`` -> ``--final_weight_decay``);
-* ``EMACallback``: the target-encoder EMA after every optimizer step (``on_optimizer_step``);
-* ``MaskCollatorStepCallback``: the collator's batch counter set at every epoch start, so masks do not depend on
-  dataloader workers or on resuming.
-
-Pass ``--max_grad_norm 0`` for the official recipe (no gradient clipping; the Trainer's default clips at 1.0).
+The training options are ``transformers.TrainingArguments``, with the official I-JEPA recipe as their defaults
+(``ijepa_hf.training.official_training_arguments``: peak lr 1e-3, ``lr_scheduler_type cosine`` from 2e-4 to 1e-6,
+warm-up 40/300, weight decay 0.04 -> ``--final_weight_decay`` 0.4, AdamW over the official groups, no gradient
+clipping, ``remove_unused_columns False``) — with or without other arguments, and the same from a JSON file;
+``--help`` shows them. Without a data argument the embedded procedural scenes are used with a tiny model and a
+50-step budget, for the options not given. ``IJepaTrainer`` refuses ``TrainingArguments`` it cannot honour.
 
 The Trainer saves the whole pretraining model; the target encoder is exported to ``<output_dir>/encoder``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
 from ijepa_hf import IJepaPretrainingModel, make_image_processor
-from ijepa_hf.data import BadImageCounter, ProceduralShapes, load_image_dataset
+from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ijepa_hf.masking import IJepaMaskCollator
-from ijepa_hf.training.loop import MaskedBatchCollator, PretrainingArguments, PretrainImageDataset, build_config
-from ijepa_hf.training.trainer import IJepaTrainer
+from ijepa_hf.training import build_pretraining_config
+from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
 
-# Used when the script is run without arguments: a tiny model on the embedded procedural shapes.
-DEFAULT_ARGV = [
-    "--output_dir", "outputs/pretrain-trainer", "--max_steps", "50", "--per_device_train_batch_size", "32",
-    "--learning_rate", "1e-3", "--warmup_steps", "5", "--weight_decay", "0.04", "--logging_steps", "10",
-    "--remove_unused_columns", "False", "--save_strategy", "no", "--report_to", "none",
-    "--max_grad_norm", "0",  # the official recipe does not clip gradients (the Trainer clips at 1.0 by default)
-    "--image_size", "64", "--config_overrides",
-    "encoder.patch_size=8,encoder.hidden_size=96,encoder.num_hidden_layers=4,encoder.num_attention_heads=2,"
-    "predictor.hidden_size=48,predictor.num_hidden_layers=2,predictor.num_attention_heads=2,min_keep=4",
-]
+# The official recipe as the TrainingArguments defaults of this script.
+_OFFICIAL = official_training_arguments("outputs/pretrain-trainer")
+RECIPE_DEFAULTS: dict[str, Any] = {
+    name: getattr(_OFFICIAL, name) for name in (
+        "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
+        "max_grad_norm", "remove_unused_columns")
+}
+RECIPE_DEFAULTS["lr_scheduler_type"] = getattr(RECIPE_DEFAULTS["lr_scheduler_type"], "value", "cosine")
+RECIPE_DEFAULTS["optim"] = getattr(RECIPE_DEFAULTS["optim"], "value", RECIPE_DEFAULTS["optim"])
+# Used without a data argument, for the options not given: a tiny model on the embedded procedural shapes.
+EMBEDDED_DEMO: dict[str, Any] = {
+    "output_dir": "outputs/pretrain-trainer", "max_steps": 50, "per_device_train_batch_size": 32,
+    "warmup_steps": 5, "logging_steps": 10, "save_strategy": "no", "report_to": "none", "image_size": 64,
+    "config_overrides": "encoder.patch_size=8,encoder.hidden_size=96,encoder.num_hidden_layers=4,"
+                        "encoder.num_attention_heads=2,predictor.hidden_size=48,predictor.num_hidden_layers=2,"
+                        "predictor.num_attention_heads=2,min_keep=4",
+}
+_MODEL_OPTIONS = ("config_name", "config_overrides")
 
 
 @dataclass
@@ -63,49 +69,67 @@ class ScriptArguments:
     config_overrides: str | None = field(default=None, metadata={"help": "'a=1,encoder.x=2,predictor.y=3'."})
     image_size: int | None = field(default=None, metadata={"help": "Training resolution."})
     mask_mode: str | None = field(default=None, metadata={"help": "'fixed' or 'official'."})
-    start_lr: float = field(default=2e-4, metadata={"help": "LR at the start of the warmup."})
-    final_lr: float = field(default=1e-6, metadata={"help": "LR at the end of the cosine."})
-    final_weight_decay: float = field(default=0.4, metadata={"help": "Weight decay at the end."})
+    final_weight_decay: float = field(default=OFFICIAL_FINAL_WEIGHT_DECAY, metadata={
+        "help": "Weight decay at the end of the cosine ramp from --weight_decay (official 0.4)."})
     ema_momentum: str | None = field(default=None, metadata={"help": "'start,end' (default: the config's)."})
+
+    @property
+    def uses_embedded_data(self) -> bool:
+        return self.dataset_name is None and self.train_dir is None
+
+
+def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
+    """Command line or one JSON file -> arguments, with the recipe defaults and (without data) the demo's."""
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    parser.set_defaults(**RECIPE_DEFAULTS)  # so that --help shows them
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0], encoding="utf-8") as handle:
+            given = json.load(handle)
+    else:
+        explicit = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+        given = {name: value for name, value in vars(parser.parse_args(argv)).items() if name in explicit}
+    values = {**RECIPE_DEFAULTS, **given}
+    if "dataset_name" not in given and "train_dir" not in given:
+        demo = {k: v for k, v in EMBEDDED_DEMO.items() if k not in given}
+        if set(_MODEL_OPTIONS) & set(given):
+            demo.pop("config_overrides", None)
+            demo.pop("image_size", None)
+        if "num_train_epochs" in given:
+            demo.pop("max_steps", None)
+        values.update(demo)
+    return parser.parse_dict(values)
 
 
 def main(argv: list[str] | None = None) -> IJepaTrainer:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    argv = list(sys.argv[1:] if argv is None else argv) or DEFAULT_ARGV
-    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        script_args, training_args = parser.parse_json_file(argv[0])
-    else:
-        script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-
-    # The config logic (presets, overrides with encoder./predictor. prefixes, image size) is the loop's.
-    config = build_config(PretrainingArguments(
+    script_args, training_args = parse(list(sys.argv[1:] if argv is None else argv))
+    ema = None
+    if script_args.ema_momentum:
+        ema = tuple(float(v) for v in script_args.ema_momentum.split(","))
+    config = build_pretraining_config(
         config_name=script_args.config_name, config_overrides=script_args.config_overrides,
-        image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=script_args.ema_momentum,
-    ))
+        image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,
+    )
     image_size = config.encoder_config.image_size
+    image_size = image_size if isinstance(image_size, int) else image_size[0]
     model = IJepaPretrainingModel(config)
 
-    counter = BadImageCounter()
-    if script_args.dataset_name is None and script_args.train_dir is None:
-        source = ProceduralShapes(script_args.embedded_num_images, image_size=image_size, seed=0)
-    else:
-        source = load_image_dataset(
-            dataset_name=script_args.dataset_name, train_dir=script_args.train_dir,
-            dataset_config_name=script_args.dataset_config_name, image_column=script_args.image_column_name,
-            max_samples=script_args.max_train_samples, decode=False,
-        )
-    # Unreadable images become None and are dropped by the collator (and counted).
-    train_dataset = PretrainImageDataset(source, image_size, counter=counter, seed=training_args.seed)
+    counter = BadImageCounter()  # unreadable images become None, dropped by the collator and counted
+    data = build_pretraining_data(
+        image_size=image_size, seed=training_args.seed, counter=counter, dataset_name=script_args.dataset_name,
+        dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
+        image_column_name=script_args.image_column_name, max_train_samples=script_args.max_train_samples,
+        embedded_num_images=script_args.embedded_num_images,
+    )
+    logger.info("Training data: %s", data.description)
     collator = MaskedBatchCollator(IJepaMaskCollator.from_config(
         config, seed=training_args.seed, num_processes=training_args.world_size,
         process_index=training_args.process_index,
     ))
-
     trainer = IJepaTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, data_collator=collator,
-        processing_class=make_image_processor(config.encoder_config), start_lr=script_args.start_lr,
-        final_lr=script_args.final_lr, final_weight_decay=script_args.final_weight_decay,
+        model=model, args=training_args, train_dataset=data.dataset, data_collator=collator,
+        processing_class=make_image_processor(config.encoder_config),
+        final_weight_decay=script_args.final_weight_decay, ema_momentum=ema,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

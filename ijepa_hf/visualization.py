@@ -8,7 +8,6 @@ headless jobs. Every ``plot_*`` function writes a PNG and returns its path. Pict
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .training.metrics import LOSS_KEY, THROUGHPUT_KEY, read_train_log
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,6 @@ __all__ = [
     "plot_masks",
     "plot_mask_grid",
     "plot_training_curves",
-    "read_training_log",
     "pca_rgb",
     "plot_pca_features",
 ]
@@ -254,37 +253,16 @@ def plot_mask_grid(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_training_log(path: PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``train_log.jsonl`` (one JSON object per line). Blank lines are skipped, and so are malformed
-    ones (typically a last line cut off by a crash), with a warning."""
-    rows: list[dict[str, Any]] = []
-    bad = 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                bad += 1
-    if bad:
-        logger.warning("Skipped %d malformed line(s) of %s.", bad, path)
-    return rows
-
-
 # Panels: (title, keys on the left axis, keys on a right twin axis, log scale). A panel is drawn when any of
 # its keys has data; every key is optional so logs of other scripts (or older runs) still plot.
 _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
-    ("loss", ("loss", "train_loss", "eval_loss", "val_loss"), (), True),
-    ("learning rate / weight decay", ("lr", "learning_rate"), ("wd", "weight_decay"), False),
+    ("loss", (LOSS_KEY, "train_loss", "eval_loss", "val_loss"), (), True),
+    ("learning rate / weight decay", ("lr", "learning_rate"), ("weight_decay", "wd"), False),
     ("EMA momentum", ("momentum", "ema_momentum"), (), False),
     ("feature std (collapse if -> 0)", ("target_std", "target_token_std", "pred_std"), (), False),
-    ("throughput (images/s)", ("images_per_s",), (), False),
+    ("pooled target features: cosine of different images (collapse if -> 1), effective rank",
+     ("target_cosine",), ("target_rankme",), False),
+    ("throughput (images/s)", (THROUGHPUT_KEY,), (), False),
 )
 
 
@@ -318,7 +296,7 @@ def plot_training_curves(
     Raises:
         ValueError: no row has any of the known keys (the message lists the keys found).
     """
-    rows = (read_training_log(log_path_or_rows) if isinstance(log_path_or_rows, (str, os.PathLike))
+    rows = (read_train_log(log_path_or_rows) if isinstance(log_path_or_rows, (str, os.PathLike))
             else [dict(row) for row in log_path_or_rows])
     panels = [panel for panel in _PANELS if any(_series(rows, key)[0].size for key in panel[1] + panel[2])]
     if not panels:

@@ -18,15 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ijepa_hf import IJepaEncoderModel, IJepaPretrainingConfig, IJepaPretrainingModel
-from ijepa_hf.training.loop import (
-    PretrainingArguments,
-    apply_config_overrides,
-    build_config,
-    find_latest_checkpoint,
-    parse_args,
-    parse_config_overrides,
-    pretrain,
-)
+from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
+from ijepa_hf.training import PretrainingArguments, build_config, parse_args, pretrain
+from ijepa_hf.training.checkpointing import latest_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 4x4 patch grid: two target blocks of 3-4 patches, min_keep 0 (the official 10 is infeasible on 16 patches).
@@ -78,10 +72,12 @@ def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
     rows = read_log(out)
     assert [r["step"] for r in rows] == [2, 4, 6]
     for row in rows:
-        assert {"step", "loss", "lr", "wd", "momentum", "images_per_s", "target_std", "pred_std"} <= row.keys()
+        assert {"step", "loss", "lr", "weight_decay", "momentum", "images_per_s", "target_std", "pred_std",
+                "target_rankme", "target_cosine"} <= row.keys()
         assert math.isfinite(row["loss"]) and row["target_std"] > 0 and row["pred_std"] > 0
+        assert 1.0 <= row["target_rankme"] <= 8 and -1.0 <= row["target_cosine"] < 1.0
     # Official schedules: LR ends at final_lr, weight decay rises towards 0.4, EMA momentum increases from 0.996.
-    assert rows[-1]["lr"] == pytest.approx(1e-6) and rows[-1]["wd"] == pytest.approx(0.4)
+    assert rows[-1]["lr"] == pytest.approx(1e-6) and rows[-1]["weight_decay"] == pytest.approx(0.4)
     assert 0.996 < rows[0]["momentum"] < rows[-1]["momentum"] < 1.0
     assert list(out.rglob("events.out.tfevents*")), "no TensorBoard event file"
     assert result.log_file == str(out / "train_log.jsonl")
@@ -99,7 +95,7 @@ def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
     assert processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
     for card in (out / "README.md", out / "encoder" / "README.md"):
         text = card.read_text()
-        assert "procedural-shapes" in text and "6 of 6" in text and "warmup" in text, card
+        assert "procedural-shapes" in text and "6 of 6" in text and "warm-up" in text, card
     assert 'subfolder="encoder"' in (out / "encoder" / "README.md").read_text()
     assert result.model is not None and result.to_dict()["global_step"] == 6
 
@@ -107,7 +103,7 @@ def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
 def test_collapse_statistics_and_warning(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from ijepa_hf.training.loop import collapse_statistics
+    from ijepa_hf.training.metrics import collapse_statistics
 
     same = torch.randn(1, 16, 32).expand(4, 16, 32)  # every image gets the same features: complete collapse
     varied = torch.randn(4, 16, 32)
@@ -117,7 +113,7 @@ def test_collapse_statistics_and_warning(tmp_path, caplog):
     assert collapsed["target_std"] < 1e-6 < 0.1 < healthy["target_std"]
     assert collapsed["pred_std"] == pytest.approx(collapsed["target_token_std"])
 
-    with caplog.at_level("WARNING", logger="ijepa_hf.training.loop"):
+    with caplog.at_level("WARNING", logger="ijepa_hf.training.metrics"):
         run(tmp_path / "run", "--collapse_threshold", "100", steps=2)  # any real std is below 100
     assert "Possible representation collapse at step 2" in caplog.text
 
@@ -155,7 +151,7 @@ def straight_run(tmp_path_factory) -> Path:
 
 
 def test_resume_latest_is_bitwise_exact(straight_run, tmp_path):
-    assert find_latest_checkpoint(straight_run) == straight_run / "step_8"
+    assert latest_checkpoint(straight_run).path == straight_run / "step_8"
     resumed = tmp_path / "resumed"
     _interrupted_run(straight_run, resumed, "--checkpointing_steps", "4")
     _assert_same_weights(straight_run, resumed)
@@ -259,7 +255,8 @@ def test_trainer_ema_callback_follows_the_ema_formula(tmp_path):
     from ijepa_hf.training.trainer import IJepaTrainer
 
     torch.manual_seed(0)
-    config = apply_config_overrides(IJepaPretrainingConfig(), TINY_OVERRIDES)
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
     model = IJepaPretrainingModel(config)
     collator = IJepaMaskCollator.from_config(config, seed=0)
     dataset = ProceduralShapes(16, image_size=32, transform=PretrainTransform(32))
@@ -285,7 +282,8 @@ def test_trainer_ema_callback_follows_the_ema_formula(tmp_path):
         warmup_steps=1, weight_decay=0.04, remove_unused_columns=False, report_to="none", use_cpu=True,
         save_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0,
     )
-    trainer = IJepaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                           final_weight_decay=0.4)
     recorder = Recorder()
     trainer.add_callback(recorder)
     trainer.train()
@@ -382,27 +380,28 @@ def test_parse_config_overrides_values_and_lists():
         parse_config_overrides("num_target_blocks")
 
 
-def test_apply_config_overrides_sub_configs_follow_and_errors():
+def test_update_from_string_sub_configs_follow_and_errors():
+    import copy
+
     base = IJepaPretrainingConfig.from_preset("vit_tiny_patch16_224")
-    config = apply_config_overrides(base, "encoder.hidden_size=96,encoder.num_attention_heads=2,encoder.image_size=64,"
-                                          "predictor.num_hidden_layers=2,min_keep=4,target_scale=[0.1,0.2]")
+    config = copy.deepcopy(base)
+    config.update_from_string("encoder.hidden_size=96,encoder.num_attention_heads=2,encoder.image_size=64,"
+                              "predictor.num_hidden_layers=2,min_keep=4,target_scale=[0.1,0.2]")
     assert config.encoder_config.hidden_size == 96 and config.encoder_config.intermediate_size == 384
     # The predictor follows the encoder's width and grid unless told otherwise.
     assert config.predictor_config.encoder_hidden_size == 96 and config.predictor_config.image_size == 64
     assert config.predictor_config.num_hidden_layers == 2 and config.target_scale == [0.1, 0.2]
-    assert base.encoder_config.hidden_size == 192  # the input config is untouched
+    assert base.encoder_config.hidden_size == 192  # the copy changed, not the preset
 
     typo = r"unknown config key 'encoder\.hiden_size'.*Did you mean encoder\.hidden_size"
-    with pytest.raises(ValueError, match=typo):
-        apply_config_overrides(base, "encoder.hiden_size=64")
-    with pytest.raises(ValueError, match="unknown config key 'num_targets'"):
-        apply_config_overrides(base, "num_targets=2")
-    with pytest.raises(ValueError, match="unknown config prefix 'decoder'"):
-        apply_config_overrides(base, "decoder.hidden_size=2")
-    with pytest.raises(ValueError, match="does not match the type"):
-        apply_config_overrides(base, "encoder.hidden_size=wide")
-    with pytest.raises(ValueError, match="divisible"):
-        apply_config_overrides(base, "encoder.hidden_size=100")  # 3 heads: the config's own validation
+    for text, match in (("encoder.hiden_size=64", typo), ("num_targets=2", "unknown config key 'num_targets'"),
+                        ("decoder.hidden_size=2", "unknown config prefix 'decoder'"),
+                        ("encoder.hidden_size=wide", "does not match the type"),
+                        ("encoder.hidden_size=100", "divisible"),  # 3 heads: the config's own validation
+                        ("min_keep=1,min_keep=2", "given twice")):
+        with pytest.raises(ValueError, match=match):
+            base.update_from_string(text)
+    assert base.to_dict() == IJepaPretrainingConfig.from_preset("vit_tiny_patch16_224").to_dict()  # unchanged
 
 
 def test_build_config_from_preset_with_image_size_mask_mode_and_ema(tmp_path):
@@ -428,20 +427,29 @@ def test_arguments_validation_and_json_file(tmp_path):
     assert args.max_train_steps == 5 and args.checkpointing_steps == "epoch" and args.uses_embedded_data
 
 
-def test_example_script_defaults_are_overridable():
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain as example  # examples/pretrain.py
-    finally:
-        sys.path.pop(0)
-    args = parse_args(example.with_script_defaults(["--max_train_steps", "7"]))
+def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
+    args = parse_args(["--max_train_steps", "7"])
     assert args.max_train_steps == 7 and args.output_dir == "outputs/pretrain-default"
+    assert args.learning_rate == 5e-4 and args.per_device_train_batch_size == 16
+    assert "max_train_steps" not in args.demo_defaults_applied and args.demo_defaults_applied["learning_rate"] == 5e-4
     config = build_config(args)
     assert config.encoder_config.image_size == 64 and config.encoder_config.patch_size == 8
     assert config.min_keep == 4
-    # Picking a model drops the example's model defaults.
-    args = parse_args(example.with_script_defaults(["--config_name", "vit_tiny_patch16_224"]))
+    # Picking a model drops the demo's model; --num_train_epochs drops its step budget.
+    args = parse_args(["--config_name", "vit_tiny_patch16_224", "--num_train_epochs", "3"])
     assert args.config_overrides is None and args.image_size is None
+    assert args.max_train_steps is None and args.num_train_epochs == 3
+    # With a data source nothing of the demo applies: the documented defaults hold.
+    args = parse_args(["--train_dir", str(tmp_path), "--num_train_epochs", "300"])
+    assert args.demo_defaults_applied == {} and args.max_train_steps is None and args.learning_rate == 1e-3
+    assert args.per_device_train_batch_size == 64 and args.output_dir == "outputs/pretrain"
+    # The command line and the same options from a JSON file are the same run.
+    argv = ["--train_dir", str(tmp_path), "--num_train_epochs", "3", "--learning_rate", "2e-3"]
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"train_dir": str(tmp_path), "num_train_epochs": 3, "learning_rate": 2e-3}))
+    assert parse_args(argv).to_dict() == parse_args([str(path)]).to_dict()
+    path.write_text(json.dumps({"max_train_steps": 9}))
+    assert parse_args([str(path)]).to_dict() == parse_args(["--max_train_steps", "9"]).to_dict()
 
 
 def test_example_main_job_writes_probe_table_and_figures(tmp_path, monkeypatch, capsys):

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from ijepa_hf.training import (
-    CosineWeightDecay,
-    EMAMomentum,
-    WarmupCosineLR,
-    build_optimizer,
-    official_param_groups,
-)
+from ijepa_hf.training import PretrainingSchedule, applies_weight_decay, build_optimizer, official_param_groups
 
 # Official config values (reference §3/§4): start 2e-4, ref 1e-3, final 1e-6; wd 0.04 -> 0.4; ema 0.996 -> 1.
 START, REF, FINAL = 2e-4, 1e-3, 1e-6
@@ -44,105 +38,71 @@ def _optimizer(n_groups_excluded: int = 1) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=123.0)
 
 
-def test_warmup_cosine_lr_values():
-    opt = _optimizer()
-    sched = WarmupCosineLR(opt, WARMUP, TOTAL, START, REF, FINAL)
-    # Construction applies index 0 to every group.
-    assert sched.value == START and all(g["lr"] == START for g in opt.param_groups)
-    # Official order: step() before the update -> the first update uses index 1.
-    used = []
-    for _ in range(TOTAL):
-        used.append(sched.step())
-        assert all(g["lr"] == used[-1] for g in opt.param_groups)
-    assert used[0] == pytest.approx(START + (REF - START) / WARMUP)  # index 1
-    assert used[WARMUP - 1] == pytest.approx(REF)  # index W: warmup end = ref_lr
+SCHEDULE = PretrainingSchedule(total_steps=TOTAL, warmup_steps=WARMUP, start_lr=START, peak_lr=REF, final_lr=FINAL,
+                               start_weight_decay=0.04, final_weight_decay=0.4, ema_start=0.996, ema_end=1.0)
+
+
+def test_learning_rate_of_update_k_is_official_index_k():
+    used = [SCHEDULE.lr_at(k) for k in range(1, TOTAL + 1)]
+    # Official order: scheduler.step() before the update -> the first update uses index 1, the last index T.
+    assert used[0] == pytest.approx(START + (REF - START) / WARMUP)
+    assert used[WARMUP - 1] == pytest.approx(REF)  # index W: warm-up end = peak
     mid = WARMUP + (TOTAL - WARMUP) // 2
     assert used[mid - 1] == pytest.approx(FINAL + 0.5 * (REF - FINAL))  # cosine midpoint
-    assert used[-1] == pytest.approx(FINAL)  # index T
+    assert used[-1] == pytest.approx(FINAL)
     assert used == pytest.approx([ref_lr(i) for i in range(1, TOTAL + 1)], rel=1e-12)
-    assert sched.get_last_lr() == [used[-1]] * 3 and sched.get() == used[-1]
-    # Past T: stays at final_lr (clamped progress).
-    assert sched.step() == pytest.approx(FINAL) and sched.value_at(2 * TOTAL) == pytest.approx(FINAL)
-    # warmup_steps=0 starts at ref_lr without dividing by zero.
-    assert WarmupCosineLR(_optimizer(), 0, 10, START, REF, FINAL).value == REF
+    assert SCHEDULE.lr_at(2 * TOTAL) == pytest.approx(FINAL)  # past T: stays at the final value
+    # warmup_steps=0 starts at the peak without dividing by zero.
+    assert PretrainingSchedule(total_steps=10, start_lr=START, peak_lr=REF).lr_at(1) < REF
+    assert dataclasses.replace(SCHEDULE, warmup_steps=0).lr_at(1) == pytest.approx(ref_lr_no_warmup(1))
 
 
-def test_cosine_weight_decay_values_and_exclusion():
-    opt = _optimizer(n_groups_excluded=2)
-    sched = CosineWeightDecay(opt, TOTAL, ref_wd=0.04, final_wd=0.4)
-    assert sched.value == pytest.approx(0.04) and opt.param_groups[0]["weight_decay"] == pytest.approx(0.04)
-    values = [sched.step() for _ in range(TOTAL)]
+def ref_lr_no_warmup(step: int) -> float:
+    return max(FINAL, FINAL + (REF - FINAL) * 0.5 * (1 + math.cos(math.pi * step / TOTAL)))
+
+
+def test_weight_decay_of_update_k_is_official_index_k_and_respects_exclusion():
+    values = [SCHEDULE.weight_decay_at(k) for k in range(1, TOTAL + 1)]
     assert values == pytest.approx([ref_wd(i) for i in range(1, TOTAL + 1)], rel=1e-12)
     assert values[TOTAL // 2 - 1] == pytest.approx(0.22)  # midpoint (0.04 + 0.4) / 2
-    assert values[-1] == pytest.approx(0.4)
+    assert values[-1] == pytest.approx(0.4) and SCHEDULE.weight_decay_at(TOTAL + 9) == pytest.approx(0.4)
     assert all(b >= a for a, b in zip(values, values[1:]))  # an increase, monotone
-    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.4)
-    # WD_exclude / apply_weight_decay=False groups untouched.
+    decreasing = PretrainingSchedule(total_steps=10, start_weight_decay=0.4, final_weight_decay=0.04)
+    assert decreasing.weight_decay_at(5) == pytest.approx(0.22) and decreasing.weight_decay_at(50) == pytest.approx(0.04)
+
+    opt = _optimizer(n_groups_excluded=2)
+    SCHEDULE.apply(opt, 7)
+    assert all(g["lr"] == SCHEDULE.lr_at(7) for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(ref_wd(7))
+    # WD_exclude groups and, without flags, groups created with weight decay 0 are untouched.
     assert [g["weight_decay"] for g in opt.param_groups[1:]] == [0.0, 0.0, 0.0]
-    assert sched.step() == pytest.approx(0.4)  # clamped past T
-    # Decreasing schedules clamp on the other side.
-    dec = CosineWeightDecay(_optimizer(), 10, ref_wd=0.4, final_wd=0.04)
-    assert dec.value_at(5) == pytest.approx(0.22) and dec.value_at(50) == pytest.approx(0.04)
+    SCHEDULE.apply(opt, 8, lr=False)
+    assert opt.param_groups[0]["lr"] == SCHEDULE.lr_at(7) and opt.param_groups[0]["weight_decay"] == ref_wd(8)
+    assert applies_weight_decay({"WD_exclude": False, "weight_decay": 0.0})  # flagged decay group starting at 0
 
 
-def test_ema_momentum():
-    sched = EMAMomentum(TOTAL, start=0.996, end=1.0)
-    assert sched.value == 0.996
-    values = [sched.step() for _ in range(TOTAL)]
-    # Official generator: the k-th value is start + (k-1) * (end - start) / T.
+def test_ema_momentum_of_update_k_is_official_index_k_minus_1():
+    values = [SCHEDULE.momentum_at(k) for k in range(1, TOTAL + 1)]
+    # Official generator, consumed after the optimizer step: the k-th update uses start + (k-1) * (end-start) / T.
     assert values[0] == 0.996
     assert values == pytest.approx([0.996 + i * 0.004 / TOTAL for i in range(TOTAL)], rel=1e-12)
-    assert values[-1] == pytest.approx(1.0 - 0.004 / TOTAL)
-    assert sched.value == values[-1]
-    assert sched.value_at(TOTAL) == pytest.approx(1.0) and sched.value_at(TOTAL + 5) == pytest.approx(1.0)
-    assert sched.step() == pytest.approx(1.0)
+    assert SCHEDULE.momentum_at(TOTAL + 1) == pytest.approx(1.0) and SCHEDULE.momentum_at(TOTAL + 5) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["lr", "wd", "ema"])
-def test_state_dict_round_trip(kind):
-    def make(opt):
-        if kind == "lr":
-            return WarmupCosineLR(opt, WARMUP, TOTAL, START, REF, FINAL)
-        if kind == "wd":
-            return CosineWeightDecay(opt, TOTAL)
-        return EMAMomentum(TOTAL)
-
-    opt_a = _optimizer()
-    a = make(opt_a)
-    for _ in range(37):
-        a.step()
-    state = a.state_dict()
-    assert state["step_count"] == 37
-    # Plain numbers only: a weights_only torch.load (what Accelerate uses) accepts it.
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    state = torch.load(buf, weights_only=True)
-
-    opt_b = _optimizer()
-    b = make(opt_b)
-    b.load_state_dict(state)
-    assert b.value == a.value and b.step_count == 37
-    if kind != "ema":  # the current value is re-applied to the new optimizer
-        key = "lr" if kind == "lr" else "weight_decay"
-        assert opt_b.param_groups[0][key] == opt_a.param_groups[0][key]
-    assert [b.step() for _ in range(5)] == [a.step() for _ in range(5)]
-
-
-def test_accelerate_checkpointing(tmp_path):
-    accelerate = pytest.importorskip("accelerate")
-    acc = accelerate.Accelerator(cpu=True)
-    opt = _optimizer()
-    lr, ema = WarmupCosineLR(opt, WARMUP, TOTAL, START, REF, FINAL), EMAMomentum(TOTAL)
-    acc.register_for_checkpointing(lr, ema)
-    for _ in range(12):
-        lr.step(), ema.step()
-    acc.save_state(str(tmp_path / "ckpt"))
-    expected = (lr.value, ema.value)
-    for _ in range(3):
-        lr.step(), ema.step()
-    acc.load_state(str(tmp_path / "ckpt"))
-    assert (lr.value, ema.value) == expected and lr.step_count == ema.step_count == 12
+def test_schedule_is_stateless_and_validates():
+    assert SCHEDULE.values_at(3) == SCHEDULE.values_at(3) == {
+        "lr": SCHEDULE.lr_at(3), "weight_decay": SCHEDULE.weight_decay_at(3), "momentum": SCHEDULE.momentum_at(3)}
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="1-based"):
+            SCHEDULE.lr_at(bad)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        PretrainingSchedule(total_steps=5, warmup_steps=6)
+    with pytest.raises(ValueError, match="total_steps"):
+        PretrainingSchedule(total_steps=0)
+    with pytest.raises(ValueError, match="EMA momentum"):
+        PretrainingSchedule(total_steps=5, ema_start=0.9, ema_end=0.8)
+    with pytest.raises(ValueError, match="peak_lr"):
+        PretrainingSchedule(total_steps=5, peak_lr=float("nan"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,10 +168,10 @@ def test_build_optimizer_with_schedules():
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 4
     assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
     assert opt.defaults.get("fused")  # floating-point CPU parameters: torch's fused kernel
-    lr = WarmupCosineLR(opt, 2, 10, START, REF, FINAL)
-    wd = CosineWeightDecay(opt, 10)
-    lr.step(), wd.step()
-    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([wd.value, wd.value, 0.0, 0.0])
+    schedule = PretrainingSchedule(total_steps=10, warmup_steps=2, start_lr=START, peak_lr=REF, final_lr=FINAL)
+    schedule.apply(opt, 1)
+    wd = schedule.weight_decay_at(1)
+    assert [g["weight_decay"] for g in opt.param_groups] == pytest.approx([wd, wd, 0.0, 0.0])
     loss = sum((p.float() ** 2).sum() for g in opt.param_groups for p in g["params"]) + enc.proj(torch.ones(8)).sum()
     loss.backward()
     opt.step()  # runs with the extra group keys

@@ -26,6 +26,7 @@ __all__ = [
     "PretrainingArguments",
     "parse_args",
     "build_config",
+    "build_pretraining_config",
     "EMBEDDED_DEMO_DEFAULTS",
     "EMBEDDED_DEMO_MODEL",
     "OPERATIONAL_FIELDS",
@@ -325,38 +326,55 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
     return args
 
 
-def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
-    """The pretraining config: a preset / file / repo (``--config_name``), a saved model's
-    (``--model_name_or_path``) or the default, then ``--config_overrides`` and the ``--image_size``,
-    ``--mask_mode`` and ``--ema_momentum`` flags (which may not set the same field as an override)."""
-    if args.model_name_or_path is not None:
-        config = IJepaPretrainingConfig.from_pretrained(args.model_name_or_path, cache_dir=args.cache_dir,
-                                                        token=args.hub_token)
-    elif args.config_name is None:
+def build_pretraining_config(
+    *,
+    config_name: str | None = None,
+    model_name_or_path: str | None = None,
+    config_overrides: str | None = None,
+    image_size: int | None = None,
+    mask_mode: str | None = None,
+    ema_momentum: tuple[float, float] | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+) -> IJepaPretrainingConfig:
+    """A pretraining config from a preset / file / repo (``config_name``), a saved model's (``model_name_or_path``)
+    or the default (``IJepaPretrainingConfig()``), then ``config_overrides``
+    (:meth:`IJepaPretrainingConfig.update_from_string`) and the ``image_size``, ``mask_mode`` and ``ema_momentum``
+    flags (which may not set the same field as an override: :class:`PretrainingArguments` refuses that)."""
+    if config_name is not None and model_name_or_path is not None:
+        raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
+    if model_name_or_path is not None:
+        config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
+    elif config_name is None:
         config = IJepaPretrainingConfig()
-    elif args.config_name in list_presets():
-        config = IJepaPretrainingConfig.from_preset(args.config_name)
+    elif config_name in list_presets():
+        config = IJepaPretrainingConfig.from_preset(config_name)
     else:
         try:
-            config = IJepaPretrainingConfig.from_pretrained(args.config_name, cache_dir=args.cache_dir,
-                                                            token=args.hub_token)
+            config = IJepaPretrainingConfig.from_pretrained(config_name, cache_dir=cache_dir, token=token)
         except (OSError, ValueError) as error:
             raise ValueError(
-                f"--config_name {args.config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
+                f"--config_name {config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
                 f"loadable config path/repo: {error}"
             ) from error
-    flags = []
-    if args.config_overrides:
-        flags.append(args.config_overrides)
-    if args.image_size is not None:
-        flags.append(f"encoder.image_size={args.image_size}")
-    if args.mask_mode is not None:
-        flags.append(f"mask_mode={args.mask_mode}")
-    if args.ema_range is not None:
-        flags.append(f"ema_momentum=[{args.ema_range[0]},{args.ema_range[1]}]")
+    flags = [config_overrides] if config_overrides else []
+    if image_size is not None:
+        flags.append(f"encoder.image_size={image_size}")
+    if mask_mode is not None:
+        flags.append(f"mask_mode={mask_mode}")
+    if ema_momentum is not None:
+        flags.append(f"ema_momentum=[{ema_momentum[0]},{ema_momentum[1]}]")
     if flags:
         config.update_from_string(",".join(flags))
     return config
+
+
+def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
+    """The config of a run: :func:`build_pretraining_config` with the run's options."""
+    return build_pretraining_config(
+        config_name=args.config_name, model_name_or_path=args.model_name_or_path,
+        config_overrides=args.config_overrides, image_size=args.image_size, mask_mode=args.mask_mode,
+        ema_momentum=args.ema_range, cache_dir=args.cache_dir, token=args.hub_token)
 
 
 def _comparable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,24 +1,32 @@
-"""I-JEPA with ``transformers.Trainer``: callbacks for the EMA target encoder, the weight-decay schedule and the
-mask collator's batch counter, plus :class:`IJepaTrainer`, which wires all of them and the official optimizer
-and LR schedule.
+"""I-JEPA with ``transformers.Trainer``: :class:`IJepaTrainer` and the callbacks it wires (EMA target encoder,
+weight-decay schedule, mask-collator batch counter).
 
-Where the hooks sit in transformers 5.24's training step (checked in ``Trainer._run_epoch``)::
+:class:`IJepaTrainer` honours ``TrainingArguments`` or refuses what it cannot honour — never a silent
+reinterpretation:
 
-    on_pre_optimizer_step  -> weight decay of this update (official: schedule before the update)
+* ``learning_rate`` is the peak; ``warmup_steps`` the warm-up (below 1: a fraction of the run); ``lr_scheduler_type="cosine"`` is
+  the I-JEPA warm-up-cosine, with ``lr_scheduler_kwargs={"start_lr": ..., "final_lr": ...}`` (both 0 by default:
+  transformers' cosine; the official recipe uses 2e-4 and 1e-6) and the official indexing (update ``k`` uses
+  schedule index ``k``); every other ``lr_scheduler_type`` is transformers' own;
+* ``weight_decay`` is the weight decay of the decay groups (the official groups: weights decayed, biases and 1-D
+  parameters not); ``IJepaTrainer(final_weight_decay=...)`` turns it into the official cosine ramp (0.04 -> 0.4),
+  ``None`` keeps it constant;
+* ``optim``: ``adamw_torch`` or ``adamw_torch_fused`` (AdamW over the official groups, with ``adam_beta1/2`` and
+  ``adam_epsilon``); other optimizers are refused with an error naming the field;
+* ``max_grad_norm`` is the Trainer's (``0`` disables clipping, as the official recipe).
+
+:func:`official_training_arguments` returns ``TrainingArguments`` with the official recipe.
+
+Where the hooks sit in transformers 5.24's training step::
+
+    on_pre_optimizer_step  -> weight decay of update k (official: schedules advance before the update)
     optimizer.step()
-    on_optimizer_step      -> EMA update of the target encoder (after the update, before zero_grad)
+    on_optimizer_step      -> EMA of the target encoder with the momentum of update k
     lr_scheduler.step(); global_step += 1; on_step_end
 
-During both optimizer hooks ``state.global_step`` is still the number of *completed* updates ``k - 1`` of the
-``k``-th update, so the schedules are pure functions of ``state.global_step`` and ``state.max_steps``, and
-survive ``trainer.train(resume_from_checkpoint=...)`` without extra state.
-
-Minimal use with a plain ``Trainer`` (``remove_unused_columns=False`` keeps the ``pixel_values`` column)::
-
-    collator = IJepaMaskCollator.from_config(model.config)
-    trainer = Trainer(model=model, args=TrainingArguments(..., remove_unused_columns=False),
-                      train_dataset=dataset, data_collator=collator,
-                      callbacks=[EMACallback(), MaskCollatorStepCallback(collator)])
+During both optimizer hooks ``state.global_step`` is ``k - 1``, so update ``k = state.global_step + 1`` is passed
+to the stateless :class:`~ijepa_hf.training.PretrainingSchedule`, and ``trainer.train(resume_from_checkpoint=...)``
+needs no extra state.
 """
 
 from __future__ import annotations
@@ -34,11 +42,16 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .optim import build_optimizer
-from .schedules import cosine_wd_value, ema_momentum_value, warmup_cosine_value
+from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "IJepaTrainer"]
+__all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "IJepaTrainer",
+           "official_training_arguments", "OFFICIAL_FINAL_WEIGHT_DECAY", "SUPPORTED_OPTIMIZERS"]
+
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+_COSINE_KWARGS = ("start_lr", "final_lr")
+OFFICIAL_FINAL_WEIGHT_DECAY = 0.4
 
 
 def _unwrap(model: Any) -> Any:
@@ -51,11 +64,24 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
+def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` of the official I-JEPA recipe: peak lr 1e-3 with the warm-up-cosine 2e-4 -> 1e-3 ->
+    1e-6 over a 40/300 warm-up, weight decay 0.04 (pair with ``IJepaTrainer(final_weight_decay=0.4)``), AdamW over
+    the official groups, no gradient clipping, image columns kept. ``overrides`` win."""
+    values: dict[str, Any] = dict(
+        output_dir=output_dir, learning_rate=1e-3, lr_scheduler_type="cosine",
+        lr_scheduler_kwargs={"start_lr": 2e-4, "final_lr": 1e-6}, warmup_steps=40 / 300, weight_decay=0.04,
+        optim="adamw_torch_fused", max_grad_norm=0.0, remove_unused_columns=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
 class EMACallback(TrainerCallback):
     """Update the target encoder after every optimizer step: ``target = m * target + (1 - m) * context``.
 
-    ``m`` follows the official linear schedule from ``start`` to ``end`` over ``state.max_steps`` updates; the
-    ``k``-th update (1-based) uses index ``k - 1``, so the first one uses ``start`` (``EMAMomentum`` semantics).
+    ``m`` follows the official linear schedule from ``start`` to ``end`` over ``state.max_steps`` updates (the first
+    update uses ``start``; :meth:`PretrainingSchedule.momentum_at`).
 
     Args:
         momentum: ``(start, end)``; default: the model config's ``ema_momentum`` (officially ``(0.996, 1.0)``).
@@ -68,28 +94,28 @@ class EMACallback(TrainerCallback):
         self.momentum = None if momentum is None else (float(momentum[0]), float(momentum[1]))
         self.last_momentum: float | None = None
 
-    def momentum_at(self, step: int, max_steps: int, model: Any = None) -> float:
+    def momentum_at(self, update: int, max_steps: int, model: Any = None) -> float:
         start, end = self.momentum if self.momentum is not None else _unwrap(model).config.ema_momentum
-        return ema_momentum_value(step, max(1, max_steps), start, end)
+        return PretrainingSchedule(total_steps=max(1, max_steps), ema_start=start, ema_end=end).momentum_at(update)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: Any = None, **kwargs: Any) -> None:
-        momentum = self.momentum_at(state.global_step, state.max_steps, model)
+        momentum = self.momentum_at(state.global_step + 1, state.max_steps, model)
         _unwrap(model).update_target_encoder(momentum)
         self.last_momentum = momentum
 
 
 class WeightDecayScheduleCallback(TrainerCallback):
-    """Official cosine weight-decay schedule (``weight_decay -> final_weight_decay`` over ``state.max_steps``),
-    written into the optimizer's decay groups just before each update (groups flagged ``WD_exclude`` or with
-    weight decay 0 in an optimizer without such flags, i.e. biases and norms, are left alone).
+    """The official cosine weight-decay schedule (``weight_decay -> final_weight_decay`` over ``state.max_steps``),
+    written into the optimizer's decay groups just before each update.
 
     Args:
         final_weight_decay: end value (official 0.4).
         weight_decay: start value; default ``args.weight_decay`` (official 0.04).
     """
 
-    def __init__(self, final_weight_decay: float = 0.4, weight_decay: float | None = None) -> None:
+    def __init__(self, final_weight_decay: float = OFFICIAL_FINAL_WEIGHT_DECAY,
+                 weight_decay: float | None = None) -> None:
         self.final_weight_decay = float(final_weight_decay)
         self.weight_decay = weight_decay
         self.last_weight_decay: float | None = None
@@ -97,18 +123,11 @@ class WeightDecayScheduleCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               optimizer: Any = None, **kwargs: Any) -> None:
         start = args.weight_decay if self.weight_decay is None else self.weight_decay
-        # The k-th update uses index k (official: the schedule is stepped before the update).
-        value = cosine_wd_value(state.global_step + 1, max(1, state.max_steps), start, self.final_weight_decay)
-        groups = optimizer.param_groups
-        if not any("WD_exclude" in group for group in groups):
-            # An optimizer not built by official_param_groups (e.g. the Trainer's own): the groups created with
-            # weight decay 0 are the bias/norm groups; flag them once so they stay at 0.
-            for group in groups:
-                group["WD_exclude"] = group.get("weight_decay", 0.0) == 0.0
-        for group in groups:
-            if not group.get("WD_exclude", False):
-                group["weight_decay"] = value
-        self.last_weight_decay = value
+        schedule = PretrainingSchedule(total_steps=max(1, state.max_steps), start_weight_decay=start,
+                                       final_weight_decay=self.final_weight_decay)
+        update = state.global_step + 1
+        schedule.apply(optimizer, update, lr=False)
+        self.last_weight_decay = schedule.weight_decay_at(update)
 
 
 class MaskCollatorStepCallback(TrainerCallback):
@@ -139,34 +158,60 @@ class MaskCollatorStepCallback(TrainerCallback):
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulation))
         epoch, steps_in_epoch = divmod(state.global_step, steps_per_epoch)
         self.collator.set_step(epoch * batches_per_epoch + steps_in_epoch * accumulation)
-        # Position-seeded datasets (ijepa_hf.training.loop.PretrainImageDataset) draw new crops each epoch only if
-        # told the epoch; Accelerate's loader does not forward it when its sampler takes set_epoch itself.
+        # Position-seeded datasets (ijepa_hf.data.PretrainImageDataset) draw new crops each epoch only if told the
+        # epoch; Accelerate's loader does not forward it when its sampler takes set_epoch itself.
         dataset = getattr(train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
 
 
+def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict[str, float]:
+    """Refuse the ``TrainingArguments`` this trainer cannot honour; returns the cosine's start/final lr."""
+    optim = getattr(args.optim, "value", args.optim)
+    if optim not in SUPPORTED_OPTIMIZERS:
+        raise ValueError(
+            f"IJepaTrainer: optim={optim!r} is not supported; I-JEPA optimises the official AdamW parameter groups "
+            f"(weight decay on weights, none on biases and 1-D parameters): use optim='adamw_torch' or "
+            "'adamw_torch_fused' (official_training_arguments() sets the official recipe)")
+    if args.optim_args:
+        raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
+                         "adam_beta2 and adam_epsilon")
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    if scheduler != "cosine":
+        return {}
+    unknown = sorted(set(kwargs) - set(_COSINE_KWARGS))
+    if unknown:
+        raise ValueError(f"IJepaTrainer: lr_scheduler_kwargs {unknown} are not options of the I-JEPA cosine; it takes "
+                         f"{list(_COSINE_KWARGS)} (official: start_lr=2e-4, final_lr=1e-6)")
+    cosine = {"start_lr": float(kwargs.get("start_lr", 0.0)), "final_lr": float(kwargs.get("final_lr", 0.0))}
+    for name, value in cosine.items():
+        if value > args.learning_rate:
+            raise ValueError(
+                f"IJepaTrainer: lr_scheduler_kwargs {name}={value:g} is above learning_rate={args.learning_rate:g} "
+                "(the peak): the warm-up would go down. Raise learning_rate (official 1e-3) or lower " + name)
+    if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
+        raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
+    return cosine
+
+
 class IJepaTrainer(Trainer):
-    """``Trainer`` with the official I-JEPA optimisation.
+    """``Trainer`` for I-JEPA pretraining (see the module docstring for how ``TrainingArguments`` are honoured).
 
-    * AdamW over :func:`~ijepa_hf.training.official_param_groups` of the context encoder and predictor (weight
-      decay on weights, none on biases and norms; the frozen target encoder is not optimised);
-    * LR: linear warmup ``start_lr -> args.learning_rate`` over ``args.get_warmup_steps(max_steps)``, then cosine
-      to ``final_lr``, with the official indexing (the ``k``-th update uses schedule index ``k``);
-    * weight decay: cosine ``args.weight_decay -> final_weight_decay`` (:class:`WeightDecayScheduleCallback`);
-    * EMA of the target encoder after each update (:class:`EMACallback`);
-    * the mask collator's batch counter realigned at every epoch start (:class:`MaskCollatorStepCallback`, added
-      when ``data_collator`` has ``set_step``).
+    Adds :class:`EMACallback`, :class:`WeightDecayScheduleCallback` (when ``final_weight_decay`` is given) and
+    :class:`MaskCollatorStepCallback` (when ``data_collator`` has ``set_step``). The loss is the model's own
+    (smooth-L1 on the predicted target features); gradient accumulation divides it by the number of micro-batches.
 
-    Use ``TrainingArguments(remove_unused_columns=False, ...)``: the collator needs the ``pixel_values`` column.
-    The loss is the model's own (smooth-L1 on the predicted target features); gradient accumulation divides it by
-    the number of micro-batches as usual.
+    Args:
+        final_weight_decay: end of the cosine weight-decay ramp from ``args.weight_decay`` (official 0.4);
+            ``None``: constant ``args.weight_decay``.
+        ema_momentum: ``(start, end)`` of the EMA; default the model config's.
     """
 
-    def __init__(self, *args: Any, start_lr: float = 2e-4, final_lr: float = 1e-6, final_weight_decay: float = 0.4,
+    def __init__(self, *args: Any, final_weight_decay: float | None = None,
                  ema_momentum: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.start_lr, self.final_lr = float(start_lr), float(final_lr)
+        self._cosine = _validate(self.args, final_weight_decay)
         # The model's forward takes **kwargs only for API compatibility; it returns a mean loss, so the Trainer
         # must scale it for gradient accumulation instead of passing num_items_in_batch.
         self.model_accepts_loss_kwargs = False
@@ -174,35 +219,42 @@ class IJepaTrainer(Trainer):
             keep_freed_memory_for_reuse()
         if self.args.torch_compile:
             configure_inductor_for_variable_masks()
-        self.add_callback(WeightDecayScheduleCallback(final_weight_decay))
+        if final_weight_decay is not None:
+            self.add_callback(WeightDecayScheduleCallback(final_weight_decay))
         self.add_callback(EMACallback(ema_momentum))
         if hasattr(self.data_collator, "set_step"):
             self.add_callback(MaskCollatorStepCallback(self.data_collator))
-        if self.args.remove_unused_columns:
-            logger.warning("IJepaTrainer: remove_unused_columns=True drops the image columns the mask collator "
-                           "needs; set remove_unused_columns=False.")
+        columns = getattr(self.train_dataset, "column_names", None)
+        if self.args.remove_unused_columns and columns is not None and "pixel_values" not in columns:
+            # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
+            logger.warning("IJepaTrainer: remove_unused_columns=True drops the columns %s the mask collator reads; "
+                           "set remove_unused_columns=False.", columns)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             ijepa = _unwrap(self.model if model is None else model)
+            optim = getattr(self.args.optim, "value", self.args.optim)
             self.optimizer = build_optimizer(
                 {"encoder": ijepa.context_encoder, "predictor": ijepa.predictor}, lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
+                eps=self.args.adam_epsilon, fused=optim == "adamw_torch_fused", foreach=None,
             )
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int,
                          optimizer: torch.optim.Optimizer | None = None) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.lr_scheduler is None:
-            ref_lr = self.args.learning_rate
-            warmup = min(self.args.get_warmup_steps(num_training_steps), num_training_steps)
-            total = max(1, num_training_steps)
+        if self.lr_scheduler is None and self._cosine:
+            peak = self.args.learning_rate
+            schedule = PretrainingSchedule(
+                total_steps=max(1, num_training_steps),
+                warmup_steps=min(self.args.get_warmup_steps(num_training_steps), max(1, num_training_steps)),
+                start_lr=self._cosine["start_lr"], peak_lr=peak, final_lr=self._cosine["final_lr"])
 
             def factor(index: int) -> float:
-                # LambdaLR's index i is used by update i + 1; the official update k uses schedule index k.
-                return warmup_cosine_value(index + 1, warmup, total, self.start_lr, ref_lr, self.final_lr) / ref_lr
+                # LambdaLR's value after `index` scheduler steps is used by update index + 1.
+                return schedule.lr_at(index + 1) / peak if peak > 0 else 0.0
 
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
             self._created_lr_scheduler = True
-        return self.lr_scheduler
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
