@@ -271,6 +271,13 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
                 raise refuse
             run_id = found.run_id
         found = latest_checkpoint(output_dir, run_id) if run_id is not None else None
+        broken = [info for info in list_checkpoints(output_dir) if not info.complete]
+        if found is None and broken:
+            # Starting afresh would overwrite them: a human should look first.
+            raise CheckpointError(
+                f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint, only incomplete ones ("
+                + "; ".join(f"{info.path.name}: {info.problem}" for info in broken)
+                + "). Move them away to start the run afresh, or use --overwrite_output_dir.")
         if found is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint of this run in %s, starting "
                            "it from scratch", output_dir)
@@ -428,14 +435,30 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
     """
     import pickle
 
+    from accelerate.utils import load as safe_load
+
     path = Path(path)
     manifest = read_manifest(path)
+    listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
+    extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
+                   and p.relative_to(path).as_posix() not in listed)
+    if extra:
+        raise CheckpointError(f"Refusing to load {path}: it holds files its manifest does not list ({', '.join(extra)}), "
+                              "so it was changed after it was written; nothing in it was executed.")
     try:
+        # accelerate ignores an unreadable RNG-state file (it logs and goes on): check those first, the same way
+        # it reads them (weights_only=True plus numpy's array types), so that a tampered one is refused too.
+        for rng_file in sorted(path.glob("random_states_*.pkl")):
+            safe_load(rng_file)
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"Refusing to load {path}: one of its files holds more than tensors and numbers (torch.load with "
             f"weights_only=True refused it: {str(error).splitlines()[0]}). It may have been tampered with; "
             "nothing in it was executed."
+        ) from error
+    except (RuntimeError, ValueError, KeyError, OSError) as error:
+        raise CheckpointError(
+            f"Could not load {path}: {error}. Its files are read with weights_only=True: nothing in it was executed."
         ) from error
     return manifest

@@ -36,7 +36,14 @@ from tqdm.auto import tqdm
 from ..data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ..masking import IJepaMaskCollator
 from .arguments import PretrainingArguments, build_config, check_resume_compatible, parse_args
-from .checkpointing import OutputDirLock, RunFolder, load_checkpoint, prepare_output_dir, save_checkpoint
+from .checkpointing import (
+    OutputDirLock,
+    RunFolder,
+    load_checkpoint,
+    prepare_output_dir,
+    read_manifest,
+    save_checkpoint,
+)
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
 from .optim import build_optimizer
@@ -192,9 +199,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     progress = Progress()
     if run.resume_from is not None:
         logger.info("Resuming from %s", run.resume_from)
-        manifest = load_checkpoint(accelerator, run.resume_from)
-        saved = manifest["state"]
-        check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)
+        saved = read_manifest(run.resume_from)["state"]
+        check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)  # before any load
+        load_checkpoint(accelerator, run.resume_from)
         progress = Progress(**saved["progress"])
         mask_collator.load_state_dict(saved["mask_collator"])
         if sized and progress.batch_in_epoch >= batches_per_epoch:

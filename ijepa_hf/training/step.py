@@ -132,9 +132,9 @@ class PretrainingStep:
                                                  f", the {self.skipped_updates}th such step (--skip_nonfinite_steps "
                                                  f"{self.skip_nonfinite_steps})")
                 self._window_bad = torch.zeros_like(self._window_bad)
-            if not skipped:
-                self.optimizer.step()  # a no-op on micro-batches that accumulate
-            self.optimizer.zero_grad(set_to_none=True)
+                if not skipped:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
         if updated and not skipped:
             self.ema_model.update_target_encoder(self.schedule.momentum_at(update))
         return StepOutput(

@@ -1,0 +1,384 @@
+"""A pretraining run under deliberate faults: kill -9 during a save, partial checkpoint folders, a full disk, an old
+run's folder, two runs in one folder, a huge learning rate, a torn log line, changed settings on resume, planted
+pickle payloads, conflicting flags, a stopped rank. Every run uses the tiny config of test_pretraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pretraining import REPO_ROOT, TINY_OVERRIDES, _free_port, read_log, run, tiny_argv
+
+from ijepa_hf.training import NonFiniteLossError, PretrainingArguments, PretrainingSchedule, parse_args, pretrain
+from ijepa_hf.training.checkpointing import (
+    MANIFEST_NAME,
+    CheckpointError,
+    OutputDirInUseError,
+    OutputDirLock,
+    latest_checkpoint,
+    list_checkpoints,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 8-step run with checkpoints at steps 4 and 8."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(out, "--checkpointing_steps", "4")
+    torch.set_num_threads(previous)
+    return out
+
+
+def _copy_run(reference: Path, target: Path, *checkpoints: str) -> Path:
+    target.mkdir(parents=True)
+    for name in ("run.json", "train_log.jsonl", *checkpoints):
+        source = reference / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["no_manifest", "truncated_weights", "empty_folder"])
+def test_latest_skips_an_incomplete_checkpoint_and_resumes_the_previous_one(reference, tmp_path, damage, caplog):
+    out = _copy_run(reference, tmp_path / "run", "step_4", "step_8")
+    step_8 = out / "step_8"
+    if damage == "no_manifest":
+        (step_8 / MANIFEST_NAME).unlink()
+    elif damage == "truncated_weights":
+        weights = step_8 / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        shutil.rmtree(step_8)
+        step_8.mkdir()
+    with caplog.at_level("WARNING"):
+        result = run(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")
+    assert result.resumed_from == str(out / "step_4") and result.global_step == 8
+    assert f"Skipping checkpoint {step_8}" in caplog.text
+    assert _same(_weights(out), _weights(reference))
+    assert latest_checkpoint(out).path == step_8 and latest_checkpoint(out).complete  # rewritten by the resume
+
+
+def test_kill_9_during_a_save_leaves_a_resumable_folder(reference, tmp_path):
+    """SIGKILL the moment a checkpoint is being written; resuming gives the uninterrupted run's weights."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    code = ("import sys; from ijepa_hf.training import parse_args, pretrain; "
+            "pretrain(parse_args(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, *tiny_argv(out, "--checkpointing_steps", "1")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_during = None
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.is_dir():
+            partial = [p.name for p in out.iterdir() if p.name.startswith(".step_") and p.name.endswith(".incomplete")]
+            if partial and partial[0] not in (".step_1.incomplete", ".step_2.incomplete"):
+                proc.send_signal(signal.SIGKILL)
+                killed_during = partial[0]
+                break
+        time.sleep(0.0005)
+    proc.wait(30)
+    if killed_during is None:
+        pytest.skip("the run finished before a save could be caught in flight")
+    assert proc.returncode == -signal.SIGKILL
+    assert all(info.complete for info in list_checkpoints(out)), "a step_<N> folder is incomplete"
+    result = run(out, "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
+    assert result.global_step == 8 and not any(p.name.endswith(".incomplete") for p in out.iterdir())
+    assert _same(_weights(out), _weights(reference)), f"killed while writing {killed_during}"
+
+
+def test_a_full_disk_says_so_and_keeps_the_earlier_checkpoints(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = mount / "run"
+        with pytest.raises(CheckpointError, match="No space left on the device") as error:
+            run(out, "--checkpointing_steps", "2")
+        assert "earlier checkpoints are intact" in str(error.value)
+        complete = [info for info in list_checkpoints(out) if info.complete]
+        assert complete and complete[0].path.name == "step_2"
+        assert not any(p.name.endswith(".incomplete") for p in out.iterdir())
+        saved = load_file(complete[-1].path / "model.safetensors")  # readable, and so is its manifest
+        assert saved and json.loads((complete[-1].path / MANIFEST_NAME).read_text())["step"] == complete[-1].step
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)  # lazy: the error may still hold a file open
+
+
+def test_checkpoints_total_limit_keeps_the_newest_of_this_run(tmp_path):
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2")
+    assert [info.path.name for info in list_checkpoints(out)] == ["step_6", "step_8"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The output folder: another run, a second process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_folder_holding_another_run_is_refused_and_overwriting_never_resumes_it(reference, tmp_path):
+    old = _copy_run(reference, tmp_path / "run", "step_4", "step_8")
+    with pytest.raises(ValueError, match="already holds another run .* Use --resume_from_checkpoint latest to continue "
+                                         "it, --overwrite_output_dir to start a new run there"):
+        run(old, steps=4)
+    # A new run overwrites; its pruning never deletes its own newest checkpoint for the old run's step_8.
+    run(old, "--overwrite_output_dir", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1", steps=4)
+    new_run = json.loads((old / "run.json").read_text())["run_id"]
+    mine = [info for info in list_checkpoints(old) if info.run_id == new_run]
+    assert [info.path.name for info in mine] == ["step_4"]
+    assert (old / "step_8").is_dir()  # the other run's checkpoint is left alone, and never resumed:
+    result = run(old, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=4)
+    assert result.resumed_from == str(old / "step_4")
+
+
+def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ijepa_hf.training.checkpointing import OutputDirLock; "
+                               "lock = OutputDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(OutputDirInUseError, match=rf"in use by another run .*\"pid\": {holder.pid}"):
+            run(out, steps=2)
+        assert time.monotonic() - started < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    OutputDirLock(out).acquire().release()  # the kernel dropped the dead holder's lock
+    assert run(out, steps=2).global_step == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_huge_learning_rate_stops_the_run_and_saves_nothing_non_finite(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(NaN/inf\) at step \d+ .*learning rate") as error:
+        run(out, "--learning_rate", "100", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", steps=8)
+    assert not (out / "model.safetensors").exists() and not (out / "encoder").exists()
+    checkpoints = [info for info in list_checkpoints(out) if info.complete]
+    assert all(info.step < error.value.update for info in checkpoints)
+    for info in checkpoints:  # the last finite checkpoints are kept, and they are finite
+        assert all(torch.isfinite(t).all() for t in load_file(info.path / "model.safetensors").values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: torn log line, changed settings, planted payloads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(reference, tmp_path, caplog):
+    out = _copy_run(reference, tmp_path / "run", "step_4")
+    with (out / "train_log.jsonl").open("a") as handle:
+        handle.write('{"step": 9, "loss": 0.4')  # what a full disk leaves
+    with caplog.at_level("WARNING"):
+        result = run(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")
+    assert result.global_step == 8 and "cut off" in caplog.text
+    assert [r["step"] for r in read_log(out)] == [r["step"] for r in read_log(reference)]
+
+
+@pytest.mark.parametrize("change, field", [
+    (("--per_device_train_batch_size", "4"), "--per_device_train_batch_size"),
+    (("--learning_rate", "2e-3"), "--learning_rate"),
+    (("--seed", "1"), "--seed"),
+    (("--max_train_steps", "12"), "--extend_run"),
+    (("--config_overrides", TINY_OVERRIDES.replace("predictor.hidden_size=16", "predictor.hidden_size=24")),
+     "config predictor_config.hidden_size"),
+])
+def test_resume_under_changed_settings_is_refused_naming_the_field(reference, tmp_path, change, field):
+    out = _copy_run(reference, tmp_path / "run", "step_4")
+    argv = tiny_argv(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")
+    index = argv.index(change[0]) if change[0] in argv else None
+    if index is None:
+        argv += list(change)
+    else:
+        argv[index + 1] = change[1]
+    with pytest.raises(ValueError, match=rf"Cannot resume exactly: .*{field}"):
+        pretrain(parse_args(argv))
+
+
+def test_extend_run_recomputes_the_schedules_for_the_new_length(reference, tmp_path):
+    out = _copy_run(reference, tmp_path / "run", "step_8")
+    result = run(out, "--resume_from_checkpoint", "latest", "--extend_run", steps=12)
+    assert result.global_step == 12 and result.resumed_from == str(out / "step_8")
+    schedule = PretrainingSchedule(total_steps=12, warmup_steps=2, start_lr=2e-4, peak_lr=5e-4, final_lr=1e-6,
+                                   ema_start=0.996, ema_end=1.0)
+    rows = {r["step"]: r for r in read_log(out)}
+    assert sorted(rows) == [2, 4, 6, 8, 10, 12]
+    for step in (10, 12):  # the new curves, not the finished run's final lr 1e-6 and momentum 1.0
+        assert rows[step]["lr"] == pytest.approx(schedule.lr_at(step))
+        assert rows[step]["momentum"] == pytest.approx(schedule.momentum_at(step))
+    assert rows[10]["lr"] > 1e-5
+
+
+class _Payload:
+    """Unpickling this creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _pickle_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix not in (".safetensors", ".json"))
+
+
+def test_resuming_never_unpickles_code(reference, tmp_path):
+    names = _pickle_files(reference / "step_4")
+    assert names, "expected pickle-format files (optimizer, RNG states) in a checkpoint"
+    for name in [*names, "custom_checkpoint_0.pkl"]:  # each file of the loop's, and one an attacker adds
+        out = _copy_run(reference, tmp_path / name, "step_4")
+        marker = tmp_path / f"{name}.executed"
+        target = out / "step_4" / name
+        torch.save({"state": _Payload(marker)}, target)
+        for consistent_manifest in (False, True):  # a careful attacker also rewrites the manifest
+            if consistent_manifest:
+                manifest = json.loads((out / "step_4" / MANIFEST_NAME).read_text())
+                manifest["files"][name] = target.stat().st_size
+                (out / "step_4" / MANIFEST_NAME).write_text(json.dumps(manifest))
+            with pytest.raises(CheckpointError, match="nothing in it was executed|has no complete checkpoint"):
+                run(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")
+            assert not marker.exists(), f"resuming executed the payload planted in {name}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments that mean what they say
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_conflicting_and_invalid_flags_are_errors():
+    with pytest.raises(ValueError, match="--image_size and --config_overrides encoder.image_size"):
+        PretrainingArguments(image_size=30, config_overrides="encoder.image_size=32")
+    with pytest.raises(ValueError, match="--mask_mode and --config_overrides mask_mode"):
+        PretrainingArguments(mask_mode="official", config_overrides="mask_mode=fixed")
+    with pytest.raises(ValueError, match="--ema_momentum and --config_overrides ema_momentum"):
+        PretrainingArguments(ema_momentum="0.99,1", config_overrides="ema_momentum=[0.99,1.0]")
+    from ijepa_hf.training import build_config
+
+    with pytest.raises(ValueError, match="not divisible"):
+        build_config(PretrainingArguments(image_size=30, config_overrides="encoder.patch_size=8"))
+    with pytest.raises(ValueError, match="give only one of them"):
+        PretrainingArguments(overwrite_output_dir=True, resume_from_checkpoint="latest")
+    assert PretrainingArguments(max_grad_norm=-1).clip_grad_norm is None
+    assert PretrainingArguments(max_grad_norm=0).clip_grad_norm is None
+    assert PretrainingArguments(max_grad_norm=1.5).clip_grad_norm == 1.5
+
+
+def test_help_shows_the_real_defaults():
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "pretrain.py"), "--help"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                          timeout=120)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0
+    assert "NUM_TRAIN_EPOCHS Epochs (ignored when --max_train_steps is set). (default: 1)" in text
+    assert "PER_DEVICE_TRAIN_BATCH_SIZE Batch size per process (embedded demo: 16). (default: 64)" in text
+    assert "LEARNING_RATE Peak (reference) learning rate (official 1e-3; embedded demo: 5e-4). (default: 0.001)" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A stopped rank
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _rank_pids(token: str) -> dict[int, int]:
+    """``{RANK: pid}`` of the launcher's worker processes (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if env.get(b"IJEPA_HF_TEST_LAUNCH") == token.encode() and b"RANK" in env and b"LOCAL_RANK" in env:
+            if "python" in status.split("\n", 1)[0].lower():
+                found[int(env[b"RANK"])] = int(entry.name)
+    return found
+
+
+def test_a_stopped_rank_ends_the_run_within_the_ddp_timeout(tmp_path):
+    out = tmp_path / "two"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(REPO_ROOT / "examples" / "pretrain.py"),
+        *tiny_argv(out, "--ddp_timeout", "15", "--logging_steps", "1", images=32, batch=4, steps=100000),
+    ]
+    token = uuid.uuid4().hex
+    env["IJEPA_HF_TEST_LAUNCH"] = token  # the workers inherit it: how they are found in /proc
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    stopped = None
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and launcher.poll() is None:
+            log = out / "train_log.jsonl"
+            if log.exists() and len(log.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.5)
+        ranks = _rank_pids(token)
+        assert set(ranks) == {0, 1}, f"worker processes not found: {ranks}"
+        stopped = ranks[1]
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            output, _ = launcher.communicate(timeout=150)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run still hangs 150 s after a rank stopped, with --ddp_timeout 15")
+        assert launcher.returncode != 0
+        assert time.monotonic() - started < 150
+        assert "imed out" in output or "timeout" in output.lower(), output[-3000:]
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
