@@ -399,6 +399,7 @@ def card_for_converted_checkpoint(
     which: Literal["target", "context"] | None = None,
     model_name: str | None = None,
     remote_code: bool = False,
+    num_heads_source: str | None = None,
 ) -> ModelCard:
     """The model card of a repo written by ``ijepa-hf convert`` from an official I-JEPA checkpoint.
 
@@ -417,6 +418,8 @@ def card_for_converted_checkpoint(
         model_name: The Hub repo id the card is for (used in the title and the loading code); a placeholder
             ``your-username/...`` name otherwise.
         remote_code: The repo ships its modelling code (``auto_map``), so it loads without ``ijepa_hf``.
+        num_heads_source: Where the head count comes from (``"given with `--num-heads`"``, a release, the official
+            table); the card states the count with it, since it is not stored in the weights.
     """
     info = dict(release_info or {})
     stem = release or source.removesuffix(".pth.tar").removesuffix(".pth")
@@ -438,6 +441,13 @@ def card_for_converted_checkpoint(
     if release:
         origin += f" (release `{release}` of [facebookresearch/ijepa](https://github.com/facebookresearch/ijepa))"
     conversion = [f"Converted with `ijepa-hf convert` (the `ijepa_hf` package) from {origin}."]
+    heads = summary.get("num_attention_heads", summary.get("encoder.num_attention_heads"))
+    if heads is not None:
+        where = f" ({num_heads_source})" if num_heads_source else ""
+        conversion.append(
+            f"It has {heads} attention heads{where}: head counts are not stored in official checkpoints"
+            + (", and the predictor has the encoder's, as in the official code." if kind != "encoder" else ".")
+        )
     if kind == "encoder":
         if which is not None:
             conversion.append(f"The weights are {_ENCODER_CHOICES[which]}.")
