@@ -102,6 +102,9 @@ def load_encoder(
     # Importing this module imported `ijepa_hf`, which registered its model types with the Auto classes.
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+    from .modeling_ijepa_hf import refuse_checkpoint_file
+
+    refuse_checkpoint_file(model_name_or_path, "load_encoder")
     config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
     is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
