@@ -112,6 +112,7 @@ def convert(args: argparse.Namespace) -> None:
     )
     from .hub import card_for_converted_checkpoint, push_folder, save_model_repo
     from .image_processing import make_image_processor
+    from .licensing import META_WEIGHTS_LICENSE, record_weights_license
 
     if args.remote_code and args.to_transformers:
         raise ValueError("--remote-code does not apply to --to-transformers: stock `ijepa` repos load without it.")
@@ -140,7 +141,10 @@ def convert(args: argparse.Namespace) -> None:
             written.append((output_dir, pretraining, "pretraining", None))
 
     repo_ids = _repo_ids(args.push_to_hub, [kind for _, _, kind, _ in written])
+    base_model = OFFICIAL_RELEASES.get(release or "", {}).get("hub")
     for (directory, model, kind, encoder_choice), repo_id in zip(written, repo_ids):
+        # Meta's weights are CC BY-NC 4.0: the config carries it on to every model derived from this one.
+        record_weights_license(model, META_WEIGHTS_LICENSE, base_model)
         card = card_for_converted_checkpoint(
             model, kind=kind, release=release, source=checkpoint_path.name,
             release_info=OFFICIAL_RELEASES.get(release or "", {}), which=encoder_choice, model_name=repo_id,
