@@ -236,3 +236,26 @@ def test_card_records_the_head_count_and_where_it_came_from(converted):
     card = (converted / "pretraining" / "README.md").read_text()
     assert "| `encoder.num_attention_heads` | 3 |" in card and "| `predictor.num_attention_heads` | 3 |" in card
     assert "3 attention heads (given with `--num-heads`)" in card
+
+
+def test_encoder_from_a_transformers_4x_format_repo(tmp_path):
+    """A repo as transformers 4.x wrote it: ViT-style legacy key names, a 4.x config (no dtype field)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    stock = IJepaModel(IJepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, patch_size=8, layer_norm_eps=1e-6)).eval()
+    stock.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "encoder.layer.0.attention.attention.query.weight" in weights  # the 4.x names
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config.update(transformers_version="4.47.1", torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    encoder = encoder_from_transformers(str(tmp_path))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels).last_hidden_state, stock(pixels).last_hidden_state, atol=1e-5, rtol=0)
