@@ -14,8 +14,12 @@ Examples::
 
 Outputs:
     * ``--format datasets``: a ``datasets.Dataset`` saved with ``save_to_disk`` (columns ``features``
-      float32 ``[D]`` and ``label``; reload with ``datasets.load_from_disk``), plus ``extraction.json``;
-    * ``--format npz``: one ``.npz`` with ``features [N, D]``, ``labels [N]`` and a JSON ``metadata`` string.
+      float32 ``[D]``, ``label``, ``id`` and ``path``; reload with ``datasets.load_from_disk``), plus ``extraction.json``;
+    * ``--format npz``: one ``.npz`` with ``features [N, D]``, ``labels [N]``, ``ids [N]``, ``paths [N]`` and a
+      JSON ``metadata`` string.
+
+Unreadable images are skipped; ``id`` (the row in the source split) and ``path`` (its file, when it has one) keep
+every feature row matched to its image.
 
 Labels are -1 when the data has no label column (e.g. an image folder without class sub-folders).
 """
@@ -71,22 +75,30 @@ def save_features(
     output_format: str,
     metadata: dict[str, Any],
     label_feature: Any | None = None,
+    ids: torch.Tensor | None = None,
+    paths: list[str | None] | None = None,
 ) -> Path:
-    """Writes ``features [N, D]`` and ``labels [N]`` as a saved ``datasets.Dataset`` or an ``.npz``.
+    """Writes ``features [N, D]``, ``labels [N]``, the source row ``ids [N]`` and file ``paths [N]`` (``""`` where a
+    row has no file) as a saved ``datasets.Dataset`` or an ``.npz``: row ``i`` of every array is the same image.
 
     ``label_feature``: the source's label feature (a ``ClassLabel`` keeps the class names); default int64.
     """
     output = Path(output)
+    ids = torch.arange(len(labels)) if ids is None else ids
+    paths = [p or "" for p in paths] if paths is not None else [""] * len(labels)
     if output_format == "npz":
         output = output if output.suffix == ".npz" else output.with_suffix(".npz")
         output.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(output, features=features.numpy(), labels=labels.numpy(), metadata=json.dumps(metadata))
+        np.savez(output, features=features.numpy(), labels=labels.numpy(), ids=ids.numpy(),
+                 paths=np.array(paths, dtype=str), metadata=json.dumps(metadata))
         return output
     import datasets
 
     dataset = datasets.Dataset.from_dict(
-        {"features": features.numpy(), "label": labels.numpy()},
+        {"id": ids.numpy(), "path": paths, "features": features.numpy(), "label": labels.numpy()},
         features=datasets.Features({
+            "id": datasets.Value("int64"),
+            "path": datasets.Value("string"),
             "features": datasets.List(datasets.Value("float32"), length=features.shape[1]),
             "label": label_feature if label_feature is not None and (labels >= 0).all() else datasets.Value("int64"),
         }),
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.model_name_or_path, which=args.encoder, **({"revision": args.revision} if args.revision else {})
     )
     encoder.to(device)
-    features, labels = extract_features(
+    features, labels, ids = extract_features(
         encoder,
         dataset,
         image_processor=image_processor,
@@ -126,7 +138,11 @@ def main(argv: list[str] | None = None) -> Path:
         layers=args.layers,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        return_indices=True,
     )
+    # The image column holds {"bytes", "path"} (decode=False): the file of every kept row.
+    column = dataset.select_columns(["image"])["image"] if "image" in dataset.column_names else None
+    paths = [column[i].get("path") if isinstance(column[i], dict) else None for i in ids.tolist()] if column else None
     if len(labels) < len(dataset):
         logger.warning("%d unreadable image(s) were skipped.", len(dataset) - len(labels))
     metadata = {
@@ -142,7 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     label_feature = dataset.features[label_column] if label_column else None
     if hasattr(label_feature, "names"):  # a ClassLabel: keep the class names with the npz too
         metadata["class_names"] = list(label_feature.names)
-    output = save_features(features, labels, args.output, args.format, metadata, label_feature)
+    output = save_features(features, labels, args.output, args.format, metadata, label_feature, ids=ids, paths=paths)
     logger.info("Saved %d x %d features to %s", features.shape[0], features.shape[1], output)
     return output
 

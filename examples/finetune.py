@@ -16,6 +16,10 @@ Example::
         --eval_strategy epoch --save_strategy epoch --load_best_model_at_end --metric_for_best_model accuracy
 
 ``--remove_unused_columns`` is forced to False (the transform, not the model, consumes the ``image`` column).
+As in transformers' script, ``--do_train`` / ``--do_eval`` say what runs (an ``--eval_strategy`` without
+``--do_train`` is refused: it would evaluate an untrained head); an ``--output_dir`` holding another run's results
+needs ``--overwrite_output_dir``; ``--resume_from_checkpoint latest`` resumes the newest checkpoint there.
+Models derived from Meta's weights keep their CC BY-NC 4.0 licence (config and card, `ijepa_hf.licensing`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -32,6 +38,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ijepa_hf.data import set_image_transform
+from ijepa_hf.licensing import record_weights_license, weights_license
 from ijepa_hf.evaluation import load_image_processor
 from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
@@ -66,6 +73,10 @@ class ModelArguments:
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth for fine-tuning."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a classifier head whose number of labels differs."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Write into an --output_dir that already holds another run's model, results or card."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})
@@ -105,11 +116,48 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if data_args.dataset_name is None and data_args.train_dir is None:
         parser.error("give --dataset_name or --train_dir.")
+    # As transformers' run_image_classification.py: --do_train and --do_eval say what runs. TrainingArguments turns
+    # do_eval on by itself for any --eval_strategy other than "no"; evaluating during training without training
+    # would evaluate a random head and exit 0, so that is refused.
+    if not training_args.do_train and training_args.eval_strategy != "no":
+        parser.error(
+            f"--eval_strategy {training_args.eval_strategy.value} evaluates during training, but --do_train is not "
+            "set: add --do_train (or, to only evaluate the model as it is, use --do_eval without --eval_strategy)."
+        )
     if not (training_args.do_train or training_args.do_eval):
-        training_args.do_train = training_args.do_eval = True  # the usual intent of a bare command line
+        parser.error("nothing to do: pass --do_train and/or --do_eval.")
     if training_args.remove_unused_columns:
         training_args.remove_unused_columns = False  # keep `image`: the transform consumes it, not the model
     return model_args, data_args, training_args
+
+
+# What a finished run leaves in its output folder; another run must not silently overwrite or mix into them.
+_RUN_OUTPUTS = ("README.md", "config.json", "model.safetensors", "all_results.json", "train_results.json",
+                "eval_results.json", "trainer_state.json")
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> None:
+    """Raises `ValueError` naming ``--overwrite_output_dir`` when ``output_dir`` holds another run's model, results or
+    card (resuming a run in its own folder is fine)."""
+    found = [name for name in _RUN_OUTPUTS if (Path(output_dir) / name).exists()]
+    if found and not overwrite and not resuming:
+        raise ValueError(
+            f"--output_dir {output_dir} already holds another run's {', '.join(found)}: choose another folder, pass "
+            "--overwrite_output_dir to replace them, or --resume_from_checkpoint latest to continue that run."
+        )
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint to resume from: ``"latest"`` (as in pretraining) is the newest ``checkpoint-*`` in
+    ``output_dir``, or ``None`` (a fresh start) when there is none; ``"last"`` is a deprecated alias; anything else
+    is a checkpoint path."""
+    if value == "last":
+        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
+                      FutureWarning, stacklevel=2)
+        value = "latest"
+    if value == "latest":
+        return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    return value
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -156,6 +204,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     logger.info("%d classes, %d training and %d validation images.", len(names), len(splits["train"]),
                 len(splits["validation"]))
 
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
+
     overrides = {} if model_args.drop_path_rate is None else {"drop_path_rate": model_args.drop_path_rate}
     model = load_image_classifier(
         model_args.model_name_or_path,
@@ -167,6 +218,9 @@ def main(argv: list[str] | None = None) -> Trainer:
         **overrides,
         **hub_kwargs,
     )
+    # Weights derived from Meta's (CC BY-NC 4.0) keep that licence: recorded in the saved config and the card.
+    licence = weights_license(model, source=model_args.model_name_or_path)
+    record_weights_license(model, licence.license, licence.base_model)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, **hub_kwargs)
     train_transform, eval_transform = make_finetune_transforms(
         image_processor, crop_scale=(data_args.min_crop_scale, 1.0), eval_resize_ratio=data_args.eval_resize_ratio
@@ -198,12 +252,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
 
     if training_args.do_train:
-        checkpoint = training_args.resume_from_checkpoint
-        if checkpoint == "last":
-            checkpoint = get_last_checkpoint(training_args.output_dir)
-            if checkpoint is None:
-                raise ValueError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}.")
-        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_model()  # the model and, as processing_class, the image processor
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -215,7 +264,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         trainer.save_metrics("eval", metrics)
 
     card_kwargs: dict[str, Any] = {
-        "finetuned_from": model_args.model_name_or_path,
+        "finetuned_from": licence.base_model or model_args.model_name_or_path,
+        "license": licence.license,
         "tasks": "image-classification",
         "tags": ["image-classification", "vision", "ijepa"],
     }

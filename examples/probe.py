@@ -59,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="Truncate the evaluation split (procedural_shapes: default 500).")
     data.add_argument("--procedural_image_size", type=int, default=64)
     probe = parser.add_argument_group("probes")
-    probe.add_argument("--layers", nargs="+", default=["last", "4"],
-                       help="Feature choices: 'last' and/or a number k of last blocks (default: last 4).")
+    probe.add_argument("--layers", nargs="+", default=None,
+                       help="Feature choices: 'last' and/or a number k of last blocks (default: 'last' and the "
+                            "last 4 blocks, or all blocks of a shallower encoder).")
     probe.add_argument("--linear_epochs", type=int, default=100, help="L-BFGS iterations (AdamW: epochs).")
     probe.add_argument("--linear_optimizer", choices=("lbfgs", "adamw"), default="lbfgs")
     probe.add_argument("--k", type=int, default=20, help="k-NN neighbours.")
@@ -76,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset_name is None and args.train_dir is None:
         parser.error("give --dataset_name or --train_dir.")
     return args
+
+
+def default_layers(encoder: torch.nn.Module) -> list[str]:
+    """``["last", "4"]`` (the paper's two protocols), the multi-layer choice capped at the encoder's depth (and left
+    out for a one-block encoder, where it is "last")."""
+    depth = getattr(encoder.config, "num_hidden_layers", 4)
+    return ["last"] + ([str(min(4, depth))] if depth > 1 else [])
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         encoder, image_processor = load_encoder(path, which=args.encoder, **hub_kwargs)
         encoder.to(device)
         name = path if args.encoder == "target" else f"{path} ({args.encoder})"
-        for layers in args.layers:
+        for layers in args.layers or default_layers(encoder):
             rows.append(evaluate_encoder(
                 encoder,
                 splits["train"],

@@ -49,15 +49,18 @@ _SHAPE_FIELDS = {
 }
 
 
-def _check_release_matches(release: str, preset: Any, inferred: Any, has_predictor: bool) -> None:
-    """Fail fast, before a (multi-GB) model of the release's size is built, when the weights are of another shape."""
+def _check_release_matches(release: str, preset: Any, architecture: dict, has_predictor: bool) -> None:
+    """Fail fast, before a (multi-GB) model of the release's size is built, when the weights are of another shape.
+
+    ``architecture`` is `ijepa_hf.conversion.official_architecture` of the checkpoint.
+    """
     differences = [
         f"{section.removesuffix('_config')}.{field}: release {getattr(getattr(preset, section), field)} vs "
-        f"checkpoint {getattr(getattr(inferred, section), field)}"
+        f"checkpoint {architecture[section.removesuffix('_config')][field]}"
         for section, fields in _SHAPE_FIELDS.items()
         if section == "encoder_config" or has_predictor
         for field in fields
-        if getattr(getattr(preset, section), field) != getattr(getattr(inferred, section), field)
+        if getattr(getattr(preset, section), field) != architecture[section.removesuffix("_config")][field]
     ]
     if differences:
         raise ValueError(
@@ -66,21 +69,31 @@ def _check_release_matches(release: str, preset: Any, inferred: Any, has_predict
         )
 
 
-def _config_for(checkpoint: dict, release: str | None, num_heads: int | None):
-    from .configuration_ijepa_hf import IJepaPretrainingConfig
-    from .conversion import infer_official_config
+def _config_for(checkpoint: dict, release: str | None, num_heads: int | None) -> tuple[Any, str]:
+    """The architecture to convert to, and where its head count comes from (for the card).
 
-    config = infer_official_config(checkpoint)  # cheap: reads tensor shapes only
+    The head count is not stored in the weights: it is ``--num-heads`` when given, else the release's preset,
+    else the official model table for the official widths; any other width without ``--num-heads`` is an error.
+    """
+    from .configuration_ijepa_hf import IJepaPretrainingConfig
+    from .conversion import infer_official_config, official_architecture
+
     if release:
-        preset = IJepaPretrainingConfig.from_preset(OFFICIAL_RELEASES[release]["preset"])
-        _check_release_matches(release, preset, config, has_predictor=checkpoint.get("predictor") is not None)
-        config = preset  # the release also fixes what the shapes cannot tell: the head counts
+        # The release also fixes what the shapes cannot tell: the head counts.
+        config = IJepaPretrainingConfig.from_preset(OFFICIAL_RELEASES[release]["preset"])
+        _check_release_matches(release, config, official_architecture(checkpoint),  # cheap: tensor shapes only
+                               has_predictor=checkpoint.get("predictor") is not None)
+        source = f"the architecture of release `{release}`"
+    else:
+        config = infer_official_config(checkpoint, num_heads=num_heads)
+        source = f"the official model table for width {config.encoder_config.hidden_size}"
     if num_heads:
         config.encoder_config.num_attention_heads = num_heads
         config.predictor_config.num_attention_heads = num_heads
         config.encoder_config.validate_encoder()
         config.predictor_config.validate_predictor()
-    return config
+        source = "given with `--num-heads`"
+    return config, source
 
 
 def _repo_ids(push_to_hub: str | None, kinds: Sequence[str]) -> list[str | None]:
@@ -99,6 +112,7 @@ def convert(args: argparse.Namespace) -> None:
     )
     from .hub import card_for_converted_checkpoint, push_folder, save_model_repo
     from .image_processing import make_image_processor
+    from .licensing import META_WEIGHTS_LICENSE, record_weights_license
 
     if args.remote_code and args.to_transformers:
         raise ValueError("--remote-code does not apply to --to-transformers: stock `ijepa` repos load without it.")
@@ -106,7 +120,7 @@ def convert(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     release = _release_for(checkpoint_path, args.release)
     checkpoint = load_official_checkpoint(checkpoint_path)
-    config = _config_for(checkpoint, release, args.num_heads)
+    config, heads_source = _config_for(checkpoint, release, args.num_heads)
     which = "encoder" if args.which == "context" else "target_encoder"
 
     # (directory, model, kind, which encoder for encoder repos)
@@ -127,11 +141,14 @@ def convert(args: argparse.Namespace) -> None:
             written.append((output_dir, pretraining, "pretraining", None))
 
     repo_ids = _repo_ids(args.push_to_hub, [kind for _, _, kind, _ in written])
+    base_model = OFFICIAL_RELEASES.get(release or "", {}).get("hub")
     for (directory, model, kind, encoder_choice), repo_id in zip(written, repo_ids):
+        # Meta's weights are CC BY-NC 4.0: the config carries it on to every model derived from this one.
+        record_weights_license(model, META_WEIGHTS_LICENSE, base_model)
         card = card_for_converted_checkpoint(
             model, kind=kind, release=release, source=checkpoint_path.name,
             release_info=OFFICIAL_RELEASES.get(release or "", {}), which=encoder_choice, model_name=repo_id,
-            remote_code=args.remote_code,
+            remote_code=args.remote_code, num_heads_source=heads_source,
         )
         save_model_repo(model, directory, image_processor=make_image_processor(config.encoder_config.image_size),
                         card=card, remote_code=args.remote_code)
@@ -163,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="encoder to export (default: target, the one the paper evaluates; HF/timm use context)")
     conv.add_argument("--release", help=f"official release name, one of {sorted(OFFICIAL_RELEASES)} "
                                         "(detected from the file name when possible)")
-    conv.add_argument("--num-heads", type=int, help="attention heads (not stored in the weights; inferred otherwise)")
+    conv.add_argument("--num-heads", type=int,
+                      help="attention heads of the encoder and the predictor; not stored in the weights, so required "
+                           "unless the width is an official one (192/384/768/1024/1280/1408)")
     conv.add_argument("--remote-code", action="store_true",
                       help="also save the modelling code and an auto_map, so the repos load with "
                            "trust_remote_code=True where ijepa_hf is not installed")

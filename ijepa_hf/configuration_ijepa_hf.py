@@ -291,6 +291,16 @@ class IJepaPretrainingConfig(PretrainedConfig):
         ema_momentum: tuple[float, float] = (0.996, 1.0),
         **kwargs: Any,
     ) -> None:
+        stray = sorted(k for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers") if k in kwargs)
+        if stray:
+            given = kwargs.get("model_type") or "an encoder/predictor config"
+            raise ValueError(
+                f"Expected a pretraining config (model_type {self.model_type!r}: encoder_config + predictor_config), "
+                f"got the top-level fields {stray} of {given!r}: that is the config of a single encoder (e.g. a "
+                "repo made by export_encoder or `ijepa-hf convert --encoder-only`). Pretrain from a preset "
+                "(--config_name vit_base_patch16_224 ...) or a pretraining repo (`ijepa-hf convert` without "
+                "--encoder-only); load an encoder repo with IJepaEncoderModel / AutoModel."
+            )
         if encoder_config is None:
             encoder_config = IJepaEncoderConfig()
         elif isinstance(encoder_config, dict):

@@ -21,6 +21,9 @@ __all__ = [
     "CheckpointMismatchError",
     "load_official_checkpoint",
     "infer_official_config",
+    "official_architecture",
+    "OFFICIAL_NUM_HEADS",
+    "official_num_heads",
     "official_encoder_to_ours",
     "official_predictor_to_ours",
     "convert_official_checkpoint",
@@ -124,59 +127,104 @@ def official_predictor_to_ours(state_dict: Mapping[str, torch.Tensor]) -> dict[s
     return renamed
 
 
-def infer_official_config(checkpoint: Mapping[str, Any], layer_norm_eps: float = 1e-6) -> IJepaPretrainingConfig:
-    """Reads the architecture off the tensor shapes of an official checkpoint.
+# Heads per block of the official model sizes (facebookresearch/ijepa `vit_tiny` ... `vit_giant`), keyed by width.
+# The head count is not stored in the weights; for any other width it cannot be known.
+OFFICIAL_NUM_HEADS: dict[int, int] = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
-    Widths, depths, patch size, grid and MLP widths are exact. Head counts are not stored in the weights: they
-    follow the official table (3/6/12/16/16/16 heads for widths 192/384/768/1024/1280/1408, the predictor reusing
-    the encoder's), else 64-dim heads; override them through the returned config (``--num-heads`` in the CLI).
+
+def official_num_heads(hidden_size: int, num_heads: int | None = None) -> int:
+    """The attention head count of an official-format encoder of width ``hidden_size``.
+
+    ``num_heads`` when given (it must divide the width); else the official model table's count for the official
+    widths (192/384/768/1024/1280/1408). Any other width without ``num_heads`` is a `ValueError`: the count is not in
+    the weights, and a guess silently computes another function.
     """
+    if num_heads is not None:
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"`num_heads` must be a positive integer, got {num_heads!r}.")
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"--num-heads {num_heads} does not divide the checkpoint's width {hidden_size}: give the head count "
+                "the checkpoint was trained with."
+            )
+        return num_heads
+    if hidden_size in OFFICIAL_NUM_HEADS:
+        return OFFICIAL_NUM_HEADS[hidden_size]
+    raise ValueError(
+        f"The checkpoint's width {hidden_size} is not an official I-JEPA size "
+        f"({', '.join(f'{w}: {h} heads' for w, h in OFFICIAL_NUM_HEADS.items())}), and the number of attention heads "
+        "is not stored in the weights. Give the count it was trained with: `ijepa-hf convert ... --num-heads N` "
+        "(Python: `num_heads=N`)."
+    )
+
+
+def official_architecture(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """What the tensor shapes of an official checkpoint tell: ``{"encoder": {...}, "predictor": {...} or None}``
+    with image/patch size, channels, widths, depths, MLP widths and qkv bias; not the head counts (not stored)."""
     encoder = checkpoint.get("target_encoder") or checkpoint.get("encoder")
     if encoder is None:
         raise ValueError("The checkpoint has neither `encoder` nor `target_encoder` weights.")
-    hidden = encoder["patch_embed.proj.weight"].shape[0]
     patch = encoder["patch_embed.proj.weight"].shape[-1]
     num_positions = encoder["pos_embed"].shape[1]
     grid = int(round(num_positions**0.5))
     if grid * grid != num_positions:
         raise ValueError(f"Cannot infer a square grid from {num_positions} positions.")
-    depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks."))
-    official_heads = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
-    heads = official_heads.get(hidden, max(1, hidden // 64))
-    encoder_config = dict(
-        image_size=grid * patch,
-        patch_size=patch,
-        num_channels=encoder["patch_embed.proj.weight"].shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        intermediate_size=encoder["blocks.0.mlp.fc1.weight"].shape[0],
-        layer_norm_eps=layer_norm_eps,
-        qkv_bias="blocks.0.attn.qkv.bias" in encoder,
-    )
-    predictor_config = {}
+    architecture: dict[str, dict[str, Any] | None] = {
+        "encoder": dict(
+            image_size=grid * patch,
+            patch_size=patch,
+            num_channels=encoder["patch_embed.proj.weight"].shape[1],
+            hidden_size=encoder["patch_embed.proj.weight"].shape[0],
+            num_hidden_layers=1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks.")),
+            intermediate_size=encoder["blocks.0.mlp.fc1.weight"].shape[0],
+            qkv_bias="blocks.0.attn.qkv.bias" in encoder,
+        ),
+        "predictor": None,
+    }
     predictor = checkpoint.get("predictor")
     if predictor is not None:
-        predictor_config = dict(
+        architecture["predictor"] = dict(
             hidden_size=predictor["predictor_embed.weight"].shape[0],
             num_hidden_layers=1 + max(int(k.split(".")[1]) for k in predictor if k.startswith("predictor_blocks.")),
-            num_attention_heads=heads,
             intermediate_size=predictor["predictor_blocks.0.mlp.fc1.weight"].shape[0],
-            layer_norm_eps=layer_norm_eps,
             qkv_bias="predictor_blocks.0.attn.qkv.bias" in predictor,
         )
+    return architecture
+
+
+def infer_official_config(
+    checkpoint: Mapping[str, Any], num_heads: int | None = None, layer_norm_eps: float = 1e-6
+) -> IJepaPretrainingConfig:
+    """Reads the architecture off the tensor shapes of an official checkpoint (`official_architecture`).
+
+    Widths, depths, patch size, grid and MLP widths are exact. Head counts are not stored in the weights: they are
+    ``num_heads`` when given, else the official table's (see `official_num_heads`); any other width without
+    ``num_heads`` is a `ValueError` naming ``--num-heads``. The predictor gets the encoder's head count, as in the
+    official code.
+    """
+    architecture = official_architecture(checkpoint)
+    encoder = architecture["encoder"]
+    heads = official_num_heads(encoder["hidden_size"], num_heads)
+    encoder_config = dict(encoder, num_attention_heads=heads, layer_norm_eps=layer_norm_eps)
+    predictor = architecture["predictor"]
+    predictor_config = {} if predictor is None else dict(
+        predictor, num_attention_heads=heads, layer_norm_eps=layer_norm_eps
+    )
     return IJepaPretrainingConfig(encoder_config=encoder_config, predictor_config=predictor_config)
 
 
 def convert_official_checkpoint(
-    checkpoint: str | Path | Mapping[str, Any], config: IJepaPretrainingConfig | None = None
+    checkpoint: str | Path | Mapping[str, Any],
+    config: IJepaPretrainingConfig | None = None,
+    num_heads: int | None = None,
 ) -> IJepaPretrainingModel:
     """Builds an `IJepaPretrainingModel` holding the official context encoder, target encoder and predictor.
 
     Args:
         checkpoint: path to an official ``.pth.tar`` or the dict returned by `load_official_checkpoint`.
-        config: the architecture; inferred from the tensor shapes when omitted (head counts follow the official
-            sizes, see `infer_official_config`).
+        config: the architecture; inferred from the tensor shapes when omitted (see `infer_official_config`).
+        num_heads: attention heads of the encoder and the predictor when ``config`` is omitted; required unless
+            the width is an official one (``--num-heads`` in the CLI).
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_official_checkpoint(checkpoint)
@@ -186,7 +234,7 @@ def convert_official_checkpoint(
             f"The checkpoint lacks {missing_sections}: a pretraining model needs all of {_OFFICIAL_SECTIONS}. "
             "Use --encoder-only to convert just an encoder."
         )
-    config = config or infer_official_config(checkpoint)
+    config = config or infer_official_config(checkpoint, num_heads=num_heads)
     model = IJepaPretrainingModel(config)
     load_strict(model.context_encoder, official_encoder_to_ours(checkpoint["encoder"]), "the context encoder (`encoder`)")
     load_strict(model.target_encoder, official_encoder_to_ours(checkpoint["target_encoder"]), "the target encoder")
@@ -195,17 +243,24 @@ def convert_official_checkpoint(
 
 
 def convert_official_encoder(
-    checkpoint: str | Path | Mapping[str, Any], which: str = "target_encoder", config: IJepaEncoderConfig | None = None
+    checkpoint: str | Path | Mapping[str, Any],
+    which: str = "target_encoder",
+    config: IJepaEncoderConfig | None = None,
+    num_heads: int | None = None,
 ) -> IJepaEncoderModel:
     """An `IJepaEncoderModel` from one encoder of an official checkpoint (``target_encoder`` by default: the paper
-    evaluates the target encoder; transformers' and timm's converters use ``encoder``)."""
+    evaluates the target encoder; transformers' and timm's converters use ``encoder``).
+
+    ``config`` is inferred from the shapes when omitted; ``num_heads`` is then required unless the width is an
+    official one (see `official_num_heads`).
+    """
     if which not in ("encoder", "target_encoder"):
         raise ValueError(f"`which` must be 'encoder' or 'target_encoder', got {which!r}.")
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_official_checkpoint(checkpoint)
     if checkpoint.get(which) is None:
         raise ValueError(f"The checkpoint has no `{which}` weights; available: {[s for s in _OFFICIAL_SECTIONS if checkpoint.get(s) is not None]}.")
-    config = config or infer_official_config({which: checkpoint[which]}).encoder_config
+    config = config or infer_official_config({which: checkpoint[which]}, num_heads=num_heads).encoder_config
     model = IJepaEncoderModel(config)
     load_strict(model, official_encoder_to_ours(checkpoint[which]), f"the `{which}` weights")
     return model

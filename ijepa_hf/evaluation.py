@@ -102,6 +102,9 @@ def load_encoder(
     # Importing this module imported `ijepa_hf`, which registered its model types with the Auto classes.
     from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
+    from .modeling_ijepa_hf import refuse_checkpoint_file
+
+    refuse_checkpoint_file(model_name_or_path, "load_encoder")
     config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
     is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
@@ -185,13 +188,15 @@ class _BatchBuilder:
             return example[0], example[1]
         return example, None
 
-    def __call__(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def __call__(self, examples: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(pixel_values, labels, kept)``, ``kept`` the positions in ``examples`` of the readable ones."""
         from .data import load_image
 
         tensors: list[torch.Tensor] = []
         images: list[Any] = []
         labels: list[int] = []
-        for example in examples:
+        kept: list[int] = []
+        for position, example in enumerate(examples):
             item, label = self._split(example)
             if item is None:
                 continue  # a row that failed in an upstream robust transform (pixel_values=None)
@@ -203,6 +208,7 @@ class _BatchBuilder:
                     continue
                 images.append(image)
             labels.append(_to_label(label))
+            kept.append(position)
         if tensors and images:
             raise ValueError("a batch mixes pre-transformed tensors and raw images; use one or the other.")
         if not labels:
@@ -213,12 +219,12 @@ class _BatchBuilder:
             pixel_values = torch.stack([self.transform(image) for image in images])
         else:
             pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixel_values.float(), torch.tensor(labels, dtype=torch.long)
+        return pixel_values.float(), torch.tensor(labels, dtype=torch.long), torch.tensor(kept, dtype=torch.long)
 
 
 def _batches(
     dataset: Any, collate: _BatchBuilder, batch_size: int, num_workers: int
-) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor] | None], int | None]:
+) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None], int | None]:
     """Batches of ``dataset`` and their number (``None`` when the length is unknown).
 
     Map-style data (``datasets.Dataset``, torch ``Dataset``, lists) and torch ``IterableDataset`` go through a
@@ -236,7 +242,7 @@ def _batches(
         )
         return loader, num_batches
 
-    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor] | None]:
+    def chunks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
         iterator = iter(dataset)
         while chunk := list(itertools.islice(iterator, batch_size)):
             yield collate(chunk)
@@ -259,7 +265,8 @@ def extract_features(
     num_workers: int = 0,
     progress: bool = True,
     which: Literal["target", "context"] = "target",
-) -> tuple[torch.FloatTensor, torch.LongTensor]:
+    return_indices: bool = False,
+) -> tuple[torch.FloatTensor, torch.LongTensor] | tuple[torch.FloatTensor, torch.LongTensor, torch.LongTensor]:
     """Average-pooled patch features of every image of ``dataset`` (the paper's evaluation features).
 
     Args:
@@ -285,10 +292,12 @@ def extract_features(
         num_workers: DataLoader workers for map-style datasets.
         progress: show a tqdm progress bar.
         which: for pretraining models, ``"target"`` (default) or ``"context"`` encoder.
+        return_indices: also return, for every feature row, the position of its example in ``dataset``.
 
     Returns:
-        ``features`` FloatTensor ``[N, D]`` (or ``[N, k * D]``) in float32 and ``labels`` LongTensor ``[N]``.
-        Unreadable images are skipped, so N can be smaller than ``len(dataset)``.
+        ``features`` FloatTensor ``[N, D]`` (or ``[N, k * D]``) in float32 and ``labels`` LongTensor ``[N]``, plus
+        with ``return_indices`` the source positions LongTensor ``[N]``. Unreadable images are skipped, so N can be
+        smaller than ``len(dataset)``: the indices keep every row matched to its example (file, id).
 
     The encoder is run in eval mode under ``torch.no_grad``; its previous train/eval mode is restored.
     """
@@ -313,11 +322,14 @@ def extract_features(
     encoder.eval()
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
     try:
-        for batch in tqdm(batches, total=total, desc="Extracting features", disable=not progress, unit="batch"):
+        batch_iterator = tqdm(batches, total=total, desc="Extracting features", disable=not progress, unit="batch")
+        for batch_index, batch in enumerate(batch_iterator):
             if batch is None:
                 continue
-            pixel_values, batch_labels = batch
+            pixel_values, batch_labels, kept = batch
+            indices.append(kept + batch_index * batch_size)  # batches are consecutive, of batch_size examples
             outputs = encoder(
                 pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=bool(num_layers)
             )
@@ -338,6 +350,8 @@ def extract_features(
         encoder.train(was_training)
     if not features:
         raise ValueError("the dataset yielded no (readable) images.")
+    if return_indices:
+        return torch.cat(features), torch.cat(labels), torch.cat(indices)
     return torch.cat(features), torch.cat(labels)
 
 

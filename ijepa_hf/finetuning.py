@@ -468,8 +468,9 @@ def load_image_classifier(
     from transformers import AutoConfig, AutoModelForImageClassification
 
     from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
-    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaPretrainingModel
+    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaPretrainingModel, refuse_checkpoint_file
 
+    refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
     labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
     hub_keys = ("revision", "token", "cache_dir")

@@ -42,6 +42,7 @@ __all__ = [
     "example_encoder_card",
     "license_statement",
     "make_model_card",
+    "model_card_for",
     "push_folder",
     "push_model",
     "remote_code_auto_map",
@@ -67,9 +68,9 @@ IJEPA_BIBTEX = """@inproceedings{assran2023ijepa,
   archivePrefix = {arXiv}
 }"""
 
-# Licence of the official checkpoints in facebookresearch/ijepa; anything converted or fine-tuned from them
-# inherits it, so we refuse to label such weights with a more permissive licence.
-META_WEIGHTS_LICENSE = "cc-by-nc-4.0"
+# Licence of the official checkpoints in facebookresearch/ijepa; anything converted, pretrained further or fine-tuned
+# from them inherits it (see `ijepa_hf.licensing`), so we refuse to label such weights with a more permissive licence.
+from .licensing import META_WEIGHTS_LICENSE, weights_license  # noqa: E402
 _META_BASE_PREFIXES = ("facebook/ijepa",)
 
 _KIND_DESCRIPTIONS: dict[str, str] = {
@@ -405,6 +406,7 @@ def card_for_converted_checkpoint(
     which: Literal["target", "context"] | None = None,
     model_name: str | None = None,
     remote_code: bool = False,
+    num_heads_source: str | None = None,
 ) -> ModelCard:
     """The model card of a repo written by ``ijepa-hf convert`` from an official I-JEPA checkpoint.
 
@@ -423,6 +425,8 @@ def card_for_converted_checkpoint(
         model_name: The Hub repo id the card is for (used in the title and the loading code); a placeholder
             ``your-username/...`` name otherwise.
         remote_code: The repo ships its modelling code (``auto_map``), so it loads without ``ijepa_hf``.
+        num_heads_source: Where the head count comes from (``"given with `--num-heads`"``, a release, the official
+            table); the card states the count with it, since it is not stored in the weights.
     """
     info = dict(release_info or {})
     stem = release or source.removesuffix(".pth.tar").removesuffix(".pth")
@@ -444,6 +448,13 @@ def card_for_converted_checkpoint(
     if release:
         origin += f" (release `{release}` of [facebookresearch/ijepa](https://github.com/facebookresearch/ijepa))"
     conversion = [f"Converted with `ijepa-hf convert` (the `ijepa_hf` package) from {origin}."]
+    heads = summary.get("num_attention_heads", summary.get("encoder.num_attention_heads"))
+    if heads is not None:
+        where = f" ({num_heads_source})" if num_heads_source else ""
+        conversion.append(
+            f"It has {heads} attention heads{where}: head counts are not stored in official checkpoints"
+            + (", and the predictor has the encoder's, as in the official code." if kind != "encoder" else ".")
+        )
     if kind == "encoder":
         if which is not None:
             conversion.append(f"The weights are {_ENCODER_CHOICES[which]}.")
@@ -627,6 +638,29 @@ def push_folder(
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
 
 
+def _kind_of(model: Any) -> ModelKind:
+    """The card kind of a model: classifier, pretraining, predictor, else encoder (ours or transformers' stock)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if hasattr(model, "target_encoder") and hasattr(model, "predictor"):
+        return "pretraining"
+    if any(name.endswith("ForImageClassification") for name in names):
+        return "classifier"
+    if "IJepaPredictorModel" in names:
+        return "predictor"
+    return "encoder"
+
+
+def model_card_for(model: "PreTrainedModel", model_name: str, *, source: str | None = None, **card_kwargs: Any) -> ModelCard:
+    """The default card of ``model`` for repo ``model_name``: its kind, architecture table, and the licence and base
+    model of its weights (:func:`ijepa_hf.licensing.weights_license`: CC BY-NC 4.0 for anything derived from
+    Meta's checkpoints). ``card_kwargs`` go to :func:`make_model_card` (``datasets``, ``training``, ...)."""
+    info = weights_license(model, source=source)
+    card_kwargs.setdefault("license", info.license)
+    card_kwargs.setdefault("base_model", info.base_model if info.base_model != model_name else None)
+    return make_model_card(model_name=model_name, kind=_kind_of(model), config_summary=summarize_config(model),
+                           **card_kwargs)
+
+
 def push_model(
     model: "PreTrainedModel",
     repo_id: str,
@@ -641,9 +675,10 @@ def push_model(
     commit.
 
     Unlike ``model.push_to_hub`` this uploads everything atomically and can ship the modelling code. Without
-    ``card``, a README already in the repo is left as it is (none is generated: the licence of the weights is
-    not known here; see :func:`make_model_card`). Returns the ``CommitInfo``.
+    ``card``, :func:`model_card_for` writes one, with the licence and base model of the weights (CC BY-NC 4.0 for
+    anything derived from Meta's checkpoints). Returns the ``CommitInfo``.
     """
+    card = card if card is not None else model_card_for(model, repo_id)
     with tempfile.TemporaryDirectory(prefix="ijepa_hf_push_") as tmp:
         save_model_repo(model, tmp, image_processor=image_processor, card=card, remote_code=remote_code)
         return push_folder(tmp, repo_id, private=private, commit_message=commit_message, token=token)

@@ -15,14 +15,15 @@ weights for ``trust_remote_code=True`` loading.
 from __future__ import annotations
 
 import math
-import re
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -41,6 +42,7 @@ __all__ = [
     "IJepaPretrainingOutput",
     "sincos_position_embeddings",
     "gather_patches",
+    "refuse_checkpoint_file",
 ]
 
 
@@ -316,6 +318,93 @@ class IJepaPretrainingOutput(ModelOutput):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Loading: what kind of repo was given
+# ----------------------------------------------------------------------------------------------------------------
+
+# Keyword arguments of `from_pretrained` that locate files (also passed when reading a repo's config).
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+# Keyword arguments that `PreTrainedModel.from_pretrained` consumes itself (the rest are config overrides).
+_LOADING_KWARGS = frozenset(_HUB_KWARGS) | {
+    "ignore_mismatched_sizes", "use_safetensors", "weights_only", "state_dict", "output_loading_info", "dtype",
+    "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
+    "variant", "attn_implementation", "trust_remote_code", "key_mapping", "tqdm_class", "_from_auto",
+    "_from_pipeline", "low_cpu_mem_usage", "disable_mmap", "adapter_kwargs", "adapter_name", "device_mesh",
+    "tp_plan", "tp_size", "distributed_config", "generation_config", "use_kernels", "kernel_config", "code_revision",
+}
+
+# model_type -> (what such a repo holds, the class that loads it).
+_REPO_KINDS: dict[str, tuple[str, str]] = {
+    "ijepa_hf_encoder": ("an I-JEPA encoder", "`IJepaEncoderModel` / `AutoModel`"),
+    "ijepa_hf_predictor": ("an I-JEPA predictor", "`IJepaPredictorModel`"),
+    "ijepa_hf_pretraining": (
+        "an I-JEPA pretraining model (context encoder, predictor, target encoder)",
+        "`IJepaPretrainingModel` / `AutoModelForPreTraining`",
+    ),
+    "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
+}
+
+
+def refuse_checkpoint_file(path: Any, caller: str) -> None:
+    """Raises a `ValueError` with the ``ijepa-hf convert`` command when ``path`` is a file (an official ``.pth.tar``)
+    where a Hugging Face model folder or Hub repo is expected; ``caller`` names the function in the message."""
+    if path is not None and isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).is_file():
+        raise ValueError(
+            f"{caller}({str(path)!r}): that is a file, not a Hugging Face model folder or Hub repo (those hold "
+            "config.json and the weights). An official I-JEPA checkpoint (.pth.tar) is converted with "
+            f"`ijepa-hf convert {path} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
+        )
+
+
+def _given_model_type(path: Any, cls: type, kwargs: dict[str, Any]) -> str | None:
+    """The ``model_type`` of what ``from_pretrained`` was given; ``None`` when it cannot be read (transformers then
+    reports the problem itself). A plain file is refused here: it is no Hugging Face repo."""
+    config = kwargs.get("config")
+    if isinstance(config, PretrainedConfig):
+        return config.model_type
+    refuse_checkpoint_file(path, f"{cls.__name__}.from_pretrained")
+    source = config if isinstance(config, (str, os.PathLike)) else path
+    if source is None:
+        return None
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except Exception:  # noqa: BLE001 - a missing repo, no network, ...: transformers raises its own error next
+        return None
+    return config_dict.get("model_type")
+
+
+def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
+    expected = cls.config_class.model_type
+    held, loader = _REPO_KINDS.get(given, (f"a `{given}` model", "its own Auto class"))
+    wanted = _REPO_KINDS.get(expected, (f"a `{expected}` model", ""))[0]
+    message = (
+        f"{cls.__name__}.from_pretrained({str(path)!r}): that repo holds {held} (model_type {given!r}), but "
+        f"{cls.__name__} needs {wanted} (model_type {expected!r}). "
+    )
+    if given == "ijepa":
+        message += (
+            f"Load it with {loader}, or import it as an ijepa_hf encoder with "
+            f"`ijepa_hf.conversion.encoder_from_transformers({str(path)!r})`."
+        )
+    elif given == "ijepa_hf_pretraining" and expected == "ijepa_hf_predictor":
+        message += f"Load the whole model and take its predictor: `IJepaPretrainingModel.from_pretrained({str(path)!r}).predictor`."
+        return message
+    else:
+        message += f"Load it with {loader}."
+    if expected == "ijepa_hf_pretraining":
+        message += " Pretraining repos come from `ijepa-hf convert CHECKPOINT.pth.tar OUTPUT_DIR` or from pretraining."
+        if given == "ijepa_hf_encoder":
+            message += " To pretrain at this encoder's size: `IJepaPretrainingConfig(encoder_config=AutoConfig.from_pretrained(repo))`."
+    return message
+
+
+def _key_summary(label: str, keys: Sequence[str], shown: int = 5) -> str:
+    if not keys:
+        return ""
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{len(keys)} {label} ({', '.join(keys[:shown])}{more}); "
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -334,8 +423,9 @@ class IJepaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # Regexes of keys that may legitimately be missing from a checkpoint (recomputed or freshly initialised heads).
-    _allowed_missing_keys: tuple[str, ...] = (r"(^|\.)pos_embed$",)
+    # Keys a checkpoint may lack (transformers filters them out of its missing-key report): the sin-cos tables are
+    # recomputed from the config. Subclasses add freshly initialised heads.
+    _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -354,29 +444,62 @@ class IJepaPreTrainedModel(PreTrainedModel):
                 init.trunc_normal_(module.mask_token, mean=0.0, std=std)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, strict: bool = True, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint that does not fit the architecture is an error.
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, **kwargs: Any):
+        """`PreTrainedModel.from_pretrained`, with the wrong kind of input named and a checkpoint that does not fit
+        the architecture an error.
 
-        Missing, unexpected or mis-shaped keys raise `ValueError` listing them (transformers only warns, which
-        silently leaves random weights). Keys the model recomputes (sin-cos tables) or heads that are meant to be
-        trained (a classifier on top of an encoder checkpoint) may be missing. Pass ``strict=False`` to get
-        transformers' lenient behaviour.
+        - Missing or unexpected keys raise `ValueError` listing them (transformers only warns, which silently
+          leaves random weights); keys in ``_keys_to_ignore_on_load_missing`` (recomputed sin-cos tables, heads
+          meant to be trained) may be missing. Mis-shaped keys are transformers' business: an error, or with
+          ``ignore_mismatched_sizes=True`` re-initialised and reported (e.g. a classifier re-headed for other
+          labels). ``strict=False`` gives transformers' lenient behaviour.
+        - An encoder or classifier class given a pretraining repo (``ijepa_hf_pretraining``) loads its **target
+          encoder** (the one the paper evaluates), the classifier with a new head.
+        - A raw official checkpoint file, transformers' own ``ijepa`` repo or another ``ijepa_hf`` kind is a short
+          `ValueError` naming what was given, what was expected and how to get it.
         """
+        given = _given_model_type(pretrained_model_name_or_path, cls, kwargs)
+        expected = cls.config_class.model_type
+        if given is not None and given != expected:
+            if given == "ijepa_hf_pretraining" and expected == "ijepa_hf_encoder":
+                return cls._from_pretraining_repo(pretrained_model_name_or_path, model_args, strict, kwargs)
+            raise ValueError(_wrong_kind_message(cls, pretrained_model_name_or_path, given))
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
         if strict:
-            allowed = [re.compile(p) for p in cls._allowed_missing_keys]
-            missing = [k for k in info.get("missing_keys", []) if not any(p.search(k) for p in allowed)]
-            unexpected = list(info.get("unexpected_keys", []))
-            mismatched = list(info.get("mismatched_keys", []))
-            if missing or unexpected or mismatched:
+            missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+            if missing or unexpected:
                 raise ValueError(
-                    f"The checkpoint does not match {cls.__name__}: missing keys {sorted(missing)}, unexpected keys "
-                    f"{sorted(unexpected)}, mis-shaped keys {mismatched}. Check that the config matches the weights "
-                    "(or convert an official checkpoint with `ijepa-hf convert`); pass strict=False to load anyway."
+                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
+                    f"match the config: {_key_summary('missing keys', missing)}{_key_summary('unexpected keys', unexpected)}"
+                    "check that the config matches the weights (an official checkpoint is converted with "
+                    "`ijepa-hf convert`); strict=False loads anyway."
                 )
         model._after_load()
         return (model, info) if wants_info else model
+
+    @classmethod
+    def _from_pretraining_repo(cls, path: Any, model_args: tuple, strict: bool, kwargs: dict[str, Any]):
+        """The target encoder of a pretraining repo, as ``cls`` (an encoder, or a classifier with a new head)."""
+        if kwargs.get("config") is not None and not isinstance(kwargs["config"], PretrainedConfig):
+            raise ValueError(f"`config` must be a config object, got {type(kwargs['config']).__name__}.")
+        pretraining_config = kwargs.pop("config", None)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if pretraining_config is None:
+            pretraining_config = IJepaPretrainingConfig.from_pretrained(path, **hub_kwargs)
+        encoder_dict = pretraining_config.encoder_config
+        encoder_dict = encoder_dict.to_dict() if isinstance(encoder_dict, PretrainedConfig) else dict(encoder_dict)
+        encoder_dict.pop("model_type", None)
+        loading = {key: kwargs.pop(key) for key in list(kwargs) if key in _LOADING_KWARGS}
+        # Config overrides (num_labels, id2label, drop_path_rate, ...) are the remaining keyword arguments.
+        config, unused = cls.config_class.from_dict(encoder_dict, return_unused_kwargs=True, **kwargs)
+        if unused:
+            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {sorted(unused)}.")
+        config._name_or_path = str(path)
+        key_mapping = {r"^target_encoder\.": ""}  # base_model_prefix adds `encoder.` for the classifier
+        return cls.from_pretrained(path, *model_args, config=config, key_mapping=key_mapping, strict=strict, **loading)
 
     def _after_load(self) -> None:
         """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
@@ -398,7 +521,11 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
     (the paper's evaluation protocol)."""
 
     config_class = IJepaEncoderConfig
-    base_model_prefix = ""
+    # The attribute under which classifiers hold the encoder: their checkpoints load as this encoder (AutoModel).
+    base_model_prefix = "encoder"
+    # What this encoder leaves aside when loaded from a classifier (its head) or a pretraining repo (everything but
+    # the target encoder).
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^context_encoder\.", r"^predictor\."]
 
     def __init__(self, config: IJepaEncoderConfig) -> None:
         super().__init__(config)
@@ -502,7 +629,6 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
 
     config_class = IJepaPredictorConfig
     base_model_prefix = ""
-    _allowed_missing_keys = (r"(^|\.)pos_embed$",)
 
     def __init__(self, config: IJepaPredictorConfig) -> None:
         super().__init__(config)
@@ -640,15 +766,25 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
         return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> IJepaPretrainingOutput | tuple:
+    ) -> IJepaPretrainingOutput | BaseModelOutputWithPooling | tuple:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
             context_mask (`[B, Kc]` long): context patch indices (from `IJepaMaskCollator`).
             target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): target blocks.
             return_loss: compute the loss (also lets `Trainer` report an eval loss without labels).
+
+        Returns:
+            `IJepaPretrainingOutput`; called with images only (neither mask), the target encoder's
+            `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
+            feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if context_mask is None and target_masks is None:
+            # Images only: feature extraction with the target encoder, the one the paper evaluates (this is what
+            # `AutoModel` and `pipeline("image-feature-extraction")` run on a pretraining repo).
+            flags = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
+            return self.target_encoder(pixel_values, return_dict=return_dict, **flags)
         if context_mask is None or target_masks is None:
             raise ValueError(
                 "I-JEPA pretraining needs `context_mask` and `target_masks`: build batches with "
@@ -688,7 +824,8 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
 
     config_class = IJepaEncoderConfig
     base_model_prefix = "encoder"
-    _allowed_missing_keys = (r"(^|\.)pos_embed$", r"^classifier\.")
+    # A head on top of an encoder checkpoint starts fresh.
+    _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$", r"^classifier\."]
 
     def __init__(self, config: IJepaEncoderConfig) -> None:
         super().__init__(config)

@@ -7,7 +7,13 @@ added below by other modules' authors.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# huggingface_hub (and datasets, evaluate) read HF_HUB_OFFLINE once, when first imported: set it before anything
+# imports them, so no in-process test reaches for the Hub. Hub tests run their clients in subprocesses with their
+# own environment (`hub_utils.hub_env`).
+os.environ["HF_HUB_OFFLINE"] = "1"
 from collections.abc import Iterator
 from pathlib import Path
 

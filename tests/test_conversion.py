@@ -139,7 +139,7 @@ def test_unexpected_and_misshaped_keys_are_errors(tmp_path):
     from ijepa_hf.conversion import convert_official_checkpoint, infer_official_config
     checkpoint = load_official_checkpoint(path)
     with pytest.raises(CheckpointMismatchError, match=r"unexpected keys.*blocks\.0\.extra(.|\n)*mis-shaped keys.*norm\.bias"):
-        convert_official_checkpoint(checkpoint, infer_official_config(load_official_checkpoint(GOLDEN_CHECKPOINT)))
+        convert_official_checkpoint(checkpoint, infer_official_config(load_official_checkpoint(GOLDEN_CHECKPOINT), num_heads=3))
 
 
 def test_wrong_architecture_is_an_error(tmp_path):
@@ -161,3 +161,101 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="Could not read"):
         load_official_checkpoint(garbage)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Head counts are never guessed (issue 12)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _shapes_only_checkpoint(width: int, predictor_width: int = 384) -> dict:
+    """An official-layout checkpoint with just the tensors `infer_official_config` reads (zeros, tiny grid)."""
+    encoder = {
+        "patch_embed.proj.weight": torch.zeros(width, 3, 8, 8),
+        "pos_embed": torch.zeros(1, 16, width),
+        "blocks.0.attn.qkv.bias": torch.zeros(3 * width),
+        "blocks.0.mlp.fc1.weight": torch.zeros(4 * width, width),
+    }
+    predictor = {
+        "predictor_embed.weight": torch.zeros(predictor_width, width),
+        "predictor_blocks.0.attn.qkv.bias": torch.zeros(3 * predictor_width),
+        "predictor_blocks.0.mlp.fc1.weight": torch.zeros(4 * predictor_width, predictor_width),
+    }
+    return {"encoder": encoder, "target_encoder": encoder, "predictor": predictor}
+
+
+@pytest.mark.parametrize("width, heads", [(192, 3), (384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16)])
+def test_official_widths_get_the_official_head_counts(width, heads):
+    from ijepa_hf.conversion import infer_official_config
+
+    config = infer_official_config(_shapes_only_checkpoint(width))
+    assert config.encoder_config.num_attention_heads == heads
+    # The official code gives the predictor the encoder's head count.
+    assert config.predictor_config.num_attention_heads == heads
+
+
+def test_other_widths_need_num_heads():
+    from ijepa_hf.conversion import infer_official_config
+
+    with pytest.raises(ValueError, match=r"--num-heads") as error:
+        infer_official_config(_shapes_only_checkpoint(256))
+    assert "256" in str(error.value) and "num_heads=" in str(error.value)
+    config = infer_official_config(_shapes_only_checkpoint(256), num_heads=8)
+    assert config.encoder_config.num_attention_heads == config.predictor_config.num_attention_heads == 8
+
+
+def test_golden_checkpoint_without_num_heads_is_refused(tmp_path, capsys):
+    from ijepa_hf.conversion import convert_official_checkpoint, convert_official_encoder
+
+    code = cli_main(["convert", str(GOLDEN_CHECKPOINT), str(tmp_path / "out")])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "--num-heads" in message and "96" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="--num-heads"):
+        convert_official_checkpoint(GOLDEN_CHECKPOINT)
+    with pytest.raises(ValueError, match="--num-heads"):
+        convert_official_encoder(GOLDEN_CHECKPOINT)
+
+
+def test_python_api_num_heads_gives_parity():
+    from ijepa_hf.conversion import convert_official_checkpoint, convert_official_encoder
+
+    g = golden()
+    model = convert_official_checkpoint(GOLDEN_CHECKPOINT, num_heads=3)
+    encoder = convert_official_encoder(GOLDEN_CHECKPOINT, num_heads=3)
+    assert model.config.encoder_config.num_attention_heads == model.config.predictor_config.num_attention_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(g["pixel_values"]).last_hidden_state, g["target_encoder_full"],
+                                   atol=1e-5, rtol=0)
+        output = model(g["pixel_values"], g["context_mask"], golden_target_masks(g))
+    torch.testing.assert_close(output.predictions, g["predictions"], atol=1e-5, rtol=0)
+
+
+def test_card_records_the_head_count_and_where_it_came_from(converted):
+    card = (converted / "pretraining" / "README.md").read_text()
+    assert "| `encoder.num_attention_heads` | 3 |" in card and "| `predictor.num_attention_heads` | 3 |" in card
+    assert "3 attention heads (given with `--num-heads`)" in card
+
+
+def test_encoder_from_a_transformers_4x_format_repo(tmp_path):
+    """A repo as transformers 4.x wrote it: ViT-style legacy key names, a 4.x config (no dtype field)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    stock = IJepaModel(IJepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, patch_size=8, layer_norm_eps=1e-6)).eval()
+    stock.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "encoder.layer.0.attention.attention.query.weight" in weights  # the 4.x names
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config.update(transformers_version="4.47.1", torch_dtype="float32")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    encoder = encoder_from_transformers(str(tmp_path))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels).last_hidden_state, stock(pixels).last_hidden_state, atol=1e-5, rtol=0)

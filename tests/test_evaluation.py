@@ -4,6 +4,7 @@ and the probe example end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -149,11 +150,15 @@ def test_extract_features_last_and_last4(image_dataset, encoder):
 def test_extract_features_resolves_wrapped_models(image_dataset):
     torch.manual_seed(0)
     pretraining = IJepaPretrainingModel(tiny_pretraining_config()).train()
+    with torch.no_grad():  # a fresh model's two encoders are identical: make them differ, so a mix-up shows
+        for parameter in pretraining.context_encoder.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     target, _ = extract_features(pretraining, image_dataset, progress=False)
     expected, _ = extract_features(pretraining.target_encoder, image_dataset, progress=False)
     torch.testing.assert_close(target, expected)
     context, _ = extract_features(pretraining, image_dataset, progress=False, which="context")
-    assert context.shape == target.shape
+    torch.testing.assert_close(context, extract_features(pretraining.context_encoder, image_dataset, progress=False)[0])
+    assert not torch.allclose(context, target, atol=1e-3)
     assert pretraining.context_encoder.training  # the previous mode is restored
 
     classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))
@@ -193,4 +198,79 @@ def test_probe_example_on_procedural_shapes(tmp_path, load_example, encoder):
     ])
     assert [row["layers"] for row in rows] == ["last", "last 4"]
     saved = json.loads(output.read_text())
-    assert saved["rows"][1]["feature_dim"] == 128 and 0.0 <= saved["rows"][0]["linear_accuracy"] <= 1.0
+    assert saved["rows"][1]["feature_dim"] == 128
+    # The file holds exactly the accuracies the run computed.
+    for row, saved_row in zip(rows, saved["rows"]):
+        assert saved_row["linear_accuracy"] == row["linear_accuracy"] and saved_row["knn_accuracy"] == row["knn_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 12: rows stay matched to their source; probe defaults at any depth
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_load_encoder_on_a_pretraining_repo_gives_its_target_encoder(tmp_path):
+    """The README's headline example: `load_encoder("outputs/pretrain-default")`."""
+    from ijepa_hf import make_image_processor
+    from ijepa_hf.evaluation import load_encoder
+
+    torch.manual_seed(0)
+    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    with torch.no_grad():
+        for parameter in pretraining.target_encoder.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    pretraining.save_pretrained(tmp_path)
+    make_image_processor(pretraining.config.encoder_config).save_pretrained(tmp_path)
+    for which, reference in (("target", pretraining.target_encoder), ("context", pretraining.context_encoder)):
+        encoder, processor = load_encoder(str(tmp_path), which=which)
+        pixels = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(pixels).last_hidden_state, reference(pixels).last_hidden_state)
+        assert processor.size == {"height": 32, "width": 32}
+
+
+def test_extract_features_returns_the_source_row_of_every_feature(image_dataset, encoder):
+    rows = [{"image": image, "label": label} for image, label in zip(image_dataset["image"], image_dataset["label"])]
+    rows[2]["image"] = b"not an image"  # skipped: the rows after it would shift
+    rows[5]["image"] = b"nor this"
+    features, labels, indices = extract_features(encoder, rows, batch_size=3, progress=False, return_indices=True)
+    assert indices.tolist() == [0, 1, 3, 4, 6]
+    assert labels.tolist() == [image_dataset["label"][i] for i in indices.tolist()]
+    reference, _ = extract_features(encoder, image_dataset, batch_size=3, progress=False)
+    torch.testing.assert_close(features, reference[indices], rtol=1e-5, atol=1e-5)
+
+
+def test_extract_features_example_writes_ids_and_paths(tmp_path, load_example, encoder):
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"corrupt")  # unreadable: skipped
+    encoder.save_pretrained(tmp_path / "encoder")
+    output = load_example("extract_features").main([
+        "--model_name_or_path", str(tmp_path / "encoder"), "--train_dir", str(tmp_path / "images"),
+        "--output", str(tmp_path / "feats"), "--format", "npz", "--no_progress",
+    ])
+    saved = np.load(output)
+    assert saved["features"].shape[0] == len(saved["ids"]) == len(saved["paths"]) == 3
+    assert [Path(p).name for p in saved["paths"]] == ["0.png", "1.png", "3.png"]
+    assert saved["ids"].tolist() == [0, 1, 3]
+    out = load_example("extract_features").main([
+        "--model_name_or_path", str(tmp_path / "encoder"), "--train_dir", str(tmp_path / "images"),
+        "--output", str(tmp_path / "feats_ds"), "--format", "datasets", "--no_progress",
+    ])
+    table = datasets.load_from_disk(str(out))
+    assert table["id"] == [0, 1, 3] and [Path(p).name for p in table["path"]] == ["0.png", "1.png", "3.png"]
+
+
+def test_probe_defaults_work_on_shallow_encoders(tmp_path, load_example):
+    torch.manual_seed(0)
+    IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=3)).save_pretrained(tmp_path / "encoder")
+    rows = load_example("probe").main([
+        "--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
+        "--procedural_image_size", "32", "--max_train_samples", "20", "--max_eval_samples", "10", "--k", "3",
+        "--no_progress",
+    ])
+    assert [row["layers"] for row in rows] == ["last", "last 3"]
+    assert rows[1]["feature_dim"] == 3 * 32

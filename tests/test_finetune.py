@@ -186,7 +186,9 @@ def test_finetune_example(tmp_path, monkeypatch, load_example, image_folder, enc
     assert min(g["lr_scale"] for g in trainer.optimizer.param_groups) == pytest.approx(0.75**3)
 
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
-    assert 0.0 <= eval_results["eval_accuracy"] <= 1.0
+    prediction = trainer.predict(trainer.eval_dataset)  # the accuracy recomputed from the model's own predictions
+    expected = float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())
+    assert eval_results["eval_accuracy"] == pytest.approx(expected)
     assert (output_dir / "README.md").is_file()
 
     reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
@@ -197,3 +199,74 @@ def test_finetune_example(tmp_path, monkeypatch, load_example, image_folder, enc
     trained = trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values).logits, trained(pixel_values.to(trained.device)).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune.py decides training and evaluation as transformers' run_image_classification.py (issue 12)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tests_run_offline_from_the_first_hub_import():
+    """conftest sets HF_HUB_OFFLINE before huggingface_hub is imported: its constant is read at import time."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE is True
+
+
+def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(model), "--train_dir", str(data), "--train_val_split", "0.25",
+            "--output_dir", str(output_dir), "--per_device_train_batch_size", "8", "--report_to", "none",
+            "--use_cpu", "--seed", "0", "--save_strategy", "no", *extra]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_strategy", "epoch"], "--do_train"),  # transformers turns do_eval on: nothing would be trained
+    ([], "--do_train"),
+])
+def test_finetune_refuses_a_run_that_would_train_nothing(tmp_path, load_example, image_folder, encoder_repo, capsys,
+                                                         flags, message):
+    with pytest.raises(SystemExit):
+        load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "out", *flags))
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_never_overwrites_another_run_unasked(tmp_path, load_example, image_folder, encoder_repo):
+    output_dir = tmp_path / "previous"
+    output_dir.mkdir()
+    (output_dir / "README.md").write_text("another run's card")
+    (output_dir / "all_results.json").write_text('{"eval_accuracy": 0.9}')
+    finetune = load_example("finetune")
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_eval"))
+    assert (output_dir / "README.md").read_text() == "another run's card"
+    assert json.loads((output_dir / "all_results.json").read_text()) == {"eval_accuracy": 0.9}
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_eval", "--overwrite_output_dir"))
+    assert "eval_accuracy" in json.loads((output_dir / "eval_results.json").read_text())
+
+
+def test_finetune_resume_keyword_is_latest_as_in_pretraining(tmp_path, load_example):
+    finetune = load_example("finetune")
+    assert finetune.resolve_resume_checkpoint("latest", tmp_path) is None  # nothing yet: starts fresh
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-12").mkdir()
+    assert finetune.resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-12")
+    with pytest.warns(FutureWarning, match="latest"):
+        assert finetune.resolve_resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-12")
+    assert finetune.resolve_resume_checkpoint(str(tmp_path / "checkpoint-5"), tmp_path) == str(tmp_path / "checkpoint-5")
+
+
+def test_finetuned_card_carries_the_licence_of_meta_weights(tmp_path, load_example, image_folder):
+    from huggingface_hub import ModelCard
+
+    from ijepa_hf.cli import main as cli_main
+    from ijepa_hf.licensing import META_WEIGHTS_LICENSE
+    from tiny import GOLDEN_CHECKPOINT
+
+    assert cli_main(["convert", str(GOLDEN_CHECKPOINT), str(tmp_path / "enc"), "--encoder-only", "--num-heads", "3"]) == 0
+    output_dir = tmp_path / "ft"
+    load_example("finetune").main(_finetune_argv(tmp_path / "enc", image_folder, output_dir, "--do_train",
+                                                 "--max_steps", "1"))
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.license == META_WEIGHTS_LICENSE
+    assert json.loads((output_dir / "config.json").read_text())["weights_license"] == META_WEIGHTS_LICENSE

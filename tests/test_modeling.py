@@ -143,7 +143,10 @@ def test_bad_mask_indices_are_clear_errors():
     with pytest.raises(ValueError, match="batch size"):
         model(pixels, context[:1], targets)
     with pytest.raises(ValueError, match="IJepaMaskCollator"):
-        model(pixels)
+        model(pixels, context_mask=context)  # one mask without the other
+    # Images only are feature extraction with the target encoder (AutoModel / pipeline on a pretraining repo).
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixels).last_hidden_state, model.target_encoder(pixels).last_hidden_state)
 
 
 def test_each_target_block_is_predicted_in_its_own_sequence():

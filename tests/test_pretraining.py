@@ -504,3 +504,33 @@ def test_push_to_hub_uploads_model_encoder_and_cards_without_checkpoints(fake_hu
                  "encoder/README.md", "encoder/config.json", "encoder/model.safetensors"):
         assert name in files, (name, files)
     assert not [f for f in files if f.startswith("step_")], files
+
+
+def test_continued_pretraining_keeps_the_licence_and_names_the_base_model(tmp_path):
+    from ijepa_hf.licensing import record_weights_license
+
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    base = tmp_path / "meta-derived"
+    model = IJepaPretrainingModel(config)
+    record_weights_license(model, "cc-by-nc-4.0", "facebook/ijepa_vith14_1k")
+    model.save_pretrained(base)
+    out = tmp_path / "continued"
+    pretrain(parse_args(["--model_name_or_path", str(base), "--output_dir", str(out), "--embedded_num_images", "8",
+                         "--per_device_train_batch_size", "8", "--max_train_steps", "1"]))
+    for folder in (out, out / "encoder"):
+        card = (folder / "README.md").read_text()
+        assert "license: cc-by-nc-4.0" in card and "apache-2.0" not in card.split("---")[1], folder
+        assert "facebook/ijepa_vith14_1k" in card, folder
+        assert json.loads((folder / "config.json").read_text())["weights_license"] == "cc-by-nc-4.0"
+
+
+def test_an_encoder_repo_where_a_pretraining_repo_is_expected_is_a_short_clear_error(tmp_path):
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    encoder_repo = tmp_path / "encoder"
+    IJepaPretrainingModel(config).export_encoder("target").save_pretrained(encoder_repo)
+    for flag in ("--model_name_or_path", "--config_name"):
+        with pytest.raises(ValueError, match="Expected a pretraining config .* single encoder") as error:
+            build_config(parse_args([flag, str(encoder_repo), "--output_dir", str(tmp_path / "o")]))
+        assert len(str(error.value)) < 1200 and "has no setter" not in str(error.value)

@@ -20,9 +20,7 @@ STEPS = json.loads((FIXTURES / "official-tiny-steps.json").read_text())
 
 
 def _model_from(checkpoint: dict) -> torch.nn.Module:
-    config = infer_official_config(checkpoint)
-    config.encoder_config.num_attention_heads = config.predictor_config.num_attention_heads = 3
-    return convert_official_checkpoint(checkpoint, config)
+    return convert_official_checkpoint(checkpoint, infer_official_config(checkpoint, num_heads=3))
 
 
 def _official_schedule() -> PretrainingSchedule:

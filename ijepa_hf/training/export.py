@@ -57,6 +57,7 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     """
     from .. import make_image_processor
     from ..hub import default_loading_code, make_model_card, summarize_config
+    from ..licensing import record_weights_license, weights_license
     from ..modeling_ijepa_hf import IJepaEncoderModel
 
     encoder_dir = output_dir / ENCODER_SUBFOLDER
@@ -65,6 +66,9 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     if not accelerator.is_main_process:
         return encoder_dir
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # Weights continued from others (e.g. Meta's, CC BY-NC 4.0) keep their licence and name their base model.
+    weights = weights_license(unwrapped, source=args.model_name_or_path)
+    record_weights_license(unwrapped, *weights)
     unwrapped.save_pretrained(output_dir, state_dict=state_dict, save_function=accelerator.save)
     if sharded:  # the unwrapped modules hold shards: rebuild the encoder from the gathered weights
         prefix = "target_encoder."
@@ -72,13 +76,15 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
         encoder.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
     else:
         encoder = unwrapped.export_encoder("target")
+    record_weights_license(encoder, *weights)
     encoder.save_pretrained(encoder_dir)
     processor = make_image_processor(config.encoder_config)
     processor.save_pretrained(output_dir)
     processor.save_pretrained(encoder_dir)
 
     name = args.hub_model_id or output_dir.name
-    card_kwargs = dict(datasets=hub_dataset, training=training, tags=["ijepa-hf-pretraining"])
+    card_kwargs = dict(datasets=hub_dataset, training=training, tags=["ijepa-hf-pretraining"],
+                       license=weights.license, base_model=weights.base_model)
     make_model_card(model_name=name, kind="pretraining", config_summary=summarize_config(unwrapped),
                     **card_kwargs).save(output_dir / "README.md")
     loading = default_loading_code(name, "encoder", custom_code=True, subfolder=ENCODER_SUBFOLDER)

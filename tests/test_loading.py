@@ -1,0 +1,192 @@
+"""Loading as transformers does (issue 12): mismatched sizes, Auto classes across kinds of repo, wrong-kind inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, IJepaConfig, IJepaModel, ViTConfig, ViTForImageClassification, pipeline
+
+from ijepa_hf import (
+    IJepaEncoderForImageClassification,
+    IJepaEncoderModel,
+    IJepaPredictorModel,
+    IJepaPretrainingModel,
+    make_image_processor,
+)
+from tiny import GOLDEN_CHECKPOINT, tiny_encoder_config, tiny_pretraining_config
+
+
+def _same_weights(module: torch.nn.Module, reference: torch.nn.Module) -> bool:
+    ours, ref = module.state_dict(), reference.state_dict()
+    return ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loading")
+    torch.manual_seed(0)
+    classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))
+    classifier.save_pretrained(root / "classifier")
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(root / "encoder")
+    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    with torch.no_grad():  # a target encoder that differs from the context encoder
+        for parameter in pretraining.target_encoder.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    pretraining.save_pretrained(root / "pretraining")
+    make_image_processor(pretraining.config.encoder_config).save_pretrained(root / "pretraining")
+    stock = IJepaModel(IJepaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                   image_size=32, patch_size=8))
+    stock.save_pretrained(root / "stock")
+    return {"root": root, "classifier": root / "classifier", "encoder": root / "encoder",
+            "pretraining": root / "pretraining", "stock": root / "stock"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ignore_mismatched_sizes, as ViT
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_ignore_mismatched_sizes_reheads_a_classifier_and_reports_the_keys(repos):
+    original = IJepaEncoderForImageClassification.from_pretrained(repos["classifier"])
+    model, info = IJepaEncoderForImageClassification.from_pretrained(
+        repos["classifier"], num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert model.classifier.weight.shape == (5, 32) and model.config.num_labels == 5
+    assert _same_weights(model.encoder, original.encoder)
+    assert {key for key, *_ in info["mismatched_keys"]} == {"classifier.weight", "classifier.bias"}
+
+
+def test_vit_and_ijepa_agree_on_mismatched_sizes(tmp_path):
+    """The reference behaviour: ViT re-heads with the flag and refuses without it; ours does the same."""
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+    vit.save_pretrained(tmp_path / "vit")
+    ijepa = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))
+    ijepa.save_pretrained(tmp_path / "ijepa")
+    for cls, path in ((ViTForImageClassification, tmp_path / "vit"), (IJepaEncoderForImageClassification, tmp_path / "ijepa")):
+        assert cls.from_pretrained(path, num_labels=5, ignore_mismatched_sizes=True).classifier.out_features == 5
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            cls.from_pretrained(path, num_labels=5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Auto classes across kinds of repo
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_automodel_on_a_classifier_returns_its_encoder(repos):
+    classifier = IJepaEncoderForImageClassification.from_pretrained(repos["classifier"])
+    model, info = AutoModel.from_pretrained(repos["classifier"], output_loading_info=True)
+    assert type(model) is IJepaEncoderModel
+    assert _same_weights(model, classifier.encoder)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_encoder_from_a_pretraining_repo_is_its_target_encoder(repos):
+    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    encoder, info = IJepaEncoderModel.from_pretrained(repos["pretraining"], output_loading_info=True)
+    assert type(encoder) is IJepaEncoderModel
+    assert _same_weights(encoder, pretraining.target_encoder)
+    assert not _same_weights(encoder, pretraining.context_encoder)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert all(p.requires_grad for p in encoder.parameters())  # a standalone, trainable encoder
+    assert encoder.config.model_type == "ijepa_hf_encoder"
+
+
+def test_classifier_from_a_pretraining_repo_gets_the_target_encoder_and_a_new_head(repos):
+    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    classifier = IJepaEncoderForImageClassification.from_pretrained(repos["pretraining"], num_labels=5)
+    assert classifier.classifier.out_features == 5
+    assert _same_weights(classifier.encoder, pretraining.target_encoder)
+
+
+def test_pretraining_repo_serves_feature_extraction_with_its_target_encoder(repos):
+    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = pretraining.target_encoder(pixels)
+        output = AutoModel.from_pretrained(repos["pretraining"])(pixel_values=pixels)
+    torch.testing.assert_close(output.last_hidden_state, expected.last_hidden_state, atol=0, rtol=0)
+    torch.testing.assert_close(output.pooler_output, expected.pooler_output, atol=0, rtol=0)
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    extractor = pipeline("image-feature-extraction", model=str(repos["pretraining"]))
+    features = torch.tensor(extractor(image))
+    processor = make_image_processor(pretraining.config.encoder_config)
+    with torch.no_grad():
+        reference = pretraining.target_encoder(**processor(image, return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(features, reference, atol=1e-5, rtol=0)
+    pooled = torch.tensor(extractor(image, pool=True))
+    torch.testing.assert_close(pooled, reference.mean(1), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Wrong-kind inputs: short errors naming what was given, what was expected and the fix
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_encoder_repo_where_a_pretraining_repo_is_expected(repos):
+    with pytest.raises(ValueError) as error:
+        IJepaPretrainingModel.from_pretrained(repos["encoder"])
+    message = str(error.value)
+    assert "ijepa_hf_encoder" in message and "ijepa_hf_pretraining" in message and "ijepa-hf convert" in message
+    assert len(message) < 700, message
+
+
+def test_raw_official_checkpoint_is_refused_with_the_convert_command():
+    for cls in (IJepaEncoderModel, IJepaPretrainingModel, IJepaEncoderForImageClassification):
+        with pytest.raises(ValueError) as error:
+            cls.from_pretrained(str(GOLDEN_CHECKPOINT))
+        message = str(error.value)
+        assert str(GOLDEN_CHECKPOINT) in message and "ijepa-hf convert" in message and "JSON" not in message
+        assert len(message) < 700, message
+
+
+def test_stock_transformers_repo_is_refused_with_the_import_function(repos):
+    for cls in (IJepaEncoderModel, IJepaPretrainingModel, IJepaPredictorModel):
+        with pytest.raises(ValueError) as error:
+            cls.from_pretrained(repos["stock"])
+        message = str(error.value)
+        assert "'ijepa'" in message and "encoder_from_transformers" in message, message
+        assert len(message) < 700, message
+
+
+def test_predictor_class_on_a_pretraining_repo_names_the_fix(repos):
+    with pytest.raises(ValueError, match=r"IJepaPretrainingModel\.from_pretrained\(.*\)\.predictor"):
+        IJepaPredictorModel.from_pretrained(repos["pretraining"])
+
+
+def test_strict_loading_error_is_short(tmp_path):
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError) as error:
+        IJepaEncoderModel.from_pretrained(tmp_path, num_hidden_layers=4)
+    message = str(error.value)
+    assert "missing keys" in message and "blocks.2.attn" in message and len(message) < 700, message
+
+
+def test_load_image_classifier_reheads_with_ignore_mismatched_sizes(repos):
+    """What `examples/finetune.py --ignore_mismatched_sizes` calls on a fine-tuned classifier repo."""
+    from ijepa_hf.finetuning import load_image_classifier
+
+    original = IJepaEncoderForImageClassification.from_pretrained(repos["classifier"])
+    labels = {i: name for i, name in enumerate("abcde")}
+    model = load_image_classifier(str(repos["classifier"]), num_labels=5, id2label=labels,
+                                  label2id={v: k for k, v in labels.items()}, ignore_mismatched_sizes=True)
+    assert model.classifier.out_features == 5 and model.config.id2label[4] == "e"
+    assert _same_weights(model.encoder, original.encoder)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        load_image_classifier(str(repos["classifier"]), num_labels=5)
+
+
+def test_repo_loaders_refuse_a_raw_checkpoint_with_the_convert_command():
+    from ijepa_hf.evaluation import load_encoder
+    from ijepa_hf.finetuning import load_image_classifier
+
+    with pytest.raises(ValueError, match=r"load_encoder\(.*ijepa-hf convert"):
+        load_encoder(str(GOLDEN_CHECKPOINT))
+    with pytest.raises(ValueError, match=r"load_image_classifier\(.*ijepa-hf convert"):
+        load_image_classifier(str(GOLDEN_CHECKPOINT), num_labels=2)
