@@ -382,3 +382,72 @@ def test_a_stopped_rank_ends_the_run_within_the_ddp_timeout(tmp_path):
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collapse telemetry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _near_collapse(scale: float = 1.0) -> dict[str, float]:
+    """Pooled features that all point one way plus a little per-image noise (pairwise cosine ~0.9995)."""
+    from types import SimpleNamespace
+
+    from ijepa_hf.training.metrics import collapse_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(1, 1, 32, generator=generator) * 3.0
+    hidden = (common + 0.07 * torch.randn(8, 1, 32, generator=generator)).expand(8, 16, 32) * scale
+    tokens = torch.randn(8, 3, 32, generator=generator)
+    return collapse_statistics(SimpleNamespace(target_hidden_state=hidden, targets=tokens, predictions=tokens))
+
+
+def test_the_collapse_warning_sees_a_near_collapse_that_the_std_misses(caplog):
+    from ijepa_hf.training.metrics import CollapseMonitor
+
+    stats = _near_collapse()
+    assert stats["target_cosine"] > 0.999 and stats["target_std"] > 0.01  # the std alone calls this healthy
+    assert 1.0 <= stats["target_rankme"] < 2.0
+    # LayerNorm'ed pooling makes the statistics blind to the features' scale.
+    assert _near_collapse(scale=100.0)["target_cosine"] == pytest.approx(stats["target_cosine"], abs=1e-6)
+    with caplog.at_level("WARNING", logger="ijepa_hf.training.metrics"):
+        assert CollapseMonitor().check({"step": 7, **stats})
+        assert not CollapseMonitor().check({"step": 7, "target_cosine": 0.99, "target_std": 0.1})
+    assert "Possible representation collapse at step 7: target_cosine=0.999" in caplog.text
+
+
+@pytest.mark.parametrize("extra", [(), ("--learning_rate", "1e-3")])
+def test_the_collapse_warning_stays_quiet_on_default_runs(tmp_path, caplog, extra):
+    with caplog.at_level("WARNING", logger="ijepa_hf.training.metrics"):
+        run(tmp_path / "run", *extra, "--logging_steps", "1", steps=60)
+    rows = read_log(tmp_path / "run")
+    assert len(rows) == 60 and all(r["target_cosine"] < 0.999 for r in rows)
+    assert "collapse" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step options through the loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_run(reference, tmp_path):
+    run(tmp_path / "recomputed", "--gradient_checkpointing", "--checkpointing_steps", "4")
+    left, right = _weights(reference), _weights(tmp_path / "recomputed")
+    assert max((left[k] - right[k]).abs().max().item() for k in left) < 1e-6
+
+
+def test_bf16_autocast_trains_close_to_fp32(reference, tmp_path):
+    # A fresh process: Accelerate's mixed-precision state is process-wide.
+    out = tmp_path / "bf16"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    code = "import sys; from ijepa_hf.training import parse_args, pretrain; pretrain(parse_args(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, *tiny_argv(out, "--mixed_precision", "bf16")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Mixed precision type: bf16" in proc.stderr
+    fp32, bf16 = _weights(reference), _weights(out)
+    assert all(t.dtype == torch.float32 for t in bf16.values())  # master weights stay fp32
+    worst = max((fp32[k] - bf16[k]).abs().max().item() for k in fp32)
+    assert 0 < worst < 0.05, f"bf16 run differs from fp32 by {worst}"
+    losses = [r["loss"] for r in read_log(out)]
+    assert losses == pytest.approx([r["loss"] for r in read_log(reference)], abs=0.02)

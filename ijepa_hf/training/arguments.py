@@ -146,7 +146,7 @@ class PretrainingArguments:
         "Log (train_log.jsonl, trackers, progress bar) every N optimizer steps (embedded demo: 20)."))
     collapse_threshold: float = field(default=0.01, metadata=_help(
         "Collapse warning when the batch std of the pooled, normalised target features falls below this."))
-    collapse_max_cosine: float = field(default=0.99, metadata=_help(
+    collapse_max_cosine: float = field(default=0.999, metadata=_help(
         "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this."))
     # ---- hub
     push_to_hub: bool = field(default=False, metadata=_help("Upload output_dir to the Hub at the end."))

@@ -288,7 +288,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 if row is not None:
                     final_loss = float(row["loss"])
                     _log_row(accelerator, args, log_path, row, bar)
-                    monitor.check(row, batch_size=args.per_device_train_batch_size)
+                    monitor.check(row)
             if args.checkpointing_steps not in (None, "epoch") and step % int(args.checkpointing_steps) == 0:
                 save(step)
             if step >= total_steps:

@@ -1,0 +1,108 @@
+"""IJepaTrainer honours TrainingArguments or refuses them naming the field; examples/pretrain_trainer.py applies
+the same defaults with and without arguments."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from test_pretraining import REPO_ROOT, TINY_OVERRIDES
+from transformers import TrainerCallback, TrainingArguments
+
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf.data import PretrainTransform, ProceduralShapes
+from ijepa_hf.training import IJepaTrainer, official_training_arguments
+
+
+def _tiny() -> tuple[IJepaPretrainingModel, IJepaMaskCollator, ProceduralShapes]:
+    torch.manual_seed(0)
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    return (IJepaPretrainingModel(config), IJepaMaskCollator.from_config(config, seed=0),
+            ProceduralShapes(16, image_size=32, transform=PretrainTransform(32)))
+
+
+def _args(tmp_path, **values) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=4, use_cpu=True,
+                remove_unused_columns=False, report_to="none", save_strategy="no", logging_steps=1, seed=0)
+    return TrainingArguments(**{**base, **values})
+
+
+class _LrRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.wds: list[list[float]] = []
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.wds.append([g["weight_decay"] for g in optimizer.param_groups])
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"optim": "sgd"}, "optim='sgd' is not supported"),
+    ({"optim": "adamw_torch", "optim_args": "foo=1"}, "optim_args"),
+    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"start_lr": 2e-4}}, "warm-up would go down"),
+    ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 1e-6}}, r"\['min_lr'\] are not options"),
+])
+def test_arguments_it_cannot_honour_are_refused_naming_the_field(tmp_path, values, match):
+    model, collator, data = _tiny()
+    with pytest.raises(ValueError, match=match):  # learning_rate is TrainingArguments' default 5e-5
+        IJepaTrainer(model=model, args=_args(tmp_path, **values), train_dataset=data, data_collator=collator)
+
+
+def test_weight_decay_and_the_lr_schedule_type_are_honoured(tmp_path, caplog):
+    model, collator, data = _tiny()
+    args = _args(tmp_path, learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=1,
+                 optim="adamw_torch")
+    with caplog.at_level("WARNING"):
+        trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    assert "remove_unused_columns" not in caplog.text  # a torch dataset has no columns to remove
+    recorder = _LrRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    assert all(wd == 0.0 for row in recorder.wds for wd in row)  # weight_decay=0 stays 0 (no ramp to 0.4)
+    # transformers' own linear schedule: warm-up to the peak over 1 step, then linear decay to 0 at step 4.
+    assert recorder.lrs == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+    assert not trainer.optimizer.defaults.get("fused")  # adamw_torch: torch's default implementation
+
+
+def test_the_official_recipe_arguments(tmp_path):
+    model, collator, data = _tiny()
+    args = official_training_arguments(str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=30,
+                                       use_cpu=True, report_to="none", save_strategy="no")
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator, final_weight_decay=0.4)
+    recorder = _LrRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    warmup = 4  # ceil(30 * 40 / 300)
+    assert recorder.lrs[0] == pytest.approx(2e-4 + (1e-3 - 2e-4) / warmup)
+    assert recorder.lrs[warmup - 1] == pytest.approx(1e-3) and recorder.lrs[-1] == pytest.approx(1e-6)
+    decay = [row[0] for row in recorder.wds]
+    assert decay[0] > 0.04 and decay[-1] == pytest.approx(0.4) and trainer.optimizer.defaults.get("fused")
+
+
+def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_arguments(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    recipe = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
+              "max_grad_norm", "remove_unused_columns")
+    _, bare = example.parse([])
+    _, some = example.parse(["--max_steps", "7", "--output_dir", str(tmp_path)])
+    _, data = example.parse(["--train_dir", str(tmp_path), "--num_train_epochs", "3"])
+    for name in recipe:
+        assert getattr(bare, name) == getattr(some, name), name
+        if name != "warmup_steps":  # the embedded demo's 50-step budget has its own warm-up
+            assert getattr(bare, name) == getattr(data, name), name
+    assert data.warmup_steps == pytest.approx(40 / 300) and bare.warmup_steps == 5
+    assert bare.learning_rate == 1e-3 and bare.max_grad_norm == 0.0 and bare.remove_unused_columns is False
+    assert some.max_steps == 7 and data.max_steps == -1 and data.num_train_epochs == 3  # no demo budget with data
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"max_steps": 7, "output_dir": str(tmp_path)}))
+    (json_script, from_json), (cli_script, from_cli) = example.parse([str(path)]), example.parse(
+        ["--max_steps", "7", "--output_dir", str(tmp_path)])
+    assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
