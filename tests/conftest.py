@@ -68,3 +68,18 @@ def load_example():
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory) -> Path:
+    """An uninterrupted 8-step run of the tiny config (test_pretraining's ``run``) with checkpoints at steps 4 and
+    8: 48 images in batches of 8 (6 batches per epoch), so a resume at step 4 crosses an epoch boundary."""
+    import torch
+    from test_pretraining import run
+
+    out = tmp_path_factory.mktemp("straight") / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(out, "--checkpointing_steps", "4")
+    torch.set_num_threads(previous)
+    return out

@@ -139,17 +139,6 @@ def _interrupted_run(straight: Path, resumed: Path, *extra: str) -> None:
     assert result.resumed_from == str(resumed / "step_4") and result.global_step == 8
 
 
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory) -> Path:
-    """8 steps, 48 images in batches of 8 (6 batches per epoch): the resume at step 4 crosses an epoch boundary."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run(out, "--checkpointing_steps", "4")
-    torch.set_num_threads(previous)
-    return out
-
-
 def test_resume_latest_is_bitwise_exact(straight_run, tmp_path):
     assert latest_checkpoint(straight_run).path == straight_run / "step_8"
     resumed = tmp_path / "resumed"

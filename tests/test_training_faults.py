@@ -47,15 +47,10 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """An uninterrupted 8-step run with checkpoints at steps 4 and 8."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    run(out, "--checkpointing_steps", "4")
-    torch.set_num_threads(previous)
-    return out
+@pytest.fixture
+def reference(straight_run: Path) -> Path:
+    """An uninterrupted 8-step run with checkpoints at steps 4 and 8 (conftest's ``straight_run``)."""
+    return straight_run
 
 
 def _copy_run(reference: Path, target: Path, *checkpoints: str) -> Path:
