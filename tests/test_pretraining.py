@@ -421,6 +421,9 @@ def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
     assert args.max_train_steps == 7 and args.output_dir == "outputs/pretrain-default"
     assert args.learning_rate == 5e-4 and args.per_device_train_batch_size == 16
     assert "max_train_steps" not in args.demo_defaults_applied and args.demo_defaults_applied["learning_rate"] == 5e-4
+    assert args.overwrite_output_dir  # the demo's own folder: running the main job again replaces its last run
+    assert not parse_args(["--output_dir", str(tmp_path / "mine")]).overwrite_output_dir
+    assert not parse_args(["--resume_from_checkpoint", "latest"]).overwrite_output_dir
     config = build_config(args)
     assert config.encoder_config.image_size == 64 and config.encoder_config.patch_size == 8
     assert config.min_keep == 4

@@ -318,6 +318,8 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
     demo = {k: v for k, v in EMBEDDED_DEMO_DEFAULTS.items() if k not in explicit}
     if {"max_train_steps", "num_train_epochs"} & explicit:
         demo.pop("max_train_steps", None)
+    if not {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"} & explicit:
+        demo["overwrite_output_dir"] = True  # the demo's own folder: running the demo again replaces it
     if not set(_MODEL_OPTIONS) & explicit:
         demo.update({k: v for k, v in EMBEDDED_DEMO_MODEL.items() if k not in explicit})
     if demo:

@@ -126,15 +126,22 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         logger.info("No data source given: training on the embedded demo data with its settings %s (any of them "
                     "can be set explicitly)", args.demo_defaults_applied)
 
-    # ---- output folder: lock, policy, run identity (main process decides, every rank learns)
-    lock = OutputDirLock(output_dir).acquire() if accelerator.is_main_process else None
+    # ---- output folder: lock, policy, run identity (the main process decides, every rank learns the outcome)
+    lock: OutputDirLock | None = None
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            lock = OutputDirLock(output_dir).acquire()
+            outcome = [prepare_output_dir(output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
+                                          overwrite_output_dir=args.overwrite_output_dir)]
+        except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+            outcome = [error]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
     try:
-        decision = [None]
-        if accelerator.is_main_process:
-            decision = [prepare_output_dir(output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
-                                           overwrite_output_dir=args.overwrite_output_dir)]
-        run = broadcast_object_list(decision)[0] if accelerator.num_processes > 1 else decision[0]
-        return _train(args, accelerator, output_dir, run)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return _train(args, accelerator, output_dir, outcome[0])
     finally:
         if lock is not None:
             lock.release()

@@ -10,8 +10,9 @@ Official order of one optimizer update ``k`` (1-based):
 3. the EMA target encoder moves with the momentum of update ``k`` (:class:`~ijepa_hf.training.PretrainingSchedule`
    holds the indexing).
 
-Non-finite losses and gradients are recorded on the device (no host sync per step); :meth:`PretrainingStep.check`
-raises :class:`NonFiniteLossError` at the syncs the caller makes anyway (log rows, checkpoints, the end).
+Non-finite losses (and, with clipping, gradient norms) are recorded on the device (no host sync per step);
+:meth:`PretrainingStep.check` raises :class:`NonFiniteLossError` at the syncs the caller makes anyway (log rows,
+checkpoints, the end). A non-finite gradient without clipping shows one update later, in the loss.
 """
 
 from __future__ import annotations
@@ -89,18 +90,17 @@ class PretrainingStep:
         device = accelerator.device
         self._window_bad = torch.zeros((), dtype=torch.bool, device=device)  # this update's micro-batches so far
         self._first_bad = torch.zeros((), dtype=torch.long, device=device)  # first non-finite update (0: none)
-        # fp16's GradScaler skips updates with inf gradients itself; only the loss is checked then.
+        # fp16's GradScaler skips updates with inf gradients itself: its norm is not a fault.
         self._check_gradients = getattr(accelerator, "scaler", None) is None
 
-    def _gradient_norm(self) -> torch.Tensor | None:
-        if self.max_grad_norm is not None:
-            return self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        if not self._check_gradients:
+    def _clip(self) -> torch.Tensor | None:
+        """Clip (if asked) and return the total gradient norm, else ``None``. Without clipping no norm is computed
+        (it would cost a pass over every gradient): a non-finite gradient makes the weights, and so the next loss,
+        non-finite, which the loss check and the weight check before every save catch."""
+        if self.max_grad_norm is None:
             return None
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        return norm if self._check_gradients else None
 
     def __call__(self, batch: Mapping[str, torch.Tensor] | None, update: int, want_stats: bool = False) -> StepOutput:
         """Run one micro-batch that contributes to optimizer update ``update`` (1-based)."""
@@ -118,7 +118,7 @@ class PretrainingStep:
             if accelerator.sync_gradients:
                 updated = True
                 self.schedule.apply(self.optimizer, update)
-                norm = self._gradient_norm()
+                norm = self._clip()
                 if norm is not None:
                     self._window_bad |= ~torch.isfinite(norm)
                 bad = self._window_bad
