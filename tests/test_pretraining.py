@@ -183,7 +183,7 @@ def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
 
 _RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from ijepa_hf.training.loop import parse_args, pretrain
+from ijepa_hf.training import parse_args, pretrain
 result = pretrain(parse_args(sys.argv[1:]))
 rank = dist.get_rank() if dist.is_initialized() else 0
 state = {k: v.detach().clone() for k, v in result.model.state_dict().items() if k.startswith("target_encoder.")}
@@ -486,7 +486,7 @@ def test_push_to_hub_uploads_model_encoder_and_cards_without_checkpoints(fake_hu
         import json, os
         os.environ["OMP_NUM_THREADS"] = "1"
         from huggingface_hub import HfApi
-        from ijepa_hf.training.loop import parse_args, pretrain
+        from ijepa_hf.training import parse_args, pretrain
         result = pretrain(parse_args({argv!r}))
         print("FILES", json.dumps(sorted(HfApi().list_repo_files("fake-user/ijepa-tiny-pretrain"))))
         print("URL", result.hub_url)
