@@ -37,6 +37,7 @@ __all__ = [
     "MASK_MODES",
     "ConfigValueError",
     "ConfigTypeError",
+    "check_grid",
     "check_mask_settings",
     "list_presets",
     "parse_config_overrides",
@@ -125,7 +126,8 @@ def _check_range(value: Any, field_name: str, low: float, high: float, *, low_op
     return lo, hi
 
 
-def _check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int, int]:
+def check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int, int]:
+    """(rows, columns) of the patch grid; raises `ValueError` naming ``image_size`` / ``patch_size``."""
     image_h, image_w = _as_pair(image_size, f"{prefix}image_size")
     patch_h, patch_w = _as_pair(patch_size, f"{prefix}patch_size")
     for value, name in ((image_h, "image_size"), (image_w, "image_size"), (patch_h, "patch_size"), (patch_w, "patch_size")):
@@ -226,7 +228,7 @@ class _IJepaTransformerConfig(PreTrainedConfig):
 
     def _check_transformer(self, prefix: str = "") -> None:
         """Raises `ValueError` naming the first invalid shared field (``prefix`` says whose field it is)."""
-        _check_grid(self.image_size, self.patch_size, prefix=prefix)
+        check_grid(self.image_size, self.patch_size, prefix=prefix)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             _check_positive_int(getattr(self, name), prefix + name)
         if self.hidden_size % self.num_attention_heads:
@@ -245,7 +247,7 @@ class _IJepaTransformerConfig(PreTrainedConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, columns) of the patch grid at `image_size`."""
-        return _check_grid(self.image_size, self.patch_size)
+        return check_grid(self.image_size, self.patch_size)
 
     @property
     def num_patches(self) -> int:
