@@ -55,9 +55,19 @@ class ConfigValueError(StrictDataclassClassValidationError, ValueError):
         Exception.__init__(self, str(cause))  # the cause names the field; strict's prefix adds nothing
         self.validator = validator
 
+    def __reduce__(self):  # picklable (e.g. raised in a DataLoader worker)
+        return type(self), (self.validator, ValueError(str(self)))
+
 
 class ConfigTypeError(StrictDataclassFieldValidationError, TypeError, ValueError):
     """A field got a value of the wrong type (e.g. ``hidden_size="x"``)."""
+
+    def __init__(self, field: str, cause: Exception) -> None:
+        super().__init__(field=field, cause=cause)
+        self.field, self.cause = field, cause
+
+    def __reduce__(self):
+        return type(self), (self.field, TypeError(str(self.cause)))
 
 
 def _strict_config(cls: type) -> type:

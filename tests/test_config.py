@@ -230,3 +230,13 @@ def test_mask_settings_are_validated_once_with_finite_aspect_ratios():
             check_mask_settings(**{**defaults, field: value})
     config = IJepaPretrainingConfig(target_aspect_ratio=(0.5, 2), min_keep=0, allow_overlap=True)
     assert config.mask_settings()["target_aspect_ratio"] == [0.5, 2] and config.min_keep == 0
+
+
+def test_config_errors_pickle():
+    import pickle
+
+    for kwargs in (dict(hidden_size="x"), dict(hidden_size=100, num_attention_heads=3)):
+        with pytest.raises(ValueError) as error:
+            IJepaEncoderConfig(**kwargs)
+        clone = pickle.loads(pickle.dumps(error.value))
+        assert type(clone) is type(error.value) and str(clone) == str(error.value)
