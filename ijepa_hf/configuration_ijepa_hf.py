@@ -1,20 +1,31 @@
 """Configurations of the I-JEPA encoder, predictor and pretraining model.
 
-This file is self-contained (it imports only transformers) so that it can be copied next to the weights of a
-Hub repo and loaded with ``trust_remote_code=True`` by people who do not have ``ijepa_hf`` installed.
+This file is self-contained (it imports only transformers, huggingface_hub and the standard library) so that it
+can be copied next to the weights of a Hub repo and loaded with ``trust_remote_code=True`` by people who do not
+have ``ijepa_hf`` installed.
+
+The configs follow transformers 5.x: ``@strict`` dataclasses whose annotated fields are type-checked on
+assignment and whose ``validate_*`` methods run after ``__init__`` (and again before ``save_pretrained``); the
+pretraining config is a composite declared through ``sub_configs_defaults``. Invalid values raise a `ValueError`
+naming the field and the fix (it is also huggingface_hub's ``StrictDataclass*ValidationError``).
+
+The pretraining config is the one place where the multi-block mask settings are defined and validated
+(`check_mask_settings`); the mask collator reads its defaults and rules from here.
 
 The model types are ``ijepa_hf_encoder``, ``ijepa_hf_predictor`` and ``ijepa_hf_pretraining``; transformers'
 own ``ijepa`` type (its encoder-only ``IJepaModel``) is left untouched and is reached through conversion.
 """
 
-from __future__ import annotations
-
 import copy
+import dataclasses
 import difflib
 import math
+import numbers
 from typing import Any
 
-from transformers import PretrainedConfig
+from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+from transformers import PreTrainedConfig
 
 __all__ = [
     "IJepaEncoderConfig",
@@ -22,37 +33,111 @@ __all__ = [
     "IJepaPretrainingConfig",
     "ENCODER_SIZES",
     "PRETRAINING_PRESETS",
+    "MASK_FIELDS",
+    "MASK_MODES",
+    "ConfigValueError",
+    "ConfigTypeError",
+    "check_grid",
+    "check_mask_settings",
     "list_presets",
     "parse_config_overrides",
 ]
 
+# ----------------------------------------------------------------------------------------------------------------
+# Strict dataclasses whose errors stay `ValueError`s
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ConfigValueError(StrictDataclassClassValidationError, ValueError):
+    """A ``validate_*`` check failed. The message names the field and the fix."""
+
+    def __init__(self, validator: str, cause: Exception) -> None:
+        Exception.__init__(self, str(cause))  # the cause names the field; strict's prefix adds nothing
+        self.validator = validator
+
+    def __reduce__(self):  # picklable (e.g. raised in a DataLoader worker)
+        return type(self), (self.validator, ValueError(str(self)))
+
+
+class ConfigTypeError(StrictDataclassFieldValidationError, TypeError, ValueError):
+    """A field got a value of the wrong type (e.g. ``hidden_size="x"``)."""
+
+    def __init__(self, field: str, cause: Exception) -> None:
+        super().__init__(field=field, cause=cause)
+        self.field, self.cause = field, cause
+
+    def __reduce__(self):
+        return type(self), (self.field, TypeError(str(self.cause)))
+
+
+def _strict_config(cls: type) -> type:
+    """huggingface_hub's ``@strict``, with its errors raised as `ValueError`s as well, as this package's configs
+    always raised them (callers and the CLI catch `ValueError`)."""
+    cls = strict(cls)
+    run_validators, strict_setattr = cls.validate, cls.__setattr__
+
+    def validate(self) -> None:
+        """Run the ``validate_*`` checks; raises `ConfigValueError` (a `ValueError`) naming the field."""
+        try:
+            run_validators(self)
+        except StrictDataclassClassValidationError as error:
+            if isinstance(error, ConfigValueError):
+                raise
+            cause = error.__cause__ or error
+            raise ConfigValueError(getattr(error, "validator", "validate"), cause) from cause
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            strict_setattr(self, name, value)
+        except StrictDataclassFieldValidationError as error:
+            if isinstance(error, ConfigTypeError):
+                raise
+            raise ConfigTypeError(field=name, cause=error.__cause__ or error) from error.__cause__
+
+    validate.__is_defined_by_strict_decorator__ = True  # lets subclasses apply @strict again
+    cls.validate, cls.__setattr__ = validate, __setattr__
+    return cls
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Field checks (each names the field it rejects)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 def _as_pair(value: Any, field_name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    if _is_int(value):
+        return int(value), int(value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value):
         return int(value[0]), int(value[1])
     raise ValueError(f"`{field_name}` must be an int or a pair of ints (height, width), got {value!r}.")
 
 
 def _check_positive_int(value: Any, field_name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _is_int(value) or value <= 0:
         raise ValueError(f"`{field_name}` must be a positive integer, got {value!r}.")
 
 
 def _check_range(value: Any, field_name: str, low: float, high: float, *, low_open: bool = True) -> tuple[float, float]:
-    """Validates a (min, max) pair inside (low, high] (or [low, high] when ``low_open`` is False)."""
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"`{field_name}` must be a (min, max) pair, got {value!r}.")
-    lo, hi = float(value[0]), float(value[1])
+    """Validates a finite (min, max) pair inside (low, high] (or [low, high] when ``low_open`` is False)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"`{field_name}` must be a (min, max) pair of numbers, got {value!r}.")
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{field_name}` must be a (min, max) pair of numbers, got {value!r}.") from None
     lower_ok = (lo > low) if low_open else (lo >= low)
-    if not (lower_ok and hi <= high and lo <= hi):
+    if not (math.isfinite(lo) and math.isfinite(hi) and lower_ok and hi <= high and lo <= hi):
         interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ValueError(f"`{field_name}` must satisfy min <= max with both in {interval}, got {value!r}.")
+        raise ValueError(f"`{field_name}` must be finite, satisfy min <= max and lie in {interval}, got {value!r}.")
     return lo, hi
 
 
-def _check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int, int]:
+def check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int, int]:
+    """(rows, columns) of the patch grid; raises `ValueError` naming ``image_size`` / ``patch_size``."""
     image_h, image_w = _as_pair(image_size, f"{prefix}image_size")
     patch_h, patch_w = _as_pair(patch_size, f"{prefix}patch_size")
     for value, name in ((image_h, "image_size"), (image_w, "image_size"), (patch_h, "patch_size"), (patch_w, "patch_size")):
@@ -66,44 +151,94 @@ def _check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int
     return image_h // patch_h, image_w // patch_w
 
 
-class _IJepaTransformerConfig(PretrainedConfig):
+# ----------------------------------------------------------------------------------------------------------------
+# Mask settings: defined (IJepaPretrainingConfig's fields) and validated (here) once
+# ----------------------------------------------------------------------------------------------------------------
+
+MASK_MODES = ("fixed", "official")
+MASK_FIELDS = ("num_target_blocks", "context_scale", "target_scale", "target_aspect_ratio", "min_keep",
+               "allow_overlap", "mask_mode")
+_LOSSES = ("smooth_l1", "mse")
+
+
+def check_mask_settings(
+    *,
+    num_target_blocks: Any,
+    context_scale: Any,
+    target_scale: Any,
+    target_aspect_ratio: Any,
+    min_keep: Any,
+    allow_overlap: Any,
+    mask_mode: Any,
+    mode_name: str = "mask_mode",
+) -> dict[str, Any]:
+    """The one rule set of the multi-block mask settings (`IJepaPretrainingConfig` and `IJepaMaskCollator`).
+
+    Rules: ``num_target_blocks`` a positive int; ``context_scale`` / ``target_scale`` finite ``(min, max)`` in
+    ``(0, 1]``; ``target_aspect_ratio`` a finite positive ``(min, max)``; ``min_keep`` an int >= 0;
+    ``allow_overlap`` a bool; ``mask_mode`` one of `MASK_MODES` (``mode_name`` is how the caller spells it).
+
+    Returns:
+        The settings normalised: ints, ``(min, max)`` float tuples, a bool and the mode string.
+
+    Raises:
+        ValueError: naming the first invalid field.
+    """
+    _check_positive_int(num_target_blocks, "num_target_blocks")
+    if not _is_int(min_keep) or min_keep < 0:
+        raise ValueError(f"`min_keep` must be a non-negative integer, got {min_keep!r}.")
+    if not isinstance(allow_overlap, bool):
+        raise ValueError(f"`allow_overlap` must be a bool (true/false), got {allow_overlap!r}.")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"`{mode_name}` must be one of {MASK_MODES}, got {mask_mode!r}.")
+    return {
+        "num_target_blocks": int(num_target_blocks),
+        "context_scale": _check_range(context_scale, "context_scale", 0.0, 1.0),
+        "target_scale": _check_range(target_scale, "target_scale", 0.0, 1.0),
+        "target_aspect_ratio": _check_range(target_aspect_ratio, "target_aspect_ratio", 0.0, math.inf),
+        "min_keep": int(min_keep),
+        "allow_overlap": allow_overlap,
+        "mask_mode": mask_mode,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder and predictor
+# ----------------------------------------------------------------------------------------------------------------
+
+# JSON gives lists, Python callers tuples; both are accepted and stored as lists.
+_Size = int | list[int] | tuple[int, int]
+_Range = list[float | int] | tuple[float | int, float | int]
+
+
+@_strict_config
+class _IJepaTransformerConfig(PreTrainedConfig):
     """Fields shared by the encoder and the predictor: a stack of pre-norm ViT blocks on a patch grid."""
 
-    def __init__(
-        self,
-        image_size: int | tuple[int, int],
-        patch_size: int,
-        hidden_size: int,
-        num_hidden_layers: int,
-        num_attention_heads: int,
-        intermediate_size: int | None,
-        hidden_act: str,
-        layer_norm_eps: float,
-        qkv_bias: bool,
-        initializer_range: float,
-        attention_dropout: float,
-        hidden_dropout: float,
-        drop_path_rate: float,
-        **kwargs: Any,
-    ) -> None:
-        self.image_size = list(image_size) if isinstance(image_size, (list, tuple)) else image_size
-        self.patch_size = patch_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.qkv_bias = qkv_bias
-        self.initializer_range = initializer_range
-        self.attention_dropout = attention_dropout
-        self.hidden_dropout = hidden_dropout
-        self.drop_path_rate = drop_path_rate
-        super().__init__(**kwargs)
+    image_size: _Size = 224
+    patch_size: _Size = 16
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None  # None: 4 * hidden_size
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    initializer_range: float = 0.02
+    attention_dropout: float | int = 0.0
+    hidden_dropout: float | int = 0.0
+    drop_path_rate: float | int = 0.0
 
-    def _validate_transformer(self, prefix: str = "") -> None:
+    def __post_init__(self, **kwargs: Any) -> None:
+        if isinstance(self.image_size, tuple):
+            self.image_size = list(self.image_size)
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        super().__post_init__(**kwargs)
+
+    def _check_transformer(self, prefix: str = "") -> None:
         """Raises `ValueError` naming the first invalid shared field (``prefix`` says whose field it is)."""
-        _check_grid(self.image_size, self.patch_size, prefix=prefix)
+        check_grid(self.image_size, self.patch_size, prefix=prefix)
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
             _check_positive_int(getattr(self, name), prefix + name)
         if self.hidden_size % self.num_attention_heads:
@@ -122,7 +257,7 @@ class _IJepaTransformerConfig(PretrainedConfig):
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, columns) of the patch grid at `image_size`."""
-        return _check_grid(self.image_size, self.patch_size)
+        return check_grid(self.image_size, self.patch_size)
 
     @property
     def num_patches(self) -> int:
@@ -130,6 +265,7 @@ class _IJepaTransformerConfig(PretrainedConfig):
         return rows * cols
 
 
+@_strict_config
 class IJepaEncoderConfig(_IJepaTransformerConfig):
     r"""Configuration of an I-JEPA vision transformer encoder (context or target encoder).
 
@@ -144,7 +280,7 @@ class IJepaEncoderConfig(_IJepaTransformerConfig):
         hidden_size: Width D of the transformer.
         num_hidden_layers: Number of blocks.
         num_attention_heads: Heads per block; must divide `hidden_size`.
-        intermediate_size: Hidden width of the MLP (4 * D for all official sizes but ViT-g, 6144).
+        intermediate_size: Hidden width of the MLP (None: 4 * D, as all official sizes but ViT-g, 6144).
         hidden_act: MLP activation (exact GELU in the official code).
         layer_norm_eps: LayerNorm epsilon (1e-6 in the official code).
         qkv_bias: Bias in the fused query/key/value projection.
@@ -154,38 +290,12 @@ class IJepaEncoderConfig(_IJepaTransformerConfig):
 
     model_type = "ijepa_hf_encoder"
 
-    def __init__(
-        self,
-        image_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        num_channels: int = 3,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int | None = None,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-6,
-        qkv_bias: bool = True,
-        initializer_range: float = 0.02,
-        attention_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        drop_path_rate: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        self.num_channels = num_channels
-        super().__init__(
-            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-            intermediate_size=intermediate_size, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
-            qkv_bias=qkv_bias, initializer_range=initializer_range, attention_dropout=attention_dropout,
-            hidden_dropout=hidden_dropout, drop_path_rate=drop_path_rate, **kwargs,
-        )
-        self.validate_encoder()
+    num_channels: int = 3
 
     def validate_encoder(self) -> None:
-        """Raises `ValueError` naming the first invalid field."""
+        """Raises `ValueError` naming the first invalid field (runs automatically)."""
         _check_positive_int(self.num_channels, "num_channels")
-        self._validate_transformer()
+        self._check_transformer()
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "IJepaEncoderConfig":
@@ -195,6 +305,7 @@ class IJepaEncoderConfig(_IJepaTransformerConfig):
         return cls(**{**ENCODER_SIZES[name], **overrides})
 
 
+@_strict_config
 class IJepaPredictorConfig(_IJepaTransformerConfig):
     r"""Configuration of the narrow I-JEPA predictor transformer.
 
@@ -211,56 +322,39 @@ class IJepaPredictorConfig(_IJepaTransformerConfig):
 
     model_type = "ijepa_hf_predictor"
 
-    def __init__(
-        self,
-        encoder_hidden_size: int = 768,
-        image_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        hidden_size: int = 384,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int | None = None,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-6,
-        qkv_bias: bool = True,
-        initializer_range: float = 0.02,
-        attention_dropout: float = 0.0,
-        hidden_dropout: float = 0.0,
-        drop_path_rate: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        self.encoder_hidden_size = encoder_hidden_size
-        super().__init__(
-            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-            intermediate_size=intermediate_size, hidden_act=hidden_act, layer_norm_eps=layer_norm_eps,
-            qkv_bias=qkv_bias, initializer_range=initializer_range, attention_dropout=attention_dropout,
-            hidden_dropout=hidden_dropout, drop_path_rate=drop_path_rate, **kwargs,
-        )
-        self.validate_predictor()
+    encoder_hidden_size: int = 768
+    hidden_size: int = 384
 
     def validate_predictor(self) -> None:
-        """Raises `ValueError` naming the first invalid field."""
+        """Raises `ValueError` naming the first invalid field (runs automatically)."""
         _check_positive_int(self.encoder_hidden_size, "predictor encoder_hidden_size")
-        self._validate_transformer(prefix="predictor ")
+        self._check_transformer(prefix="predictor ")
 
 
-_MASK_MODES = ("fixed", "official")
-_LOSSES = ("smooth_l1", "mse")
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining (composite)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Top-level fields of an encoder/predictor config: given to the pretraining config they mean the wrong kind of repo.
+_SINGLE_MODEL_FIELDS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
+# Predictor fields inherited from the encoder unless given.
+_PREDICTOR_INHERITS = {"encoder_hidden_size": "hidden_size", "image_size": "image_size",
+                       "patch_size": "patch_size", "num_attention_heads": "num_attention_heads"}
 
 
-class IJepaPretrainingConfig(PretrainedConfig):
+@_strict_config
+class IJepaPretrainingConfig(PreTrainedConfig):
     r"""Configuration of the full I-JEPA pretraining model: context encoder, EMA target encoder (same
     architecture), predictor, plus the multi-block mask, loss and EMA settings of the recipe.
 
     Args:
         encoder_config: `IJepaEncoderConfig` or dict; shared by the context and the target encoder.
-        predictor_config: `IJepaPredictorConfig` or dict. Its `encoder_hidden_size`, `image_size` and
-            `patch_size` default to the encoder's, and must equal them.
+        predictor_config: `IJepaPredictorConfig` or dict. Its `encoder_hidden_size`, `image_size`, `patch_size`
+            and `num_attention_heads` default to the encoder's; the first three must equal them.
         num_target_blocks: Target blocks per image (4).
         context_scale: Scale range of the context block (0.85, 1.0), aspect ratio 1.
         target_scale: Scale range of each target block (0.15, 0.2).
-        target_aspect_ratio: Height/width range of the target blocks (0.75, 1.5).
+        target_aspect_ratio: Height/width range of the target blocks (0.75, 1.5); finite.
         min_keep: A mask must keep more than this many patches (10 in the official configs).
         allow_overlap: Whether the context may overlap the targets (False).
         mask_mode: ``"fixed"`` (default: the official sampler with its defects fixed) or ``"official"`` (the
@@ -272,26 +366,26 @@ class IJepaPretrainingConfig(PretrainedConfig):
     """
 
     model_type = "ijepa_hf_pretraining"
-    sub_configs = {"encoder_config": IJepaEncoderConfig, "predictor_config": IJepaPredictorConfig}
+    sub_configs_defaults = {"encoder_config": IJepaEncoderConfig, "predictor_config": IJepaPredictorConfig}
 
-    def __init__(
-        self,
-        encoder_config: IJepaEncoderConfig | dict | None = None,
-        predictor_config: IJepaPredictorConfig | dict | None = None,
-        num_target_blocks: int = 4,
-        context_scale: tuple[float, float] = (0.85, 1.0),
-        target_scale: tuple[float, float] = (0.15, 0.2),
-        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
-        min_keep: int = 10,
-        allow_overlap: bool = False,
-        mask_mode: str = "fixed",
-        loss: str = "smooth_l1",
-        smooth_l1_beta: float = 1.0,
-        normalize_targets: bool = True,
-        ema_momentum: tuple[float, float] = (0.996, 1.0),
-        **kwargs: Any,
-    ) -> None:
-        stray = sorted(k for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers") if k in kwargs)
+    encoder_config: IJepaEncoderConfig | dict | None = None
+    predictor_config: IJepaPredictorConfig | dict | None = None
+    # The multi-block mask settings (validated by `check_mask_settings`, the mask collator's defaults).
+    num_target_blocks: int = 4
+    context_scale: _Range = (0.85, 1.0)
+    target_scale: _Range = (0.15, 0.2)
+    target_aspect_ratio: _Range = (0.75, 1.5)
+    min_keep: int = 10
+    allow_overlap: bool = False
+    mask_mode: str = "fixed"
+    # Loss and EMA.
+    loss: str = "smooth_l1"
+    smooth_l1_beta: float | int = 1.0
+    normalize_targets: bool = True
+    ema_momentum: _Range = (0.996, 1.0)
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        stray = sorted(k for k in _SINGLE_MODEL_FIELDS if k in kwargs)
         if stray:
             given = kwargs.get("model_type") or "an encoder/predictor config"
             raise ValueError(
@@ -301,40 +395,18 @@ class IJepaPretrainingConfig(PretrainedConfig):
                 "(--config_name vit_base_patch16_224 ...) or a pretraining repo (`ijepa-hf convert` without "
                 "--encoder-only); load an encoder repo with IJepaEncoderModel / AutoModel."
             )
-        if encoder_config is None:
-            encoder_config = IJepaEncoderConfig()
-        elif isinstance(encoder_config, dict):
-            encoder_config = IJepaEncoderConfig(**encoder_config)
-        if predictor_config is None:
-            predictor_config = {}
-        if isinstance(predictor_config, dict):
+        if not isinstance(self.encoder_config, IJepaEncoderConfig):
+            self.encoder_config = IJepaEncoderConfig(**(self.encoder_config or {}))
+        if not isinstance(self.predictor_config, IJepaPredictorConfig):
             # The predictor lives on the encoder's grid and width: inherit them unless given explicitly.
-            predictor_config = {
-                "encoder_hidden_size": encoder_config.hidden_size,
-                "image_size": encoder_config.image_size,
-                "patch_size": encoder_config.patch_size,
-                "num_attention_heads": encoder_config.num_attention_heads,
-                **predictor_config,
-            }
-            predictor_config = IJepaPredictorConfig(**predictor_config)
-        self.encoder_config = encoder_config
-        self.predictor_config = predictor_config
-        self.num_target_blocks = num_target_blocks
-        self.context_scale = list(context_scale)
-        self.target_scale = list(target_scale)
-        self.target_aspect_ratio = list(target_aspect_ratio)
-        self.min_keep = min_keep
-        self.allow_overlap = allow_overlap
-        self.mask_mode = mask_mode
-        self.loss = loss
-        self.smooth_l1_beta = smooth_l1_beta
-        self.normalize_targets = normalize_targets
-        self.ema_momentum = list(ema_momentum)
-        super().__init__(**kwargs)
-        self.validate_pretraining()
+            inherited = {pred: getattr(self.encoder_config, enc) for pred, enc in _PREDICTOR_INHERITS.items()}
+            self.predictor_config = IJepaPredictorConfig(**{**inherited, **(self.predictor_config or {})})
+        for name in ("context_scale", "target_scale", "target_aspect_ratio", "ema_momentum"):
+            setattr(self, name, list(getattr(self, name)))
+        super().__post_init__(**kwargs)
 
     def validate_pretraining(self) -> None:
-        """Raises `ValueError` naming the first invalid field."""
+        """Raises `ValueError` naming the first invalid field of the composite (runs automatically)."""
         enc, pred = self.encoder_config, self.predictor_config
         if pred.encoder_hidden_size != enc.hidden_size:
             raise ValueError(
@@ -347,19 +419,25 @@ class IJepaPretrainingConfig(PretrainedConfig):
                 f"{pred.patch_size}) must equal the encoder's {enc.grid_size}: set the same image_size and "
                 "patch_size in `predictor_config` as in `encoder_config`."
             )
-        _check_positive_int(self.num_target_blocks, "num_target_blocks")
-        _check_range(self.context_scale, "context_scale", 0.0, 1.0)
-        _check_range(self.target_scale, "target_scale", 0.0, 1.0)
-        _check_range(self.target_aspect_ratio, "target_aspect_ratio", 0.0, math.inf)
-        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 0:
-            raise ValueError(f"`min_keep` must be a non-negative integer, got {self.min_keep!r}.")
-        if self.mask_mode not in _MASK_MODES:
-            raise ValueError(f"`mask_mode` must be one of {_MASK_MODES}, got {self.mask_mode!r}.")
         if self.loss not in _LOSSES:
             raise ValueError(f"`loss` must be one of {_LOSSES}, got {self.loss!r}.")
         if not float(self.smooth_l1_beta) > 0:
             raise ValueError(f"`smooth_l1_beta` must be positive, got {self.smooth_l1_beta!r}.")
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0, low_open=False)
+
+    def validate_masking(self) -> None:
+        """Raises `ValueError` naming the first invalid mask field (runs automatically)."""
+        check_mask_settings(**self.mask_settings())
+
+    def mask_settings(self) -> dict[str, Any]:
+        """The mask fields (`MASK_FIELDS`) of this config, as ``{name: value}``."""
+        return {name: getattr(self, name) for name in MASK_FIELDS}
+
+    @classmethod
+    def default_mask_settings(cls) -> dict[str, Any]:
+        """The defaults of the mask fields (what `IJepaMaskCollator` uses for settings it is not given)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return {name: defaults[name] for name in MASK_FIELDS}
 
     # Aliases so that mask samplers can read the geometry from the pretraining config directly.
     @property
@@ -367,19 +445,8 @@ class IJepaPretrainingConfig(PretrainedConfig):
         return self.encoder_config.image_size
 
     @property
-    def patch_size(self) -> int:
+    def patch_size(self) -> int | list[int]:
         return self.encoder_config.patch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        for key in ("encoder_config", "predictor_config"):
-            value = getattr(self, key)
-            output[key] = value.to_dict() if isinstance(value, PretrainedConfig) else value
-        return output
-
-    # Predictor fields that follow the encoder's in `update_from_string` unless overridden too.
-    _PREDICTOR_FOLLOWS_ENCODER = {"image_size": "image_size", "patch_size": "patch_size",
-                                  "encoder_hidden_size": "hidden_size"}
 
     def update_from_string(self, update_str: str) -> None:
         """Update fields in place from ``"key=value,..."`` (transformers' ``--config_overrides`` language).
@@ -415,7 +482,9 @@ class IJepaPretrainingConfig(PretrainedConfig):
                 )
             target[name] = _coerce_override(value, target[name], key)
         encoder, predictor = subs["encoder"], subs["predictor"]
-        for pred_key, enc_key in self._PREDICTOR_FOLLOWS_ENCODER.items():
+        for pred_key, enc_key in _PREDICTOR_INHERITS.items():
+            if pred_key == "num_attention_heads":
+                continue  # an explicit head count of the predictor is kept
             if f"encoder.{enc_key}" in items and f"predictor.{pred_key}" not in items:
                 predictor[pred_key] = encoder[enc_key]
         for prefix, sub in subs.items():
@@ -438,6 +507,11 @@ class IJepaPretrainingConfig(PretrainedConfig):
         encoder = {**preset.pop("encoder"), **overrides.pop("encoder", {})}
         predictor = {**preset.pop("predictor"), **overrides.pop("predictor", {})}
         return cls(encoder_config=encoder, predictor_config=predictor, **{**preset, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `--config_overrides` language
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -510,6 +584,10 @@ def _coerce_override(value: Any, current: Any, key: str) -> Any:
         return value
     raise ValueError(f"config override {key}={value!r} does not match the type of the current value {current!r}")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------
 
 # Official encoder sizes (facebookresearch/ijepa src/models/vision_transformer.py); LayerNorm eps 1e-6, qkv bias.
 ENCODER_SIZES: dict[str, dict[str, int]] = {

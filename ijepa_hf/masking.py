@@ -1,9 +1,22 @@
 """Multi-block masking for I-JEPA pretraining (Assran et al., 2023).
 
-This module provides :class:`IJepaMaskCollator`, a seedable, vectorised multi-block mask sampler
-that doubles as a data collator for ``torch.utils.data.DataLoader`` and ``transformers.Trainer``.
-It is an independent reimplementation of the sampling scheme described in the paper and in the
-reference notes (``official-ijepa.md`` section 1); no code was copied from the official repository.
+Two layers, as V-JEPA 2 splits its ``src/masks/multiseq_multiblock3d.py`` into a mask generator and a collator:
+
+* :class:`MultiBlockMaskGenerator`: a pure, stateless (frozen) sampler. Given the geometry and the mask settings it
+  maps ``(batch_size, seed, batch_index)`` to the context and target indices of that batch, and nothing else: no
+  step counter, no ranks, no logging.
+* :class:`IJepaMaskCollator`: a thin data collator for ``torch.utils.data.DataLoader`` and ``transformers.Trainer``
+  around a generator: it stacks the images, counts batches (``step``, ``set_step``, DataLoader workers), keeps a
+  JSON-friendly ``state_dict`` and hands each data-parallel rank its rows of the global batch.
+
+The mask settings (``num_target_blocks``, ``context_scale``, ``target_scale``, ``target_aspect_ratio``,
+``min_keep``, ``allow_overlap``, ``mask_mode``) are defined and validated in one place,
+:class:`~ijepa_hf.IJepaPretrainingConfig` (:func:`~ijepa_hf.configuration_ijepa_hf.check_mask_settings`); the
+generator applies the same rules to the values it is given and adds the one check that needs the sampler: that
+the smallest block it can draw keeps more than ``min_keep`` patches on this grid.
+
+It is an independent reimplementation of the sampling scheme described in the paper and in the reference notes
+(``official-ijepa.md`` section 1); no code was copied from the official repository.
 
 Conventions (shared with the model, loss and visualisation code):
 
@@ -33,28 +46,30 @@ Two modes:
 * ``mode="fixed"`` (default) draws scale and aspect ratio independently, lets blocks reach the full
   grid and every row/column, and equalises by keeping a uniformly random subset of each context.
 
-Determinism: the masks of batch number ``i`` are a pure function of ``(seed, i, mode, params)``;
-the collator counts batches in :attr:`IJepaMaskCollator.step` and maps DataLoader worker calls to
-global batch indices, so results do not depend on ``num_workers`` or worker timing.
+Determinism: the masks of batch number ``i`` are a pure function of ``(seed, i, mode, params)``
+(:meth:`MultiBlockMaskGenerator.sample`); the collator counts batches in :attr:`IJepaMaskCollator.step` and
+maps DataLoader worker calls to global batch indices, so results do not depend on ``num_workers`` or worker
+timing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from .configuration_ijepa_hf import MASK_MODES, IJepaPretrainingConfig, check_grid, check_mask_settings
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["IJepaMaskCollator", "masks_to_boolean", "MASK_MODES"]
-
-MASK_MODES = ("fixed", "official")
+__all__ = ["IJepaMaskCollator", "MultiBlockMaskGenerator", "MaskBatch", "masks_to_boolean", "MASK_MODES"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -90,193 +105,110 @@ def masks_to_boolean(indices: torch.Tensor, num_patches: int) -> torch.Tensor:
     return out.scatter_(-1, indices, True)
 
 
-def _as_pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, name: str, low: int) -> int:
+    if not _is_int(value) or value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _pair(value: Any) -> Any:
+    """An int or a 2-sequence of ints as the config's rules expect them (numpy ints included)."""
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-            return int(value[0]), int(value[1])
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def _as_range(value: Any, name: str, *, unit_interval: bool) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (min, max) of numbers, got {value!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if lo > hi:
-        raise ValueError(f"{name} must satisfy min <= max, got {value!r}")
-    if unit_interval and not (0.0 < lo and hi <= 1.0):
-        raise ValueError(f"{name} must lie in (0, 1], got {value!r}")
-    if not unit_interval and lo <= 0.0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
-    return lo, hi
+        return tuple(int(v) if isinstance(v, np.integer) else v for v in value)
+    return int(value) if isinstance(value, np.integer) else value
 
 
 def _block_hw(max_keep: np.ndarray, ar: np.ndarray, h_max: int, w_max: int) -> tuple[np.ndarray, np.ndarray]:
     """Block height/width for a patch budget and aspect ratio ``ar = h / w`` (vectorised).
 
     ``np.round`` rounds half to even exactly like Python's ``round`` used by the official code, so
-    the scalar path (:meth:`IJepaMaskCollator._block_size`) and the feasibility scan agree.
+    the scalar path (:meth:`MultiBlockMaskGenerator._block_size`) and the feasibility scan agree.
     """
     h = np.round(np.sqrt(max_keep * ar)).astype(np.int64)
     w = np.round(np.sqrt(max_keep / ar)).astype(np.int64)
     return np.minimum(h, h_max), np.minimum(w, w_max)
 
 
-class IJepaMaskCollator:
-    """Multi-block mask sampler and data collator for I-JEPA.
+class MaskBatch(NamedTuple):
+    """Masks of one global batch of ``n`` images."""
+
+    context_mask: torch.Tensor  # LongTensor[n, Kc], sorted ascending
+    target_masks: torch.Tensor  # LongTensor[n, M, Kt], each block in raster order
+    num_fallbacks: int  # contexts of this batch that needed the overlap fallback (diagnostic)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiBlockMaskGenerator:
+    """The multi-block mask sampler of I-JEPA as a pure function of ``(batch_size, seed, batch_index)``.
+
+    Frozen and stateless: :meth:`sample` draws from a fresh generator seeded by ``(seed, batch_index)``, so the
+    same call always returns the same masks, in any order, process or DataLoader worker.
 
     Args:
         image_size: input resolution, an int (square) or ``(height, width)``.
         patch_size: patch side in pixels (int or ``(ph, pw)``); must divide ``image_size``.
-        num_target_blocks: ``M``, target rectangles per image (official ``npred``).
-        context_scale: ``(min, max)`` fraction of the grid covered by the context rectangle
-            (aspect ratio 1), before the targets are removed (official ``enc_mask_scale``).
-        target_scale: ``(min, max)`` fraction of the grid covered by each target block
-            (official ``pred_mask_scale``).
-        target_aspect_ratio: ``(min, max)`` of ``h / w`` for target blocks.
-        min_keep: a mask is valid only if it keeps MORE than ``min_keep`` patches (official rule).
-        allow_overlap: if True the context is the full rectangle (may overlap targets).
-        mode: ``"fixed"`` (default, defects fixed) or ``"official"`` (official distribution).
-        seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mode, params)``.
-        num_processes, process_index: for data-parallel runs. Each call with a local batch of ``B``
-            samples the masks of the global batch of ``num_processes * B`` images and returns the
-            rows of this process, so a P-process run sees the masks of a 1-process run. Every
-            process must use the same ``seed``.
-        max_tries: failed context draws per constraint level before the overlap constraint with
-            the most recent target is dropped (the official value is 20).
+        num_target_blocks, context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap: the mask
+            settings of `IJepaPretrainingConfig` (same rules: `check_mask_settings`).
+        mode: the config's ``mask_mode``, ``"fixed"`` or ``"official"``.
+        max_tries: failed context draws per constraint level before the overlap constraint with the most recent
+            target is dropped (the official value is 20).
 
-    Example::
-
-        collator = IJepaMaskCollator(224, 16)
-        loader = DataLoader(dataset, batch_size=64, collate_fn=collator, num_workers=4)
-        batch = next(iter(loader))
-        # batch["pixel_values"] [64,3,224,224], batch["context_mask"] [64,Kc],
-        # batch["target_masks"] [64,4,Kt]
-
-    With ``num_workers > 0`` the DataLoader works on copies of the collator, so the main-process
-    :attr:`step` does not advance: call :meth:`set_step` with the number of batches already drawn
-    at each epoch start and on resume (e.g. ``collator.set_step(epoch * len(loader))``), or keep
-    ``persistent_workers=True`` (worker copies then keep counting; ``set_step`` no longer reaches
-    them).
+    Raises:
+        ValueError: an invalid setting (named), or a grid on which the smallest block the sampler can draw keeps
+            no more than ``min_keep`` patches (where the official sampler would loop forever).
     """
 
-    def __init__(
-        self,
-        image_size: int | tuple[int, int] = 224,
-        patch_size: int | tuple[int, int] = 16,
-        *,
-        num_target_blocks: int = 4,
-        context_scale: tuple[float, float] = (0.85, 1.0),
-        target_scale: tuple[float, float] = (0.15, 0.2),
-        target_aspect_ratio: tuple[float, float] = (0.75, 1.5),
-        min_keep: int = 10,
-        allow_overlap: bool = False,
-        mode: str = "fixed",
-        seed: int = 0,
-        num_processes: int = 1,
-        process_index: int = 0,
-        max_tries: int = 20,
-    ) -> None:
-        self.image_size = _as_pair(image_size, "image_size")
-        self.patch_size = _as_pair(patch_size, "patch_size")
-        for name, v in (("image_size", self.image_size), ("patch_size", self.patch_size)):
-            if min(v) <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
-        if self.image_size[0] % self.patch_size[0] or self.image_size[1] % self.patch_size[1]:
-            raise ValueError(
-                f"image_size {self.image_size} must be divisible by patch_size {self.patch_size}"
-            )
-        self.height = self.image_size[0] // self.patch_size[0]
-        self.width = self.image_size[1] // self.patch_size[1]
-        self.num_patches = self.height * self.width
+    image_size: tuple[int, int]
+    patch_size: tuple[int, int]
+    num_target_blocks: int
+    context_scale: tuple[float, float]
+    target_scale: tuple[float, float]
+    target_aspect_ratio: tuple[float, float]
+    min_keep: int
+    allow_overlap: bool
+    mode: str
+    max_tries: int = 20
 
-        def _int(v: Any, name: str, low: int) -> int:
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-            return int(v)
-
-        self.num_target_blocks = _int(num_target_blocks, "num_target_blocks", 1)
-        self.min_keep = _int(min_keep, "min_keep", 0)
-        self.num_processes = _int(num_processes, "num_processes", 1)
-        self.process_index = _int(process_index, "process_index", 0)
-        if self.process_index >= self.num_processes:
-            raise ValueError(
-                f"process_index must be < num_processes ({self.num_processes}), got {process_index}"
-            )
-        self.max_tries = _int(max_tries, "max_tries", 1)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = int(seed)
-        self.context_scale = _as_range(context_scale, "context_scale", unit_interval=True)
-        self.target_scale = _as_range(target_scale, "target_scale", unit_interval=True)
-        self.target_aspect_ratio = _as_range(target_aspect_ratio, "target_aspect_ratio", unit_interval=False)
-        if not isinstance(allow_overlap, (bool, np.bool_)):
-            raise ValueError(f"allow_overlap must be a bool, got {allow_overlap!r}")
-        self.allow_overlap = bool(allow_overlap)
-        if mode not in MASK_MODES:
-            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-        self.mode = mode
-
-        self._step = 0  # batches drawn so far (main-process view)
-        self._worker_calls = 0  # calls made by this copy inside a DataLoader worker
-        self.num_fallbacks = 0  # contexts that needed the overlap fallback (diagnostic)
+    def __post_init__(self) -> None:
+        check_grid(_pair(self.image_size), _pair(self.patch_size))
+        allow_overlap = bool(self.allow_overlap) if isinstance(self.allow_overlap, np.bool_) else self.allow_overlap
+        settings = check_mask_settings(
+            num_target_blocks=self.num_target_blocks, context_scale=self.context_scale,
+            target_scale=self.target_scale, target_aspect_ratio=self.target_aspect_ratio, min_keep=self.min_keep,
+            allow_overlap=allow_overlap, mask_mode=self.mode, mode_name="mode")
+        settings["mode"] = settings.pop("mask_mode")
+        settings["image_size"] = _as_int_pair(self.image_size)
+        settings["patch_size"] = _as_int_pair(self.patch_size)
+        settings["max_tries"] = _check_int(self.max_tries, "max_tries", 1)
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
         self._check_feasible()
 
-    # ------------------------------------------------------------------------------------------
-    # configuration helpers
     @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> IJepaMaskCollator:
-        """Build a collator from the mask fields of a pretraining config.
+    def from_config(cls, config: Any, **overrides: Any) -> MultiBlockMaskGenerator:
+        """The generator of a pretraining config's geometry and mask settings (``overrides`` win; ``mode`` is
+        the config's ``mask_mode``)."""
+        settings = {**config.mask_settings(), "image_size": config.image_size, "patch_size": config.patch_size}
+        settings["mode"] = settings.pop("mask_mode")
+        return cls(**{**settings, **overrides})
 
-        Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
-        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode``;
-        missing fields keep the defaults. ``overrides`` (any ``__init__`` argument) win.
-        """
-        fields = {
-            "image_size": "image_size",
-            "patch_size": "patch_size",
-            "num_target_blocks": "num_target_blocks",
-            "context_scale": "context_scale",
-            "target_scale": "target_scale",
-            "target_aspect_ratio": "target_aspect_ratio",
-            "min_keep": "min_keep",
-            "allow_overlap": "allow_overlap",
-            "mask_mode": "mode",
-            "mask_seed": "seed",
-        }
-        kwargs: dict[str, Any] = {}
-        for field, arg in fields.items():
-            if isinstance(config, Mapping):
-                value = config.get(field, None)
-            else:
-                value = getattr(config, field, None)
-            if value is not None:
-                kwargs[arg] = tuple(value) if isinstance(value, list) else value
-        kwargs.update(overrides)
-        return cls(**kwargs)
+    # ------------------------------------------------------------------------------------------
+    # geometry
+    @property
+    def height(self) -> int:
+        return self.image_size[0] // self.patch_size[0]
 
-    def _params(self) -> dict[str, Any]:
-        return {
-            "image_size": list(self.image_size),
-            "patch_size": list(self.patch_size),
-            "num_target_blocks": self.num_target_blocks,
-            "context_scale": list(self.context_scale),
-            "target_scale": list(self.target_scale),
-            "target_aspect_ratio": list(self.target_aspect_ratio),
-            "min_keep": self.min_keep,
-            "allow_overlap": self.allow_overlap,
-            "max_tries": self.max_tries,
-        }
+    @property
+    def width(self) -> int:
+        return self.image_size[1] // self.patch_size[1]
 
-    def __repr__(self) -> str:
-        p = self._params()
-        p.update(mode=self.mode, seed=self.seed, step=self._step, num_processes=self.num_processes,
-                 process_index=self.process_index)
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in p.items())})"
+    @property
+    def num_patches(self) -> int:
+        return self.height * self.width
 
     # ------------------------------------------------------------------------------------------
     # block sizes
@@ -350,92 +282,21 @@ class IJepaMaskCollator:
             )
 
     # ------------------------------------------------------------------------------------------
-    # step counter and state
-    @property
-    def step(self) -> int:
-        """Number of batches drawn so far (the next batch index in the main process)."""
-        return self._step
-
-    def set_step(self, step: int) -> None:
-        """Set the number of batches already drawn (call at epoch start / on resume)."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        self._step = int(step)
-        self._worker_calls = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"seed", "step", "mode", **params}``; plain Python types (JSON/pickle friendly)."""
-        return {"seed": self.seed, "step": self._step, "mode": self.mode, **self._params()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``seed``, ``step`` and ``mode``; warn if the geometry parameters differ."""
-        for key in ("seed", "step"):
-            if key not in state:
-                raise ValueError(f"state dict has no {key!r} entry")
-        mode = state.get("mode", self.mode)
-        if mode not in MASK_MODES:
-            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-        mine = self._params()
-        diff = [k for k, v in mine.items() if k in state and _normalise(state[k]) != _normalise(v)]
-        if diff:
-            warnings.warn(f"Mask collator parameters differ from the saved state: {diff}; the mask "
-                          f"sequence will not continue the saved run exactly.", stacklevel=2)
-        old_mode = self.mode
-        self.mode = mode
-        if mode != old_mode:
-            try:
-                self._check_feasible()
-            except ValueError:
-                self.mode = old_mode
-                raise
-        self.seed = int(state["seed"])
-        self.set_step(int(state["step"]))
-
-    def _next_batch_index(self) -> int:
-        info = get_worker_info()
-        if info is None:
-            index = self._step
-            self._step += 1
-            return index
-        # Inside a DataLoader worker (a copy of the collator made when the workers started):
-        # the DataLoader hands batches to workers round-robin, so the k-th batch of worker w is
-        # global batch step + k * num_workers + w, independent of worker timing.
-        index = self._step + self._worker_calls * info.num_workers + info.id
-        self._worker_calls += 1
-        return index
-
-    # ------------------------------------------------------------------------------------------
     # sampling
-    def sample_masks(self, batch_size: int, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the masks of one (local) batch.
-
-        Args:
-            batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
-            batch_index: global batch number; ``None`` takes the next one from the step counter
-                (and advances it).
-
-        Returns:
-            ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the global
-            batch) and ``target_masks`` ``LongTensor[B, M, Kt]`` (each block in raster order).
-        """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if batch_index is None:
-            batch_index = self._next_batch_index()
-        elif batch_index < 0:
-            raise ValueError(f"batch_index must be >= 0, got {batch_index}")
-        ctx, tgt = self._sample_global(batch_size * self.num_processes, int(batch_index))
-        lo = self.process_index * batch_size
-        if self.num_processes > 1:
-            ctx, tgt = ctx[lo:lo + batch_size].contiguous(), tgt[lo:lo + batch_size].contiguous()
-        return ctx, tgt
-
-    def _sample_global(self, n: int, batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks of a global batch of ``n`` images: ``([n, Kc], [n, M, Kt])``."""
+    def sample(self, batch_size: int, *, seed: int, batch_index: int) -> MaskBatch:
+        """The masks of global batch ``batch_index`` of a run with ``seed``: ``([n, Kc], [n, M, Kt], fallbacks)``
+        for ``n = batch_size`` images. A pure function of its arguments and the generator's fields."""
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
+        if not _is_int(seed):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        if not _is_int(batch_index) or batch_index < 0:
+            raise ValueError(f"`batch_index` must be an int >= 0, got {batch_index!r}")
+        n = int(batch_size)
         H, W, M = self.height, self.width, self.num_target_blocks
         official = self.mode == "official"
         g = torch.Generator()
-        g.manual_seed(_batch_seed(self.seed, batch_index))
+        g.manual_seed(_batch_seed(int(seed), int(batch_index)))
 
         # 1) one target size and one context size for the whole batch (target first, as official)
         th, tw = self._block_size(g, self.target_scale, self.target_aspect_ratio)
@@ -466,8 +327,7 @@ class IJepaMaskCollator:
         ctx = ctx.view(n, H * W)
         counts = ctx.sum(1)
         bad = (counts <= self.min_keep).nonzero().squeeze(1)
-        if bad.numel():
-            self._redraw_contexts(ctx, counts, bad, t_rows, t_cols, ch, cw, extra, g)
+        fallbacks = self._redraw_contexts(ctx, counts, bad, t_rows, t_cols, ch, cw, extra, g) if bad.numel() else 0
 
         # 4) equalise context lengths to the shortest in the (global) batch
         k = int(counts.min())
@@ -486,12 +346,13 @@ class IJepaMaskCollator:
         # 5) target indices, raster order inside each block: (top + i) * W + (left + j)
         t_idx = ((top[..., None] + torch.arange(th)) * W)[..., :, None] + (
             left[..., None] + torch.arange(tw))[..., None, :]  # [n, M, th, tw]
-        return context, t_idx.view(n, M, th * tw)
+        return MaskBatch(context, t_idx.view(n, M, th * tw), fallbacks)
 
     def _redraw_contexts(self, ctx: torch.Tensor, counts: torch.Tensor, bad: torch.Tensor,
                          t_rows: torch.Tensor, t_cols: torch.Tensor, ch: int, cw: int, extra: int,
-                         g: torch.Generator) -> None:
-        """Redraw invalid contexts in place (all failing rows at once), official fallback included.
+                         g: torch.Generator) -> int:
+        """Redraw invalid contexts in place (all failing rows at once), official fallback included; returns the
+        number of contexts that needed the fallback.
 
         Each failing row is redrawn; after ``max_tries`` consecutive failures at one level the
         overlap constraint with its most recent remaining target is dropped. Bounded by
@@ -524,13 +385,231 @@ class IJepaMaskCollator:
         else:
             if bad.numel():
                 raise ValueError("could not draw a valid context mask; lower min_keep or use a larger grid")
-        n_fb = int((dropped > 0).sum())
-        if n_fb:
-            self.num_fallbacks += n_fb
-            log = logger.warning if self.num_fallbacks == n_fb else logger.debug
-            log("Mask sampler: %d context(s) in this batch needed the overlap fallback (%d so far); "
-                "consider fewer/smaller target blocks, a lower min_keep or a larger grid.",
-                n_fb, self.num_fallbacks)
+        return int((dropped > 0).sum())
+
+
+def _as_int_pair(value: Any) -> tuple[int, int]:
+    """``image_size`` / ``patch_size`` (already validated by `check_grid`) as a ``(height, width)`` tuple."""
+    value = _pair(value)
+    return (int(value), int(value)) if _is_int(value) else (int(value[0]), int(value[1]))
+
+
+class IJepaMaskCollator:
+    """Data collator for I-JEPA pretraining: stacks the images and attaches the multi-block masks of a
+    :class:`MultiBlockMaskGenerator`, counting batches so that batch ``i`` always gets the masks of index ``i``.
+
+    Args:
+        image_size: input resolution, an int (square) or ``(height, width)``.
+        patch_size: patch side in pixels (int or ``(ph, pw)``); must divide ``image_size``.
+        num_target_blocks, context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap: the mask
+            settings; ``None`` (default) takes `IJepaPretrainingConfig`'s default, which is also where their
+            meaning and rules are documented.
+        mode: the config's ``mask_mode``: ``"fixed"`` (default) or ``"official"`` (official distribution).
+        seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mode, params)``.
+        num_processes, process_index: for data-parallel runs. Each call with a local batch of ``B``
+            samples the masks of the global batch of ``num_processes * B`` images and returns the
+            rows of this process, so a P-process run sees the masks of a 1-process run. Every
+            process must use the same ``seed``.
+        max_tries: failed context draws per constraint level before the overlap constraint with
+            the most recent target is dropped (the official value is 20).
+
+    Example::
+
+        collator = IJepaMaskCollator(224, 16)
+        loader = DataLoader(dataset, batch_size=64, collate_fn=collator, num_workers=4)
+        batch = next(iter(loader))
+        # batch["pixel_values"] [64,3,224,224], batch["context_mask"] [64,Kc],
+        # batch["target_masks"] [64,4,Kt]
+
+    With ``num_workers > 0`` the DataLoader works on copies of the collator, so the main-process
+    :attr:`step` does not advance: call :meth:`set_step` with the number of batches already drawn
+    at each epoch start and on resume (e.g. ``collator.set_step(epoch * len(loader))``), or keep
+    ``persistent_workers=True`` (worker copies then keep counting; ``set_step`` no longer reaches
+    them).
+    """
+
+    def __init__(
+        self,
+        image_size: int | tuple[int, int] = 224,
+        patch_size: int | tuple[int, int] = 16,
+        *,
+        num_target_blocks: int | None = None,
+        context_scale: tuple[float, float] | None = None,
+        target_scale: tuple[float, float] | None = None,
+        target_aspect_ratio: tuple[float, float] | None = None,
+        min_keep: int | None = None,
+        allow_overlap: bool | None = None,
+        mode: str | None = None,
+        seed: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+        max_tries: int = 20,
+    ) -> None:
+        given = dict(num_target_blocks=num_target_blocks, context_scale=context_scale, target_scale=target_scale,
+                     target_aspect_ratio=target_aspect_ratio, min_keep=min_keep, allow_overlap=allow_overlap,
+                     mask_mode=mode)
+        settings = {**IJepaPretrainingConfig.default_mask_settings(),
+                    **{name: value for name, value in given.items() if value is not None}}
+        settings["mode"] = settings.pop("mask_mode")
+        self.num_processes = _check_int(num_processes, "num_processes", 1)
+        self.process_index = _check_int(process_index, "process_index", 0)
+        if self.process_index >= self.num_processes:
+            raise ValueError(
+                f"`process_index` must be < num_processes ({self.num_processes}), got {process_index}"
+            )
+        if not _is_int(seed):
+            raise ValueError(f"`seed` must be an int, got {seed!r}")
+        self.seed = int(seed)
+        self.generator = MultiBlockMaskGenerator(image_size=image_size, patch_size=patch_size, max_tries=max_tries,
+                                                 **settings)
+        self._step = 0  # batches drawn so far (main-process view)
+        self._worker_calls = 0  # calls made by this copy inside a DataLoader worker
+        self.num_fallbacks = 0  # contexts that needed the overlap fallback (diagnostic)
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> IJepaMaskCollator:
+        """Build a collator from the mask fields of a pretraining config.
+
+        Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
+        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode`` (as ``mode``) and
+        ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any ``__init__`` argument)
+        win.
+        """
+        fields = {"image_size": "image_size", "patch_size": "patch_size", "num_target_blocks": "num_target_blocks",
+                  "context_scale": "context_scale", "target_scale": "target_scale",
+                  "target_aspect_ratio": "target_aspect_ratio", "min_keep": "min_keep",
+                  "allow_overlap": "allow_overlap", "mask_mode": "mode", "mask_seed": "seed"}
+        kwargs: dict[str, Any] = {}
+        for field, arg in fields.items():
+            value = config.get(field, None) if isinstance(config, Mapping) else getattr(config, field, None)
+            if value is not None:
+                kwargs[arg] = tuple(value) if isinstance(value, list) else value
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # the generator's geometry and settings, read-only
+    image_size = property(lambda self: self.generator.image_size)
+    patch_size = property(lambda self: self.generator.patch_size)
+    height = property(lambda self: self.generator.height)
+    width = property(lambda self: self.generator.width)
+    num_patches = property(lambda self: self.generator.num_patches)
+    num_target_blocks = property(lambda self: self.generator.num_target_blocks)
+    context_scale = property(lambda self: self.generator.context_scale)
+    target_scale = property(lambda self: self.generator.target_scale)
+    target_aspect_ratio = property(lambda self: self.generator.target_aspect_ratio)
+    min_keep = property(lambda self: self.generator.min_keep)
+    allow_overlap = property(lambda self: self.generator.allow_overlap)
+    mode = property(lambda self: self.generator.mode)
+    max_tries = property(lambda self: self.generator.max_tries)
+
+    def possible_block_sizes(self, which: str = "target") -> list[tuple[int, int]]:
+        """All block sizes ``(h, w)`` the sampler can draw (``which`` = "target" or "context")."""
+        return self.generator.possible_block_sizes(which)
+
+    def _params(self) -> dict[str, Any]:
+        g = self.generator
+        return {
+            "image_size": list(g.image_size),
+            "patch_size": list(g.patch_size),
+            "num_target_blocks": g.num_target_blocks,
+            "context_scale": list(g.context_scale),
+            "target_scale": list(g.target_scale),
+            "target_aspect_ratio": list(g.target_aspect_ratio),
+            "min_keep": g.min_keep,
+            "allow_overlap": g.allow_overlap,
+            "max_tries": g.max_tries,
+        }
+
+    def __repr__(self) -> str:
+        p = self._params()
+        p.update(mode=self.mode, seed=self.seed, step=self._step, num_processes=self.num_processes,
+                 process_index=self.process_index)
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in p.items())})"
+
+    # ------------------------------------------------------------------------------------------
+    # step counter and state
+    @property
+    def step(self) -> int:
+        """Number of batches drawn so far (the next batch index in the main process)."""
+        return self._step
+
+    def set_step(self, step: int) -> None:
+        """Set the number of batches already drawn (call at epoch start / on resume)."""
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self._step = int(step)
+        self._worker_calls = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed", "step", "mode", **params}``; plain Python types (JSON/pickle friendly)."""
+        return {"seed": self.seed, "step": self._step, "mode": self.mode, **self._params()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``seed``, ``step`` and ``mode``; warn if the geometry parameters differ."""
+        for key in ("seed", "step"):
+            if key not in state:
+                raise ValueError(f"state dict has no {key!r} entry")
+        mode = state.get("mode", self.mode)
+        if mode not in MASK_MODES:
+            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
+        mine = self._params()
+        diff = [k for k, v in mine.items() if k in state and _normalise(state[k]) != _normalise(v)]
+        if diff:
+            warnings.warn(f"Mask collator parameters differ from the saved state: {diff}; the mask "
+                          f"sequence will not continue the saved run exactly.", stacklevel=2)
+        if mode != self.mode:
+            self.generator = dataclasses.replace(self.generator, mode=mode)  # re-checks feasibility
+        self.seed = int(state["seed"])
+        self.set_step(int(state["step"]))
+
+    def _next_batch_index(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            index = self._step
+            self._step += 1
+            return index
+        # Inside a DataLoader worker (a copy of the collator made when the workers started):
+        # the DataLoader hands batches to workers round-robin, so the k-th batch of worker w is
+        # global batch step + k * num_workers + w, independent of worker timing.
+        index = self._step + self._worker_calls * info.num_workers + info.id
+        self._worker_calls += 1
+        return index
+
+    # ------------------------------------------------------------------------------------------
+    # sampling
+    def sample_masks(self, batch_size: int, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample the masks of one (local) batch.
+
+        Args:
+            batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
+            batch_index: global batch number; ``None`` takes the next one from the step counter
+                (and advances it).
+
+        Returns:
+            ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the global
+            batch) and ``target_masks`` ``LongTensor[B, M, Kt]`` (each block in raster order).
+        """
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if batch_index is None:
+            batch_index = self._next_batch_index()
+        elif batch_index < 0:
+            raise ValueError(f"batch_index must be >= 0, got {batch_index}")
+        ctx, tgt, fallbacks = self.generator.sample(batch_size * self.num_processes, seed=self.seed,
+                                                    batch_index=int(batch_index))
+        if fallbacks:
+            self._log_fallbacks(fallbacks)
+        lo = self.process_index * batch_size
+        if self.num_processes > 1:
+            ctx, tgt = ctx[lo:lo + batch_size].contiguous(), tgt[lo:lo + batch_size].contiguous()
+        return ctx, tgt
+
+    def _log_fallbacks(self, count: int) -> None:
+        self.num_fallbacks += count
+        log = logger.warning if self.num_fallbacks == count else logger.debug
+        log("Mask sampler: %d context(s) in this batch needed the overlap fallback (%d so far); "
+            "consider fewer/smaller target blocks, a lower min_keep or a larger grid.", count, self.num_fallbacks)
 
     # ------------------------------------------------------------------------------------------
     # collation

@@ -341,3 +341,85 @@ def test_invalid_runtime_args():
         c.sample_masks(0)
     with pytest.raises(ValueError, match="step"):
         c.set_step(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# the pure generator under the collator
+GOLDEN_MASKS = json.loads((Path(__file__).parent / "fixtures" / "golden-masks.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", GOLDEN_MASKS, ids=lambda c: f"{c['mode']}-{c['kwargs']}-{c['seed']}-{c['batch_index']}")
+def test_same_masks_as_before_the_refactor(case):
+    import hashlib
+
+    c = IJepaMaskCollator(mode=case["mode"], seed=case["seed"], **case["kwargs"])
+    ctx, tgt = c.sample_masks(case["batch_size"], case["batch_index"])
+    assert list(ctx.shape) == case["context_shape"] and list(tgt.shape) == case["target_shape"]
+    assert ctx[0].tolist() == case["context_row0"]
+    assert hashlib.sha256(ctx.numpy().tobytes() + tgt.numpy().tobytes()).hexdigest() == case["sha256"]
+    assert c.num_fallbacks == case["fallbacks"]
+
+
+def test_generator_is_pure_and_stateless():
+    import dataclasses
+    import pickle
+
+    from ijepa_hf.masking import MultiBlockMaskGenerator
+
+    gen = MultiBlockMaskGenerator(image_size=32, patch_size=4, num_target_blocks=4, context_scale=(0.6, 0.8),
+                                  target_scale=(0.2, 0.3), target_aspect_ratio=(0.75, 1.5), min_keep=8,
+                                  allow_overlap=False, mode="official")
+    assert dataclasses.is_dataclass(gen) and (gen.height, gen.width) == (8, 8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gen.min_keep = 2
+    state = dict(vars(gen))
+    first = [gen.sample(32, seed=0, batch_index=i) for i in range(6)]
+    backwards = [gen.sample(32, seed=0, batch_index=i) for i in reversed(range(6))][::-1]
+    assert vars(gen) == state  # sampling changed nothing
+    assert sum(b.num_fallbacks for b in first) > 0  # the fallback path is exercised
+    for a, b in zip(first, backwards):
+        assert torch.equal(a.context_mask, b.context_mask) and torch.equal(a.target_masks, b.target_masks)
+        assert a.num_fallbacks == b.num_fallbacks
+    clone = pickle.loads(pickle.dumps(gen))
+    assert clone == gen and torch.equal(clone.sample(32, seed=0, batch_index=3).context_mask, first[3].context_mask)
+    # the collator's masks are the generator's, sliced per rank
+    collator = IJepaMaskCollator(32, 4, mode="official", min_keep=8, context_scale=(0.6, 0.8),
+                                 target_scale=(0.2, 0.3), num_processes=2, process_index=1)
+    assert collator.generator == gen
+    ctx, tgt = collator.sample_masks(16, 2)
+    assert torch.equal(ctx, first[2].context_mask[16:]) and torch.equal(tgt, first[2].target_masks[16:])
+    with pytest.raises(ValueError, match="batch_index"):
+        gen.sample(4, seed=0, batch_index=-1)
+
+
+def test_generator_from_a_pretraining_config():
+    from ijepa_hf import IJepaPretrainingConfig
+    from ijepa_hf.masking import MultiBlockMaskGenerator
+
+    config = IJepaPretrainingConfig(
+        encoder_config=dict(image_size=96, patch_size=8, hidden_size=96, num_hidden_layers=3, num_attention_heads=3),
+        num_target_blocks=3, min_keep=4, mask_mode="official", target_aspect_ratio=(0.5, 2.0))
+    gen = MultiBlockMaskGenerator.from_config(config)
+    collator = IJepaMaskCollator.from_config(config, seed=5)
+    assert gen == collator.generator and gen.mode == "official" and gen.target_aspect_ratio == (0.5, 2.0)
+    assert torch.equal(gen.sample(8, seed=5, batch_index=1).target_masks, collator.sample_masks(8, 1)[1])
+
+
+def test_mask_settings_have_one_rule_set_and_the_config_defaults():
+    from ijepa_hf import IJepaPretrainingConfig
+
+    defaults = IJepaPretrainingConfig.default_mask_settings()
+    c = IJepaMaskCollator(224, 16)
+    assert (c.num_target_blocks, c.context_scale, c.target_scale, c.target_aspect_ratio, c.min_keep,
+            c.allow_overlap, c.mode) == tuple(defaults[k] for k in defaults)
+    # the same values are refused by the config and by the collator (the config used to accept an infinite ratio)
+    for field, value in (("target_aspect_ratio", (0.5, float("inf"))), ("target_scale", (0.1, 1.5)),
+                         ("context_scale", (0.0, 1.0)), ("min_keep", -1), ("num_target_blocks", 0)):
+        with pytest.raises(ValueError, match=field):
+            IJepaPretrainingConfig(**{field: value})
+        with pytest.raises(ValueError, match=field):
+            IJepaMaskCollator(224, 16, **{field: value})
+    with pytest.raises(ValueError, match="mask_mode"):
+        IJepaPretrainingConfig(mask_mode="paper")
+    with pytest.raises(ValueError, match="`mode`"):
+        IJepaMaskCollator(224, 16, mode="paper")
