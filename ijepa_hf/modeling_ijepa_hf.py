@@ -29,6 +29,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
 
@@ -253,30 +255,26 @@ def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.Module
 
 
 def run_blocks(
-    blocks: nn.ModuleList,
-    hidden_states: torch.Tensor,
-    output_hidden_states: bool,
-    output_attentions: bool,
-    last_query_start: int = 0,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Runs the blocks, collecting the input and every block's output, and the attention maps, on request.
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, output_attentions: bool = False, last_query_start: int = 0
+) -> torch.Tensor:
+    """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
+    (`_can_record_outputs`), not collected here; ``output_attentions`` only makes attention return its weights.
 
     ``last_query_start``: the last block updates only the tokens from there on and the result has only those
-    (the predictor's context tokens are never read after the last block); ignored when the full per-layer outputs
-    are requested, so that every returned layer has every token.
+    (the predictor's context tokens are never read after the last block). Callers pass 0 while hidden states or
+    attentions are being recorded, so that every recorded layer has every token.
     """
-    all_hidden = (hidden_states,) if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    if output_hidden_states or output_attentions:
-        last_query_start = 0
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
-        hidden_states, weights = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
-        if output_hidden_states:
-            all_hidden = all_hidden + (hidden_states,)
-        if output_attentions:
-            all_attentions = all_attentions + (weights,)
-    return hidden_states, all_hidden, all_attentions
+        hidden_states, _ = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
+    return hidden_states
+
+
+def _records(model: PreTrainedModel, kwargs: dict[str, Any], name: str) -> bool:
+    """Whether `capture_outputs` records ``name`` (``"hidden_states"``, ``"attentions"``) in this call: the call's
+    ``output_<name>`` (a flag, or hidden-state indices), else the config's, as the decorator decides."""
+    value = kwargs.get(f"output_{name}", getattr(model.config, f"output_{name}", False))
+    return value is not None and value is not False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,6 +421,12 @@ class IJepaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # `output_hidden_states` / `output_attentions` are recorded by `capture_outputs` hooks on these modules: the
+    # input of the first block and every block's output (before the final norm), and each attention's weights.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(IJepaBlock, index=0),
+        "attentions": OutputRecorder(IJepaAttention, index=1),
+    }
     # Keys a checkpoint may lack (transformers filters them out of its missing-key report): the sin-cos tables are
     # recomputed from the config. Subclasses add freshly initialised heads.
     _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$"]
@@ -504,15 +508,6 @@ class IJepaPreTrainedModel(PreTrainedModel):
     def _after_load(self) -> None:
         """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
 
-    def _output_flags(
-        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
-        """Call arguments, falling back to the config's defaults (transformers' convention)."""
-        return (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            self.config.output_attentions if output_attentions is None else output_attentions,
-            self.config.return_dict if return_dict is None else return_dict,
-        )
 
 
 class IJepaEncoderModel(IJepaPreTrainedModel):
@@ -580,15 +575,14 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         tokens = F.linear(gather_patches(patches, keep), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         return tokens + gather_patches(positions, keep)
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images; H and W multiples of the patch size (any resolution).
@@ -598,27 +592,19 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state [B, K or N, D]` (after the final LayerNorm),
-            `pooler_output [B, D]` (mean over the returned patches), optional `hidden_states` (embeddings then
-            each block, before the final norm) and `attentions`.
+            `pooler_output [B, D]` (mean over the returned patches), and with `output_hidden_states=True`
+            `hidden_states` (embeddings then each block, before the final norm), with `output_attentions=True`
+            `attentions` (both recorded by `capture_outputs`); a tuple with `return_dict=False`.
         """
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-
         if context_mask is None:
             hidden_states = self.embed(pixel_values)
         elif isinstance(context_mask, torch.Tensor):
             hidden_states = self.embed(pixel_values, context_mask)
         else:
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
-        hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
+        hidden_states = run_blocks(self.blocks, hidden_states, output_attentions=_records(self, kwargs, "attentions"))
         hidden_states = self.norm(hidden_states)
-        pooled = hidden_states.mean(dim=1)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, pooled, all_hidden, all_attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attentions
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
 
 
 class IJepaPredictorModel(IJepaPreTrainedModel):
@@ -643,16 +629,15 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         self.proj = nn.Linear(config.hidden_size, config.encoder_hidden_size)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         encoder_hidden_states: torch.Tensor,
         context_mask: torch.Tensor,
         target_masks: torch.Tensor | Sequence[torch.Tensor],
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> IJepaPredictorOutput | tuple:
+    ) -> IJepaPredictorOutput:
         r"""
         Args:
             encoder_hidden_states (`[B, Kc, D]`): context-encoder output on the context patches.
@@ -660,11 +645,9 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
             target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): the patches of each target block.
 
         Returns:
-            `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major).
+            `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major), and the recorded
+            `hidden_states` / `attentions` on request.
         """
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
 
         batch_size, num_context, _ = encoder_hidden_states.shape
         target_masks = _stack_target_masks(target_masks)
@@ -685,14 +668,15 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         hidden_states = torch.cat([context, queries], dim=1)
 
         # The context tokens' last-block outputs are never read: their MLP and attention rows are skipped (~8% of
-        # a 6-block predictor's work at the official mask sizes).
-        hidden_states, all_hidden, all_attentions = run_blocks(
-            self.blocks, hidden_states, output_hidden_states, output_attentions, last_query_start=num_context
+        # a 6-block predictor's work at the official mask sizes), unless the layers are being recorded (then every
+        # recorded layer keeps every token).
+        output_attentions = _records(self, kwargs, "attentions")
+        recording = output_attentions or _records(self, kwargs, "hidden_states")
+        hidden_states = run_blocks(
+            self.blocks, hidden_states, output_attentions, last_query_start=0 if recording else num_context
         )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
-        if not return_dict:
-            return tuple(v for v in (predictions, all_hidden, all_attentions) if v is not None)
-        return IJepaPredictorOutput(predictions=predictions, hidden_states=all_hidden, attentions=all_attentions)
+        return IJepaPredictorOutput(predictions=predictions)
 
 
 class IJepaPretrainingModel(IJepaPreTrainedModel):
@@ -758,15 +742,15 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             return F.mse_loss(predictions, targets)
         return F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         target_masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
         return_loss: bool = True,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> IJepaPretrainingOutput | BaseModelOutputWithPooling | tuple:
+    ) -> IJepaPretrainingOutput | BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
@@ -779,12 +763,11 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
             feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         if context_mask is None and target_masks is None:
             # Images only: feature extraction with the target encoder, the one the paper evaluates (this is what
             # `AutoModel` and `pipeline("image-feature-extraction")` run on a pretraining repo).
             flags = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
-            return self.target_encoder(pixel_values, return_dict=return_dict, **flags)
+            return self.target_encoder(pixel_values, **flags)
         if context_mask is None or target_masks is None:
             raise ValueError(
                 "I-JEPA pretraining needs `context_mask` and `target_masks`: build batches with "
@@ -795,14 +778,13 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
         context = self.context_encoder(pixel_values, context_mask=context_mask).last_hidden_state
         predictions = self.predictor(context, context_mask, target_masks).predictions
         loss = self.loss_fn(predictions, targets) if return_loss else None
-        output = IJepaPretrainingOutput(
+        return IJepaPretrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
             context_hidden_state=context,
             target_hidden_state=target_full,
         )
-        return output if return_dict else output.to_tuple()
 
     def get_encoder(self, which: str = "target") -> IJepaEncoderModel:
         """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``)."""
@@ -834,15 +816,10 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    @can_return_tuple
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> ImageClassifierOutput | tuple:
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
@@ -851,17 +828,11 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         Returns:
             `ImageClassifierOutput` with `logits [B, num_labels]` and `loss` when labels are given.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.encoder(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
+        outputs = self.encoder(pixel_values, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -315,3 +315,62 @@ def test_auto_registration_leaves_transformers_ijepa_alone(tmp_path):
     from PIL import Image
     gray = Image.fromarray(np.zeros((50, 70), dtype=np.uint8), mode="L")
     assert processor(gray, return_tensors="pt")["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_outputs_are_recorded_by_transformers_capture_machinery():
+    # hidden_states / attentions come from `_can_record_outputs` hooks (capture_outputs), return_dict=False from
+    # the decorators; the config's output_* flags are the defaults, as for transformers' own models.
+    torch.manual_seed(0)
+    config = tiny_encoder_config()
+    config._attn_implementation = "eager"
+    encoder = IJepaEncoderModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = encoder(pixels)
+        full = encoder(pixels, output_hidden_states=True, output_attentions=True)
+        as_tuple = encoder(pixels, output_hidden_states=True, return_dict=False)
+        only_last = encoder(pixels, output_hidden_states=[-1])
+        encoder.config.output_hidden_states = True
+        from_config = encoder(pixels)
+        encoder.config.output_hidden_states = False
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(full.hidden_states) == 3 and len(full.attentions) == 2
+    # hidden_states[-1] is the last block's output before the final norm (tie_last_hidden_states=False).
+    torch.testing.assert_close(encoder.norm(full.hidden_states[-1]), full.last_hidden_state)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3
+    torch.testing.assert_close(as_tuple[2][1], full.hidden_states[1])
+    assert only_last.hidden_states[0] is None and only_last.hidden_states[-1] is not None
+    assert len(from_config.hidden_states) == 3
+
+    classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3)).eval()
+    with torch.no_grad():
+        out = classifier(pixels, labels=torch.tensor([0, 2]), output_hidden_states=True)
+        tup = classifier(pixels, labels=torch.tensor([0, 2]), return_dict=False)
+    assert len(out.hidden_states) == 3 and out.attentions is None
+    assert len(tup) == 2 and tup[0].dim() == 0 and tup[1].shape == (2, 3)
+
+    model = IJepaPretrainingModel(tiny_pretraining_config()).eval()
+    context_mask, target_masks = random_masks(2, 16, 7, 2, 3)
+    with torch.no_grad():
+        out = model(pixels, context_mask, target_masks, return_dict=False)
+        features = model(pixels, output_hidden_states=True)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+    assert len(features.hidden_states) == 3
+
+
+def test_predictor_records_full_layers_while_its_last_block_is_shortened_otherwise():
+    torch.manual_seed(0)
+    config = tiny_pretraining_config()
+    predictor = IJepaPretrainingModel(config).predictor.eval()
+    predictor.config._attn_implementation = "eager"
+    context_mask, target_masks = random_masks(3, 16, 7, 4, 3)
+    features = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        pruned = predictor(features, context_mask, target_masks)
+        recorded = predictor(features, context_mask, target_masks, output_attentions=True)
+        as_tuple = predictor(features, context_mask, target_masks, return_dict=False)
+    assert pruned.hidden_states is None and pruned.attentions is None
+    assert [a.shape for a in recorded.attentions] == [(12, 2, 10, 10)] * 2  # every row of the last block
+    torch.testing.assert_close(recorded.predictions, pruned.predictions, atol=1e-6, rtol=1e-5)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(as_tuple[0], pruned.predictions)
