@@ -126,6 +126,32 @@ def _final_norm(encoder: nn.Module) -> nn.Module:
     )
 
 
+def _num_blocks(encoder: nn.Module) -> int | None:
+    config = getattr(encoder, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def _last_layers(
+    encoder: nn.Module, pixel_values: torch.Tensor, num_layers: int, norm: nn.Module | None
+) -> list[torch.Tensor]:
+    """The outputs ``[B, N, D]`` of the last ``num_layers`` blocks, each through the final LayerNorm.
+
+    Our encoders have timm's ``get_intermediate_layers`` (it stops after the last block asked for); other models
+    (transformers' stock ``IJepaModel``, ViT) give them through ``output_hidden_states``.
+    """
+    num_blocks = _num_blocks(encoder)
+    if num_blocks is not None and num_layers > num_blocks:
+        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    if hasattr(encoder, "get_intermediate_layers"):
+        return list(encoder.get_intermediate_layers(pixel_values, n=num_layers, norm=True))
+    hidden_states = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    # hidden_states = (embeddings, block 1, ..., block L): only the last L are block outputs.
+    num_blocks = 0 if hidden_states is None else len(hidden_states) - 1
+    if num_layers > num_blocks:
+        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    return [norm(h) for h in hidden_states[-num_layers:]]
+
+
 def _parse_layers(layers: LayerSpec) -> int:
     """``"last"`` -> 0 (the final output); a positive int k -> k (the last k blocks)."""
     if layers == "last":
@@ -307,7 +333,7 @@ def extract_features(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     num_layers = _parse_layers(layers)
     encoder = resolve_encoder(model, which)
-    norm = _final_norm(encoder) if num_layers else None
+    norm = _final_norm(encoder) if num_layers and not hasattr(encoder, "get_intermediate_layers") else None
     if transform is None and image_processor is None:
         from .image_processing import make_image_processor
 
@@ -330,20 +356,13 @@ def extract_features(
                 continue
             pixel_values, batch_labels, kept = batch
             indices.append(kept + batch_index * batch_size)  # batches are consecutive, of batch_size examples
-            outputs = encoder(
-                pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=bool(num_layers)
-            )
+            pixel_values = pixel_values.to(device=device, dtype=dtype)
             if num_layers:
-                hidden_states = outputs.hidden_states
-                # hidden_states = (embeddings, block 1, ..., block L): only the last L are block outputs.
-                num_blocks = 0 if hidden_states is None else len(hidden_states) - 1
-                if num_layers > num_blocks:
-                    raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
-                pooled = torch.cat([norm(h).mean(dim=1) for h in hidden_states[-num_layers:]], dim=-1)
+                pooled = torch.cat([h.mean(dim=1) for h in _last_layers(encoder, pixel_values, num_layers, norm)], -1)
             else:
                 # Mean of the final patch tokens (not `pooler_output`: transformers' stock I-JEPA pooler is a
                 # tanh layer on the first patch, and ours equals this mean anyway).
-                pooled = outputs.last_hidden_state.mean(dim=1)
+                pooled = encoder(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
             features.append(pooled.float().cpu())
             labels.append(batch_labels)
     finally:

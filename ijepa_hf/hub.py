@@ -502,7 +502,7 @@ def card_for_converted_checkpoint(
 
 # Model auto classes that `ijepa_hf/__init__.py` registers; the auto_map of a saved repo lists those of them that
 # the model's config type is registered with, so remote code loads through the same Auto classes as local code.
-_REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification")
+_REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification", "AutoBackbone")
 _UNSET = object()
 
 
@@ -529,8 +529,10 @@ def remote_code_auto_map(model: "PreTrainedModel") -> dict[str, str]:
             registered = getattr(transformers, auto_name)._model_mapping[config_class]
         except KeyError:
             continue
-        # Only classes defined in the copied modelling file can be named in auto_map.
-        if registered.__module__ == module:
+        # Only classes defined in the copied modelling file can be named in auto_map, and only for their own config
+        # class (transformers re-registers remote classes and refuses other pairs, e.g. AutoBackbone for an encoder
+        # config: backbone repos get that entry).
+        if registered.__module__ == module and registered.config_class.__name__ == config_class.__name__:
             auto_map[auto_name] = f"{module.rsplit('.', 1)[-1]}.{registered.__name__}"
     if model_class.__name__ not in {v.rsplit(".", 1)[-1] for k, v in auto_map.items() if k != "AutoConfig"}:
         raise ValueError(

@@ -27,12 +27,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
+from .configuration_ijepa_hf_backbone import BACKBONE_ARGUMENTS, IJepaBackboneConfig
 
 __all__ = [
     "IJepaPreTrainedModel",
@@ -40,6 +42,7 @@ __all__ = [
     "IJepaPredictorModel",
     "IJepaPretrainingModel",
     "IJepaEncoderForImageClassification",
+    "IJepaBackbone",
     "IJepaPredictorOutput",
     "IJepaPretrainingOutput",
     "sincos_position_embeddings",
@@ -106,6 +109,36 @@ def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_siz
         low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host sync on a GPU, not two
         if low < 0 or high >= num_patches:
             raise ValueError(f"`{name}` holds patch indices in [{low}, {high}], outside [0, {num_patches - 1}].")
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """Block indices as timm's ``feature_take_indices``: ``None`` -> every block, an int ``n`` -> the last ``n``,
+    a sequence -> those blocks (negative ones count from the end). Returns them (0-based, in the given order)
+    and the largest."""
+    if indices is None:
+        chosen = list(range(num_blocks))
+    elif isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= num_blocks:
+            raise ValueError(f"`indices`={indices} asks for the last {indices} blocks, but the encoder has {num_blocks}.")
+        chosen = list(range(num_blocks - indices, num_blocks))
+    else:
+        chosen = []
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not -num_blocks <= index < num_blocks:
+                raise ValueError(f"`indices` must be block indices in [{-num_blocks}, {num_blocks - 1}], got {indices!r}.")
+            chosen.append(index % num_blocks)
+        if not chosen:
+            raise ValueError("`indices` selects no block.")
+    return chosen, max(chosen)
+
+
+def tokens_to_feature_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens ``[B, rows * cols, D]`` (raster order) -> a feature map ``[B, D, rows, cols]``."""
+    batch_size, length, width = tokens.shape
+    rows, cols = grid_size
+    if length != rows * cols:
+        raise ValueError(f"{length} tokens do not fill a {rows}x{cols} patch grid.")
+    return tokens.reshape(batch_size, rows, cols, width).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -607,6 +640,64 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
 
 
+    def forward_intermediates(
+        self,
+        pixel_values: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        r"""The outputs of chosen blocks, as timm's ``forward_intermediates``.
+
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images (any resolution that is a multiple of the patch size).
+            indices: ``None``: every block; an int ``n``: the last ``n`` blocks; a list: those blocks (0-based,
+                negative from the end).
+            norm: pass each intermediate through the final LayerNorm (the norm the last block's output gets).
+            stop_early: do not run the blocks after the last chosen one (the final output is then that block's).
+            output_fmt: ``"NCHW"``: feature maps ``[B, D, H / p, W / p]``; ``"NLC"``: tokens ``[B, N, D]``.
+            intermediates_only: return only the intermediates (and stop after the last chosen block).
+
+        Returns:
+            The list of intermediates in block order, or ``(final, intermediates)`` where ``final`` is the
+            normalised output ``[B, N, D]`` (`last_hidden_state`).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"`output_fmt` must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        chosen, last = take_indices(len(self.blocks), indices)
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        hidden_states = self.embed(pixel_values)
+        taken: dict[int, torch.Tensor] = {}
+        blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
+        for index, block in enumerate(blocks):
+            hidden_states, _ = block(hidden_states)
+            if index in chosen:
+                taken[index] = self.norm(hidden_states) if norm else hidden_states
+        intermediates = [taken[index] for index in sorted(set(chosen))]
+        if output_fmt == "NCHW":
+            intermediates = [tokens_to_feature_map(tokens, grid) for tokens in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(hidden_states), intermediates
+
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        norm: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """timm's / DINO's ``get_intermediate_layers``: the last ``n`` blocks (or the blocks listed in ``n``),
+        optionally normalised (``norm``) and reshaped to ``[B, D, h, w]`` (``reshape``; else ``[B, N, D]``)."""
+        return tuple(
+            self.forward_intermediates(
+                pixel_values, indices=n, norm=norm, output_fmt="NCHW" if reshape else "NLC", intermediates_only=True
+            )
+        )
+
+
 class IJepaPredictorModel(IJepaPreTrainedModel):
     """The I-JEPA predictor: projects context features to its width, appends one learned mask token (plus its
     fixed sin-cos position) per target patch, runs its blocks and projects the target tokens back to the encoder
@@ -835,4 +926,83 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
             loss = self.loss_function(labels, logits, self.config)
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
+    """An I-JEPA encoder as a transformers backbone (`AutoBackbone`, as `Dinov2Backbone`): the stages are the patch
+    embeddings (``"stem"``) and the blocks (``"stage1"`` ..), and ``feature_maps`` holds those in
+    ``config.out_features`` as ``[B, D, H / p, W / p]`` maps (through the final LayerNorm unless
+    ``config.apply_layernorm=False``; tokens ``[B, N, D]`` with ``reshape_hidden_states=False``). Dense heads built
+    on `load_backbone` (`UperNetForSemanticSegmentation`, ...) take it as their ``backbone_config``.
+
+    Its weights are an encoder's (same module names): `from_pretrained` loads encoder, classifier and pretraining
+    repos (the target encoder) as well as backbone repos, with ``out_features`` / ``out_indices`` /
+    ``apply_layernorm`` / ``reshape_hidden_states`` as keyword arguments.
+    """
+
+    config_class = IJepaBackboneConfig
+
+    def __init__(self, config: IJepaBackboneConfig) -> None:
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        backbone_kwargs = {key: kwargs.pop(key) for key in BACKBONE_ARGUMENTS if key in kwargs}
+        config = kwargs.get("config")
+        if isinstance(config, IJepaBackboneConfig):
+            for key, value in backbone_kwargs.items():
+                setattr(config, key, value)
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        given = _given_model_type(pretrained_model_name_or_path, cls, kwargs)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if isinstance(config, IJepaEncoderConfig) or (config is None and given == IJepaEncoderConfig.model_type):
+            encoder_config = config or IJepaEncoderConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(encoder_config, **backbone_kwargs)
+        elif isinstance(config, IJepaPretrainingConfig) or (
+            config is None and given == IJepaPretrainingConfig.model_type
+        ):
+            # The target encoder, the one the paper evaluates.
+            pretraining_config = config or IJepaPretrainingConfig.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(
+                pretraining_config.encoder_config, **backbone_kwargs
+            )
+            kwargs["key_mapping"] = {r"^target_encoder\.": "", **(kwargs.get("key_mapping") or {})}
+        else:
+            if backbone_kwargs:  # a backbone repo: the arguments override its saved choice
+                kwargs["config"] = IJepaBackboneConfig.from_pretrained(
+                    config or pretrained_model_name_or_path, **hub_kwargs, **backbone_kwargs
+                )
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs["config"]._name_or_path = str(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BackboneOutput:
+        r"""
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images; H and W multiples of the patch size.
+
+        Returns:
+            `BackboneOutput` with `feature_maps` (one per `out_features` stage, `[B, D, H / p, W / p]`), and
+            `hidden_states` / `attentions` on request.
+        """
+        kwargs.pop("context_mask", None)  # dense features need every patch
+        # The encoder forward (BackboneMixin.forward comes first in the MRO).
+        outputs = IJepaEncoderModel.forward(self, pixel_values, return_dict=True, **kwargs)
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):
+            if stage in self.out_features:
+                if self.config.apply_layernorm:
+                    hidden_state = self.norm(hidden_state)
+                if self.config.reshape_hidden_states:
+                    hidden_state = tokens_to_feature_map(hidden_state, grid)
+                feature_maps += (hidden_state,)
+        return BackboneOutput(
+            feature_maps=feature_maps, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

@@ -274,3 +274,17 @@ def test_probe_defaults_work_on_shallow_encoders(tmp_path, load_example):
     ])
     assert [row["layers"] for row in rows] == ["last", "last 3"]
     assert rows[1]["feature_dim"] == 3 * 32
+
+
+def test_multi_layer_features_come_from_the_encoders_intermediate_layers(image_dataset, encoder, monkeypatch):
+    calls = []
+    original = type(encoder).get_intermediate_layers
+
+    def spy(self, pixel_values, n=1, reshape=False, norm=False):
+        calls.append((n, reshape, norm))
+        return original(self, pixel_values, n=n, reshape=reshape, norm=norm)
+
+    monkeypatch.setattr(type(encoder), "get_intermediate_layers", spy)
+    features, _ = extract_features(encoder, image_dataset, batch_size=4, layers=2, progress=False)
+    assert features.shape == (7, 64)
+    assert calls == [(2, False, True), (2, False, True)]  # two batches, last 2 blocks, normalised tokens

@@ -21,6 +21,8 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining,
 
 from hub_utils import run_hub_script
 from ijepa_hf import (
+    IJepaBackbone,
+    IJepaBackboneConfig,
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
     IJepaPredictorModel,
@@ -173,7 +175,8 @@ def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Pa
     model = IJepaPretrainingModel(tiny_pretraining_config())
     save_with_remote_code(model, tmp_path / "remote", image_processor=make_image_processor(32))
     files = {p.name for p in (tmp_path / "remote").iterdir()}
-    assert {"configuration_ijepa_hf.py", "modeling_ijepa_hf.py", "preprocessor_config.json"} <= files
+    assert {"configuration_ijepa_hf.py", "configuration_ijepa_hf_backbone.py", "modeling_ijepa_hf.py",
+            "preprocessor_config.json"} <= files
     assert json.loads((tmp_path / "remote" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_ijepa_hf.IJepaPretrainingConfig",
         "AutoModel": "modeling_ijepa_hf.IJepaPretrainingModel",
@@ -189,6 +192,10 @@ def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Pa
         "AutoConfig": "configuration_ijepa_hf.IJepaEncoderConfig",
         "AutoModel": "modeling_ijepa_hf.IJepaEncoderModel",
         "AutoModelForImageClassification": "modeling_ijepa_hf.IJepaEncoderForImageClassification",
+    }
+    assert remote_code_auto_map(IJepaBackbone(IJepaBackboneConfig(**tiny_encoder_config().to_dict()))) == {
+        "AutoConfig": "configuration_ijepa_hf_backbone.IJepaBackboneConfig",
+        "AutoBackbone": "modeling_ijepa_hf.IJepaBackbone",
     }
     stock = IJepaModel(IJepaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                    image_size=32, patch_size=8))
