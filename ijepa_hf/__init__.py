@@ -32,8 +32,8 @@ from .modeling_ijepa_hf import (
     IJepaPredictorModel,
     IJepaPredictorOutput,
     IJepaPreTrainedModel,
-    IJepaPretrainingModel,
-    IJepaPretrainingOutput,
+    IJepaForPreTraining,
+    IJepaForPreTrainingOutput,
     sincos_position_embeddings,
 )
 
@@ -47,8 +47,8 @@ def _register() -> None:
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(IJepaEncoderConfig, IJepaEncoderModel, exist_ok=True)
     AutoModel.register(IJepaPredictorConfig, IJepaPredictorModel, exist_ok=True)
-    AutoModel.register(IJepaPretrainingConfig, IJepaPretrainingModel, exist_ok=True)
-    AutoModelForPreTraining.register(IJepaPretrainingConfig, IJepaPretrainingModel, exist_ok=True)
+    AutoModel.register(IJepaPretrainingConfig, IJepaForPreTraining, exist_ok=True)
+    AutoModelForPreTraining.register(IJepaPretrainingConfig, IJepaForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(IJepaEncoderConfig, IJepaEncoderForImageClassification, exist_ok=True)
     AutoBackbone.register(IJepaBackboneConfig, IJepaBackbone, exist_ok=True)
     # `AutoBackbone.from_pretrained(<encoder or pretraining repo>, out_indices=...)` builds the backbone config from
@@ -66,6 +66,26 @@ def _register() -> None:
 
 _register()
 
+# Deprecated names (0.1.0), kept one release because model cards already pushed to the Hub show them in their code
+# snippets (`IJepaPretrainingModel.from_pretrained(...)`); saved repos themselves never name them (Auto classes go by
+# model_type). Accessing one warns; remove in 0.2.
+_RENAMED = {"IJepaPretrainingModel": "IJepaForPreTraining", "IJepaPretrainingOutput": "IJepaForPreTrainingOutput"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(
+            f"`ijepa_hf.{name}` is renamed `ijepa_hf.{_RENAMED[name]}` (transformers' naming, as ViTMAEForPreTraining); "
+            "the old name goes away in ijepa_hf 0.2.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return globals()[_RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ENCODER_SIZES",
     "PRETRAINING_PRESETS",
@@ -76,11 +96,11 @@ __all__ = [
     "IJepaPreTrainedModel",
     "IJepaEncoderModel",
     "IJepaPredictorModel",
-    "IJepaPretrainingModel",
+    "IJepaForPreTraining",
     "IJepaEncoderForImageClassification",
     "IJepaBackbone",
     "IJepaPredictorOutput",
-    "IJepaPretrainingOutput",
+    "IJepaForPreTrainingOutput",
     "IJepaMaskCollator",
     "masks_to_boolean",
     "list_presets",

@@ -40,11 +40,11 @@ __all__ = [
     "IJepaPreTrainedModel",
     "IJepaEncoderModel",
     "IJepaPredictorModel",
-    "IJepaPretrainingModel",
+    "IJepaForPreTraining",
     "IJepaEncoderForImageClassification",
     "IJepaBackbone",
     "IJepaPredictorOutput",
-    "IJepaPretrainingOutput",
+    "IJepaForPreTrainingOutput",
     "sincos_position_embeddings",
     "gather_patches",
     "refuse_checkpoint_file",
@@ -331,7 +331,7 @@ class IJepaPredictorOutput(ModelOutput):
 
 
 @dataclass
-class IJepaPretrainingOutput(ModelOutput):
+class IJepaForPreTrainingOutput(ModelOutput):
     """
     Args:
         loss (scalar): smooth L1 (or MSE) between predictions and targets, computed in float32.
@@ -347,6 +347,9 @@ class IJepaPretrainingOutput(ModelOutput):
     context_hidden_state: torch.FloatTensor | None = None
     target_hidden_state: torch.FloatTensor | None = None
 
+
+# The one vocabulary for "which encoder of a pretraining model": API keyword `encoder=`, CLI `--encoder`.
+ENCODER_CHOICES = ("target", "context")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: what kind of repo was given
@@ -369,8 +372,9 @@ _REPO_KINDS: dict[str, tuple[str, str]] = {
     "ijepa_hf_predictor": ("an I-JEPA predictor", "`IJepaPredictorModel`"),
     "ijepa_hf_pretraining": (
         "an I-JEPA pretraining model (context encoder, predictor, target encoder)",
-        "`IJepaPretrainingModel` / `AutoModelForPreTraining`",
+        "`IJepaForPreTraining` / `AutoModelForPreTraining`",
     ),
+    "ijepa_hf_backbone": ("an I-JEPA encoder as a backbone", "`IJepaBackbone` / `AutoBackbone`"),
     "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
 }
 
@@ -417,7 +421,7 @@ def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
             f"`ijepa_hf.conversion.encoder_from_transformers({str(path)!r})`."
         )
     elif given == "ijepa_hf_pretraining" and expected == "ijepa_hf_predictor":
-        message += f"Load the whole model and take its predictor: `IJepaPretrainingModel.from_pretrained({str(path)!r}).predictor`."
+        message += f"Load the whole model and take its predictor: `IJepaForPreTraining.from_pretrained({str(path)!r}).predictor`."
         return message
     else:
         message += f"Load it with {loader}."
@@ -770,7 +774,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         return IJepaPredictorOutput(predictions=predictions)
 
 
-class IJepaPretrainingModel(IJepaPreTrainedModel):
+class IJepaForPreTraining(IJepaPreTrainedModel):
     """I-JEPA pretraining: a context encoder on the context patches, a predictor for each target block, and an
     EMA target encoder (no gradients; saved and loaded with the model) that provides the targets on the full image.
 
@@ -801,7 +805,7 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
     def _after_load(self) -> None:
         self._freeze_target_encoder()
 
-    def train(self, mode: bool = True) -> "IJepaPretrainingModel":
+    def train(self, mode: bool = True) -> "IJepaForPreTraining":
         super().train(mode)
         self.target_encoder.eval()  # its outputs must be deterministic targets (no dropout / drop-path)
         return self
@@ -841,7 +845,7 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
         target_masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
         return_loss: bool = True,
         **kwargs: Any,
-    ) -> IJepaPretrainingOutput | BaseModelOutputWithPooling:
+    ) -> IJepaForPreTrainingOutput | BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
@@ -850,7 +854,7 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             return_loss: compute the loss (also lets `Trainer` report an eval loss without labels).
 
         Returns:
-            `IJepaPretrainingOutput`; called with images only (neither mask), the target encoder's
+            `IJepaForPreTrainingOutput`; called with images only (neither mask), the target encoder's
             `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
             feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
@@ -869,7 +873,7 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
         context = self.context_encoder(pixel_values, context_mask=context_mask).last_hidden_state
         predictions = self.predictor(context, context_mask, target_masks).predictions
         loss = self.loss_fn(predictions, targets) if return_loss else None
-        return IJepaPretrainingOutput(
+        return IJepaForPreTrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
@@ -877,18 +881,22 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             target_hidden_state=target_full,
         )
 
-    def get_encoder(self, which: str = "target") -> IJepaEncoderModel:
-        """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``)."""
-        if which not in ("target", "context"):
-            raise ValueError(f"`which` must be 'target' or 'context', got {which!r}.")
-        return self.target_encoder if which == "target" else self.context_encoder
+    def encoder_for(self, encoder: str = "target") -> IJepaEncoderModel:
+        """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``).
 
-    def export_encoder(self, which: str = "target") -> IJepaEncoderModel:
-        """A standalone, trainable copy of one encoder, ready for `save_pretrained`/`push_to_hub`."""
-        source = self.get_encoder(which)
-        encoder = IJepaEncoderModel(IJepaEncoderConfig.from_dict(source.config.to_dict()))
-        encoder.load_state_dict(source.state_dict())
-        return encoder.to(device=source.pos_embed.device)
+        (Not `get_encoder`: `PreTrainedModel.get_encoder(modality)` means something else in transformers.)
+        """
+        if encoder not in ENCODER_CHOICES:
+            raise ValueError(f"`encoder` must be 'target' or 'context', got {encoder!r}.")
+        return self.target_encoder if encoder == "target" else self.context_encoder
+
+    def export_encoder(self, encoder: str = "target") -> IJepaEncoderModel:
+        """A standalone, trainable copy of one encoder (``"target"`` or ``"context"``), ready for
+        `save_pretrained`/`push_to_hub`."""
+        source = self.encoder_for(encoder)
+        exported = IJepaEncoderModel(IJepaEncoderConfig.from_dict(source.config.to_dict()))
+        exported.load_state_dict(source.state_dict())
+        return exported.to(device=source.pos_embed.device)
 
 
 class IJepaEncoderForImageClassification(IJepaPreTrainedModel):

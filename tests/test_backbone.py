@@ -10,7 +10,7 @@ import torch
 from transformers import AutoBackbone, AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 from hub_utils import run_hub_script
-from ijepa_hf import IJepaBackbone, IJepaBackboneConfig, IJepaEncoderModel, IJepaPretrainingModel
+from ijepa_hf import IJepaBackbone, IJepaBackboneConfig, IJepaEncoderModel, IJepaForPreTraining
 from tiny import tiny_encoder_config, tiny_pretraining_config
 
 
@@ -85,7 +85,7 @@ def test_backbone_feature_maps_from_encoder_and_pretraining_repos(encoder, tmp_p
 
     # A pretraining repo gives its target encoder.
     torch.manual_seed(1)
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config(encoder={"num_hidden_layers": 4})).eval()
+    pretraining = IJepaForPreTraining(tiny_pretraining_config(encoder={"num_hidden_layers": 4})).eval()
     pretraining.update_target_encoder(0.0)
     pretraining.target_encoder.blocks[0].mlp.fc2.bias.add_(1.0)  # target != context
     pretraining.save_pretrained(tmp_path / "pretraining")
