@@ -434,6 +434,11 @@ class IJepaLearner(_Learner):
             final_weight_decay=args.final_weight_decay, ema_start=args.ema[0], ema_end=args.ema[1])
         self.step_fn = PretrainingStep(Accelerator(cpu=True), self.model, self.optimizer, self.schedule)
 
+    def retarget(self, total_steps: int) -> None:
+        super().retarget(total_steps)
+        # At once, not at the next step: a re-plan after the budget's last step must still reach the library step.
+        self.step_fn.schedule = self.schedule
+
     def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
         context_mask, target_masks = self.collator.sample_masks(pixel_values.shape[0])
         self.step_fn.schedule = self.schedule
