@@ -43,7 +43,7 @@ from bench_train_step import (  # benchmarks/bench_train_step.py, beside this sc
     train_step,
 )
 
-from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.training import build_optimizer
 from ijepa_hf.training.compilation import configure_inductor_for_variable_masks
 
@@ -62,11 +62,11 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
-def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaPretrainingModel, IJepaPretrainingConfig]:
+def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaForPreTraining, IJepaPretrainingConfig]:
     torch.manual_seed(seed)
     config = IJepaPretrainingConfig.from_preset(preset)
     with device:  # built in place: a ViT-H pair is 1.3B parameters, slow to initialise on the host
-        model = IJepaPretrainingModel(config)
+        model = IJepaForPreTraining(config)
     return model.train(), config
 
 

@@ -30,7 +30,7 @@ from statistics import median
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.training import build_optimizer, keep_freed_memory_for_reuse
 from official_step import OfficialStep  # benchmarks/official_step.py, beside this script
 from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this script
@@ -44,7 +44,7 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class Setup:
-    model: IJepaPretrainingModel
+    model: IJepaForPreTraining
     optimizer: torch.optim.Optimizer
     batch: dict[str, torch.Tensor]
 
@@ -60,7 +60,7 @@ def make_config(args: argparse.Namespace, image_size: int) -> IJepaPretrainingCo
 def make_setup(args: argparse.Namespace, batch_size: int, image_size: int) -> Setup:
     torch.manual_seed(0)
     config = make_config(args, image_size)
-    model = IJepaPretrainingModel(config).train()
+    model = IJepaForPreTraining(config).train()
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import ijepa_hf
-from ijepa_hf import IJepaEncoderModel, IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf import IJepaEncoderModel, IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.data import IMAGENET_MEAN, IMAGENET_STD, ProceduralShapes, load_fashion_mnist
 from ijepa_hf.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
 from ijepa_hf.evaluation import extract_features, format_results_table, knn_probe, linear_probe
@@ -299,7 +299,7 @@ class EpochBatches:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_ijepa(args: argparse.Namespace) -> IJepaPretrainingModel:
+def build_ijepa(args: argparse.Namespace) -> IJepaForPreTraining:
     """The small I-JEPA of this benchmark (encoder ``--width/--depth/--heads``, predictor ``--predictor-*``)."""
     config = IJepaPretrainingConfig(
         encoder_config=dict(
@@ -319,12 +319,12 @@ def build_ijepa(args: argparse.Namespace) -> IJepaPretrainingModel:
         mask_mode=args.mask_mode,
         ema_momentum=args.ema,
     )
-    model = IJepaPretrainingModel(config)
+    model = IJepaForPreTraining(config)
     check_ijepa_position_tables(model)
     return model
 
 
-def check_ijepa_position_tables(model: IJepaPretrainingModel) -> None:
+def check_ijepa_position_tables(model: IJepaForPreTraining) -> None:
     """Assert that every fixed sin-cos table equals its formula (not zero, not left uninitialised)."""
     for name, module in (("context_encoder", model.context_encoder), ("target_encoder", model.target_encoder),
                          ("predictor", model.predictor)):
@@ -416,7 +416,7 @@ class IJepaLearner(_Learner):
 
     name = "ijepa"
 
-    def __init__(self, model: IJepaPretrainingModel, args: argparse.Namespace) -> None:
+    def __init__(self, model: IJepaForPreTraining, args: argparse.Namespace) -> None:
         from accelerate import Accelerator
 
         self.model = model.train()
@@ -436,10 +436,12 @@ class IJepaLearner(_Learner):
 
     def retarget(self, total_steps: int) -> None:
         super().retarget(total_steps)
+        # At once, not at the next step: a re-plan after the budget's last step must still reach the library step.
         self.step_fn.schedule = self.schedule
 
     def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
         context_mask, target_masks = self.collator.sample_masks(pixel_values.shape[0])
+        self.step_fn.schedule = self.schedule
         out = self.step_fn({"pixel_values": pixel_values, "context_mask": context_mask, "target_masks": target_masks},
                            update, want_stats=want_stats)
         stats: dict[str, float] = {}

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> Path:
     if label_column is None:
         logger.warning("No %r column: labels are saved as -1.", args.label_column_name)
     encoder, image_processor = load_encoder(
-        args.model_name_or_path, which=args.encoder, **({"revision": args.revision} if args.revision else {})
+        args.model_name_or_path, encoder=args.encoder, **({"revision": args.revision} if args.revision else {})
     )
     encoder.to(device)
     features, labels, ids = extract_features(

@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from ijepa_hf import IJepaPretrainingModel, make_image_processor
+from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ijepa_hf.masking import IJepaMaskCollator
 from ijepa_hf.training import build_pretraining_config
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     )
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
-    model = IJepaPretrainingModel(config)
+    model = IJepaForPreTraining(config)
 
     counter = BadImageCounter()  # unreadable images become None, dropped by the collator and counted
     data = build_pretraining_data(

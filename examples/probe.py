@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for path in args.model_name_or_path:
         hub_kwargs = {"revision": args.revision} if args.revision else {}
-        encoder, image_processor = load_encoder(path, which=args.encoder, **hub_kwargs)
+        encoder, image_processor = load_encoder(path, encoder=args.encoder, **hub_kwargs)
         encoder.to(device)
         name = path if args.encoder == "target" else f"{path} ({args.encoder})"
         for layers in args.layers or default_layers(encoder):

@@ -63,7 +63,7 @@ def masks(args: argparse.Namespace) -> Path:
 
 def pca(args: argparse.Namespace) -> Path:
     """PCA map of one image's patch features."""
-    encoder, image_processor = load_encoder(args.model_name_or_path, which=args.encoder)
+    encoder, image_processor = load_encoder(args.model_name_or_path, encoder=args.encoder)
     if args.image:
         image: Any = load_image(args.image)
         if image is None:

@@ -1,6 +1,6 @@
 """The ``ijepa-hf`` command line.
 
-    ijepa-hf convert CHECKPOINT OUTPUT_DIR [--encoder-only [--which context|target] | --to-transformers | --all]
+    ijepa-hf convert CHECKPOINT OUTPUT_DIR [--encoder-only [--encoder target|context] | --to-transformers | --all]
                      [--release NAME] [--num-heads N] [--remote-code] [--push-to-hub REPO_ID [--private]]
 
 Every written directory is a ready-to-push repo: config and weights, ``preprocessor_config.json``, a README
@@ -121,20 +121,18 @@ def convert(args: argparse.Namespace) -> None:
     release = _release_for(checkpoint_path, args.release)
     checkpoint = load_official_checkpoint(checkpoint_path)
     config, heads_source = _config_for(checkpoint, release, args.num_heads)
-    which = "encoder" if args.which == "context" else "target_encoder"
-
     # (directory, model, kind, which encoder for encoder repos)
     written: list[tuple[Path, Any, str, str | None]] = []
     if args.encoder_only or args.to_transformers:
-        encoder = convert_official_encoder(checkpoint, which=which, config=config.encoder_config)
+        encoder = convert_official_encoder(checkpoint, encoder=args.encoder, config=config.encoder_config)
         model = encoder_to_transformers(encoder) if args.to_transformers else encoder
-        written.append((output_dir, model, "encoder", args.which))
+        written.append((output_dir, model, "encoder", args.encoder))
     else:
         pretraining = convert_official_checkpoint(checkpoint, config)
         if args.all:
             written += [
                 (output_dir / "pretraining", pretraining, "pretraining", None),
-                (output_dir / "encoder", pretraining.export_encoder(args.which), "encoder", args.which),
+                (output_dir / "encoder", pretraining.export_encoder(args.encoder), "encoder", args.encoder),
                 (output_dir / "predictor", pretraining.predictor, "predictor", None),
             ]
         else:
@@ -147,7 +145,7 @@ def convert(args: argparse.Namespace) -> None:
         record_weights_license(model, META_WEIGHTS_LICENSE, base_model)
         card = card_for_converted_checkpoint(
             model, kind=kind, release=release, source=checkpoint_path.name,
-            release_info=OFFICIAL_RELEASES.get(release or "", {}), which=encoder_choice, model_name=repo_id,
+            release_info=OFFICIAL_RELEASES.get(release or "", {}), encoder=encoder_choice, model_name=repo_id,
             remote_code=args.remote_code, num_heads_source=heads_source,
         )
         save_model_repo(model, directory, image_processor=make_image_processor(config.encoder_config.image_size),
@@ -176,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write a stock transformers `ijepa` encoder repo (loads without ijepa_hf)")
     mode.add_argument("--all", action="store_true",
                       help="write pretraining/, encoder/ and predictor/ repos under OUTPUT_DIR")
-    conv.add_argument("--which", choices=("target", "context"), default="target",
+    conv.add_argument("--encoder", choices=("target", "context"), default="target",
                       help="encoder to export (default: target, the one the paper evaluates; HF/timm use context)")
     conv.add_argument("--release", help=f"official release name, one of {sorted(OFFICIAL_RELEASES)} "
                                         "(detected from the file name when possible)")

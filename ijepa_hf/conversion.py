@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
-from .modeling_ijepa_hf import IJepaEncoderModel, IJepaPredictorModel, IJepaPretrainingModel
+from .modeling_ijepa_hf import ENCODER_CHOICES, IJepaEncoderModel, IJepaPredictorModel, IJepaForPreTraining
 
 __all__ = [
     "CheckpointMismatchError",
@@ -217,8 +217,8 @@ def convert_official_checkpoint(
     checkpoint: str | Path | Mapping[str, Any],
     config: IJepaPretrainingConfig | None = None,
     num_heads: int | None = None,
-) -> IJepaPretrainingModel:
-    """Builds an `IJepaPretrainingModel` holding the official context encoder, target encoder and predictor.
+) -> IJepaForPreTraining:
+    """Builds an `IJepaForPreTraining` holding the official context encoder, target encoder and predictor.
 
     Args:
         checkpoint: path to an official ``.pth.tar`` or the dict returned by `load_official_checkpoint`.
@@ -235,7 +235,7 @@ def convert_official_checkpoint(
             "Use --encoder-only to convert just an encoder."
         )
     config = config or infer_official_config(checkpoint, num_heads=num_heads)
-    model = IJepaPretrainingModel(config)
+    model = IJepaForPreTraining(config)
     load_strict(model.context_encoder, official_encoder_to_ours(checkpoint["encoder"]), "the context encoder (`encoder`)")
     load_strict(model.target_encoder, official_encoder_to_ours(checkpoint["target_encoder"]), "the target encoder")
     load_strict(model.predictor, official_predictor_to_ours(checkpoint["predictor"]), "the predictor")
@@ -244,18 +244,20 @@ def convert_official_checkpoint(
 
 def convert_official_encoder(
     checkpoint: str | Path | Mapping[str, Any],
-    which: str = "target_encoder",
+    encoder: str = "target",
     config: IJepaEncoderConfig | None = None,
     num_heads: int | None = None,
 ) -> IJepaEncoderModel:
-    """An `IJepaEncoderModel` from one encoder of an official checkpoint (``target_encoder`` by default: the paper
-    evaluates the target encoder; transformers' and timm's converters use ``encoder``).
+    """An `IJepaEncoderModel` from one encoder of an official checkpoint: ``encoder="target"`` (default, the
+    checkpoint's ``target_encoder``: the paper evaluates the target encoder) or ``"context"`` (its ``encoder``,
+    which transformers' and timm's converters use).
 
     ``config`` is inferred from the shapes when omitted; ``num_heads`` is then required unless the width is an
     official one (see `official_num_heads`).
     """
-    if which not in ("encoder", "target_encoder"):
-        raise ValueError(f"`which` must be 'encoder' or 'target_encoder', got {which!r}.")
+    if encoder not in ENCODER_CHOICES:
+        raise ValueError(f"`encoder` must be 'target' or 'context', got {encoder!r}.")
+    which = "target_encoder" if encoder == "target" else "encoder"  # the official checkpoint's section
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_official_checkpoint(checkpoint)
     if checkpoint.get(which) is None:

@@ -55,18 +55,18 @@ LayerSpec = str | int
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_encoder(model: nn.Module, which: Literal["target", "context"] = "target") -> nn.Module:
+def resolve_encoder(model: nn.Module, encoder: Literal["target", "context"] = "target") -> nn.Module:
     """The encoder to evaluate inside ``model``.
 
-    * an `IJepaPretrainingModel` -> its target encoder (``which="target"``, the paper's choice) or context
-      encoder;
+    * an `IJepaForPreTraining` -> its target encoder (``encoder="target"``, the paper's choice) or context
+      encoder (``encoder="context"``);
     * an image classifier (ours, transformers' ``IJepaForImageClassification``, ViT, ...) -> its backbone
       (``model.base_model``, e.g. ``.encoder`` / ``.ijepa``);
     * anything else (an `IJepaEncoderModel`, a stock ``IJepaModel``) is returned as is.
     """
-    get_encoder = getattr(model, "get_encoder", None)
-    if hasattr(model, "target_encoder") and callable(get_encoder):
-        return get_encoder(which)
+    encoder_for = getattr(model, "encoder_for", None)
+    if hasattr(model, "target_encoder") and callable(encoder_for):
+        return encoder_for(encoder)
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
         return base
@@ -90,11 +90,11 @@ def load_image_processor(model_name_or_path: str, config: Any | None = None, **k
 
 
 def load_encoder(
-    model_name_or_path: str, which: Literal["target", "context"] = "target", **kwargs: Any
+    model_name_or_path: str, encoder: Literal["target", "context"] = "target", **kwargs: Any
 ) -> tuple[nn.Module, Any]:
     """Loads the encoder to evaluate from a repo or folder, and its image processor.
 
-    Works for our encoder, pretraining (``which`` encoder) and classifier repos, transformers' stock ``ijepa``
+    Works for our encoder, pretraining (its ``encoder``: ``"target"`` or ``"context"``) and classifier repos, transformers' stock ``ijepa``
     (and other vision) models: classifiers are loaded with ``AutoModelForImageClassification`` (their saved keys
     carry the backbone prefix) and reduced to their backbone, everything else with ``AutoModel``.
     ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ...).
@@ -109,9 +109,9 @@ def load_encoder(
     is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
     auto_class = AutoModelForImageClassification if is_classifier else AutoModel
     model = auto_class.from_pretrained(model_name_or_path, config=config, **kwargs)
-    encoder = resolve_encoder(model, which)
+    network = resolve_encoder(model, encoder)
     processor_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
-    return encoder, load_image_processor(model_name_or_path, getattr(encoder, "config", config), **processor_kwargs)
+    return network, load_image_processor(model_name_or_path, getattr(network, "config", config), **processor_kwargs)
 
 
 def _final_norm(encoder: nn.Module) -> nn.Module:
@@ -124,6 +124,32 @@ def _final_norm(encoder: nn.Module) -> nn.Module:
         f"{type(encoder).__name__} has no final norm attribute (`norm` or `layernorm`); multi-layer features "
         "need it. Use layers='last'."
     )
+
+
+def _num_blocks(encoder: nn.Module) -> int | None:
+    config = getattr(encoder, "config", None)
+    return getattr(config, "num_hidden_layers", None)
+
+
+def _last_layers(
+    encoder: nn.Module, pixel_values: torch.Tensor, num_layers: int, norm: nn.Module | None
+) -> list[torch.Tensor]:
+    """The outputs ``[B, N, D]`` of the last ``num_layers`` blocks, each through the final LayerNorm.
+
+    Our encoders have timm's ``get_intermediate_layers`` (it stops after the last block asked for); other models
+    (transformers' stock ``IJepaModel``, ViT) give them through ``output_hidden_states``.
+    """
+    num_blocks = _num_blocks(encoder)
+    if num_blocks is not None and num_layers > num_blocks:
+        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    if hasattr(encoder, "get_intermediate_layers"):
+        return list(encoder.get_intermediate_layers(pixel_values, n=num_layers, norm=True))
+    hidden_states = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    # hidden_states = (embeddings, block 1, ..., block L): only the last L are block outputs.
+    num_blocks = 0 if hidden_states is None else len(hidden_states) - 1
+    if num_layers > num_blocks:
+        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    return [norm(h) for h in hidden_states[-num_layers:]]
 
 
 def _parse_layers(layers: LayerSpec) -> int:
@@ -264,14 +290,14 @@ def extract_features(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
-    which: Literal["target", "context"] = "target",
+    encoder: Literal["target", "context"] = "target",
     return_indices: bool = False,
 ) -> tuple[torch.FloatTensor, torch.LongTensor] | tuple[torch.FloatTensor, torch.LongTensor, torch.LongTensor]:
     """Average-pooled patch features of every image of ``dataset`` (the paper's evaluation features).
 
     Args:
-        model: an `IJepaEncoderModel`, an `IJepaPretrainingModel` (its target encoder is used, or the context
-            encoder with ``which="context"``), a classifier (its backbone is used), or a stock transformers
+        model: an `IJepaEncoderModel`, an `IJepaForPreTraining` (its target encoder is used, or the context
+            encoder with ``encoder="context"``), a classifier (its backbone is used), or a stock transformers
             ``IJepaModel``; see :func:`resolve_encoder`.
         dataset: a ``datasets.Dataset`` / ``IterableDataset``, a torch ``Dataset`` or any iterable of examples:
             dicts with an image under ``image_column`` (PIL, path, bytes, ``{"bytes", "path"}``) or already
@@ -291,7 +317,7 @@ def extract_features(
         device: where to run; default: the model's device. Features are returned on the CPU.
         num_workers: DataLoader workers for map-style datasets.
         progress: show a tqdm progress bar.
-        which: for pretraining models, ``"target"`` (default) or ``"context"`` encoder.
+        encoder: for pretraining models, ``"target"`` (default) or ``"context"`` encoder.
         return_indices: also return, for every feature row, the position of its example in ``dataset``.
 
     Returns:
@@ -306,20 +332,20 @@ def extract_features(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     num_layers = _parse_layers(layers)
-    encoder = resolve_encoder(model, which)
-    norm = _final_norm(encoder) if num_layers else None
+    network = resolve_encoder(model, encoder)
+    norm = _final_norm(network) if num_layers and not hasattr(network, "get_intermediate_layers") else None
     if transform is None and image_processor is None:
         from .image_processing import make_image_processor
 
-        image_processor = make_image_processor(encoder.config)
-    parameter = next(encoder.parameters(), None)
+        image_processor = make_image_processor(network.config)
+    parameter = next(network.parameters(), None)
     device = torch.device(device) if device is not None else (parameter.device if parameter is not None else "cpu")
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
 
     collate = _BatchBuilder(image_processor, transform, image_column, label_column)
     batches, total = _batches(dataset, collate, batch_size, num_workers)
-    was_training = encoder.training
-    encoder.eval()
+    was_training = network.training
+    network.eval()
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
@@ -330,24 +356,17 @@ def extract_features(
                 continue
             pixel_values, batch_labels, kept = batch
             indices.append(kept + batch_index * batch_size)  # batches are consecutive, of batch_size examples
-            outputs = encoder(
-                pixel_values=pixel_values.to(device=device, dtype=dtype), output_hidden_states=bool(num_layers)
-            )
+            pixel_values = pixel_values.to(device=device, dtype=dtype)
             if num_layers:
-                hidden_states = outputs.hidden_states
-                # hidden_states = (embeddings, block 1, ..., block L): only the last L are block outputs.
-                num_blocks = 0 if hidden_states is None else len(hidden_states) - 1
-                if num_layers > num_blocks:
-                    raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
-                pooled = torch.cat([norm(h).mean(dim=1) for h in hidden_states[-num_layers:]], dim=-1)
+                pooled = torch.cat([h.mean(dim=1) for h in _last_layers(network, pixel_values, num_layers, norm)], -1)
             else:
                 # Mean of the final patch tokens (not `pooler_output`: transformers' stock I-JEPA pooler is a
                 # tanh layer on the first patch, and ours equals this mean anyway).
-                pooled = outputs.last_hidden_state.mean(dim=1)
+                pooled = network(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
             features.append(pooled.float().cpu())
             labels.append(batch_labels)
     finally:
-        encoder.train(was_training)
+        network.train(was_training)
     if not features:
         raise ValueError("the dataset yielded no (readable) images.")
     if return_indices:
@@ -631,7 +650,7 @@ def evaluate_encoder(
 ) -> dict[str, Any]:
     """Extracts features of both splits and runs :func:`linear_probe` and :func:`knn_probe`.
 
-    ``extract_kwargs`` go to :func:`extract_features` (``image_processor``, ``batch_size``, ``which``, ...).
+    ``extract_kwargs`` go to :func:`extract_features` (``image_processor``, ``batch_size``, ``encoder``, ...).
 
     Returns a row for :func:`format_results_table`: ``{"model", "layers", "linear_accuracy", "knn_accuracy",
     "feature_dim", "num_train", "num_test", "linear": <linear_probe dict>, "knn": <knn_probe dict>}``.

@@ -468,7 +468,7 @@ def load_image_classifier(
     from transformers import AutoConfig, AutoModelForImageClassification
 
     from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
-    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaPretrainingModel, refuse_checkpoint_file
+    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaForPreTraining, refuse_checkpoint_file
 
     refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
@@ -477,7 +477,7 @@ def load_image_classifier(
     config = AutoConfig.from_pretrained(model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
     if not isinstance(config, IJepaPretrainingConfig):
         return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)
-    pretraining = IJepaPretrainingModel.from_pretrained(
+    pretraining = IJepaForPreTraining.from_pretrained(
         model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys}
     )
     backbone = pretraining.export_encoder(encoder)

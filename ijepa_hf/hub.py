@@ -212,7 +212,7 @@ def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = F
         return "\n".join(lines) + "\n"
     encoder = "model"
     if kind == "pretraining":
-        lines += ['encoder = model.get_encoder("target")  # the EMA target encoder is the one evaluated in the paper']
+        lines += ['encoder = model.encoder_for("target")  # the EMA target encoder is the one evaluated in the paper']
         encoder = "encoder"
     lines += [
         "with torch.no_grad():",
@@ -403,7 +403,7 @@ def card_for_converted_checkpoint(
     release: str | None,
     source: str,
     release_info: Mapping[str, Any] | None = None,
-    which: Literal["target", "context"] | None = None,
+    encoder: Literal["target", "context"] | None = None,
     model_name: str | None = None,
     remote_code: bool = False,
     num_heads_source: str | None = None,
@@ -421,7 +421,7 @@ def card_for_converted_checkpoint(
         source: File name of the converted checkpoint.
         release_info: The release's entry of ``ijepa_hf.cli.OFFICIAL_RELEASES``: ``hub`` (the facebook/ repo,
             used as ``base_model``), ``dataset`` (Hub dataset id) and ``epochs``, all optional.
-        which: For encoder repos, which encoder of the checkpoint was exported (``"target"`` or ``"context"``).
+        encoder: For encoder repos, which encoder of the checkpoint was exported (``"target"`` or ``"context"``).
         model_name: The Hub repo id the card is for (used in the title and the loading code); a placeholder
             ``your-username/...`` name otherwise.
         remote_code: The repo ships its modelling code (``auto_map``), so it loads without ``ijepa_hf``.
@@ -456,11 +456,11 @@ def card_for_converted_checkpoint(
             + (", and the predictor has the encoder's, as in the official code." if kind != "encoder" else ".")
         )
     if kind == "encoder":
-        if which is not None:
-            conversion.append(f"The weights are {_ENCODER_CHOICES[which]}.")
+        if encoder is not None:
+            conversion.append(f"The weights are {_ENCODER_CHOICES[encoder]}.")
         conversion.append(
             "The checkpoint's other encoder is in the pretraining repository converted from the same file "
-            "(`model.get_encoder(\"context\")` / `model.get_encoder(\"target\")`)."
+            "(`model.encoder_for(\"context\")` / `model.encoder_for(\"target\")`)."
         )
     elif kind == "pretraining":
         conversion.append(
@@ -502,7 +502,7 @@ def card_for_converted_checkpoint(
 
 # Model auto classes that `ijepa_hf/__init__.py` registers; the auto_map of a saved repo lists those of them that
 # the model's config type is registered with, so remote code loads through the same Auto classes as local code.
-_REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification")
+_REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification", "AutoBackbone")
 _UNSET = object()
 
 
@@ -529,8 +529,10 @@ def remote_code_auto_map(model: "PreTrainedModel") -> dict[str, str]:
             registered = getattr(transformers, auto_name)._model_mapping[config_class]
         except KeyError:
             continue
-        # Only classes defined in the copied modelling file can be named in auto_map.
-        if registered.__module__ == module:
+        # Only classes defined in the copied modelling file can be named in auto_map, and only for their own config
+        # class (transformers re-registers remote classes and refuses other pairs, e.g. AutoBackbone for an encoder
+        # config: backbone repos get that entry).
+        if registered.__module__ == module and registered.config_class.__name__ == config_class.__name__:
             auto_map[auto_name] = f"{module.rsplit('.', 1)[-1]}.{registered.__name__}"
     if model_class.__name__ not in {v.rsplit(".", 1)[-1] for k, v in auto_map.items() if k != "AutoConfig"}:
         raise ValueError(

@@ -3,7 +3,7 @@
 Meta's official I-JEPA checkpoints are CC BY-NC 4.0, and so is everything derived from them: a conversion, a model
 pretrained further from one, a classifier fine-tuned from one. The licence is recorded in the model's config
 (``weights_license`` and ``weights_base_model``, on the config and every sub-config, so it survives
-``save_pretrained``/``from_pretrained``, `IJepaPretrainingModel.export_encoder` and loading an encoder or a
+``save_pretrained``/``from_pretrained``, `IJepaForPreTraining.export_encoder` and loading an encoder or a
 classifier out of a pretraining repo). Every writer of a card asks :func:`weights_license`:
 
     from ijepa_hf.licensing import weights_license, record_weights_license

@@ -27,19 +27,24 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
+from .configuration_ijepa_hf_backbone import BACKBONE_ARGUMENTS, IJepaBackboneConfig
 
 __all__ = [
     "IJepaPreTrainedModel",
     "IJepaEncoderModel",
     "IJepaPredictorModel",
-    "IJepaPretrainingModel",
+    "IJepaForPreTraining",
     "IJepaEncoderForImageClassification",
+    "IJepaBackbone",
     "IJepaPredictorOutput",
-    "IJepaPretrainingOutput",
+    "IJepaForPreTrainingOutput",
     "sincos_position_embeddings",
     "gather_patches",
     "refuse_checkpoint_file",
@@ -104,6 +109,36 @@ def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_siz
         low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host sync on a GPU, not two
         if low < 0 or high >= num_patches:
             raise ValueError(f"`{name}` holds patch indices in [{low}, {high}], outside [0, {num_patches - 1}].")
+
+
+def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """Block indices as timm's ``feature_take_indices``: ``None`` -> every block, an int ``n`` -> the last ``n``,
+    a sequence -> those blocks (negative ones count from the end). Returns them (0-based, in the given order)
+    and the largest."""
+    if indices is None:
+        chosen = list(range(num_blocks))
+    elif isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= num_blocks:
+            raise ValueError(f"`indices`={indices} asks for the last {indices} blocks, but the encoder has {num_blocks}.")
+        chosen = list(range(num_blocks - indices, num_blocks))
+    else:
+        chosen = []
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not -num_blocks <= index < num_blocks:
+                raise ValueError(f"`indices` must be block indices in [{-num_blocks}, {num_blocks - 1}], got {indices!r}.")
+            chosen.append(index % num_blocks)
+        if not chosen:
+            raise ValueError("`indices` selects no block.")
+    return chosen, max(chosen)
+
+
+def tokens_to_feature_map(tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens ``[B, rows * cols, D]`` (raster order) -> a feature map ``[B, D, rows, cols]``."""
+    batch_size, length, width = tokens.shape
+    rows, cols = grid_size
+    if length != rows * cols:
+        raise ValueError(f"{length} tokens do not fill a {rows}x{cols} patch grid.")
+    return tokens.reshape(batch_size, rows, cols, width).permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,30 +288,26 @@ def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.Module
 
 
 def run_blocks(
-    blocks: nn.ModuleList,
-    hidden_states: torch.Tensor,
-    output_hidden_states: bool,
-    output_attentions: bool,
-    last_query_start: int = 0,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-    """Runs the blocks, collecting the input and every block's output, and the attention maps, on request.
+    blocks: nn.ModuleList, hidden_states: torch.Tensor, output_attentions: bool = False, last_query_start: int = 0
+) -> torch.Tensor:
+    """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
+    (`_can_record_outputs`), not collected here; ``output_attentions`` only makes attention return its weights.
 
     ``last_query_start``: the last block updates only the tokens from there on and the result has only those
-    (the predictor's context tokens are never read after the last block); ignored when the full per-layer outputs
-    are requested, so that every returned layer has every token.
+    (the predictor's context tokens are never read after the last block). Callers pass 0 while hidden states or
+    attentions are being recorded, so that every recorded layer has every token.
     """
-    all_hidden = (hidden_states,) if output_hidden_states else None
-    all_attentions = () if output_attentions else None
-    if output_hidden_states or output_attentions:
-        last_query_start = 0
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
-        hidden_states, weights = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
-        if output_hidden_states:
-            all_hidden = all_hidden + (hidden_states,)
-        if output_attentions:
-            all_attentions = all_attentions + (weights,)
-    return hidden_states, all_hidden, all_attentions
+        hidden_states, _ = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
+    return hidden_states
+
+
+def _records(model: PreTrainedModel, kwargs: dict[str, Any], name: str) -> bool:
+    """Whether `capture_outputs` records ``name`` (``"hidden_states"``, ``"attentions"``) in this call: the call's
+    ``output_<name>`` (a flag, or hidden-state indices), else the config's, as the decorator decides."""
+    value = kwargs.get(f"output_{name}", getattr(model.config, f"output_{name}", False))
+    return value is not None and value is not False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,7 +331,7 @@ class IJepaPredictorOutput(ModelOutput):
 
 
 @dataclass
-class IJepaPretrainingOutput(ModelOutput):
+class IJepaForPreTrainingOutput(ModelOutput):
     """
     Args:
         loss (scalar): smooth L1 (or MSE) between predictions and targets, computed in float32.
@@ -316,6 +347,9 @@ class IJepaPretrainingOutput(ModelOutput):
     context_hidden_state: torch.FloatTensor | None = None
     target_hidden_state: torch.FloatTensor | None = None
 
+
+# The one vocabulary for "which encoder of a pretraining model": API keyword `encoder=`, CLI `--encoder`.
+ENCODER_CHOICES = ("target", "context")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading: what kind of repo was given
@@ -338,8 +372,9 @@ _REPO_KINDS: dict[str, tuple[str, str]] = {
     "ijepa_hf_predictor": ("an I-JEPA predictor", "`IJepaPredictorModel`"),
     "ijepa_hf_pretraining": (
         "an I-JEPA pretraining model (context encoder, predictor, target encoder)",
-        "`IJepaPretrainingModel` / `AutoModelForPreTraining`",
+        "`IJepaForPreTraining` / `AutoModelForPreTraining`",
     ),
+    "ijepa_hf_backbone": ("an I-JEPA encoder as a backbone", "`IJepaBackbone` / `AutoBackbone`"),
     "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
 }
 
@@ -386,7 +421,7 @@ def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
             f"`ijepa_hf.conversion.encoder_from_transformers({str(path)!r})`."
         )
     elif given == "ijepa_hf_pretraining" and expected == "ijepa_hf_predictor":
-        message += f"Load the whole model and take its predictor: `IJepaPretrainingModel.from_pretrained({str(path)!r}).predictor`."
+        message += f"Load the whole model and take its predictor: `IJepaForPreTraining.from_pretrained({str(path)!r}).predictor`."
         return message
     else:
         message += f"Load it with {loader}."
@@ -423,6 +458,12 @@ class IJepaPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # `output_hidden_states` / `output_attentions` are recorded by `capture_outputs` hooks on these modules: the
+    # input of the first block and every block's output (before the final norm), and each attention's weights.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(IJepaBlock, index=0),
+        "attentions": OutputRecorder(IJepaAttention, index=1),
+    }
     # Keys a checkpoint may lack (transformers filters them out of its missing-key report): the sin-cos tables are
     # recomputed from the config. Subclasses add freshly initialised heads.
     _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$"]
@@ -504,15 +545,6 @@ class IJepaPreTrainedModel(PreTrainedModel):
     def _after_load(self) -> None:
         """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
 
-    def _output_flags(
-        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
-        """Call arguments, falling back to the config's defaults (transformers' convention)."""
-        return (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            self.config.output_attentions if output_attentions is None else output_attentions,
-            self.config.return_dict if return_dict is None else return_dict,
-        )
 
 
 class IJepaEncoderModel(IJepaPreTrainedModel):
@@ -580,15 +612,14 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         tokens = F.linear(gather_patches(patches, keep), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         return tokens + gather_patches(positions, keep)
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling | tuple:
+    ) -> BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images; H and W multiples of the patch size (any resolution).
@@ -598,26 +629,76 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state [B, K or N, D]` (after the final LayerNorm),
-            `pooler_output [B, D]` (mean over the returned patches), optional `hidden_states` (embeddings then
-            each block, before the final norm) and `attentions`.
+            `pooler_output [B, D]` (mean over the returned patches), and with `output_hidden_states=True`
+            `hidden_states` (embeddings then each block, before the final norm), with `output_attentions=True`
+            `attentions` (both recorded by `capture_outputs`); a tuple with `return_dict=False`.
         """
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
-
         if context_mask is None:
             hidden_states = self.embed(pixel_values)
         elif isinstance(context_mask, torch.Tensor):
             hidden_states = self.embed(pixel_values, context_mask)
         else:
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
-        hidden_states, all_hidden, all_attentions = run_blocks(self.blocks, hidden_states, output_hidden_states, output_attentions)
+        hidden_states = run_blocks(self.blocks, hidden_states, output_attentions=_records(self, kwargs, "attentions"))
         hidden_states = self.norm(hidden_states)
-        pooled = hidden_states.mean(dim=1)
-        if not return_dict:
-            return tuple(v for v in (hidden_states, pooled, all_hidden, all_attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden, attentions=all_attentions
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
+
+
+    def forward_intermediates(
+        self,
+        pixel_values: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        r"""The outputs of chosen blocks, as timm's ``forward_intermediates``.
+
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images (any resolution that is a multiple of the patch size).
+            indices: ``None``: every block; an int ``n``: the last ``n`` blocks; a list: those blocks (0-based,
+                negative from the end).
+            norm: pass each intermediate through the final LayerNorm (the norm the last block's output gets).
+            stop_early: do not run the blocks after the last chosen one (the final output is then that block's).
+            output_fmt: ``"NCHW"``: feature maps ``[B, D, H / p, W / p]``; ``"NLC"``: tokens ``[B, N, D]``.
+            intermediates_only: return only the intermediates (and stop after the last chosen block).
+
+        Returns:
+            The list of intermediates in block order, or ``(final, intermediates)`` where ``final`` is the
+            normalised output ``[B, N, D]`` (`last_hidden_state`).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"`output_fmt` must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        chosen, last = take_indices(len(self.blocks), indices)
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        hidden_states = self.embed(pixel_values)
+        taken: dict[int, torch.Tensor] = {}
+        blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
+        for index, block in enumerate(blocks):
+            hidden_states, _ = block(hidden_states)
+            if index in chosen:
+                taken[index] = self.norm(hidden_states) if norm else hidden_states
+        intermediates = [taken[index] for index in sorted(set(chosen))]
+        if output_fmt == "NCHW":
+            intermediates = [tokens_to_feature_map(tokens, grid) for tokens in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(hidden_states), intermediates
+
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        norm: bool = False,
+    ) -> tuple[torch.Tensor, ...]:
+        """timm's / DINO's ``get_intermediate_layers``: the last ``n`` blocks (or the blocks listed in ``n``),
+        optionally normalised (``norm``) and reshaped to ``[B, D, h, w]`` (``reshape``; else ``[B, N, D]``)."""
+        return tuple(
+            self.forward_intermediates(
+                pixel_values, indices=n, norm=norm, output_fmt="NCHW" if reshape else "NLC", intermediates_only=True
+            )
         )
 
 
@@ -643,16 +724,15 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         self.proj = nn.Linear(config.hidden_size, config.encoder_hidden_size)
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         encoder_hidden_states: torch.Tensor,
         context_mask: torch.Tensor,
         target_masks: torch.Tensor | Sequence[torch.Tensor],
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> IJepaPredictorOutput | tuple:
+    ) -> IJepaPredictorOutput:
         r"""
         Args:
             encoder_hidden_states (`[B, Kc, D]`): context-encoder output on the context patches.
@@ -660,11 +740,9 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
             target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): the patches of each target block.
 
         Returns:
-            `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major).
+            `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major), and the recorded
+            `hidden_states` / `attentions` on request.
         """
-        output_hidden_states, output_attentions, return_dict = self._output_flags(
-            output_hidden_states, output_attentions, return_dict
-        )
 
         batch_size, num_context, _ = encoder_hidden_states.shape
         target_masks = _stack_target_masks(target_masks)
@@ -685,17 +763,18 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         hidden_states = torch.cat([context, queries], dim=1)
 
         # The context tokens' last-block outputs are never read: their MLP and attention rows are skipped (~8% of
-        # a 6-block predictor's work at the official mask sizes).
-        hidden_states, all_hidden, all_attentions = run_blocks(
-            self.blocks, hidden_states, output_hidden_states, output_attentions, last_query_start=num_context
+        # a 6-block predictor's work at the official mask sizes), unless the layers are being recorded (then every
+        # recorded layer keeps every token).
+        output_attentions = _records(self, kwargs, "attentions")
+        recording = output_attentions or _records(self, kwargs, "hidden_states")
+        hidden_states = run_blocks(
+            self.blocks, hidden_states, output_attentions, last_query_start=0 if recording else num_context
         )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
-        if not return_dict:
-            return tuple(v for v in (predictions, all_hidden, all_attentions) if v is not None)
-        return IJepaPredictorOutput(predictions=predictions, hidden_states=all_hidden, attentions=all_attentions)
+        return IJepaPredictorOutput(predictions=predictions)
 
 
-class IJepaPretrainingModel(IJepaPreTrainedModel):
+class IJepaForPreTraining(IJepaPreTrainedModel):
     """I-JEPA pretraining: a context encoder on the context patches, a predictor for each target block, and an
     EMA target encoder (no gradients; saved and loaded with the model) that provides the targets on the full image.
 
@@ -726,7 +805,7 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
     def _after_load(self) -> None:
         self._freeze_target_encoder()
 
-    def train(self, mode: bool = True) -> "IJepaPretrainingModel":
+    def train(self, mode: bool = True) -> "IJepaForPreTraining":
         super().train(mode)
         self.target_encoder.eval()  # its outputs must be deterministic targets (no dropout / drop-path)
         return self
@@ -758,15 +837,15 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             return F.mse_loss(predictions, targets)
         return F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         target_masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
         return_loss: bool = True,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> IJepaPretrainingOutput | BaseModelOutputWithPooling | tuple:
+    ) -> IJepaForPreTrainingOutput | BaseModelOutputWithPooling:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
@@ -775,16 +854,15 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
             return_loss: compute the loss (also lets `Trainer` report an eval loss without labels).
 
         Returns:
-            `IJepaPretrainingOutput`; called with images only (neither mask), the target encoder's
+            `IJepaForPreTrainingOutput`; called with images only (neither mask), the target encoder's
             `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
             feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         if context_mask is None and target_masks is None:
             # Images only: feature extraction with the target encoder, the one the paper evaluates (this is what
             # `AutoModel` and `pipeline("image-feature-extraction")` run on a pretraining repo).
             flags = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
-            return self.target_encoder(pixel_values, return_dict=return_dict, **flags)
+            return self.target_encoder(pixel_values, **flags)
         if context_mask is None or target_masks is None:
             raise ValueError(
                 "I-JEPA pretraining needs `context_mask` and `target_masks`: build batches with "
@@ -795,27 +873,30 @@ class IJepaPretrainingModel(IJepaPreTrainedModel):
         context = self.context_encoder(pixel_values, context_mask=context_mask).last_hidden_state
         predictions = self.predictor(context, context_mask, target_masks).predictions
         loss = self.loss_fn(predictions, targets) if return_loss else None
-        output = IJepaPretrainingOutput(
+        return IJepaForPreTrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
             context_hidden_state=context,
             target_hidden_state=target_full,
         )
-        return output if return_dict else output.to_tuple()
 
-    def get_encoder(self, which: str = "target") -> IJepaEncoderModel:
-        """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``)."""
-        if which not in ("target", "context"):
-            raise ValueError(f"`which` must be 'target' or 'context', got {which!r}.")
-        return self.target_encoder if which == "target" else self.context_encoder
+    def encoder_for(self, encoder: str = "target") -> IJepaEncoderModel:
+        """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``).
 
-    def export_encoder(self, which: str = "target") -> IJepaEncoderModel:
-        """A standalone, trainable copy of one encoder, ready for `save_pretrained`/`push_to_hub`."""
-        source = self.get_encoder(which)
-        encoder = IJepaEncoderModel(IJepaEncoderConfig.from_dict(source.config.to_dict()))
-        encoder.load_state_dict(source.state_dict())
-        return encoder.to(device=source.pos_embed.device)
+        (Not `get_encoder`: `PreTrainedModel.get_encoder(modality)` means something else in transformers.)
+        """
+        if encoder not in ENCODER_CHOICES:
+            raise ValueError(f"`encoder` must be 'target' or 'context', got {encoder!r}.")
+        return self.target_encoder if encoder == "target" else self.context_encoder
+
+    def export_encoder(self, encoder: str = "target") -> IJepaEncoderModel:
+        """A standalone, trainable copy of one encoder (``"target"`` or ``"context"``), ready for
+        `save_pretrained`/`push_to_hub`."""
+        source = self.encoder_for(encoder)
+        exported = IJepaEncoderModel(IJepaEncoderConfig.from_dict(source.config.to_dict()))
+        exported.load_state_dict(source.state_dict())
+        return exported.to(device=source.pos_embed.device)
 
 
 class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
@@ -834,15 +915,10 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
+    @can_return_tuple
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs: Any,
-    ) -> ImageClassifierOutput | tuple:
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`[B, C, H, W]`): normalised images.
@@ -851,17 +927,90 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         Returns:
             `ImageClassifierOutput` with `logits [B, num_labels]` and `loss` when labels are given.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.encoder(
-            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
+        outputs = self.encoder(pixel_values, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-        if not return_dict:
-            output = (logits,) + tuple(v for v in (outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
+    """An I-JEPA encoder as a transformers backbone (`AutoBackbone`, as `Dinov2Backbone`): the stages are the patch
+    embeddings (``"stem"``) and the blocks (``"stage1"`` ..), and ``feature_maps`` holds those in
+    ``config.out_features`` as ``[B, D, H / p, W / p]`` maps (through the final LayerNorm unless
+    ``config.apply_layernorm=False``; tokens ``[B, N, D]`` with ``reshape_hidden_states=False``). Dense heads built
+    on `load_backbone` (`UperNetForSemanticSegmentation`, ...) take it as their ``backbone_config``.
+
+    Its weights are an encoder's (same module names): `from_pretrained` loads encoder, classifier and pretraining
+    repos (the target encoder) as well as backbone repos, with ``out_features`` / ``out_indices`` /
+    ``apply_layernorm`` / ``reshape_hidden_states`` as keyword arguments.
+    """
+
+    config_class = IJepaBackboneConfig
+
+    def __init__(self, config: IJepaBackboneConfig) -> None:
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        backbone_kwargs = {key: kwargs.pop(key) for key in BACKBONE_ARGUMENTS if key in kwargs}
+        config = kwargs.get("config")
+        if isinstance(config, IJepaBackboneConfig):
+            for key, value in backbone_kwargs.items():
+                setattr(config, key, value)
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        given = _given_model_type(pretrained_model_name_or_path, cls, kwargs)
+        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+        if isinstance(config, IJepaEncoderConfig) or (config is None and given == IJepaEncoderConfig.model_type):
+            encoder_config = config or IJepaEncoderConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(encoder_config, **backbone_kwargs)
+        elif isinstance(config, IJepaPretrainingConfig) or (
+            config is None and given == IJepaPretrainingConfig.model_type
+        ):
+            # The target encoder, the one the paper evaluates.
+            pretraining_config = config or IJepaPretrainingConfig.from_pretrained(
+                pretrained_model_name_or_path, **hub_kwargs
+            )
+            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(
+                pretraining_config.encoder_config, **backbone_kwargs
+            )
+            kwargs["key_mapping"] = {r"^target_encoder\.": "", **(kwargs.get("key_mapping") or {})}
+        else:
+            if backbone_kwargs:  # a backbone repo: the arguments override its saved choice
+                kwargs["config"] = IJepaBackboneConfig.from_pretrained(
+                    config or pretrained_model_name_or_path, **hub_kwargs, **backbone_kwargs
+                )
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        kwargs["config"]._name_or_path = str(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BackboneOutput:
+        r"""
+        Args:
+            pixel_values (`[B, C, H, W]`): normalised images; H and W multiples of the patch size.
+
+        Returns:
+            `BackboneOutput` with `feature_maps` (one per `out_features` stage, `[B, D, H / p, W / p]`), and
+            `hidden_states` / `attentions` on request.
+        """
+        kwargs.pop("context_mask", None)  # dense features need every patch
+        # The encoder forward (BackboneMixin.forward comes first in the MRO).
+        outputs = IJepaEncoderModel.forward(self, pixel_values, return_dict=True, **kwargs)
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        feature_maps = ()
+        for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):
+            if stage in self.out_features:
+                if self.config.apply_layernorm:
+                    hidden_state = self.norm(hidden_state)
+                if self.config.reshape_hidden_states:
+                    hidden_state = tokens_to_feature_map(hidden_state, grid)
+                feature_maps += (hidden_state,)
+        return BackboneOutput(
+            feature_maps=feature_maps, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

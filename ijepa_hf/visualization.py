@@ -380,7 +380,7 @@ def plot_pca_features(
     path: PathLike,
     image_processor: Any | None = None,
     *,
-    which: str = "target",
+    encoder: str = "target",
     interpolation: str = "nearest",
     figsize: tuple[float, float] = (8.0, 4.2),
     dpi: int = 100,
@@ -388,7 +388,7 @@ def plot_pca_features(
     """The input image next to an RGB map of the first three principal components of its patch features.
 
     Args:
-        model: an encoder, a pretraining model (its ``which`` encoder) or a classifier (its backbone).
+        model: an encoder, a pretraining model (its ``encoder``: ``"target"`` or ``"context"``) or a classifier (its backbone).
         image: a PIL image or array (preprocessed with ``image_processor``, default
             `make_image_processor(config)`), or a ``[3, H, W]`` tensor taken as ready ``pixel_values``.
         path: where to write the PNG (``figsize * dpi`` pixels).
@@ -398,9 +398,9 @@ def plot_pca_features(
     from .evaluation import resolve_encoder
     from .image_processing import make_image_processor
 
-    encoder = resolve_encoder(model, which)  # type: ignore[arg-type]
+    network = resolve_encoder(model, encoder)  # type: ignore[arg-type]
     if image_processor is None:
-        image_processor = make_image_processor(encoder.config)
+        image_processor = make_image_processor(network.config)
     mean = getattr(image_processor, "image_mean", None) or IMAGENET_MEAN
     std = getattr(image_processor, "image_std", None) or IMAGENET_STD
     if isinstance(image, torch.Tensor):
@@ -408,14 +408,14 @@ def plot_pca_features(
     else:
         pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
         pixel_values = image_processor(images=pil.convert("RGB"), return_tensors="pt")["pixel_values"]
-    parameter = next(encoder.parameters())
-    was_training = encoder.training
-    encoder.eval()
+    parameter = next(network.parameters())
+    was_training = network.training
+    network.eval()
     try:
-        features = encoder(pixel_values=pixel_values.to(parameter.device, parameter.dtype)).last_hidden_state[0]
+        features = network(pixel_values=pixel_values.to(parameter.device, parameter.dtype)).last_hidden_state[0]
     finally:
-        encoder.train(was_training)
-    patch = encoder.config.patch_size
+        network.train(was_training)
+    patch = network.config.patch_size
     height, width = pixel_values.shape[-2:]
     grid = (height // patch, width // patch)
     colours = pca_rgb(features, grid).permute(2, 0, 1)[None]  # [1, 3, rows, cols]

@@ -8,7 +8,7 @@ from tiny import tiny_pretraining_config
 from torch._inductor import config as inductor_config
 from transformers import TrainingArguments
 
-from ijepa_hf import IJepaPretrainingModel
+from ijepa_hf import IJepaForPreTraining
 from ijepa_hf.training import IJepaTrainer
 from ijepa_hf.training.compilation import MIX_ORDER_REDUCTION_ENV, configure_inductor_for_variable_masks
 
@@ -36,5 +36,5 @@ def test_an_explicit_environment_choice_wins(mix_order_on, monkeypatch):
 def test_trainer_applies_it_only_when_compiling(mix_order_on, tmp_path, torch_compile):
     args = TrainingArguments(output_dir=str(tmp_path), torch_compile=torch_compile, use_cpu=True, report_to="none",
                              remove_unused_columns=False)
-    IJepaTrainer(model=IJepaPretrainingModel(tiny_pretraining_config()), args=args)
+    IJepaTrainer(model=IJepaForPreTraining(tiny_pretraining_config()), args=args)
     assert inductor_config.triton.mix_order_reduction is (not torch_compile)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForPreTraining, IJepaConfig, IJepaModel
 
-from ijepa_hf import IJepaEncoderModel, IJepaPretrainingModel
+from ijepa_hf import IJepaEncoderModel, IJepaForPreTraining
 from ijepa_hf.cli import main as cli_main
 from ijepa_hf.conversion import (
     CheckpointMismatchError,
@@ -33,14 +33,14 @@ def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("converted")
     assert convert(str(out / "pretraining")) == 0
     assert convert(str(out / "target"), "--encoder-only") == 0
-    assert convert(str(out / "context"), "--encoder-only", "--which", "context") == 0
-    assert convert(str(out / "stock"), "--to-transformers", "--which", "context") == 0
+    assert convert(str(out / "context"), "--encoder-only", "--encoder", "context") == 0
+    assert convert(str(out / "stock"), "--to-transformers", "--encoder", "context") == 0
     return out
 
 
 def test_pretraining_repo_loads_with_auto_and_reproduces_golden(converted):
     model = AutoModelForPreTraining.from_pretrained(converted / "pretraining")
-    assert isinstance(model, IJepaPretrainingModel)
+    assert isinstance(model, IJepaForPreTraining)
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
     g = golden()
     with torch.no_grad():

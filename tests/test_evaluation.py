@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tiny import tiny_encoder_config, tiny_pretraining_config
 
-from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaPretrainingModel
+from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaForPreTraining
 from ijepa_hf.data import EvalTransform
 from ijepa_hf.evaluation import (
     evaluate_encoder,
@@ -149,14 +149,14 @@ def test_extract_features_last_and_last4(image_dataset, encoder):
 
 def test_extract_features_resolves_wrapped_models(image_dataset):
     torch.manual_seed(0)
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config()).train()
+    pretraining = IJepaForPreTraining(tiny_pretraining_config()).train()
     with torch.no_grad():  # a fresh model's two encoders are identical: make them differ, so a mix-up shows
         for parameter in pretraining.context_encoder.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     target, _ = extract_features(pretraining, image_dataset, progress=False)
     expected, _ = extract_features(pretraining.target_encoder, image_dataset, progress=False)
     torch.testing.assert_close(target, expected)
-    context, _ = extract_features(pretraining, image_dataset, progress=False, which="context")
+    context, _ = extract_features(pretraining, image_dataset, progress=False, encoder="context")
     torch.testing.assert_close(context, extract_features(pretraining.context_encoder, image_dataset, progress=False)[0])
     assert not torch.allclose(context, target, atol=1e-3)
     assert pretraining.context_encoder.training  # the previous mode is restored
@@ -215,14 +215,14 @@ def test_load_encoder_on_a_pretraining_repo_gives_its_target_encoder(tmp_path):
     from ijepa_hf.evaluation import load_encoder
 
     torch.manual_seed(0)
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    pretraining = IJepaForPreTraining(tiny_pretraining_config())
     with torch.no_grad():
         for parameter in pretraining.target_encoder.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
     pretraining.save_pretrained(tmp_path)
     make_image_processor(pretraining.config.encoder_config).save_pretrained(tmp_path)
     for which, reference in (("target", pretraining.target_encoder), ("context", pretraining.context_encoder)):
-        encoder, processor = load_encoder(str(tmp_path), which=which)
+        encoder, processor = load_encoder(str(tmp_path), encoder=which)
         pixels = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(encoder(pixels).last_hidden_state, reference(pixels).last_hidden_state)
@@ -274,3 +274,17 @@ def test_probe_defaults_work_on_shallow_encoders(tmp_path, load_example):
     ])
     assert [row["layers"] for row in rows] == ["last", "last 3"]
     assert rows[1]["feature_dim"] == 3 * 32
+
+
+def test_multi_layer_features_come_from_the_encoders_intermediate_layers(image_dataset, encoder, monkeypatch):
+    calls = []
+    original = type(encoder).get_intermediate_layers
+
+    def spy(self, pixel_values, n=1, reshape=False, norm=False):
+        calls.append((n, reshape, norm))
+        return original(self, pixel_values, n=n, reshape=reshape, norm=norm)
+
+    monkeypatch.setattr(type(encoder), "get_intermediate_layers", spy)
+    features, _ = extract_features(encoder, image_dataset, batch_size=4, layers=2, progress=False)
+    assert features.shape == (7, 64)
+    assert calls == [(2, False, True), (2, False, True)]  # two batches, last 2 blocks, normalised tokens

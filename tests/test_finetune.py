@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tiny import tiny_encoder_config, tiny_pretraining_config
 
-from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaPretrainingModel, make_image_processor
+from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaForPreTraining, make_image_processor
 from ijepa_hf.finetuning import (
     LocalAccuracy,
     classification_collate,
@@ -145,7 +145,7 @@ def test_load_labeled_splits(image_folder):
 
 def test_load_image_classifier_from_pretraining_repo(tmp_path):
     torch.manual_seed(0)
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    pretraining = IJepaForPreTraining(tiny_pretraining_config())
     with torch.no_grad():  # make the two encoders differ
         for parameter in pretraining.context_encoder.parameters():
             parameter.add_(1.0)
@@ -154,7 +154,7 @@ def test_load_image_classifier_from_pretraining_repo(tmp_path):
         classifier = load_image_classifier(str(tmp_path), num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
                                            encoder=which)
         assert isinstance(classifier, IJepaEncoderForImageClassification) and classifier.config.num_labels == 3
-        source = pretraining.get_encoder(which).state_dict()
+        source = pretraining.encoder_for(which).state_dict()
         for key, value in classifier.encoder.state_dict().items():
             torch.testing.assert_close(value, source[key])
 

@@ -21,10 +21,12 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForPreTraining,
 
 from hub_utils import run_hub_script
 from ijepa_hf import (
+    IJepaBackbone,
+    IJepaBackboneConfig,
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
     IJepaPredictorModel,
-    IJepaPretrainingModel,
+    IJepaForPreTraining,
     make_image_processor,
 )
 from ijepa_hf.cli import OFFICIAL_RELEASES
@@ -38,7 +40,7 @@ DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, any reque
 KINDS = {
     "encoder": ("AutoModel", "IJepaEncoderModel"),
     "predictor": ("AutoModel", "IJepaPredictorModel"),
-    "pretraining": ("AutoModelForPreTraining", "IJepaPretrainingModel"),
+    "pretraining": ("AutoModelForPreTraining", "IJepaForPreTraining"),
     "classifier": ("AutoModelForImageClassification", "IJepaEncoderForImageClassification"),
 }
 
@@ -76,14 +78,14 @@ def test_push_pull_revisions_cache_and_offline(fake_hub: str, tmp_path: Path) ->
         from huggingface_hub import HfApi
         from safetensors.torch import save_file
         from ijepa_hf import (IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaPredictorModel,
-                              IJepaPretrainingModel, make_image_processor)
+                              IJepaForPreTraining, make_image_processor)
         from ijepa_hf.hub import push_model
         from tiny import tiny_encoder_config, tiny_pretraining_config
 
         builders = {{
             "encoder": lambda: IJepaEncoderModel(tiny_encoder_config()),
             "predictor": lambda: IJepaPredictorModel(tiny_pretraining_config().predictor_config),
-            "pretraining": lambda: IJepaPretrainingModel(tiny_pretraining_config()),
+            "pretraining": lambda: IJepaForPreTraining(tiny_pretraining_config()),
             "classifier": lambda: IJepaEncoderForImageClassification(
                 tiny_encoder_config(num_labels=3, id2label={{0: "cat", 1: "dog", 2: "fish"}})),
         }}
@@ -170,17 +172,18 @@ for kind, (auto_name, class_name) in kinds.items():
 
 
 def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Path) -> None:
-    model = IJepaPretrainingModel(tiny_pretraining_config())
+    model = IJepaForPreTraining(tiny_pretraining_config())
     save_with_remote_code(model, tmp_path / "remote", image_processor=make_image_processor(32))
     files = {p.name for p in (tmp_path / "remote").iterdir()}
-    assert {"configuration_ijepa_hf.py", "modeling_ijepa_hf.py", "preprocessor_config.json"} <= files
+    assert {"configuration_ijepa_hf.py", "configuration_ijepa_hf_backbone.py", "modeling_ijepa_hf.py",
+            "preprocessor_config.json"} <= files
     assert json.loads((tmp_path / "remote" / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_ijepa_hf.IJepaPretrainingConfig",
-        "AutoModel": "modeling_ijepa_hf.IJepaPretrainingModel",
-        "AutoModelForPreTraining": "modeling_ijepa_hf.IJepaPretrainingModel",
+        "AutoModel": "modeling_ijepa_hf.IJepaForPreTraining",
+        "AutoModelForPreTraining": "modeling_ijepa_hf.IJepaForPreTraining",
     }
     # register_for_auto_class was undone: a later plain save ships neither code nor auto_map.
-    assert IJepaPretrainingModel._auto_class is None and type(model.config)._auto_class is None
+    assert IJepaForPreTraining._auto_class is None and type(model.config)._auto_class is None
     model.save_pretrained(tmp_path / "plain")
     assert not list((tmp_path / "plain").glob("*.py"))
     assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
@@ -189,6 +192,10 @@ def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Pa
         "AutoConfig": "configuration_ijepa_hf.IJepaEncoderConfig",
         "AutoModel": "modeling_ijepa_hf.IJepaEncoderModel",
         "AutoModelForImageClassification": "modeling_ijepa_hf.IJepaEncoderForImageClassification",
+    }
+    assert remote_code_auto_map(IJepaBackbone(IJepaBackboneConfig(**tiny_encoder_config().to_dict()))) == {
+        "AutoConfig": "configuration_ijepa_hf_backbone.IJepaBackboneConfig",
+        "AutoBackbone": "modeling_ijepa_hf.IJepaBackbone",
     }
     stock = IJepaModel(IJepaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                    image_size=32, patch_size=8))
@@ -199,7 +206,7 @@ def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Pa
 def test_remote_code_loads_without_ijepa_hf(fake_hub: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     encoder = IJepaEncoderModel(tiny_encoder_config()).eval()
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config()).eval()
+    pretraining = IJepaForPreTraining(tiny_pretraining_config()).eval()
     save_with_remote_code(encoder, tmp_path / "encoder", image_processor=make_image_processor(32))
     save_with_remote_code(pretraining, tmp_path / "pretraining", image_processor=make_image_processor(32))
     pixels = torch.randn(2, 3, 32, 32)
@@ -267,7 +274,7 @@ def test_remote_code_loads_without_ijepa_hf(fake_hub: str, tmp_path: Path) -> No
 
         for auto in (AutoModelForPreTraining, AutoModel):
             model = auto.from_pretrained(pre_repo, trust_remote_code=True).eval()
-            assert type(model).__name__ == "IJepaPretrainingModel" and type(model).__module__.startswith("transformers_modules.")
+            assert type(model).__name__ == "IJepaForPreTraining" and type(model).__module__.startswith("transformers_modules.")
             assert not any(p.requires_grad for p in model.target_encoder.parameters())
             with torch.no_grad():
                 out = model(exp["pixel_values"], exp["context_mask"], exp["target_masks"])
@@ -312,7 +319,7 @@ def test_convert_all_writes_three_ready_repos(converted_all: Path) -> None:
     pretraining = AutoModelForPreTraining.from_pretrained(converted_all / "pretraining")
     encoder = AutoModel.from_pretrained(converted_all / "encoder")
     predictor = AutoModel.from_pretrained(converted_all / "predictor")
-    assert isinstance(pretraining, IJepaPretrainingModel) and isinstance(encoder, IJepaEncoderModel)
+    assert isinstance(pretraining, IJepaForPreTraining) and isinstance(encoder, IJepaEncoderModel)
     assert isinstance(predictor, IJepaPredictorModel)
     for part, reference in ((encoder, pretraining.target_encoder), (predictor, pretraining.predictor)):
         ref = reference.state_dict()
@@ -327,7 +334,7 @@ def test_card_of_an_official_release_names_base_model_and_dataset() -> None:
     release = "IN22K-vit.h.14-900e"
     model = IJepaEncoderModel(tiny_encoder_config())
     card = card_for_converted_checkpoint(model, kind="encoder", release=release, source=f"{release}.pth.tar",
-                                         release_info=OFFICIAL_RELEASES[release], which="context",
+                                         release_info=OFFICIAL_RELEASES[release], encoder="context",
                                          model_name="someone/ijepa-vith14-22k", remote_code=True)
     data = ModelCard(str(card)).data
     assert data.license == "cc-by-nc-4.0" and data.base_model == "facebook/ijepa_vith14_22k"
@@ -372,7 +379,7 @@ def test_convert_push_to_hub_with_remote_code(fake_hub: str, tmp_path: Path) -> 
         tmp_path / "home",
     )
     auto_map = json.loads((tmp_path / "out" / "pretraining" / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForPreTraining"] == "modeling_ijepa_hf.IJepaPretrainingModel"
+    assert auto_map["AutoModelForPreTraining"] == "modeling_ijepa_hf.IJepaForPreTraining"
 
 
 # ----------------------------------------------------------------------------------------------------------------

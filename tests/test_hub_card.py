@@ -171,13 +171,13 @@ def test_default_loading_code_runs(tmp_path: Path) -> None:
     import torch
     from transformers import IJepaConfig, IJepaForImageClassification, IJepaModel
 
-    from ijepa_hf import IJepaPretrainingConfig, IJepaPretrainingModel, make_image_processor
+    from ijepa_hf import IJepaPretrainingConfig, IJepaForPreTraining, make_image_processor
 
     processor = make_image_processor(32)
     checkpoints = {
         "encoder": IJepaModel(IJepaConfig(**TINY)),
         "classifier": IJepaForImageClassification(IJepaConfig(**TINY, id2label={0: "cat", 1: "dog", 2: "owl"})),
-        "pretraining": IJepaPretrainingModel(
+        "pretraining": IJepaForPreTraining(
             IJepaPretrainingConfig(
                 encoder_config=dict(TINY), predictor_config={"hidden_size": 16, "num_hidden_layers": 1}
             )

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from ijepa_hf import (
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
-    IJepaPretrainingModel,
+    IJepaForPreTraining,
     make_image_processor,
 )
 from ijepa_hf.cli import main as cli_main
@@ -45,7 +45,7 @@ def test_converted_configs_record_the_meta_licence(converted):
 
 
 def test_models_derived_from_a_conversion_keep_its_licence(converted, tmp_path):
-    pretraining = IJepaPretrainingModel.from_pretrained(converted / "pretraining")
+    pretraining = IJepaForPreTraining.from_pretrained(converted / "pretraining")
     assert weights_license(pretraining).license == META_WEIGHTS_LICENSE  # pretrained further
     exported = pretraining.export_encoder("target")
     assert weights_license(exported).license == META_WEIGHTS_LICENSE
@@ -94,7 +94,7 @@ def test_push_model_without_a_card_writes_a_licensed_one(converted, monkeypatch)
     assert "me/tiny-encoder" in card.text
 
     pushed.clear()
-    push_model(IJepaPretrainingModel(tiny_pretraining_config()), "me/fresh")
+    push_model(IJepaForPreTraining(tiny_pretraining_config()), "me/fresh")
     assert ModelCard(pushed["README.md"]).data.license == DEFAULT_LICENSE
 
 

@@ -14,7 +14,7 @@ from ijepa_hf import (
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
     IJepaPredictorModel,
-    IJepaPretrainingModel,
+    IJepaForPreTraining,
     make_image_processor,
 )
 from tiny import GOLDEN_CHECKPOINT, tiny_encoder_config, tiny_pretraining_config
@@ -32,7 +32,7 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3))
     classifier.save_pretrained(root / "classifier")
     IJepaEncoderModel(tiny_encoder_config()).save_pretrained(root / "encoder")
-    pretraining = IJepaPretrainingModel(tiny_pretraining_config())
+    pretraining = IJepaForPreTraining(tiny_pretraining_config())
     with torch.no_grad():  # a target encoder that differs from the context encoder
         for parameter in pretraining.target_encoder.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -87,7 +87,7 @@ def test_automodel_on_a_classifier_returns_its_encoder(repos):
 
 
 def test_encoder_from_a_pretraining_repo_is_its_target_encoder(repos):
-    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
     encoder, info = IJepaEncoderModel.from_pretrained(repos["pretraining"], output_loading_info=True)
     assert type(encoder) is IJepaEncoderModel
     assert _same_weights(encoder, pretraining.target_encoder)
@@ -98,14 +98,14 @@ def test_encoder_from_a_pretraining_repo_is_its_target_encoder(repos):
 
 
 def test_classifier_from_a_pretraining_repo_gets_the_target_encoder_and_a_new_head(repos):
-    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
     classifier = IJepaEncoderForImageClassification.from_pretrained(repos["pretraining"], num_labels=5)
     assert classifier.classifier.out_features == 5
     assert _same_weights(classifier.encoder, pretraining.target_encoder)
 
 
 def test_pretraining_repo_serves_feature_extraction_with_its_target_encoder(repos):
-    pretraining = IJepaPretrainingModel.from_pretrained(repos["pretraining"])
+    pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = pretraining.target_encoder(pixels)
@@ -131,14 +131,14 @@ def test_pretraining_repo_serves_feature_extraction_with_its_target_encoder(repo
 
 def test_encoder_repo_where_a_pretraining_repo_is_expected(repos):
     with pytest.raises(ValueError) as error:
-        IJepaPretrainingModel.from_pretrained(repos["encoder"])
+        IJepaForPreTraining.from_pretrained(repos["encoder"])
     message = str(error.value)
     assert "ijepa_hf_encoder" in message and "ijepa_hf_pretraining" in message and "ijepa-hf convert" in message
     assert len(message) < 700, message
 
 
 def test_raw_official_checkpoint_is_refused_with_the_convert_command():
-    for cls in (IJepaEncoderModel, IJepaPretrainingModel, IJepaEncoderForImageClassification):
+    for cls in (IJepaEncoderModel, IJepaForPreTraining, IJepaEncoderForImageClassification):
         with pytest.raises(ValueError) as error:
             cls.from_pretrained(str(GOLDEN_CHECKPOINT))
         message = str(error.value)
@@ -147,7 +147,7 @@ def test_raw_official_checkpoint_is_refused_with_the_convert_command():
 
 
 def test_stock_transformers_repo_is_refused_with_the_import_function(repos):
-    for cls in (IJepaEncoderModel, IJepaPretrainingModel, IJepaPredictorModel):
+    for cls in (IJepaEncoderModel, IJepaForPreTraining, IJepaPredictorModel):
         with pytest.raises(ValueError) as error:
             cls.from_pretrained(repos["stock"])
         message = str(error.value)
@@ -156,7 +156,7 @@ def test_stock_transformers_repo_is_refused_with_the_import_function(repos):
 
 
 def test_predictor_class_on_a_pretraining_repo_names_the_fix(repos):
-    with pytest.raises(ValueError, match=r"IJepaPretrainingModel\.from_pretrained\(.*\)\.predictor"):
+    with pytest.raises(ValueError, match=r"IJepaForPreTraining\.from_pretrained\(.*\)\.predictor"):
         IJepaPredictorModel.from_pretrained(repos["pretraining"])
 
 

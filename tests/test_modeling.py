@@ -21,7 +21,7 @@ from ijepa_hf import (
     IJepaEncoderForImageClassification,
     IJepaEncoderModel,
     IJepaPredictorModel,
-    IJepaPretrainingModel,
+    IJepaForPreTraining,
     make_image_processor,
     sincos_position_embeddings,
 )
@@ -60,7 +60,7 @@ def _assert_tables_are_formula(model):
 
 
 def test_position_tables_survive_config_construction_save_load_and_missing_keys(tmp_path):
-    model = IJepaPretrainingModel(tiny_pretraining_config())
+    model = IJepaForPreTraining(tiny_pretraining_config())
     _assert_tables_are_formula(model)
     model.save_pretrained(tmp_path / "full")
     _assert_tables_are_formula(AutoModelForPreTraining.from_pretrained(tmp_path / "full"))
@@ -131,7 +131,7 @@ def test_bad_pixel_values_are_clear_errors(shape, message):
 
 
 def test_bad_mask_indices_are_clear_errors():
-    model = IJepaPretrainingModel(tiny_pretraining_config())
+    model = IJepaForPreTraining(tiny_pretraining_config())
     pixels = torch.randn(2, 3, 32, 32)
     context, targets = random_masks(2, 16, 6, 2, 3)
     with pytest.raises(ValueError, match="outside"):
@@ -151,7 +151,7 @@ def test_bad_mask_indices_are_clear_errors():
 
 def test_each_target_block_is_predicted_in_its_own_sequence():
     torch.manual_seed(0)
-    model = IJepaPretrainingModel(tiny_pretraining_config()).eval()
+    model = IJepaForPreTraining(tiny_pretraining_config()).eval()
     pixels = torch.randn(3, 3, 32, 32)
     context, targets = random_masks(3, 16, 7, 4, 3)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_each_target_block_is_predicted_in_its_own_sequence():
 
 def test_predictor_skips_the_context_rows_of_its_last_block_without_changing_anything():
     torch.manual_seed(0)
-    predictor = IJepaPretrainingModel(tiny_pretraining_config()).predictor.train()
+    predictor = IJepaForPreTraining(tiny_pretraining_config()).predictor.train()
     context_mask, target_masks = random_masks(3, 16, 7, 4, 3)
     features = torch.randn(3, 7, 32, requires_grad=True)
     pruned = predictor(features, context_mask, target_masks).predictions
@@ -203,7 +203,7 @@ def test_cpu_bf16_training_attention_takes_the_matmul_path_with_the_same_result(
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = IJepaPretrainingModel(tiny_pretraining_config()).train()
+    model = IJepaForPreTraining(tiny_pretraining_config()).train()
     pixels = torch.randn(2, 3, 32, 32)
     masks = random_masks(2, 16, 8, 2, 3)
     model(pixels, *masks).loss.backward()
@@ -218,7 +218,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_bf16_autocast_training_step_is_close_to_fp32():
     torch.manual_seed(0)
-    model = IJepaPretrainingModel(tiny_pretraining_config())
+    model = IJepaForPreTraining(tiny_pretraining_config())
     pixels = torch.randn(4, 3, 32, 32)
     masks = random_masks(4, 16, 8, 4, 3)
     fp32 = model(pixels, *masks).loss
@@ -232,7 +232,7 @@ def test_bf16_autocast_training_step_is_close_to_fp32():
 
 def test_ema_update_and_target_encoder_is_frozen():
     torch.manual_seed(0)
-    model = IJepaPretrainingModel(tiny_pretraining_config())
+    model = IJepaForPreTraining(tiny_pretraining_config())
     for a, b in zip(model.context_encoder.parameters(), model.target_encoder.parameters()):
         assert torch.equal(a, b)  # the target starts as a copy
     with torch.no_grad():
@@ -249,7 +249,7 @@ def test_ema_update_and_target_encoder_is_frozen():
 
 def test_mse_loss_is_selectable():
     torch.manual_seed(0)
-    model = IJepaPretrainingModel(tiny_pretraining_config(loss="mse"))
+    model = IJepaForPreTraining(tiny_pretraining_config(loss="mse"))
     output = model(torch.randn(2, 3, 32, 32), *random_masks(2, 16, 8, 2, 3))
     torch.testing.assert_close(output.loss, F.mse_loss(output.predictions, output.targets))
 
@@ -257,12 +257,12 @@ def test_mse_loss_is_selectable():
 @pytest.mark.parametrize("cls, auto", [
     (IJepaEncoderModel, AutoModel),
     (IJepaEncoderForImageClassification, AutoModelForImageClassification),
-    (IJepaPretrainingModel, AutoModelForPreTraining),
+    (IJepaForPreTraining, AutoModelForPreTraining),
     (IJepaPredictorModel, AutoModel),
 ])
 def test_save_load_round_trip_is_bit_exact(tmp_path, cls, auto):
     torch.manual_seed(0)
-    if cls is IJepaPretrainingModel:
+    if cls is IJepaForPreTraining:
         model = cls(tiny_pretraining_config())
         model.update_target_encoder(0.5)
         with torch.no_grad():
@@ -280,7 +280,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, cls, auto):
     assert set(original) == set(reloaded)
     for key in original:
         assert torch.equal(original[key], reloaded[key]), key
-    if cls is IJepaPretrainingModel:
+    if cls is IJepaForPreTraining:
         assert not any(p.requires_grad for p in loaded.target_encoder.parameters())
         assert all(p.requires_grad for p in loaded.context_encoder.parameters())
 
@@ -315,3 +315,87 @@ def test_auto_registration_leaves_transformers_ijepa_alone(tmp_path):
     from PIL import Image
     gray = Image.fromarray(np.zeros((50, 70), dtype=np.uint8), mode="L")
     assert processor(gray, return_tensors="pt")["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_outputs_are_recorded_by_transformers_capture_machinery():
+    # hidden_states / attentions come from `_can_record_outputs` hooks (capture_outputs), return_dict=False from
+    # the decorators; the config's output_* flags are the defaults, as for transformers' own models.
+    torch.manual_seed(0)
+    config = tiny_encoder_config()
+    config._attn_implementation = "eager"
+    encoder = IJepaEncoderModel(config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        plain = encoder(pixels)
+        full = encoder(pixels, output_hidden_states=True, output_attentions=True)
+        as_tuple = encoder(pixels, output_hidden_states=True, return_dict=False)
+        only_last = encoder(pixels, output_hidden_states=[-1])
+        encoder.config.output_hidden_states = True
+        from_config = encoder(pixels)
+        encoder.config.output_hidden_states = False
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(full.hidden_states) == 3 and len(full.attentions) == 2
+    # hidden_states[-1] is the last block's output before the final norm (tie_last_hidden_states=False).
+    torch.testing.assert_close(encoder.norm(full.hidden_states[-1]), full.last_hidden_state)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3
+    torch.testing.assert_close(as_tuple[2][1], full.hidden_states[1])
+    assert only_last.hidden_states[0] is None and only_last.hidden_states[-1] is not None
+    assert len(from_config.hidden_states) == 3
+
+    classifier = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3)).eval()
+    with torch.no_grad():
+        out = classifier(pixels, labels=torch.tensor([0, 2]), output_hidden_states=True)
+        tup = classifier(pixels, labels=torch.tensor([0, 2]), return_dict=False)
+    assert len(out.hidden_states) == 3 and out.attentions is None
+    assert len(tup) == 2 and tup[0].dim() == 0 and tup[1].shape == (2, 3)
+
+    model = IJepaForPreTraining(tiny_pretraining_config()).eval()
+    context_mask, target_masks = random_masks(2, 16, 7, 2, 3)
+    with torch.no_grad():
+        out = model(pixels, context_mask, target_masks, return_dict=False)
+        features = model(pixels, output_hidden_states=True)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+    assert len(features.hidden_states) == 3
+
+
+def test_predictor_records_full_layers_while_its_last_block_is_shortened_otherwise():
+    torch.manual_seed(0)
+    config = tiny_pretraining_config()
+    predictor = IJepaForPreTraining(config).predictor.eval()
+    predictor.config._attn_implementation = "eager"
+    context_mask, target_masks = random_masks(3, 16, 7, 4, 3)
+    features = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        pruned = predictor(features, context_mask, target_masks)
+        recorded = predictor(features, context_mask, target_masks, output_attentions=True)
+        as_tuple = predictor(features, context_mask, target_masks, return_dict=False)
+    assert pruned.hidden_states is None and pruned.attentions is None
+    assert [a.shape for a in recorded.attentions] == [(12, 2, 10, 10)] * 2  # every row of the last block
+    torch.testing.assert_close(recorded.predictions, pruned.predictions, atol=1e-6, rtol=1e-5)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    torch.testing.assert_close(as_tuple[0], pruned.predictions)
+
+
+def test_names_follow_transformers_and_one_encoder_vocabulary():
+    import warnings
+
+    import ijepa_hf
+    from transformers import PreTrainedModel
+
+    model = IJepaForPreTraining(tiny_pretraining_config())
+    assert model.encoder_for() is model.target_encoder and model.encoder_for("target") is model.target_encoder
+    assert model.encoder_for("context") is model.context_encoder
+    with pytest.raises(ValueError, match="'target' or 'context'"):
+        model.encoder_for("target_encoder")
+    # transformers' get_encoder(modality) keeps its meaning.
+    assert type(model).get_encoder is PreTrainedModel.get_encoder
+    exported = model.export_encoder(encoder="context")
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), model.context_encoder.state_dict().values()))
+    # The 0.1.0 names still resolve for one release, with a FutureWarning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ijepa_hf.IJepaPretrainingModel is IJepaForPreTraining
+        assert ijepa_hf.IJepaPretrainingOutput is ijepa_hf.IJepaForPreTrainingOutput
+    assert [w.category for w in caught] == [FutureWarning, FutureWarning]
+    with pytest.raises(AttributeError):
+        ijepa_hf.NoSuchThing  # noqa: B018

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ijepa_hf import IJepaEncoderModel, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf import IJepaEncoderModel, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.training import PretrainingArguments, build_config, parse_args, pretrain
 from ijepa_hf.training.checkpointing import latest_checkpoint
@@ -83,7 +83,7 @@ def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
     assert result.log_file == str(out / "train_log.jsonl")
 
     model = AutoModelForPreTraining.from_pretrained(out)
-    assert isinstance(model, IJepaPretrainingModel)
+    assert isinstance(model, IJepaForPreTraining)
     encoder = AutoModel.from_pretrained(out / "encoder")
     assert isinstance(encoder, IJepaEncoderModel)
     for key, value in model.target_encoder.state_dict().items():
@@ -246,7 +246,7 @@ def test_trainer_ema_callback_follows_the_ema_formula(tmp_path):
     torch.manual_seed(0)
     config = IJepaPretrainingConfig()
     config.update_from_string(TINY_OVERRIDES)
-    model = IJepaPretrainingModel(config)
+    model = IJepaForPreTraining(config)
     collator = IJepaMaskCollator.from_config(config, seed=0)
     dataset = ProceduralShapes(16, image_size=32, transform=PretrainTransform(32))
 
@@ -504,7 +504,7 @@ def test_continued_pretraining_keeps_the_licence_and_names_the_base_model(tmp_pa
     config = IJepaPretrainingConfig()
     config.update_from_string(TINY_OVERRIDES)
     base = tmp_path / "meta-derived"
-    model = IJepaPretrainingModel(config)
+    model = IJepaForPreTraining(config)
     record_weights_license(model, "cc-by-nc-4.0", "facebook/ijepa_vith14_1k")
     model.save_pretrained(base)
     out = tmp_path / "continued"
@@ -521,7 +521,7 @@ def test_an_encoder_repo_where_a_pretraining_repo_is_expected_is_a_short_clear_e
     config = IJepaPretrainingConfig()
     config.update_from_string(TINY_OVERRIDES)
     encoder_repo = tmp_path / "encoder"
-    IJepaPretrainingModel(config).export_encoder("target").save_pretrained(encoder_repo)
+    IJepaForPreTraining(config).export_encoder("target").save_pretrained(encoder_repo)
     for flag in ("--model_name_or_path", "--config_name"):
         with pytest.raises(ValueError, match="Expected a pretraining config .* single encoder") as error:
             build_config(parse_args([flag, str(encoder_repo), "--output_dir", str(tmp_path / "o")]))

@@ -11,16 +11,16 @@ import torch
 from test_pretraining import REPO_ROOT, TINY_OVERRIDES
 from transformers import TrainerCallback, TrainingArguments
 
-from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaPretrainingModel
+from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.data import PretrainTransform, ProceduralShapes
 from ijepa_hf.training import IJepaTrainer, official_training_arguments
 
 
-def _tiny() -> tuple[IJepaPretrainingModel, IJepaMaskCollator, ProceduralShapes]:
+def _tiny() -> tuple[IJepaForPreTraining, IJepaMaskCollator, ProceduralShapes]:
     torch.manual_seed(0)
     config = IJepaPretrainingConfig()
     config.update_from_string(TINY_OVERRIDES)
-    return (IJepaPretrainingModel(config), IJepaMaskCollator.from_config(config, seed=0),
+    return (IJepaForPreTraining(config), IJepaMaskCollator.from_config(config, seed=0),
             ProceduralShapes(16, image_size=32, transform=PretrainTransform(32)))
 
 

@@ -393,11 +393,11 @@ def _square(image_size: int | list[int]) -> int:
 
 
 def _build_model(args: PretrainingArguments, config: Any) -> Any:
-    from ..modeling_ijepa_hf import IJepaPretrainingModel
+    from ..modeling_ijepa_hf import IJepaForPreTraining
 
     if args.model_name_or_path is None:
-        return IJepaPretrainingModel(config)
-    return IJepaPretrainingModel.from_pretrained(args.model_name_or_path, config=config, cache_dir=args.cache_dir,
+        return IJepaForPreTraining(config)
+    return IJepaForPreTraining.from_pretrained(args.model_name_or_path, config=config, cache_dir=args.cache_dir,
                                                  token=args.hub_token)
 
 

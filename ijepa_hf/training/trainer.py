@@ -59,7 +59,7 @@ def _unwrap(model: Any) -> Any:
     while not hasattr(model, "update_target_encoder"):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise TypeError(f"{type(model).__name__} has no update_target_encoder(): is it an IJepaPretrainingModel?")
+            raise TypeError(f"{type(model).__name__} has no update_target_encoder(): is it an IJepaForPreTraining?")
         model = inner
     return model
 

@@ -1,0 +1,73 @@
+"""Configuration of an I-JEPA encoder used as a transformers backbone (`AutoBackbone`, dense heads).
+
+`IJepaBackboneConfig` is an `IJepaEncoderConfig` plus transformers' `BackboneConfigMixin` fields
+(``out_features`` / ``out_indices`` over the stages ``stem, stage1 .. stageL``), ``apply_layernorm`` and
+``reshape_hidden_states`` (as `Dinov2Config`). It lives in its own module, as a subclass, so that the encoder
+configuration (`configuration_ijepa_hf.py`) stays free of backbone fields: an encoder repo does not carry them,
+and `IJepaBackbone.from_pretrained(encoder_repo, out_indices=...)` / `AutoBackbone` build this config from the
+encoder's. Its own ``model_type`` (``ijepa_hf_backbone``) lets dense-head configs (`UperNetConfig`, `DPTConfig`)
+hold it as ``backbone_config`` and save and reload it.
+
+Like the other configuration file, it only imports transformers and its sibling, so it can be shipped with the
+weights for ``trust_remote_code=True`` loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
+
+from .configuration_ijepa_hf import IJepaEncoderConfig
+
+__all__ = ["IJepaBackboneConfig"]
+
+# Keys of an encoder config's dict that describe the saved model rather than the architecture.
+_NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version")
+BACKBONE_ARGUMENTS = ("out_features", "out_indices", "apply_layernorm", "reshape_hidden_states")
+
+
+class IJepaBackboneConfig(BackboneConfigMixin, IJepaEncoderConfig):
+    r"""An `IJepaEncoderConfig` for an I-JEPA encoder used as a backbone (`IJepaBackbone`).
+
+    Args:
+        out_features (`list[str]`, optional): stages to return as feature maps, among ``stage_names``
+            (``"stem"``, the patch embeddings, then ``"stage1"`` .. ``"stage{num_hidden_layers}"``, the blocks).
+        out_indices (`list[int]`, optional): the same as indices into ``stage_names`` (negative ones count from
+            the end). Neither given: the last stage.
+        apply_layernorm: pass each returned feature map through the encoder's final LayerNorm (so every stage
+            is on the scale of the final output; DINO and timm's ``norm=True`` do the same).
+        reshape_hidden_states: return feature maps as ``[B, D, h, w]`` (else the tokens ``[B, h * w, D]``).
+        kwargs: the `IJepaEncoderConfig` arguments.
+    """
+
+    model_type = "ijepa_hf_backbone"
+
+    def __init__(
+        self,
+        out_features: list[str] | None = None,
+        out_indices: list[int] | None = None,
+        apply_layernorm: bool = True,
+        reshape_hidden_states: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("stage_names", None)  # derived from the depth below (saved configs carry it)
+        self.apply_layernorm = apply_layernorm
+        self.reshape_hidden_states = reshape_hidden_states
+        super().__init__(**kwargs)
+        self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    @classmethod
+    def from_encoder_config(cls, encoder_config: PretrainedConfig | dict[str, Any], **backbone_kwargs: Any):
+        """The backbone config of an encoder (an `IJepaEncoderConfig` or its dict), with ``out_features`` /
+        ``out_indices`` / ``apply_layernorm`` / ``reshape_hidden_states`` from ``backbone_kwargs``."""
+        values = encoder_config.to_dict() if isinstance(encoder_config, PretrainedConfig) else dict(encoder_config)
+        for key in _NOT_CARRIED:
+            values.pop(key, None)
+        unknown = set(backbone_kwargs) - set(BACKBONE_ARGUMENTS)
+        if unknown:
+            raise TypeError(f"unexpected backbone arguments {sorted(unknown)}; expected some of {BACKBONE_ARGUMENTS}.")
+        values.update(backbone_kwargs)
+        return cls(**values)

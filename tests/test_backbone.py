@@ -1,0 +1,163 @@
+"""Dense features: the encoder's timm-style intermediate layers, `IJepaBackbone` / `AutoBackbone`, and a
+transformers dense head (UperNet) on an I-JEPA backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoBackbone, AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+from hub_utils import run_hub_script
+from ijepa_hf import IJepaBackbone, IJepaBackboneConfig, IJepaEncoderModel, IJepaForPreTraining
+from tiny import tiny_encoder_config, tiny_pretraining_config
+
+
+@pytest.fixture(scope="module")
+def encoder() -> IJepaEncoderModel:
+    torch.manual_seed(0)
+    return IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+
+
+@torch.no_grad()
+def test_forward_intermediates_is_timm_like(encoder):
+    pixels = torch.randn(2, 3, 32, 48)  # a 4 x 6 patch grid: rows and columns must not be swapped
+    reference = encoder(pixels, output_hidden_states=True)
+    blocks = reference.hidden_states[1:]  # block outputs, before the final norm
+
+    final, maps = encoder.forward_intermediates(pixels)
+    torch.testing.assert_close(final, reference.last_hidden_state)
+    assert [m.shape for m in maps] == [(2, 32, 4, 6)] * 4
+    # Raster order: token r * cols + c is the map's [:, :, r, c].
+    torch.testing.assert_close(maps[2][:, :, 1, 5], blocks[2][:, 1 * 6 + 5])
+
+    last_two = encoder.forward_intermediates(pixels, indices=2, norm=True, output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(last_two[0], encoder.norm(blocks[2]))
+    torch.testing.assert_close(last_two[1], reference.last_hidden_state)
+    chosen = encoder.forward_intermediates(pixels, indices=[0, -1], output_fmt="NLC", intermediates_only=True)
+    torch.testing.assert_close(chosen[0], blocks[0])
+    torch.testing.assert_close(chosen[1], blocks[3])
+    early_final, early = encoder.forward_intermediates(pixels, indices=[1], stop_early=True, output_fmt="NLC")
+    torch.testing.assert_close(early[0], blocks[1])
+    torch.testing.assert_close(early_final, encoder.norm(blocks[1]))
+
+    layers = encoder.get_intermediate_layers(pixels, n=2, reshape=True, norm=True)
+    assert isinstance(layers, tuple) and [m.shape for m in layers] == [(2, 32, 4, 6)] * 2
+    torch.testing.assert_close(layers[1].flatten(2).transpose(1, 2), reference.last_hidden_state)
+
+    for bad in (5, 0, [4], [-5]):
+        with pytest.raises(ValueError, match="blocks|block indices"):
+            encoder.forward_intermediates(pixels, indices=bad)
+    with pytest.raises(ValueError, match="output_fmt"):
+        encoder.forward_intermediates(pixels, output_fmt="NHWC")
+
+
+def test_backbone_config_stages_and_round_trip(tmp_path: Path):
+    config = IJepaBackboneConfig(**tiny_encoder_config(num_hidden_layers=4).to_dict(), out_indices=[1, -1])
+    assert config.stage_names == ["stem", "stage1", "stage2", "stage3", "stage4"]
+    assert config.out_features == ["stage1", "stage4"]
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is IJepaBackboneConfig
+    assert (loaded.out_features, loaded.out_indices) == (["stage1", "stage4"], [1, -1])
+    with pytest.raises(ValueError, match="out_features"):
+        IJepaBackboneConfig(**tiny_encoder_config().to_dict(), out_features=["stage9"])
+
+
+@torch.no_grad()
+def test_backbone_feature_maps_from_encoder_and_pretraining_repos(encoder, tmp_path: Path):
+    encoder.save_pretrained(tmp_path / "encoder")
+    backbone = IJepaBackbone.from_pretrained(tmp_path / "encoder", out_indices=[0, 2, 4])
+    assert type(backbone.config) is IJepaBackboneConfig and backbone.config.model_type == "ijepa_hf_backbone"
+    assert backbone.out_features == ["stem", "stage2", "stage4"] and backbone.channels == [32, 32, 32]
+    pixels = torch.randn(2, 3, 32, 40)
+    output = backbone(pixels)
+    assert output.hidden_states is None and [m.shape for m in output.feature_maps] == [(2, 32, 4, 5)] * 3
+    _, expected = encoder.forward_intermediates(pixels, indices=[1, 3], norm=True)
+    torch.testing.assert_close(output.feature_maps[1], expected[0])
+    torch.testing.assert_close(output.feature_maps[2], expected[1])
+    hidden = encoder(pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(output.feature_maps[0].flatten(2).transpose(1, 2), encoder.norm(hidden[0]))
+    assert len(backbone(pixels, output_hidden_states=True).hidden_states) == 5
+    tokens = IJepaBackbone.from_pretrained(tmp_path / "encoder", reshape_hidden_states=False, apply_layernorm=False)
+    torch.testing.assert_close(tokens(pixels).feature_maps[0], hidden[-1])  # default: the last stage
+
+    # A pretraining repo gives its target encoder.
+    torch.manual_seed(1)
+    pretraining = IJepaForPreTraining(tiny_pretraining_config(encoder={"num_hidden_layers": 4})).eval()
+    pretraining.update_target_encoder(0.0)
+    pretraining.target_encoder.blocks[0].mlp.fc2.bias.add_(1.0)  # target != context
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    from_pretraining = IJepaBackbone.from_pretrained(tmp_path / "pretraining", out_indices=[-1])
+    torch.testing.assert_close(
+        from_pretraining(pixels).feature_maps[0].flatten(2).transpose(1, 2),
+        pretraining.target_encoder(pixels).last_hidden_state,
+    )
+    # A backbone repo keeps its stages; keyword arguments override them.
+    backbone.save_pretrained(tmp_path / "backbone")
+    assert IJepaBackbone.from_pretrained(tmp_path / "backbone").out_features == ["stem", "stage2", "stage4"]
+    assert IJepaBackbone.from_pretrained(tmp_path / "backbone", out_indices=[3]).out_features == ["stage3"]
+
+
+def test_upernet_trains_on_an_ijepa_backbone(tmp_path: Path):
+    torch.manual_seed(0)
+    backbone_config = IJepaBackboneConfig(**tiny_encoder_config(num_hidden_layers=4).to_dict(), out_indices=[1, 2, 3, 4])
+    config = UperNetConfig(
+        backbone_config=backbone_config, hidden_size=16, pool_scales=[1, 2], auxiliary_in_channels=32,
+        auxiliary_channels=8, num_labels=3,
+    )
+    model = UperNetForSemanticSegmentation(config).train()
+    assert type(model.backbone) is IJepaBackbone
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    output = model(pixels, labels=labels)
+    assert output.logits.shape == (2, 3, 32, 32)
+    output.loss.backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+    model.save_pretrained(tmp_path)
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits)
+
+
+def test_auto_backbone_from_an_encoder_repo_on_the_hub(fake_hub: str, tmp_path: Path):
+    # transformers' AutoBackbone.from_pretrained asks the Hub whether the repo exists (local folders fail there
+    # for every model type in 5.24), hence a Hub repo; IJepaBackbone.from_pretrained takes local folders.
+    repo = "test-org/tiny-ijepa-backbone"
+    run_hub_script(
+        f"""
+        import torch
+        import ijepa_hf
+        from tiny import tiny_encoder_config
+        torch.manual_seed(0)
+        encoder = ijepa_hf.IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+        encoder.push_to_hub("{repo}")
+        torch.save(encoder.state_dict(), r"{tmp_path / 'encoder.pt'}")
+        """,
+        fake_hub, tmp_path / "pusher",
+    )
+    run_hub_script(
+        f"""
+        import torch
+        import ijepa_hf
+        from transformers import AutoBackbone
+        from tiny import tiny_encoder_config
+        backbone = AutoBackbone.from_pretrained("{repo}", out_indices=[2, 4])
+        assert type(backbone) is ijepa_hf.IJepaBackbone, type(backbone)
+        assert backbone.out_features == ["stage2", "stage4"], backbone.out_features
+        encoder = ijepa_hf.IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+        encoder.load_state_dict(torch.load(r"{tmp_path / 'encoder.pt'}"))
+        pixels = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            maps = backbone.eval()(pixels).feature_maps
+            _, expected = encoder.forward_intermediates(pixels, indices=[1, 3], norm=True)
+        for got, want in zip(maps, expected):
+            torch.testing.assert_close(got, want)
+        print("ok")
+        """,
+        fake_hub, tmp_path / "puller",
+    )
