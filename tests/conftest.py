@@ -70,6 +70,17 @@ def load_example():
     return load
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Keep an in-process training run on one thread (the CI machine is small and shared)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory) -> Path:
     """An uninterrupted 8-step run of the tiny config (test_pretraining's ``run``) with checkpoints at steps 4 and

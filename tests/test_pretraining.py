@@ -47,13 +47,7 @@ def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Keep in-process runs on one thread (the CI machine is small and shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,12 +31,7 @@ from ijepa_hf.training.checkpointing import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
