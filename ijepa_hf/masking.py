@@ -59,7 +59,7 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -234,14 +234,16 @@ class MultiBlockMaskGenerator:
             h, w = max(h, 1), max(w, 1)
         return h, w
 
-    def possible_block_sizes(self, which: str = "target") -> list[tuple[int, int]]:
-        """All block sizes ``(h, w)`` the sampler can draw (``which`` = "target" or "context").
+    def possible_block_sizes(self, block: Literal["target", "context"] = "target") -> list[tuple[int, int]]:
+        """All block sizes ``(h, w)`` the sampler can draw for a ``block`` ("target" or "context").
 
         Computed by a dense scan of the random draws (exact in the integer patch budget), used for
         the feasibility check at construction.
         """
-        scale = self.target_scale if which == "target" else self.context_scale
-        aspect = self.target_aspect_ratio if which == "target" else (1.0, 1.0)
+        if block not in ("target", "context"):
+            raise ValueError(f"block must be 'target' or 'context', got {block!r}")
+        scale = self.target_scale if block == "target" else self.context_scale
+        aspect = self.target_aspect_ratio if block == "target" else (1.0, 1.0)
         n = self.num_patches
         if self.mode == "official":
             r = np.linspace(0.0, 1.0 - 2.0**-24, 20001)  # torch.rand (float32) is < 1
@@ -503,9 +505,9 @@ class IJepaMaskCollator:
     mode = property(lambda self: self.generator.mode)
     max_tries = property(lambda self: self.generator.max_tries)
 
-    def possible_block_sizes(self, which: str = "target") -> list[tuple[int, int]]:
-        """All block sizes ``(h, w)`` the sampler can draw (``which`` = "target" or "context")."""
-        return self.generator.possible_block_sizes(which)
+    def possible_block_sizes(self, block: Literal["target", "context"] = "target") -> list[tuple[int, int]]:
+        """All block sizes ``(h, w)`` the sampler can draw for a ``block`` ("target" or "context")."""
+        return self.generator.possible_block_sizes(block)
 
     def _params(self) -> dict[str, Any]:
         g = self.generator
