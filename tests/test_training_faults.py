@@ -441,3 +441,20 @@ def test_bf16_autocast_trains_close_to_fp32(reference, tmp_path):
     assert 0 < worst < 0.05, f"bf16 run differs from fp32 by {worst}"
     losses = [r["loss"] for r in read_log(out)]
     assert losses == pytest.approx([r["loss"] for r in read_log(reference)], abs=0.02)
+
+
+def test_a_refused_folder_ends_every_rank_at_once(reference, tmp_path):
+    """The main process decides the folder policy; the other rank learns the error instead of waiting for it."""
+    out = _copy_run(reference, tmp_path / "run", "step_4")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(REPO_ROOT / "examples" / "pretrain.py"), *tiny_argv(out, images=32, batch=4, steps=4),
+    ]
+    started = time.monotonic()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and time.monotonic() - started < 120
+    output = proc.stdout + proc.stderr
+    assert output.count("already holds another run") >= 2, output[-3000:]  # raised on both ranks
