@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -62,28 +63,6 @@ IJEPA_BIBTEX = """@inproceedings{assran2023ijepa,
 # Anything converted, pretrained further or fine-tuned from the official checkpoints inherits their licence
 # (META_WEIGHTS_LICENSE, see `ijepa_hf.licensing`), so we refuse to label such weights with a more permissive licence.
 _META_BASE_PREFIXES = ("facebook/ijepa",)
-
-_KIND_DESCRIPTIONS: dict[str, str] = {
-    "encoder": (
-        "an I-JEPA **encoder**: a Vision Transformer that maps an image to one feature vector per patch. "
-        "It is the (target) encoder of a pretrained I-JEPA model and is what you want for image features, "
-        "linear probing, k-NN retrieval or fine-tuning."
-    ),
-    "pretraining": (
-        "the complete I-JEPA **pretraining** model: the context encoder, the predictor and the EMA target "
-        "encoder. Use it to resume or continue self-supervised pretraining; for downstream features, take its "
-        "target encoder."
-    ),
-    "predictor": (
-        "an I-JEPA **predictor**: a narrow Vision Transformer that, given context-encoder features and the "
-        "positions of target blocks, predicts the target encoder's features of those blocks. It is only "
-        "meaningful together with the encoder it was trained with."
-    ),
-    "classifier": (
-        "an I-JEPA encoder with an **image-classification head**: patch features are average-pooled and fed "
-        "to a linear classifier."
-    ),
-}
 
 # Friendly labels (and display order) for the `training` dict; unknown keys are shown after these.
 _TRAINING_LABELS: dict[str, str] = {
@@ -213,19 +192,18 @@ def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = F
     return "\n".join(lines) + "\n"
 
 
+@lru_cache(maxsize=1)
+def _template_macros() -> Any:
+    """The template's macros (``license_statement``, ``continue_pretraining_code``), callable from Python."""
+    import jinja2  # as huggingface_hub's ModelCard.from_template: needed only to render
+
+    return jinja2.Template(MODEL_CARD_TEMPLATE_PATH.read_text(encoding="utf-8")).module
+
+
 def license_statement(license: str) -> str:
-    """The licence paragraph of the card; spells out the non-commercial terms of Meta-derived weights."""
-    if license == META_WEIGHTS_LICENSE:
-        return (
-            "The weights in this repository are licensed under **CC BY-NC 4.0** "
-            "([Creative Commons Attribution-NonCommercial 4.0 International]"
-            "(https://creativecommons.org/licenses/by-nc/4.0/)): **non-commercial use only**. "
-            "This is the licence of the official I-JEPA checkpoints released by Meta AI in "
-            "[facebookresearch/ijepa](https://github.com/facebookresearch/ijepa); weights converted or fine-tuned "
-            "from them carry it too. Keep the attribution and the non-commercial restriction when you "
-            "redistribute them or models derived from them. The code that loads them is licensed separately."
-        )
-    return f"The weights in this repository are released under the `{license}` licence."
+    """The licence paragraph of the card (the template's ``license_statement`` macro); spells out the
+    non-commercial terms of Meta-derived weights."""
+    return str(_template_macros().license_statement(license, license == META_WEIGHTS_LICENSE))
 
 
 def _eval_result(entry: Mapping[str, Any]) -> EvalResult:
@@ -252,6 +230,7 @@ def make_model_card(
     training: Mapping[str, Any] | None = None,
     eval_results: Sequence[Mapping[str, Any]] | None = None,
     loading_code: str | None = None,
+    conversion: Mapping[str, Any] | None = None,
     extra: str | None = None,
 ) -> ModelCard:
     """Build the README (model card) of an I-JEPA checkpoint.
@@ -274,13 +253,17 @@ def make_model_card(
             and ``metric_value`` are required, ``task_type`` defaults to ``"image-classification"`` and
             ``dataset_type`` to ``dataset_name``. They go into the ``model-index`` metadata and a results table.
         loading_code: Python snippet for "How to use"; defaults to :func:`default_loading_code`.
+        conversion: For repos converted from an official checkpoint, the facts of the conversion, rendered as
+            a "Conversion" section (and, for pretraining repos, "Continue pretraining"): ``source`` (file name),
+            ``release``, ``num_heads`` and ``num_heads_source``, ``encoder`` (``"target"``/``"context"``, encoder
+            repos) and ``remote_code`` (the repo ships its modelling code); see :func:`card_for_converted_checkpoint`.
         extra: Markdown appended as an extra section before the licence.
 
     Returns:
         A :class:`huggingface_hub.ModelCard`; ``card.save("README.md")`` or ``card.push_to_hub(repo_id)``.
     """
-    if kind not in _KIND_DESCRIPTIONS:
-        raise ValueError(f"`kind` must be one of {sorted(_KIND_DESCRIPTIONS)}, got {kind!r}.")
+    if kind not in get_args(ModelKind):
+        raise ValueError(f"`kind` must be one of {sorted(get_args(ModelKind))}, got {kind!r}.")
     base_models = [base_model] if isinstance(base_model, str) else list(base_model or [])
     if license != META_WEIGHTS_LICENSE and any(b.startswith(_META_BASE_PREFIXES) for b in base_models):
         raise ValueError(
@@ -303,7 +286,6 @@ def make_model_card(
     template_kwargs = dict(
         model_name=model_name,
         kind=kind,
-        kind_description=_KIND_DESCRIPTIONS[kind],
         config_rows=[(k, _format_value(v)) for k, v in config_summary.items()],
         training_rows=_training_rows(training),
         results=[_result_row(r) for r in results],
@@ -312,7 +294,8 @@ def make_model_card(
         base_models=base_models,
         dataset_list=card_data.datasets or [],
         non_commercial=license == META_WEIGHTS_LICENSE,
-        license_statement=license_statement(license),
+        license=license,
+        conversion=dict(conversion) if conversion else None,
         extra=(extra or "").strip(),
         citation=IJEPA_BIBTEX,
     )
@@ -345,45 +328,10 @@ def _result_row(result: EvalResult) -> dict[str, str]:
 # Cards of converted official checkpoints (`ijepa-hf convert`)
 # ----------------------------------------------------------------------------------------------------------------
 
-_ENCODER_CHOICES: dict[str, str] = {
-    "target": (
-        "the checkpoint's **target encoder**: the exponential moving average of the context encoder, which is the "
-        "encoder the I-JEPA paper evaluates"
-    ),
-    "context": (
-        "the checkpoint's **context encoder**: the encoder trained by gradient descent, which is the one "
-        "transformers' and timm's conversions of the official checkpoints use"
-    ),
-}
-
-
 def continue_pretraining_code(model_name: str) -> str:
-    """A runnable sketch that resumes I-JEPA pretraining from a pretraining repo (masks, AdamW groups, EMA)."""
-    return f"""import torch
-from transformers import AutoModelForPreTraining
-
-import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types
-from ijepa_hf.masking import IJepaMaskCollator
-from ijepa_hf.training import PretrainingSchedule, build_optimizer
-
-model = AutoModelForPreTraining.from_pretrained("{model_name}").train()
-# `dataset` yields {{"pixel_values": FloatTensor[3, H, W]}} preprocessed like this repo's image processor.
-collator = IJepaMaskCollator.from_config(model.config)  # the multi-block masks of the config
-loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=collator)
-# The target encoder is frozen and follows the context encoder by EMA; only these two networks are optimised.
-optimizer = build_optimizer({{"encoder": model.context_encoder, "predictor": model.predictor}}, lr=1e-4)
-# Stateless schedules: pass the 1-based update number (here a short, constant-lr continuation with the EMA ramp).
-schedule = PretrainingSchedule(total_steps=len(loader), start_lr=1e-4, peak_lr=1e-4, final_lr=1e-4,
-                               ema_start=model.config.ema_momentum[0], ema_end=model.config.ema_momentum[1])
-for update, batch in enumerate(loader, start=1):
-    schedule.apply(optimizer, update)  # lr and weight decay of this update
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    model.update_target_encoder(schedule.momentum_at(update))
-model.save_pretrained("ijepa-continued")
-"""
+    """A runnable sketch that resumes I-JEPA pretraining from a pretraining repo (masks, AdamW groups, EMA): the
+    template's ``continue_pretraining_code`` macro."""
+    return str(_template_macros().continue_pretraining_code(model_name)) + "\n"
 
 
 def card_for_converted_checkpoint(
@@ -434,46 +382,14 @@ def card_for_converted_checkpoint(
     if training:
         training["loss"] = "smooth L1 between predicted and layer-normalised target-encoder features"
 
-    origin = f"the official I-JEPA checkpoint `{source}`"
-    if release:
-        origin += f" (release `{release}` of [facebookresearch/ijepa](https://github.com/facebookresearch/ijepa))"
-    conversion = [f"Converted with `ijepa-hf convert` (the `ijepa_hf` package) from {origin}."]
-    heads = summary.get("num_attention_heads", summary.get("encoder.num_attention_heads"))
-    if heads is not None:
-        where = f" ({num_heads_source})" if num_heads_source else ""
-        conversion.append(
-            f"It has {heads} attention heads{where}: head counts are not stored in official checkpoints"
-            + (", and the predictor has the encoder's, as in the official code." if kind != "encoder" else ".")
-        )
-    if kind == "encoder":
-        if encoder is not None:
-            conversion.append(f"The weights are {_ENCODER_CHOICES[encoder]}.")
-        conversion.append(
-            "The checkpoint's other encoder is in the pretraining repository converted from the same file "
-            "(`model.encoder_for(\"context\")` / `model.encoder_for(\"target\")`)."
-        )
-    elif kind == "pretraining":
-        conversion.append(
-            "All three networks of the checkpoint are included: `context_encoder`, `predictor` and `target_encoder` "
-            "(frozen, updated by EMA). The optimiser state of the official checkpoint is not converted, so a resumed "
-            "run starts with fresh AdamW moments and schedules."
-        )
-    elif kind == "predictor":
-        conversion.append(
-            "The predictor was trained together with the checkpoint's context encoder, which is in the pretraining "
-            "repository converted from the same file; it is only meaningful with that encoder."
-        )
-    sections = ["## Conversion\n\n" + " ".join(conversion)]
-    if remote_code:
-        sections.append(
-            "This repository ships its modelling code (`configuration_ijepa_hf.py`, `modeling_ijepa_hf.py` and an "
-            "`auto_map` in `config.json`): without `ijepa_hf` installed, drop the `import ijepa_hf` line and pass "
-            "`trust_remote_code=True` to `from_pretrained`."
-        )
-    if kind == "pretraining":
-        sections.append(
-            "## Continue pretraining\n\n```python\n" + continue_pretraining_code(model_name).rstrip("\n") + "\n```"
-        )
+    conversion = dict(
+        source=source,
+        release=release,
+        num_heads=summary.get("num_attention_heads", summary.get("encoder.num_attention_heads")),
+        num_heads_source=num_heads_source,
+        encoder=encoder if kind == "encoder" else None,
+        remote_code=remote_code,
+    )
     return make_model_card(
         model_name=model_name,
         kind=kind,
@@ -482,9 +398,8 @@ def card_for_converted_checkpoint(
         datasets=dataset,
         base_model=info.get("hub"),
         training=training or None,
-        extra="\n\n".join(sections),
+        conversion=conversion,
     )
-
 
 
 def _kind_of(model: Any) -> ModelKind:
