@@ -3,7 +3,8 @@
 :func:`save_model_repo`, :func:`save_with_remote_code`, :func:`push_folder` and :func:`push_model` write and upload
 ready-to-use repos: weights and config, the image processor, the card (:mod:`ijepa_hf.cards`) and, optionally, the
 modelling code itself (``auto_map`` + the two self-contained source files), so that people without ``ijepa_hf``
-can load the model with ``trust_remote_code=True``.
+can load the model with ``trust_remote_code=True``. ``model.push_to_hub`` and ``save_pretrained(push_to_hub=True)``
+on ``ijepa_hf`` models upload the same card (:func:`replace_generic_card`) instead of transformers' generic one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "push_folder",
     "push_model",
     "remote_code_auto_map",
+    "replace_generic_card",
     "save_model_repo",
     "save_with_remote_code",
 ]
@@ -191,3 +193,26 @@ def push_model(
     with tempfile.TemporaryDirectory(prefix="ijepa_hf_push_") as tmp:
         save_model_repo(model, tmp, image_processor=image_processor, card=card, remote_code=remote_code)
         return push_folder(tmp, repo_id, private=private, commit_message=commit_message, token=token)
+
+
+# The sentence that marks transformers' generic card (`transformers.utils.hub.create_and_tag_model_card`), written
+# when the repo has no card yet.
+_GENERIC_CARD_SENTENCE = "This model card has been automatically generated."
+
+
+def replace_generic_card(model: "PreTrainedModel", folder: str | Path, repo_id: str) -> bool:
+    """Replace transformers' generic ``README.md`` in ``folder`` by the card of :func:`ijepa_hf.cards.model_card_for`
+    (kind, architecture, the licence and base model of the weights), keeping its tags (``model.model_tags`` and the
+    ``tags`` of ``push_to_hub``). Returns whether it did.
+
+    ``IJepaPreTrainedModel`` calls this on the folder that ``model.push_to_hub`` and ``save_pretrained(push_to_hub=
+    True)`` are about to upload, so every push path writes our card. A card the repo already has is not generic and
+    is kept, as transformers keeps it.
+    """
+    readme = Path(folder) / "README.md"
+    if not readme.is_file() or _GENERIC_CARD_SENTENCE not in readme.read_text(encoding="utf-8"):
+        return False
+    tags = ModelCard.load(readme).data.tags or None
+    model_card_for(model, repo_id, tags=tags).save(readme)
+    return True
+
