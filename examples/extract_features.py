@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ijepa_hf.data import load_image_dataset
-from ijepa_hf.evaluation import extract_features, load_encoder
+from ijepa_hf.evaluation import extract_features
+from ijepa_hf.loading import load_encoder
 
 logger = logging.getLogger(__name__)
 

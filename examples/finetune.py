@@ -39,17 +39,16 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ijepa_hf.data import set_image_transform
 from ijepa_hf.licensing import record_weights_license, weights_license
-from ijepa_hf.evaluation import load_image_processor
 from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
     build_layerwise_optimizer,
     classification_collate,
     load_accuracy_metric,
-    load_image_classifier,
     load_labeled_splits,
     make_compute_metrics,
     make_finetune_transforms,
 )
+from ijepa_hf.loading import load_image_classifier, load_image_processor
 
 logger = logging.getLogger(__name__)
 

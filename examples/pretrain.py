@@ -79,7 +79,8 @@ def probe(args: PretrainingArguments, result: PretrainingResult) -> dict[str, An
     twin and raw pixels, on held-out procedural images (main process only). Returns the JSON-ready results."""
     from ijepa_hf import IJepaEncoderModel
     from ijepa_hf.data import ProceduralShapes
-    from ijepa_hf.evaluation import extract_features, knn_probe, linear_probe, load_encoder
+    from ijepa_hf.evaluation import extract_features, knn_probe, linear_probe
+    from ijepa_hf.loading import load_encoder
 
     encoder, processor = load_encoder(result.encoder_dir)  # the saved artifact, as a user would load it
     config = encoder.config

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.evaluation import evaluate_encoder, format_results_table, load_encoder
+from ijepa_hf.evaluation import evaluate_encoder, format_results_table
+from ijepa_hf.loading import load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
 
 logger = logging.getLogger(__name__)

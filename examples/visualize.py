@@ -24,8 +24,8 @@ from typing import Any
 from PIL import Image
 
 from ijepa_hf.data import PretrainTransform, ProceduralShapes, load_image, load_image_dataset
-from ijepa_hf.evaluation import load_encoder
 from ijepa_hf.finetuning import processor_image_size
+from ijepa_hf.loading import load_encoder
 from ijepa_hf.masking import IJepaMaskCollator
 from ijepa_hf.visualization import plot_mask_grid, plot_pca_features, plot_training_curves
 

@@ -110,7 +110,8 @@ def convert(args: argparse.Namespace) -> None:
         encoder_to_transformers,
         load_official_checkpoint,
     )
-    from .hub import card_for_converted_checkpoint, push_folder, save_model_repo
+    from .cards import card_for_converted_checkpoint
+    from .hub import push_folder, save_model_repo
     from .image_processing import make_image_processor
     from .licensing import META_WEIGHTS_LICENSE, record_weights_license
 

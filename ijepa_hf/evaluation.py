@@ -29,13 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loading import resolve_encoder
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAY_GRID",
-    "resolve_encoder",
-    "load_encoder",
-    "load_image_processor",
     "extract_features",
     "linear_probe",
     "knn_probe",
@@ -53,65 +52,6 @@ LayerSpec = str | int
 # ----------------------------------------------------------------------------------------------------------------
 # Feature extraction
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def resolve_encoder(model: nn.Module, encoder: Literal["target", "context"] = "target") -> nn.Module:
-    """The encoder to evaluate inside ``model``.
-
-    * an `IJepaForPreTraining` -> its target encoder (``encoder="target"``, the paper's choice) or context
-      encoder (``encoder="context"``);
-    * an image classifier (ours, transformers' ``IJepaForImageClassification``, ViT, ...) -> its backbone
-      (``model.base_model``, e.g. ``.encoder`` / ``.ijepa``);
-    * anything else (an `IJepaEncoderModel`, a stock ``IJepaModel``) is returned as is.
-    """
-    encoder_for = getattr(model, "encoder_for", None)
-    if hasattr(model, "target_encoder") and callable(encoder_for):
-        return encoder_for(encoder)
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
-        return base
-    return model
-
-
-def load_image_processor(model_name_or_path: str, config: Any | None = None, **kwargs: Any) -> Any:
-    """The repo's saved image processor, or `make_image_processor(config)` (ImageNet statistics at the model's
-    resolution) when the repo has none (e.g. a bare training output directory)."""
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
-        if config is None:
-            raise
-        from .image_processing import make_image_processor
-
-        logger.info("No image processor in %s (%s); using ImageNet statistics.", model_name_or_path, error)
-        return make_image_processor(config)
-
-
-def load_encoder(
-    model_name_or_path: str, encoder: Literal["target", "context"] = "target", **kwargs: Any
-) -> tuple[nn.Module, Any]:
-    """Loads the encoder to evaluate from a repo or folder, and its image processor.
-
-    Works for our encoder, pretraining (its ``encoder``: ``"target"`` or ``"context"``) and classifier repos, transformers' stock ``ijepa``
-    (and other vision) models: classifiers are loaded with ``AutoModelForImageClassification`` (their saved keys
-    carry the backbone prefix) and reduced to their backbone, everything else with ``AutoModel``.
-    ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ...).
-    """
-    # Importing this module imported `ijepa_hf`, which registered its model types with the Auto classes.
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
-
-    from .modeling_ijepa_hf import refuse_checkpoint_file
-
-    refuse_checkpoint_file(model_name_or_path, "load_encoder")
-    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
-    is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
-    auto_class = AutoModelForImageClassification if is_classifier else AutoModel
-    model = auto_class.from_pretrained(model_name_or_path, config=config, **kwargs)
-    network = resolve_encoder(model, encoder)
-    processor_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
-    return network, load_image_processor(model_name_or_path, getattr(network, "config", config), **processor_kwargs)
 
 
 def _final_norm(encoder: nn.Module) -> nn.Module:
@@ -298,7 +238,7 @@ def extract_features(
     Args:
         model: an `IJepaEncoderModel`, an `IJepaForPreTraining` (its target encoder is used, or the context
             encoder with ``encoder="context"``), a classifier (its backbone is used), or a stock transformers
-            ``IJepaModel``; see :func:`resolve_encoder`.
+            ``IJepaModel``; see :func:`ijepa_hf.loading.resolve_encoder`.
         dataset: a ``datasets.Dataset`` / ``IterableDataset``, a torch ``Dataset`` or any iterable of examples:
             dicts with an image under ``image_column`` (PIL, path, bytes, ``{"bytes", "path"}``) or already
             transformed ``pixel_values [C, H, W]``, ``(image, label)`` pairs, or bare images.

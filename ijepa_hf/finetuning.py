@@ -14,8 +14,8 @@
 * :func:`load_labeled_splits`: train/validation ``datasets`` splits with one consistent ``ClassLabel`` column,
   from an image folder, the Hub, or the embedded ``procedural_shapes`` / local ``fashion_mnist`` data (shared by
   the fine-tuning and probing examples).
-* :func:`load_image_classifier`: ``AutoModelForImageClassification`` with a fresh head, also from an I-JEPA
-  pretraining repo (its target or context encoder).
+
+Loading the classifier to fine-tune is :func:`ijepa_hf.loading.load_image_classifier`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ __all__ = [
     "classification_collate",
     "BUILTIN_DATASETS",
     "load_labeled_splits",
-    "load_image_classifier",
 ]
 
 # One stack of transformer blocks: ours (`blocks.3.`), transformers' ViT/I-JEPA in memory (`layers.3.`) and
@@ -446,44 +445,3 @@ def load_labeled_splits(
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
     return datasets.DatasetDict(train=train, validation=validation)
-
-
-def load_image_classifier(
-    model_name_or_path: str,
-    *,
-    num_labels: int,
-    id2label: Mapping[int, str] | None = None,
-    label2id: Mapping[str, int] | None = None,
-    encoder: str = "target",
-    **kwargs: Any,
-) -> nn.Module:
-    """An image classifier with a new ``num_labels`` head on a pretrained backbone.
-
-    An I-JEPA pretraining repo (``ijepa_hf_pretraining``) gives an `IJepaEncoderForImageClassification` on its
-    ``encoder`` (``"target"``, the one the paper evaluates, or ``"context"``); anything else goes through
-    ``AutoModelForImageClassification.from_pretrained`` (our encoder or classifier repos, stock transformers
-    models). ``kwargs`` (``revision``, ``token``, ``cache_dir``, ``ignore_mismatched_sizes``, config fields such
-    as ``drop_path_rate``) go to ``from_pretrained``.
-    """
-    from transformers import AutoConfig, AutoModelForImageClassification
-
-    from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
-    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaForPreTraining, refuse_checkpoint_file
-
-    refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
-    labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
-    labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
-    hub_keys = ("revision", "token", "cache_dir")
-    config = AutoConfig.from_pretrained(model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
-    if not isinstance(config, IJepaPretrainingConfig):
-        return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)
-    pretraining = IJepaForPreTraining.from_pretrained(
-        model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys}
-    )
-    backbone = pretraining.export_encoder(encoder)
-    overrides = {k: v for k, v in kwargs.items() if k not in hub_keys and k != "ignore_mismatched_sizes"}
-    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), **overrides, **labels})
-    classifier = IJepaEncoderForImageClassification(classifier_config)
-    classifier.encoder.load_state_dict(backbone.state_dict())
-    classifier.config._name_or_path = model_name_or_path
-    return classifier

@@ -1,504 +1,36 @@
-"""Model cards for I-JEPA checkpoints pushed to the Hugging Face Hub.
+"""Publishing I-JEPA models to the Hugging Face Hub.
 
-:func:`make_model_card` renders ``model_card_template.md`` (shipped inside the package, so it works from an
-installed wheel; a copy for browsing lives in ``model_cards/`` at the repository root) into a
-:class:`huggingface_hub.ModelCard`. The YAML metadata is built with :class:`huggingface_hub.ModelCardData`
-so that the Hub indexes it (library, pipeline, licence, datasets, base model, ``model-index`` results), and the
-body documents what users of self-supervised checkpoints keep asking for: how to pool features (I-JEPA has no
-[CLS] token), the training recipe, and the licence of weights derived from Meta's release.
-
-Card functions need only ``huggingface_hub`` (and Jinja2, which renders the template); they never build a
-model, so cards are cheap to write from conversion and training scripts.
-
-Publishing (:func:`save_model_repo`, :func:`save_with_remote_code`, :func:`push_folder`, :func:`push_model`)
-writes and uploads ready-to-use repos: weights and config, the image processor, the card and, optionally, the
+:func:`save_model_repo`, :func:`save_with_remote_code`, :func:`push_folder` and :func:`push_model` write and upload
+ready-to-use repos: weights and config, the image processor, the card (:mod:`ijepa_hf.cards`) and, optionally, the
 modelling code itself (``auto_map`` + the two self-contained source files), so that people without ``ijepa_hf``
-can load the model with ``trust_remote_code=True``. :func:`card_for_converted_checkpoint` is the card of
-``ijepa-hf convert``.
+can load the model with ``trust_remote_code=True``. ``model.push_to_hub`` and ``save_pretrained(push_to_hub=True)``
+on ``ijepa_hf`` models upload the same card (:func:`replace_generic_card`) instead of transformers' generic one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, HfApi, ModelCard
+
+from .cards import model_card_for
 
 if TYPE_CHECKING:  # only for annotations: importing transformers here would make card writing slow
     from transformers import PreTrainedModel
 
 __all__ = [
-    "BASE_TAGS",
-    "IJEPA_BIBTEX",
-    "META_WEIGHTS_LICENSE",
-    "MODEL_CARD_TEMPLATE_PATH",
-    "ModelKind",
-    "card_for_converted_checkpoint",
-    "continue_pretraining_code",
-    "default_loading_code",
-    "example_encoder_card",
-    "license_statement",
-    "make_model_card",
-    "model_card_for",
     "push_folder",
     "push_model",
     "remote_code_auto_map",
+    "replace_generic_card",
     "save_model_repo",
     "save_with_remote_code",
-    "summarize_config",
 ]
 
-ModelKind = Literal["encoder", "pretraining", "predictor", "classifier"]
-
-MODEL_CARD_TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")
-
-BASE_TAGS = ("ijepa", "jepa", "self-supervised", "vision")
-
-IJEPA_BIBTEX = """@inproceedings{assran2023ijepa,
-  title     = {Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture},
-  author    = {Assran, Mahmoud and Duval, Quentin and Misra, Ishan and Bojanowski, Piotr and Vincent, Pascal
-               and Rabbat, Michael and LeCun, Yann and Ballas, Nicolas},
-  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  pages     = {15619--15629},
-  year      = {2023},
-  eprint    = {2301.08243},
-  archivePrefix = {arXiv}
-}"""
-
-# Licence of the official checkpoints in facebookresearch/ijepa; anything converted, pretrained further or fine-tuned
-# from them inherits it (see `ijepa_hf.licensing`), so we refuse to label such weights with a more permissive licence.
-from .licensing import META_WEIGHTS_LICENSE, weights_license  # noqa: E402
-_META_BASE_PREFIXES = ("facebook/ijepa",)
-
-_KIND_DESCRIPTIONS: dict[str, str] = {
-    "encoder": (
-        "an I-JEPA **encoder**: a Vision Transformer that maps an image to one feature vector per patch. "
-        "It is the (target) encoder of a pretrained I-JEPA model and is what you want for image features, "
-        "linear probing, k-NN retrieval or fine-tuning."
-    ),
-    "pretraining": (
-        "the complete I-JEPA **pretraining** model: the context encoder, the predictor and the EMA target "
-        "encoder. Use it to resume or continue self-supervised pretraining; for downstream features, take its "
-        "target encoder."
-    ),
-    "predictor": (
-        "an I-JEPA **predictor**: a narrow Vision Transformer that, given context-encoder features and the "
-        "positions of target blocks, predicts the target encoder's features of those blocks. It is only "
-        "meaningful together with the encoder it was trained with."
-    ),
-    "classifier": (
-        "an I-JEPA encoder with an **image-classification head**: patch features are average-pooled and fed "
-        "to a linear classifier."
-    ),
-}
-
-# Friendly labels (and display order) for the `training` dict; unknown keys are shown after these.
-_TRAINING_LABELS: dict[str, str] = {
-    "data": "Training data",
-    "dataset": "Training data",
-    "image_size": "Image size",
-    "augmentations": "Augmentations",
-    "epochs": "Epochs",
-    "steps": "Optimisation steps",
-    "batch_size": "Batch size",
-    "batch": "Batch size",
-    "masks": "Masking",
-    "optimizer": "Optimiser",
-    "lr_schedule": "Learning-rate schedule",
-    "wd_schedule": "Weight-decay schedule",
-    "ema_schedule": "Target-encoder EMA momentum",
-    "schedules": "Schedules",
-    "loss": "Loss",
-    "precision": "Precision",
-    "hardware": "Hardware",
-    "duration": "Training time",
-}
-
-# Config fields worth showing in the architecture table, in display order.
-_SUMMARY_KEYS = (
-    "model_type", "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-    "num_attention_heads", "intermediate_size", "mlp_ratio", "encoder_hidden_size", "num_labels",
-    "num_target_blocks", "context_scale", "target_scale", "target_aspect_ratio", "loss", "ema_momentum",
-)
-
-
-def _format_value(value: Any) -> str:
-    """One-line, human-readable rendering of a config/training value for a Markdown table cell."""
-    if isinstance(value, Mapping):
-        text = ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
-    elif isinstance(value, (list, tuple)):
-        inner = ", ".join(_format_value(v) for v in value)
-        # Short numeric sequences read as ranges/sizes, e.g. "(0.85, 1.0)"; others as plain lists.
-        text = f"({inner})" if all(isinstance(v, (int, float)) for v in value) else inner
-    elif isinstance(value, float):
-        text = repr(value) if len(repr(value)) <= 8 else format(value, ".6g")  # keep "1.0", tame 0.30000000000000004
-    else:
-        text = str(value)
-    # A raw "|" or newline would break the Markdown table.
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _unique(items: Iterable[str]) -> list[str]:
-    seen: dict[str, None] = {}
-    for item in items:
-        seen.setdefault(item, None)
-    return list(seen)
-
-
-def summarize_config(config_or_model: Any, extra_keys: Sequence[str] = ()) -> dict[str, Any]:
-    """The architecture fields of a transformers config (or model) worth showing in a card.
-
-    Works with the stock ``IJepaConfig`` and the ``ijepa_hf`` configs; nested sub-configs such as
-    ``encoder_config``/``predictor_config`` are flattened to ``encoder.hidden_size`` etc. Given a model, its
-    parameter count is added as ``num_parameters``.
-    """
-    config = getattr(config_or_model, "config", config_or_model)
-    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    keys = (*_SUMMARY_KEYS, *extra_keys)
-    summary: dict[str, Any] = {k: data[k] for k in keys if data.get(k) is not None}
-    if "num_labels" not in summary and data.get("id2label") and len(data["id2label"]) > 2:
-        summary["num_labels"] = len(data["id2label"])  # 2 is transformers' default, not a real head
-    for sub_key, sub in data.items():
-        if sub_key.endswith("_config") and isinstance(sub, Mapping):
-            prefix = sub_key[: -len("_config")]
-            summary.update({f"{prefix}.{k}": sub[k] for k in keys if k != "model_type" and sub.get(k) is not None})
-    if hasattr(config_or_model, "num_parameters"):
-        summary["num_parameters"] = f"{config_or_model.num_parameters():,}"
-    return summary
-
-
-def default_loading_code(model_name: str, kind: ModelKind, custom_code: bool = False,
-                         subfolder: str | None = None) -> str:
-    """A short, runnable snippet that loads ``model_name`` (its ``subfolder``, if given) and extracts pooled image
-    features.
-
-    ``custom_code`` means the checkpoint uses an ``ijepa_hf_*`` model type, which the Auto classes only know
-    once ``ijepa_hf`` is imported (or with ``trust_remote_code=True`` when the repo ships its modelling code).
-    """
-    auto_class = {"classifier": "AutoModelForImageClassification", "pretraining": "AutoModelForPreTraining"}.get(
-        kind, "AutoModel"
-    )
-    lines = ["import torch", "from PIL import Image", f"from transformers import AutoImageProcessor, {auto_class}"]
-    if custom_code:
-        lines += ["", "import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types with the Auto classes"]
-    where = f', subfolder="{subfolder}"' if subfolder else ""
-    lines += [
-        "",
-        f'repo_id = "{model_name}"',
-        f"processor = AutoImageProcessor.from_pretrained(repo_id{where})",
-        f"model = {auto_class}.from_pretrained(repo_id{where}).eval()",
-    ]
-    if kind == "predictor":
-        lines += [
-            "",
-            "# The predictor consumes context-encoder features plus context/target patch indices (see the",
-            "# ijepa_hf documentation); it does not take images. Load the matching encoder for features.",
-        ]
-        return "\n".join(lines) + "\n"
-    lines += [
-        "",
-        'image = Image.open("example.jpg").convert("RGB")',
-        'inputs = processor(images=image, return_tensors="pt")',
-    ]
-    if kind == "classifier":
-        lines += [
-            "with torch.no_grad():",
-            "    logits = model(**inputs).logits",
-            "print(model.config.id2label[logits.argmax(-1).item()])",
-        ]
-        return "\n".join(lines) + "\n"
-    encoder = "model"
-    if kind == "pretraining":
-        lines += ['encoder = model.encoder_for("target")  # the EMA target encoder is the one evaluated in the paper']
-        encoder = "encoder"
-    lines += [
-        "with torch.no_grad():",
-        f"    patch_features = {encoder}(**inputs).last_hidden_state  # (1, num_patches, hidden_size)",
-        "# I-JEPA has no [CLS] token: as in the paper, average-pool the patch features for one image embedding.",
-        "image_embedding = patch_features.mean(dim=1)  # (1, hidden_size)",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def license_statement(license: str) -> str:
-    """The licence paragraph of the card; spells out the non-commercial terms of Meta-derived weights."""
-    if license == META_WEIGHTS_LICENSE:
-        return (
-            "The weights in this repository are licensed under **CC BY-NC 4.0** "
-            "([Creative Commons Attribution-NonCommercial 4.0 International]"
-            "(https://creativecommons.org/licenses/by-nc/4.0/)): **non-commercial use only**. "
-            "This is the licence of the official I-JEPA checkpoints released by Meta AI in "
-            "[facebookresearch/ijepa](https://github.com/facebookresearch/ijepa); weights converted or fine-tuned "
-            "from them carry it too. Keep the attribution and the non-commercial restriction when you "
-            "redistribute them or models derived from them. The code that loads them is licensed separately."
-        )
-    return f"The weights in this repository are released under the `{license}` licence."
-
-
-def _eval_result(entry: Mapping[str, Any]) -> EvalResult:
-    """A plain dict -> ``EvalResult``, defaulting the fields that are implied for image models."""
-    fields = {"task_type": "image-classification", **entry}
-    if "dataset_name" not in fields or "metric_type" not in fields or "metric_value" not in fields:
-        raise ValueError(
-            "each eval result needs at least `dataset_name`, `metric_type` and `metric_value` "
-            f"(optionally task_type, task_name, dataset_type, dataset_split, metric_name, ...); got {dict(entry)}"
-        )
-    fields.setdefault("dataset_type", fields["dataset_name"])
-    return EvalResult(**fields)
-
-
-def make_model_card(
-    *,
-    model_name: str,
-    kind: ModelKind,
-    config_summary: Mapping[str, Any],
-    license: str = "apache-2.0",
-    datasets: str | Sequence[str] | None = None,
-    base_model: str | Sequence[str] | None = None,
-    tags: Sequence[str] | None = None,
-    training: Mapping[str, Any] | None = None,
-    eval_results: Sequence[Mapping[str, Any]] | None = None,
-    loading_code: str | None = None,
-    extra: str | None = None,
-) -> ModelCard:
-    """Build the README (model card) of an I-JEPA checkpoint.
-
-    Args:
-        model_name: Hub repo id (``"user/ijepa-vit-tiny"``) or display name; used as title, in the loading code
-            and as the ``model-index`` name.
-        kind: What the repository holds: ``"encoder"``, ``"pretraining"`` (context encoder + predictor + target
-            encoder), ``"predictor"`` or ``"classifier"`` (encoder + linear head).
-        config_summary: Architecture fields shown as a table, e.g. from :func:`summarize_config`. A
-            ``model_type`` starting with ``ijepa_hf`` makes the loading code import ``ijepa_hf``.
-        license: Hub licence id. Weights converted or fine-tuned from Meta's checkpoints must use
-            ``"cc-by-nc-4.0"`` (enforced when ``base_model`` is a ``facebook/ijepa*`` repo).
-        datasets: Hub dataset id(s) used for (pre)training.
-        base_model: Hub id(s) of the model this one was converted or fine-tuned from.
-        tags: Extra tags, added after ``ijepa, jepa, self-supervised, vision``.
-        training: The recipe, e.g. ``{"data": ..., "steps": ..., "batch_size": ..., "masks": {...},
-            "lr_schedule": ..., "ema_schedule": ...}``; values may be scalars, lists or dicts.
-        eval_results: Dicts of :class:`huggingface_hub.EvalResult` fields; ``dataset_name``, ``metric_type``
-            and ``metric_value`` are required, ``task_type`` defaults to ``"image-classification"`` and
-            ``dataset_type`` to ``dataset_name``. They go into the ``model-index`` metadata and a results table.
-        loading_code: Python snippet for "How to use"; defaults to :func:`default_loading_code`.
-        extra: Markdown appended as an extra section before the licence.
-
-    Returns:
-        A :class:`huggingface_hub.ModelCard`; ``card.save("README.md")`` or ``card.push_to_hub(repo_id)``.
-    """
-    if kind not in _KIND_DESCRIPTIONS:
-        raise ValueError(f"`kind` must be one of {sorted(_KIND_DESCRIPTIONS)}, got {kind!r}.")
-    base_models = [base_model] if isinstance(base_model, str) else list(base_model or [])
-    if license != META_WEIGHTS_LICENSE and any(b.startswith(_META_BASE_PREFIXES) for b in base_models):
-        raise ValueError(
-            f"base_model {base_models} is an official Meta I-JEPA checkpoint (CC BY-NC 4.0); weights derived from "
-            f"it must be published with license='{META_WEIGHTS_LICENSE}', not {license!r}."
-        )
-    results = [_eval_result(entry) for entry in eval_results or []]
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification" if kind == "classifier" else "image-feature-extraction",
-        license=license,
-        tags=_unique([*BASE_TAGS, *(tags or [])]),
-        datasets=[datasets] if isinstance(datasets, str) else (list(datasets) if datasets else None),
-        base_model=(base_models[0] if len(base_models) == 1 else base_models) or None,
-        # model_name only matters as the model-index name; without results it would be stray YAML.
-        model_name=model_name if results else None,
-        eval_results=results or None,
-    )
-    custom_code = str(config_summary.get("model_type", "")).startswith("ijepa_hf")
-    template_kwargs = dict(
-        model_name=model_name,
-        kind=kind,
-        kind_description=_KIND_DESCRIPTIONS[kind],
-        config_rows=[(k, _format_value(v)) for k, v in config_summary.items()],
-        training_rows=_training_rows(training),
-        results=[_result_row(r) for r in results],
-        loading_code=(loading_code or default_loading_code(model_name, kind, custom_code)).rstrip("\n"),
-        custom_code=custom_code,
-        base_models=base_models,
-        dataset_list=card_data.datasets or [],
-        non_commercial=license == META_WEIGHTS_LICENSE,
-        license_statement=license_statement(license),
-        extra=(extra or "").strip(),
-        citation=IJEPA_BIBTEX,
-    )
-    return ModelCard.from_template(
-        card_data, template_str=MODEL_CARD_TEMPLATE_PATH.read_text(encoding="utf-8"), **template_kwargs
-    )
-
-
-def _training_rows(training: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    if not training:
-        return []
-    known = [k for k in _TRAINING_LABELS if k in training]
-    other = [k for k in training if k not in _TRAINING_LABELS]
-    return [
-        (_TRAINING_LABELS.get(k, k.replace("_", " ").capitalize()), _format_value(training[k]))
-        for k in (*known, *other)
-    ]
-
-
-def _result_row(result: EvalResult) -> dict[str, str]:
-    return {
-        "task": result.task_name or result.task_type,
-        "dataset": result.dataset_name + (f" ({result.dataset_split})" if result.dataset_split else ""),
-        "metric": result.metric_name or result.metric_type,
-        "value": _format_value(result.metric_value),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cards of converted official checkpoints (`ijepa-hf convert`)
-# ----------------------------------------------------------------------------------------------------------------
-
-_ENCODER_CHOICES: dict[str, str] = {
-    "target": (
-        "the checkpoint's **target encoder**: the exponential moving average of the context encoder, which is the "
-        "encoder the I-JEPA paper evaluates"
-    ),
-    "context": (
-        "the checkpoint's **context encoder**: the encoder trained by gradient descent, which is the one "
-        "transformers' and timm's conversions of the official checkpoints use"
-    ),
-}
-
-
-def continue_pretraining_code(model_name: str) -> str:
-    """A runnable sketch that resumes I-JEPA pretraining from a pretraining repo (masks, AdamW groups, EMA)."""
-    return f"""import torch
-from transformers import AutoModelForPreTraining
-
-import ijepa_hf  # noqa: F401  registers the ijepa_hf_* model types
-from ijepa_hf.masking import IJepaMaskCollator
-from ijepa_hf.training import PretrainingSchedule, build_optimizer
-
-model = AutoModelForPreTraining.from_pretrained("{model_name}").train()
-# `dataset` yields {{"pixel_values": FloatTensor[3, H, W]}} preprocessed like this repo's image processor.
-collator = IJepaMaskCollator.from_config(model.config)  # the multi-block masks of the config
-loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=collator)
-# The target encoder is frozen and follows the context encoder by EMA; only these two networks are optimised.
-optimizer = build_optimizer({{"encoder": model.context_encoder, "predictor": model.predictor}}, lr=1e-4)
-# Stateless schedules: pass the 1-based update number (here a short, constant-lr continuation with the EMA ramp).
-schedule = PretrainingSchedule(total_steps=len(loader), start_lr=1e-4, peak_lr=1e-4, final_lr=1e-4,
-                               ema_start=model.config.ema_momentum[0], ema_end=model.config.ema_momentum[1])
-for update, batch in enumerate(loader, start=1):
-    schedule.apply(optimizer, update)  # lr and weight decay of this update
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    model.update_target_encoder(schedule.momentum_at(update))
-model.save_pretrained("ijepa-continued")
-"""
-
-
-def card_for_converted_checkpoint(
-    model: Any,
-    *,
-    kind: ModelKind,
-    release: str | None,
-    source: str,
-    release_info: Mapping[str, Any] | None = None,
-    encoder: Literal["target", "context"] | None = None,
-    model_name: str | None = None,
-    remote_code: bool = False,
-    num_heads_source: str | None = None,
-) -> ModelCard:
-    """The model card of a repo written by ``ijepa-hf convert`` from an official I-JEPA checkpoint.
-
-    The licence is always CC BY-NC 4.0: official-format checkpoints are Meta's released weights (or weights
-    trained with Meta's CC BY-NC code), and conversion does not change their licence.
-
-    Args:
-        model: The converted model (any ``ijepa_hf`` model or a stock transformers ``IJepaModel``); its config
-            gives the architecture table.
-        kind: ``"encoder"``, ``"pretraining"`` or ``"predictor"``.
-        release: Official release name (``"IN1K-vit.h.14-300e"``...), or ``None`` for an unknown checkpoint.
-        source: File name of the converted checkpoint.
-        release_info: The release's entry of ``ijepa_hf.cli.OFFICIAL_RELEASES``: ``hub`` (the facebook/ repo,
-            used as ``base_model``), ``dataset`` (Hub dataset id) and ``epochs``, all optional.
-        encoder: For encoder repos, which encoder of the checkpoint was exported (``"target"`` or ``"context"``).
-        model_name: The Hub repo id the card is for (used in the title and the loading code); a placeholder
-            ``your-username/...`` name otherwise.
-        remote_code: The repo ships its modelling code (``auto_map``), so it loads without ``ijepa_hf``.
-        num_heads_source: Where the head count comes from (``"given with `--num-heads`"``, a release, the official
-            table); the card states the count with it, since it is not stored in the weights.
-    """
-    info = dict(release_info or {})
-    stem = release or source.removesuffix(".pth.tar").removesuffix(".pth")
-    model_name = model_name or f"your-username/ijepa-{stem.lower()}-{kind}"
-    summary = summarize_config(model)
-    dataset = info.get("dataset")
-    training: dict[str, Any] = {}
-    if dataset:
-        training["data"] = f"{dataset} train split (labels unused)"
-    image_size = summary.get("image_size", summary.get("encoder.image_size"))
-    if info and image_size is not None:
-        training["image_size"] = image_size
-    if info.get("epochs"):
-        training["epochs"] = info["epochs"]
-    if training:
-        training["loss"] = "smooth L1 between predicted and layer-normalised target-encoder features"
-
-    origin = f"the official I-JEPA checkpoint `{source}`"
-    if release:
-        origin += f" (release `{release}` of [facebookresearch/ijepa](https://github.com/facebookresearch/ijepa))"
-    conversion = [f"Converted with `ijepa-hf convert` (the `ijepa_hf` package) from {origin}."]
-    heads = summary.get("num_attention_heads", summary.get("encoder.num_attention_heads"))
-    if heads is not None:
-        where = f" ({num_heads_source})" if num_heads_source else ""
-        conversion.append(
-            f"It has {heads} attention heads{where}: head counts are not stored in official checkpoints"
-            + (", and the predictor has the encoder's, as in the official code." if kind != "encoder" else ".")
-        )
-    if kind == "encoder":
-        if encoder is not None:
-            conversion.append(f"The weights are {_ENCODER_CHOICES[encoder]}.")
-        conversion.append(
-            "The checkpoint's other encoder is in the pretraining repository converted from the same file "
-            "(`model.encoder_for(\"context\")` / `model.encoder_for(\"target\")`)."
-        )
-    elif kind == "pretraining":
-        conversion.append(
-            "All three networks of the checkpoint are included: `context_encoder`, `predictor` and `target_encoder` "
-            "(frozen, updated by EMA). The optimiser state of the official checkpoint is not converted, so a resumed "
-            "run starts with fresh AdamW moments and schedules."
-        )
-    elif kind == "predictor":
-        conversion.append(
-            "The predictor was trained together with the checkpoint's context encoder, which is in the pretraining "
-            "repository converted from the same file; it is only meaningful with that encoder."
-        )
-    sections = ["## Conversion\n\n" + " ".join(conversion)]
-    if remote_code:
-        sections.append(
-            "This repository ships its modelling code (`configuration_ijepa_hf.py`, `modeling_ijepa_hf.py` and an "
-            "`auto_map` in `config.json`): without `ijepa_hf` installed, drop the `import ijepa_hf` line and pass "
-            "`trust_remote_code=True` to `from_pretrained`."
-        )
-    if kind == "pretraining":
-        sections.append(
-            "## Continue pretraining\n\n```python\n" + continue_pretraining_code(model_name).rstrip("\n") + "\n```"
-        )
-    return make_model_card(
-        model_name=model_name,
-        kind=kind,
-        config_summary=summary,
-        license=META_WEIGHTS_LICENSE,
-        datasets=dataset,
-        base_model=info.get("hub"),
-        training=training or None,
-        extra="\n\n".join(sections),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and pushing repos, optionally with their modelling code (trust_remote_code)
-# ----------------------------------------------------------------------------------------------------------------
 
 # Model auto classes that `ijepa_hf/__init__.py` registers; the auto_map of a saved repo lists those of them that
 # the model's config type is registered with, so remote code loads through the same Auto classes as local code.
@@ -640,29 +172,6 @@ def push_folder(
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
 
 
-def _kind_of(model: Any) -> ModelKind:
-    """The card kind of a model: classifier, pretraining, predictor, else encoder (ours or transformers' stock)."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if hasattr(model, "target_encoder") and hasattr(model, "predictor"):
-        return "pretraining"
-    if any(name.endswith("ForImageClassification") for name in names):
-        return "classifier"
-    if "IJepaPredictorModel" in names:
-        return "predictor"
-    return "encoder"
-
-
-def model_card_for(model: "PreTrainedModel", model_name: str, *, source: str | None = None, **card_kwargs: Any) -> ModelCard:
-    """The default card of ``model`` for repo ``model_name``: its kind, architecture table, and the licence and base
-    model of its weights (:func:`ijepa_hf.licensing.weights_license`: CC BY-NC 4.0 for anything derived from
-    Meta's checkpoints). ``card_kwargs`` go to :func:`make_model_card` (``datasets``, ``training``, ...)."""
-    info = weights_license(model, source=source)
-    card_kwargs.setdefault("license", info.license)
-    card_kwargs.setdefault("base_model", info.base_model if info.base_model != model_name else None)
-    return make_model_card(model_name=model_name, kind=_kind_of(model), config_summary=summarize_config(model),
-                           **card_kwargs)
-
-
 def push_model(
     model: "PreTrainedModel",
     repo_id: str,
@@ -686,45 +195,24 @@ def push_model(
         return push_folder(tmp, repo_id, private=private, commit_message=commit_message, token=token)
 
 
-def example_encoder_card() -> ModelCard:
-    """The card rendered into ``model_cards/example_encoder_card.md`` (a ViT-H/14 encoder converted from
-    Meta's IN-1k checkpoint). Regenerate the file with
-    ``python -c "from ijepa_hf.hub import example_encoder_card as e; e().save('model_cards/example_encoder_card.md')"``.
+# The sentence that marks transformers' generic card (`transformers.utils.hub.create_and_tag_model_card`), written
+# when the repo has no card yet.
+_GENERIC_CARD_SENTENCE = "This model card has been automatically generated."
+
+
+def replace_generic_card(model: "PreTrainedModel", folder: str | Path, repo_id: str) -> bool:
+    """Replace transformers' generic ``README.md`` in ``folder`` by the card of :func:`ijepa_hf.cards.model_card_for`
+    (kind, architecture, the licence and base model of the weights), keeping its tags (``model.model_tags`` and the
+    ``tags`` of ``push_to_hub``). Returns whether it did.
+
+    ``IJepaPreTrainedModel`` calls this on the folder that ``model.push_to_hub`` and ``save_pretrained(push_to_hub=
+    True)`` are about to upload, so every push path writes our card. A card the repo already has is not generic and
+    is kept, as transformers keeps it.
     """
-    return make_model_card(
-        model_name="your-username/ijepa-vith14-1k-encoder",
-        kind="encoder",
-        config_summary={
-            "model_type": "ijepa", "image_size": 224, "patch_size": 14, "hidden_size": 1280,
-            "num_hidden_layers": 32, "num_attention_heads": 16, "intermediate_size": 5120,
-        },
-        license="cc-by-nc-4.0",
-        datasets=["ILSVRC/imagenet-1k"],
-        base_model="facebook/ijepa_vith14_1k",
-        tags=["image-feature-extraction"],
-        training={
-            "data": "ImageNet-1k train (1.28M images, labels unused)",
-            "image_size": 224,
-            "augmentations": "RandomResizedCrop(scale=(0.3, 1.0)) + ImageNet normalisation",
-            "epochs": 300,
-            "batch_size": 2048,
-            "masks": {"context_scale": (0.85, 1.0), "target_blocks": 4, "target_scale": (0.15, 0.2),
-                      "target_aspect_ratio": (0.75, 1.5)},
-            "optimizer": "AdamW",
-            "lr_schedule": "linear warm-up 40 epochs from 2e-4 to 1e-3, cosine decay to 1e-6",
-            "wd_schedule": "cosine 0.04 -> 0.4",
-            "ema_schedule": "linear 0.996 -> 1.0",
-            "loss": "smooth L1 between predicted and layer-normalised target features",
-            "precision": "bfloat16",
-        },
-        eval_results=[
-            {"task_name": "Linear probe", "dataset_name": "ImageNet-1k", "dataset_type": "ILSVRC/imagenet-1k",
-             "dataset_split": "validation", "metric_type": "accuracy", "metric_name": "Top-1 accuracy (%)",
-             "metric_value": 79.3, "source_name": "Assran et al. 2023, Table 1",
-             "source_url": "https://arxiv.org/abs/2301.08243"},
-        ],
-        extra=(
-            "## Conversion\n\nConverted with `ijepa_hf` from the `target_encoder` weights of the official "
-            "`IN1K-vit.h.14-300e.pth.tar` checkpoint."
-        ),
-    )
+    readme = Path(folder) / "README.md"
+    if not readme.is_file() or _GENERIC_CARD_SENTENCE not in readme.read_text(encoding="utf-8"):
+        return False
+    tags = ModelCard.load(readme).data.tags or None
+    model_card_for(model, repo_id, tags=tags).save(readme)
+    return True
+

@@ -9,7 +9,7 @@ Index conventions, fixed once for the whole package:
   (the official layout).
 
 This file only imports torch, transformers and its sibling configuration file, so it can be shipped with the
-weights for ``trust_remote_code=True`` loading.
+weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub`` for the card, when installed).
 """
 
 from __future__ import annotations
@@ -467,6 +467,18 @@ class IJepaPreTrainedModel(PreTrainedModel):
     # Keys a checkpoint may lack (transformers filters them out of its missing-key report): the sin-cos tables are
     # recomputed from the config. Subclasses add freshly initialised heads.
     _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$"]
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        # Both of transformers' push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) write a card into
+        # `working_dir` just before this upload; a generic one (the repo had none) becomes ijepa_hf's card, with the
+        # licence and base model of the weights. Shipped as remote code to a process without ijepa_hf, it stays.
+        try:
+            from ijepa_hf.hub import replace_generic_card
+        except ImportError:
+            pass
+        else:
+            replace_generic_card(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -395,7 +395,7 @@ def plot_pca_features(
         interpolation: how the ``rows x cols`` map is upsampled to the image size (``"nearest"`` keeps patch
             borders visible; ``"bilinear"`` is smoother).
     """
-    from .evaluation import resolve_encoder
+    from .loading import resolve_encoder
     from .image_processing import make_image_processor
 
     network = resolve_encoder(model, encoder)  # type: ignore[arg-type]

@@ -212,7 +212,7 @@ def test_probe_example_on_procedural_shapes(tmp_path, load_example, encoder):
 def test_load_encoder_on_a_pretraining_repo_gives_its_target_encoder(tmp_path):
     """The README's headline example: `load_encoder("outputs/pretrain-default")`."""
     from ijepa_hf import make_image_processor
-    from ijepa_hf.evaluation import load_encoder
+    from ijepa_hf.loading import load_encoder
 
     torch.manual_seed(0)
     pretraining = IJepaForPreTraining(tiny_pretraining_config())

@@ -19,11 +19,11 @@ from ijepa_hf.finetuning import (
     classification_collate,
     layerwise_lr_groups,
     load_accuracy_metric,
-    load_image_classifier,
     load_labeled_splits,
     make_finetune_transforms,
     parameter_layer_id,
 )
+from ijepa_hf.loading import load_image_classifier
 
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
 

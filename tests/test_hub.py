@@ -31,7 +31,8 @@ from ijepa_hf import (
 )
 from ijepa_hf.cli import OFFICIAL_RELEASES
 from ijepa_hf.cli import main as cli_main
-from ijepa_hf.hub import META_WEIGHTS_LICENSE, card_for_converted_checkpoint, remote_code_auto_map, save_with_remote_code
+from ijepa_hf.cards import META_WEIGHTS_LICENSE, card_for_converted_checkpoint
+from ijepa_hf.hub import remote_code_auto_map, save_with_remote_code
 from tiny import GOLDEN_CHECKPOINT, random_masks, tiny_encoder_config, tiny_pretraining_config
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, any request would fail fast
@@ -163,6 +164,46 @@ for kind, (auto_name, class_name) in kinds.items():
         DEAD_ENDPOINT,
         puller_home,
         offline=True,
+    )
+
+
+def test_every_push_path_writes_our_card(fake_hub: str, tmp_path: Path) -> None:
+    """`model.push_to_hub` and `save_pretrained(push_to_hub=True)` upload ijepa_hf's card (kind, licence and base
+    model of the weights, the pushed tags), not transformers' generic one; a card the repo already has is kept."""
+    run_hub_script(
+        f"""
+        from huggingface_hub import HfApi, ModelCard
+        from ijepa_hf import IJepaEncoderModel, IJepaForPreTraining
+        from ijepa_hf.licensing import record_weights_license
+        from tiny import tiny_encoder_config, tiny_pretraining_config
+
+        generic = "This model card has been automatically generated."
+
+        encoder = IJepaEncoderModel(tiny_encoder_config())
+        encoder.add_model_tags("from-model")
+        encoder.push_to_hub("test-org/card-push", tags=["from-push"])
+        card = ModelCard.load("test-org/card-push")
+        assert generic not in card.text, card.text
+        assert "I-JEPA **encoder**" in card.text and 'repo_id = "test-org/card-push"' in card.text, card.text
+        assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-feature-extraction"
+        assert card.data.license == "apache-2.0" and {{"ijepa", "from-model", "from-push"}} <= set(card.data.tags)
+
+        pretraining = IJepaForPreTraining(tiny_pretraining_config())
+        record_weights_license(pretraining, "cc-by-nc-4.0", "facebook/ijepa_vith14_1k")
+        pretraining.save_pretrained(r"{tmp_path}/saved", push_to_hub=True, repo_id="test-org/card-save")
+        card = ModelCard.load("test-org/card-save")
+        assert generic not in card.text and "I-JEPA **pretraining** model" in card.text, card.text
+        assert card.data.license == "cc-by-nc-4.0" and card.data.base_model == "facebook/ijepa_vith14_1k"
+        assert ModelCard.load(r"{tmp_path}/saved/README.md").text == card.text  # the local folder gets it too
+
+        HfApi().create_repo("test-org/card-own")
+        ModelCard("---\\nlicense: mit\\n---\\n# My own card\\n").push_to_hub("test-org/card-own")
+        encoder.push_to_hub("test-org/card-own")
+        card = ModelCard.load("test-org/card-own")
+        assert "# My own card" in card.text and card.data.license == "mit", card.text
+        """,
+        fake_hub,
+        tmp_path / "home",
     )
 
 

@@ -1,4 +1,4 @@
-"""Tests of the model-card utilities in ``ijepa_hf.hub``."""
+"""Tests of the model-card utilities in ``ijepa_hf.cards``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hub_utils import REPO_ROOT, run_hub_script
-from ijepa_hf.hub import (
+from ijepa_hf.cards import (
     BASE_TAGS,
     MODEL_CARD_TEMPLATE_PATH,
     example_encoder_card,
@@ -210,7 +210,7 @@ def test_card_push_to_fake_hub(fake_hub: str, tmp_path: Path) -> None:
     run_hub_script(
         """
         from huggingface_hub import HfApi, ModelCard
-        from ijepa_hf.hub import example_encoder_card
+        from ijepa_hf.cards import example_encoder_card
 
         card = example_encoder_card()
         HfApi().create_repo("test-org/card-only")

@@ -17,7 +17,8 @@ from ijepa_hf import (
     make_image_processor,
 )
 from ijepa_hf.cli import main as cli_main
-from ijepa_hf.hub import make_model_card, push_model
+from ijepa_hf.cards import make_model_card
+from ijepa_hf.hub import push_model
 from ijepa_hf.licensing import (
     DEFAULT_LICENSE,
     META_WEIGHTS_LICENSE,

@@ -170,7 +170,7 @@ def test_strict_loading_error_is_short(tmp_path):
 
 def test_load_image_classifier_reheads_with_ignore_mismatched_sizes(repos):
     """What `examples/finetune.py --ignore_mismatched_sizes` calls on a fine-tuned classifier repo."""
-    from ijepa_hf.finetuning import load_image_classifier
+    from ijepa_hf.loading import load_image_classifier
 
     original = IJepaEncoderForImageClassification.from_pretrained(repos["classifier"])
     labels = {i: name for i, name in enumerate("abcde")}
@@ -183,8 +183,8 @@ def test_load_image_classifier_reheads_with_ignore_mismatched_sizes(repos):
 
 
 def test_repo_loaders_refuse_a_raw_checkpoint_with_the_convert_command():
-    from ijepa_hf.evaluation import load_encoder
-    from ijepa_hf.finetuning import load_image_classifier
+    from ijepa_hf.loading import load_encoder
+    from ijepa_hf.loading import load_image_classifier
 
     with pytest.raises(ValueError, match=r"load_encoder\(.*ijepa-hf convert"):
         load_encoder(str(GOLDEN_CHECKPOINT))

@@ -56,7 +56,7 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     folder.
     """
     from .. import make_image_processor
-    from ..hub import default_loading_code, make_model_card, summarize_config
+    from ..cards import default_loading_code, make_model_card, summarize_config
     from ..licensing import record_weights_license, weights_license
     from ..modeling_ijepa_hf import IJepaEncoderModel
 

@@ -1,0 +1,123 @@
+"""Loading a model or an image processor from a repo (a Hub id or a local folder), in one place.
+
+* :func:`load_encoder`: the encoder to evaluate or extract features with, and its image processor, from any
+  encoder, pretraining (its target or context encoder) or classifier repo, ours or transformers' stock ones;
+* :func:`load_image_classifier`: an image classifier with a new head on a pretrained backbone, also from an I-JEPA
+  pretraining repo;
+* :func:`load_image_processor`: the repo's image processor, or ImageNet statistics at the model's resolution;
+* :func:`resolve_encoder`: the encoder inside an already loaded model.
+
+Every loader refuses a raw official ``.pth.tar`` checkpoint with the command that converts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["load_encoder", "load_image_classifier", "load_image_processor", "resolve_encoder"]
+
+
+def resolve_encoder(model: nn.Module, encoder: Literal["target", "context"] = "target") -> nn.Module:
+    """The encoder to evaluate inside ``model``.
+
+    * an `IJepaForPreTraining` -> its target encoder (``encoder="target"``, the paper's choice) or context
+      encoder (``encoder="context"``);
+    * an image classifier (ours, transformers' ``IJepaForImageClassification``, ViT, ...) -> its backbone
+      (``model.base_model``, e.g. ``.encoder`` / ``.ijepa``);
+    * anything else (an `IJepaEncoderModel`, a stock ``IJepaModel``) is returned as is.
+    """
+    encoder_for = getattr(model, "encoder_for", None)
+    if hasattr(model, "target_encoder") and callable(encoder_for):
+        return encoder_for(encoder)
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        return base
+    return model
+
+
+def load_image_processor(model_name_or_path: str, config: Any | None = None, **kwargs: Any) -> Any:
+    """The repo's saved image processor, or `make_image_processor(config)` (ImageNet statistics at the model's
+    resolution) when the repo has none (e.g. a bare training output directory)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(model_name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        if config is None:
+            raise
+        from .image_processing import make_image_processor
+
+        logger.info("No image processor in %s (%s); using ImageNet statistics.", model_name_or_path, error)
+        return make_image_processor(config)
+
+
+def load_encoder(
+    model_name_or_path: str, encoder: Literal["target", "context"] = "target", **kwargs: Any
+) -> tuple[nn.Module, Any]:
+    """Loads the encoder to evaluate from a repo or folder, and its image processor.
+
+    Works for our encoder, pretraining (its ``encoder``: ``"target"`` or ``"context"``) and classifier repos, transformers' stock ``ijepa``
+    (and other vision) models: classifiers are loaded with ``AutoModelForImageClassification`` (their saved keys
+    carry the backbone prefix) and reduced to their backbone, everything else with ``AutoModel``.
+    ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ...).
+    """
+    # Importing this module imported `ijepa_hf`, which registered its model types with the Auto classes.
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    from .modeling_ijepa_hf import refuse_checkpoint_file
+
+    refuse_checkpoint_file(model_name_or_path, "load_encoder")
+    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
+    auto_class = AutoModelForImageClassification if is_classifier else AutoModel
+    model = auto_class.from_pretrained(model_name_or_path, config=config, **kwargs)
+    network = resolve_encoder(model, encoder)
+    processor_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+    return network, load_image_processor(model_name_or_path, getattr(network, "config", config), **processor_kwargs)
+
+
+def load_image_classifier(
+    model_name_or_path: str,
+    *,
+    num_labels: int,
+    id2label: Mapping[int, str] | None = None,
+    label2id: Mapping[str, int] | None = None,
+    encoder: str = "target",
+    **kwargs: Any,
+) -> nn.Module:
+    """An image classifier with a new ``num_labels`` head on a pretrained backbone.
+
+    An I-JEPA pretraining repo (``ijepa_hf_pretraining``) gives an `IJepaEncoderForImageClassification` on its
+    ``encoder`` (``"target"``, the one the paper evaluates, or ``"context"``); anything else goes through
+    ``AutoModelForImageClassification.from_pretrained`` (our encoder or classifier repos, stock transformers
+    models). ``kwargs`` (``revision``, ``token``, ``cache_dir``, ``ignore_mismatched_sizes``, config fields such
+    as ``drop_path_rate``) go to ``from_pretrained``.
+    """
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
+    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaForPreTraining, refuse_checkpoint_file
+
+    refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
+    labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
+    labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
+    hub_keys = ("revision", "token", "cache_dir")
+    config = AutoConfig.from_pretrained(model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
+    if not isinstance(config, IJepaPretrainingConfig):
+        return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)
+    pretraining = IJepaForPreTraining.from_pretrained(
+        model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys}
+    )
+    backbone = pretraining.export_encoder(encoder)
+    overrides = {k: v for k, v in kwargs.items() if k not in hub_keys and k != "ignore_mismatched_sizes"}
+    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), **overrides, **labels})
+    classifier = IJepaEncoderForImageClassification(classifier_config)
+    classifier.encoder.load_state_dict(backbone.state_dict())
+    classifier.config._name_or_path = model_name_or_path
+    return classifier
