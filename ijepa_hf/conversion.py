@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
-from .modeling_ijepa_hf import ENCODER_CHOICES, IJepaEncoderModel, IJepaPredictorModel, IJepaForPreTraining
+from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
+from .modeling_ijepa_hf import ENCODER_CHOICES, IJepaEncoderModel, IJepaForPreTraining
 
 __all__ = [
     "CheckpointMismatchError",

@@ -14,7 +14,6 @@ weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub``
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path

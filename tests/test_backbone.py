@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoBackbone, AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
+from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 from hub_utils import run_hub_script
 from ijepa_hf import IJepaBackbone, IJepaBackboneConfig, IJepaEncoderModel, IJepaForPreTraining

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from huggingface_hub import ModelCard
 
 from ijepa_hf import (
