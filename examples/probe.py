@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.evaluation import evaluate_encoder, format_results_table
+from ijepa_hf.evaluation import attentive_probe, evaluate_encoder, extract_features, format_results_table
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
 
@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     probe.add_argument("--linear_optimizer", choices=("lbfgs", "adamw"), default="lbfgs")
     probe.add_argument("--k", type=int, default=20, help="k-NN neighbours.")
     probe.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature.")
+    probe.add_argument("--attentive", action="store_true",
+                       help="Also train an attentive probe (a learned query over the last layer's patch tokens, as "
+                            "V-JEPA 2's evaluation); keeps every image's tokens in memory: subsample large sets.")
+    probe.add_argument("--attentive_epochs", type=int, default=20, help="Attentive-probe epochs (AdamW, cosine).")
     run = parser.add_argument_group("run")
     run.add_argument("--batch_size", type=int, default=64)
     run.add_argument("--num_workers", type=int, default=0)
@@ -129,6 +133,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ))
             logger.info("%s, %s: linear %.2f%%, k-NN %.2f%%", name, rows[-1]["layers"],
                         100 * rows[-1]["linear_accuracy"], 100 * rows[-1]["knn_accuracy"])
+        if args.attentive:
+            extract = dict(image_processor=image_processor, batch_size=args.batch_size, num_workers=args.num_workers,
+                           progress=not args.no_progress, pool=False)
+            train_x, train_y = extract_features(encoder, splits["train"], **extract)
+            test_x, test_y = extract_features(encoder, splits["validation"], **extract)
+            result = attentive_probe(train_x, train_y, test_x, test_y, epochs=args.attentive_epochs, seed=args.seed)
+            rows.append({"model": name, "layers": "last, attentive", "attentive_accuracy": result["accuracy"],
+                         "feature_dim": result["feature_dim"], "num_train": result["num_train"],
+                         "num_test": result["num_test"], "attentive": result})
+            logger.info("%s, attentive probe: %.2f%%", name, 100 * result["accuracy"])
         del encoder
 
     print(format_results_table(rows))
