@@ -31,6 +31,7 @@ from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ijepa_hf.masking import IJepaMaskCollator
 from ijepa_hf.training import build_pretraining_config
+from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
@@ -86,7 +87,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         with open(argv[0], encoding="utf-8") as handle:
             given = json.load(handle)
     else:
-        explicit = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+        explicit = explicit_options(argv)
         given = {name: value for name, value in vars(parser.parse_args(argv)).items() if name in explicit}
     values = {**RECIPE_DEFAULTS, **given}
     if "dataset_name" not in given and "train_dir" not in given:
@@ -103,9 +104,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
 def main(argv: list[str] | None = None) -> IJepaTrainer:
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     script_args, training_args = parse(list(sys.argv[1:] if argv is None else argv))
-    ema = None
-    if script_args.ema_momentum:
-        ema = tuple(float(v) for v in script_args.ema_momentum.split(","))
+    ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     config = build_pretraining_config(
         config_name=script_args.config_name, config_overrides=script_args.config_overrides,
         image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,

@@ -106,3 +106,11 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
     (json_script, from_json), (cli_script, from_cli) = example.parse([str(path)]), example.parse(
         ["--max_steps", "7", "--output_dir", str(tmp_path)])
     assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
+
+
+def test_a_negative_final_weight_decay_is_refused_whatever_the_lr_schedule(tmp_path):
+    model, collator, data = _tiny()
+    for scheduler in ("linear", "cosine"):
+        with pytest.raises(ValueError, match="final_weight_decay must be a finite number >= 0"):
+            IJepaTrainer(model=model, args=_args(tmp_path, lr_scheduler_type=scheduler, learning_rate=1e-3),
+                         train_dataset=data, data_collator=collator, final_weight_decay=-1.0)

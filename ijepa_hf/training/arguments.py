@@ -32,11 +32,25 @@ __all__ = [
     "OPERATIONAL_FIELDS",
     "SCHEDULE_LENGTH_FIELDS",
     "check_resume_compatible",
+    "explicit_options",
+    "parse_range",
 ]
 
 
 def _help(text: str) -> dict[str, Any]:
     return {"help": text}
+
+
+def parse_range(text: str, name: str, low: float, high: float) -> tuple[float, float]:
+    """A ``'min,max'`` option (``--ema_momentum``, ``--crop_scale``) as two floats with ``low <= min <= max <=
+    high``; ``ValueError`` naming ``--<name>`` otherwise."""
+    try:
+        values = [float(v) for v in str(text).replace(" ", "").strip("()[]").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or not (low <= values[0] <= values[1] <= high):
+        raise ValueError(f"--{name} must be 'min,max' with {low} <= min <= max <= {high}, got {text!r}")
+    return values[0], values[1]
 
 
 @dataclass
@@ -209,24 +223,14 @@ class PretrainingArguments:
         self.crop_range  # validates the string
         self._demo_defaults: dict[str, Any] = {}
 
-    @staticmethod
-    def _pair(text: str, name: str, low: float, high: float) -> tuple[float, float]:
-        try:
-            values = [float(v) for v in str(text).replace(" ", "").strip("()[]").split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 2 or not (low <= values[0] <= values[1] <= high):
-            raise ValueError(f"--{name} must be 'min,max' with {low} <= min <= max <= {high}, got {text!r}")
-        return values[0], values[1]
-
     @property
     def ema_range(self) -> tuple[float, float] | None:
         """``--ema_momentum`` as ``(start, end)``, or ``None`` (use the config's)."""
-        return None if self.ema_momentum is None else self._pair(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        return None if self.ema_momentum is None else parse_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
 
     @property
     def crop_range(self) -> tuple[float, float]:
-        return self._pair(self.crop_scale, "crop_scale", 1e-6, 1.0)
+        return parse_range(self.crop_scale, "crop_scale", 1e-6, 1.0)
 
     @property
     def clip_grad_norm(self) -> float | None:
@@ -283,7 +287,7 @@ OPERATIONAL_FIELDS = frozenset({
 SCHEDULE_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")
 
 
-def _explicit_options(argv: Sequence[str]) -> set[str]:
+def explicit_options(argv: Sequence[str]) -> set[str]:
     """Option names present on a command line (``--name value`` or ``--name=value``)."""
     names = set()
     for item in argv:
@@ -311,7 +315,7 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
         explicit = set(values)
         (args,) = parser.parse_dict(values)
     else:
-        explicit = _explicit_options(argv)
+        explicit = explicit_options(argv)
         (args,) = parser.parse_args_into_dataclasses(args=argv)
     if not args.uses_embedded_data:
         return args

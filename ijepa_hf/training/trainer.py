@@ -176,6 +176,8 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     if args.optim_args:
         raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
                          "adam_beta2 and adam_epsilon")
+    if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
+        raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if scheduler != "cosine":
@@ -190,8 +192,6 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
             raise ValueError(
                 f"IJepaTrainer: lr_scheduler_kwargs {name}={value:g} is above learning_rate={args.learning_rate:g} "
                 "(the peak): the warm-up would go down. Raise learning_rate (official 1e-3) or lower " + name)
-    if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
-        raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     return cosine
 
 
