@@ -1,17 +1,23 @@
-"""One I-JEPA training step on CPU: throughput, achieved GFLOP/s against the measured matmul ceiling, peak memory,
-and the split between target encoder, context encoder and predictor.
+"""One I-JEPA training step on CPU, beside the official step: throughput, achieved GFLOP/s against the matmul
+ceiling measured in the same run, peak memory, and the split between target encoder, context encoder and predictor.
 
 The step is the whole official step: target encoder on the full image (no grad) + LayerNorm + gather, context
 encoder on the context patches, predictor (one sequence per target block), smooth-L1 loss, backward, AdamW with the
-official parameter groups, EMA update. Default sizes are the official step's measured in the reference: ViT-Ti/16
-at 224 px, predictor width 384 depth 6, official masks, batch 16, 2 threads.
+official parameter groups, EMA update. Default sizes: ViT-Ti/16 at 224 px, predictor width 384 depth 6, official
+masks, batch 16, 2 threads.
 
-Beside it, in the same run and on the same mask batch, the official step rebuilt op for op (``official_step.py``,
-checked against the official code's golden vectors): the speed-up against it does not move with the host's speed,
-which the issue's fixed official figures (also printed) cannot follow.
+The baseline is the official code itself when a checkout of facebookresearch/ijepa is named (``--official-root DIR``
+or ``$IJEPA_OFFICIAL_ROOT``): its modules and ``MaskCollator`` are imported from there at run time
+(``official_code.py``; none of that CC BY-NC code is in this repository), the masks of both codes are its draw, and
+before any timing both steps must compute the same fp32 loss on the same weights and masks. Without a checkout, the
+baseline is the official step rebuilt op for op (``official_step.py``, checked against the official code's golden
+vectors), labelled as such. Every row is timed in fresh processes, the rounds interleaving all rows, so that the
+ratios compare the codes on the same host whatever its speed at the time.
 
-    python benchmarks/bench_train_step.py                      # fp32 and bf16, tuned and default allocator
-    python benchmarks/bench_train_step.py --scaling            # + step time vs batch size and image size
+    python benchmarks/bench_train_step.py --official-root ~/src/ijepa      # against the official code
+    python benchmarks/bench_train_step.py                                  # against the rebuilt official step
+    python benchmarks/bench_train_step.py --profile                        # + where ours spends its time
+    python benchmarks/bench_train_step.py --scaling                        # + step time vs batch and image size
 """
 
 from __future__ import annotations
@@ -22,24 +28,39 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.training import build_optimizer, keep_freed_memory_for_reuse
+from official_code import (  # benchmarks/official_code.py, beside this script: the user's checkout, at run time
+    ENVIRONMENT_VARIABLE,
+    OfficialCodeStep,
+    _revision,
+    import_official,
+    official_masks,
+    resolve_root,
+)
 from official_step import OfficialStep  # benchmarks/official_step.py, beside this script
 from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this script
 
-# The official code on this machine (the issue's figures, measured once): seconds per step and peak RSS at the default
-# sizes.
-OFFICIAL = {"fp32": dict(seconds=2.58, rss_gb=2.1), "bf16": dict(seconds=0.81, rss_gb=1.8)}
 ALLOCATORS = ("tuned", "default")
 PRECISIONS = ("fp32", "bf16")
+ATTENTIONS = ("sdpa", "eager")
+# Both codes' fp32 losses on the same weights and masks must agree this closely, or the timings compare different work.
+LOSS_TOLERANCE = 1e-5
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::convolution_backward",
+              "aten::mkldnn_convolution"}
+PROFILE_ROWS = 15
 
 
 @dataclass
@@ -57,14 +78,20 @@ def make_config(args: argparse.Namespace, image_size: int) -> IJepaPretrainingCo
     )
 
 
-def make_setup(args: argparse.Namespace, batch_size: int, image_size: int) -> Setup:
+def make_setup(args: argparse.Namespace, batch_size: int, image_size: int, batch: dict | None = None,
+               attention: str = "sdpa") -> Setup:
+    """Model (``attn_implementation=attention``), AdamW (official groups, fused) and ``batch`` (default: the typical
+    batch of ``--mask-mode``)."""
     torch.manual_seed(0)
     config = make_config(args, image_size)
+    config._attn_implementation = attention
     model = IJepaForPreTraining(config).train()
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
-    return Setup(model, optimizer, typical_batch(config, args.mask_mode, batch_size, image_size))
+    if batch is None:
+        batch = typical_batch(config, args.mask_mode, batch_size, image_size)
+    return Setup(model, optimizer, batch)
 
 
 def typical_batch(config: IJepaPretrainingConfig, mask_mode: str, batch_size: int, image_size: int) -> dict:
@@ -76,16 +103,22 @@ def typical_batch(config: IJepaPretrainingConfig, mask_mode: str, batch_size: in
     the averages of those 64 draws is used.
     """
     images = [{"pixel_values": torch.randn(3, image_size, image_size)} for _ in range(batch_size)]
-    try:
-        IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=10)
-        min_keep = 10
-    except ValueError:  # the official min_keep is infeasible on small grids (e.g. 8x8: smallest target block 3x3)
-        min_keep = 3
+    min_keep = feasible_min_keep(config, mask_mode)
     draws = [IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=min_keep, seed=seed)(images)
              for seed in range(64)]
     lengths = torch.tensor([[d["context_mask"].shape[1], d["target_masks"].shape[-1]] for d in draws], dtype=torch.float)
     distance = ((lengths - lengths.mean(0)) / lengths.mean(0)).abs().sum(1)
     return draws[int(distance.argmin())]
+
+
+def feasible_min_keep(config: IJepaPretrainingConfig, mask_mode: str = "official") -> int:
+    """The official ``min_keep`` of 10 patches, or 3 where 10 is infeasible (small grids, e.g. 8x8, whose smallest
+    target block is 3x3): ijepa_hf's sampler refuses an infeasible setting, the official one would retry forever."""
+    try:
+        IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=10)
+        return 10
+    except ValueError:
+        return 3
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,35 +154,6 @@ def median_seconds(step: Callable[[], object], steps: int, warmup: int, device: 
         synchronize(device)
         times.append(time.perf_counter() - start)
     return median(times)  # robust to a noisy neighbour
-
-
-@dataclass
-class OfficialSetup:
-    """The rebuilt official step with the same mask batch in the official layout (a list of [B, K] per mask)."""
-
-    step: OfficialStep
-    pixels: torch.Tensor
-    context_mask: torch.Tensor
-    target_masks: list[torch.Tensor]
-
-    def run(self, precision: str) -> float:
-        return self.step.step(self.pixels, self.context_mask, self.target_masks, autocast=precision == "bf16")
-
-    def flops(self) -> float:
-        with FlopCounterMode(display=False) as counter:
-            self.step.loss(self.pixels, self.context_mask, self.target_masks).backward()
-        self.step.optimizer.zero_grad()
-        return counter.get_total_flops()
-
-
-def make_official_setup(args: argparse.Namespace, batch_size: int, image_size: int) -> OfficialSetup:
-    config = make_config(args, image_size)
-    batch = typical_batch(config, args.mask_mode, batch_size, image_size)
-    torch.manual_seed(0)
-    encoder, predictor = config.encoder_config, config.predictor_config
-    step = OfficialStep.build(image_size, encoder.patch_size, encoder.hidden_size, encoder.num_hidden_layers,
-                              encoder.num_attention_heads, predictor.hidden_size, predictor.num_hidden_layers)
-    return OfficialSetup(step, batch["pixel_values"], batch["context_mask"], list(batch["target_masks"].unbind(1)))
 
 
 def step_flops(setup: Setup, precision: str = "fp32") -> float:
@@ -214,19 +218,27 @@ def matmul_ceiling(precision: str, size: int = 1536, repeats: int = 20, device: 
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def measure_in_child(args: argparse.Namespace, precision: str, allocator: str, code: str = "ijepa_hf") -> dict:
-    """Seconds per step, peak RSS and the split (``code="official"``: the rebuilt official step's seconds, peak RSS
-    and FLOPs), in a fresh process: each configuration starts from the same empty heap, and the peak belongs to that
-    configuration alone."""
-    command = [sys.executable, __file__, "--child", precision, "--allocator", allocator, "--code", code, "--size", args.size,
-               "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size), "--predictor-width", str(args.predictor_width),
-               "--predictor-depth", str(args.predictor_depth), "--threads", str(args.threads),
-               "--mask-mode", args.mask_mode, "--steps", str(args.steps)]
-    if args.gradient_checkpointing:
-        command.append("--gradient-checkpointing")
+def measure_in_child(args: argparse.Namespace, precision: str, allocator: str, code: str = "ijepa_hf",
+                     attention: str = "sdpa", with_split: bool = False) -> dict:
+    """Seconds per step and peak RSS (``code="official"``: the official step's, with its FLOPs; ``with_split``: also
+    ours split by model part) in a fresh process: each configuration starts from the same empty heap, and the peak
+    belongs to that configuration alone."""
+    command = [sys.executable, __file__, "--child", precision, "--allocator", allocator, "--code", code,
+               "--attn-implementation", attention, "--batch-file", str(args.batch_file), *_model_flags(args)]
+    if args.official_root is not None:
+        command += ["--official-root", str(args.official_root)]
+    if with_split:
+        command.append("--with-split")
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def _model_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--size", args.size, "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+             "--image-size", str(args.image_size), "--predictor-width", str(args.predictor_width),
+             "--predictor-depth", str(args.predictor_depth), "--threads", str(args.threads),
+             "--mask-mode", args.mask_mode, "--steps", str(args.steps)]
+    return flags + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 
 def _positive(text: str) -> int:
@@ -246,18 +258,153 @@ def _subset_of(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+# ---- the mask batch both codes step on ---------------------------------------------------------------------------
+
+def write_batch(args: argparse.Namespace, path: Path) -> str:
+    """Saves the one batch every child steps on (``pixel_values [B, 3, H, W]``, ``context_mask [B, K]``,
+    ``target_masks [B, M, T]``) and says where its masks come from.
+
+    With an official checkout the masks are the official ``MaskCollator``'s draw (of 64 seeds) whose sizes are
+    closest to the average of those draws, so that one batch stands for a typical step; without one, the same rule
+    over ijepa_hf's sampler in ``--mask-mode``.
+    """
+    config = make_config(args, args.image_size)
+    if args.official_root is None:
+        batch = typical_batch(config, args.mask_mode, args.batch_size, args.image_size)
+        source = f"ijepa_hf's {args.mask_mode}-mode sampler"
+    else:
+        if args.mask_mode != "official":
+            raise SystemExit("--mask-mode fixed has no counterpart in the official code; use --mask-mode official "
+                             "with --official-root.")
+        official = import_official(args.official_root)
+        draws = []
+        for seed in range(64):
+            try:
+                draws.append(official_masks(official, args.batch_size, args.image_size, args.patch_size, seed,
+                                            min_keep=feasible_min_keep(config)))
+            except Exception as error:  # the official sampler retries forever or fails on infeasible small grids
+                raise SystemExit(f"The official MaskCollator cannot sample masks at {args.image_size} px / patch "
+                                 f"{args.patch_size}: {error}") from error
+        lengths = torch.tensor([[c.shape[1], t[0].shape[1]] for c, t in draws], dtype=torch.float)
+        distance = ((lengths - lengths.mean(0)) / lengths.mean(0)).abs().sum(1)
+        context, targets = draws[int(distance.argmin())]
+        torch.manual_seed(0)
+        batch = {"pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size),
+                 "context_mask": context, "target_masks": torch.stack(targets, dim=1)}
+        source = f"the official MaskCollator ({official.root}, {official.revision})"
+    save_file({name: batch[name].contiguous() for name in ("pixel_values", "context_mask", "target_masks")}, str(path))
+    return source
+
+
+def read_batch(path: str) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+# ---- the children ------------------------------------------------------------------------------------------------
+
+def official_runner(args: argparse.Namespace, batch: dict[str, torch.Tensor]) -> tuple[Callable[[str], float],
+                                                                                        Callable[[], float]]:
+    """``(step(precision), flops())`` of the official step: the official code itself with ``--official-root``,
+    else the rebuilt one (``official_step.py``)."""
+    pixels, context = batch["pixel_values"], batch["context_mask"]
+    targets = list(batch["target_masks"].unbind(1))
+    torch.manual_seed(0)
+    if args.official_root is not None:
+        code = OfficialCodeStep(import_official(args.official_root), args.size, args.patch_size, args.image_size,
+                                args.predictor_width, args.predictor_depth)
+        run = lambda precision: code.step(pixels, [context], targets, autocast=precision == "bf16")  # noqa: E731
+        loss = lambda: code.loss(pixels, [context], targets)  # noqa: E731
+        optimizer = code.optimizer
+    else:
+        config = make_config(args, args.image_size)
+        encoder, predictor = config.encoder_config, config.predictor_config
+        rebuilt = OfficialStep.build(args.image_size, encoder.patch_size, encoder.hidden_size,
+                                     encoder.num_hidden_layers, encoder.num_attention_heads, predictor.hidden_size,
+                                     predictor.num_hidden_layers)
+        run = lambda precision: rebuilt.step(pixels, context, targets, autocast=precision == "bf16")  # noqa: E731
+        loss = lambda: rebuilt.loss(pixels, context, targets)  # noqa: E731
+        optimizer = rebuilt.optimizer
+
+    def flops() -> float:
+        with FlopCounterMode(display=False) as counter:
+            loss().backward()
+        optimizer.zero_grad()
+        return counter.get_total_flops()
+
+    return run, flops
+
+
+def check_same_loss(args: argparse.Namespace) -> dict:
+    """Both codes on the same weights (the official ``init_model``'s, converted) and the same batch, fp32: the loss
+    before and after one AdamW + EMA step (constant lr 1e-3, weight decay 0.01, momentum 0.996 in both)."""
+    from ijepa_hf.conversion import convert_official_checkpoint
+
+    batch = read_batch(args.batch_file)
+    pixels, context = batch["pixel_values"], batch["context_mask"]
+    targets = list(batch["target_masks"].unbind(1))
+    torch.manual_seed(0)
+    official = OfficialCodeStep(import_official(args.official_root), args.size, args.patch_size, args.image_size,
+                                args.predictor_width, args.predictor_depth)
+    for group in official.optimizer.param_groups:  # the schedulers are not stepped here: fixed, equal values
+        group["lr"], group["weight_decay"] = 1e-3, 0.0 if group.get("WD_exclude") else 0.01
+    model = convert_official_checkpoint(official.state_dicts()).train()
+    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor}, lr=1e-3,
+                                weight_decay=0.01)
+    losses: dict[str, list[float]] = {"official": [], "ijepa_hf": []}
+    for _ in range(2):
+        loss = official.loss(pixels, [context], targets)
+        loss.backward()
+        official.optimizer.step()
+        official.optimizer.zero_grad()
+        with torch.no_grad():
+            for q, k in zip(official.encoder.parameters(), official.target_encoder.parameters()):
+                k.mul_(0.996).add_(0.004 * q)
+        losses["official"].append(loss.item())
+        ours = model(**batch).loss
+        ours.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_target_encoder(0.996)
+        losses["ijepa_hf"].append(ours.item())
+    return losses
+
+
 def child(args: argparse.Namespace) -> None:
     if args.allocator == "tuned":
         keep_freed_memory_for_reuse()
+    batch = read_batch(args.batch_file)
     if args.code == "official":
-        official = make_official_setup(args, args.batch_size, args.image_size)
-        seconds = median_seconds(lambda: official.run(args.child), args.steps, warmup=2)
-        print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_bytes() / 2**30, "flops": official.flops()}))
+        run, flops = official_runner(args, batch)
+        seconds = median_seconds(lambda: run(args.child), args.steps, warmup=2)
+        print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_bytes() / 2**30, "flops": flops()}))
         return
-    setup = make_setup(args, args.batch_size, args.image_size)
+    setup = make_setup(args, args.batch_size, args.image_size, batch=batch, attention=args.attn_implementation)
     seconds = seconds_per_step(setup, args.child, args.steps)
-    parts = split(setup, args.child)
-    print(json.dumps({"seconds": seconds, "split": parts, "peak_rss_gb": peak_rss_bytes() / 2**30}))
+    result = {"seconds": seconds, "peak_rss_gb": peak_rss_bytes() / 2**30}
+    if args.with_split:
+        result["split"] = split(setup, args.child)
+    print(json.dumps(result))
+
+
+# ---- the machine -------------------------------------------------------------------------------------------------
+
+def cpu_description() -> str:
+    """The CPU's model name and the matrix extensions that decide its bf16 speed (AMX, AVX-512 bf16)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    amx = "AMX" if {"amx_bf16", "amx_tile"} <= flags else "no AMX"
+    avx = "AVX-512 bf16" if "avx512_bf16" in flags else "no AVX-512 bf16"
+    return f"{name} ({os.cpu_count()} CPUs, {amx}, {avx})"
 
 
 def main() -> None:
@@ -271,20 +418,40 @@ def main() -> None:
     parser.add_argument("--mask-mode", default="official", choices=("official", "fixed"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--rounds", type=_positive, default=3,
-                        help="fresh processes per row, interleaved with the rebuilt official step's")
+    parser.add_argument("--rounds", type=_positive, default=5,
+                        help="fresh processes per row, interleaved with the official step's")
+    parser.add_argument("--official-root", default=None,
+                        help="a checkout of facebookresearch/ijepa to time (imported at run time, nothing copied); "
+                             f"default ${ENVIRONMENT_VARIABLE}; without either, the rebuilt official step "
+                             "(official_step.py)")
     parser.add_argument("--precisions", type=_subset_of(PRECISIONS), default=list(PRECISIONS))
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--allocators", type=_subset_of(ALLOCATORS), default=list(ALLOCATORS),
+    parser.add_argument("--allocators", type=_subset_of(ALLOCATORS), default=["tuned"],
                         help="'tuned': glibc malloc keeps freed memory, as ijepa_hf's training loops set it on CPU "
                              "(ijepa_hf.training.keep_freed_memory_for_reuse); 'default': glibc's defaults")
+    parser.add_argument("--attn-implementations", type=_subset_of(ATTENTIONS), default=list(ATTENTIONS),
+                        help="ijepa_hf rows: the model's attn_implementation ('sdpa': torch's fused kernel, 'eager': "
+                             "two matmuls and a softmax)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile ours in each precision: the top operators and the time outside matmuls")
     parser.add_argument("--scaling", action="store_true", help="also time batch 8-64 and image 96-224 (bf16)")
     parser.add_argument("--scaling-only", action="store_true", help="only the scaling table")
-    parser.add_argument("--child", choices=("fp32", "bf16"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PRECISIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--check-same-loss", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--with-split", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch-file", help=argparse.SUPPRESS)
     parser.add_argument("--allocator", choices=ALLOCATORS, default="tuned", help=argparse.SUPPRESS)
+    parser.add_argument("--attn-implementation", choices=ATTENTIONS, default="sdpa", help=argparse.SUPPRESS)
     parser.add_argument("--code", choices=("ijepa_hf", "official"), default="ijepa_hf", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        args.official_root = resolve_root(args.official_root)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    if args.check_same_loss:
+        print(json.dumps(check_same_loss(args)))
+        return
     if args.child:
         child(args)
         return
@@ -292,59 +459,115 @@ def main() -> None:
     if args.scaling_only:
         scaling_table(args)
         return
-    setup = make_setup(args, args.batch_size, args.image_size)
-    flops = step_flops(setup)
-    context_len = setup.batch["context_mask"].shape[1]
-    target_len = setup.batch["target_masks"].shape[-1]
-    print(f"# I-JEPA training step: {args.size}/{args.patch_size} at {args.image_size} px, batch {args.batch_size}, "
-          f"predictor {args.predictor_width}x{args.predictor_depth}, {args.mask_mode} masks "
-          f"(context {context_len}, 4 targets of {target_len} patches)")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}; threads "
-          f"{torch.get_num_threads()}; {flops / 1e9:.1f} matmul GFLOP per step (forward + backward); each row is the "
-          f"median over {args.rounds} rounds of fresh processes (median of {args.steps} steps each), the rounds "
-          "interleaving the rebuilt official step and ours so that both see the same host")
-    print()
-    print("| code | precision | allocator | s/step | images/s | GFLOP/s | matmul ceiling GFLOP/s | of ceiling | "
-          "peak RSS GB | speed-up vs official rebuilt, same rounds: median (range) | official, issue's figure: "
-          "s/step (RSS GB) | speed-up vs the issue's figure |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
-    splits = {}
-    at_official_sizes = all(getattr(args, name) == parser.get_default(name) for name in (
-        "size", "patch_size", "image_size", "batch_size", "predictor_width", "predictor_depth", "mask_mode", "threads"))
-    for precision in args.precisions:
-        ceiling = matmul_ceiling(precision)
-        published = OFFICIAL[precision] if at_official_sizes else None
-        rows = {("official (rebuilt)", "default"): [], **{("ijepa_hf", allocator): [] for allocator in args.allocators}}
-        for _ in range(args.rounds):
-            for code, allocator in rows:
-                rows[code, allocator].append(measure_in_child(args, precision, allocator, code=code.split()[0]))
-        official_seconds = [result["seconds"] for result in rows["official (rebuilt)", "default"]]
-        for (code, allocator), results in rows.items():
-            seconds = median([result["seconds"] for result in results])
-            ratios = [official / result["seconds"] for official, result in zip(official_seconds, results)]
-            achieved = (results[0]["flops"] if "flops" in results[0] else flops) / seconds / 1e9
-            print(f"| {code} | {precision} | {allocator} | {seconds:.3f} | {args.batch_size / seconds:.1f} | "
-                  f"{achieved:.0f} | {ceiling:.0f} | {achieved / ceiling:.0%} | "
-                  f"{max(result['peak_rss_gb'] for result in results):.2f} | "
-                  f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                  + (f"{published['seconds']} ({published['rss_gb']}) | {published['seconds'] / seconds:.2f}x |"
-                     if published else "– | – |"))
-            if code == "ijepa_hf":
-                splits[precision, allocator] = {name: median([result["split"][name] for result in results])
-                                                for name in results[0]["split"]}
-    print()
-    print(f"The rebuilt official step does {rows['official (rebuilt)', 'default'][0]['flops'] / 1e9:.1f} matmul "
-          "GFLOP per step (its predictor's last block keeps the context rows). Peak RSS: the largest of the rounds. "
-          "The issue's figures were measured once with the official code on this machine, at the default sizes "
-          "only; the host's speed has drifted between sessions since.")
-    print()
-    print("| precision | allocator | target encoder (fwd) s | context encoder (fwd+bwd) s | predictor + loss (fwd+bwd) s |")
-    print("|---|---|---:|---:|---:|")
-    for (precision, allocator), parts in splits.items():
-        print(f"| {precision} | {allocator} | " + " | ".join(f"{parts[name]:.3f}" for name in parts) + " |")
-
+    with tempfile.TemporaryDirectory() as folder:
+        args.batch_file = Path(folder) / "batch.safetensors"
+        source = write_batch(args, args.batch_file)
+        side_by_side(args, source)
+        if args.profile:
+            for precision in args.precisions:
+                profile_table(args, precision)
     if args.scaling:
         scaling_table(args)
+
+
+def side_by_side(args: argparse.Namespace, mask_source: str) -> None:
+    batch = read_batch(args.batch_file)
+    setup = make_setup(args, args.batch_size, args.image_size, batch=batch)
+    flops = step_flops(setup)
+    baseline = ("official code" if args.official_root is not None else "official (rebuilt)")
+    print(f"# I-JEPA training step: {args.size}/{args.patch_size} at {args.image_size} px, batch {args.batch_size}, "
+          f"predictor {args.predictor_width}x{args.predictor_depth}, masks from {mask_source} "
+          f"(context {batch['context_mask'].shape[1]}, {batch['target_masks'].shape[1]} targets of "
+          f"{batch['target_masks'].shape[-1]} patches)")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{flops / 1e9:.1f} matmul GFLOP per step for ijepa_hf (forward + backward)")
+    if args.official_root is not None:
+        print(f"baseline: facebookresearch/ijepa at {args.official_root} ({_revision(args.official_root)}), its "
+              "modules and MaskCollator imported at run time; its step as benchmarks/official_code.py describes")
+        losses = json.loads(subprocess.run(
+            [sys.executable, __file__, "--check-same-loss", "--batch-file", str(args.batch_file), "--official-root",
+             str(args.official_root), *_model_flags(args)], check=True, capture_output=True, text=True
+        ).stdout.strip().splitlines()[-1])
+        gaps = [abs(a - b) for a, b in zip(losses["official"], losses["ijepa_hf"])]
+        print("same weights and masks, fp32: loss before / after one AdamW + EMA step: official "
+              + " / ".join(f"{value:.6f}" for value in losses["official"]) + ", ijepa_hf "
+              + " / ".join(f"{value:.6f}" for value in losses["ijepa_hf"]) + f" (largest gap {max(gaps):.1e})")
+        if max(gaps) > LOSS_TOLERANCE:
+            raise SystemExit(f"The two steps compute different losses (gap {max(gaps):.1e} > {LOSS_TOLERANCE}): "
+                             "they would not be timing the same work, so no ratio is printed.")
+    else:
+        print("baseline: no official checkout given (--official-root or $IJEPA_OFFICIAL_ROOT), so the official step "
+              "rebuilt op for op (benchmarks/official_step.py), checked against the official code's golden vectors")
+    print(f"each row: the median over {args.rounds} rounds of fresh processes (median of {args.steps} steps each); "
+          "each round runs every row back to back, so that all see the same host")
+    print()
+    print(f"| code | precision | allocator | attention | s/step | images/s | GFLOP/s | matmul ceiling GFLOP/s | "
+          f"of ceiling | peak RSS GB | speed-up vs {baseline}: median (range over rounds) | peak RSS vs {baseline} |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    splits = {}
+    for precision in args.precisions:
+        ceilings = [matmul_ceiling(precision)]
+        rows = {(baseline, "default", "–"): [],
+                **{("ijepa_hf", allocator, attention): [] for allocator in args.allocators
+                   for attention in args.attn_implementations}}
+        for round_index in range(args.rounds):
+            for code, allocator, attention in rows:
+                rows[code, allocator, attention].append(measure_in_child(
+                    args, precision, allocator, code="ijepa_hf" if code == "ijepa_hf" else "official",
+                    attention=attention if code == "ijepa_hf" else "sdpa",
+                    with_split=code == "ijepa_hf" and round_index == 0))
+        ceilings.append(matmul_ceiling(precision))
+        ceiling = median(ceilings)
+        official_results = rows[baseline, "default", "–"]
+        for (code, allocator, attention), results in rows.items():
+            seconds = median([result["seconds"] for result in results])
+            ratios = [official["seconds"] / result["seconds"] for official, result in zip(official_results, results)]
+            achieved = (results[0]["flops"] if "flops" in results[0] else flops) / seconds / 1e9
+            rss = max(result["peak_rss_gb"] for result in results)
+            official_rss = max(result["peak_rss_gb"] for result in official_results)
+            print(f"| {code} | {precision} | {allocator} | {attention} | {seconds:.3f} | "
+                  f"{args.batch_size / seconds:.1f} | {achieved:.0f} | {ceiling:.0f} "
+                  f"({min(ceilings):.0f}-{max(ceilings):.0f}) | {achieved / ceiling:.0%} | {rss:.2f} | "
+                  f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {rss / official_rss:.2f} |")
+            if code == "ijepa_hf":
+                splits[precision, allocator, attention] = results[0]["split"]
+    print()
+    print(f"The {baseline} step does {official_results[0]['flops'] / 1e9:.1f} matmul GFLOP per step (its predictor's "
+          "last block also computes the context rows). The ceiling: a plain square matrix product at this thread "
+          "count, measured before and after the rounds (median, range). Peak RSS: VmHWM, the largest of the rounds.")
+    print()
+    print("| precision | allocator | attention | target encoder (fwd) s | context encoder (fwd+bwd) s | "
+          "predictor + loss (fwd+bwd) s |")
+    print("|---|---|---|---:|---:|---:|")
+    for (precision, allocator, attention), parts in splits.items():
+        print(f"| {precision} | {allocator} | {attention} | " + " | ".join(f"{parts[name]:.3f}" for name in parts)
+              + " |")
+
+
+def profile_table(args: argparse.Namespace, precision: str) -> None:
+    """Where ours spends a step: torch.profiler's top operators by self time, and the share of matmul kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    keep_freed_memory_for_reuse()
+    setup = make_setup(args, args.batch_size, args.image_size, batch=read_batch(args.batch_file),
+                       attention=args.attn_implementations[0])
+    for _ in range(3):
+        train_step(setup, precision)
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(3):
+            train_step(setup, precision)
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    matmuls = sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS)
+    print()
+    print(f"## Profile: ijepa_hf, {precision}, attention {args.attn_implementations[0]}, 3 steps "
+          f"(self CPU time; matmul kernels {matmuls / total:.0%} of it)")
+    print()
+    print("| operator | self CPU ms per step | share | calls per step |")
+    print("|---|---:|---:|---:|")
+    for event in sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_ROWS]:
+        print(f"| {event.key} | {event.self_cpu_time_total / 3e3:.1f} | {event.self_cpu_time_total / total:.1%} | "
+              f"{event.count // 3} |")
 
 
 def scaling_table(args: argparse.Namespace) -> None:

@@ -167,23 +167,6 @@ def eager_attention_forward(
     return output, weights
 
 
-# Measured on a 2-core AMX CPU (torch 2.13, bf16, benchmarks/README.md): with gradients, torch's CPU flash-attention
-# kernel is 1.5-4x slower than two batched matmuls and a softmax for sequences up to ~200 tokens (its backward
-# recomputes in small tiles that AMX cannot fill), while without gradients it is faster at every length. Beyond
-# ~200 tokens the N x N probabilities kept for backward also start to cost real memory.
-_CPU_MATMUL_ATTENTION_MAX_LENGTH = 196
-
-
-def _prefers_matmul_attention(query: torch.Tensor) -> bool:
-    """True where the plain matmul-softmax attention beats SDPA: low-precision CPU training on short sequences."""
-    return (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and query.requires_grad
-        and query.shape[-2] <= _CPU_MATMUL_ATTENTION_MAX_LENGTH
-    )
-
-
 class IJepaAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (official key layout ``attn.qkv``/``attn.proj``)."""
 
@@ -207,13 +190,15 @@ class IJepaAttention(nn.Module):
         qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         query = query[:, :, query_start:]
-        implementation = self.config._attn_implementation or "sdpa"
-        if output_attentions or implementation == "eager" or (
-            implementation == "sdpa" and _prefers_matmul_attention(query)
-        ):
-            attention: Callable = eager_attention_forward
-        else:
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        # The implementation the user chose (``attn_implementation``, transformers' own option), never a guess from
+        # the hardware: which kernel is faster depends on the machine, the precision and the sequence length, so the
+        # training loop measures it (`ijepa_hf.training.choose_attention_implementation`). The probabilities exist
+        # only in the eager path.
+        attention: Callable = (
+            eager_attention_forward
+            if output_attentions
+            else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention_forward)
+        )
         output, weights = attention(
             self,
             query,

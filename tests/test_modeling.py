@@ -176,29 +176,44 @@ def test_predictor_skips_the_context_rows_of_its_last_block_without_changing_any
     torch.testing.assert_close(grad_pruned, grad_full, atol=1e-6, rtol=1e-5)
 
 
-def test_cpu_bf16_training_attention_takes_the_matmul_path_with_the_same_result():
-    from ijepa_hf.modeling_ijepa_hf import _prefers_matmul_attention
-
-    query = torch.randn(2, 2, 16, 8, dtype=torch.bfloat16)
-    assert not _prefers_matmul_attention(query)  # no gradient: SDPA's kernel is the faster one
-    assert _prefers_matmul_attention(query.requires_grad_())
-    assert not _prefers_matmul_attention(torch.randn(2, 2, 16, 8, requires_grad=True))  # fp32: SDPA
-    assert not _prefers_matmul_attention(torch.randn(1, 1, 400, 8, dtype=torch.bfloat16, requires_grad=True))
-
-    torch.manual_seed(0)
-    sdpa = IJepaEncoderModel(tiny_encoder_config()).train()
-    eager_config = tiny_encoder_config()
-    eager_config._attn_implementation = "eager"
-    eager = IJepaEncoderModel(eager_config).train()
-    eager.load_state_dict(sdpa.state_dict())
-    pixels = torch.randn(2, 3, 32, 32)
+def _count_sdpa_calls(model: torch.nn.Module, pixels: torch.Tensor, monkeypatch) -> int:
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = sdpa(pixels).last_hidden_state
-        reference = eager(pixels).last_hidden_state
-    torch.testing.assert_close(fast, reference, atol=0, rtol=0)  # the same code path, so bit-identical
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        inference = sdpa(pixels).last_hidden_state  # SDPA kernel: equal up to bf16 rounding
-    torch.testing.assert_close(inference, reference.detach(), atol=0.1, rtol=0.05)
+        model(pixels).last_hidden_state.float().sum().backward()
+    monkeypatch.setattr(F, "scaled_dot_product_attention", real)
+    return len(calls)
+
+
+def test_attn_implementation_is_honoured_whatever_the_hardware(monkeypatch, tmp_path):
+    """``sdpa`` means torch's SDPA kernel and ``eager`` the matmul-softmax path, also in CPU bf16 training, where the
+    model used to swap SDPA for the matmul path on its own; switching (``set_attn_implementation``, or
+    ``from_pretrained(attn_implementation=...)``) works through transformers' attention interface."""
+    torch.manual_seed(0)
+    config = tiny_encoder_config()
+    model = IJepaEncoderModel(config).train()
+    pixels = torch.randn(2, 3, 32, 32)
+    blocks = config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
+    assert _count_sdpa_calls(model, pixels, monkeypatch) == blocks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(pixels).last_hidden_state
+
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    assert _count_sdpa_calls(model, pixels, monkeypatch) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(pixels).last_hidden_state
+    torch.testing.assert_close(fast, reference, atol=0.1, rtol=0.05)  # equal up to bf16 rounding
+
+    model.save_pretrained(tmp_path)
+    reloaded = IJepaEncoderModel.from_pretrained(tmp_path, attn_implementation="sdpa").train()
+    assert _count_sdpa_calls(reloaded, pixels, monkeypatch) == blocks
+    pretraining = IJepaForPreTraining(tiny_pretraining_config())
+    pretraining.set_attn_implementation("eager")
+    assert {m.config._attn_implementation for m in (pretraining.context_encoder, pretraining.target_encoder,
+                                                    pretraining.predictor)} == {"eager"}
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

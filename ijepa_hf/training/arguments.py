@@ -129,6 +129,10 @@ class PretrainingArguments:
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW beta2."))
     mixed_precision: str | None = field(default=None, metadata=_help(
         "'no', 'fp16' or 'bf16' (official: bf16); default: what `accelerate launch`/config says."))
+    attn_implementation: str = field(default="sdpa", metadata=_help(
+        "Attention kernel: 'sdpa' (torch's fused scaled_dot_product_attention), 'eager' (two matmuls and a "
+        "softmax; on some CPUs faster in bf16 training) or 'auto' (time both on this run's model, batch and "
+        "precision at start-up and keep the faster, logged; two runs may then pick differently)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
     torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (inductor)."))
     num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
@@ -198,6 +202,8 @@ class PretrainingArguments:
             if text != "epoch" and not (text.isdigit() and int(text) > 0):
                 raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {text!r}")
             self.checkpointing_steps = text
+        if self.attn_implementation not in ("auto", "sdpa", "eager"):
+            raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
             raise ValueError(f"--mixed_precision must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}")
         if self.mask_mode is not None and self.mask_mode not in ("fixed", "official"):
@@ -281,7 +287,7 @@ OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "num_workers", "ddp_timeout", "cache_dir", "torch_compile",
-    "gradient_checkpointing", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
+    "gradient_checkpointing", "attn_implementation", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })
 # Options that set the run's length: may grow on resume with --extend_run.
 SCHEDULE_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")

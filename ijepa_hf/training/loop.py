@@ -182,6 +182,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.learning_rate,
         weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
     )
+    _set_attention(args, accelerator, model, mask_collator, config)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
     # ---- run length and schedules (after prepare: the dataloader length is per process)
@@ -409,6 +410,33 @@ def _all_finite(accelerator: Any, model: Any) -> bool:
     """Whether the weights are finite on every rank (a collective)."""
     finite = torch.tensor([float(weights_are_finite(model))], device=accelerator.device)
     return bool(accelerator.reduce(finite, "sum").item() == accelerator.num_processes)
+
+
+def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: torch.nn.Module,
+                   mask_collator: IJepaMaskCollator, config: Any) -> None:
+    """``--attn_implementation``: as given, or (``auto``) the faster of SDPA and eager as timed here on a batch of
+    this run's shapes and precision, before ``prepare`` so that no gradient all-reduce runs; rank 0's choice holds
+    on every rank (their timings differ, their kernels must not)."""
+    if args.attn_implementation != "auto":
+        model.set_attn_implementation(args.attn_implementation)
+        return
+    from .kernels import choose_attention_implementation
+
+    model.to(accelerator.device)
+    context, targets = mask_collator.sample_masks(args.per_device_train_batch_size, batch_index=0)
+    height, width = mask_collator.image_size
+    generator = torch.Generator().manual_seed(args.seed)
+    pixels = torch.randn(args.per_device_train_batch_size, config.encoder_config.num_channels, height, width,
+                         generator=generator)
+    batch = {"pixel_values": pixels, "context_mask": context, "target_masks": targets}
+    choice, seconds = choose_attention_implementation(
+        model, {name: value.to(accelerator.device) for name, value in batch.items()}, accelerator.autocast)
+    if accelerator.num_processes > 1:
+        choice = broadcast_object_list([choice])[0]
+        model.set_attn_implementation(choice)
+    logger.info("--attn_implementation auto: %s (forward + backward of one batch here: %s; pass "
+                "--attn_implementation %s to pin it)", choice,
+                ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()), choice)
 
 
 def _dummy_batch_factory(mask_collator: IJepaMaskCollator, config: Any, device: torch.device) -> Any:
