@@ -57,9 +57,21 @@ PRECISIONS = ("fp32", "bf16")
 ATTENTIONS = ("sdpa", "eager")
 # Both codes' fp32 losses on the same weights and masks must agree this closely, or the timings compare different work.
 LOSS_TOLERANCE = 1e-5
-MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::convolution_backward",
-              "aten::mkldnn_convolution"}
+# The profile's summary: substrings of aten operator names, first match wins.
+OPERATOR_CATEGORIES = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "flash_attention", "convolution",
+               "aten::linear"),
+    "copies and dtype casts": ("copy_", "aten::to", "_to_copy", "contiguous", "aten::clone", "aten::cat", "aten::stack",
+                               "index", "gather", "scatter", "repeat"),
+    "optimizer": ("adam", "Optimizer", "_foreach", "lerp"),
+    "allocation": ("aten::empty", "aten::resize_"),
+    "layer norm": ("layer_norm",),
+    "softmax": ("softmax",),
+    "GELU": ("gelu",),
+    "reductions": ("aten::sum", "aten::mean", "aten::norm", "smooth_l1"),
+    "elementwise": ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::fill_", "aten::zero_",
+                    "aten::where", "aten::masked"),
+}
 PROFILE_ROWS = 15
 
 
@@ -544,30 +556,53 @@ def side_by_side(args: argparse.Namespace, mask_source: str) -> None:
               + " |")
 
 
+def operator_category(name: str) -> str:
+    """The kind of work an aten operator does, for the profile's summary."""
+    for category, members in OPERATOR_CATEGORIES.items():
+        if any(member in name for member in members):
+            return category
+    return "other"
+
+
 def profile_table(args: argparse.Namespace, precision: str) -> None:
-    """Where ours spends a step: torch.profiler's top operators by self time, and the share of matmul kernels."""
+    """Where ours spends a step: time per kind of operator (self CPU time of torch.profiler) against what the matmul
+    FLOPs would take at the measured ceiling, then the top operators."""
     from torch.profiler import ProfilerActivity, profile
 
     keep_freed_memory_for_reuse()
-    setup = make_setup(args, args.batch_size, args.image_size, batch=read_batch(args.batch_file),
-                       attention=args.attn_implementations[0])
+    attention = args.attn_implementations[0]
+    setup = make_setup(args, args.batch_size, args.image_size, batch=read_batch(args.batch_file), attention=attention)
+    flops = step_flops(setup, precision)
     for _ in range(3):
         train_step(setup, precision)
+    steps = 3
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        for _ in range(3):
+        for _ in range(steps):
             train_step(setup, precision)
-    events = profiler.key_averages()
-    total = sum(event.self_cpu_time_total for event in events)
-    matmuls = sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS)
+    wall = (time.perf_counter() - start) / steps
+    ceiling = matmul_ceiling(precision)
+    events = [event for event in profiler.key_averages() if event.self_cpu_time_total > 0]
+    total = sum(event.self_cpu_time_total for event in events) / steps / 1e6
+    by_category: dict[str, float] = {}
+    for event in events:
+        category = operator_category(event.key)
+        by_category[category] = by_category.get(category, 0.0) + event.self_cpu_time_total / steps / 1e6
     print()
-    print(f"## Profile: ijepa_hf, {precision}, attention {args.attn_implementations[0]}, 3 steps "
-          f"(self CPU time; matmul kernels {matmuls / total:.0%} of it)")
+    print(f"## Profile: ijepa_hf, {precision}, attention {attention}, {steps} profiled steps of {wall:.3f} s (under "
+          f"the profiler); {flops / 1e9:.1f} matmul GFLOP would take {flops / ceiling / 1e9:.3f} s at the ceiling of "
+          f"{ceiling:.0f} GFLOP/s")
     print()
-    print("| operator | self CPU ms per step | share | calls per step |")
-    print("|---|---:|---:|---:|")
+    print("| kind of operator | s per step | share of the profiled time |")
+    print("|---|---:|---:|")
+    for category, seconds in sorted(by_category.items(), key=lambda item: item[1], reverse=True):
+        print(f"| {category} | {seconds:.3f} | {seconds / total:.0%} |")
+    print()
+    print("| operator | kind | self CPU ms per step | share | calls per step |")
+    print("|---|---|---:|---:|---:|")
     for event in sorted(events, key=lambda event: event.self_cpu_time_total, reverse=True)[:PROFILE_ROWS]:
-        print(f"| {event.key} | {event.self_cpu_time_total / 3e3:.1f} | {event.self_cpu_time_total / total:.1%} | "
-              f"{event.count // 3} |")
+        print(f"| {event.key} | {operator_category(event.key)} | {event.self_cpu_time_total / steps / 1e3:.1f} | "
+              f"{event.self_cpu_time_total / steps / 1e6 / total:.1%} | {event.count // steps} |")
 
 
 def scaling_table(args: argparse.Namespace) -> None:

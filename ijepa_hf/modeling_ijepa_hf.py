@@ -599,7 +599,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
         if keep is None:
             # contiguous(): the transposed view would make the whole residual stream [B, N, D] with stride 1 along N,
-            # and every later LayerNorm, add and linear pay for the strided layout (measured: 10% of a forward).
+            # and every later LayerNorm, add and linear would pay for the strided layout.
             return self.patch_embed(pixel_values).flatten(2).transpose(1, 2).contiguous() + positions
         _check_indices(keep, grid[0] * grid[1], "context_mask", batch_size)
         # A stride-p convolution is a linear map of each flattened (C, p, p) patch: apply it to the kept ones.

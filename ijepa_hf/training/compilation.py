@@ -4,9 +4,9 @@ Official masks change the number of context and target patches from batch to bat
 recompiled once with dynamic sequence lengths (torch's automatic dynamic shapes). Inductor's *mix-order reduction*
 (LayerNorm backward's row and column reductions fused into one kernel; on by default in torch 2.11) then sizes a
 workspace view with a wrong symbolic expression, and the first backward after the recompile fails with
-``RuntimeError: shape '[N, 384]' is invalid for input of size M`` — seen on an H200 with torch 2.11.0+cu130
-(``benchmarks/README.md``, GPU section; the same family as pytorch/pytorch#186426). With the fusion turned off the
-compiled step runs, matches eager (loss relative difference 2e-7) and is 1.23x faster than eager for ViT-B/16.
+``RuntimeError: shape '[N, 384]' is invalid for input of size M`` — seen on a GPU with torch 2.11 (the GPU
+section of ``benchmarks/README.md`` has the run, and what the compiled step gains). With the fusion turned off the
+compiled step runs and matches eager.
 """
 
 from __future__ import annotations
