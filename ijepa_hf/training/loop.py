@@ -44,6 +44,7 @@ from .checkpointing import (
     read_manifest,
     save_checkpoint,
 )
+from .distributed import EmaMode, configure_distributed
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
 from .optim import build_optimizer
@@ -117,11 +118,13 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         dynamo_backend="inductor" if args.torch_compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    ema = configure_distributed(accelerator)  # before any prepare(): may turn an FSDP2 config on CPUs into FSDP2
     _configure_logging(accelerator.is_main_process)
     if accelerator.device.type == "cpu":
         keep_freed_memory_for_reuse()
     _require_process_group(accelerator)
     logger.info("Accelerator: %s", accelerator.state)
+    logger.info("EMA target encoder update: %s", ema.value)
     if args.demo_defaults_applied:
         logger.info("No data source given: training on the embedded demo data with its settings %s (any of them "
                     "can be set explicitly)", args.demo_defaults_applied)
@@ -141,13 +144,13 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     try:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
-        return _train(args, accelerator, output_dir, outcome[0])
+        return _train(args, accelerator, output_dir, outcome[0], ema)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder
+def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode
            ) -> PretrainingResult:
     # ---- config and model (the same init on every rank: seeded before construction)
     set_seed(args.seed)
@@ -255,7 +258,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     # ---- train
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
                               dummy_batch=_dummy_batch_factory(mask_collator, config, accelerator.device),
-                              skip_nonfinite_steps=args.skip_nonfinite_steps)
+                              skip_nonfinite_steps=args.skip_nonfinite_steps, ema_mode=ema)
     window = LogWindow(accelerator.device)
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
     final_loss: float | None = None

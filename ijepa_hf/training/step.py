@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .distributed import EmaMode, update_target_encoder
 from .metrics import collapse_statistics
 from .schedules import PretrainingSchedule
 
@@ -44,8 +45,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of ``model`` is finite (one host sync)."""
-    checks = [torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """Whether every floating-point parameter and buffer of ``model`` this rank holds is finite (one host sync).
+
+    Sharded (FSDP2 ``DTensor``) parameters are checked on the local shard: reduce the answer over ranks."""
+    tensors = [getattr(t, "to_local", lambda t=t: t)() for t in (*model.parameters(), *model.buffers())]
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
 
 
@@ -75,17 +79,20 @@ class PretrainingStep:
             and backward with the loss multiplied by 0, so data-parallel ranks keep issuing the same collectives.
         skip_nonfinite_steps: how many non-finite updates to skip (no optimizer step, no EMA) before raising;
             ``0`` raises at the next :meth:`check`. ``> 0`` syncs with the host at every update.
+        ema_mode: how the EMA reaches the target encoder under the run's sharding
+            (:func:`~ijepa_hf.training.distributed.configure_distributed`).
     """
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: PretrainingSchedule, *, max_grad_norm: float | None = None,
                  dummy_batch: Callable[[], Mapping[str, torch.Tensor]] | None = None,
-                 skip_nonfinite_steps: int = 0) -> None:
+                 skip_nonfinite_steps: int = 0, ema_mode: EmaMode = EmaMode.REPLICATED) -> None:
         self.accelerator, self.model, self.optimizer, self.schedule = accelerator, model, optimizer, schedule
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
         self.dummy_batch = dummy_batch
         self.skip_nonfinite_steps = int(skip_nonfinite_steps)
         self.skipped_updates = 0
+        self.ema_mode = ema_mode
         self.ema_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         device = accelerator.device
         self._window_bad = torch.zeros((), dtype=torch.bool, device=device)  # this update's micro-batches so far
@@ -136,7 +143,8 @@ class PretrainingStep:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if updated and not skipped:
-            self.ema_model.update_target_encoder(self.schedule.momentum_at(update))
+            update_target_encoder(self.ema_model, self.schedule.momentum_at(update), self.ema_mode,
+                                  is_main_process=accelerator.process_index == 0)
         return StepOutput(
             loss=loss.detach() if real else None,
             num_images=int(inputs["pixel_values"].shape[0]) if real else 0,

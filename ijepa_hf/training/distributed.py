@@ -1,0 +1,171 @@
+"""The distributed strategy of a pretraining run (DDP, FSDP2, DeepSpeed ZeRO) and how the EMA target encoder is
+updated under it.
+
+I-JEPA keeps two encoders of the same architecture: the context encoder (trained) and the target encoder (an
+exponential moving average of it, no gradients). The EMA ``target = m * target + (1 - m) * context`` is
+element-wise, so it needs, on every rank, the same elements of both encoders:
+
+* **replicated** (one process, DDP, DeepSpeed ZeRO-1/2): every rank holds whole parameters; the update is local.
+* **local_shards** (FSDP2): parameters are ``DTensor`` shards. Accelerate wraps the whole ``IJepaForPreTraining``
+  with one policy (``fully_shard`` per ``IJepaBlock`` plus the root), and FSDP2 shards every parameter along dim 0
+  over the same mesh, so a target parameter and its context twin have the same local slice; the update runs on
+  ``to_local()`` tensors without communication (``IJepaForPreTraining.update_target_encoder`` checks the layouts).
+* **gathered** (DeepSpeed ZeRO-3): parameters are partitioned and only materialised inside
+  ``deepspeed.zero.GatheredParameters``; the update gathers both encoders, applies the EMA on rank 0 and lets
+  DeepSpeed re-partition rank 0's result.
+
+Accelerate 1.15 builds neither FSDP nor DeepSpeed on CPU processes (``ACCELERATE_USE_CPU=1``): it silently falls
+back to plain data parallelism. :func:`configure_distributed` turns an FSDP2 launcher config into a real FSDP2 run
+on CPU processes (gloo) and refuses what cannot be honoured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+import torch
+
+__all__ = ["EmaMode", "ema_mode", "configure_distributed", "update_target_encoder", "zero_stage"]
+
+
+class EmaMode(str, Enum):
+    """How the EMA reaches the target encoder's parameters (see the module docstring)."""
+
+    REPLICATED = "replicated"
+    LOCAL_SHARDS = "local_shards"
+    GATHERED = "gathered"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def zero_stage(accelerator: Any) -> int | None:
+    """The DeepSpeed ZeRO stage of the run, ``None`` when DeepSpeed is not used."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", plugin.zero_stage)
+    return int(stage) if stage is not None else 0
+
+
+def ema_mode(distributed_type: Any, *, zero_stage: int | None = None, fsdp_version: int | None = None) -> EmaMode:
+    """The EMA mode for an Accelerate ``distributed_type`` (a ``DistributedType`` or its name).
+
+    Args:
+        distributed_type: the run's distributed type (``NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``,
+            ...).
+        zero_stage: DeepSpeed's ZeRO stage (0-3); required for ``DEEPSPEED``.
+        fsdp_version: 1 or 2; required for ``FSDP``.
+
+    Raises:
+        ValueError: FSDP1 (its flat parameters mix both encoders' elements in one shard per wrapped unit, so there is
+            no per-parameter local slice to update; use ``fsdp_version: 2``), or a ZeRO stage outside 0-3.
+    """
+    name = getattr(distributed_type, "value", distributed_type)
+    name = str(name).upper().split(".")[-1]
+    if name == "FSDP":
+        if fsdp_version != 2:
+            raise ValueError(
+                f"FSDP version {fsdp_version} is not supported for I-JEPA: the EMA target encoder needs per-parameter "
+                "shards laid out like the context encoder's. Set `fsdp_version: 2` in the Accelerate config "
+                "(examples/accelerate_configs/fsdp2.yaml)."
+            )
+        return EmaMode.LOCAL_SHARDS
+    if name == "DEEPSPEED":
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+        return EmaMode.GATHERED if zero_stage == 3 else EmaMode.REPLICATED
+    if name in ("MEGATRON_LM", "XLA"):
+        raise ValueError(f"distributed type {name} is not supported by the I-JEPA pretraining loop (use DDP, FSDP2 "
+                         "or DeepSpeed)")
+    return EmaMode.REPLICATED
+
+
+def configure_distributed(accelerator: Any) -> EmaMode:
+    """Check the run's distributed strategy right after ``Accelerator(...)`` and return its :class:`EmaMode`.
+
+    * An FSDP launcher config on CPU processes (``ACCELERATE_USE_CPU=1`` + ``ACCELERATE_USE_FSDP``, where
+      Accelerate 1.15 would silently run plain DDP) is turned into an FSDP2 run over gloo: the FSDP plugin is built
+      from the launcher's environment and installed in the accelerator state before ``prepare``.
+    * FSDP must be version 2, and its ``fsdp_state_dict_type`` ``FULL_STATE_DICT`` (see :func:`_check_fsdp`).
+    * DeepSpeed on CPU processes is refused (Accelerate would silently run without it).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise RuntimeError(
+            "A DeepSpeed config was launched on CPU processes (ACCELERATE_USE_CPU=1), where Accelerate does not "
+            "use DeepSpeed and would silently train with plain data parallelism. Use FSDP2 "
+            "(examples/accelerate_configs/fsdp2.yaml) or DDP on CPUs, DeepSpeed on GPUs."
+        )
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_FSDP"):
+        _enable_fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _check_fsdp(accelerator.state.fsdp_plugin)
+    return ema_mode(accelerator.distributed_type, zero_stage=zero_stage(accelerator),
+                    fsdp_version=getattr(accelerator.state.fsdp_plugin, "fsdp_version", None)
+                    if accelerator.distributed_type == DistributedType.FSDP else None)
+
+
+def _enable_fsdp_on_cpu(accelerator: Any) -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        _check_fsdp(plugin)  # raises: only FSDP2 runs on CPU
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _check_fsdp(plugin: Any) -> None:
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+    ema_mode("FSDP", fsdp_version=plugin.fsdp_version)  # raises for FSDP1
+    if plugin.state_dict_type != StateDictType.FULL_STATE_DICT:
+        raise ValueError(
+            f"fsdp_state_dict_type {plugin.state_dict_type.name} is not supported: sharded checkpoints are written by "
+            "torch.distributed.checkpoint, whose metadata files are pickles that resuming would have to unpickle "
+            "(ijepa_hf loads checkpoints with weights_only=True only). Set `fsdp_state_dict_type: FULL_STATE_DICT` "
+            "(rank 0 writes the gathered model and optimizer states)."
+        )
+    if plugin.ignored_modules:
+        raise ValueError("fsdp_ignored_modules would leave some parameters unsharded on one encoder and sharded on "
+                         "the other; the EMA target encoder needs both encoders sharded identically: remove it")
+
+
+@contextlib.contextmanager
+def _gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None) -> Iterator[None]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank):
+        yield
+
+
+@torch.no_grad()
+def update_target_encoder(model: Any, momentum: float, mode: EmaMode, *, is_main_process: bool = True) -> None:
+    """Apply the EMA of momentum ``momentum`` to ``model`` (the unwrapped ``IJepaForPreTraining``) under ``mode``.
+
+    ``replicated`` and ``local_shards`` are the model's own ``update_target_encoder`` (which works on local shards
+    of ``DTensor`` parameters). ``gathered`` (ZeRO-3) materialises both encoders' full parameters on every rank,
+    updates them on the main process and lets DeepSpeed broadcast and re-partition the result (every rank must
+    call it).
+    """
+    if mode is not EmaMode.GATHERED:
+        model.update_target_encoder(momentum)
+        return
+    parameters = [*model.target_encoder.parameters(), *model.context_encoder.parameters()]
+    with _gathered(parameters, modifier_rank=0):
+        if is_main_process:
+            model.update_target_encoder(momentum)
