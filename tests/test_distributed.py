@@ -1,0 +1,249 @@
+"""Sharded pretraining: FSDP2 on 2 CPU processes (gloo) through the shipped Accelerate config, the EMA on local
+shards, checkpoint / resume / export under FSDP2, and how the EMA is applied for each distributed strategy (DDP,
+FSDP, DeepSpeed ZeRO stages). Every run uses the tiny config of test_pretraining."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_pretraining import REPO_ROOT, TINY_OVERRIDES, _free_port, read_log, run, tiny_argv
+
+from ijepa_hf import IJepaForPreTraining, IJepaPretrainingConfig
+from ijepa_hf.training.distributed import EmaMode, ema_mode, update_target_encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
+
+FSDP2_CONFIG = REPO_ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
+
+# Runs pretrain() on every rank, then records what the sharding looks like and checks the EMA on the live
+# (still sharded) model: local to each rank (no DTensor collective) and the formula on the local shards.
+_FSDP_RANK_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+from ijepa_hf.modeling_ijepa_hf import _matching_local_shards
+from ijepa_hf.training import parse_args, pretrain
+
+result = pretrain(parse_args(sys.argv[1:]))
+model, rank = result.model, dist.get_rank()
+target = dict(model.target_encoder.named_parameters())
+context = dict(model.context_encoder.named_parameters())
+report = {
+    "all_dtensor": all(isinstance(p, DTensor) for p in [*target.values(), *context.values()]),
+    "same_layout": all(target[k].placements == context[k].placements and target[k].device_mesh == context[k].device_mesh
+                       for k in target),
+    "placements": sorted({str(p.placements) for p in target.values()}),
+    "local_numel": sum(p.to_local().numel() for p in target.values()),
+    "full_numel": sum(p.numel() for p in target.values()),
+}
+before = {k: p.to_local().clone() for k, p in target.items()}
+with CommDebugMode() as comm:
+    model.update_target_encoder(0.9)
+report["ema_collectives"] = comm.get_total_counts()
+report["ema_max_error"] = max(
+    (target[k].to_local() - (0.9 * before[k] + 0.1 * context[k].to_local())).abs().max().item()
+    for k in target if before[k].numel())
+weight = target["blocks.0.mlp.fc1.weight"]
+replicated = distribute_tensor(torch.zeros(weight.shape), weight.device_mesh, [Replicate()])
+try:
+    _matching_local_shards("blocks.0.mlp.fc1.weight", weight, replicated)
+    report["mismatch"] = "accepted"
+except RuntimeError as error:
+    report["mismatch"] = str(error)
+with open(f"{result.output_dir}/fsdp_rank{rank}.json", "w") as handle:
+    json.dump(report, handle)
+"""
+
+
+def _launch_fsdp2(tmp_path: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "fsdp_rank_script.py"
+    script.write_text(_FSDP_RANK_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script),
+        *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_exports(tmp_path):
+    two = tmp_path / "fsdp2"
+    proc = _launch_fsdp2(tmp_path, two)
+    output = proc.stdout + proc.stderr
+    assert "DistributedType.FSDP" in output and "EMA target encoder update: local_shards" in output
+    assert "processes = 2" in output
+
+    # Really sharded: every parameter of both encoders is a DTensor shard, laid out pairwise alike; the EMA on
+    # the live model issued no collective and follows the formula on the local shards.
+    reports = [json.loads((two / f"fsdp_rank{r}.json").read_text()) for r in (0, 1)]
+    for report in reports:
+        assert report["all_dtensor"] and report["same_layout"] and report["placements"] == ["(Shard(dim=0),)"]
+        assert report["local_numel"] < report["full_numel"]
+        assert report["ema_collectives"] == 0 and report["ema_max_error"] < 1e-6
+        assert "sharded identically" in report["mismatch"]
+    assert sum(r["local_numel"] for r in reports) == reports[0]["full_numel"]
+
+    # The same global batch (8) on one process.
+    one = tmp_path / "one"
+    run(one, images=32, batch=8, steps=4)
+    left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert left.keys() == right.keys() and any(k.startswith("target_encoder.") for k in right)
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    assert worst < 1e-4, f"1-process and FSDP2 2-process weights differ by {worst}"
+    assert [r["loss"] for r in read_log(two)] == pytest.approx([r["loss"] for r in read_log(one)], abs=1e-5)
+
+    # Export: the standalone target encoder holds the gathered (full) target weights.
+    encoder = load_file(two / "encoder" / "model.safetensors")
+    assert encoder.keys() == {k[len("target_encoder."):] for k in right if k.startswith("target_encoder.")}
+    assert all(torch.equal(v, right[f"target_encoder.{k}"]) for k, v in encoder.items())
+
+    # Checkpoints are gathered files read with weights_only (no torch.distributed.checkpoint pickles).
+    names = sorted(p.name for p in (two / "step_2").iterdir())
+    assert "pytorch_model_fsdp.bin" in names and "optimizer.bin" in names and not any(".distcp" in n for n in names)
+
+    # Resume: a fresh folder holding only step_2 continues to step 4, bitwise the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "step_2", resumed / "step_2")
+    _launch_fsdp2(tmp_path, resumed, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "model.safetensors")
+    different = [k for k in right if not torch.equal(right[k], again[k])]
+    assert not different, f"{len(different)} tensors differ after the FSDP2 resume, e.g. {different[:3]}"
+    assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(two)][-1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which EMA for which strategy (no launcher needed)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distributed_type, kwargs, expected", [
+    ("NO", {}, EmaMode.REPLICATED),
+    ("MULTI_CPU", {}, EmaMode.REPLICATED),
+    ("DistributedType.MULTI_GPU", {}, EmaMode.REPLICATED),
+    ("FSDP", {"fsdp_version": 2}, EmaMode.LOCAL_SHARDS),
+    ("DEEPSPEED", {"zero_stage": 0}, EmaMode.REPLICATED),
+    ("DEEPSPEED", {"zero_stage": 1}, EmaMode.REPLICATED),
+    ("DEEPSPEED", {"zero_stage": 2}, EmaMode.REPLICATED),
+    ("DEEPSPEED", {"zero_stage": 3}, EmaMode.GATHERED),
+])
+def test_ema_mode_for_each_strategy(distributed_type, kwargs, expected):
+    assert ema_mode(distributed_type, **kwargs) is expected
+
+
+def test_unsupported_strategies_are_refused_naming_the_fix():
+    from accelerate.utils import DistributedType
+
+    assert ema_mode(DistributedType.FSDP, fsdp_version=2) is EmaMode.LOCAL_SHARDS  # the enum works like its name
+    with pytest.raises(ValueError, match="FSDP version 1 is not supported.*fsdp_version: 2"):
+        ema_mode(DistributedType.FSDP, fsdp_version=1)
+    with pytest.raises(ValueError, match="ZeRO stage must be 0, 1, 2 or 3, got None"):
+        ema_mode("DEEPSPEED")
+    with pytest.raises(ValueError, match="not supported by the I-JEPA pretraining loop"):
+        ema_mode("MEGATRON_LM")
+
+
+def _tiny_model() -> IJepaForPreTraining:
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    torch.manual_seed(0)
+    model = IJepaForPreTraining(config)
+    with torch.no_grad():
+        for p in model.context_encoder.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def test_gathered_ema_gathers_both_encoders_and_updates_on_rank_0_only(monkeypatch):
+    """ZeRO-3: the update runs inside GatheredParameters over both encoders, modified by rank 0 (DeepSpeed then
+    broadcasts rank 0's values and re-partitions); other ranks must not write into the gathered tensors."""
+    import ijepa_hf.training.distributed as distributed
+
+    calls = []
+
+    class FakeGathered:
+        def __init__(self, parameters, modifier_rank):
+            calls.append((list(parameters), modifier_rank))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(distributed, "_gathered", FakeGathered)
+    model = _tiny_model()
+    reference = _tiny_model()
+    reference.update_target_encoder(0.9)
+    before = [p.clone() for p in model.target_encoder.parameters()]
+
+    update_target_encoder(model, 0.9, EmaMode.GATHERED, is_main_process=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.target_encoder.parameters()))
+    update_target_encoder(model, 0.9, EmaMode.GATHERED, is_main_process=True)
+    assert all(torch.equal(a, b) for a, b in zip(reference.target_encoder.parameters(),
+                                                  model.target_encoder.parameters()))
+    expected = [*model.target_encoder.parameters(), *model.context_encoder.parameters()]
+    assert len(calls) == 2 and all(rank == 0 for _, rank in calls)
+    assert all(len(params) == len(expected) and all(a is b for a, b in zip(params, expected)) for params, _ in calls)
+
+    monkeypatch.setattr(distributed, "_gathered", None)  # the other modes never gather
+    for mode in (EmaMode.REPLICATED, EmaMode.LOCAL_SHARDS):
+        update_target_encoder(model, 0.5, mode)
+
+
+def test_unsharded_ema_is_unchanged():
+    model = _tiny_model()
+    target = [p.clone() for p in model.target_encoder.parameters()]
+    context = [p.clone() for p in model.context_encoder.parameters()]
+    model.update_target_encoder(0.996)
+    for before, c, after in zip(target, context, model.target_encoder.parameters()):
+        expected = before.clone()
+        torch._foreach_mul_([expected], 0.996)
+        torch._foreach_add_([expected], [c], alpha=1 - 0.996)
+        assert torch.equal(after, expected)
+
+
+def _fake_accelerator(distributed_type: str, **state: object) -> SimpleNamespace:
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(distributed_type=DistributedType[distributed_type], mixed_precision="no",
+                           state=SimpleNamespace(**state))
+
+
+def test_configure_distributed_refuses_what_it_cannot_honour(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+    from ijepa_hf.training.distributed import configure_distributed
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    assert configure_distributed(_fake_accelerator("MULTI_CPU")) is EmaMode.REPLICATED
+
+    sharded = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+    with pytest.raises(ValueError, match="SHARDED_STATE_DICT is not supported.*unpickle.*FULL_STATE_DICT"):
+        configure_distributed(_fake_accelerator("FSDP", fsdp_plugin=sharded))
+    full = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+    assert full.state_dict_type == StateDictType.FULL_STATE_DICT
+    assert configure_distributed(_fake_accelerator("FSDP", fsdp_plugin=full)) is EmaMode.LOCAL_SHARDS
+    fsdp1 = FullyShardedDataParallelPlugin(fsdp_version=1, state_dict_type="FULL_STATE_DICT")
+    with pytest.raises(ValueError, match="FSDP version 1"):
+        configure_distributed(_fake_accelerator("FSDP", fsdp_plugin=fsdp1))
+
+    # A DeepSpeed config on CPU processes with ACCELERATE_USE_CPU=1: Accelerate would silently drop DeepSpeed.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RuntimeError, match="DeepSpeed config was launched on CPU processes"):
+        configure_distributed(_fake_accelerator("MULTI_CPU"))
