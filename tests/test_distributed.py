@@ -61,6 +61,7 @@ except RuntimeError as error:
     report["mismatch"] = str(error)
 with open(f"{result.output_dir}/fsdp_rank{rank}.json", "w") as handle:
     json.dump(report, handle)
+dist.destroy_process_group()
 """
 
 
@@ -79,7 +80,18 @@ def _launch_fsdp2(tmp_path: Path, output_dir: Path, *extra: str) -> subprocess.C
     return proc
 
 
-def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_exports(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: the same global batch (8 = 2 processes x 4) on one process, 4 steps."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run(out, images=32, batch=8, steps=4)
+    torch.set_num_threads(previous)
+    return out
+
+
+def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_exports(tmp_path, one_process):
     two = tmp_path / "fsdp2"
     proc = _launch_fsdp2(tmp_path, two)
     output = proc.stdout + proc.stderr
@@ -96,9 +108,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_expo
         assert "sharded identically" in report["mismatch"]
     assert sum(r["local_numel"] for r in reports) == reports[0]["full_numel"]
 
-    # The same global batch (8) on one process.
-    one = tmp_path / "one"
-    run(one, images=32, batch=8, steps=4)
+    one = one_process
     left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert left.keys() == right.keys() and any(k.startswith("target_encoder.") for k in right)
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
@@ -123,6 +133,103 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_expo
     different = [k for k in right if not torch.equal(right[k], again[k])]
     assert not different, f"{len(different)} tensors differ after the FSDP2 resume, e.g. {different[:3]}"
     assert [r["loss"] for r in read_log(resumed)] == [r["loss"] for r in read_log(two)][-1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-2 / ZeRO-3 on 2 CPU processes (gloo)
+# ----------------------------------------------------------------------------------------------------------------
+
+_PLAIN_RANK_SCRIPT = """
+import sys, torch.distributed as dist
+from ijepa_hf.training import parse_args, pretrain
+pretrain(parse_args(sys.argv[1:]))
+dist.destroy_process_group()
+"""
+
+
+def _launch_deepspeed(tmp_path: Path, config: Path, output_dir: Path, *extra: str) -> str:
+    script = tmp_path / "plain_rank_script.py"
+    script.write_text(_PLAIN_RANK_SCRIPT)
+    # No ACCELERATE_USE_CPU: with it Accelerate drops DeepSpeed (refused by ijepa_hf); without a GPU DeepSpeed
+    # picks its CPU accelerator and a gloo process group by itself.
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+        "--main_process_port", str(_free_port()), str(script),
+        *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("stage, mode", [(2, "replicated"), (3, "gathered")])
+def test_deepspeed_on_two_cpu_processes_matches_one_process_and_resumes_bitwise(tmp_path, one_process, stage, mode):
+    pytest.importorskip("deepspeed")
+    config = REPO_ROOT / "examples" / "accelerate_configs" / f"deepspeed_zero{stage}.yaml"
+    two = tmp_path / f"zero{stage}"
+    output = _launch_deepspeed(tmp_path, config, two)
+    assert "DistributedType.DEEPSPEED" in output and f"EMA target encoder update: {mode}" in output
+    assert "processes = 2" in output and f"'stage': {stage}" in output
+
+    left, right = load_file(one_process / "model.safetensors"), load_file(two / "model.safetensors")
+    assert left.keys() == right.keys()
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    assert worst < 1e-4, f"1-process and ZeRO-{stage} 2-process weights differ by {worst}"
+    worst_target = max((left[k] - right[k]).abs().max().item() for k in left if k.startswith("target_encoder."))
+    assert worst_target < 1e-4
+    assert [r["loss"] for r in read_log(two)] == pytest.approx([r["loss"] for r in read_log(one_process)], abs=1e-5)
+    encoder = load_file(two / "encoder" / "model.safetensors")
+    assert all(torch.equal(v, right[f"target_encoder.{k}"]) for k, v in encoder.items())
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two / "step_2", resumed / "step_2")
+    _launch_deepspeed(tmp_path, config, resumed, "--resume_from_checkpoint", "latest")
+    again = load_file(resumed / "model.safetensors")
+    different = [k for k in right if not torch.equal(right[k], again[k])]
+    assert not different, f"{len(different)} tensors differ after the ZeRO-{stage} resume, e.g. {different[:3]}"
+
+
+class _Payload:
+    """Unpickling this creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_planted_payload_in_an_engine_file_is_refused_before_loading(tmp_path):
+    """DeepSpeed reads its checkpoint files with weights_only=False: they are checked with weights_only=True
+    first, and nothing reaches accelerator.load_state."""
+    from ijepa_hf.training.checkpointing import MANIFEST_NAME, CheckpointError, load_checkpoint
+
+    marker = tmp_path / "executed"
+    checkpoint = tmp_path / "step_2"
+    (checkpoint / "pytorch_model").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}}, checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt")
+    torch.save({"state": _Payload(marker)}, checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in checkpoint.rglob("*") if p.is_file()}
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps({"format": 1, "run_id": "x", "step": 2, "files": files,
+                                                        "state": {}}))
+    loaded = []
+    accelerator = SimpleNamespace(load_state=loaded.append)
+    with pytest.raises(CheckpointError, match="nothing in it was executed"):
+        load_checkpoint(accelerator, checkpoint)
+    assert not marker.exists() and not loaded
+    (checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    torch.save({"state": {"step": torch.tensor(2.0)}}, checkpoint / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in checkpoint.rglob("*")
+             if p.is_file() and p.name != MANIFEST_NAME}
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps({"format": 1, "run_id": "x", "step": 2, "files": files,
+                                                        "state": {}}))
+    load_checkpoint(accelerator, checkpoint)
+    assert loaded == [str(checkpoint)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,3 +354,44 @@ def test_configure_distributed_refuses_what_it_cannot_honour(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(RuntimeError, match="DeepSpeed config was launched on CPU processes"):
         configure_distributed(_fake_accelerator("MULTI_CPU"))
+
+
+def _deepspeed_accelerator(config: dict) -> SimpleNamespace:
+    return _fake_accelerator("DEEPSPEED", deepspeed_plugin=SimpleNamespace(deepspeed_config=config, zero_stage=None))
+
+
+def test_deepspeed_settings_are_matched_or_refused():
+    from ijepa_hf.training.distributed import _check_deepspeed, match_deepspeed_config, zero_stage
+
+    auto = {"zero_optimization": {"stage": 2}, "gradient_clipping": "auto", "gradient_accumulation_steps": "auto"}
+    accelerator = _deepspeed_accelerator(auto)
+    assert zero_stage(accelerator) == 2
+    match_deepspeed_config(accelerator, gradient_accumulation_steps=3, max_grad_norm=None)
+    assert auto["gradient_clipping"] == 0.0 and auto["gradient_accumulation_steps"] == 3  # not Accelerate's 1.0
+    explicit = {"gradient_clipping": 1.0, "gradient_accumulation_steps": 1}
+    match_deepspeed_config(_deepspeed_accelerator(explicit), gradient_accumulation_steps=1, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="gradient_clipping 1.0 but the run has --max_grad_norm 0"):
+        match_deepspeed_config(_deepspeed_accelerator(explicit), gradient_accumulation_steps=1, max_grad_norm=None)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps 1 but the run has --gradient_accumulation_"):
+        match_deepspeed_config(_deepspeed_accelerator(explicit), gradient_accumulation_steps=2, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="--skip_nonfinite_steps is not supported with DeepSpeed"):
+        match_deepspeed_config(_deepspeed_accelerator({}), gradient_accumulation_steps=1, max_grad_norm=None,
+                               skip_nonfinite_steps=2)
+
+    _check_deepspeed({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}})
+    for key in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"DeepSpeed {key} is not supported.*rounded away"):
+            _check_deepspeed({"zero_optimization": {"stage": 2}, key: {"enabled": True}})
+    with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
+        _check_deepspeed({"zero_optimization": {"stage": 3}})
+    _check_deepspeed({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}})
+
+
+def test_bf16_rounds_the_ema_step_away():
+    """Why DeepSpeed's bf16 is refused: the EMA step of a bf16 target encoder is lost entirely."""
+    target = torch.full((1000,), 0.5)
+    context = target + 0.01 * torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    m = 0.996
+    fp32 = target * m + context * (1 - m)
+    bf16 = (target.bfloat16() * m + context.bfloat16() * (1 - m)).bfloat16()
+    assert not torch.equal(fp32, target) and torch.equal(bf16.float(), target)

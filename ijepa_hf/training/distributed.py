@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["EmaMode", "ema_mode", "configure_distributed", "update_target_encoder", "zero_stage"]
+__all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "match_deepspeed_config", "update_target_encoder",
+           "zero_stage"]
 
 
 class EmaMode(str, Enum):
@@ -109,6 +110,9 @@ def configure_distributed(accelerator: Any) -> EmaMode:
         _enable_fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         _check_fsdp(accelerator.state.fsdp_plugin)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        _repair_deepspeed_process_counts(accelerator)
+        _check_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config)
     return ema_mode(accelerator.distributed_type, zero_stage=zero_stage(accelerator),
                     fsdp_version=getattr(accelerator.state.fsdp_plugin, "fsdp_version", None)
                     if accelerator.distributed_type == DistributedType.FSDP else None)
@@ -143,6 +147,86 @@ def _check_fsdp(plugin: Any) -> None:
     if plugin.ignored_modules:
         raise ValueError("fsdp_ignored_modules would leave some parameters unsharded on one encoder and sharded on "
                          "the other; the EMA target encoder needs both encoders sharded identically: remove it")
+
+
+def _repair_deepspeed_process_counts(accelerator: Any) -> None:
+    """DeepSpeed on CPU processes (no GPU, no ``ACCELERATE_USE_CPU``): DeepSpeed builds the gloo process group but
+    Accelerate 1.15 leaves its process count at 1 (it only reads it for device types it knows), so every rank
+    would believe it trains alone. Copy the process group's numbers into Accelerate's state."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not dist.is_initialized() or dist.get_world_size() == accelerator.num_processes:
+        return
+    if accelerator.device.type != "cpu":
+        raise RuntimeError(f"DeepSpeed: Accelerate counts {accelerator.num_processes} process(es) but the process "
+                           f"group has {dist.get_world_size()}; check the launcher's --num_processes")
+    for state in (PartialState(), AcceleratorState()):
+        state.num_processes = dist.get_world_size()
+        state.process_index = dist.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+
+
+def _check_deepspeed(config: dict[str, Any]) -> None:
+    """Refuse DeepSpeed's fp16/bf16 modes: they cast the whole model, the EMA target encoder included, to 16 bits,
+    and an EMA step ``(1 - m) * (context - target)`` with ``m`` near 1 is far below half a bf16 unit in the last
+    place of the target's weights, so it would be rounded away and the target encoder would stop following.
+    Under ZeRO-3 the final export needs the gathered weights: refuse at the start, not after the run."""
+    zero = config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save cannot export the trained model "
+            "(its parameters are partitioned). Set `zero3_save_16bit_model: true` in the Accelerate config "
+            "(examples/accelerate_configs/deepspeed_zero3.yaml); with mixed_precision 'no' the weights stay fp32."
+        )
+    for key in ("bf16", "fp16"):
+        enabled = config.get(key, {}).get("enabled", False)
+        if enabled is True or str(enabled).lower() in ("true", "auto"):
+            raise ValueError(
+                f"DeepSpeed {key} is not supported for I-JEPA pretraining: DeepSpeed stores the EMA target encoder "
+                f"in {key}, where the EMA update is rounded away. Use mixed_precision 'no' with DeepSpeed, or FSDP2 "
+                "(examples/accelerate_configs/fsdp2.yaml) or DDP, which keep fp32 weights under bf16 autocast."
+            )
+
+
+def match_deepspeed_config(accelerator: Any, *, gradient_accumulation_steps: int, max_grad_norm: float | None,
+                           skip_nonfinite_steps: int = 0) -> None:
+    """Make the DeepSpeed config say what the run's own arguments say (call before ``prepare``).
+
+    Accelerate fills an ``auto`` ``gradient_clipping`` with 1.0 and prefers DeepSpeed's
+    ``gradient_accumulation_steps`` over the script's (with only a warning); DeepSpeed, not the loop, then clips
+    and accumulates. ``auto`` values are set from ``--max_grad_norm`` (0: no clipping) and
+    ``--gradient_accumulation_steps``; explicit values that disagree are refused. ``--skip_nonfinite_steps`` is
+    refused: the engine steps the optimizer inside ``accelerator.backward``, before the loop could skip it.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if skip_nonfinite_steps:
+        raise ValueError("--skip_nonfinite_steps is not supported with DeepSpeed (its engine steps the optimizer "
+                         "inside backward, before a non-finite update can be skipped); leave it at 0")
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = {"gradient_clipping": float(max_grad_norm or 0.0),
+              "gradient_accumulation_steps": int(gradient_accumulation_steps)}
+    flags = {"gradient_clipping": "--max_grad_norm", "gradient_accumulation_steps": "--gradient_accumulation_steps"}
+    for key, value in wanted.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif float(given) != value:
+            raise ValueError(
+                f"The DeepSpeed config sets {key} {given} but the run has {flags[key]} {value:g}: DeepSpeed would "
+                f"apply its own value. Make them equal (or set {key}: auto in the DeepSpeed config)."
+            )
+
+
+def after_checkpoint_load(accelerator: Any, model: Any) -> None:
+    """Under ZeRO-3, release the parameters DeepSpeed's checkpoint load left gathered and reset its record of the
+    order in which modules fetch parameters: otherwise the first backward after a resume fails with a "tracing
+    error" (the fetch queue no longer matches)."""
+    if zero_stage(accelerator) == 3:
+        model.empty_partition_cache()
 
 
 @contextlib.contextmanager

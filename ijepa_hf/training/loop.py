@@ -44,7 +44,7 @@ from .checkpointing import (
     read_manifest,
     save_checkpoint,
 )
-from .distributed import EmaMode, configure_distributed
+from .distributed import EmaMode, after_checkpoint_load, configure_distributed, match_deepspeed_config
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
 from .optim import build_optimizer
@@ -185,6 +185,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.learning_rate,
         weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
     )
+    match_deepspeed_config(accelerator, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                           max_grad_norm=args.clip_grad_norm, skip_nonfinite_steps=args.skip_nonfinite_steps)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
     # ---- run length and schedules (after prepare: the dataloader length is per process)
@@ -212,6 +214,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         saved = read_manifest(run.resume_from)["state"]
         check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)  # before any load
         load_checkpoint(accelerator, run.resume_from)
+        after_checkpoint_load(accelerator, model)
         progress = Progress(**saved["progress"])
         mask_collator.load_state_dict(saved["mask_collator"])
         if sized and progress.batch_in_epoch >= batches_per_epoch:

@@ -6,7 +6,8 @@ Official order of one optimizer update ``k`` (1-based):
 1. forward (target encoder on the full image, context encoder on the context patches, predictor on every target
    block), loss, backward — for each micro-batch of the update;
 2. the learning rate and weight decay of update ``k`` are written into the optimizer (the official schedules
-   advance *before* the update), gradients are clipped if asked, ``optimizer.step()``;
+   advance *before* the update; here at the start of the update's last micro-batch, because a DeepSpeed engine
+   steps inside ``accelerator.backward``), gradients are clipped if asked, ``optimizer.step()``;
 3. the EMA target encoder moves with the momentum of update ``k`` (:class:`~ijepa_hf.training.PretrainingSchedule`
    holds the indexing).
 
@@ -48,9 +49,18 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
     """Whether every floating-point parameter and buffer of ``model`` this rank holds is finite (one host sync).
 
     Sharded (FSDP2 ``DTensor``) parameters are checked on the local shard: reduce the answer over ranks."""
-    tensors = [getattr(t, "to_local", lambda t=t: t)() for t in (*model.parameters(), *model.buffers())]
+    tensors = [_local_data(t) for t in (*model.parameters(), *model.buffers())]
     checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
+
+
+def _local_data(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: the local shard of an FSDP2 ``DTensor``, the partition of a DeepSpeed
+    ZeRO-3 parameter (whose ``data`` is empty outside a gather), else the tensor."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    partition = getattr(tensor, "ds_tensor", None)
+    return partition if partition is not None else tensor
 
 
 @dataclass
@@ -118,13 +128,15 @@ class PretrainingStep:
         accelerator = self.accelerator
         updated = skipped = False
         with accelerator.accumulate(self.model):
+            if accelerator.sync_gradients:
+                # Before backward: under DeepSpeed the engine steps the optimizer inside accelerator.backward.
+                self.schedule.apply(self.optimizer, update)
             output = self.model(**inputs)  # prepare() wrapped forward in autocast for mixed precision
             loss = output.loss if real else output.loss * 0.0
             accelerator.backward(loss)
             self._window_bad |= ~torch.isfinite(loss.detach())
             if accelerator.sync_gradients:
                 updated = True
-                self.schedule.apply(self.optimizer, update)
                 norm = self._clip()
                 if norm is not None:
                     self._window_bad |= ~torch.isfinite(norm)
