@@ -395,3 +395,123 @@ def test_bf16_rounds_the_ema_step_away():
     fp32 = target * m + context * (1 - m)
     bf16 = (target.bfloat16() * m + context.bfloat16() * (1 - m)).bfloat16()
     assert not torch.equal(fp32, target) and torch.equal(bf16.float(), target)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks of a multi-process run
+# ----------------------------------------------------------------------------------------------------------------
+
+# Records every mask batch the loop's collator hands out on this rank.
+_MASK_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import ijepa_hf.masking as masking
+from ijepa_hf.training import parse_args, pretrain
+
+recorded = []
+original = masking.IJepaMaskCollator.sample_masks
+
+def sample_masks(self, batch_size, batch_index=None):
+    if batch_index is None:
+        batch_index = self.step
+        self.set_step(batch_index + 1)
+    context, targets = original(self, batch_size, batch_index=batch_index)
+    if batch_size > 1:  # not the dummy one-image batch
+        recorded.append({"batch_index": batch_index, "context": context, "targets": targets})
+    return context, targets
+
+masking.IJepaMaskCollator.sample_masks = sample_masks
+result = pretrain(parse_args(sys.argv[1:]))
+torch.save(recorded, f"{result.output_dir}/masks_rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+def _launch_ddp(tmp_path: Path, script_text: str, output_dir: Path, *extra: str, batch: int, steps: int) -> None:
+    script = tmp_path / "mask_rank_script.py"
+    script.write_text(script_text)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(script), *tiny_argv(output_dir, *extra, images=32, batch=batch, steps=steps),
+    ]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+def test_official_mode_masks_of_each_process_are_the_official_per_process_sampling(tmp_path):
+    """The official code runs one collator per process on that process's own batch (block sizes seeded by the
+    iteration, contexts equalised within the per-process batch). In official mode each rank of a 2-process run
+    gets exactly the masks the package's official sampler gives one process with the per-process batch; in fixed
+    mode each rank gets its rows of the global batch's masks (a 2-process run sees the masks of a 1-process run)."""
+    from ijepa_hf.masking import IJepaMaskCollator
+
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    batch, steps = 4, 3
+    for mode in ("official", "fixed"):
+        out = tmp_path / mode
+        _launch_ddp(tmp_path, _MASK_RANK_SCRIPT, out, "--mask_mode", mode, batch=batch, steps=steps)
+        config.mask_mode = mode
+        single = IJepaMaskCollator.from_config(config, seed=0)  # one process, the run's seed
+        ranks = [torch.load(out / f"masks_rank{r}.pt") for r in (0, 1)]
+        for rank, records in enumerate(ranks):
+            # (Accelerate's loader collates one batch ahead, hence possibly one more than the steps.)
+            assert [r["batch_index"] for r in records][:steps] == list(range(steps))
+            for record in records:
+                if mode == "official":
+                    context, targets = single.sample_masks(batch, batch_index=record["batch_index"])
+                else:
+                    context, targets = single.sample_masks(2 * batch, batch_index=record["batch_index"])
+                    context, targets = (context[rank * batch:(rank + 1) * batch],
+                                        targets[rank * batch:(rank + 1) * batch])
+                assert torch.equal(record["context"], context), (mode, rank, record["batch_index"])
+                assert torch.equal(record["targets"], targets), (mode, rank, record["batch_index"])
+
+
+OFFICIAL_MIRROR = Path("/work/.mirror/facebookresearch+ijepa/repo")
+
+
+def test_per_process_official_masks_follow_the_official_collator_at_the_per_process_batch(tmp_path):
+    """Against the official MaskCollator (imported at run time from a temporary checkout of a local mirror; never
+    part of this repository): at the per-process batch B the official context length (equalised to the batch's
+    shortest) is what the package's per-process official sampling gives, and clearly not what sampling the global
+    batch of 2 x B would give. Its RNG streams differ from the package's, so the comparison is of means."""
+    if not (OFFICIAL_MIRROR / "HEAD").exists():
+        pytest.skip("no local mirror of the official I-JEPA repository")
+    checkout = tmp_path / "official"
+    checkout.mkdir()
+    archive = subprocess.run(["git", f"--git-dir={OFFICIAL_MIRROR}", "archive", "HEAD", "src/masks"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive, check=True)
+    sys.path.insert(0, str(checkout))
+    try:
+        from src.masks.multiblock import MaskCollator  # the official collator
+    finally:
+        sys.path.remove(str(checkout))
+        for name in [m for m in sys.modules if m == "src" or m.startswith("src.")]:
+            del sys.modules[name]
+
+    from ijepa_hf.masking import IJepaMaskCollator
+
+    batch, collations = 8, 600
+    settings = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1,
+                    npred=4, min_keep=10, allow_overlap=False)  # the shipped configs' mask values
+    state = torch.get_rng_state()
+    torch.manual_seed(0)  # the official positions come from the global RNG
+    official = MaskCollator(input_size=(224, 224), patch_size=16, **settings)
+    official_lengths = torch.tensor([float(official([torch.zeros(1)] * batch)[1][0].shape[1])
+                                     for _ in range(collations)])
+    torch.set_rng_state(state)
+    ours = IJepaMaskCollator(224, 16, mode="official", num_target_blocks=4, context_scale=(0.85, 1.0),
+                             target_scale=(0.15, 0.2), target_aspect_ratio=(0.75, 1.5), min_keep=10,
+                             allow_overlap=False)
+
+    def mean_context(size: int) -> float:
+        return sum(ours.sample_masks(size, batch_index=i)[0].shape[1] for i in range(collations)) / collations
+
+    per_process, global_batch = mean_context(batch), mean_context(2 * batch)
+    reference = official_lengths.mean().item()
+    assert abs(per_process - reference) < 1.5, (per_process, reference)  # ~4 standard errors
+    assert reference - global_batch > 2.5, (global_batch, reference)

@@ -1,5 +1,5 @@
-"""The distributed strategy of a pretraining run (DDP, FSDP2, DeepSpeed ZeRO) and how the EMA target encoder is
-updated under it.
+"""The distributed strategy of a pretraining run (DDP, FSDP2, DeepSpeed ZeRO): how the EMA target encoder is
+updated under it, and how the masks are sampled across data-parallel processes (:func:`mask_collator_for_process`).
 
 I-JEPA keeps two encoders of the same architecture: the context encoder (trained) and the target encoder (an
 exponential moving average of it, no gradients). The EMA ``target = m * target + (1 - m) * context`` is
@@ -25,11 +25,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "match_deepspeed_config", "update_target_encoder",
+if TYPE_CHECKING:
+    from ..masking import IJepaMaskCollator
+
+__all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "mask_collator_for_process",
+           "match_deepspeed_config", "update_target_encoder",
            "zero_stage"]
 
 
@@ -87,6 +91,26 @@ def ema_mode(distributed_type: Any, *, zero_stage: int | None = None, fsdp_versi
         raise ValueError(f"distributed type {name} is not supported by the I-JEPA pretraining loop (use DDP, FSDP2 "
                          "or DeepSpeed)")
     return EmaMode.REPLICATED
+
+
+def mask_collator_for_process(config: Any, *, seed: int, num_processes: int, process_index: int
+                              ) -> IJepaMaskCollator:
+    """The mask collator of one data-parallel process.
+
+    * ``mask_mode="fixed"``: each process samples the masks of the whole global batch (``num_processes x B``
+      images: one block size, contexts equalised over the global batch) and keeps its own rows, so a P-process run
+      sees exactly the masks of a 1-process run with the global batch.
+    * ``mask_mode="official"``: as the official code, every process samples the masks of its own batch of ``B``
+      images on its own (contexts equalised within the per-process batch; with the run's one seed, the block
+      sizes of a step are the same on every process, as the official generator seeded by the iteration number).
+      Equalising over ``B`` rather than the global batch is part of the official distribution: the shortest
+      context of a larger batch is shorter.
+    """
+    from ..masking import IJepaMaskCollator
+
+    if config.mask_mode == "official":
+        return IJepaMaskCollator.from_config(config, seed=seed)
+    return IJepaMaskCollator.from_config(config, seed=seed, num_processes=num_processes, process_index=process_index)
 
 
 def configure_distributed(accelerator: Any) -> EmaMode:

@@ -44,7 +44,13 @@ from .checkpointing import (
     read_manifest,
     save_checkpoint,
 )
-from .distributed import EmaMode, after_checkpoint_load, configure_distributed, match_deepspeed_config
+from .distributed import (
+    EmaMode,
+    after_checkpoint_load,
+    configure_distributed,
+    mask_collator_for_process,
+    match_deepspeed_config,
+)
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
 from .optim import build_optimizer
@@ -171,9 +177,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         shuffle_buffer_size=args.shuffle_buffer_size, max_train_samples=args.max_train_samples,
         embedded_num_images=args.embedded_num_images, cache_dir=args.cache_dir, token=args.hub_token,
     )
-    mask_collator = IJepaMaskCollator.from_config(
-        config, seed=args.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index
-    )
+    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
+                                              process_index=accelerator.process_index)
     dataloader = DataLoader(
         data.dataset, batch_size=args.per_device_train_batch_size, sampler=data.sampler, drop_last=True,
         collate_fn=MaskedBatchCollator(mask_collator), num_workers=args.num_workers,
