@@ -426,7 +426,8 @@ dist.destroy_process_group()
 """
 
 
-def _launch_ddp(tmp_path: Path, script_text: str, output_dir: Path, *extra: str, batch: int, steps: int) -> None:
+def _launch_ddp(tmp_path: Path, script_text: str, output_dir: Path, *extra: str, batch: int, steps: int,
+                succeed: bool = True) -> str:
     script = tmp_path / "mask_rank_script.py"
     script.write_text(script_text)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
@@ -437,7 +438,8 @@ def _launch_ddp(tmp_path: Path, script_text: str, output_dir: Path, *extra: str,
         str(script), *tiny_argv(output_dir, *extra, images=32, batch=batch, steps=steps),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert (proc.returncode == 0) == succeed, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
 
 
 def test_official_mode_masks_of_each_process_are_the_official_per_process_sampling(tmp_path):
@@ -452,7 +454,8 @@ def test_official_mode_masks_of_each_process_are_the_official_per_process_sampli
     batch, steps = 4, 3
     for mode in ("official", "fixed"):
         out = tmp_path / mode
-        _launch_ddp(tmp_path, _MASK_RANK_SCRIPT, out, "--mask_mode", mode, batch=batch, steps=steps)
+        _launch_ddp(tmp_path, _MASK_RANK_SCRIPT, out, "--mask_mode", mode, "--checkpointing_steps", "2",
+                    batch=batch, steps=steps)
         config.mask_mode = mode
         single = IJepaMaskCollator.from_config(config, seed=0)  # one process, the run's seed
         ranks = [torch.load(out / f"masks_rank{r}.pt") for r in (0, 1)]
@@ -468,6 +471,18 @@ def test_official_mode_masks_of_each_process_are_the_official_per_process_sampli
                                         targets[rank * batch:(rank + 1) * batch])
                 assert torch.equal(record["context"], context), (mode, rank, record["batch_index"])
                 assert torch.equal(record["targets"], targets), (mode, rank, record["batch_index"])
+
+    # A 2-process official-mode checkpoint of an earlier version (no "mask_sampling": its masks were rows of the
+    # global batch) cannot be continued exactly: refused.
+    old = tmp_path / "earlier"
+    old.mkdir()
+    shutil.copytree(tmp_path / "official" / "step_2", old / "step_2")
+    manifest = json.loads((old / "step_2" / "checkpoint.json").read_text())
+    assert manifest["state"].pop("mask_sampling") == "per_process"
+    (old / "step_2" / "checkpoint.json").write_text(json.dumps(manifest))
+    output = _launch_ddp(tmp_path, _MASK_RANK_SCRIPT, old, "--mask_mode", "official", "--checkpointing_steps", "2",
+                         "--resume_from_checkpoint", "latest", batch=batch, steps=steps, succeed=False)
+    assert "Cannot resume exactly: the checkpoint's masks were sampled global" in output
 
 
 OFFICIAL_MIRROR = Path("/work/.mirror/facebookresearch+ijepa/repo")

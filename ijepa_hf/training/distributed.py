@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..masking import IJepaMaskCollator
 
 __all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "mask_collator_for_process",
-           "match_deepspeed_config", "update_target_encoder",
+           "mask_sampling", "match_deepspeed_config", "update_target_encoder",
            "zero_stage"]
 
 
@@ -93,6 +93,11 @@ def ema_mode(distributed_type: Any, *, zero_stage: int | None = None, fsdp_versi
     return EmaMode.REPLICATED
 
 
+def mask_sampling(config: Any) -> str:
+    """``"per_process"`` (``mask_mode="official"``) or ``"global"``: see :func:`mask_collator_for_process`."""
+    return "per_process" if config.mask_mode == "official" else "global"
+
+
 def mask_collator_for_process(config: Any, *, seed: int, num_processes: int, process_index: int
                               ) -> IJepaMaskCollator:
     """The mask collator of one data-parallel process.
@@ -108,7 +113,7 @@ def mask_collator_for_process(config: Any, *, seed: int, num_processes: int, pro
     """
     from ..masking import IJepaMaskCollator
 
-    if config.mask_mode == "official":
+    if mask_sampling(config) == "per_process":
         return IJepaMaskCollator.from_config(config, seed=seed)
     return IJepaMaskCollator.from_config(config, seed=seed, num_processes=num_processes, process_index=process_index)
 

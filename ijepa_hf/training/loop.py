@@ -49,6 +49,7 @@ from .distributed import (
     after_checkpoint_load,
     configure_distributed,
     mask_collator_for_process,
+    mask_sampling,
     match_deepspeed_config,
 )
 from .export import push_output_dir, save_final_model, training_summary
@@ -218,6 +219,11 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         logger.info("Resuming from %s", run.resume_from)
         saved = read_manifest(run.resume_from)["state"]
         check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)  # before any load
+        saved_sampling = saved.get("mask_sampling", "global")  # checkpoints of earlier versions: global
+        if accelerator.num_processes > 1 and saved_sampling != mask_sampling(config):
+            raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling} "
+                             f"(an earlier version), this version samples {config.mask_mode}-mode masks "
+                             f"{mask_sampling(config)}; continue with the version that wrote it, or start anew")
         load_checkpoint(accelerator, run.resume_from)
         after_checkpoint_load(accelerator, model)
         progress = Progress(**saved["progress"])
@@ -255,7 +261,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     def checkpoint_state() -> dict[str, Any]:
         return {"arguments": args.to_dict(), "config": config.to_dict(), "num_processes": accelerator.num_processes,
                 "total_steps": total_steps, "schedule": schedule.to_dict(),
-                "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict()}
+                "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
+                "mask_sampling": mask_sampling(config)}
 
     def save(step: int) -> None:
         step_fn.check()  # never save after a non-finite update
