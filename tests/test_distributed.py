@@ -530,3 +530,44 @@ def test_per_process_official_masks_follow_the_official_collator_at_the_per_proc
     reference = official_lengths.mean().item()
     assert abs(per_process - reference) < 1.5, (per_process, reference)  # ~4 standard errors
     assert reference - global_batch > 2.5, (global_batch, reference)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several nodes (simulated: two "nodes" of one CPU process each on this machine)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_node_launch_commands_match_one_process(tmp_path, one_process, launcher):
+    """The multi-node commands of docs/distributed.md, one launcher per node with its --machine_rank/--node_rank,
+    here both nodes on localhost."""
+    script = tmp_path / "plain_rank_script.py"
+    script.write_text(_PLAIN_RANK_SCRIPT)
+    out, port = tmp_path / "nodes", str(_free_port())
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}
+    procs = []
+    for node in (0, 1):
+        if launcher == "accelerate":
+            command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                       "--num_processes", "2", "--machine_rank", str(node), "--main_process_ip", "127.0.0.1",
+                       "--main_process_port", port, "--rdzv_backend", "static", "--same_network",
+                       "--mixed_precision", "no", "--dynamo_backend", "no"]
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                       "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]
+        command += [str(script), *tiny_argv(out, images=32, batch=4, steps=4)]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      cwd=tmp_path))
+    try:
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:  # a node whose peer failed would wait for it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), "\n\n".join(o[-3000:] for o in outputs)
+    assert "processes = 2" in outputs[0]
+    left, right = load_file(one_process / "model.safetensors"), load_file(out / "model.safetensors")
+    worst = max((left[k] - right[k]).abs().max().item() for k in left)
+    assert worst < 1e-4, f"1-process and 2-node weights differ by {worst}"
