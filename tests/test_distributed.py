@@ -306,6 +306,14 @@ def test_gathered_ema_gathers_both_encoders_and_updates_on_rank_0_only(monkeypat
     assert len(calls) == 2 and all(rank == 0 for _, rank in calls)
     assert all(len(params) == len(expected) and all(a is b for a, b in zip(params, expected)) for params, _ in calls)
 
+    # Read off the parameters (the Trainer callback has no accelerator): ZeRO-3 parameters carry ds_tensor.
+    assert distributed.ema_mode_of(model) is EmaMode.REPLICATED
+    for p in model.target_encoder.parameters():
+        p.ds_tensor = p.detach()
+    assert distributed.ema_mode_of(model) is EmaMode.GATHERED
+    update_target_encoder(model, 0.9, is_main_process=True)
+    assert len(calls) == 3
+
     monkeypatch.setattr(distributed, "_gathered", None)  # the other modes never gather
     for mode in (EmaMode.REPLICATED, EmaMode.LOCAL_SHARDS):
         update_target_encoder(model, 0.5, mode)
@@ -352,7 +360,7 @@ def test_configure_distributed_refuses_what_it_cannot_honour(monkeypatch):
 
     # A DeepSpeed config on CPU processes with ACCELERATE_USE_CPU=1: Accelerate would silently drop DeepSpeed.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(RuntimeError, match="DeepSpeed config was launched on CPU processes"):
+    with pytest.raises(RuntimeError, match="DeepSpeed config was launched with ACCELERATE_USE_CPU=1.*Launch without ACCELERATE_USE_CPU"):
         configure_distributed(_fake_accelerator("MULTI_CPU"))
 
 

@@ -14,9 +14,10 @@ element-wise, so it needs, on every rank, the same elements of both encoders:
   ``deepspeed.zero.GatheredParameters``; the update gathers both encoders, applies the EMA on rank 0 and lets
   DeepSpeed re-partition rank 0's result.
 
-Accelerate 1.15 builds neither FSDP nor DeepSpeed on CPU processes (``ACCELERATE_USE_CPU=1``): it silently falls
-back to plain data parallelism. :func:`configure_distributed` turns an FSDP2 launcher config into a real FSDP2 run
-on CPU processes (gloo) and refuses what cannot be honoured.
+Accelerate 1.15 does not fully set up either on CPU processes: with ``ACCELERATE_USE_CPU=1`` it silently turns an
+FSDP config into plain data parallelism and ignores DeepSpeed; DeepSpeed without it (no GPU) gets a gloo process
+group but Accelerate counts one process. :func:`configure_distributed` turns an FSDP2 launcher config into a real
+FSDP2 run on CPU processes, repairs DeepSpeed's process count, and refuses what cannot be honoured.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
     from ..masking import IJepaMaskCollator
 
 __all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "mask_collator_for_process",
-           "mask_sampling", "match_deepspeed_config", "update_target_encoder",
-           "zero_stage"]
+           "mask_sampling", "match_deepspeed_config", "update_target_encoder", "ema_mode_of", "zero_stage"]
 
 
 class EmaMode(str, Enum):
@@ -70,8 +70,9 @@ def ema_mode(distributed_type: Any, *, zero_stage: int | None = None, fsdp_versi
         fsdp_version: 1 or 2; required for ``FSDP``.
 
     Raises:
-        ValueError: FSDP1 (its flat parameters mix both encoders' elements in one shard per wrapped unit, so there is
-            no per-parameter local slice to update; use ``fsdp_version: 2``), or a ZeRO stage outside 0-3.
+        ValueError: FSDP1 (it flattens each wrapped unit's parameters into one sharded tensor, the root's holding
+            parts of both encoders, so there is no per-parameter local slice to update; use ``fsdp_version: 2``),
+            or a ZeRO stage outside 0-3.
     """
     name = getattr(distributed_type, "value", distributed_type)
     name = str(name).upper().split(".")[-1]
@@ -125,15 +126,17 @@ def configure_distributed(accelerator: Any) -> EmaMode:
       Accelerate 1.15 would silently run plain DDP) is turned into an FSDP2 run over gloo: the FSDP plugin is built
       from the launcher's environment and installed in the accelerator state before ``prepare``.
     * FSDP must be version 2, and its ``fsdp_state_dict_type`` ``FULL_STATE_DICT`` (see :func:`_check_fsdp`).
-    * DeepSpeed on CPU processes is refused (Accelerate would silently run without it).
+    * DeepSpeed under ``ACCELERATE_USE_CPU=1`` is refused (Accelerate would silently run without it); DeepSpeed on
+      CPU processes without it gets Accelerate's process count repaired, and its settings checked
+      (:func:`_check_deepspeed`).
     """
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_DEEPSPEED"):
         raise RuntimeError(
-            "A DeepSpeed config was launched on CPU processes (ACCELERATE_USE_CPU=1), where Accelerate does not "
-            "use DeepSpeed and would silently train with plain data parallelism. Use FSDP2 "
-            "(examples/accelerate_configs/fsdp2.yaml) or DDP on CPUs, DeepSpeed on GPUs."
+            "A DeepSpeed config was launched with ACCELERATE_USE_CPU=1, under which Accelerate does not use DeepSpeed "
+            "and would silently train with plain data parallelism. Launch without ACCELERATE_USE_CPU (on a machine "
+            "without GPUs DeepSpeed then runs on the CPUs over gloo; see docs/distributed.md)."
         )
     if accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_FSDP"):
         _enable_fsdp_on_cpu(accelerator)
@@ -266,15 +269,28 @@ def _gathered(parameters: list[torch.nn.Parameter], modifier_rank: int | None) -
         yield
 
 
+def ema_mode_of(model: Any) -> EmaMode:
+    """The EMA mode read off the parameters themselves (for callers without the run's accelerator, e.g. a
+    ``Trainer`` callback): DeepSpeed ZeRO-3 parameters carry their partition in ``ds_tensor``, FSDP2 parameters are
+    ``DTensor``s."""
+    parameter = next(model.target_encoder.parameters())
+    if getattr(parameter, "ds_tensor", None) is not None:
+        return EmaMode.GATHERED
+    return EmaMode.LOCAL_SHARDS if hasattr(parameter, "to_local") else EmaMode.REPLICATED
+
+
 @torch.no_grad()
-def update_target_encoder(model: Any, momentum: float, mode: EmaMode, *, is_main_process: bool = True) -> None:
-    """Apply the EMA of momentum ``momentum`` to ``model`` (the unwrapped ``IJepaForPreTraining``) under ``mode``.
+def update_target_encoder(model: Any, momentum: float, mode: EmaMode | None = None, *,
+                          is_main_process: bool = True) -> None:
+    """Apply the EMA of momentum ``momentum`` to ``model`` (the unwrapped ``IJepaForPreTraining``) under ``mode``
+    (``None``: :func:`ema_mode_of`).
 
     ``replicated`` and ``local_shards`` are the model's own ``update_target_encoder`` (which works on local shards
     of ``DTensor`` parameters). ``gathered`` (ZeRO-3) materialises both encoders' full parameters on every rank,
-    updates them on the main process and lets DeepSpeed broadcast and re-partition the result (every rank must
-    call it).
+    updates them on the process of global rank 0 (``is_main_process``) and lets DeepSpeed broadcast and
+    re-partition the result (every rank must call it).
     """
+    mode = ema_mode_of(model) if mode is None else mode
     if mode is not EmaMode.GATHERED:
         model.update_target_encoder(momentum)
         return
