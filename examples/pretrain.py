@@ -250,3 +250,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # An orderly exit: a process group left to interpreter shutdown can abort it (seen with DeepSpeed on CPU).
+        torch.distributed.destroy_process_group()

@@ -29,9 +29,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
-from ijepa_hf.masking import IJepaMaskCollator
 from ijepa_hf.training import build_pretraining_config
 from ijepa_hf.training.arguments import explicit_options, parse_range
+from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         embedded_num_images=script_args.embedded_num_images,
     )
     logger.info("Training data: %s", data.description)
-    collator = MaskedBatchCollator(IJepaMaskCollator.from_config(
+    collator = MaskedBatchCollator(mask_collator_for_process(
         config, seed=training_args.seed, num_processes=training_args.world_size,
         process_index=training_args.process_index,
     ))

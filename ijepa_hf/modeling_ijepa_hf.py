@@ -770,6 +770,30 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         return IJepaPredictorOutput(predictions=predictions)
 
 
+def _matching_local_shards(name: str, target: torch.Tensor, context: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensors the EMA updates element-wise for one parameter pair: the tensors themselves, or for ``DTensor``
+    (FSDP2) parameters their local shards, after checking both are laid out the same way (same shape, mesh and
+    placements, hence the same slice of the parameter on this rank)."""
+    if not torch.distributed.is_available():  # builds without distributed support have no DTensor
+        return target, context
+    from torch.distributed.tensor import DTensor
+
+    sharded = isinstance(target, DTensor), isinstance(context, DTensor)
+    if not any(sharded):
+        return target, context
+    if not all(sharded) or target.shape != context.shape or target.device_mesh != context.device_mesh \
+            or target.placements != context.placements:
+        describe = (lambda t: f"{type(t).__name__}{tuple(t.shape)} "
+                    f"{getattr(t, 'placements', 'unsharded')} on {getattr(t, 'device_mesh', t.device)}")
+        raise RuntimeError(
+            f"EMA: target_encoder.{name} is laid out as {describe(target)} but its context twin as "
+            f"{describe(context)}; the element-wise EMA needs both encoders sharded identically (wrap the whole "
+            "IJepaForPreTraining with one FSDP2 policy; do not ignore, offload or re-wrap one encoder alone)."
+        )
+    return target.to_local(), context.to_local()
+
+
 class IJepaForPreTraining(IJepaPreTrainedModel):
     """I-JEPA pretraining: a context encoder on the context patches, a predictor for each target block, and an
     EMA target encoder (no gradients; saved and loaded with the model) that provides the targets on the full image.
@@ -801,6 +825,12 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
     def _after_load(self) -> None:
         self._freeze_target_encoder()
 
+    def get_input_embeddings(self) -> None:
+        """``None``: the two encoders each have a patch embedding and neither is *the* input embedding. (Accelerate's
+        FSDP2 preparation gives a model's input embedding its own shard group; answering ``None`` keeps the context
+        and target encoders wrapped alike.)"""
+        return None
+
     def train(self, mode: bool = True) -> "IJepaForPreTraining":
         super().train(mode)
         self.target_encoder.eval()  # its outputs must be deterministic targets (no dropout / drop-path)
@@ -808,9 +838,17 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
 
     @torch.no_grad()
     def update_target_encoder(self, momentum: float) -> None:
-        """EMA update ``target = momentum * target + (1 - momentum) * context`` of every parameter."""
-        target = list(self.target_encoder.parameters())
-        context = [p.detach() for p in self.context_encoder.parameters()]
+        """EMA update ``target = momentum * target + (1 - momentum) * context`` of every parameter.
+
+        Under FSDP2 (parameters are ``DTensor`` shards) the update runs on each rank's local shards
+        (``to_local()``): the EMA is element-wise and a target parameter is sharded like its context twin, so no
+        communication is needed. A pair sharded differently is refused instead of being mixed up.
+        """
+        target, context = [], []
+        for (name, t), c in zip(self.target_encoder.named_parameters(), self.context_encoder.parameters()):
+            local_t, local_c = _matching_local_shards(name, t, c.detach())
+            target.append(local_t)
+            context.append(local_c)
         torch._foreach_mul_(target, momentum)
         torch._foreach_add_(target, context, alpha=1.0 - momentum)
 

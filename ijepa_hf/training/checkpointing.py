@@ -425,6 +425,38 @@ def prune_checkpoints(output_dir: str | os.PathLike, run_id: str, keep: int) -> 
     return removed
 
 
+# Plain-data classes DeepSpeed pickles into its checkpoints (an enum, a loss-scale holder, a dataclass of two
+# ints); allowed when checking DeepSpeed's files with weights_only=True.
+_DEEPSPEED_PLAIN_DATA = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _check_plain_data(file: Path) -> None:
+    """Read ``file`` with ``torch.load(weights_only=True)`` (memory-mapped: nothing is kept), allowing DeepSpeed's
+    plain-data classes; raises ``pickle.UnpicklingError`` when it holds anything else. A file that passes makes a
+    later ``weights_only=False`` load of the same bytes run the same, allowed, constructors only."""
+    import importlib
+
+    import torch
+
+    allowed = []
+    for module, name in _DEEPSPEED_PLAIN_DATA:
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # no DeepSpeed (or another version): nothing more is allowed
+            continue
+    with torch.serialization.safe_globals(allowed):
+        try:
+            torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # not a zip-format file: mmap is impossible, read it plainly
+            if "mmap" not in str(error):
+                raise
+            torch.load(file, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]:
     """Restore model, optimizer, scaler and RNG states from a complete checkpoint (every rank) and return its
     manifest (with the loop's JSON ``state``).
@@ -450,6 +482,9 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
         # it reads them (weights_only=True plus numpy's array types), so that a tampered one is refused too.
         for rng_file in sorted(path.glob("random_states_*.pkl")):
             safe_load(rng_file)
+        # DeepSpeed reads its own files with weights_only=False: check them with weights_only=True first.
+        for engine_file in sorted(path.glob("*/*.pt")):
+            _check_plain_data(engine_file)
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as error:
         raise CheckpointError(

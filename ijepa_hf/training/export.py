@@ -69,11 +69,13 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     # Weights continued from others (e.g. Meta's, CC BY-NC 4.0) keep their licence and name their base model.
     weights = weights_license(unwrapped, source=args.model_name_or_path)
     record_weights_license(unwrapped, *weights)
+    prefix = "target_encoder."
+    # Taken before save_pretrained, which empties the dict it is given as it writes.
+    target_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     unwrapped.save_pretrained(output_dir, state_dict=state_dict, save_function=accelerator.save)
     if sharded:  # the unwrapped modules hold shards: rebuild the encoder from the gathered weights
-        prefix = "target_encoder."
         encoder = IJepaEncoderModel(config.encoder_config)
-        encoder.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        encoder.load_state_dict(target_state)
     else:
         encoder = unwrapped.export_encoder("target")
     record_weights_license(encoder, *weights)

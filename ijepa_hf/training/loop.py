@@ -44,6 +44,14 @@ from .checkpointing import (
     read_manifest,
     save_checkpoint,
 )
+from .distributed import (
+    EmaMode,
+    after_checkpoint_load,
+    configure_distributed,
+    mask_collator_for_process,
+    mask_sampling,
+    match_deepspeed_config,
+)
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
 from .optim import build_optimizer
@@ -117,11 +125,13 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         dynamo_backend="inductor" if args.torch_compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    ema = configure_distributed(accelerator)  # before any prepare(): may turn an FSDP2 config on CPUs into FSDP2
     _configure_logging(accelerator.is_main_process)
     if accelerator.device.type == "cpu":
         keep_freed_memory_for_reuse()
     _require_process_group(accelerator)
     logger.info("Accelerator: %s", accelerator.state)
+    logger.info("EMA target encoder update: %s", ema.value)
     if args.demo_defaults_applied:
         logger.info("No data source given: training on the embedded demo data with its settings %s (any of them "
                     "can be set explicitly)", args.demo_defaults_applied)
@@ -141,13 +151,13 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     try:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
-        return _train(args, accelerator, output_dir, outcome[0])
+        return _train(args, accelerator, output_dir, outcome[0], ema)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder
+def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode
            ) -> PretrainingResult:
     # ---- config and model (the same init on every rank: seeded before construction)
     set_seed(args.seed)
@@ -168,9 +178,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         shuffle_buffer_size=args.shuffle_buffer_size, max_train_samples=args.max_train_samples,
         embedded_num_images=args.embedded_num_images, cache_dir=args.cache_dir, token=args.hub_token,
     )
-    mask_collator = IJepaMaskCollator.from_config(
-        config, seed=args.seed, num_processes=accelerator.num_processes, process_index=accelerator.process_index
-    )
+    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
+                                              process_index=accelerator.process_index)
     dataloader = DataLoader(
         data.dataset, batch_size=args.per_device_train_batch_size, sampler=data.sampler, drop_last=True,
         collate_fn=MaskedBatchCollator(mask_collator), num_workers=args.num_workers,
@@ -183,6 +192,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
     )
     _set_attention(args, accelerator, model, mask_collator, config)
+    match_deepspeed_config(accelerator, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                           max_grad_norm=args.clip_grad_norm, skip_nonfinite_steps=args.skip_nonfinite_steps)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
     # ---- run length and schedules (after prepare: the dataloader length is per process)
@@ -209,7 +220,13 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         logger.info("Resuming from %s", run.resume_from)
         saved = read_manifest(run.resume_from)["state"]
         check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)  # before any load
+        saved_sampling = saved.get("mask_sampling", "global")  # checkpoints of earlier versions: global
+        if accelerator.num_processes > 1 and saved_sampling != mask_sampling(config):
+            raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling} "
+                             f"(an earlier version), this version samples {config.mask_mode}-mode masks "
+                             f"{mask_sampling(config)}; continue with the version that wrote it, or start anew")
         load_checkpoint(accelerator, run.resume_from)
+        after_checkpoint_load(accelerator, model)
         progress = Progress(**saved["progress"])
         mask_collator.load_state_dict(saved["mask_collator"])
         if sized and progress.batch_in_epoch >= batches_per_epoch:
@@ -245,7 +262,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     def checkpoint_state() -> dict[str, Any]:
         return {"arguments": args.to_dict(), "config": config.to_dict(), "num_processes": accelerator.num_processes,
                 "total_steps": total_steps, "schedule": schedule.to_dict(),
-                "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict()}
+                "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
+                "mask_sampling": mask_sampling(config)}
 
     def save(step: int) -> None:
         step_fn.check()  # never save after a non-finite update
@@ -256,7 +274,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     # ---- train
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
                               dummy_batch=_dummy_batch_factory(mask_collator, config, accelerator.device),
-                              skip_nonfinite_steps=args.skip_nonfinite_steps)
+                              skip_nonfinite_steps=args.skip_nonfinite_steps, ema_mode=ema)
     window = LogWindow(accelerator.device)
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
     final_loss: float | None = None

@@ -6,7 +6,8 @@ Official order of one optimizer update ``k`` (1-based):
 1. forward (target encoder on the full image, context encoder on the context patches, predictor on every target
    block), loss, backward — for each micro-batch of the update;
 2. the learning rate and weight decay of update ``k`` are written into the optimizer (the official schedules
-   advance *before* the update), gradients are clipped if asked, ``optimizer.step()``;
+   advance *before* the update; here at the start of the update's last micro-batch, because a DeepSpeed engine
+   steps inside ``accelerator.backward``), gradients are clipped if asked, ``optimizer.step()``;
 3. the EMA target encoder moves with the momentum of update ``k`` (:class:`~ijepa_hf.training.PretrainingSchedule`
    holds the indexing).
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .distributed import EmaMode, update_target_encoder
 from .metrics import collapse_statistics
 from .schedules import PretrainingSchedule
 
@@ -44,9 +46,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer of ``model`` is finite (one host sync)."""
-    checks = [torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    """Whether every floating-point parameter and buffer of ``model`` this rank holds is finite (one host sync).
+
+    Sharded (FSDP2 ``DTensor``) parameters are checked on the local shard: reduce the answer over ranks."""
+    tensors = [_local_data(t) for t in (*model.parameters(), *model.buffers())]
+    checks = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
+
+
+def _local_data(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: the local shard of an FSDP2 ``DTensor``, the partition of a DeepSpeed
+    ZeRO-3 parameter (whose ``data`` is empty outside a gather), else the tensor."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    partition = getattr(tensor, "ds_tensor", None)
+    return partition if partition is not None else tensor
 
 
 @dataclass
@@ -75,17 +89,20 @@ class PretrainingStep:
             and backward with the loss multiplied by 0, so data-parallel ranks keep issuing the same collectives.
         skip_nonfinite_steps: how many non-finite updates to skip (no optimizer step, no EMA) before raising;
             ``0`` raises at the next :meth:`check`. ``> 0`` syncs with the host at every update.
+        ema_mode: how the EMA reaches the target encoder under the run's sharding
+            (:func:`~ijepa_hf.training.distributed.configure_distributed`).
     """
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: PretrainingSchedule, *, max_grad_norm: float | None = None,
                  dummy_batch: Callable[[], Mapping[str, torch.Tensor]] | None = None,
-                 skip_nonfinite_steps: int = 0) -> None:
+                 skip_nonfinite_steps: int = 0, ema_mode: EmaMode = EmaMode.REPLICATED) -> None:
         self.accelerator, self.model, self.optimizer, self.schedule = accelerator, model, optimizer, schedule
         self.max_grad_norm = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else None
         self.dummy_batch = dummy_batch
         self.skip_nonfinite_steps = int(skip_nonfinite_steps)
         self.skipped_updates = 0
+        self.ema_mode = ema_mode
         self.ema_model = accelerator.unwrap_model(model, keep_torch_compile=False)
         device = accelerator.device
         self._window_bad = torch.zeros((), dtype=torch.bool, device=device)  # this update's micro-batches so far
@@ -111,13 +128,15 @@ class PretrainingStep:
         accelerator = self.accelerator
         updated = skipped = False
         with accelerator.accumulate(self.model):
+            if accelerator.sync_gradients:
+                # Before backward: under DeepSpeed the engine steps the optimizer inside accelerator.backward.
+                self.schedule.apply(self.optimizer, update)
             output = self.model(**inputs)  # prepare() wrapped forward in autocast for mixed precision
             loss = output.loss if real else output.loss * 0.0
             accelerator.backward(loss)
             self._window_bad |= ~torch.isfinite(loss.detach())
             if accelerator.sync_gradients:
                 updated = True
-                self.schedule.apply(self.optimizer, update)
                 norm = self._clip()
                 if norm is not None:
                     self._window_bad |= ~torch.isfinite(norm)
@@ -136,7 +155,8 @@ class PretrainingStep:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         if updated and not skipped:
-            self.ema_model.update_target_encoder(self.schedule.momentum_at(update))
+            update_target_encoder(self.ema_model, self.schedule.momentum_at(update), self.ema_mode,
+                                  is_main_process=accelerator.process_index == 0)
         return StepOutput(
             loss=loss.detach() if real else None,
             num_images=int(inputs["pixel_values"].shape[0]) if real else 0,

@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
+from .distributed import update_target_encoder
 from .optim import build_optimizer
 from .schedules import PretrainingSchedule
 
@@ -101,7 +102,8 @@ class EMACallback(TrainerCallback):
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: Any = None, **kwargs: Any) -> None:
         momentum = self.momentum_at(state.global_step + 1, state.max_steps, model)
-        _unwrap(model).update_target_encoder(momentum)
+        # Under DeepSpeed ZeRO-3 the update gathers both encoders (every rank calls it; rank 0 modifies).
+        update_target_encoder(_unwrap(model), momentum, is_main_process=state.is_world_process_zero)
         self.last_momentum = momentum
 
 
