@@ -262,6 +262,8 @@ _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
     ("feature std (collapse if -> 0)", ("target_std", "target_token_std", "pred_std"), (), False),
     ("pooled target features: cosine of different images (collapse if -> 1), effective rank",
      ("target_cosine",), ("target_rankme",), False),
+    ("online probe: k-NN accuracy of the target encoder (held-out queries), effective rank",
+     ("online_knn_accuracy",), ("online_rankme",), False),
     ("throughput (images/s)", (THROUGHPUT_KEY,), (), False),
 )
 
@@ -289,7 +291,8 @@ def plot_training_curves(
 
     Panels (each only if its keys are logged): loss (log scale; ``eval_loss`` too), lr with wd on a twin axis,
     EMA momentum, ``target_std`` / ``target_token_std`` / ``pred_std`` (spreads of target and predicted
-    features: a drop towards 0 signals representation collapse) and ``images_per_s``. The x axis is ``step``
+    features: a drop towards 0 signals representation collapse), the online probe's k-NN accuracy with its RankMe
+    on a twin axis, and ``images_per_s``. The x axis is ``step``
     (the row number when absent). Non-finite values are skipped; non-positive losses are dropped from the
     log-scale panel.
 

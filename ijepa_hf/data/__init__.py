@@ -31,9 +31,11 @@ from .pretraining import (
     EMBEDDED_DATASET_NAME,
     EpochShuffleSampler,
     MaskedBatchCollator,
+    OnlineProbeSet,
     PretrainImageDataset,
     PretrainingData,
     PretrainIterableImageDataset,
+    build_online_probe_set,
     build_pretraining_data,
 )
 from .procedural import SHAPE_NAMES, TEXTURE_NAMES, ProceduralShapes, ShapeSpec, as_hf_dataset

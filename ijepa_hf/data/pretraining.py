@@ -26,9 +26,11 @@ from torch.utils.data import Dataset, IterableDataset, Sampler
 from .folder import load_image_dataset
 from .loading import BadImageCounter, load_image
 from .procedural import ProceduralShapes
-from .transforms import PretrainTransform
+from .transforms import EvalTransform, PretrainTransform
 
 __all__ = [
+    "OnlineProbeSet",
+    "build_online_probe_set",
     "EMBEDDED_DATASET_NAME",
     "EpochShuffleSampler",
     "PretrainImageDataset",
@@ -218,3 +220,61 @@ def build_pretraining_data(
                                name, None)
     return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed),
                            f"{description} ({len(source)} images)", name, len(source))
+
+
+@dataclass
+class OnlineProbeSet:
+    """A fixed labelled subset of the data for the online k-NN of a run (``ijepa_hf.training.metrics.online_probe``).
+
+    ``pixel_values [N, C, S, S]`` (the deterministic evaluation transform: resized to ``S``, no crop) and
+    ``labels [N]``; the first half is the k-NN's memory bank, the second half its queries, so every query is held
+    out of the bank. Pretraining never sees the labels.
+    """
+
+    pixel_values: torch.Tensor
+    labels: torch.Tensor
+    label_name: str
+    description: str
+
+
+def build_online_probe_set(
+    data: PretrainingData, *, image_size: int, num_images: int, label_column: str | None = None, seed: int = 0
+) -> OnlineProbeSet | None:
+    """``num_images`` labelled images of the run's data for the online k-NN, or ``None`` when the data has no labels.
+
+    ``label_column``: the label of each row (``None``: ``"label"`` when the rows have one: image folders with class
+    sub-folders, Hub datasets with a ``label`` column, and the embedded scenes, whose ``label`` is the class of the
+    largest shape). Naming a column the rows do not have is an error. The images are a seeded sample of the
+    dataset (for streamed data, its first rows); unreadable ones are skipped.
+    """
+    if num_images < 2:
+        raise ValueError(f"--online_probe_images must be >= 2 (a bank and queries), got {num_images}.")
+    source = data.dataset.source
+    image_key = data.dataset.image_key
+    if data.num_images is not None:
+        order = torch.randperm(data.num_images, generator=torch.Generator().manual_seed(seed)).tolist()
+        rows: Any = (source[index] for index in order)
+    else:
+        rows = iter(source)
+    transform = EvalTransform(image_size, resize_ratio=1.0)
+    pixels, labels = [], []
+    name = label_column
+    for row in rows:
+        if name is None:
+            if "label" not in row:
+                return None
+            name = "label"
+        if name not in row:
+            raise ValueError(f"--online_probe_label_column {name!r} is not a column of the data (it has "
+                             f"{sorted(row)}); name one of them, or leave it unset to use 'label'.")
+        image = load_image(row[image_key])
+        if image is None or row[name] is None:
+            continue
+        pixels.append(transform(image))
+        labels.append(int(row[name]))
+        if len(pixels) == num_images:
+            break
+    if len(pixels) < 2:
+        return None
+    return OnlineProbeSet(torch.stack(pixels), torch.tensor(labels), name,
+                          f"{len(pixels)} images of the training data, labels {name!r}")

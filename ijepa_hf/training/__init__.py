@@ -40,6 +40,7 @@ __all__ = [
     "EMACallback",
     "WeightDecayScheduleCallback",
     "MaskCollatorStepCallback",
+    "OnlineProbeCallback",
     "official_training_arguments",
 ]
 
@@ -57,6 +58,7 @@ _LAZY = {
     "EMACallback": "trainer",
     "WeightDecayScheduleCallback": "trainer",
     "MaskCollatorStepCallback": "trainer",
+    "OnlineProbeCallback": "trainer",
     "official_training_arguments": "trainer",
 }
 

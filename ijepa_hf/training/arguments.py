@@ -166,6 +166,17 @@ class PretrainingArguments:
         "Collapse warning when the batch std of the pooled, normalised target features falls below this."))
     collapse_max_cosine: float = field(default=0.999, metadata=_help(
         "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this."))
+    # ---- online probe (learning telemetry)
+    online_probe_steps: int | None = field(default=None, metadata=_help(
+        "Every N updates (and at the end), k-NN accuracy and RankMe of the target encoder's pooled features on a "
+        "fixed labelled subset of the data (a bank and held-out queries), logged to train_log.jsonl, TensorBoard and "
+        "training_curves.png. Default: 10 times per run when the data has labels (else off, logged); 0: off."))
+    online_probe_images: int = field(default=1024, metadata=_help(
+        "Images of the online probe set (half bank, half queries)."))
+    online_probe_label_column: str | None = field(default=None, metadata=_help(
+        "Label column of the online probe (default 'label': image folders with class sub-folders, Hub datasets with "
+        "a label column, the embedded scenes' largest shape)."))
+    online_probe_k: int = field(default=20, metadata=_help("Neighbours of the online k-NN."))
     # ---- hub
     push_to_hub: bool = field(default=False, metadata=_help("Upload output_dir to the Hub at the end."))
     hub_model_id: str | None = field(default=None, metadata=_help(
@@ -202,6 +213,11 @@ class PretrainingArguments:
             if text != "epoch" and not (text.isdigit() and int(text) > 0):
                 raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {text!r}")
             self.checkpointing_steps = text
+        if self.online_probe_steps is not None and self.online_probe_steps < 0:
+            raise ValueError(f"--online_probe_steps must be >= 0 (0: off), got {self.online_probe_steps}")
+        if self.online_probe_images < 2 or self.online_probe_k < 1:
+            raise ValueError("--online_probe_images must be >= 2 and --online_probe_k >= 1, got "
+                             f"{self.online_probe_images} and {self.online_probe_k}")
         if self.attn_implementation not in ("auto", "sdpa", "eager"):
             raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
@@ -287,7 +303,8 @@ OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "num_workers", "ddp_timeout", "cache_dir", "torch_compile",
-    "gradient_checkpointing", "attn_implementation", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
+    "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
+    "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })
 # Options that set the run's length: may grow on resume with --extend_run.
 SCHEDULE_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")

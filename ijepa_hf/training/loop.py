@@ -92,6 +92,9 @@ class PretrainingResult:
     train_runtime_s: float
     resumed_from: str | None = None
     hub_url: str | None = None
+    # Seconds spent in the online probe (inside train_runtime_s) and its last k-NN accuracy (None: no probe ran).
+    online_probe_s: float = 0.0
+    online_knn_accuracy: float | None = None
     # The trained (unwrapped) model, for in-process use, e.g. checks in a notebook; not part of to_dict().
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -277,6 +280,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                               skip_nonfinite_steps=args.skip_nonfinite_steps, ema_mode=ema)
     window = LogWindow(accelerator.device)
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
+    probe = _OnlineProbe.build(args, data, image_size, total_steps, ema)
     final_loss: float | None = None
     bar = tqdm(total=total_steps, initial=progress.completed_steps, desc="pretraining", dynamic_ncols=True,
                disable=not accelerator.is_local_main_process)
@@ -298,7 +302,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
             progress.batch_in_epoch += 1
             progress.batches_seen += 1
             update = progress.completed_steps + 1
-            is_log_step = update % args.logging_steps == 0 or update == total_steps
+            is_log_step = update % args.logging_steps == 0 or update == total_steps or probe.due(update)
             out = step_fn(batch, update, want_stats=is_log_step)
             progress.images_seen += out.num_images
             good_batches += out.loss is not None
@@ -311,6 +315,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 step_fn.check()  # the log row syncs anyway: a non-finite update stops the run here
                 epoch = progress.epoch + (progress.batch_in_epoch / batches_per_epoch if sized else 0)
                 row = window.flush(accelerator, step=step, epoch=epoch, **schedule.values_at(step))
+                if row is not None and probe.due(step):
+                    row.update(probe.run(_unwrap(accelerator, model).target_encoder, accelerator))
+                    window.exclude(row["online_probe_seconds"])
                 if row is not None:
                     final_loss = float(row["loss"])
                     _log_row(accelerator, args, log_path, row, bar)
@@ -344,6 +351,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         logger.info("No unreadable images.")
     if step_fn.skipped_updates:
         logger.warning("Skipped %d non-finite update(s) (--skip_nonfinite_steps)", step_fn.skipped_updates)
+    if probe.seconds:
+        logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f", probe.seconds,
+                    runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy)
 
     # ---- export
     summary = training_summary(
@@ -364,7 +374,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         output_dir=str(output_dir), encoder_dir=str(encoder_dir), log_file=str(log_path), bad_images=bad,
         images_per_s=images_per_s, train_runtime_s=runtime,
         resumed_from=None if run.resume_from is None else str(run.resume_from), hub_url=hub_url,
-        model=_unwrap(accelerator, model),
+        online_probe_s=probe.seconds, online_knn_accuracy=probe.last_accuracy, model=_unwrap(accelerator, model),
     )
 
 
@@ -428,6 +438,57 @@ def _all_finite(accelerator: Any, model: Any) -> bool:
     """Whether the weights are finite on every rank (a collective)."""
     finite = torch.tensor([float(weights_are_finite(model))], device=accelerator.device)
     return bool(accelerator.reduce(finite, "sum").item() == accelerator.num_processes)
+
+
+class _OnlineProbe:
+    """``--online_probe_*``: the labelled probe set and when to run :func:`online_probe` on the target encoder.
+
+    Every rank runs it (a sharded target encoder needs all ranks in its forward); the main process logs it."""
+
+    def __init__(self, probe_set: Any, every: int, total_steps: int, k: int) -> None:
+        self.probe_set, self.every, self.total_steps, self.k = probe_set, every, total_steps, k
+        self.seconds = 0.0
+        self.last_accuracy: float | None = None
+
+    @classmethod
+    def build(cls, args: PretrainingArguments, data: Any, image_size: int, total_steps: int, ema: Any
+              ) -> _OnlineProbe:
+        from ..data import build_online_probe_set
+        from .distributed import EmaMode
+
+        explicit = args.online_probe_steps is not None
+        if args.online_probe_steps == 0:
+            return cls(None, 0, total_steps, args.online_probe_k)
+        if ema == EmaMode.GATHERED:
+            if explicit:
+                raise ValueError("--online_probe_steps is not supported under DeepSpeed ZeRO-3 (the target encoder "
+                                 "is partitioned outside any engine forward); leave it unset or use FSDP2.")
+            logger.info("Online probe off: not supported under DeepSpeed ZeRO-3.")
+            return cls(None, 0, total_steps, args.online_probe_k)
+        probe_set = build_online_probe_set(data, image_size=image_size, num_images=args.online_probe_images,
+                                           label_column=args.online_probe_label_column, seed=args.seed)
+        if probe_set is None:
+            if explicit:
+                raise ValueError(f"--online_probe_steps needs labels, but {data.description} has no 'label' "
+                                 "column; name one with --online_probe_label_column, or set --online_probe_steps 0.")
+            logger.info("Online probe off: %s has no labels (name a column with --online_probe_label_column).",
+                        data.description)
+            return cls(None, 0, total_steps, args.online_probe_k)
+        every = args.online_probe_steps if explicit else max(1, total_steps // 10)
+        logger.info("Online probe every %d updates: %s", every, probe_set.description)
+        return cls(probe_set, every, total_steps, args.online_probe_k)
+
+    def due(self, step: int) -> bool:
+        return self.probe_set is not None and (step % self.every == 0 or step == self.total_steps)
+
+    def run(self, encoder: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        from .metrics import online_probe
+
+        values = online_probe(encoder, self.probe_set.pixel_values, self.probe_set.labels, k=self.k,
+                              autocast=accelerator.autocast)
+        self.seconds += values["online_probe_seconds"]
+        self.last_accuracy = values["online_knn_accuracy"]
+        return values
 
 
 def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: torch.nn.Module,

@@ -28,8 +28,10 @@ __all__ = [
     "COLLAPSE_KEYS",
     "THROUGHPUT_KEY",
     "LOG_KEYS",
+    "ONLINE_PROBE_KEYS",
     "collapse_statistics",
     "effective_rank",
+    "online_probe",
     "CollapseMonitor",
     "LogWindow",
     "read_train_log",
@@ -46,6 +48,10 @@ SCHEDULE_KEYS = ("lr", "weight_decay", "momentum")
 # target_cosine: mean pairwise cosine similarity of the pooled target features of different images.
 COLLAPSE_KEYS = ("target_std", "target_token_std", "pred_std", "target_rankme", "target_cosine")
 THROUGHPUT_KEY = "images_per_s"
+# online_knn_accuracy: k-NN accuracy of the target encoder's pooled features on the run's online probe set (a
+# bank and held-out queries of labelled images); online_rankme: RankMe of those features over the whole probe set;
+# online_probe_seconds: what the probe cost (in rows that have one).
+ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_seconds")
 LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *COLLAPSE_KEYS, "context_patches",
             "target_patches", "skipped_batches")
 
@@ -87,6 +93,50 @@ def collapse_statistics(output: Any) -> dict[str, float]:
         "target_rankme": effective_rank(pooled),
         "target_cosine": cosine,
     }
+
+
+@torch.no_grad()
+def online_probe(
+    encoder: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int = 20,
+    batch_size: int = 256,
+    autocast: Any = None,
+) -> dict[str, float]:
+    """The online learning signals of a run: k-NN accuracy and RankMe of ``encoder``'s pooled features.
+
+    Args:
+        encoder: the target encoder (an ``IJepaEncoderModel``: ``pooler_output [B, D]`` is the average-pooled
+            patch features that downstream probes use); put back in its training mode afterwards.
+        pixel_values: ``[N, C, H, W]`` on any device (moved to the encoder's in batches).
+        labels: ``[N]``; the first ``N // 2`` images are the k-NN bank, the rest its queries.
+        k: neighbours of the cosine k-NN (``ijepa_hf.evaluation.knn_probe``).
+        autocast: a context-manager factory for the forward (the run's precision), or None.
+
+    Returns:
+        ``{"online_knn_accuracy", "online_rankme", "online_probe_seconds"}``.
+    """
+    from ..evaluation import knn_probe
+
+    start = time.perf_counter()
+    device = next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    features = []
+    try:
+        for chunk in pixel_values.split(batch_size):
+            context = autocast() if autocast is not None else torch.autocast(device.type, enabled=False)
+            with context:
+                features.append(encoder(pixel_values=chunk.to(device)).pooler_output.float().cpu())
+    finally:
+        encoder.train(was_training)
+    features = torch.cat(features)
+    bank = len(features) // 2
+    knn = knn_probe(features[:bank], labels[:bank], features[bank:], labels[bank:], k=min(k, bank))
+    return {"online_knn_accuracy": float(knn["accuracy"]), "online_rankme": effective_rank(features),
+            "online_probe_seconds": time.perf_counter() - start}
 
 
 class CollapseMonitor:
@@ -159,6 +209,10 @@ class LogWindow:
             self.loss_count += 1
         if stats is not None:
             self.stats = stats
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` of work done between two rows (the online probe) out of the row's images/s."""
+        self._time += seconds
 
     def flush(self, accelerator: Any, **fields: Any) -> dict[str, Any] | None:
         """Reduce over ranks (every rank must call this) and return the row to log (``None`` if no rank had a good

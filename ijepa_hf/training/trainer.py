@@ -1,5 +1,5 @@
 """I-JEPA with ``transformers.Trainer``: :class:`IJepaTrainer` and the callbacks it wires (EMA target encoder,
-weight-decay schedule, mask-collator batch counter).
+weight-decay schedule, mask-collator batch counter), and :class:`OnlineProbeCallback` (online k-NN and RankMe).
 
 :class:`IJepaTrainer` honours ``TrainingArguments`` or refuses what it cannot honour — never a silent
 reinterpretation:
@@ -167,6 +167,39 @@ class MaskCollatorStepCallback(TrainerCallback):
             dataset.set_epoch(epoch)
 
 
+class OnlineProbeCallback(TrainerCallback):
+    """The online learning telemetry of :func:`~ijepa_hf.training.pretrain` for ``IJepaTrainer``: every
+    ``every_n_steps`` updates (and at the last), k-NN accuracy and RankMe of the target encoder's pooled features on
+    ``probe_set`` (an :class:`~ijepa_hf.data.OnlineProbeSet`, e.g. from
+    :func:`~ijepa_hf.data.build_online_probe_set`), logged by the Trainer with its other values (``log_history``,
+    TensorBoard and the other ``report_to`` integrations) as ``online_knn_accuracy``, ``online_rankme`` and
+    ``online_probe_seconds``. ``seconds`` sums what it cost."""
+
+    def __init__(self, probe_set: Any, every_n_steps: int, k: int = 20) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.probe_set, self.every_n_steps, self.k = probe_set, int(every_n_steps), int(k)
+        self.pending: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> TrainerControl:
+        if state.global_step % self.every_n_steps and state.global_step != state.max_steps:
+            return control
+        from .metrics import online_probe
+
+        autocast = (lambda: torch.autocast(args.device.type, dtype=torch.bfloat16)) if args.bf16 else None  # noqa: E731
+        self.pending = online_probe(_unwrap(model).target_encoder, self.probe_set.pixel_values,
+                                    self.probe_set.labels, k=self.k, autocast=autocast)
+        self.seconds += self.pending["online_probe_seconds"]
+        control.should_log = True
+        return control
+
+    def pop(self) -> dict[str, float]:
+        values, self.pending = self.pending, {}
+        return values
+
+
 def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict[str, float]:
     """Refuse the ``TrainingArguments`` this trainer cannot honour; returns the cosine's start/final lr."""
     optim = getattr(args.optim, "value", args.optim)
@@ -231,6 +264,13 @@ class IJepaTrainer(Trainer):
             # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
             logger.warning("IJepaTrainer: remove_unused_columns=True drops the columns %s the mask collator reads; "
                            "set remove_unused_columns=False.", columns)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the values of an :class:`OnlineProbeCallback` that ran since the last one."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, OnlineProbeCallback):
+                logs.update(callback.pop())
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
