@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,9 @@ from typing import Any
 from transformers import HfArgumentParser, TrainingArguments
 
 from ijepa_hf import IJepaForPreTraining, make_image_processor
-from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
-from ijepa_hf.training import build_pretraining_config
+from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
+from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data
+from ijepa_hf.training import OnlineProbeCallback, apply_recipe, build_pretraining_config, get_recipe
 from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
@@ -73,6 +75,13 @@ class ScriptArguments:
     final_weight_decay: float = field(default=OFFICIAL_FINAL_WEIGHT_DECAY, metadata={
         "help": "Weight decay at the end of the cosine ramp from --weight_decay (official 0.4)."})
     ema_momentum: str | None = field(default=None, metadata={"help": "'start,end' (default: the config's)."})
+    recipe: str = field(default="official", metadata={"help": (
+        "'official' or 'small' (a one-block predictor as wide as the encoder, a warm-up of a quarter of the run; "
+        "ijepa_hf.training.recipes). Explicit --warmup_steps and predictor.* overrides win over it.")})
+    online_probe_steps: int | None = field(default=None, metadata={"help": (
+        "Online k-NN + RankMe of the target encoder every N updates (default: 10 per run when the data has "
+        "labels; 0: off).")})
+    online_probe_images: int = field(default=1024, metadata={"help": "Images of the online probe set."})
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -90,6 +99,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         explicit = explicit_options(argv)
         given = {name: value for name, value in vars(parser.parse_args(argv)).items() if name in explicit}
     values = {**RECIPE_DEFAULTS, **given}
+    if "warmup_steps" not in given:  # the recipe's warm-up (official: 40/300 of the run)
+        values["warmup_steps"] = get_recipe(given.get("recipe", "official")).warmup_ratio
     if "dataset_name" not in given and "train_dir" not in given:
         demo = {k: v for k, v in EMBEDDED_DEMO.items() if k not in given}
         if set(_MODEL_OPTIONS) & set(given):
@@ -97,8 +108,13 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
             demo.pop("image_size", None)
         if "num_train_epochs" in given:
             demo.pop("max_steps", None)
+        if given.get("recipe", "official") != "official":
+            demo.pop("warmup_steps", None)
         values.update(demo)
-    return parser.parse_dict(values)
+    script_args, training_args = parser.parse_dict(values)
+    script_args.user_overrides = set() if "config_overrides" not in given else set(
+        parse_config_overrides(script_args.config_overrides))
+    return script_args, training_args
 
 
 def main(argv: list[str] | None = None) -> IJepaTrainer:
@@ -109,6 +125,8 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         config_name=script_args.config_name, config_overrides=script_args.config_overrides,
         image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,
     )
+    keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
+    config = apply_recipe(config, script_args.recipe, keep=keep)
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     model = IJepaForPreTraining(config)
@@ -125,10 +143,24 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         config, seed=training_args.seed, num_processes=training_args.world_size,
         process_index=training_args.process_index,
     ))
+    callbacks = []
+    if script_args.online_probe_steps != 0:
+        probe_set = build_online_probe_set(data, image_size=image_size, num_images=script_args.online_probe_images,
+                                           seed=training_args.seed)
+        if probe_set is None and script_args.online_probe_steps is not None:
+            raise ValueError(f"--online_probe_steps needs labels, but {data.description} has none; set it to 0.")
+        if probe_set is not None:
+            global_batch = (training_args.per_device_train_batch_size * training_args.world_size
+                            * training_args.gradient_accumulation_steps)
+            total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+                training_args.num_train_epochs * len(data.dataset) // global_batch)
+            every = script_args.online_probe_steps or max(1, total // 10)
+            logger.info("Online probe every %d updates: %s", every, probe_set.description)
+            callbacks.append(OnlineProbeCallback(probe_set, every))
     trainer = IJepaTrainer(
         model=model, args=training_args, train_dataset=data.dataset, data_collator=collator,
         processing_class=make_image_processor(config.encoder_config),
-        final_weight_decay=script_args.final_weight_decay, ema_momentum=ema,
+        final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

@@ -134,11 +134,11 @@ def test_recipes_fill_only_the_flags_not_given(learning):
     assert (official.width, official.depth, official.heads, official.predictor_width, official.predictor_depth) == (
         192, 6, 3, 96, 4)
     assert official.warmup_fraction == pytest.approx(40 / 300)
-    budget = learning.parse_args(["--recipe", "cpu-budget"])
+    budget = learning.parse_args(["--recipe", "small"])
     assert (budget.width, budget.depth, budget.heads, budget.predictor_width, budget.predictor_depth) == (
         128, 4, 2, 128, 1)
     assert budget.warmup_fraction == 0.25
-    overridden = learning.parse_args(["--recipe", "cpu-budget", "--predictor-depth", "2", "--warmup-fraction", "0.1"])
+    overridden = learning.parse_args(["--recipe", "small", "--predictor-depth", "2", "--warmup-fraction", "0.1"])
     assert (overridden.width, overridden.predictor_depth, overridden.warmup_fraction) == (128, 2, 0.1)
     # the model the recipe names is the one that gets built
     config = learning.build_ijepa(budget).config

@@ -3,8 +3,10 @@ Accelerate loop (:func:`pretrain`) and the ``transformers.Trainer`` integration 
 
 Modules, one concept each: ``arguments`` (the run's options and config), ``schedules`` (lr / weight decay / EMA as
 functions of the update number), ``optim`` (parameter groups), ``step`` (one training step), ``checkpointing``
-(output folder, lock, atomic save, resume), ``metrics`` (log schema, collapse statistics), ``export`` (final model,
-cards, push), ``loop`` (:func:`pretrain`), ``trainer`` (:class:`IJepaTrainer`).
+(output folder, lock, atomic save, resume), ``metrics`` (log schema, collapse statistics, online probe), ``export``
+(final model, cards, push), ``recipes`` (official / small), ``kernels`` (kernel choices by measurement),
+``distributed`` (FSDP2 / DeepSpeed / per-process masks), ``loop`` (:func:`pretrain`), ``trainer``
+(:class:`IJepaTrainer`).
 """
 
 from .cpu_allocator import keep_freed_memory_for_reuse
@@ -42,6 +44,10 @@ __all__ = [
     "MaskCollatorStepCallback",
     "OnlineProbeCallback",
     "official_training_arguments",
+    "recipe_training_arguments",
+    "RECIPES",
+    "apply_recipe",
+    "get_recipe",
 ]
 
 # `import ijepa_hf.training` (schedules, optimizer groups) stays light: the rest loads on first use.
@@ -59,6 +65,10 @@ _LAZY = {
     "WeightDecayScheduleCallback": "trainer",
     "MaskCollatorStepCallback": "trainer",
     "OnlineProbeCallback": "trainer",
+    "recipe_training_arguments": "trainer",
+    "RECIPES": "recipes",
+    "apply_recipe": "recipes",
+    "get_recipe": "recipes",
     "official_training_arguments": "trainer",
 }
 

@@ -82,6 +82,10 @@ class PretrainingArguments:
     crop_scale: str = field(default="0.3,1.0", metadata=_help(
         "Area range 'min,max' of the random resized crop (official 0.3,1.0)."))
     # ---- model
+    recipe: str = field(default="official", metadata=_help(
+        "'official': the paper's settings; 'small': for short runs on small data, a one-block predictor as wide as "
+        "the encoder and a warm-up of a quarter of the run (ijepa_hf.training.recipes says why). Explicit "
+        "--warmup_ratio/--warmup_steps and predictor.* overrides win over it."))
     config_name: str | None = field(default=None, metadata=_help(
         "A preset name (see ijepa_hf.list_presets()) or a path/repo id of a pretraining config. Default: "
         "IJepaPretrainingConfig() (ViT-B/16, 224 px); the embedded demo uses a small ViT instead."))
@@ -116,8 +120,9 @@ class PretrainingArguments:
     start_lr: float = field(default=2e-4, metadata=_help("Learning rate at the start of the warm-up."))
     final_lr: float = field(default=1e-6, metadata=_help("Learning rate at the end of the cosine."))
     warmup_steps: int | None = field(default=None, metadata=_help("Warm-up steps (overrides --warmup_ratio)."))
-    warmup_ratio: float = field(default=40 / 300, metadata=_help(
-        "Warm-up as a fraction of all steps (official IN-1k: 40 of 300 epochs)."))
+    warmup_ratio: float | None = field(default=None, metadata=_help(
+        "Warm-up as a fraction of all steps; default: the recipe's (official: 40/300, the IN-1k 40 of 300 "
+        "epochs; small: 0.25)."))
     weight_decay: float = field(default=0.04, metadata=_help("Initial weight decay."))
     final_weight_decay: float = field(default=0.4, metadata=_help("Final weight decay (cosine schedule)."))
     ema_momentum: str | None = field(default=None, metadata=_help(
@@ -200,8 +205,14 @@ class PretrainingArguments:
         for name in ("warmup_steps", "num_workers", "skip_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        from .recipes import get_recipe
+
+        get_recipe(self.recipe)  # an unknown name is an error naming the recipes
+        if self.recipe != "official" and self.model_name_or_path is not None:
+            raise ValueError(f"--recipe {self.recipe} sizes a new model's predictor, but --model_name_or_path "
+                             "continues a saved model with its own; drop one of them.")
         for name in ("learning_rate", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -258,6 +269,13 @@ class PretrainingArguments:
     def clip_grad_norm(self) -> float | None:
         """The clipping norm, or ``None`` when clipping is off (unset or ``<= 0``, transformers' convention)."""
         return self.max_grad_norm if self.max_grad_norm is not None and self.max_grad_norm > 0 else None
+
+    @property
+    def warmup_fraction(self) -> float:
+        """``--warmup_ratio``, or the recipe's when it is unset."""
+        from .recipes import get_recipe
+
+        return self.warmup_ratio if self.warmup_ratio is not None else get_recipe(self.recipe).warmup_ratio
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -399,11 +417,22 @@ def build_pretraining_config(
 
 
 def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
-    """The config of a run: :func:`build_pretraining_config` with the run's options."""
-    return build_pretraining_config(
+    """The config of a run: :func:`build_pretraining_config` with the run's options, then its recipe
+    (:func:`~ijepa_hf.training.recipes.apply_recipe`) for the fields the user did not set (overrides that the
+    embedded demo filled in count as not set)."""
+    from .recipes import apply_recipe
+
+    config = build_pretraining_config(
         config_name=args.config_name, model_name_or_path=args.model_name_or_path,
         config_overrides=args.config_overrides, image_size=args.image_size, mask_mode=args.mask_mode,
         ema_momentum=args.ema_range, cache_dir=args.cache_dir, token=args.hub_token)
+    if args.recipe == "official":
+        return config
+    keep = set() if "config_overrides" in args.demo_defaults_applied else set(
+        parse_config_overrides(args.config_overrides))
+    if args.ema_range is not None:
+        keep.add("ema_momentum")
+    return apply_recipe(config, args.recipe, keep=keep)
 
 
 def _comparable_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -210,7 +210,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if sized else None
     total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch) if sized else None
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * total_steps)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_fraction * total_steps)
     schedule = PretrainingSchedule(
         total_steps=total_steps, warmup_steps=min(warmup_steps, total_steps), start_lr=args.start_lr,
         peak_lr=args.learning_rate, final_lr=args.final_lr, start_weight_decay=args.weight_decay,

@@ -78,6 +78,15 @@ def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingAr
     return TrainingArguments(**values)
 
 
+def recipe_training_arguments(output_dir: str, recipe: str = "official", **overrides: Any) -> TrainingArguments:
+    """:func:`official_training_arguments` with the warm-up of ``recipe`` (``ijepa_hf.training.recipes``: the
+    ``small`` recipe warms up over a quarter of the run). Pair with ``apply_recipe(config, recipe)`` for the model;
+    ``overrides`` win."""
+    from .recipes import get_recipe
+
+    return official_training_arguments(output_dir, **{"warmup_steps": get_recipe(recipe).warmup_ratio, **overrides})
+
+
 class EMACallback(TrainerCallback):
     """Update the target encoder after every optimizer step: ``target = m * target + (1 - m) * context``.
 

@@ -1,0 +1,83 @@
+"""Training recipes (``ijepa_hf.training.recipes``): ``--recipe small`` sizes the predictor relative to the encoder
+and warms up over a quarter of the run, in the Python API, ``pretrain`` / ``examples/pretrain.py`` and the Trainer
+script; what the user sets explicitly wins; ``official`` changes nothing."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from test_pretraining import REPO_ROOT, TINY_OVERRIDES, run
+
+from ijepa_hf import IJepaPretrainingConfig
+from ijepa_hf.training import apply_recipe, build_config, get_recipe, parse_args, recipe_training_arguments
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _encoder_config() -> IJepaPretrainingConfig:
+    config = IJepaPretrainingConfig()
+    config.update_from_string("encoder.hidden_size=96,encoder.num_attention_heads=3,encoder.num_hidden_layers=4,"
+                              "predictor.hidden_size=48,predictor.num_hidden_layers=6,predictor.num_attention_heads=3")
+    return config
+
+
+def test_small_recipe_sizes_the_predictor_from_the_encoder_and_keeps_what_is_named():
+    config = _encoder_config()
+    small = apply_recipe(config, "small")
+    assert (small.predictor_config.hidden_size, small.predictor_config.num_hidden_layers,
+            small.predictor_config.num_attention_heads) == (96, 1, 3)
+    assert small.encoder_config.to_dict() == config.encoder_config.to_dict()
+    assert small.ema_momentum == config.ema_momentum  # the official EMA schedule (see the module docstring)
+    kept = apply_recipe(config, "small", keep={"predictor.num_hidden_layers"})
+    assert (kept.predictor_config.hidden_size, kept.predictor_config.num_hidden_layers) == (96, 6)
+    assert apply_recipe(config, "official").to_dict() == config.to_dict()
+    assert config.predictor_config.hidden_size == 48  # a copy: the input is unchanged
+    with pytest.raises(ValueError, match=r"Unknown recipe 'tiny'; choose one of \['official', 'small'\]"):
+        get_recipe("tiny")
+
+
+def test_recipe_in_the_arguments_warm_up_and_model(tmp_path):
+    small = parse_args(["--recipe", "small", "--output_dir", str(tmp_path), "--config_overrides",
+                        "encoder.hidden_size=64,encoder.num_attention_heads=2"])
+    assert small.warmup_fraction == 0.25
+    assert build_config(small).predictor_config.hidden_size == 64
+    explicit = parse_args(["--recipe", "small", "--warmup_ratio", "0.1", "--output_dir", str(tmp_path),
+                           "--config_overrides", "predictor.num_hidden_layers=3"])
+    assert explicit.warmup_fraction == 0.1 and build_config(explicit).predictor_config.num_hidden_layers == 3
+    demo = parse_args(["--recipe", "small"])  # the embedded demo's predictor is a default, not the user's
+    config = build_config(demo)
+    assert config.predictor_config.hidden_size == config.encoder_config.hidden_size
+    assert config.predictor_config.num_hidden_layers == 1
+    assert parse_args(["--output_dir", str(tmp_path)]).warmup_fraction == pytest.approx(40 / 300)
+    with pytest.raises(ValueError, match="--recipe small sizes a new model's predictor"):
+        parse_args(["--recipe", "small", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Unknown recipe 'large'"):
+        parse_args(["--recipe", "large"])
+
+
+def test_pretrain_with_the_small_recipe(tmp_path):
+    overrides = TINY_OVERRIDES.replace("predictor.hidden_size=16,predictor.num_hidden_layers=2,", "")
+    result = run(tmp_path / "run", "--recipe", "small", "--config_overrides", overrides, steps=4)
+    predictor = result.model.predictor.config
+    assert (predictor.hidden_size, predictor.num_hidden_layers) == (32, 1)  # the tiny encoder's width, one block
+    assert result.global_step == 4
+
+
+def test_trainer_recipe_arguments_and_script(tmp_path):
+    assert recipe_training_arguments(str(tmp_path), "small").warmup_steps == 0.25
+    assert recipe_training_arguments(str(tmp_path)).warmup_steps == pytest.approx(40 / 300)
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    _, training = example.parse(["--recipe", "small", "--output_dir", str(tmp_path)])
+    assert training.warmup_steps == 0.25  # not the demo's 5 steps
+    trainer = example.main(["--recipe", "small", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                            "--embedded_num_images", "16", "--output_dir", str(tmp_path / "trainer"),
+                            "--online_probe_images", "16"])
+    predictor = trainer.model.predictor.config
+    assert predictor.hidden_size == trainer.model.context_encoder.config.hidden_size
+    assert predictor.num_hidden_layers == 1
+    assert any("online_knn_accuracy" in entry for entry in trainer.state.log_history)
