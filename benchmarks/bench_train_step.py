@@ -50,6 +50,7 @@ from official_code import (  # benchmarks/official_code.py, beside this script: 
     resolve_root,
 )
 from official_step import OfficialStep  # benchmarks/official_step.py, beside this script
+from machine import cpu_description  # benchmarks/machine.py, beside this script
 from peak_memory import peak_rss_bytes  # benchmarks/peak_memory.py, beside this script
 
 ALLOCATORS = ("tuned", "default")
@@ -399,25 +400,6 @@ def child(args: argparse.Namespace) -> None:
 
 
 # ---- the machine -------------------------------------------------------------------------------------------------
-
-def cpu_description() -> str:
-    """The CPU's model name and the matrix extensions that decide its bf16 speed (AMX, AVX-512 bf16)."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name in (platform.processor(), platform.machine()):
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    amx = "AMX" if {"amx_bf16", "amx_tile"} <= flags else "no AMX"
-    avx = "AVX-512 bf16" if "avx512_bf16" in flags else "no AVX-512 bf16"
-    return f"{name} ({os.cpu_count()} CPUs, {amx}, {avx})"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

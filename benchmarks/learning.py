@@ -72,6 +72,9 @@ from ijepa_hf.evaluation import extract_features, format_results_table, knn_prob
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
 from ijepa_hf.training import PretrainingSchedule, PretrainingStep, build_optimizer, keep_freed_memory_for_reuse
 from ijepa_hf.training.recipes import get_recipe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper below, also when imported by path
+from machine import cpu_description  # noqa: E402  (benchmarks/machine.py, beside this script)
 from ijepa_hf.visualization import plot_training_curves
 
 logger = logging.getLogger("learning")
@@ -79,6 +82,9 @@ logger = logging.getLogger("learning")
 TASKS = ("fashion-mnist", "spatial")
 METHODS = ("ijepa", "mae", "random", "pixels")
 DEFAULT_BUDGET_MINUTES = {"fashion-mnist": 20.0, "spatial": 5.0}
+# Budgets in images seen compare across machines; the default is what 20 minutes gave on a 2-core AMX Xeon with the
+# small recipe (8,742 steps of batch 128). The spatial task keeps its wall-clock default (no such reference run).
+DEFAULT_BUDGET_IMAGES = {"fashion-mnist": 8742 * 128}
 # Below this budget the run is a smoke test: probe on subsets so it ends in a few minutes (override with
 # --probe-train-size / --probe-test-size).
 SMOKE_BUDGET_MINUTES = 2.0
@@ -849,12 +855,7 @@ def _probe_row(name: str, train_x: torch.Tensor, test_x: torch.Tensor, train_lab
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_description()
     import transformers
 
     return {
@@ -903,7 +904,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "%d-thread torch step can be several times slower (OpenMP threads wait for descheduled siblings), so a "
             "fixed budget buys fewer steps; prefer a quiet machine (or --threads 1 while others run).",
             load[0], args.threads)
-    budget_text = f"{args.max_steps} steps" if args.max_steps else f"{args.budget_minutes:g} min"
+    budget_text = (f"{args.max_steps} steps of {args.batch_size} ({args.max_steps * args.batch_size:,} images)"
+                   if args.max_steps else f"{args.budget_minutes:g} min")
 
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
@@ -1010,7 +1012,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", choices=TASKS, default="fashion-mnist")
     add("--budget-minutes", type=float, default=None,
         help=f"wall-clock pretraining budget per method (default {DEFAULT_BUDGET_MINUTES})")
-    add("--max-steps", type=int, default=None, help="train exactly this many steps instead of a time budget (tests)")
+    add("--max-steps", type=int, default=None, help="train exactly this many optimizer steps per method")
+    add("--budget-images", type=int, default=None,
+        help="train on this many images per method (steps = images / batch size; default for fashion-mnist: "
+             f"{DEFAULT_BUDGET_IMAGES['fashion-mnist']:,}, i.e. 8,742 steps of 128); the same on every machine, "
+             "unlike --budget-minutes")
     add("--methods", type=_methods, default=METHODS, help=f"comma-separated subset of {','.join(METHODS)}")
     add("--output-dir", default="outputs/learning")
     add("--seed", type=int, default=0)
@@ -1094,6 +1100,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     spatial = args.task == "spatial"
+    if sum(value is not None for value in (args.budget_minutes, args.max_steps, args.budget_images)) > 1:
+        raise SystemExit("give one budget: --budget-minutes, --max-steps or --budget-images")
+    if args.budget_minutes is None and args.max_steps is None and args.budget_images is None:
+        args.budget_images = DEFAULT_BUDGET_IMAGES.get(args.task)
+    if args.budget_images is not None:
+        if args.budget_images < args.batch_size:
+            raise SystemExit(f"--budget-images {args.budget_images} is less than one batch of {args.batch_size}")
+        args.max_steps = args.budget_images // args.batch_size
     if args.budget_minutes is None:
         args.budget_minutes = DEFAULT_BUDGET_MINUTES[args.task]
     if args.image_size is None:

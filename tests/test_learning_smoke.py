@@ -144,3 +144,14 @@ def test_recipes_fill_only_the_flags_not_given(learning):
     config = learning.build_ijepa(budget).config
     assert (config.encoder_config.hidden_size, config.encoder_config.num_hidden_layers) == (128, 4)
     assert (config.predictor_config.hidden_size, config.predictor_config.num_hidden_layers) == (128, 1)
+
+
+def test_budgets_in_images_compare_across_machines(learning):
+    default = learning.parse_args([])  # fashion-mnist: 1,118,976 images = 8,742 steps of 128, on any machine
+    assert default.budget_images == 8742 * 128 and default.max_steps == 8742
+    assert learning.parse_args(["--budget-images", "1000", "--batch-size", "100"]).max_steps == 10
+    assert learning.parse_args(["--budget-minutes", "20"]).max_steps is None  # wall-clock stays available
+    with pytest.raises(SystemExit, match="give one budget"):
+        learning.parse_args(["--budget-minutes", "20", "--budget-images", "1000"])
+    with pytest.raises(SystemExit, match="less than one batch"):
+        learning.parse_args(["--budget-images", "10"])
