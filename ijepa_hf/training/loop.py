@@ -416,11 +416,10 @@ def _dummy_batch_factory(mask_collator: IJepaMaskCollator, config: Any, device: 
 
     def make() -> dict[str, torch.Tensor]:
         if not cache:
-            context, targets = mask_collator.sample_masks(1, batch_index=0)
+            masks = mask_collator.sample_batch(1, batch_index=0)  # the keys of a real batch (context_lengths too)
             height, width = mask_collator.image_size
             pixels = torch.zeros(1, config.encoder_config.num_channels, height, width)
-            cache.update({k: v.to(device) for k, v in
-                          {"pixel_values": pixels, "context_mask": context, "target_masks": targets}.items()})
+            cache.update({k: v.to(device) for k, v in {"pixel_values": pixels, **masks}.items()})
         return cache
 
     return make
