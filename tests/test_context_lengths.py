@@ -311,3 +311,19 @@ def test_trainer_passes_context_lengths_to_the_model(tmp_path, monkeypatch):
                            data_collator=IJepaMaskCollator.from_config(config))
     trainer.train()
     assert len(spy.seen) == 2 and all(isinstance(x, torch.Tensor) and x.shape == (4,) for x in spy.seen)
+
+
+def test_a_checkpoint_written_before_the_field_existed_resumes_with_the_default(tmp_path):
+    from ijepa_hf.training import PretrainingArguments
+    from ijepa_hf.training.arguments import check_resume_compatible
+
+    args = PretrainingArguments(config_name="vit_tiny_patch16_224", output_dir=str(tmp_path))
+    config = IJepaPretrainingConfig.from_preset("vit_tiny_patch16_224")
+    old = config.to_dict()
+    del old["context_lengths"]  # what an older checkpoint's config holds
+    saved = {"arguments": args.to_dict(), "config": old, "num_processes": 1, "total_steps": 10,
+             "progress": {"completed_steps": 5}}
+    check_resume_compatible(saved, args, config, 1, 10)  # the default: the run it trained
+    config.context_lengths = "per_image"
+    with pytest.raises(ValueError, match="config context_lengths is 'per_image'"):
+        check_resume_compatible(saved, args, config, 1, 10)
