@@ -8,7 +8,9 @@ Two tables:
    for ViT-B/16 at 224 px (14 x 14 patches) and both mask modes, at several global batch sizes.
 2. Training step on CPU: s/step of the whole step (target encoder, context encoder, predictor, smooth-L1, backward,
    AdamW with the official groups, EMA) for both settings on the same mask draws (same targets; the contexts differ
-   only by the cut), the two settings back to back on every draw, so that a busy machine slows both alike.
+   only by the cut), the two settings back to back on every draw, so that a busy machine slows both alike; and the
+   matrix-product FLOPs of one step (``torch.utils.flop_counter``, on the untimed warm-up draw), which do not
+   depend on the machine.
 
     python benchmarks/bench_context_lengths.py                          # defaults below, a few minutes on 2 cores
     python benchmarks/bench_context_lengths.py --step-batch-sizes 16 --precisions bf16,fp32
@@ -26,6 +28,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 try:
     from ijepa_hf import IJepaForPreTraining, IJepaMaskCollator, IJepaPretrainingConfig
@@ -71,7 +74,7 @@ def context_stats(collator: IJepaMaskCollator, batch_size: int, batch_indices: r
 
 
 def mask_table(batch_sizes: list[int], batches: int) -> None:
-    print(f"\n### Context patches kept per image, ViT-B/16 at 224 px (196 patches), mean over {batches} global batches\n")
+    print(f"\n### Context patches kept per image, ViT-B/16 at 224 px (196 patches), {batches} global batches per row\n")
     print("| mask_mode | global batch | shortest: kept (= computed) mean / min | per_image: kept mean / min | "
           "per_image: padded length computed |")
     print("|---|---:|---:|---:|---:|")
@@ -109,8 +112,8 @@ def step_table(args: argparse.Namespace) -> None:
     print(f"\n### Training step, {args.size}/16 at 224 px, predictor 384 x {args.predictor_depth}, mask_mode="
           f"{args.mask_mode}; {args.steps} mask draws per row, each timed with both settings back to back\n")
     print("| precision | batch | context_lengths | kept per image: mean / min | computed per image (padded) | "
-          "s/step: median (min) | per_image / shortest, same draw: median (range) |")
-    print("|---|---:|---|---:|---:|---:|---:|")
+          "matmul GFLOP/step (ratio) | s/step: median (min) | per_image / shortest, same draw: median (range) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     for precision in args.precisions:
         for batch_size in args.step_batch_sizes:
             runs = {}
@@ -120,9 +123,10 @@ def step_table(args: argparse.Namespace) -> None:
                                             lr=1e-4, weight_decay=0.04)
                 runs[setting] = (model, optimizer, IJepaMaskCollator.from_config(model.config, seed=0))
             pixels = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-            indices = range(1, args.steps + 1)  # draw 0 warms both up, untimed
+            indices = range(1, args.steps + 1)  # draw 0 warms both up, untimed (its FLOPs are counted)
             stats = {s: context_stats(runs[s][2], batch_size, indices) for s in SETTINGS}
             times: dict[str, list[float]] = {s: [] for s in SETTINGS}
+            flops: dict[str, list[float]] = {s: [] for s in SETTINGS}
             for index in [0, *indices]:
                 # Both settings on the same draw (same targets, contexts differ only by the cut), in alternating
                 # order, so that a load change on the shared machine hits both alike.
@@ -130,15 +134,21 @@ def step_table(args: argparse.Namespace) -> None:
                 for setting in order:
                     model, optimizer, collator = runs[setting]
                     batch = {"pixel_values": pixels, **collator.sample_batch(batch_size, index)}
-                    seconds = train_step(model, optimizer, batch, precision)
-                    if index:
-                        times[setting].append(seconds)
+                    if index == 0:  # the untimed warm-up draw: count its matrix-product FLOPs (machine-independent)
+                        with FlopCounterMode(display=False) as counter:
+                            train_step(model, optimizer, batch, precision)
+                        flops[setting].append(counter.get_total_flops() / 1e9)
+                    else:
+                        times[setting].append(train_step(model, optimizer, batch, precision))
             ratios = [b / a for a, b in zip(times["shortest"], times["per_image"])]
             for setting in SETTINGS:
                 s, t = stats[setting], times[setting]
-                ratio = "1.00x" if setting == "shortest" else f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                spread = f"{median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+                ratio = "1.00x" if setting == "shortest" else spread
+                gflop = flops[setting][0]
                 print(f"| {precision} | {batch_size} | {setting} | {s['mean']:.1f} / {s['min']} | {s['padded']:.1f} | "
-                      f"{median(t):.2f} ({min(t):.2f}) | {ratio} |", flush=True)
+                      f"{gflop:.0f} ({gflop / flops['shortest'][0]:.2f}x) | {median(t):.2f} ({min(t):.2f}) | {ratio} |",
+                      flush=True)
             del runs
 
 

@@ -512,8 +512,8 @@ class IJepaMaskCollator:
 
         Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
         context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode`` (as ``mode``),
-        ``context_lengths`` and ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any ``__init__`` argument)
-        win.
+        ``context_lengths`` and ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any
+        ``__init__`` argument) win.
         """
         fields = {"image_size": "image_size", "patch_size": "patch_size", "num_target_blocks": "num_target_blocks",
                   "context_scale": "context_scale", "target_scale": "target_scale",
