@@ -291,6 +291,7 @@ def test_pretraining_loop_passes_context_lengths_through_accelerate(tmp_path, mo
     rows = read_log(tmp_path)
     # The log reports the mean context length of the images, not the padded length.
     assert [row["context_patches"] for row in rows] == [float(x.double().mean()) for x in spy.seen[:len(rows)]]
+    assert "per_image" in (tmp_path / "README.md").read_text()  # the card records the setting
 
 
 @pytest.mark.usefixtures("one_thread")
