@@ -60,7 +60,7 @@ def test_padded_batch_equals_each_image_alone_outputs_loss_and_gradients(attn):
     model.zero_grad(set_to_none=True)
 
     # Each image alone, unpadded: its context is the first `length` indices of its row.
-    losses, alone_grads = [], {}
+    losses = []
     for b in range(size):
         alone = model(pixels[b:b + 1], context_mask=context[b:b + 1, : lengths[b]], target_masks=targets[b:b + 1])
         (alone.loss / size).backward()
