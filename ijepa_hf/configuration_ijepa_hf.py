@@ -35,6 +35,7 @@ __all__ = [
     "PRETRAINING_PRESETS",
     "MASK_FIELDS",
     "MASK_MODES",
+    "CONTEXT_LENGTHS",
     "ConfigValueError",
     "ConfigTypeError",
     "check_grid",
@@ -156,8 +157,11 @@ def check_grid(image_size: Any, patch_size: Any, prefix: str = "") -> tuple[int,
 # ----------------------------------------------------------------------------------------------------------------
 
 MASK_MODES = ("fixed", "official")
+# How the contexts of one batch are made rectangular: "shortest" cuts every context to the shortest of the batch (the
+# official collator), "per_image" keeps each image's own and pads (the model then masks the padding).
+CONTEXT_LENGTHS = ("shortest", "per_image")
 MASK_FIELDS = ("num_target_blocks", "context_scale", "target_scale", "target_aspect_ratio", "min_keep",
-               "allow_overlap", "mask_mode")
+               "allow_overlap", "mask_mode", "context_lengths")
 _LOSSES = ("smooth_l1", "mse")
 
 
@@ -170,13 +174,15 @@ def check_mask_settings(
     min_keep: Any,
     allow_overlap: Any,
     mask_mode: Any,
+    context_lengths: Any = "shortest",
     mode_name: str = "mask_mode",
 ) -> dict[str, Any]:
     """The one rule set of the multi-block mask settings (`IJepaPretrainingConfig` and `IJepaMaskCollator`).
 
     Rules: ``num_target_blocks`` a positive int; ``context_scale`` / ``target_scale`` finite ``(min, max)`` in
     ``(0, 1]``; ``target_aspect_ratio`` a finite positive ``(min, max)``; ``min_keep`` an int >= 0;
-    ``allow_overlap`` a bool; ``mask_mode`` one of `MASK_MODES` (``mode_name`` is how the caller spells it).
+    ``allow_overlap`` a bool; ``mask_mode`` one of `MASK_MODES` (``mode_name`` is how the caller spells it);
+    ``context_lengths`` one of `CONTEXT_LENGTHS`.
 
     Returns:
         The settings normalised: ints, ``(min, max)`` float tuples, a bool and the mode string.
@@ -191,6 +197,12 @@ def check_mask_settings(
         raise ValueError(f"`allow_overlap` must be a bool (true/false), got {allow_overlap!r}.")
     if mask_mode not in MASK_MODES:
         raise ValueError(f"`{mode_name}` must be one of {MASK_MODES}, got {mask_mode!r}.")
+    if context_lengths not in CONTEXT_LENGTHS:
+        raise ValueError(
+            f"`context_lengths` must be one of {CONTEXT_LENGTHS}, got {context_lengths!r}: 'shortest' cuts every "
+            "context of a batch to the shortest one (the official collator), 'per_image' keeps each image's own "
+            "context and pads it."
+        )
     return {
         "num_target_blocks": int(num_target_blocks),
         "context_scale": _check_range(context_scale, "context_scale", 0.0, 1.0),
@@ -199,6 +211,7 @@ def check_mask_settings(
         "min_keep": int(min_keep),
         "allow_overlap": allow_overlap,
         "mask_mode": mask_mode,
+        "context_lengths": context_lengths,
     }
 
 
@@ -359,6 +372,13 @@ class IJepaPretrainingConfig(PreTrainedConfig):
         allow_overlap: Whether the context may overlap the targets (False).
         mask_mode: ``"fixed"`` (default: the official sampler with its defects fixed) or ``"official"`` (the
             official distribution, defects included).
+        context_lengths: ``"shortest"`` (default, the official collator) cuts the context of every image of a batch
+            to the shortest context in the (global) batch, so the number of context patches an image keeps falls
+            as the batch grows; ``"per_image"`` keeps each image's own context, padded to the longest of the batch,
+            with the padding masked out of attention (the batch then computes exactly what each image would
+            alone). Target blocks are unchanged by either: the sampler draws one target size per batch. The
+            default stays the official behaviour, which the published recipes and their results were trained
+            with.
         loss: ``"smooth_l1"`` (the official code) or ``"mse"`` (the paper's L2).
         smooth_l1_beta: Beta of the smooth L1 loss (1.0 = torch default, as the official code).
         normalize_targets: Apply a parameter-free LayerNorm to the target encoder output (official).
@@ -378,6 +398,7 @@ class IJepaPretrainingConfig(PreTrainedConfig):
     min_keep: int = 10
     allow_overlap: bool = False
     mask_mode: str = "fixed"
+    context_lengths: str = "shortest"
     # Loss and EMA.
     loss: str = "smooth_l1"
     smooth_l1_beta: float | int = 1.0

@@ -10,7 +10,7 @@ Two layers, as V-JEPA 2 splits its ``src/masks/multiseq_multiblock3d.py`` into a
   JSON-friendly ``state_dict`` and hands each data-parallel rank its rows of the global batch.
 
 The mask settings (``num_target_blocks``, ``context_scale``, ``target_scale``, ``target_aspect_ratio``,
-``min_keep``, ``allow_overlap``, ``mask_mode``) are defined and validated in one place,
+``min_keep``, ``allow_overlap``, ``mask_mode``, ``context_lengths``) are defined and validated in one place,
 :class:`~ijepa_hf.IJepaPretrainingConfig` (:func:`~ijepa_hf.configuration_ijepa_hf.check_mask_settings`); the
 generator applies the same rules to the values it is given and adds the one check that needs the sampler: that
 the smallest block it can draw keeps more than ``min_keep`` patches on this grid.
@@ -23,6 +23,9 @@ Conventions (shared with the model, loss and visualisation code):
 * The image is split into an ``H x W`` grid of patches, ``H = image_h // patch_size``,
   ``W = image_w // patch_size``. A patch is named by its **raster index** ``row * W + col``.
 * ``context_mask``: ``LongTensor[B, Kc]``, the context patch indices of each image, sorted ascending.
+* ``context_lengths`` (only with ``context_lengths="per_image"``): ``LongTensor[B]``, how many entries of each
+  ``context_mask`` row are the image's context; the rest of the row is padding that repeats the row's last context
+  index (so the row is still non-decreasing and :func:`masks_to_boolean` still gives exactly the context).
 * ``target_masks``: ``LongTensor[B, M, Kt]``, ``M = num_target_blocks`` rectangles per image, each
   listed in raster order (so also sorted ascending).
 
@@ -35,14 +38,17 @@ Sampling (one batch):
    ``allow_overlap``). A context that keeps ``<= min_keep`` patches is redrawn; after ``max_tries``
    failed draws the overlap constraint with the most recently drawn target is dropped, and so on
    (the official fallback). This is done for all failing rows at once.
-3. Context lengths differ per image, so they are equalised to the shortest one in the batch.
+3. Context lengths differ per image. With ``context_lengths="shortest"`` (default, the official collator) they
+   are equalised to the shortest one in the (global) batch; with ``context_lengths="per_image"`` every image keeps
+   its whole context and the rows are padded to the longest one (``context_lengths`` says where each ends).
+   Target blocks need neither: all of a batch have the one drawn size.
 
 Two modes:
 
 * ``mode="official"`` reproduces the *distribution* of the official sampler, defects included:
   one uniform number drives both scale and aspect ratio; blocks are at most ``(H-1) x (W-1)`` and
   never touch the last patch row/column; equalisation keeps the FIRST ``k`` indices in raster order
-  (which starves the bottom of the image of context).
+  (which starves the bottom of the image of context; with ``context_lengths="per_image"`` nothing is cut).
 * ``mode="fixed"`` (default) draws scale and aspect ratio independently, lets blocks reach the full
   grid and every row/column, and equalises by keeping a uniformly random subset of each context.
 
@@ -65,11 +71,18 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from .configuration_ijepa_hf import MASK_MODES, IJepaPretrainingConfig, check_grid, check_mask_settings
+from .configuration_ijepa_hf import (
+    CONTEXT_LENGTHS,
+    MASK_MODES,
+    IJepaPretrainingConfig,
+    check_grid,
+    check_mask_settings,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IJepaMaskCollator", "MultiBlockMaskGenerator", "MaskBatch", "masks_to_boolean", "MASK_MODES"]
+__all__ = ["IJepaMaskCollator", "MultiBlockMaskGenerator", "MaskBatch", "masks_to_boolean", "MASK_MODES",
+           "CONTEXT_LENGTHS"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -136,9 +149,11 @@ def _block_hw(max_keep: np.ndarray, ar: np.ndarray, h_max: int, w_max: int) -> t
 class MaskBatch(NamedTuple):
     """Masks of one global batch of ``n`` images."""
 
-    context_mask: torch.Tensor  # LongTensor[n, Kc], sorted ascending
+    context_mask: torch.Tensor  # LongTensor[n, Kc], sorted ascending (padded rows: non-decreasing)
     target_masks: torch.Tensor  # LongTensor[n, M, Kt], each block in raster order
     num_fallbacks: int  # contexts of this batch that needed the overlap fallback (diagnostic)
+    # LongTensor[n]: context patches of each row (context_lengths="per_image"); None when all rows are cut to Kc.
+    context_lengths: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -154,6 +169,7 @@ class MultiBlockMaskGenerator:
         num_target_blocks, context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap: the mask
             settings of `IJepaPretrainingConfig` (same rules: `check_mask_settings`).
         mode: the config's ``mask_mode``, ``"fixed"`` or ``"official"``.
+        context_lengths: ``"shortest"`` (default, official) or ``"per_image"`` (see the module docstring).
         max_tries: failed context draws per constraint level before the overlap constraint with the most recent
             target is dropped (the official value is 20).
 
@@ -171,6 +187,7 @@ class MultiBlockMaskGenerator:
     min_keep: int
     allow_overlap: bool
     mode: str
+    context_lengths: str = "shortest"
     max_tries: int = 20
 
     def __post_init__(self) -> None:
@@ -179,7 +196,7 @@ class MultiBlockMaskGenerator:
         settings = check_mask_settings(
             num_target_blocks=self.num_target_blocks, context_scale=self.context_scale,
             target_scale=self.target_scale, target_aspect_ratio=self.target_aspect_ratio, min_keep=self.min_keep,
-            allow_overlap=allow_overlap, mask_mode=self.mode, mode_name="mode")
+            allow_overlap=allow_overlap, mask_mode=self.mode, context_lengths=self.context_lengths, mode_name="mode")
         settings["mode"] = settings.pop("mask_mode")
         settings["image_size"] = _as_int_pair(self.image_size)
         settings["patch_size"] = _as_int_pair(self.patch_size)
@@ -286,8 +303,9 @@ class MultiBlockMaskGenerator:
     # ------------------------------------------------------------------------------------------
     # sampling
     def sample(self, batch_size: int, *, seed: int, batch_index: int) -> MaskBatch:
-        """The masks of global batch ``batch_index`` of a run with ``seed``: ``([n, Kc], [n, M, Kt], fallbacks)``
-        for ``n = batch_size`` images. A pure function of its arguments and the generator's fields."""
+        """The masks of global batch ``batch_index`` of a run with ``seed``: ``([n, Kc], [n, M, Kt], fallbacks,
+        lengths)`` for ``n = batch_size`` images (``lengths [n]`` with ``context_lengths="per_image"``, else
+        ``None``). A pure function of its arguments and the generator's fields."""
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an int >= 1, got {batch_size!r}")
         if not _is_int(seed):
@@ -331,6 +349,21 @@ class MultiBlockMaskGenerator:
         bad = (counts <= self.min_keep).nonzero().squeeze(1)
         fallbacks = self._redraw_contexts(ctx, counts, bad, t_rows, t_cols, ch, cw, extra, g) if bad.numel() else 0
 
+        # 5) target indices, raster order inside each block: (top + i) * W + (left + j)
+        t_idx = ((top[..., None] + torch.arange(th)) * W)[..., :, None] + (
+            left[..., None] + torch.arange(tw))[..., None, :]  # [n, M, th, tw]
+        targets = t_idx.view(n, M, th * tw)
+
+        if self.context_lengths == "per_image":
+            # 4') keep every image's context; pad each row to the longest by repeating its last index. Context
+            # patches first in raster order (keys < H * W), the rest after (keys >= H * W), in one sort.
+            k = int(counts.max())
+            position = torch.arange(H * W)
+            order = torch.where(ctx, position, position + H * W).sort(dim=1).values[:, :k]
+            last = order.gather(1, (counts - 1)[:, None])
+            context = torch.where(torch.arange(k) < counts[:, None], order, last)
+            return MaskBatch(context, targets, fallbacks, counts)
+
         # 4) equalise context lengths to the shortest in the (global) batch
         k = int(counts.min())
         if official:
@@ -344,11 +377,7 @@ class MultiBlockMaskGenerator:
             # context (scores in [1, 2) there, [0, 1) elsewhere; every row has >= k context patches)
             scores = torch.rand(n, H * W, generator=g).add_(ctx)
             context = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-
-        # 5) target indices, raster order inside each block: (top + i) * W + (left + j)
-        t_idx = ((top[..., None] + torch.arange(th)) * W)[..., :, None] + (
-            left[..., None] + torch.arange(tw))[..., None, :]  # [n, M, th, tw]
-        return MaskBatch(context, t_idx.view(n, M, th * tw), fallbacks)
+        return MaskBatch(context, targets, fallbacks)
 
     def _redraw_contexts(self, ctx: torch.Tensor, counts: torch.Tensor, bad: torch.Tensor,
                          t_rows: torch.Tensor, t_cols: torch.Tensor, ch: int, cw: int, extra: int,
@@ -407,6 +436,13 @@ class IJepaMaskCollator:
             settings; ``None`` (default) takes `IJepaPretrainingConfig`'s default, which is also where their
             meaning and rules are documented.
         mode: the config's ``mask_mode``: ``"fixed"`` (default) or ``"official"`` (official distribution).
+        context_lengths: the config's ``context_lengths``. ``"shortest"`` (default, what the official collator
+            does) cuts every image's context to the shortest context of the global batch, so larger batches keep
+            fewer context patches per image. ``"per_image"`` keeps each image's own context: ``context_mask`` is
+            padded to the longest context of this process's rows and the batch gains ``"context_lengths"``
+            ``LongTensor[B]``, which `IJepaForPreTraining` uses to mask the padding (each image is then computed
+            exactly as it would be alone). The default is the official behaviour, which the published recipes
+            were trained with; ``benchmarks/README.md`` measures what ``"per_image"`` costs.
         seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mode, params)``.
         num_processes, process_index: for data-parallel runs. Each call with a local batch of ``B``
             samples the masks of the global batch of ``num_processes * B`` images and returns the
@@ -422,6 +458,7 @@ class IJepaMaskCollator:
         batch = next(iter(loader))
         # batch["pixel_values"] [64,3,224,224], batch["context_mask"] [64,Kc],
         # batch["target_masks"] [64,4,Kt]
+        # with context_lengths="per_image" also batch["context_lengths"] [64]
 
     With ``num_workers > 0`` the DataLoader works on copies of the collator, so the main-process
     :attr:`step` does not advance: call :meth:`set_step` with the number of batches already drawn
@@ -442,6 +479,7 @@ class IJepaMaskCollator:
         min_keep: int | None = None,
         allow_overlap: bool | None = None,
         mode: str | None = None,
+        context_lengths: str | None = None,
         seed: int = 0,
         num_processes: int = 1,
         process_index: int = 0,
@@ -449,7 +487,7 @@ class IJepaMaskCollator:
     ) -> None:
         given = dict(num_target_blocks=num_target_blocks, context_scale=context_scale, target_scale=target_scale,
                      target_aspect_ratio=target_aspect_ratio, min_keep=min_keep, allow_overlap=allow_overlap,
-                     mask_mode=mode)
+                     mask_mode=mode, context_lengths=context_lengths)
         settings = {**IJepaPretrainingConfig.default_mask_settings(),
                     **{name: value for name, value in given.items() if value is not None}}
         settings["mode"] = settings.pop("mask_mode")
@@ -473,14 +511,15 @@ class IJepaMaskCollator:
         """Build a collator from the mask fields of a pretraining config.
 
         Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
-        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode`` (as ``mode``) and
-        ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any ``__init__`` argument)
-        win.
+        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode`` (as ``mode``),
+        ``context_lengths`` and ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any
+        ``__init__`` argument) win.
         """
         fields = {"image_size": "image_size", "patch_size": "patch_size", "num_target_blocks": "num_target_blocks",
                   "context_scale": "context_scale", "target_scale": "target_scale",
                   "target_aspect_ratio": "target_aspect_ratio", "min_keep": "min_keep",
-                  "allow_overlap": "allow_overlap", "mask_mode": "mode", "mask_seed": "seed"}
+                  "allow_overlap": "allow_overlap", "mask_mode": "mode", "context_lengths": "context_lengths",
+                  "mask_seed": "seed"}
         kwargs: dict[str, Any] = {}
         for field, arg in fields.items():
             value = config.get(field, None) if isinstance(config, Mapping) else getattr(config, field, None)
@@ -503,6 +542,7 @@ class IJepaMaskCollator:
     min_keep = property(lambda self: self.generator.min_keep)
     allow_overlap = property(lambda self: self.generator.allow_overlap)
     mode = property(lambda self: self.generator.mode)
+    context_lengths = property(lambda self: self.generator.context_lengths)
     max_tries = property(lambda self: self.generator.max_tries)
 
     def possible_block_sizes(self, block: Literal["target", "context"] = "target") -> list[tuple[int, int]]:
@@ -520,6 +560,7 @@ class IJepaMaskCollator:
             "target_aspect_ratio": list(g.target_aspect_ratio),
             "min_keep": g.min_keep,
             "allow_overlap": g.allow_overlap,
+            "context_lengths": g.context_lengths,
             "max_tries": g.max_tries,
         }
 
@@ -581,7 +622,7 @@ class IJepaMaskCollator:
     # ------------------------------------------------------------------------------------------
     # sampling
     def sample_masks(self, batch_size: int, batch_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample the masks of one (local) batch.
+        """Sample the masks of one (local) batch (``context_lengths="shortest"``; :meth:`sample_batch` serves both).
 
         Args:
             batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
@@ -591,6 +632,31 @@ class IJepaMaskCollator:
         Returns:
             ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the global
             batch) and ``target_masks`` ``LongTensor[B, M, Kt]`` (each block in raster order).
+
+        Raises:
+            ValueError: with ``context_lengths="per_image"``, whose padded contexts mean nothing without their
+                lengths: use :meth:`sample_batch`.
+        """
+        if self.context_lengths != "shortest":
+            raise ValueError(
+                f"sample_masks() returns equal-length contexts only, but this collator has context_lengths="
+                f"{self.context_lengths!r}: use sample_batch(), which also returns the 'context_lengths' of the "
+                "padded contexts."
+            )
+        masks = self.sample_batch(batch_size, batch_index)
+        return masks["context_mask"], masks["target_masks"]
+
+    def sample_batch(self, batch_size: int, batch_index: int | None = None) -> dict[str, torch.Tensor]:
+        """The masks of one (local) batch as the model's keyword arguments.
+
+        Args:
+            batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
+            batch_index: global batch number; ``None`` takes the next one from the step counter (and advances it).
+
+        Returns:
+            ``{"context_mask": LongTensor[B, Kc], "target_masks": LongTensor[B, M, Kt]}``, plus with
+            ``context_lengths="per_image"`` ``"context_lengths": LongTensor[B]`` (``Kc`` is then the longest
+            context among these ``B`` rows; each row is padded after its own length).
         """
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -598,14 +664,22 @@ class IJepaMaskCollator:
             batch_index = self._next_batch_index()
         elif batch_index < 0:
             raise ValueError(f"batch_index must be >= 0, got {batch_index}")
-        ctx, tgt, fallbacks = self.generator.sample(batch_size * self.num_processes, seed=self.seed,
-                                                    batch_index=int(batch_index))
+        ctx, tgt, fallbacks, lengths = self.generator.sample(batch_size * self.num_processes, seed=self.seed,
+                                                             batch_index=int(batch_index))
         if fallbacks:
             self._log_fallbacks(fallbacks)
         lo = self.process_index * batch_size
         if self.num_processes > 1:
-            ctx, tgt = ctx[lo:lo + batch_size].contiguous(), tgt[lo:lo + batch_size].contiguous()
-        return ctx, tgt
+            ctx, tgt = ctx[lo:lo + batch_size], tgt[lo:lo + batch_size].contiguous()
+            if lengths is not None:
+                # Padding to this process's longest context is enough: each image's result does not depend on it.
+                lengths = lengths[lo:lo + batch_size]
+                ctx = ctx[:, : int(lengths.max())]
+            ctx = ctx.contiguous()
+        masks = {"context_mask": ctx, "target_masks": tgt}
+        if lengths is not None:
+            masks["context_lengths"] = lengths
+        return masks
 
     def _log_fallbacks(self, count: int) -> None:
         self.num_fallbacks += count
@@ -624,7 +698,8 @@ class IJepaMaskCollator:
 
         Returns:
             ``{"pixel_values": FloatTensor[B, C, H, W], "context_mask": LongTensor[B, Kc],
-            "target_masks": LongTensor[B, M, Kt]}``.
+            "target_masks": LongTensor[B, M, Kt]}``, with ``context_lengths="per_image"`` also
+            ``"context_lengths": LongTensor[B]``.
         """
         if len(examples) == 0:
             raise ValueError("cannot collate an empty list of examples")
@@ -643,8 +718,7 @@ class IJepaMaskCollator:
                              f"got {tuple(images[0].shape)}")
         if not pixel_values.is_floating_point():
             pixel_values = pixel_values.float()
-        context_mask, target_masks = self.sample_masks(len(images))
-        return {"pixel_values": pixel_values, "context_mask": context_mask, "target_masks": target_masks}
+        return {"pixel_values": pixel_values, **self.sample_batch(len(images))}
 
 
 def _normalise(v: Any) -> Any:

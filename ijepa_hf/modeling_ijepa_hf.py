@@ -6,7 +6,11 @@ Index conventions, fixed once for the whole package:
 - a context mask is a LongTensor ``[B, Kc]`` of patch indices, target masks are ``[B, M, Kt]`` (M blocks per image,
   or a list of M ``[B, Kt]`` tensors as the official code passes them);
 - predictions and targets are ordered block-major: row ``j * B + b`` is target block ``j`` of image ``b``
-  (the official layout).
+  (the official layout);
+- optional ``context_lengths`` LongTensor ``[B]``: only the first ``context_lengths[b]`` entries of row ``b`` of the
+  context mask are context, the rest is padding (`IJepaMaskCollator(context_lengths="per_image")`). Padding tokens
+  are never attended to (their keys are masked in every attention of the context encoder and the predictor), are
+  zero in the outputs and get no gradient, so a padded batch computes what each image computes alone.
 
 This file only imports torch, transformers and its sibling configuration file, so it can be shipped with the
 weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub`` for the card, when installed).
@@ -46,6 +50,7 @@ __all__ = [
     "IJepaForPreTrainingOutput",
     "sincos_position_embeddings",
     "gather_patches",
+    "context_padding_mask",
     "refuse_checkpoint_file",
 ]
 
@@ -97,6 +102,34 @@ def _stack_target_masks(target_masks: torch.Tensor | Sequence[torch.Tensor]) -> 
             raise ValueError(f"`target_masks` must be [B, M, Kt] indices, got shape {tuple(target_masks.shape)}.")
         return target_masks
     return torch.stack(list(target_masks), dim=1)
+
+
+def _check_context_lengths(context_lengths: torch.Tensor, context_mask: Any, batch_size: int) -> None:
+    """Refuses ``context_lengths`` that do not describe the rows of ``context_mask [B, Kc]``."""
+    if not isinstance(context_mask, torch.Tensor):
+        raise ValueError(
+            "`context_lengths` needs `context_mask` as one [B, Kc] tensor of padded rows, got a list of masks: pass "
+            "one padded mask, or no `context_lengths` with a list of equal-length masks."
+        )
+    if not isinstance(context_lengths, torch.Tensor) or context_lengths.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"`context_lengths` must be an integer tensor [B], got {type(context_lengths).__name__} "
+                         f"{getattr(context_lengths, 'dtype', '')}.")
+    if tuple(context_lengths.shape) != (batch_size,):
+        raise ValueError(f"`context_lengths` must have shape [{batch_size}] (one length per image), got "
+                         f"{tuple(context_lengths.shape)}.")
+    if not torch.compiler.is_compiling():
+        low, high = torch.stack(torch.aminmax(context_lengths)).tolist()  # one device-to-host sync
+        if low < 1 or high > context_mask.shape[1]:
+            raise ValueError(
+                f"`context_lengths` holds lengths in [{low}, {high}], outside [1, {context_mask.shape[1]}] (the "
+                "padded context length): each image needs at least one context patch, and no more than its row holds."
+            )
+
+
+def context_padding_mask(context_lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """``BoolTensor[B, length]``, True at the first ``context_lengths[b]`` positions of row ``b`` (the real context
+    tokens), False at the padding."""
+    return torch.arange(length, device=context_lengths.device) < context_lengths[:, None]
 
 
 def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_size: int) -> None:
@@ -167,6 +200,10 @@ def eager_attention_forward(
     return output, weights
 
 
+# Attention implementations that take the key-padding mask of per-image context lengths as a dense mask.
+_PADDING_MASK_ATTENTION = ("sdpa", "eager")
+
+
 class IJepaAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (official key layout ``attn.qkv``/``attn.proj``)."""
 
@@ -182,29 +219,49 @@ class IJepaAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_start: int = 0
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_start: int = 0,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden_states [B, N, D]`` -> ``[B, N - query_start, D]``: every token is a key and a value, only the
-        tokens from ``query_start`` on are queries (all of them by default)."""
+        tokens from ``query_start`` on are queries (all of them by default). ``key_padding_mask`` (bool ``[B, N]``,
+        True = real token) keeps padding tokens out of every query's keys; each row must keep at least one key."""
         batch_size, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         query = query[:, :, query_start:]
         # The implementation the user chose (``attn_implementation``, transformers' own option), never a guess from
         # the hardware: which kernel is faster depends on the machine, the precision and the sequence length, so the
-        # training loop measures it (`ijepa_hf.training.choose_attention_implementation`). The probabilities exist
-        # only in the eager path.
+        # training loop can measure it (``--attn_implementation auto``, `ijepa_hf.training.kernels`). The
+        # probabilities exist only in the eager path.
+        implementation = self.config._attn_implementation or "sdpa"
+        eager = output_attentions or implementation == "eager"
+        mask = None
+        if key_padding_mask is not None:
+            if not eager and implementation not in _PADDING_MASK_ATTENTION:
+                raise ValueError(
+                    f"Per-image context lengths (`context_lengths`) mask padding keys, which attn_implementation="
+                    f"{implementation!r} does not take here: load the model with attn_implementation='sdpa' or 'eager' "
+                    "(`from_pretrained(..., attn_implementation='sdpa')`), or use equal-length contexts "
+                    "(context_lengths='shortest')."
+                )
+            # [B, 1, 1, N], broadcast over heads and queries. SDPA takes the boolean mask (True = attend) into its
+            # fused kernels; the matmul path adds -inf. Every row keeps a real key, so no softmax row is empty.
+            mask = key_padding_mask[:, None, None, :]
+            if eager:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, -torch.inf)
         attention: Callable = (
-            eager_attention_forward
-            if output_attentions
-            else ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation or "sdpa", eager_attention_forward)
+            eager_attention_forward if eager
+            else ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         )
         output, weights = attention(
             self,
             query,
             key,
             value,
-            None,
+            mask,
             scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0,
         )
@@ -251,12 +308,18 @@ class IJepaBlock(GradientCheckpointingLayer):
         self.drop_path = DropPath(drop_path)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, query_start: int = 0
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_start: int = 0,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, N, D]`` -> ``[B, N - query_start, D]``: with ``query_start > 0`` only the later tokens are updated
-        (attending to all), for a last block whose earlier outputs nobody reads."""
+        (attending to all), for a last block whose earlier outputs nobody reads. ``key_padding_mask`` (bool
+        ``[B, N]``) hides padding tokens from attention; every other operation is per token."""
         attended, weights = self.attn(
-            self.norm1(hidden_states), output_attentions=output_attentions, query_start=query_start
+            self.norm1(hidden_states), output_attentions=output_attentions, query_start=query_start,
+            key_padding_mask=key_padding_mask,
         )
         hidden_states = hidden_states[:, query_start:] + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
@@ -272,7 +335,11 @@ def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.Module
 
 
 def run_blocks(
-    blocks: nn.ModuleList, hidden_states: torch.Tensor, output_attentions: bool = False, last_query_start: int = 0
+    blocks: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    output_attentions: bool = False,
+    last_query_start: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
     (`_can_record_outputs`), not collected here; ``output_attentions`` only makes attention return its weights.
@@ -280,10 +347,15 @@ def run_blocks(
     ``last_query_start``: the last block updates only the tokens from there on and the result has only those
     (the predictor's context tokens are never read after the last block). Callers pass 0 while hidden states or
     attentions are being recorded, so that every recorded layer has every token.
+
+    ``key_padding_mask`` (bool ``[B, N]``, True = real token): padding tokens are no key of any attention.
     """
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
-        hidden_states, _ = block(hidden_states, output_attentions=output_attentions, query_start=query_start)
+        hidden_states, _ = block(
+            hidden_states, output_attentions=output_attentions, query_start=query_start,
+            key_padding_mask=key_padding_mask,
+        )
     return hidden_states
 
 
@@ -321,7 +393,8 @@ class IJepaForPreTrainingOutput(ModelOutput):
         loss (scalar): smooth L1 (or MSE) between predictions and targets, computed in float32.
         predictions (`[M * B, Kt, D]`): predictor output, block-major.
         targets (`[M * B, Kt, D]`): target-encoder features (LayerNorm'ed unless disabled) at the target blocks.
-        context_hidden_state (`[B, Kc, D]`): context-encoder output on the context patches.
+        context_hidden_state (`[B, Kc, D]`): context-encoder output on the context patches (zero at padding
+            positions when `context_lengths` is given).
         target_hidden_state (`[B, N, D]`): target-encoder output on all patches (before the target LayerNorm).
     """
 
@@ -614,6 +687,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        context_lengths: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -622,22 +696,40 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             context_mask (`[B, K]` long, optional): patch indices to keep (raster order). All other tokens are
                 dropped before the blocks, so compute scales with K. A list of such tensors runs each and stacks the
                 results along the batch, mask-major (the official multi-mask layout).
+            context_lengths (`[B]` long, optional): with a padded `context_mask`, how many of each row's indices are
+                real (`IJepaMaskCollator(context_lengths="per_image")`); the padding tokens are masked out of every
+                attention, zeroed in `last_hidden_state` and left out of `pooler_output`.
 
         Returns:
             `BaseModelOutputWithPooling` with `last_hidden_state [B, K or N, D]` (after the final LayerNorm),
             `pooler_output [B, D]` (mean over the returned patches), and with `output_hidden_states=True`
-            `hidden_states` (embeddings then each block, before the final norm), with `output_attentions=True`
-            `attentions` (both recorded by `capture_outputs`); a tuple with `return_dict=False`.
+            `hidden_states` (embeddings then each block, before the final norm; padding rows not zeroed), with
+            `output_attentions=True` `attentions` (both recorded by `capture_outputs`); a tuple with
+            `return_dict=False`.
         """
+        padding = None
+        if context_lengths is not None:
+            if context_mask is None:
+                raise ValueError("`context_lengths` describes the rows of `context_mask`; pass both or neither.")
+            _check_context_lengths(context_lengths, context_mask, pixel_values.shape[0])
+            padding = context_padding_mask(context_lengths, context_mask.shape[1])
         if context_mask is None:
             hidden_states = self.embed(pixel_values)
         elif isinstance(context_mask, torch.Tensor):
             hidden_states = self.embed(pixel_values, context_mask)
         else:
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
-        hidden_states = run_blocks(self.blocks, hidden_states, output_attentions=_records(self, kwargs, "attentions"))
+        hidden_states = run_blocks(
+            self.blocks, hidden_states, output_attentions=_records(self, kwargs, "attentions"), key_padding_mask=padding
+        )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states.mean(dim=1))
+        if padding is None:
+            pooled = hidden_states.mean(dim=1)
+        else:
+            # Padding rows are zero from here on (also for their gradient), so a sum over a row is over its context.
+            hidden_states = hidden_states.masked_fill(~padding[..., None], 0.0)
+            pooled = hidden_states.sum(dim=1) / context_lengths[:, None].to(hidden_states.dtype)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=pooled)
 
 
     def forward_intermediates(
@@ -727,6 +819,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         encoder_hidden_states: torch.Tensor,
         context_mask: torch.Tensor,
         target_masks: torch.Tensor | Sequence[torch.Tensor],
+        context_lengths: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> IJepaPredictorOutput:
         r"""
@@ -734,6 +827,8 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
             encoder_hidden_states (`[B, Kc, D]`): context-encoder output on the context patches.
             context_mask (`[B, Kc]` long): the patch index of each context token.
             target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): the patches of each target block.
+            context_lengths (`[B]` long, optional): real context tokens per image of a padded `context_mask`; the
+                padding tokens are no key of any of the predictor's attentions.
 
         Returns:
             `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major), and the recorded
@@ -750,6 +845,14 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
                 f"`context_mask` selects {context_mask.shape[1]} patches but `encoder_hidden_states` has {num_context}."
             )
         num_blocks, num_targets = target_masks.shape[1], target_masks.shape[2]
+        padding = None
+        if context_lengths is not None:
+            _check_context_lengths(context_lengths, context_mask, batch_size)
+            # Block-major like the sequences below; the mask tokens are always real.
+            padding = torch.cat([
+                context_padding_mask(context_lengths, num_context).repeat(num_blocks, 1),
+                torch.ones(num_blocks * batch_size, num_targets, dtype=torch.bool, device=context_lengths.device),
+            ], dim=1)
 
         context = self.embed(encoder_hidden_states) + gather_patches(self.pos_embed, context_mask)
         # Block-major layout [M * B, ...]: block j of every image, then block j + 1, as the official code.
@@ -764,7 +867,8 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         output_attentions = _records(self, kwargs, "attentions")
         recording = output_attentions or _records(self, kwargs, "hidden_states")
         hidden_states = run_blocks(
-            self.blocks, hidden_states, output_attentions, last_query_start=0 if recording else num_context
+            self.blocks, hidden_states, output_attentions, last_query_start=0 if recording else num_context,
+            key_padding_mask=padding,
         )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
         return IJepaPredictorOutput(predictions=predictions)
@@ -877,6 +981,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         pixel_values: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         target_masks: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        context_lengths: torch.Tensor | None = None,
         return_loss: bool = True,
         **kwargs: Any,
     ) -> IJepaForPreTrainingOutput | BaseModelOutputWithPooling:
@@ -885,6 +990,11 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             pixel_values (`[B, C, H, W]`): normalised images.
             context_mask (`[B, Kc]` long): context patch indices (from `IJepaMaskCollator`).
             target_masks (`[B, M, Kt]` long, or a list of M `[B, Kt]`): target blocks.
+            context_lengths (`[B]` long, optional): each image's own context length when `context_mask` rows are
+                padded (`IJepaMaskCollator(context_lengths="per_image")`). The padding is masked in the context
+                encoder and the predictor, so every output, the loss and the gradients are those of computing each
+                image alone and averaging. The loss needs no change for that: target blocks have one size per batch,
+                so the official mean over all target elements is the mean over images of each image's own loss.
             return_loss: compute the loss (also lets `Trainer` report an eval loss without labels).
 
         Returns:
@@ -892,7 +1002,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
             feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
-        if context_mask is None and target_masks is None:
+        if context_mask is None and target_masks is None and context_lengths is None:
             # Images only: feature extraction with the target encoder, the one the paper evaluates (this is what
             # `AutoModel` and `pipeline("image-feature-extraction")` run on a pretraining repo).
             flags = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if k in kwargs}
@@ -904,8 +1014,10 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             )
         target_masks = _stack_target_masks(target_masks)
         targets, target_full = self.compute_targets(pixel_values, target_masks)
-        context = self.context_encoder(pixel_values, context_mask=context_mask).last_hidden_state
-        predictions = self.predictor(context, context_mask, target_masks).predictions
+        context = self.context_encoder(
+            pixel_values, context_mask=context_mask, context_lengths=context_lengths
+        ).last_hidden_state
+        predictions = self.predictor(context, context_mask, target_masks, context_lengths=context_lengths).predictions
         loss = self.loss_fn(predictions, targets) if return_loss else None
         return IJepaForPreTrainingOutput(
             loss=loss,
@@ -1034,6 +1146,7 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
             `hidden_states` / `attentions` on request.
         """
         kwargs.pop("context_mask", None)  # dense features need every patch
+        kwargs.pop("context_lengths", None)
         # The encoder forward (BackboneMixin.forward comes first in the MRO).
         outputs = IJepaEncoderModel.forward(self, pixel_values, return_dict=True, **kwargs)
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)

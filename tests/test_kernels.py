@@ -74,3 +74,9 @@ def test_pretrain_honours_attn_implementation_and_auto_logs_its_measured_choice(
     assert "sdpa" in message and "eager" in message and "to pin it" in message
     with pytest.raises(ValueError, match="--attn_implementation must be auto, sdpa or eager"):
         run(tmp_path / "bad", "--attn_implementation", "flash")
+
+
+def test_auto_times_per_image_context_batches_too(tmp_path):
+    result = run(tmp_path / "auto", "--attn_implementation", "auto", "--config_overrides",
+                 __import__("test_pretraining").TINY_OVERRIDES + ",context_lengths=per_image", steps=2)
+    assert result.global_step == 2

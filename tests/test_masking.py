@@ -411,7 +411,7 @@ def test_mask_settings_have_one_rule_set_and_the_config_defaults():
     defaults = IJepaPretrainingConfig.default_mask_settings()
     c = IJepaMaskCollator(224, 16)
     assert (c.num_target_blocks, c.context_scale, c.target_scale, c.target_aspect_ratio, c.min_keep,
-            c.allow_overlap, c.mode) == tuple(defaults[k] for k in defaults)
+            c.allow_overlap, c.mode, c.context_lengths) == tuple(defaults[k] for k in defaults)
     # the same values are refused by the config and by the collator (the config used to accept an infinite ratio)
     for field, value in (("target_aspect_ratio", (0.5, float("inf"))), ("target_scale", (0.1, 1.5)),
                          ("context_scale", (0.0, 1.0)), ("min_keep", -1), ("num_target_blocks", 0)):

@@ -158,7 +158,7 @@ class MaskedBatchCollator:
     def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor] | None:
         good = [example for example in examples if example is not None and example.get("pixel_values") is not None]
         if not good:
-            self.mask_collator.sample_masks(1)  # advance the mask stream; result unused
+            self.mask_collator.sample_batch(1)  # advance the mask stream; result unused
             return None
         return self.mask_collator(good)
 

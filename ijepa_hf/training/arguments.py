@@ -471,7 +471,11 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
                         "global batch and the data sharding would change)")
     old_config = _flatten(_comparable_config(saved["config"]))
     new_config = _flatten(_comparable_config(config.to_dict()))
+    # A field added to the config after the checkpoint was written: the checkpoint trained with its default.
+    defaults = _flatten(_comparable_config(type(config)().to_dict()))
     for key in sorted(set(old_config) | set(new_config)):
+        if key not in old_config and key in defaults and new_config.get(key) == defaults[key]:
+            continue
         if old_config.get(key) != new_config.get(key):
             problems.append(f"config {key} is {new_config.get(key)!r}, the checkpoint's is {old_config.get(key)!r}")
     if saved["total_steps"] != total_steps:

@@ -502,12 +502,12 @@ def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: 
     from .kernels import choose_attention_implementation
 
     model.to(accelerator.device)
-    context, targets = mask_collator.sample_masks(args.per_device_train_batch_size, batch_index=0)
+    masks = mask_collator.sample_batch(args.per_device_train_batch_size, batch_index=0)  # per_image lengths too
     height, width = mask_collator.image_size
     generator = torch.Generator().manual_seed(args.seed)
     pixels = torch.randn(args.per_device_train_batch_size, config.encoder_config.num_channels, height, width,
                          generator=generator)
-    batch = {"pixel_values": pixels, "context_mask": context, "target_masks": targets}
+    batch = {"pixel_values": pixels, **masks}
     choice, seconds = choose_attention_implementation(
         model, {name: value.to(accelerator.device) for name, value in batch.items()}, accelerator.autocast)
     if accelerator.num_processes > 1:
@@ -523,11 +523,10 @@ def _dummy_batch_factory(mask_collator: IJepaMaskCollator, config: Any, device: 
 
     def make() -> dict[str, torch.Tensor]:
         if not cache:
-            context, targets = mask_collator.sample_masks(1, batch_index=0)
+            masks = mask_collator.sample_batch(1, batch_index=0)  # the keys of a real batch (context_lengths too)
             height, width = mask_collator.image_size
             pixels = torch.zeros(1, config.encoder_config.num_channels, height, width)
-            cache.update({k: v.to(device) for k, v in
-                          {"pixel_values": pixels, "context_mask": context, "target_masks": targets}.items()})
+            cache.update({k: v.to(device) for k, v in {"pixel_values": pixels, **masks}.items()})
         return cache
 
     return make

@@ -196,8 +196,10 @@ class LogWindow:
         self.images = self.context = self.target = self.batches = self.skipped = 0
         self.stats: dict[str, float] | None = None
 
-    def add(self, loss: torch.Tensor | None, num_images: int, context_patches: int, target_patches: int,
-            stats: dict[str, float] | None = None) -> None:
+    def add(self, loss: torch.Tensor | None, num_images: int, context_patches: int | float | torch.Tensor,
+            target_patches: int, stats: dict[str, float] | None = None) -> None:
+        """``context_patches`` may be a device scalar (the mean of per-image context lengths): it is summed there
+        and read at :meth:`flush`."""
         self.batches += 1
         self.context += context_patches
         self.target += target_patches
@@ -228,7 +230,7 @@ class LogWindow:
             return None
         now = time.perf_counter()
         elapsed, self._time = now - self._time, now
-        batches, context, target = self.batches, self.context, self.target
+        batches, context, target = self.batches, float(self.context), self.target
         self._reset()
         processes = accelerator.num_processes
         row = {**fields, LOSS_KEY: summed[0] / summed[1], THROUGHPUT_KEY: summed[2] / max(elapsed, 1e-9)}

@@ -69,11 +69,20 @@ class StepOutput:
 
     loss: torch.Tensor | None
     num_images: int
-    context_patches: int
+    context_patches: int | torch.Tensor  # per image: the padded length, or the mean of context_lengths (on device)
     target_patches: int
     stats: dict[str, float] | None
     updated: bool  # this micro-batch ended an optimizer update
     skipped: bool = False  # ... whose optimizer step and EMA were skipped (non-finite, --skip_nonfinite_steps)
+
+
+def _context_patches(inputs: Mapping[str, torch.Tensor]) -> int | torch.Tensor:
+    """Context patches per image of a batch: the context length, or with per-image lengths their mean, left on the
+    device (the log window reads it at its next sync)."""
+    lengths = inputs.get("context_lengths")
+    if lengths is None:
+        return int(inputs["context_mask"].shape[1])
+    return lengths.detach().to(torch.float64).mean()
 
 
 class PretrainingStep:
@@ -160,7 +169,7 @@ class PretrainingStep:
         return StepOutput(
             loss=loss.detach() if real else None,
             num_images=int(inputs["pixel_values"].shape[0]) if real else 0,
-            context_patches=int(inputs["context_mask"].shape[1]),
+            context_patches=_context_patches(inputs),
             target_patches=int(inputs["target_masks"].shape[-1]),
             stats=collapse_statistics(output) if (want_stats and real) else None,
             updated=updated,
