@@ -175,7 +175,8 @@ class PretrainingArguments:
     online_probe_steps: int | None = field(default=None, metadata=_help(
         "Every N updates (and at the end), k-NN accuracy and RankMe of the target encoder's pooled features on a "
         "fixed labelled subset of the data (a bank and held-out queries), logged to train_log.jsonl, TensorBoard and "
-        "training_curves.png. Default: 10 times per run when the data has labels (else off, logged); 0: off."))
+        "training_curves.png. Default: about 10 times per run, on log rows, when the data has labels (else off, "
+        "logged); 0: off."))
     online_probe_images: int = field(default=1024, metadata=_help(
         "Images of the online probe set (half bank, half queries)."))
     online_probe_label_column: str | None = field(default=None, metadata=_help(

@@ -316,7 +316,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 epoch = progress.epoch + (progress.batch_in_epoch / batches_per_epoch if sized else 0)
                 row = window.flush(accelerator, step=step, epoch=epoch, **schedule.values_at(step))
                 if row is not None and probe.due(step):
-                    row.update(probe.run(_unwrap(accelerator, model).target_encoder, accelerator))
+                    row.update(probe.run(model, _unwrap(accelerator, model).target_encoder, accelerator))
                     window.exclude(row["online_probe_seconds"])
                 if row is not None:
                     final_loss = float(row["loss"])
@@ -474,18 +474,30 @@ class _OnlineProbe:
             logger.info("Online probe off: %s has no labels (name a column with --online_probe_label_column).",
                         data.description)
             return cls(None, 0, total_steps, args.online_probe_k)
-        every = args.online_probe_steps if explicit else max(1, total_steps // 10)
+        # Default: about 10 times per run, on log rows (a multiple of --logging_steps), so the log keeps its cadence.
+        every = args.online_probe_steps if explicit else args.logging_steps * max(
+            1, total_steps // 10 // args.logging_steps)
         logger.info("Online probe every %d updates: %s", every, probe_set.description)
         return cls(probe_set, every, total_steps, args.online_probe_k)
 
     def due(self, step: int) -> bool:
         return self.probe_set is not None and (step % self.every == 0 or step == self.total_steps)
 
-    def run(self, encoder: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, encoder: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """``model``: the prepared model; ``encoder``: its target encoder. Under FSDP2 the root module's own
+        parameters (patch embedding, final norm) are gathered by the root's forward, which the probe bypasses, so the
+        root is unsharded around it; the blocks gather themselves."""
         from .metrics import online_probe
 
-        values = online_probe(encoder, self.probe_set.pixel_values, self.probe_set.labels, k=self.k,
-                              autocast=accelerator.autocast)
+        unshard = getattr(model, "unshard", None)
+        if unshard is not None:
+            unshard()
+        try:
+            values = online_probe(encoder, self.probe_set.pixel_values, self.probe_set.labels, k=self.k,
+                                  autocast=accelerator.autocast)
+        finally:
+            if unshard is not None:
+                model.reshard()
         self.seconds += values["online_probe_seconds"]
         self.last_accuracy = values["online_knn_accuracy"]
         return values
