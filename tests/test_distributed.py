@@ -418,18 +418,19 @@ import ijepa_hf.masking as masking
 from ijepa_hf.training import parse_args, pretrain
 
 recorded = []
-original = masking.IJepaMaskCollator.sample_masks
+original = masking.IJepaMaskCollator.sample_batch
 
-def sample_masks(self, batch_size, batch_index=None):
+def sample_batch(self, batch_size, batch_index=None):
     if batch_index is None:
         batch_index = self.step
         self.set_step(batch_index + 1)
-    context, targets = original(self, batch_size, batch_index=batch_index)
+    masks = original(self, batch_size, batch_index=batch_index)
     if batch_size > 1:  # not the dummy one-image batch
-        recorded.append({"batch_index": batch_index, "context": context, "targets": targets})
-    return context, targets
+        recorded.append({"batch_index": batch_index, "context": masks["context_mask"],
+                         "targets": masks["target_masks"]})
+    return masks
 
-masking.IJepaMaskCollator.sample_masks = sample_masks
+masking.IJepaMaskCollator.sample_batch = sample_batch
 result = pretrain(parse_args(sys.argv[1:]))
 torch.save(recorded, f"{result.output_dir}/masks_rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
