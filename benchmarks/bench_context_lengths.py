@@ -19,9 +19,7 @@ Two tables:
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,27 +34,9 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ijepa_hf import IJepaForPreTraining, IJepaMaskCollator, IJepaPretrainingConfig
 from ijepa_hf.training import build_optimizer, keep_freed_memory_for_reuse
+from machine import cpu_description  # benchmarks/machine.py, beside this script
 
 SETTINGS = ("shortest", "per_image")
-
-
-def cpu_name() -> str:
-    """The ``Model name`` line of ``lscpu`` (``/proc/cpuinfo`` where lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def context_stats(collator: IJepaMaskCollator, batch_size: int, batch_indices: range) -> dict[str, float]:
@@ -169,7 +149,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     keep_freed_memory_for_reuse()
-    print(f"machine: {cpu_name()} ({os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()}); "
+    print(f"machine: {cpu_description()}, {platform.system()} {platform.machine()}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     mask_table([int(b) for b in args.mask_batch_sizes.split(",") if b], args.mask_batches)

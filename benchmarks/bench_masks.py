@@ -14,7 +14,6 @@ because the official code is not a dependency of this project).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -28,19 +27,9 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from ijepa_hf.masking import IJepaMaskCollator
 
+from machine import cpu_description  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 OFFICIAL_BATCHES_PER_S = 33.0  # official MaskCollator, batch 256, 224/16, 1 thread (reference figure)
-
-
-def _cpu_name() -> str:
-    name = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name or platform.machine()
 
 
 def bench(mode: str, patch: int, batch_size: int, min_seconds: float, image_size: int = 224) -> float:
@@ -67,7 +56,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"machine: {_cpu_name()} ({os.cpu_count()} logical CPUs, {platform.system()} {platform.machine()})")
+          f"machine: {cpu_description()}, {platform.system()} {platform.machine()}")
     print(f"masks only, batch {args.batch_size}, 224 px; the official figure ({OFFICIAL_BATCHES_PER_S:.0f} "
           f"batches/s at 224/16) is taken from the project reference, not measured in this run.\n")
     print("| mode | image/patch | grid | batches/s | masks (images)/s | vs official 33/s |")
