@@ -71,6 +71,7 @@ from ijepa_hf.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
 from ijepa_hf.evaluation import extract_features, format_results_table, knn_probe, linear_probe
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
 from ijepa_hf.training import PretrainingSchedule, PretrainingStep, build_optimizer, keep_freed_memory_for_reuse
+from ijepa_hf.training.kernels import choose_attention_implementation
 from ijepa_hf.training.recipes import get_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling helper below, also when imported by path
@@ -448,6 +449,16 @@ class IJepaLearner(_Learner):
             # Autocast around forward only, as Accelerate's mixed precision does (backward follows forward's dtypes).
             model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
         self.collator = IJepaMaskCollator.from_config(model.config, seed=args.seed)
+        self.attention = args.attn_implementation
+        if self.attention == "auto":  # the faster kernel on this machine, as `pretrain --attn_implementation auto`
+            size = args.image_size
+            batch = {"pixel_values": torch.randn(args.batch_size, model.config.encoder_config.num_channels, size, size),
+                     **self.collator.sample_batch(args.batch_size, batch_index=0)}
+            self.attention, seconds = choose_attention_implementation(model, batch)
+            logger.info("attention: %s (forward + backward of one batch: %s)", self.attention,
+                        ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()))
+        else:
+            model.set_attn_implementation(self.attention)
         self.optimizer = build_optimizer(
             {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.lr, weight_decay=args.weight_decay
         )
@@ -1060,6 +1071,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--predictor-width", type=int, default=None)
     add("--predictor-depth", type=int, default=None)
     add("--predictor-heads", type=int, default=None, help="default: the encoder's (official)")
+    add("--attn-implementation", choices=("auto", "sdpa", "eager"), default="auto",
+        help="I-JEPA's attention kernel; auto: the faster of the two, timed on one batch at the start")
     # masks
     add("--num-target-blocks", type=int, default=4)
     add("--context-scale", type=_pair, default=(0.85, 1.0))
