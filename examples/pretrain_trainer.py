@@ -34,6 +34,7 @@ from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_pro
 from ijepa_hf.training import OnlineProbeCallback, apply_recipe, build_pretraining_config, get_recipe
 from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
+from ijepa_hf.training.metrics import default_online_probe_steps
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
                             * training_args.gradient_accumulation_steps)
             total = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
                 training_args.num_train_epochs * len(data.dataset) // global_batch)
-            every = script_args.online_probe_steps or max(1, total // 10)
+            every = script_args.online_probe_steps or default_online_probe_steps(total)
             logger.info("Online probe every %d updates: %s", every, probe_set.description)
             callbacks.append(OnlineProbeCallback(probe_set, every))
     trainer = IJepaTrainer(

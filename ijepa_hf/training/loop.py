@@ -474,9 +474,9 @@ class _OnlineProbe:
             logger.info("Online probe off: %s has no labels (name a column with --online_probe_label_column).",
                         data.description)
             return cls(None, 0, total_steps, args.online_probe_k)
-        # Default: about 10 times per run, on log rows (a multiple of --logging_steps), so the log keeps its cadence.
-        every = args.online_probe_steps if explicit else args.logging_steps * max(
-            1, total_steps // 10 // args.logging_steps)
+        from .metrics import default_online_probe_steps
+
+        every = args.online_probe_steps if explicit else default_online_probe_steps(total_steps, args.logging_steps)
         logger.info("Online probe every %d updates: %s", every, probe_set.description)
         return cls(probe_set, every, total_steps, args.online_probe_k)
 

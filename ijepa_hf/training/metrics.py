@@ -32,6 +32,7 @@ __all__ = [
     "collapse_statistics",
     "effective_rank",
     "online_probe",
+    "default_online_probe_steps",
     "CollapseMonitor",
     "LogWindow",
     "read_train_log",
@@ -93,6 +94,13 @@ def collapse_statistics(output: Any) -> dict[str, float]:
         "target_rankme": effective_rank(pooled),
         "target_cosine": cosine,
     }
+
+
+def default_online_probe_steps(total_steps: int, logging_steps: int = 1) -> int:
+    """The default cadence of the online probe: about 10 times per run, on a multiple of ``logging_steps`` (so that
+    the probes fall on log rows and the log keeps its cadence)."""
+    logging_steps = max(1, int(logging_steps))
+    return logging_steps * max(1, total_steps // 10 // logging_steps)
 
 
 @torch.no_grad()
