@@ -62,13 +62,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 import ijepa_hf
 from ijepa_hf import IJepaEncoderConfig, IJepaEncoderModel, IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.data import IMAGENET_MEAN, IMAGENET_STD, ProceduralShapes, load_fashion_mnist
 from ijepa_hf.data.fashion_mnist import DEFAULT_FASHION_MNIST_DIR
-from ijepa_hf.evaluation import extract_features, format_results_table, knn_probe, linear_probe
+from ijepa_hf.evaluation import (attentive_probe, extract_features, format_results_table, knn_probe, linear_probe,
+                                 low_shot_linear_probe)
 from ijepa_hf.modeling_ijepa_hf import sincos_position_embeddings
 from ijepa_hf.training import PretrainingSchedule, PretrainingStep, build_optimizer, keep_freed_memory_for_reuse
 from ijepa_hf.training.kernels import choose_attention_implementation
@@ -121,6 +123,8 @@ BUSY_LOAD_AVERAGE = 1.0
 INSTALL_COMMAND = ["apt-get", "install", "-y", "dataset-fashion-mnist"]
 # Fraction of the budget at which the planned number of steps is re-estimated from the measured speed.
 REPLAN_FRACTIONS = (0.25, 0.5, 0.75)
+# Training steps whose FLOPs are counted (steps 2 to 1 + FLOP_COUNT_STEPS).
+FLOP_COUNT_STEPS = 3
 # Provisional schedule length while the first steps are timed: the lr stays at ~start_lr, the EMA at ~start.
 PROVISIONAL_STEPS = 1_000_000
 
@@ -503,6 +507,18 @@ class MAELearner(_Learner):
             start_lr=args.start_lr * args.mae_lr / args.lr, peak_lr=args.mae_lr, final_lr=args.final_lr,
             start_weight_decay=args.mae_weight_decay, final_weight_decay=args.mae_weight_decay)
         self.autocast = args.precision == "bf16"
+        # The same kernel choice as I-JEPA's: timed on one batch with "auto" (CPU SDPA's backward is slow for
+        # these small heads on some machines; each method gets the faster kernel).
+        self.attention = args.attn_implementation
+        if self.attention == "auto":
+            size = args.image_size
+            batch = {"pixel_values": torch.randn(args.batch_size, 3, size, size)}
+            autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)  # noqa: E731
+            self.attention, seconds = choose_attention_implementation(model, batch, autocast)
+            logger.info("MAE attention: %s (forward + backward of one batch: %s)", self.attention,
+                        ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()))
+        else:
+            model.set_attn_implementation(self.attention)
 
     def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
         self.schedule.apply(self.optimizer, update)
@@ -530,6 +546,10 @@ class TrainResult:
     images_per_s: float
     load_average_before: tuple[float, float, float] | None
     load_average_after: tuple[float, float, float] | None
+    # Matmul / convolution / attention FLOPs of the training steps (forward + backward, torch's FlopCounterMode,
+    # mean of FLOP_COUNT_STEPS counted steps times the number of steps; elementwise work is not counted)
+    training_flops: float | None = None
+    flops_per_step: float | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -578,6 +598,7 @@ def train_for_budget(
     window_start = start
     calibration_start: float | None = None
     step, images_seen, last_loss = 0, 0, None
+    counted_flops: list[int] = []
     if log_path is not None:
         log_path.unlink(missing_ok=True)
     while True:
@@ -593,7 +614,12 @@ def train_for_budget(
             images = random_resized_crop_batch(images, scale=args.crop_scale, generator=generator)
         pixel_values = data.to_model_input(images)
         want_stats = (step + 1) % args.log_every == 0
-        loss, stats = learner.step(pixel_values, step + 1, want_stats)
+        if 1 <= step <= FLOP_COUNT_STEPS:  # steps 2.. (the first pays one-off work); counting slows them a little
+            with FlopCounterMode(display=False) as counter:
+                loss, stats = learner.step(pixel_values, step + 1, want_stats)
+            counted_flops.append(counter.get_total_flops())
+        else:
+            loss, stats = learner.step(pixel_values, step + 1, want_stats)
         step += 1
         images_seen += len(index)
         last_loss = loss
@@ -638,12 +664,15 @@ def train_for_budget(
             window_loss, window_count, window_images, window_start = 0.0, 0, 0, now
     progress.close()
     seconds = time.perf_counter() - start
+    flops_per_step = sum(counted_flops) / len(counted_flops) if counted_flops else None
     return TrainResult(
         method=learner.name, steps=step, planned_steps=planned, images_seen=images_seen,
         epochs=images_seen / len(data.train), seconds=round(seconds, 2),
         budget_seconds=budget_seconds, final_loss=rows[-1]["loss"] if rows else last_loss,
         images_per_s=images_seen / max(seconds, 1e-9), load_average_before=load_before,
-        load_average_after=_load_average(), log=rows,
+        load_average_after=_load_average(),
+        training_flops=flops_per_step * step if flops_per_step is not None else None,
+        flops_per_step=flops_per_step, log=rows,
     )
 
 
@@ -673,12 +702,14 @@ class NormalisedImages(torch.utils.data.Dataset):
 
 
 def ijepa_features(
-    encoder: IJepaEncoderModel, images: torch.Tensor, data: ImageData, args: argparse.Namespace
+    encoder: IJepaEncoderModel, images: torch.Tensor, data: ImageData, args: argparse.Namespace,
+    tokens: bool = False,
 ) -> torch.Tensor:
-    """Average-pooled final features of an I-JEPA encoder, with the package's ``extract_features``."""
+    """Average-pooled final features ``[N, D]`` of an I-JEPA encoder, with the package's ``extract_features``, or
+    with ``tokens=True`` the final patch tokens ``[N, T, D]`` (their mean over T is the pooled feature)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         features, _ = extract_features(encoder, NormalisedImages(images, data), label_column=None,
-                                       batch_size=args.eval_batch_size, progress=args.progress)
+                                       batch_size=args.eval_batch_size, progress=args.progress, pool=not tokens)
     return features
 
 
@@ -695,8 +726,10 @@ def mae_without_masking(model: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def mae_features(model: Any, images: torch.Tensor, data: ImageData, args: argparse.Namespace) -> torch.Tensor:
-    """MAE encoder features without masking: the mean of the patch tokens (CLS excluded), after the final norm."""
+def mae_features(model: Any, images: torch.Tensor, data: ImageData, args: argparse.Namespace,
+                 tokens: bool = False) -> torch.Tensor:
+    """MAE encoder features without masking: the mean of the patch tokens (CLS excluded), after the final norm,
+    ``[N, D]``; with ``tokens=True`` the patch tokens themselves ``[N, T, D]``."""
     vit = model.vit
     was_training = vit.training
     vit.eval()
@@ -710,7 +743,7 @@ def mae_features(model: Any, images: torch.Tensor, data: ImageData, args: argpar
                 # Increasing "noise" keeps the patches in raster order (no random shuffle; pooling ignores order).
                 noise = torch.arange(num_patches, dtype=torch.float32).expand(len(batch), -1)
                 hidden = vit(pixel_values=batch, noise=noise).last_hidden_state
-                features.append(hidden[:, 1:].mean(dim=1).float())
+                features.append(hidden[:, 1:].float() if tokens else hidden[:, 1:].mean(dim=1).float())
     finally:
         vit.train(was_training)
     return torch.cat(features)
@@ -726,6 +759,13 @@ def pixel_features(images: torch.Tensor, size: int | None = None) -> torch.Tenso
     if size is not None and size < pixels.shape[-1]:
         pixels = F.adaptive_avg_pool2d(pixels, size)
     return pixels.flatten(1)
+
+
+def pixel_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Raw pixels in [0, 1] as patch tokens ``[N, T, C * p * p]`` (raster order), for the attentive probe: the same
+    tokens a ViT's patch projection sees, without any learned weights."""
+    pixels = images.float().div_(255.0)
+    return F.unfold(pixels, kernel_size=patch_size, stride=patch_size).transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -816,14 +856,31 @@ def classification_probes(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 
 
 def evaluate_features(name: str, train_x: torch.Tensor, test_x: torch.Tensor, data: ImageData, task: str,
-                      args: argparse.Namespace, extra: Mapping[str, Any]) -> dict[str, Any]:
-    """Probe one set of frozen features; returns a table row (nested dicts hold the probes' details)."""
+                      args: argparse.Namespace, extra: Mapping[str, Any],
+                      tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Probe one set of frozen features ``[N, D]`` (and, for the attentive probe, their patch tokens
+    ``([N_train, T, D'], [N_test, T, D'])``); returns a table row (nested dicts hold the probes' details)."""
     n_train, n_test = len(train_x), len(test_x)
     train_labels = {k: v[:n_train] for k, v in data.train_labels.items()}
     test_labels = {k: v[:n_test] for k, v in data.test_labels.items()}
     start = time.perf_counter()
     with torch_threads(args.probe_threads):
         row = _probe_row(name, train_x, test_x, train_labels, test_labels, data, task, args, extra)
+        if task == "fashion-mnist" and args.low_shot_labels:
+            # The paper's 1% protocol: a linear probe trained on a class-balanced 1% of the labels, tested on all
+            # test images; a mean over draws of the labelled subset (the draw moves the result more than the seed
+            # of the probe does).
+            low = low_shot_linear_probe(train_x, train_labels["label"], test_x, test_labels["label"],
+                                        num_labels=args.low_shot_labels,
+                                        seeds=[1000 * args.seed + draw for draw in range(args.low_shot_draws)])
+            row["low_shot_accuracy"] = low["accuracy"]
+            row["probes"]["low_shot_linear"] = low
+        if task == "fashion-mnist" and tokens is not None and args.attentive_epochs:
+            attentive = attentive_probe(tokens[0], train_labels["label"], tokens[1], test_labels["label"],
+                                        epochs=args.attentive_epochs, batch_size=args.attentive_batch_size,
+                                        seed=args.seed)
+            row["attentive_accuracy"] = attentive["accuracy"]
+            row["probes"]["attentive"] = attentive
     row["feature_dim"] = int(train_x.shape[1])
     logger.info("%s probed in %.1fs: %s", name, time.perf_counter() - start,
                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, dict)})
@@ -922,13 +979,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     training: dict[str, dict[str, Any]] = {}
     curves: dict[str, str | None] = {}
 
-    def probe(name: str, train_x: torch.Tensor, test_x: torch.Tensor, extra: Mapping[str, Any]) -> None:
-        rows.append(evaluate_features(name, train_x, test_x, data, args.task, args, extra))
+    attentive = args.task == "fashion-mnist" and args.attentive_epochs > 0
+
+    def probe(name: str, train_x: torch.Tensor, test_x: torch.Tensor, extra: Mapping[str, Any],
+              tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        rows.append(evaluate_features(name, train_x, test_x, data, args.task, args, extra, tokens))
+
+    def probe_model(name: str, features: Callable[..., torch.Tensor], extra: Mapping[str, Any]) -> None:
+        """Probe a model's frozen features; ``features(images, tokens=...)`` gives pooled or token features."""
+        if not attentive:
+            probe(name, features(data.train[:n_train]), features(data.test[:n_test]), extra)
+            return
+        train_tokens, test_tokens = features(data.train[:n_train], tokens=True), features(data.test[:n_test], tokens=True)
+        probe(name, train_tokens.mean(dim=1), test_tokens.mean(dim=1), extra, (train_tokens, test_tokens))
 
     if "pixels" in args.methods:
         name = "raw pixels" if args.pixel_size >= data.image_size else f"raw pixels ({args.pixel_size} px)"
         probe(name, pixel_features(data.train[:n_train], args.pixel_size),
-              pixel_features(data.test[:n_test], args.pixel_size), {"steps": None, "images_seen": None})
+              pixel_features(data.test[:n_test], args.pixel_size), {"steps": None, "images_seen": None},
+              (pixel_tokens(data.train[:n_train], args.patch_size), pixel_tokens(data.test[:n_test], args.patch_size))
+              if attentive else None)
 
     if "ijepa" in args.methods or "random" in args.methods:
         torch.manual_seed(args.seed)
@@ -936,8 +1006,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "random" in args.methods:
             # The same architecture and the very weights I-JEPA starts from.
             random_encoder = model.export_encoder("context")
-            probe("random init (same ViT)", ijepa_features(random_encoder, data.train[:n_train], data, args),
-                  ijepa_features(random_encoder, data.test[:n_test], data, args), {"steps": 0, "images_seen": 0})
+            probe_model("random init (same ViT)",
+                        lambda images, tokens=False: ijepa_features(random_encoder, images, data, args, tokens),
+                        {"steps": 0, "images_seen": 0, "training_flops": 0})
             del random_encoder
         if "ijepa" in args.methods:
             learner = IJepaLearner(model, args)
@@ -949,12 +1020,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             training["ijepa"] = result.summary()
             curves["ijepa"] = _plot(result, output_dir / f"{prefix}_ijepa_curves.png",
                                     f"I-JEPA on {args.task}, {budget_text}")
-            extra = {"steps": result.steps, "images_seen": result.images_seen}
-            probe("I-JEPA target encoder", ijepa_features(model.target_encoder, data.train[:n_train], data, args),
-                  ijepa_features(model.target_encoder, data.test[:n_test], data, args), extra)
+            extra = {"steps": result.steps, "images_seen": result.images_seen, "training_flops": result.training_flops}
+            model.target_encoder.save_pretrained(output_dir / "ijepa_target_encoder")
+            probe_model("I-JEPA target encoder",
+                        lambda images, tokens=False: ijepa_features(model.target_encoder, images, data, args, tokens),
+                        extra)
             if not args.skip_context_encoder:
-                probe("I-JEPA context encoder", ijepa_features(model.context_encoder, data.train[:n_train], data, args),
-                      ijepa_features(model.context_encoder, data.test[:n_test], data, args), extra)
+                probe_model("I-JEPA context encoder",
+                            lambda images, tokens=False: ijepa_features(model.context_encoder, images, data, args,
+                                                                        tokens), extra)
         del model
 
     if "mae" in args.methods:
@@ -967,9 +1041,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_mae_initialization(mae)
         training["mae"] = result.summary()
         curves["mae"] = _plot(result, output_dir / f"{prefix}_mae_curves.png", f"MAE on {args.task}, {budget_text}")
-        probe("MAE (transformers ViTMAE)", mae_features(mae, data.train[:n_train], data, args),
-              mae_features(mae, data.test[:n_test], data, args),
-              {"steps": result.steps, "images_seen": result.images_seen})
+        mae.save_pretrained(output_dir / "mae")
+        probe_model("MAE (transformers ViTMAE)",
+                    lambda images, tokens=False: mae_features(mae, images, data, args, tokens),
+                    {"steps": result.steps, "images_seen": result.images_seen,
+                     "training_flops": result.training_flops})
         del mae
 
     table = format_results_table(rows)
@@ -1072,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--predictor-depth", type=int, default=None)
     add("--predictor-heads", type=int, default=None, help="default: the encoder's (official)")
     add("--attn-implementation", choices=("auto", "sdpa", "eager"), default="auto",
-        help="I-JEPA's attention kernel; auto: the faster of the two, timed on one batch at the start")
+        help="attention kernel of I-JEPA and MAE; auto: the faster of the two for each, timed on one batch at the start")
     # masks
     add("--num-target-blocks", type=int, default=4)
     add("--context-scale", type=_pair, default=(0.85, 1.0))
@@ -1104,6 +1180,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads for the probes: L-BFGS is a stream of small vector ops for which a second OpenMP thread "
              "costs more than it gains, and which slow down 40x when another process holds the cores")
     add("--skip-context-encoder", action="store_true", help="do not probe the I-JEPA context encoder")
+    add("--low-shot-labels", type=int, default=600,
+        help="fashion-mnist: also a linear probe trained on this many class-balanced labels (1%% of 60,000, as the "
+             "paper's 1%% ImageNet protocol); 0 turns it off")
+    add("--low-shot-draws", type=int, default=3, help="labelled subsets drawn for the low-shot probe (mean reported)")
+    add("--attentive-epochs", type=int, default=10,
+        help="fashion-mnist: epochs of the attentive probe (ijepa_hf.evaluation.attentive_probe) on the final patch "
+             "tokens; 0 turns it off")
+    add("--attentive-batch-size", type=int, default=256)
     return parser
 
 

@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     probe.add_argument("--linear_optimizer", choices=("lbfgs", "adamw"), default="lbfgs")
     probe.add_argument("--k", type=int, default=20, help="k-NN neighbours.")
     probe.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature.")
+    probe.add_argument("--low_shot_labels", type=int, default=None,
+                       help="Also a linear probe trained on this many class-balanced training labels (e.g. 1%% of the "
+                            "training set, as the paper's 1%% ImageNet protocol), tested on the whole evaluation split.")
+    probe.add_argument("--low_shot_draws", type=int, default=3,
+                       help="Labelled subsets drawn for --low_shot_labels (seeds seed, seed+1, ...; mean reported).")
     probe.add_argument("--attentive", action="store_true",
                        help="Also train an attentive probe (a learned query over the last layer's patch tokens, as "
                             "V-JEPA 2's evaluation); keeps every image's tokens in memory: subsample large sets.")
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 progress=not args.no_progress,
                 linear_kwargs={"epochs": args.linear_epochs, "optimizer": args.linear_optimizer, "seed": args.seed},
                 knn_kwargs={"k": args.k, "temperature": args.temperature},
+                low_shot_labels=args.low_shot_labels,
+                low_shot_seeds=[args.seed + draw for draw in range(args.low_shot_draws)],
             ))
             logger.info("%s, %s: linear %.2f%%, k-NN %.2f%%", name, rows[-1]["layers"],
                         100 * rows[-1]["linear_accuracy"], 100 * rows[-1]["knn_accuracy"])

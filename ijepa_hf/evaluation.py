@@ -42,6 +42,8 @@ __all__ = [
     "knn_probe",
     "AttentiveClassifier",
     "attentive_probe",
+    "low_shot_indices",
+    "low_shot_linear_probe",
     "evaluate_encoder",
     "format_results_table",
 ]
@@ -583,6 +585,88 @@ def knn_probe(
     }
 
 
+def low_shot_indices(labels: torch.Tensor, num_labels: int, seed: int = 0) -> torch.LongTensor:
+    """A class-balanced random subset of ``num_labels`` training examples (the low-shot protocols' labelled split,
+    e.g. the paper's 1% of ImageNet; 600 of Fashion-MNIST's 60,000).
+
+    Every class gets ``num_labels // num_classes`` examples, and the remainder goes one each to the classes first
+    in a seeded random order, so the split is balanced and deterministic given ``seed``.
+
+    Args:
+        labels: LongTensor ``[N]`` of class ids.
+        num_labels: size of the subset (at least one per class, at most what every class can give).
+        seed: seeds the draw; different seeds give the different splits that a mean over draws averages.
+
+    Returns:
+        LongTensor ``[num_labels]`` of positions in ``labels``, sorted.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [N], got shape {tuple(labels.shape)}.")
+    classes, counts = labels.unique(return_counts=True)
+    if num_labels < len(classes):
+        raise ValueError(f"num_labels={num_labels} is fewer than the {len(classes)} classes: give at least one "
+                         "label per class.")
+    generator = torch.Generator().manual_seed(seed)
+    per_class = torch.full((len(classes),), num_labels // len(classes), dtype=torch.long)
+    per_class[torch.randperm(len(classes), generator=generator)[: num_labels % len(classes)]] += 1
+    short = per_class > counts
+    if short.any():
+        name = classes[short][0].item()
+        raise ValueError(f"class {name} has {counts[short][0].item()} examples, fewer than the "
+                         f"{per_class[short][0].item()} a balanced subset of {num_labels} needs: lower num_labels.")
+    chosen = []
+    for value, take in zip(classes.tolist(), per_class.tolist()):
+        members = (labels == value).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    return torch.cat(chosen).sort().values
+
+
+def low_shot_linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    num_labels: int,
+    seeds: Sequence[int] = (0, 1, 2),
+    **linear_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`linear_probe` trained on a class-balanced subset of ``num_labels`` training examples
+    (:func:`low_shot_indices`), once per seed in ``seeds`` (a different subset each), tested on the full test set.
+
+    Args:
+        train_features, test_features: ``[N_train, D]`` and ``[N_test, D]``.
+        train_labels, test_labels: LongTensor ``[N_train]``, ``[N_test]``.
+        num_labels: labelled training examples per draw.
+        seeds: one draw per seed (its subset and its weight-decay split).
+        linear_kwargs: passed on to :func:`linear_probe`.
+
+    Returns:
+        ``{"accuracy": mean test accuracy over the draws, "accuracy_std" (0 for one draw), "accuracies" (per
+        draw), "num_labels", "seeds", "weight_decays" (chosen per draw)}``.
+    """
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one draw.")
+    train_labels = torch.as_tensor(train_labels)
+    accuracies, decays = [], []
+    for seed in seeds:
+        index = low_shot_indices(train_labels, num_labels, seed=seed)
+        result = linear_probe(train_features[index], train_labels[index], test_features, test_labels, seed=seed,
+                              **linear_kwargs)
+        accuracies.append(result["accuracy"])
+        decays.append(result["weight_decay"])
+    values = torch.tensor(accuracies, dtype=torch.float64)
+    return {
+        "accuracy": values.mean().item(),
+        "accuracy_std": values.std().item() if len(values) > 1 else 0.0,
+        "accuracies": accuracies,
+        "num_labels": num_labels,
+        "seeds": list(seeds),
+        "weight_decays": decays,
+    }
+
+
 class AttentiveClassifier(nn.Module):
     """An attentive probe (as V-JEPA 2's evaluation): one learned query cross-attends over frozen patch tokens, a
     residual MLP refines it, and a linear head classifies it.
@@ -711,19 +795,30 @@ def evaluate_encoder(
     name: str | None = None,
     linear_kwargs: Mapping[str, Any] | None = None,
     knn_kwargs: Mapping[str, Any] | None = None,
+    low_shot_labels: int | None = None,
+    low_shot_seeds: Sequence[int] = (0, 1, 2),
     **extract_kwargs: Any,
 ) -> dict[str, Any]:
-    """Extracts features of both splits and runs :func:`linear_probe` and :func:`knn_probe`.
+    """Extracts features of both splits and runs :func:`linear_probe` and :func:`knn_probe`, and with
+    ``low_shot_labels`` also :func:`low_shot_linear_probe` (that many class-balanced labels, one draw per seed in
+    ``low_shot_seeds``) on the same features.
 
     ``extract_kwargs`` go to :func:`extract_features` (``image_processor``, ``batch_size``, ``encoder``, ...).
 
     Returns a row for :func:`format_results_table`: ``{"model", "layers", "linear_accuracy", "knn_accuracy",
-    "feature_dim", "num_train", "num_test", "linear": <linear_probe dict>, "knn": <knn_probe dict>}``.
+    "feature_dim", "num_train", "num_test", "linear": <linear_probe dict>, "knn": <knn_probe dict>}``, plus
+    ``"low_shot_accuracy"`` and ``"low_shot"`` with ``low_shot_labels``.
     """
     train_x, train_y = extract_features(model, train_dataset, layers=layers, **extract_kwargs)
     test_x, test_y = extract_features(model, test_dataset, layers=layers, **extract_kwargs)
     linear = linear_probe(train_x, train_y, test_x, test_y, **dict(linear_kwargs or {}))
     knn = knn_probe(train_x, train_y, test_x, test_y, **dict(knn_kwargs or {}))
+    low_shot = {}
+    if low_shot_labels:
+        result = low_shot_linear_probe(train_x, train_y, test_x, test_y, num_labels=low_shot_labels,
+                                       seeds=low_shot_seeds, **{k: v for k, v in dict(linear_kwargs or {}).items()
+                                                               if k != "seed"})
+        low_shot = {"low_shot_accuracy": result["accuracy"], "low_shot": result}
     return {
         "model": name if name is not None else _model_name(model),
         "layers": "last" if _parse_layers(layers) == 0 else f"last {_parse_layers(layers)}",
@@ -734,6 +829,7 @@ def evaluate_encoder(
         "num_test": test_x.shape[0],
         "linear": linear,
         "knn": knn,
+        **low_shot,
     }
 
 
@@ -748,6 +844,8 @@ _COLUMN_HEADERS: dict[str, str] = {
     "layers": "layers",
     "linear_accuracy": "linear acc (%)",
     "knn_accuracy": "k-NN acc (%)",
+    "low_shot_accuracy": "low-shot linear acc (%)",
+    "attentive_accuracy": "attentive acc (%)",
     "feature_dim": "dim",
     "num_train": "train",
     "num_test": "test",

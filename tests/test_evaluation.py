@@ -195,8 +195,12 @@ def test_probe_example_on_procedural_shapes(tmp_path, load_example, encoder):
         "--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
         "--procedural_image_size", "32", "--max_train_samples", "40", "--max_eval_samples", "20",
         "--layers", "last", "4", "--k", "5", "--output_json", str(output), "--no_progress",
+        "--low_shot_labels", "10", "--low_shot_draws", "2",
     ])
     assert [row["layers"] for row in rows] == ["last", "last 4"]
+    for row in rows:  # the low-shot probe: 2 draws of 10 class-balanced labels, on the same features
+        assert row["low_shot"]["num_labels"] == 10 and row["low_shot"]["seeds"] == [0, 1]
+        assert 0.0 <= row["low_shot_accuracy"] <= 1.0
     saved = json.loads(output.read_text())
     assert saved["rows"][1]["feature_dim"] == 128
     # The file holds exactly the accuracies the run computed.
@@ -288,3 +292,41 @@ def test_multi_layer_features_come_from_the_encoders_intermediate_layers(image_d
     features, _ = extract_features(encoder, image_dataset, batch_size=4, layers=2, progress=False)
     assert features.shape == (7, 64)
     assert calls == [(2, False, True), (2, False, True)]  # two batches, last 2 blocks, normalised tokens
+
+
+def test_low_shot_indices_are_balanced_seeded_and_checked():
+    from ijepa_hf.evaluation import low_shot_indices
+
+    labels = torch.arange(10).repeat_interleave(100)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    index = low_shot_indices(labels, 60, seed=0)
+    assert len(index) == 60 and len(index.unique()) == 60
+    assert torch.bincount(labels[index], minlength=10).tolist() == [6] * 10
+    assert torch.equal(index, low_shot_indices(labels, 60, seed=0))
+    assert not torch.equal(index, low_shot_indices(labels, 60, seed=1))
+    counts = torch.bincount(labels[low_shot_indices(labels, 64, seed=3)], minlength=10)
+    assert sorted(counts.tolist()) == [6] * 6 + [7] * 4  # the remainder spread one per class
+    with pytest.raises(ValueError, match="fewer than the 10 classes"):
+        low_shot_indices(labels, 5)
+    with pytest.raises(ValueError, match="lower num_labels"):
+        low_shot_indices(labels, 1001)
+
+
+def test_low_shot_linear_probe_fits_on_the_subset_only():
+    from ijepa_hf.evaluation import low_shot_linear_probe
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (800,), generator=generator)
+    centers = torch.randn(4, 16, generator=generator) * 3
+    features = centers[labels] + torch.randn(800, 16, generator=generator)
+    result = low_shot_linear_probe(features[:600], labels[:600], features[600:], labels[600:], num_labels=40,
+                                   seeds=(0, 1, 2))
+    assert result["num_labels"] == 40 and len(result["accuracies"]) == 3 and result["accuracy"] > 0.9
+    # Replacing the features of every training example outside the drawn subsets by noise changes nothing.
+    from ijepa_hf.evaluation import low_shot_indices
+
+    used = torch.cat([low_shot_indices(labels[:600], 40, seed=s) for s in (0, 1, 2)])
+    noisy = torch.randn(600, 16, generator=generator) * 100
+    noisy[used] = features[:600][used]
+    again = low_shot_linear_probe(noisy, labels[:600], features[600:], labels[600:], num_labels=40,
+                                  seeds=(0, 1, 2))
+    assert again["accuracies"] == result["accuracies"]

@@ -104,13 +104,30 @@ def test_fashion_mnist_end_to_end(learning, tmp_path):
     if not learning.fashion_mnist_available():
         pytest.skip("Fashion-MNIST not installed: " + learning.fashion_mnist_install_message(None))
     results = learning.main([*_TINY, "--task", "fashion-mnist", "--max-steps", "2", "--train-size", "512",
-                             "--test-size", "128", "--output-dir", str(tmp_path)])
+                             "--test-size", "128", "--low-shot-labels", "20", "--low-shot-draws", "2",
+                             "--attentive-epochs", "1", "--output-dir", str(tmp_path)])
     models = [row["model"] for row in results["rows"]]
     assert models == ["raw pixels", "random init (same ViT)", "I-JEPA target encoder", "I-JEPA context encoder",
                       "MAE (transformers ViTMAE)"]
     for row in results["rows"]:
         assert 0.0 <= row["linear_accuracy"] <= 1.0 and 0.0 <= row["knn_accuracy"] <= 1.0
     assert results["training"]["ijepa"]["steps"] == 2 and results["training"]["mae"]["images_seen"] == 64
+    for row in results["rows"]:  # every feature set gets the 1%-style probe and the attentive probe
+        low = row["probes"]["low_shot_linear"]
+        assert low["num_labels"] == 20 and len(low["accuracies"]) == 2 and row["low_shot_accuracy"] == low["accuracy"]
+        assert row["probes"]["attentive"]["num_tokens"] == 64 and 0.0 <= row["attentive_accuracy"] <= 1.0
+    assert "low-shot linear acc (%)" in results["table"] and "attentive acc (%)" in results["table"]
+    for method in ("ijepa", "mae"):  # FLOPs counted on real steps, reported with the budget
+        summary = results["training"][method]
+        assert summary["flops_per_step"] > 0 and summary["training_flops"] == summary["flops_per_step"] * 2
+    # The trained models are kept, so that later probes need no retraining.
+    from transformers import ViTMAEForPreTraining
+
+    from ijepa_hf import IJepaEncoderModel
+
+    encoder = IJepaEncoderModel.from_pretrained(tmp_path / "ijepa_target_encoder")
+    assert encoder.config.hidden_size == 32
+    assert ViTMAEForPreTraining.from_pretrained(tmp_path / "mae").config.hidden_size == 32
     saved = json.loads((tmp_path / "fashion-mnist_results.json").read_text())
     assert saved["table"].startswith("| model |")
     assert (tmp_path / "fashion-mnist_ijepa_log.jsonl").is_file()
