@@ -172,3 +172,28 @@ def test_budgets_in_images_compare_across_machines(learning):
         learning.parse_args(["--budget-minutes", "20", "--budget-images", "1000"])
     with pytest.raises(SystemExit, match="less than one batch"):
         learning.parse_args(["--budget-images", "10"])
+
+
+def test_seed_table_means_stds_and_margins(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmarks_seed_table", _SCRIPT.parent / "seed_table.py")
+    seed_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_table)
+    paths = []
+    for seed, (ours, pixels) in enumerate([(0.86, 0.84), (0.88, 0.85), (0.87, 0.845)]):
+        rows = [{"model": "I-JEPA target encoder", "linear_accuracy": ours, "knn_accuracy": ours - 0.01},
+                {"model": "raw pixels", "linear_accuracy": pixels, "knn_accuracy": ours - 0.005}]
+        training = {"ijepa": {"steps": 10, "images_seen": 1280, "seconds": 60.0, "images_per_s": 21.3,
+                              "training_flops": 1e12 if seed else None}}
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps({"rows": rows, "training": training, "settings": {"seed": seed},
+                                    "machine": {"torch_threads": 2, "cpu": "test CPU"}}))
+        paths.append(str(path))
+    text = seed_table.main(paths)
+    assert "| I-JEPA target encoder | 87.0 ± 1.0 (86.0, 88.0, 87.0) |" in text
+    assert "| raw pixels | 84.5 ± 0.5 (84.0, 85.0, 84.5) |" in text
+    # linear: +2.5 over pixels with a larger std of 1.0 -> established; 20-NN: -0.5 -> not
+    assert "linear +2.5 (larger std 1.0: established)" in text
+    assert "20-NN -0.5 (larger std 1.0: not established)" in text
+    assert "| ijepa | 0 | 10 | 1,280 | 1.0 | 2 | 21 | – |" in text and "| 1e+12 |" in text
+    with pytest.raises(SystemExit, match="no such results file"):
+        seed_table.main([str(tmp_path / "missing.json")])
