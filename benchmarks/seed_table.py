@@ -24,27 +24,31 @@ METHOD_OF_MODEL = {"I-JEPA target encoder": "ijepa", "MAE (transformers ViTMAE)"
 REFERENCE = "I-JEPA target encoder"
 
 
-def _cell(values: Sequence[float]) -> str:
+def _cell(values: Sequence[float], draws: Sequence[float] = ()) -> str:
     if not values:
         return "–"
     percent = [100.0 * v for v in values]
     runs = ", ".join(f"{v:.1f}" for v in percent)
     if len(percent) == 1:
-        return f"{percent[0]:.1f} (1 run)"
+        # One run of the low-shot probe still shows how much its labelled subsets move it.
+        spread = f"; draws {', '.join(f'{100.0 * v:.1f}' for v in draws)}" if len(draws) > 1 else ""
+        return f"{percent[0]:.1f} (1 run{spread})"
     return f"{statistics.mean(percent):.1f} ± {statistics.stdev(percent):.1f} ({runs})"
 
 
 def collect(paths: Sequence[str | Path]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]]]:
-    """``({model: {probe key: [value per run]}}, [training summary per run and method])``."""
+    """``({model: {probe key: [value per run]}}, [training summary per run and method])``; the low-shot probe's
+    per-draw accuracies of every run are under the key ``"low_shot_draws"``."""
     values: dict[str, dict[str, list[float]]] = {}
     training: list[dict[str, Any]] = []
     for path in paths:
         results = json.loads(Path(path).read_text())
         for row in results["rows"]:
-            per_model = values.setdefault(row["model"], {key: [] for key, _ in PROBES})
+            per_model = values.setdefault(row["model"], {key: [] for key, _ in (*PROBES, ("low_shot_draws", ""))})
             for key, _ in PROBES:
                 if row.get(key) is not None:
                     per_model[key].append(float(row[key]))
+            per_model["low_shot_draws"] += row.get("probes", {}).get("low_shot_linear", {}).get("accuracies", [])
         threads = results.get("machine", {}).get("torch_threads")
         for method, summary in results.get("training", {}).items():
             training.append({"file": str(path), "method": method, "seed": results["settings"].get("seed"),
@@ -56,7 +60,9 @@ def format_tables(values: dict[str, dict[str, list[float]]], training: list[dict
     lines = ["| features | " + " | ".join(f"{name} acc (%) mean ± std (runs)" for _, name in PROBES) + " |",
              "|---|" + "---|" * len(PROBES)]
     for model, per_probe in values.items():
-        lines.append(f"| {model} | " + " | ".join(_cell(per_probe[key]) for key, _ in PROBES) + " |")
+        lines.append(f"| {model} | " + " | ".join(
+            _cell(per_probe[key], per_probe["low_shot_draws"] if key == "low_shot_accuracy" else ())
+            for key, _ in PROBES) + " |")
     lines += ["", "| method | seed | steps | images seen | wall-clock (min) | threads | images/s | training FLOPs |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in sorted(training, key=lambda r: (r["method"], r["seed"] if r["seed"] is not None else -1)):
