@@ -1,13 +1,16 @@
-"""Does it learn? I-JEPA against MAE, random init and raw pixels at the same CPU wall-clock budget.
+"""Does it learn? I-JEPA against MAE, random init and raw pixels at the same budget.
 
-Every method is pretrained WITHOUT labels for a fixed wall-clock budget, then its frozen, average-pooled features
-are probed with the package's probes (``ijepa_hf.evaluation.linear_probe`` / ``knn_probe``):
+Every method is pretrained WITHOUT labels for the same budget (images seen, optimizer steps or wall-clock), then its
+frozen features are probed with the package's probes (``ijepa_hf.evaluation``):
 
-* ``--task fashion-mnist`` (default budget 20 min per method): Fashion-MNIST from Debian's
-  ``dataset-fashion-mnist`` (60k train / 10k test, 28 px upsampled to 32 px, grey copied to 3 channels).
+* ``--task fashion-mnist`` (default budget 1,118,976 images = 8,742 steps of 128 per method): Fashion-MNIST from
+  Debian's ``dataset-fashion-mnist`` (60k train / 10k test, 28 px upsampled to 32 px, grey copied to 3 channels).
   Rows: I-JEPA target encoder, I-JEPA context encoder, MAE (transformers' ``ViTMAEForPreTraining``, same encoder
-  size), the same ViT at random init, raw 32x32 pixels. Linear probe (L-BFGS logistic regression, L2 chosen on a
-  held-out part of the training set) and 20-NN cosine k-NN, on the full test set.
+  size), the same ViT at random init, raw 32x32 pixels. On average-pooled features: linear probe (L-BFGS logistic
+  regression, L2 chosen on a held-out part of the training set), 20-NN cosine k-NN and the low-shot linear probe
+  (600 class-balanced labels, 1 %, mean of ``--low-shot-draws``); on the final patch tokens: the attentive probe.
+  All on the full test set. Each trained model is saved (``ijepa_target_encoder/``, ``mae/``) and each training
+  run's matmul FLOPs are counted on real steps.
 * ``--task spatial`` (default budget 5 min per method): the package's procedural scenes (64 px, patch 8). Probes
   for the object count (linear probe and k-NN), the class of the largest shape (linear probe) and the position of
   the largest object (closed-form ridge regression: R^2 and mean absolute error in pixels).
@@ -28,14 +31,14 @@ the planned step count, whichever comes first; both are reported).
 Run::
 
     python benchmarks/learning.py --task fashion-mnist --budget-minutes 20
-    python benchmarks/learning.py --task fashion-mnist --budget-minutes 20 --recipe small
+    python benchmarks/learning.py --task fashion-mnist --recipe small --seed 0   # the budget in images
     python benchmarks/learning.py --task spatial --budget-minutes 5
     python benchmarks/learning.py --budget-minutes 0.5          # smoke run (a few minutes, numbers meaningless)
 
 Outputs go to ``--output-dir`` (default ``outputs/learning``): ``<task>_results.json`` (table, settings, machine,
 per-method training summary and probe details), ``<task>_<method>_log.jsonl`` and ``<task>_<method>_curves.png``.
 
-Two pitfalls this script guards against (see ``hf-conventions.md`` section 8): in transformers 5.24 a
+Two pitfalls this script guards against: in transformers 5.24 a
 ``ViTMAEForPreTraining`` built from a config has all-zero position embeddings, CLS and mask tokens (its own init is
 skipped); :func:`initialize_mae` re-runs the modules' own initialisers and :func:`check_mae_initialization` asserts
 the result. Our own sin-cos buffers are checked against their formula by :func:`check_ijepa_position_tables`.
