@@ -39,20 +39,29 @@ def _cell(values: Sequence[float], draws: Sequence[float] = ()) -> str:
 def collect(paths: Sequence[str | Path]) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]]]:
     """``({model: {probe key: [value per run]}}, [training summary per run and method])``; the low-shot probe's
     per-draw accuracies of every run are under the key ``"low_shot_draws"``."""
-    values: dict[str, dict[str, list[float]]] = {}
+    # One entry per feature set and seed: a seed probed in two files (e.g. random init once beside I-JEPA and again
+    # with the newer probes) is one run, its probes merged (the same features give the same linear / k-NN result).
+    runs: dict[str, dict[Any, dict[str, Any]]] = {}
     training: list[dict[str, Any]] = []
     for path in paths:
         results = json.loads(Path(path).read_text())
+        seed = results.get("settings", {}).get("seed")
         for row in results["rows"]:
-            per_model = values.setdefault(row["model"], {key: [] for key, _ in (*PROBES, ("low_shot_draws", ""))})
+            run = runs.setdefault(row["model"], {}).setdefault(seed if seed is not None else str(path), {})
             for key, _ in PROBES:
                 if row.get(key) is not None:
-                    per_model[key].append(float(row[key]))
-            per_model["low_shot_draws"] += row.get("probes", {}).get("low_shot_linear", {}).get("accuracies", [])
+                    run.setdefault(key, float(row[key]))
+            draws = row.get("probes", {}).get("low_shot_linear", {}).get("accuracies")
+            if draws:
+                run.setdefault("low_shot_draws", list(draws))
         threads = results.get("machine", {}).get("torch_threads")
         for method, summary in results.get("training", {}).items():
             training.append({"file": str(path), "method": method, "seed": results["settings"].get("seed"),
                              "threads": threads, "cpu": results.get("machine", {}).get("cpu"), **summary})
+    values: dict[str, dict[str, list[float]]] = {}
+    for model, per_seed in runs.items():
+        values[model] = {key: [run[key] for run in per_seed.values() if key in run] for key, _ in PROBES}
+        values[model]["low_shot_draws"] = [v for run in per_seed.values() for v in run.get("low_shot_draws", [])]
     return values, training
 
 
@@ -83,8 +92,9 @@ def format_tables(values: dict[str, dict[str, list[float]]], training: list[dict
                     continue
                 margin = 100 * (statistics.mean(ours) - statistics.mean(theirs))
                 stds = [100 * statistics.stdev(v) for v in (ours, theirs) if len(v) > 1]
-                if not stds:
-                    parts.append(f"{name} {margin:+.1f} (one run each: not established)")
+                if len(ours) < 2 or len(theirs) < 2:
+                    parts.append(f"{name} {margin:+.1f} ({min(len(ours), len(theirs))} run on one side: not "
+                                 "established)")
                     continue
                 larger = max(stds)
                 verdict = "established" if margin > larger else "not established"
