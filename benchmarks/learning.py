@@ -57,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,6 +442,19 @@ class _Learner:
         return self.schedule.values_at(update)
 
 
+def select_attention(method: str, model: Any, requested: str, batch: Callable[[], Mapping[str, torch.Tensor]],
+                     autocast: Callable[[], Any] = nullcontext) -> str:
+    """Sets ``model``'s attention kernel: ``requested``, or with ``"auto"`` the faster one on this machine, timed
+    on ``batch()`` (as ``pretrain --attn_implementation auto``; logged). Returns the kernel's name."""
+    if requested != "auto":
+        model.set_attn_implementation(requested)
+        return requested
+    choice, seconds = choose_attention_implementation(model, batch(), autocast)
+    logger.info("%s attention: %s (forward + backward of one batch: %s)", method, choice,
+                ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()))
+    return choice
+
+
 class IJepaLearner(_Learner):
     """The library's I-JEPA training step (``ijepa_hf.training.PretrainingStep``: lr/wd schedules first, forward,
     smooth-L1, backward, AdamW, then the EMA of the target encoder) on batches masked by the library's collator."""
@@ -456,16 +469,11 @@ class IJepaLearner(_Learner):
             # Autocast around forward only, as Accelerate's mixed precision does (backward follows forward's dtypes).
             model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
         self.collator = IJepaMaskCollator.from_config(model.config, seed=args.seed)
-        self.attention = args.attn_implementation
-        if self.attention == "auto":  # the faster kernel on this machine, as `pretrain --attn_implementation auto`
-            size = args.image_size
-            batch = {"pixel_values": torch.randn(args.batch_size, model.config.encoder_config.num_channels, size, size),
-                     **self.collator.sample_batch(args.batch_size, batch_index=0)}
-            self.attention, seconds = choose_attention_implementation(model, batch)
-            logger.info("attention: %s (forward + backward of one batch: %s)", self.attention,
-                        ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()))
-        else:
-            model.set_attn_implementation(self.attention)
+        size = args.image_size
+        self.attention = select_attention(
+            "I-JEPA", model, args.attn_implementation,
+            lambda: {"pixel_values": torch.randn(args.batch_size, model.config.encoder_config.num_channels, size, size),
+                     **self.collator.sample_batch(args.batch_size, batch_index=0)})
         self.optimizer = build_optimizer(
             {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.lr, weight_decay=args.weight_decay
         )
@@ -510,18 +518,13 @@ class MAELearner(_Learner):
             start_lr=args.start_lr * args.mae_lr / args.lr, peak_lr=args.mae_lr, final_lr=args.final_lr,
             start_weight_decay=args.mae_weight_decay, final_weight_decay=args.mae_weight_decay)
         self.autocast = args.precision == "bf16"
-        # The same kernel choice as I-JEPA's: timed on one batch with "auto" (CPU SDPA's backward is slow for
-        # these small heads on some machines; each method gets the faster kernel).
-        self.attention = args.attn_implementation
-        if self.attention == "auto":
-            size = args.image_size
-            batch = {"pixel_values": torch.randn(args.batch_size, 3, size, size)}
-            autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)  # noqa: E731
-            self.attention, seconds = choose_attention_implementation(model, batch, autocast)
-            logger.info("MAE attention: %s (forward + backward of one batch: %s)", self.attention,
-                        ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()))
-        else:
-            model.set_attn_implementation(self.attention)
+        # The same kernel choice as I-JEPA's (CPU SDPA's backward is slow for these small heads on some machines;
+        # each method gets the faster kernel).
+        size = args.image_size
+        self.attention = select_attention(
+            "MAE", model, args.attn_implementation,
+            lambda: {"pixel_values": torch.randn(args.batch_size, 3, size, size)},
+            lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast))
 
     def step(self, pixel_values: torch.Tensor, update: int, want_stats: bool) -> tuple[float, dict[str, float]]:
         self.schedule.apply(self.optimizer, update)
@@ -617,12 +620,12 @@ def train_for_budget(
             images = random_resized_crop_batch(images, scale=args.crop_scale, generator=generator)
         pixel_values = data.to_model_input(images)
         want_stats = (step + 1) % args.log_every == 0
-        if 1 <= step <= FLOP_COUNT_STEPS:  # steps 2.. (the first pays one-off work); counting slows them a little
-            with FlopCounterMode(display=False) as counter:
-                loss, stats = learner.step(pixel_values, step + 1, want_stats)
-            counted_flops.append(counter.get_total_flops())
-        else:
+        # FLOPs of steps 2.. (the first pays one-off work); counting slows those steps a little.
+        counting = 1 <= step <= FLOP_COUNT_STEPS
+        with FlopCounterMode(display=False) if counting else nullcontext() as counter:
             loss, stats = learner.step(pixel_values, step + 1, want_stats)
+        if counting:
+            counted_flops.append(counter.get_total_flops())
         step += 1
         images_seen += len(index)
         last_loss = loss

@@ -20,7 +20,6 @@ from typing import Any
 
 PROBES = (("linear_accuracy", "linear"), ("knn_accuracy", "20-NN"), ("low_shot_accuracy", "low-shot linear (1%)"),
           ("attentive_accuracy", "attentive"))
-METHOD_OF_MODEL = {"I-JEPA target encoder": "ijepa", "MAE (transformers ViTMAE)": "mae"}
 REFERENCE = "I-JEPA target encoder"
 
 
@@ -56,7 +55,7 @@ def collect(paths: Sequence[str | Path]) -> tuple[dict[str, dict[str, list[float
                 run.setdefault("low_shot_draws", list(draws))
         threads = results.get("machine", {}).get("torch_threads")
         for method, summary in results.get("training", {}).items():
-            training.append({"file": str(path), "method": method, "seed": results["settings"].get("seed"),
+            training.append({"file": str(path), "method": method, "seed": seed,
                              "threads": threads, "cpu": results.get("machine", {}).get("cpu"), **summary})
     values: dict[str, dict[str, list[float]]] = {}
     for model, per_seed in runs.items():
@@ -91,12 +90,11 @@ def format_tables(values: dict[str, dict[str, list[float]]], training: list[dict
                 if not ours or not theirs:
                     continue
                 margin = 100 * (statistics.mean(ours) - statistics.mean(theirs))
-                stds = [100 * statistics.stdev(v) for v in (ours, theirs) if len(v) > 1]
                 if len(ours) < 2 or len(theirs) < 2:
                     parts.append(f"{name} {margin:+.1f} ({min(len(ours), len(theirs))} run on one side: not "
                                  "established)")
                     continue
-                larger = max(stds)
+                larger = 100 * max(statistics.stdev(ours), statistics.stdev(theirs))
                 verdict = "established" if margin > larger else "not established"
                 parts.append(f"{name} {margin:+.1f} (larger std {larger:.1f}: {verdict})")
             lines.append(f"- I-JEPA minus {model}: " + "; ".join(parts))
