@@ -9,7 +9,8 @@
     python examples/pretrain.py args.json                # all arguments from a JSON file
 
 Every option of ``ijepa_hf.training.PretrainingArguments`` is accepted (``--help`` lists them with their
-defaults). When no data argument is given, the embedded ``ijepa_hf.data.ProceduralShapes`` scenes are used with the
+defaults). When no data argument is given, the embedded ``ijepa_hf.data.ProceduralShapes`` scenes
+(``ijepa_hf.data.EMBEDDED_SCENES``, changed with ``--embedded_scenes``) are used with the
 library's demo settings sized for a 2-core CPU (``ijepa_hf.training.arguments.EMBEDDED_DEMO_DEFAULTS`` /
 ``EMBEDDED_DEMO_MODEL``, filled in only for options not given, and logged), and the run ends with a probe: frozen,
 mean-pooled features of the **target encoder** on held-out procedural images (other generator seeds than the
@@ -20,8 +21,9 @@ Labels probed (all read from the generator, i.e. properties of the image content
 
 * ``texture`` (the main label): the background texture class (solid, gradient, stripes, checker, noise), a global
   property of the scene that mean-pooled features can carry;
-* ``shape``: the class of the largest object (hard for mean-pooled features of a model this small, reported
-  as is);
+* ``shape``: the class of the largest object, the semantic label (every object of an embedded scene has it, so
+  hidden objects can be predicted from visible ones; ``ijepa_hf.data.EMBEDDED_SCENES``); benchmarks/README.md
+  says how far the features get on it;
 * ``count``: the number of objects.
 
 The table is printed and saved to ``<output_dir>/probe_results.json``, the training curves (from
@@ -45,8 +47,8 @@ from ijepa_hf.training import PretrainingArguments, PretrainingResult, parse_arg
 logger = logging.getLogger("pretrain")
 
 # Held-out probe data: the training images use generator seed 0, the probe's train / test images seeds 1 / 2, so
-# no probe image was seen in pretraining. The images come from the same generator settings (the defaults) as the
-# training images.
+# no probe image was seen in pretraining. The images come from the same generator settings as the training images
+# (`ijepa_hf.data.EMBEDDED_SCENES`, changed by --embedded_scenes).
 PROBE_TRAIN_IMAGES, PROBE_TEST_IMAGES = 2000, 1000
 PROBE_TRAIN_SEED, PROBE_TEST_SEED = 1, 2
 PROBE_K = 20
@@ -78,7 +80,7 @@ def probe(args: PretrainingArguments, result: PretrainingResult) -> dict[str, An
     """Linear and 20-NN probes, for every label in ``PROBE_LABELS``, of the trained target encoder, a random-init
     twin and raw pixels, on held-out procedural images (main process only). Returns the JSON-ready results."""
     from ijepa_hf import IJepaEncoderModel
-    from ijepa_hf.data import ProceduralShapes
+    from ijepa_hf.data import embedded_scenes
     from ijepa_hf.evaluation import extract_features, knn_probe, linear_probe
     from ijepa_hf.loading import load_encoder
 
@@ -87,8 +89,9 @@ def probe(args: PretrainingArguments, result: PretrainingResult) -> dict[str, An
     torch.manual_seed(args.seed + 1)
     random_encoder = IJepaEncoderModel(config).eval()
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    splits = {"train": ProceduralShapes(PROBE_TRAIN_IMAGES, image_size=image_size, seed=PROBE_TRAIN_SEED),
-              "test": ProceduralShapes(PROBE_TEST_IMAGES, image_size=image_size, seed=PROBE_TEST_SEED)}
+    scenes = args.embedded_scene_settings  # the pretraining scenes' settings (--embedded_scenes)
+    splits = {"train": embedded_scenes(PROBE_TRAIN_IMAGES, image_size=image_size, seed=PROBE_TRAIN_SEED, **scenes),
+              "test": embedded_scenes(PROBE_TEST_IMAGES, image_size=image_size, seed=PROBE_TEST_SEED, **scenes)}
     labels = {split: {label: torch.tensor([ds.labels(i)[label] for i in range(len(ds))]) for label in PROBE_LABELS}
               for split, ds in splits.items()}
 
@@ -159,7 +162,7 @@ def write_figures(args: PretrainingArguments, result: PretrainingResult) -> dict
     """Training curves (from the run's ``train_log.jsonl``) and, on the embedded data, the masks of the first 8
     training images (uncropped), as PNGs."""
     from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig
-    from ijepa_hf.data import EvalTransform, ProceduralShapes
+    from ijepa_hf.data import EvalTransform, embedded_scenes
     from ijepa_hf.visualization import plot_mask_grid, plot_training_curves
 
     output_dir = Path(result.output_dir)
@@ -179,7 +182,8 @@ def write_figures(args: PretrainingArguments, result: PretrainingResult) -> dict
     patch_size = patch_size if isinstance(patch_size, int) else patch_size[0]
     collator = IJepaMaskCollator.from_config(config, seed=args.seed)
     transform = EvalTransform(image_size, resize_ratio=1.0)
-    images = ProceduralShapes(8, image_size=image_size, seed=0)  # the first training images (uncropped)
+    # The first training images (uncropped).
+    images = embedded_scenes(8, image_size=image_size, seed=0, **args.embedded_scene_settings)
     batch = collator([{"pixel_values": transform(images.get_image(i))} for i in range(len(images))])
     paths["masks"] = str(plot_mask_grid(batch["pixel_values"], batch["context_mask"], batch["target_masks"],
                                         patch_size, output_dir / "masks.png",

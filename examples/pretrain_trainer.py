@@ -34,7 +34,7 @@ from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_pro
 from ijepa_hf.training import OnlineProbeCallback, apply_recipe, build_pretraining_config, get_recipe
 from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
-from ijepa_hf.training.metrics import default_online_probe_steps
+from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
@@ -82,7 +82,8 @@ class ScriptArguments:
     online_probe_steps: int | None = field(default=None, metadata={"help": (
         "Online k-NN + RankMe of the target encoder every N updates (default: 10 per run when the data has "
         "labels; 0: off).")})
-    online_probe_images: int = field(default=1024, metadata={"help": "Images of the online probe set."})
+    online_probe_images: int = field(default=DEFAULT_ONLINE_PROBE_IMAGES, metadata={"help": (
+        "Images of the online probe set (half bank, half queries).")})
 
     @property
     def uses_embedded_data(self) -> bool:

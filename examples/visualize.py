@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from ijepa_hf.data import PretrainTransform, ProceduralShapes, load_image, load_image_dataset
+from ijepa_hf.data import PretrainTransform, embedded_scenes, load_image, load_image_dataset
 from ijepa_hf.finetuning import processor_image_size
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.masking import IJepaMaskCollator
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 def _images(args: argparse.Namespace, count: int, image_size: int) -> list[Image.Image]:
     """``count`` images from --train_dir / --dataset_name, else the embedded procedural shapes."""
     if args.train_dir is None and args.dataset_name is None:
-        shapes = ProceduralShapes(count, image_size=image_size, seed=args.seed)
+        shapes = embedded_scenes(count, image_size=image_size, seed=args.seed)
         return [shapes.get_image(i) for i in range(count)]
     dataset = load_image_dataset(dataset_name=args.dataset_name, train_dir=args.train_dir, max_samples=count,
                                  decode=False)

@@ -318,6 +318,38 @@ def test_detect_image_column():
 # ----------------------------------------------------------------------------------------------------------
 
 
+def test_procedural_shared_shape_changes_only_the_other_objects_classes():
+    independent = ProceduralShapes(60, image_size=48, seed=5, max_objects=3)
+    shared = ProceduralShapes(60, image_size=48, seed=5, max_objects=3, shared_shape=True)
+    differed = 0
+    for i in range(len(shared)):
+        a, b = independent.describe(i), shared.describe(i)
+        assert all(o["shape"] == b["objects"][0]["shape"] for o in b["objects"])  # one class per scene
+        assert a["label"] == b["label"] and a["texture"] == b["texture"] and a["count"] == b["count"]
+        for oa, ob in zip(a["objects"], b["objects"], strict=True):  # same layout, sizes, rotations, fills
+            assert (oa["cx"], oa["cy"], oa["radius"], oa["angle"], oa["stripe_color"]) == (
+                ob["cx"], ob["cy"], ob["radius"], ob["angle"], ob["stripe_color"])
+        differed += any(o["shape"] != a["objects"][0]["shape"] for o in a["objects"])
+    assert differed >= 10  # the independent draw does mix classes, so the option changes images
+    assert "shared_shape=True" in repr(shared)
+
+
+def test_embedded_scenes_are_the_same_wherever_they_are_drawn():
+    from ijepa_hf.data import EMBEDDED_SCENES, build_pretraining_data, embedded_scenes
+    from ijepa_hf.finetuning import load_labeled_splits
+
+    assert EMBEDDED_SCENES["shared_shape"] is True
+    reference = embedded_scenes(4, image_size=32, seed=0)
+    assert reference.shared_shape and reference.radius_range == tuple(EMBEDDED_SCENES["radius_range"])
+    data = build_pretraining_data(image_size=32, embedded_num_images=4)  # no data argument: the embedded scenes
+    assert repr(data.dataset.source) == repr(reference)
+    splits = load_labeled_splits(dataset_name="procedural_shapes", max_train_samples=4, max_eval_samples=2,
+                                 procedural_image_size=32)  # the probe / fine-tuning examples' built-in data
+    for i in range(4):
+        assert np.array_equal(np.asarray(splits["train"][i]["image"].convert("RGB")), reference.render(i)[0])
+        assert splits["train"][i]["label"] == reference.labels(i)["shape"]
+
+
 def test_procedural_deterministic_and_labels():
     a = ProceduralShapes(40, image_size=48, seed=3, max_objects=4)
     b = ProceduralShapes(40, image_size=48, seed=3, max_objects=4)

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ijepa_hf import IJepaEncoderModel, IJepaPretrainingConfig, IJepaForPreTraining
+from ijepa_hf.data import build_pretraining_data
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.training import PretrainingArguments, build_config, parse_args, pretrain
 from ijepa_hf.training.checkpointing import latest_checkpoint
@@ -419,11 +420,14 @@ def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
     assert not parse_args(["--output_dir", str(tmp_path / "mine")]).overwrite_output_dir
     assert not parse_args(["--resume_from_checkpoint", "latest"]).overwrite_output_dir
     config = build_config(args)
-    assert config.encoder_config.image_size == 64 and config.encoder_config.patch_size == 8
+    assert config.encoder_config.image_size == 96 and config.encoder_config.patch_size == 8
     assert config.min_keep == 4
-    # Picking a model drops the demo's model; --num_train_epochs drops its step budget.
+    # The demo's predictor is the small recipe's: one block as wide as the encoder, a quarter of the run warm-up.
+    assert args.recipe == "small" and args.warmup_fraction == 0.25
+    assert (config.predictor_config.hidden_size, config.predictor_config.num_hidden_layers) == (128, 1)
+    # Picking a model drops the demo's model (and its recipe); --num_train_epochs drops its step budget.
     args = parse_args(["--config_name", "vit_tiny_patch16_224", "--num_train_epochs", "3"])
-    assert args.config_overrides is None and args.image_size is None
+    assert args.config_overrides is None and args.image_size is None and args.recipe == "official"
     assert args.max_train_steps is None and args.num_train_epochs == 3
     # With a data source nothing of the demo applies: the documented defaults hold.
     args = parse_args(["--train_dir", str(tmp_path), "--num_train_epochs", "300"])
@@ -438,6 +442,22 @@ def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
     assert parse_args([str(path)]).to_dict() == parse_args(["--max_train_steps", "9"]).to_dict()
 
 
+def test_embedded_scenes_option_is_checked_and_reaches_the_data(tmp_path):
+    args = parse_args(["--embedded_scenes", "shared_shape=false,radius_range=[0.14,0.3]"])
+    assert args.embedded_scene_settings == {"shared_shape": False, "radius_range": (0.14, 0.3)}
+    data = build_pretraining_data(image_size=32, embedded_num_images=3,
+                                  embedded_scene_settings=args.embedded_scene_settings)
+    assert "radius_range=(0.14, 0.3)" in repr(data.dataset.source) and "shared_shape=False" in repr(data.dataset.source)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['colour'\].*shared_shape"):
+        parse_args(["--embedded_scenes", "colour=1"])
+    with pytest.raises(ValueError, match="radius_range must satisfy"):
+        parse_args(["--embedded_scenes", "radius_range=[0.3,0.6]"])
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        parse_args(["--embedded_scenes", "shared_shape"])
+    with pytest.raises(ValueError, match="a data argument .* is given"):
+        parse_args(["--train_dir", str(tmp_path), "--embedded_scenes", "max_objects=2"])
+
+
 def test_example_main_job_writes_probe_table_and_figures(tmp_path, monkeypatch, capsys):
     """The main job's tail on a tiny run: probes of three feature sets for every label, the figures, the printout."""
     sys.path.insert(0, str(REPO_ROOT / "examples"))
@@ -447,8 +467,10 @@ def test_example_main_job_writes_probe_table_and_figures(tmp_path, monkeypatch, 
         sys.path.pop(0)
     monkeypatch.setattr(example, "PROBE_TRAIN_IMAGES", 40)
     monkeypatch.setattr(example, "PROBE_TEST_IMAGES", 20)
-    summary = example.main(tiny_argv(tmp_path / "run", steps=2))
+    # The probe draws its scenes with the pretraining's settings (here one object per scene: count is always 1).
+    summary = example.main([*tiny_argv(tmp_path / "run", steps=2), "--embedded_scenes", "max_objects=1,noise_std=0"])
     results = summary["probe"]
+    assert "objects=1..1" in results["data"]["generator"] and results["labels"]["count"]["classes"] == [1]
     assert results["main_label"] == example.MAIN_LABEL == "texture"
     assert list(results["labels"]) == list(example.PROBE_LABELS)
     assert [row["model"] for row in results["rows"]][:2] == ["I-JEPA target encoder", "random init (same architecture)"]

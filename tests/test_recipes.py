@@ -49,7 +49,8 @@ def test_recipe_in_the_arguments_warm_up_and_model(tmp_path):
     config = build_config(demo)
     assert config.predictor_config.hidden_size == config.encoder_config.hidden_size
     assert config.predictor_config.num_hidden_layers == 1
-    assert parse_args(["--output_dir", str(tmp_path)]).warmup_fraction == pytest.approx(40 / 300)
+    # Without --recipe the paper's warm-up (the embedded demo's own model uses the small recipe: test_pretraining).
+    assert parse_args(["--train_dir", str(tmp_path), "--num_train_epochs", "3"]).warmup_fraction == pytest.approx(40 / 300)
     with pytest.raises(ValueError, match="--recipe small sizes a new model's predictor"):
         parse_args(["--recipe", "small", "--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="Unknown recipe 'large'"):

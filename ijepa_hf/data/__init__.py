@@ -29,6 +29,7 @@ from .loading import (
 )
 from .pretraining import (
     EMBEDDED_DATASET_NAME,
+    EMBEDDED_SCENES,
     EpochShuffleSampler,
     MaskedBatchCollator,
     OnlineProbeSet,
@@ -37,6 +38,8 @@ from .pretraining import (
     PretrainIterableImageDataset,
     build_online_probe_set,
     build_pretraining_data,
+    embedded_scenes,
+    parse_embedded_scenes,
 )
 from .procedural import SHAPE_NAMES, TEXTURE_NAMES, ProceduralShapes, ShapeSpec, as_hf_dataset
 from .transforms import (
@@ -93,6 +96,9 @@ __all__ = [
     "load_image_dataset",
     # the pretraining pipeline
     "EMBEDDED_DATASET_NAME",
+    "EMBEDDED_SCENES",
+    "embedded_scenes",
+    "parse_embedded_scenes",
     "EpochShuffleSampler",
     "PretrainImageDataset",
     "PretrainIterableImageDataset",

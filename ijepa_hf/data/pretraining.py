@@ -32,6 +32,9 @@ __all__ = [
     "OnlineProbeSet",
     "build_online_probe_set",
     "EMBEDDED_DATASET_NAME",
+    "EMBEDDED_SCENES",
+    "embedded_scenes",
+    "parse_embedded_scenes",
     "EpochShuffleSampler",
     "PretrainImageDataset",
     "PretrainIterableImageDataset",
@@ -41,6 +44,47 @@ __all__ = [
 ]
 
 EMBEDDED_DATASET_NAME = "procedural-shapes"
+# The generator settings of the embedded dataset (:class:`~ijepa_hf.data.ProceduralShapes` keyword arguments), used
+# wherever the embedded scenes are drawn: pretraining without a data argument, its online probe, the main job's probe
+# and mask picture, and the built-in ``procedural_shapes`` dataset of the probe / fine-tuning examples. Every object
+# of a scene shares the largest one's shape class, so a hidden object can be predicted from the visible ones, and
+# objects are mid-sized (the largest one's circumscribed radius 22-35% of the image side: 5-8 patches across in the
+# demo's 96 px, patch 8): with the generator's defaults (independent classes, 14-30%) the shape label stayed near
+# chance for every feature set, and larger objects made it easy for random init and raw pixels alike
+# (benchmarks/README.md, "Procedural scenes: the object-shape label").
+EMBEDDED_SCENES: dict[str, Any] = {"shared_shape": True, "radius_range": (0.22, 0.35)}
+
+
+# The ProceduralShapes arguments a scene setting may change (the rest say which images, not what they show).
+_SCENE_FIELDS = ("max_objects", "min_objects", "radius_range", "noise_std", "palette", "shared_shape")
+
+
+def embedded_scenes(num_images: int, image_size: int = 64, seed: int = 0, **kwargs: Any) -> ProceduralShapes:
+    """The embedded dataset: ``ProceduralShapes`` with :data:`EMBEDDED_SCENES` (``kwargs`` override them)."""
+    return ProceduralShapes(num_images, image_size=image_size, seed=seed, **{**EMBEDDED_SCENES, **kwargs})
+
+
+def parse_embedded_scenes(text: str | None) -> dict[str, Any]:
+    """``"shared_shape=false,radius_range=[0.14,0.3]"`` (``--embedded_scenes``) as ``ProceduralShapes`` keyword
+    arguments that change :data:`EMBEDDED_SCENES`; ``{}`` for ``None`` / ``""``. Unknown names and invalid values
+    are errors naming the field."""
+    from ..configuration_ijepa_hf import parse_config_overrides
+
+    try:
+        values = parse_config_overrides(text)
+    except ValueError as error:
+        raise ValueError(f"--embedded_scenes: {error}") from None
+    unknown = sorted(set(values) - set(_SCENE_FIELDS))
+    if unknown:
+        raise ValueError(f"--embedded_scenes: unknown setting(s) {unknown}; the scene settings are "
+                         f"{list(_SCENE_FIELDS)} (ijepa_hf.data.ProceduralShapes).")
+    if isinstance(values.get("radius_range"), list):
+        values["radius_range"] = tuple(values["radius_range"])
+    try:
+        embedded_scenes(1, **values)  # ProceduralShapes checks every value and names it
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--embedded_scenes {text!r}: {error}") from None
+    return values
 
 
 def _mix_seed(*values: int) -> int:
@@ -193,17 +237,18 @@ def build_pretraining_data(
     shuffle_buffer_size: int = 1000,
     max_train_samples: int | None = None,
     embedded_num_images: int = 4096,
+    embedded_scene_settings: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> PretrainingData:
     """The pretraining dataset: a Hub dataset / builder (``dataset_name``), an image folder (``train_dir``), or
-    without either the embedded procedural scenes (rendered at ``image_size``; their generator seed is fixed so
-    that ``seed`` varies only the training)."""
+    without either the embedded procedural scenes (rendered at ``image_size``, :data:`EMBEDDED_SCENES` changed by
+    ``embedded_scene_settings``; their generator seed is fixed so that ``seed`` varies only the training)."""
     counter = counter if counter is not None else BadImageCounter()
     common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed)
     if dataset_name is None and train_dir is None:
         num = min(embedded_num_images, max_train_samples or embedded_num_images)
-        source = ProceduralShapes(num, image_size=image_size, seed=0)
+        source = embedded_scenes(num, image_size=image_size, seed=0, **(embedded_scene_settings or {}))
         return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed),
                                f"{EMBEDDED_DATASET_NAME} (embedded, {num} images at {image_size}px)", None, num)
     source = load_image_dataset(

@@ -21,6 +21,11 @@ Image content:
       the mean RGB), so a few CPU minutes of I-JEPA pretraining learn colour and nothing a texture or shape
       probe can see; with the grey palette the scene's structure is what varies. Both palettes draw the same
       random numbers, so item ``i`` has the same layout, shapes, texture and noise in both.
+    * Shapes (``shared_shape``): by default every object draws its own shape class; with ``shared_shape=True``
+      every object of an image has the largest object's class, so the class is a property of the whole scene:
+      an object hidden from view can be predicted from the visible ones, which is the kind of regularity
+      I-JEPA's prediction in representation space learns from (the embedded demo uses it, see
+      ``ijepa_hf.data.pretraining.EMBEDDED_SCENES``). The random numbers drawn are the same either way.
 
 Labels per image:
     * ``label`` / ``shape``: class id (into ``SHAPE_NAMES``) of the largest object;
@@ -86,6 +91,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
         noise_std: maximum standard deviation of the additive pixel noise (0-255 scale).
         palette: ``"grey"`` (default: the same grey levels in every image) or ``"random"`` (random colours);
             see the module docstring.
+        shared_shape: give every object of an image the largest object's shape class (default ``False``:
+            each object draws its own); see the module docstring.
 
     ``__getitem__(i)`` returns ``{"image": PIL RGB [S x S]`` (or ``"pixel_values": transform(image)``),
     ``"label": int, "shape": int, "texture": int, "count": int, "position": FloatTensor [2], "size": float}``.
@@ -105,6 +112,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         radius_range: tuple[float, float] = (0.14, 0.3),
         noise_std: float = 6.0,
         palette: str = "grey",
+        shared_shape: bool = False,
     ) -> None:
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
@@ -127,6 +135,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.noise_std = float(noise_std)
         self.palette = palette
+        self.shared_shape = bool(shared_shape)
         # Pixel-centre coordinates, shared by all images of this size.
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
         self._xs = coords[None, :]
@@ -218,6 +227,9 @@ class ProceduralShapes(torch.utils.data.Dataset):
             )
             placed.append((position[0], position[1], r))
         background["pixel_noise_seed"] = int(rng.integers(2**31))
+        if self.shared_shape:
+            # After every draw, so that the layout, sizes, colours and noise are those of shared_shape=False.
+            objects = [dataclasses.replace(obj, shape=objects[0].shape) for obj in objects]
         if self.palette == "grey":
             # The random colours were drawn all the same, so both palettes give the same scenes (layout,
             # shapes, textures, noise) and only the colours differ.
@@ -386,7 +398,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_images={self.num_images}, image_size={self.image_size}, "
-            f"seed={self.seed}, objects={self.min_objects}..{self.max_objects}, palette={self.palette!r})"
+            f"seed={self.seed}, objects={self.min_objects}..{self.max_objects}, radius_range={self.radius_range}, "
+            f"palette={self.palette!r}, shared_shape={self.shared_shape})"
         )
 
 

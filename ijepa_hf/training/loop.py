@@ -179,7 +179,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
         image_column_name=args.image_column_name, dataset_split=args.dataset_split, streaming=args.streaming,
         shuffle_buffer_size=args.shuffle_buffer_size, max_train_samples=args.max_train_samples,
-        embedded_num_images=args.embedded_num_images, cache_dir=args.cache_dir, token=args.hub_token,
+        embedded_num_images=args.embedded_num_images, embedded_scene_settings=args.embedded_scene_settings,
+        cache_dir=args.cache_dir, token=args.hub_token,
     )
     mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
                                               process_index=accelerator.process_index)

@@ -32,6 +32,7 @@ __all__ = [
     "collapse_statistics",
     "effective_rank",
     "online_probe",
+    "DEFAULT_ONLINE_PROBE_IMAGES",
     "default_online_probe_steps",
     "CollapseMonitor",
     "LogWindow",
@@ -94,6 +95,13 @@ def collapse_statistics(output: Any) -> dict[str, float]:
         "target_rankme": effective_rank(pooled),
         "target_cosine": cosine,
     }
+
+
+# Images of the online probe set by default (half bank, half queries). Its cost is one forward pass of these images
+# per probe, which at about 10 probes per run stays within 5% of the training time of the main job on the CPUs
+# measured (benchmarks/README.md, "Online learning telemetry: what it costs"); 1024 images cost 6-8% on a
+# 2-core AMD EPYC.
+DEFAULT_ONLINE_PROBE_IMAGES = 512
 
 
 def default_online_probe_steps(total_steps: int, logging_steps: int = 1) -> int:
