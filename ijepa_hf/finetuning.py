@@ -345,12 +345,12 @@ BUILTIN_DATASETS: tuple[str, ...] = ("procedural_shapes", "fashion_mnist")
 def _builtin_splits(name: str, max_train: int | None, max_eval: int | None, image_size: int, seed: int) -> Any:
     import datasets
 
-    from .data import EMBEDDED_SCENES, as_hf_dataset, fashion_mnist_dataset
+    from .data import embedded_scenes, fashion_mnist_dataset
 
     if name == "procedural_shapes":
         # The embedded pretraining data's scenes; distinct seeds: the two splits are disjoint draws of them.
-        train = as_hf_dataset(max_train or 2000, image_size=image_size, seed=2 * seed, **EMBEDDED_SCENES)
-        validation = as_hf_dataset(max_eval or 500, image_size=image_size, seed=2 * seed + 1, **EMBEDDED_SCENES)
+        train = embedded_scenes(max_train or 2000, image_size=image_size, seed=2 * seed).to_hf_dataset()
+        validation = embedded_scenes(max_eval or 500, image_size=image_size, seed=2 * seed + 1).to_hf_dataset()
     else:
         train = fashion_mnist_dataset("train", max_samples=max_train)
         validation = fashion_mnist_dataset("test", max_samples=max_eval)
