@@ -425,9 +425,13 @@ def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
     # The demo's predictor is the small recipe's: one block as wide as the encoder, a quarter of the run warm-up.
     assert args.recipe == "small" and args.warmup_fraction == 0.25
     assert (config.predictor_config.hidden_size, config.predictor_config.num_hidden_layers) == (128, 1)
-    # Picking a model drops the demo's model (and its recipe); --num_train_epochs drops its step budget.
+    # Its target encoder follows faster than the official 0.996 -> 1.0; an explicit --ema_momentum wins.
+    assert tuple(config.ema_momentum) == (0.99, 0.999)
+    assert tuple(build_config(parse_args(["--ema_momentum", "0.996,1.0"])).ema_momentum) == (0.996, 1.0)
+    # Picking a model drops the demo's model (its recipe and EMA); --num_train_epochs drops its step budget.
     args = parse_args(["--config_name", "vit_tiny_patch16_224", "--num_train_epochs", "3"])
     assert args.config_overrides is None and args.image_size is None and args.recipe == "official"
+    assert args.ema_momentum is None and tuple(build_config(args).ema_momentum) == (0.996, 1.0)
     assert args.max_train_steps is None and args.num_train_epochs == 3
     # With a data source nothing of the demo applies: the documented defaults hold.
     args = parse_args(["--train_dir", str(tmp_path), "--num_train_epochs", "300"])
@@ -474,6 +478,9 @@ def test_example_main_job_writes_probe_table_and_figures(tmp_path, monkeypatch, 
     assert results["main_label"] == example.MAIN_LABEL == "texture"
     assert list(results["labels"]) == list(example.PROBE_LABELS)
     assert [row["model"] for row in results["rows"]][:2] == ["I-JEPA target encoder", "random init (same architecture)"]
+    # Probe features: the last PROBE_LAYERS blocks concatenated, clamped to this 2-block encoder (32 wide).
+    assert example.PROBE_LAYERS == 4 and results["layers"] == 2
+    assert [row["feature_dim"] for row in results["rows"][:2]] == [2 * 32, 2 * 32]
     for row in results["rows"]:
         for label in example.PROBE_LABELS:
             assert 0.0 <= row[label]["linear_accuracy"] <= 1.0 and 0.0 <= row[label]["knn_accuracy"] <= 1.0
