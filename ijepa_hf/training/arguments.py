@@ -320,9 +320,9 @@ class PretrainingArguments:
 # gave the best shape and texture margins over random init of the settings tried, the grid at twice the step's cost
 # of 64 px (benchmarks/README.md, "Procedural scenes: the object-shape label", has the runs and their seed spread).
 # min_keep 4 keeps the official masks feasible on a small grid (the official 10 assumes 14x14 or more). The target
-# encoder follows faster than the official 0.996 -> 1.0 (0.99 -> 0.999): in 2400 steps the official EMA leaves the
-# target far behind the context encoder, and the faster one gave both the shape and the texture margins a few points
-# more on every seed tried (a slower one, 0.999 -> 1.0, lost them).
+# encoder follows faster than the official 0.996 -> 1.0 (0.99 -> 0.999): in 2400 steps the official EMA keeps the
+# target behind the context encoder (whose features probed better), and the faster one gave shape 0-3 and texture
+# 1-4 points more on the seeds tried (a slower one, 0.999 -> 1.0, lost points).
 EMBEDDED_DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/pretrain-default",
     "per_device_train_batch_size": 16,
