@@ -14,8 +14,8 @@ defaults). When no data argument is given, the embedded ``ijepa_hf.data.Procedur
 library's demo settings sized for a 2-core CPU (``ijepa_hf.training.arguments.EMBEDDED_DEMO_DEFAULTS`` /
 ``EMBEDDED_DEMO_MODEL``, filled in only for options not given, and logged), and the run ends with a probe: frozen,
 mean-pooled features of the **target encoder** (its last 4 blocks, concatenated) on held-out procedural images
-(other generator seeds than the training images), with a linear probe (L-BFGS logistic regression) and a 20-NN probe, next to a randomly
-initialised encoder of the same architecture and raw pixels.
+(other generator seeds than the training images), with a linear probe (L-BFGS logistic regression) and a 20-NN
+probe, next to a randomly initialised encoder of the same architecture and raw pixels.
 
 Labels probed (all read from the generator, i.e. properties of the image content):
 
