@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         image_size=image_size, seed=training_args.seed, counter=counter, dataset_name=script_args.dataset_name,
         dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
         image_column_name=script_args.image_column_name, max_train_samples=script_args.max_train_samples,
-        embedded_num_images=script_args.embedded_num_images,
+        embedded_num_images=script_args.embedded_num_images, uint8_images=True,  # IJepaTrainer finishes them
     )
     logger.info("Training data: %s", data.description)
     collator = MaskedBatchCollator(mask_collator_for_process(

@@ -689,17 +689,21 @@ class IJepaMaskCollator:
 
     # ------------------------------------------------------------------------------------------
     # collation
-    def __call__(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[Any], batch_index: int | None = None) -> dict[str, torch.Tensor]:
         """Collate examples and attach masks.
 
         Args:
             examples: a list of dicts with a ``"pixel_values"`` tensor ``[C, H, W]``, of tensors, or
                 of ``(tensor, label)`` tuples (labels are dropped).
+            batch_index: the global batch number whose masks to attach; ``None`` takes the next one from the step
+                counter (and advances it).
 
         Returns:
-            ``{"pixel_values": FloatTensor[B, C, H, W], "context_mask": LongTensor[B, Kc],
+            ``{"pixel_values": Tensor[B, C, H, W], "context_mask": LongTensor[B, Kc],
             "target_masks": LongTensor[B, M, Kt]}``, with ``context_lengths="per_image"`` also
-            ``"context_lengths": LongTensor[B]``.
+            ``"context_lengths": LongTensor[B]``. Images keep their dtype: float images as they are, ``uint8``
+            images as ``uint8`` (to cross to the device at a quarter of the bytes; finish them there with
+            ``ijepa_hf.data.normalize_images``).
         """
         if len(examples) == 0:
             raise ValueError("cannot collate an empty list of examples")
@@ -716,9 +720,9 @@ class IJepaMaskCollator:
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
             raise ValueError(f"expected images of shape [C, {self.image_size[0]}, {self.image_size[1]}], "
                              f"got {tuple(images[0].shape)}")
-        if not pixel_values.is_floating_point():
-            pixel_values = pixel_values.float()
-        return {"pixel_values": pixel_values, **self.sample_batch(len(images))}
+        if not (pixel_values.is_floating_point() or pixel_values.dtype == torch.uint8):
+            raise ValueError(f"images must be float tensors or uint8 tensors (0-255), got {pixel_values.dtype}")
+        return {"pixel_values": pixel_values, **self.sample_batch(len(images), batch_index)}
 
 
 def _normalise(v: Any) -> Any:

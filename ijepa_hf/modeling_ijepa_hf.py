@@ -117,13 +117,25 @@ def _check_context_lengths(context_lengths: torch.Tensor, context_mask: Any, bat
     if tuple(context_lengths.shape) != (batch_size,):
         raise ValueError(f"`context_lengths` must have shape [{batch_size}] (one length per image), got "
                          f"{tuple(context_lengths.shape)}.")
-    if not torch.compiler.is_compiling():
-        low, high = torch.stack(torch.aminmax(context_lengths)).tolist()  # one device-to-host sync
-        if low < 1 or high > context_mask.shape[1]:
-            raise ValueError(
-                f"`context_lengths` holds lengths in [{low}, {high}], outside [1, {context_mask.shape[1]}] (the "
-                "padded context length): each image needs at least one context patch, and no more than its row holds."
-            )
+    _require_in_range(
+        context_lengths, 1, context_mask.shape[1],
+        lambda found: f"`context_lengths` holds lengths {found}, outside [1, {context_mask.shape[1]}] (the padded "
+                      "context length): each image needs at least one context patch, and no more than its row holds.")
+
+
+def _require_in_range(values: torch.Tensor, low: int, high: int, message: Callable[[str], str]) -> None:
+    """Raise ``ValueError(message("in [min, max]"))`` unless every element of ``values`` lies in ``[low, high]``.
+
+    The host never reads a device value to decide: that would make it wait for the device at every forward. The
+    assertion runs where the values are (on an accelerator it fails the run at its next sync, with a device-side
+    assertion); only a failure is read back, to name the range found."""
+    if values.numel() == 0 or torch.compiler.is_compiling():
+        return
+    try:
+        torch._assert_async(((values >= low) & (values <= high)).all(), message("out of range"))
+    except RuntimeError:
+        found, top = torch.stack(torch.aminmax(values)).tolist()
+        raise ValueError(message(f"in [{found}, {top}]")) from None
 
 
 def context_padding_mask(context_lengths: torch.Tensor, length: int) -> torch.Tensor:
@@ -137,10 +149,8 @@ def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_siz
         raise ValueError(f"`{name}` must hold integer patch indices, got dtype {indices.dtype}.")
     if indices.shape[0] != batch_size:
         raise ValueError(f"`{name}` has batch size {indices.shape[0]} but the input has {batch_size}.")
-    if indices.numel() and not torch.compiler.is_compiling():
-        low, high = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host sync on a GPU, not two
-        if low < 0 or high >= num_patches:
-            raise ValueError(f"`{name}` holds patch indices in [{low}, {high}], outside [0, {num_patches - 1}].")
+    _require_in_range(indices, 0, num_patches - 1,
+                      lambda found: f"`{name}` holds patch indices {found}, outside [0, {num_patches - 1}].")
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
@@ -659,6 +669,12 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             raise ValueError(
                 f"`pixel_values` must be [batch, {self.config.num_channels}, height, width], got shape "
                 f"{tuple(pixel_values.shape)}. Convert grayscale/RGBA images to RGB first (the image processor does)."
+            )
+        if not pixel_values.is_floating_point():
+            # Casting would feed 0-255 values to weights trained on normalised images.
+            raise ValueError(
+                f"`pixel_values` must be normalised float images, got {pixel_values.dtype}: finish uint8 images with "
+                "ijepa_hf.data.normalize_images (or use the image processor)."
             )
         batch_size, channels, height, width = pixel_values.shape
         patch = self.config.patch_size

@@ -264,7 +264,8 @@ _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
      ("target_cosine",), ("target_rankme",), False),
     ("online probe: k-NN accuracy of the target encoder (held-out queries), effective rank",
      ("online_knn_accuracy",), ("online_rankme",), False),
-    ("throughput (images/s)", (THROUGHPUT_KEY,), (), False),
+    ("throughput (images/s): the run's, what its loader can deliver; share of time waiting for data",
+     (THROUGHPUT_KEY, "loader_images_per_s"), ("data_wait_fraction",), False),
 )
 
 
@@ -292,7 +293,8 @@ def plot_training_curves(
     Panels (each only if its keys are logged): loss (log scale; ``eval_loss`` too), lr with wd on a twin axis,
     EMA momentum, ``target_std`` / ``target_token_std`` / ``pred_std`` (spreads of target and predicted
     features: a drop towards 0 signals representation collapse), the online probe's k-NN accuracy with its RankMe
-    on a twin axis, and ``images_per_s``. The x axis is ``step``
+    on a twin axis, and ``images_per_s`` beside ``loader_images_per_s`` with ``data_wait_fraction`` on a twin axis
+    (which of the step and the data limits the run). The x axis is ``step``
     (the row number when absent). Non-finite values are skipped; non-positive losses are dropped from the
     log-scale panel.
 

@@ -196,7 +196,10 @@ def test_collate_inputs():
         assert torch.equal(out["context_mask"], expected[0])
         assert torch.equal(out["target_masks"], expected[1])
     assert c.step == 1
-    assert c([x.to(torch.uint8) for x in imgs])["pixel_values"].dtype == torch.float32
+    # uint8 images stay uint8 (finished on the device by normalize_images); other integer images are refused
+    assert c([x.to(torch.uint8) for x in imgs])["pixel_values"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="uint8"):
+        c([x.to(torch.int64) for x in imgs])
     with pytest.raises(ValueError, match="shape"):
         c([torch.randn(3, 16, 16)])
 

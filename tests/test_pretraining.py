@@ -345,7 +345,9 @@ def test_streaming_image_folder_trains_and_skips_bad_files(tmp_path):
     ]))
     # 6 good images per pass in batches of 2: 3 steps per epoch, so 5 steps run over two epochs of the stream.
     assert result.global_step == 5 and result.bad_images == 2  # the corrupt file, seen once per epoch
-    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / "out"))
+    rows = read_log(tmp_path / "out")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(r["loader_images_per_s"] > 0 for r in rows)  # a stream's examples say how long they took too
 
 
 # ----------------------------------------------------------------------------------------------------------------

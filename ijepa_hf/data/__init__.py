@@ -1,8 +1,10 @@
 """Data for I-JEPA: robust image loading, torchvision-free transforms, procedural shapes, Fashion-MNIST,
 and a ``datasets.load_dataset`` wrapper.
 
-Pipeline: file -> :func:`load_image` (bad files -> ``None``, counted) -> :class:`PretrainTransform`
-(``[3, S, S]``) -> :class:`SkipBadCollator` (drops ``None`` rows) -> the mask collator.
+Pretraining pipeline (:func:`build_pretraining_data`): :class:`EpochShuffleSampler` (a :class:`SampleKey` per
+sample) -> :class:`PretrainImageDataset` (file -> :func:`load_image`, bad files -> ``None``, counted ->
+:class:`PretrainTransform`, ``[3, S, S]``, ``uint8`` or float) -> :class:`MaskedBatchCollator` (drops ``None``
+rows, attaches the masks) -> on the device :meth:`PretrainingData.model_inputs` (:func:`normalize_images`).
 """
 
 from .fashion_mnist import (
@@ -30,12 +32,14 @@ from .loading import (
 from .pretraining import (
     EMBEDDED_DATASET_NAME,
     EMBEDDED_SCENES,
+    LOAD_SECONDS_KEY,
     EpochShuffleSampler,
     MaskedBatchCollator,
     OnlineProbeSet,
     PretrainImageDataset,
     PretrainingData,
     PretrainIterableImageDataset,
+    SampleKey,
     build_online_probe_set,
     build_pretraining_data,
     embedded_scenes,
@@ -50,7 +54,9 @@ from .transforms import (
     RandomResizedCrop,
     make_transform_fn,
     normalize,
+    normalize_images,
     pil_to_tensor,
+    pil_to_uint8,
     set_image_transform,
 )
 
@@ -62,7 +68,9 @@ __all__ = [
     "PretrainTransform",
     "EvalTransform",
     "pil_to_tensor",
+    "pil_to_uint8",
     "normalize",
+    "normalize_images",
     "make_transform_fn",
     "set_image_transform",
     # loading
@@ -99,6 +107,8 @@ __all__ = [
     "EMBEDDED_SCENES",
     "embedded_scenes",
     "parse_embedded_scenes",
+    "LOAD_SECONDS_KEY",
+    "SampleKey",
     "EpochShuffleSampler",
     "PretrainImageDataset",
     "PretrainIterableImageDataset",

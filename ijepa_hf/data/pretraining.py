@@ -4,29 +4,39 @@ Everything random is a pure function of the seed and of positions, never of a gl
 
 * the sample order of epoch ``e`` is a permutation seeded by ``(seed, e)`` (:class:`EpochShuffleSampler`);
 * the random resized crop of sample ``i`` in epoch ``e`` uses a generator seeded by ``(seed, e, i)``;
-* the masks of global batch ``k`` depend only on ``(seed, k)`` (``IJepaMaskCollator``; the training loop calls
-  ``set_step`` with the global batch index at every epoch start and on resume).
+* the masks of global batch ``k`` depend only on ``(seed, k)`` (``IJepaMaskCollator``).
+
+For map-style data the sampler hands each index to the workers as a :class:`SampleKey` ``(epoch, index, batch)``:
+the epoch seeds the crop and ``batch`` (the global batch index, from the sample's position in the epoch) picks the
+masks. Nothing position-dependent is then kept in a worker's copy of the dataset or collator, so workers can live
+for the whole run (``persistent_workers``) and the main process still decides every epoch. Streamed data has no
+sampler: its workers get the epoch when they start, and the training loop calls the collator's ``set_step``.
 
 So a resumed run sees bitwise the same images, crops and masks as an uninterrupted one, whatever the number of
 DataLoader workers, and a ``P``-process run sees those of a 1-process run with the same global batch (streamed
 datasets: the order is deterministic for a fixed number of workers only). Unreadable images are counted and
 skipped (:func:`~ijepa_hf.data.load_image`); a batch whose images are all bad collates to ``None``.
+
+Images can leave the workers as ``uint8`` (``uint8_images=True``): :meth:`PretrainingData.model_inputs` finishes
+them on the device, and each batch carries the seconds its worker spent making it (``LOAD_SECONDS_KEY``), from
+which the loop logs what the loader can deliver beside what the step consumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from .folder import load_image_dataset
 from .loading import BadImageCounter, load_image
 from .procedural import ProceduralShapes
-from .transforms import EvalTransform, PretrainTransform
+from .transforms import EvalTransform, PretrainTransform, normalize_images
 
 __all__ = [
     "OnlineProbeSet",
@@ -35,6 +45,8 @@ __all__ = [
     "EMBEDDED_SCENES",
     "embedded_scenes",
     "parse_embedded_scenes",
+    "LOAD_SECONDS_KEY",
+    "SampleKey",
     "EpochShuffleSampler",
     "PretrainImageDataset",
     "PretrainIterableImageDataset",
@@ -92,24 +104,61 @@ def _mix_seed(*values: int) -> int:
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0]) >> 1
 
 
-class EpochShuffleSampler(Sampler[int]):
+# The key of an example, and of a batch, that holds the seconds a worker spent loading and cropping it (and, for a
+# batch, collating it): a Python float, so reading it costs no device sync. Training code pops it before the forward
+# (PretrainingData.model_inputs).
+LOAD_SECONDS_KEY = "load_seconds"
+
+
+class SampleKey(NamedTuple):
+    """What a worker needs to make one sample, decided in the main process: the ``epoch`` (seeds the crop), the
+    dataset row ``index`` and the global ``batch`` index the sample belongs to (picks the masks)."""
+
+    epoch: int
+    index: int
+    batch: int
+
+
+class EpochShuffleSampler(Sampler[Any]):
     """A random permutation per epoch that depends only on ``(seed, epoch)``.
 
     Unlike ``RandomSampler`` it consumes no global RNG state, so the order survives a resume and is the same
     for any number of processes (Accelerate shards the batches of this order across ranks).
+
+    With ``batch_size`` (the per-process batch) it yields :class:`SampleKey` s instead of bare indices. The global
+    batch index of position ``q`` of epoch ``e`` is ``e * batches_per_epoch + q // (batch_size * num_processes)``:
+    the batches of this order are dealt round-robin to the ``num_processes`` ranks and incomplete rounds are dropped
+    (``drop_last``), so each rank's ``k``-th batch of an epoch holds positions of round ``k``.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, seed: int = 0, *, batch_size: int | None = None,
+                 num_processes: int = 1) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
+        if batch_size is not None and (int(batch_size) < 1 or int(num_processes) < 1):
+            raise ValueError(f"batch_size and num_processes must be >= 1, got {batch_size} and {num_processes}")
+        self.batch_size = None if batch_size is None else int(batch_size)
+        self.num_processes = int(num_processes)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each process draws per epoch (keyed samplers only)."""
+        if self.batch_size is None:
+            raise ValueError("batches_per_epoch needs a batch_size")
+        return self.num_samples // (self.batch_size * self.num_processes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.batch_size is None:
+            return iter(order)
+        epoch, round_size = self.epoch, self.batch_size * self.num_processes
+        first = epoch * self.batches_per_epoch
+        return (SampleKey(epoch, index, first + position // round_size) for position, index in enumerate(order))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -119,14 +168,15 @@ class _SeededTransform:
     """The pretraining transform with its own generator, reseeded for every sample (crops depend on position,
     not on which worker or process draws them)."""
 
-    def __init__(self, image_size: int, crop_scale: tuple[float, float], seed: int) -> None:
+    def __init__(self, image_size: int, crop_scale: tuple[float, float], seed: int, as_uint8: bool = False) -> None:
         self.generator = torch.Generator()
-        self.transform = PretrainTransform(image_size, crop_scale=crop_scale, generator=self.generator)
+        self.transform = PretrainTransform(image_size, crop_scale=crop_scale, generator=self.generator,
+                                           as_uint8=as_uint8)
         self.seed = int(seed)
         self.epoch = 0
 
-    def __call__(self, image: Any, *position: int) -> torch.Tensor:
-        self.generator.manual_seed(_mix_seed(self.seed, self.epoch, *position))
+    def __call__(self, image: Any, *position: int, epoch: int | None = None) -> torch.Tensor:
+        self.generator.manual_seed(_mix_seed(self.seed, self.epoch if epoch is None else epoch, *position))
         return self.transform(image)
 
 
@@ -135,11 +185,11 @@ class _CroppedImageSource:
 
     def __init__(self, source: Any, image_size: int, *, image_key: str = "image",
                  crop_scale: tuple[float, float] = (0.3, 1.0), counter: BadImageCounter | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, uint8_images: bool = False) -> None:
         self.source = source
         self.image_key = image_key
         self.counter = counter if counter is not None else BadImageCounter()
-        self.transform = _SeededTransform(image_size, crop_scale, seed)
+        self.transform = _SeededTransform(image_size, crop_scale, seed, as_uint8=uint8_images)
 
     def set_epoch(self, epoch: int) -> None:
         self.transform.epoch = int(epoch)
@@ -152,19 +202,32 @@ class PretrainImageDataset(_CroppedImageSource, Dataset):
     ``datasets`` ``{"bytes", "path"}`` dict): a ``datasets.Dataset`` with an ``Image(decode=False)`` column or
     :class:`~ijepa_hf.data.ProceduralShapes`. Unreadable images (and any error reading the row) return ``None``
     and are counted in ``counter``; the crop of item ``i`` in epoch ``e`` is seeded by ``(seed, e, i)``.
+
+    The item is a row index (the epoch is then the one last given to ``set_epoch``) or a :class:`SampleKey`, whose
+    epoch wins and whose global batch index travels with the example as ``"batch_index"`` to the collator. The
+    example also says how long it took to make (``LOAD_SECONDS_KEY``).
+    ``uint8_images``: ``pixel_values`` stay ``uint8`` (:func:`~ijepa_hf.data.normalize_images` finishes them).
     """
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        epoch, index, batch = key if isinstance(key, tuple) else (None, key, None)
         try:
             item = self.source[index][self.image_key]
         except Exception as error:  # noqa: BLE001 - a broken row must not stop a long run
             self.counter.add(f"item {index}", error)
             return None
         image = load_image(item, counter=self.counter)
-        return None if image is None else {"pixel_values": self.transform(image, index)}
+        if image is None:
+            return None
+        example: dict[str, Any] = {"pixel_values": self.transform(image, index, epoch=epoch)}
+        if batch is not None:
+            example["batch_index"] = batch
+        example[LOAD_SECONDS_KEY] = time.perf_counter() - started
+        return example
 
 
 class PretrainIterableImageDataset(_CroppedImageSource, IterableDataset):
@@ -179,17 +242,22 @@ class PretrainIterableImageDataset(_CroppedImageSource, IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
+        started = time.perf_counter()
         for position, row in enumerate(self.source):  # HF IterableDatasets shard themselves over workers
             image = load_image(row[self.image_key], counter=self.counter)
             if image is not None:
-                yield {"pixel_values": self.transform(image, worker, position)}
+                pixels = self.transform(image, worker, position)
+                yield {"pixel_values": pixels, LOAD_SECONDS_KEY: time.perf_counter() - started}
+            started = time.perf_counter()
 
 
 class MaskedBatchCollator:
     """Drop bad (``None``) examples, then collate with the mask collator.
 
-    A batch with no good example returns ``None`` but still consumes its mask index, so the masks of later
-    batches do not shift (the mask stream stays a function of the batch position).
+    Examples made from :class:`SampleKey` s carry their global batch index, which picks the masks. Without it the
+    mask collator's own counter does; a batch with no good example then still consumes its mask index, so the masks
+    of later batches do not shift (the mask stream stays a function of the batch position). The batch gets
+    ``LOAD_SECONDS_KEY``, the seconds spent making it, when its examples say how long each took.
     """
 
     def __init__(self, mask_collator: Any) -> None:
@@ -199,12 +267,21 @@ class MaskedBatchCollator:
         """Forwarded to the mask collator (so step-aligning hooks can treat both alike)."""
         self.mask_collator.set_step(step)
 
-    def __call__(self, examples: list[Any]) -> dict[str, torch.Tensor] | None:
+    def __call__(self, examples: list[Any]) -> dict[str, Any] | None:
+        started = time.perf_counter()
         good = [example for example in examples if example is not None and example.get("pixel_values") is not None]
         if not good:
-            self.mask_collator.sample_batch(1)  # advance the mask stream; result unused
+            self.mask_collator.sample_batch(1)  # advance a counted mask stream; result unused
             return None
-        return self.mask_collator(good)
+        indices = {example["batch_index"] for example in good if "batch_index" in example}
+        if len(indices) > 1:
+            raise ValueError(f"one batch holds samples of several global batches {sorted(indices)}: the sampler's "
+                             "batch_size / num_processes differ from the DataLoader's")
+        batch = self.mask_collator(good, batch_index=indices.pop() if indices else None)
+        made = [example[LOAD_SECONDS_KEY] for example in good if LOAD_SECONDS_KEY in example]
+        if made:  # the images' making plus this collation: the seconds a worker spent on the batch
+            batch[LOAD_SECONDS_KEY] = sum(made) + time.perf_counter() - started
+        return batch
 
 
 @dataclass
@@ -220,6 +297,27 @@ class PretrainingData:
     @property
     def is_embedded(self) -> bool:
         return self.description.startswith(EMBEDDED_DATASET_NAME)
+
+    def dataloader(self, batch_size: int, collate_fn: Any, *, num_workers: int = 0, prefetch_factor: int | None = None,
+                   pin_memory: bool = False) -> DataLoader:
+        """The run's ``DataLoader`` (complete batches only). Workers persist across epochs when the data is map-style:
+        its samples' keys carry the epoch and mask index, so nothing has to reach the workers at an epoch start. A
+        stream's workers take the epoch when they start, so they are started anew each epoch. ``pin_memory``:
+        page-locked batches, whose copies to a CUDA device can be non-blocking."""
+        return DataLoader(
+            self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate_fn,
+            num_workers=num_workers, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0 and self.num_images is not None,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+
+    def model_inputs(self, batch: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """A collated batch (already on the device) as the model's keyword arguments: its ``uint8`` images finished
+        there with the transform's mean and std, ``LOAD_SECONDS_KEY`` removed. Returns ``batch`` itself."""
+        batch.pop(LOAD_SECONDS_KEY, None)
+        transform = self.dataset.transform.transform
+        batch["pixel_values"] = normalize_images(batch["pixel_values"], transform.mean, transform.std)
+        return batch
 
 
 def build_pretraining_data(
@@ -240,16 +338,24 @@ def build_pretraining_data(
     embedded_scene_settings: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     token: str | None = None,
+    uint8_images: bool = False,
+    batch_size: int | None = None,
+    num_processes: int = 1,
 ) -> PretrainingData:
     """The pretraining dataset: a Hub dataset / builder (``dataset_name``), an image folder (``train_dir``), or
     without either the embedded procedural scenes (rendered at ``image_size``, :data:`EMBEDDED_SCENES` changed by
-    ``embedded_scene_settings``; their generator seed is fixed so that ``seed`` varies only the training)."""
+    ``embedded_scene_settings``; their generator seed is fixed so that ``seed`` varies only the training).
+
+    ``uint8_images``: the workers return ``uint8`` images for :meth:`PretrainingData.model_inputs` to finish on
+    the device. ``batch_size`` (per process) and ``num_processes``: the sampler of map-style data yields
+    :class:`SampleKey` s for that batch layout (see :class:`EpochShuffleSampler`)."""
     counter = counter if counter is not None else BadImageCounter()
-    common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed)
+    common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed, uint8_images=uint8_images)
+    keyed = dict(batch_size=batch_size, num_processes=num_processes)
     if dataset_name is None and train_dir is None:
         num = min(embedded_num_images, max_train_samples or embedded_num_images)
         source = embedded_scenes(num, image_size=image_size, seed=0, **(embedded_scene_settings or {}))
-        return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed),
+        return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed, **keyed),
                                f"{EMBEDDED_DATASET_NAME} (embedded, {num} images at {image_size}px)", None, num)
     source = load_image_dataset(
         dataset_name=dataset_name, train_dir=train_dir, streaming=streaming, image_column=image_column_name,
@@ -263,7 +369,7 @@ def build_pretraining_data(
             source = source.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         return PretrainingData(PretrainIterableImageDataset(source, **common), None, f"{description} (streamed)",
                                name, None)
-    return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed),
+    return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed, **keyed),
                            f"{description} ({len(source)} images)", name, len(source))
 
 

@@ -11,7 +11,9 @@ pretraining and evaluation transforms are re-implemented here with the same sema
 * :class:`EvalTransform` is the usual resize-shorter-side + centre crop + normalise.
 
 Tensors follow the torchvision ``ToTensor`` convention: ``float32`` in ``[0, 1]``, shape ``[C, H, W]``,
-then normalised channel-wise.
+then normalised channel-wise. The pretraining transform can instead stop at ``uint8`` (``as_uint8=True``): images
+then cross to the accelerator at a quarter of the bytes and :func:`normalize_images` finishes them there with the
+same operations, so the numbers are those of the float path.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ __all__ = [
     "PretrainTransform",
     "EvalTransform",
     "pil_to_tensor",
+    "pil_to_uint8",
     "normalize",
+    "normalize_images",
     "make_transform_fn",
     "set_image_transform",
 ]
@@ -73,13 +77,23 @@ def _as_resample(interpolation: str | int | Image.Resampling) -> Image.Resamplin
     return Image.Resampling(int(interpolation))
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> ``FloatTensor [3, H, W]`` in ``[0, 1]`` (torchvision ``ToTensor`` semantics)."""
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL image -> ``ByteTensor [3, H, W]`` (RGB, contiguous)."""
     if image.mode != "RGB":
         image = to_rgb(image)
     # np.array (not asarray) gives a writable copy, which torch.from_numpy needs to avoid a warning.
     array = np.array(image, dtype=np.uint8)
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8`` -> ``float32`` in ``[0, 1]``: the one conversion both the host and the device path use."""
+    return pixels.float().div_(255.0)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> ``FloatTensor [3, H, W]`` in ``[0, 1]`` (torchvision ``ToTensor`` semantics)."""
+    return _unit_range(pil_to_uint8(image))
 
 
 def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -87,6 +101,20 @@ def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     mean_t = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     std_t = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
     return (tensor - mean_t) / std_t
+
+
+def normalize_images(pixel_values: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Finish ``uint8`` images where they are (e.g. on the accelerator, after a copy of a quarter of the bytes):
+    ``[..., C, H, W]`` -> ``float32`` in ``[0, 1]``, normalised channel-wise. The operations and their order are
+    :class:`PretrainTransform`'s, so the result equals the float path's. Floating-point input is returned as it is
+    (already finished)."""
+    if pixel_values.is_floating_point():
+        return pixel_values
+    if pixel_values.dtype != torch.uint8:
+        raise TypeError(f"pixel_values must be uint8 images (0-255) or finished float images, got "
+                        f"{pixel_values.dtype}")
+    return normalize(_unit_range(pixel_values), mean, std)
 
 
 class RandomResizedCrop:
@@ -208,9 +236,12 @@ class PretrainTransform:
             default, which the official code uses (it passes no interpolation); ``"bicubic"`` is what the HF
             MAE example uses.
         generator: optional ``torch.Generator`` for reproducible crops.
+        as_uint8: stop before the float conversion: ``__call__`` returns the cropped image as ``ByteTensor
+            [3, S, S]``, for :func:`normalize_images` (with this transform's ``mean`` / ``std``) to finish on the
+            device.
 
-    ``__call__(PIL.Image) -> FloatTensor [3, S, S]``. Any PIL mode is accepted (converted with
-    :func:`~ijepa_hf.data.loading.to_rgb`).
+    ``__call__(PIL.Image) -> FloatTensor [3, S, S]`` (``ByteTensor`` with ``as_uint8``). Any PIL mode is accepted
+    (converted with :func:`~ijepa_hf.data.loading.to_rgb`).
     """
 
     def __init__(
@@ -221,8 +252,10 @@ class PretrainTransform:
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str | int | Image.Resampling = "bilinear",
         generator: torch.Generator | None = None,
+        as_uint8: bool = False,
     ) -> None:
         self.image_size = int(image_size)
+        self.as_uint8 = bool(as_uint8)
         self.crop = RandomResizedCrop(
             self.image_size, scale=crop_scale, interpolation=interpolation, generator=generator
         )
@@ -232,10 +265,12 @@ class PretrainTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         if image.mode != "RGB":
             image = to_rgb(image)
-        return normalize(pil_to_tensor(self.crop(image)), self.mean, self.std)
+        pixels = pil_to_uint8(self.crop(image))
+        return pixels if self.as_uint8 else normalize_images(pixels, self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(crop={self.crop!r}, mean={self.mean}, std={self.std})"
+        return (f"{type(self).__name__}(crop={self.crop!r}, mean={self.mean}, std={self.std}"
+                f"{', as_uint8=True' if self.as_uint8 else ''})")
 
 
 class EvalTransform:

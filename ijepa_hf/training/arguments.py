@@ -146,7 +146,13 @@ class PretrainingArguments:
         "precision at start-up and keep the faster, logged; two runs may then pick differently)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
     torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (inductor)."))
-    num_workers: int = field(default=0, metadata=_help("DataLoader worker processes."))
+    num_workers: int = field(default=0, metadata=_help(
+        "DataLoader worker processes that decode, crop and mask the images (0: in the training process). On a GPU "
+        "give it enough that the log's loader_images_per_s stays above its images_per_s (data_wait_fraction near "
+        "0): about the CPU cores per GPU less one or two; decoding a JPEG folder takes a few cores per 1,000 "
+        "images/s. Workers live for the whole run."))
+    prefetch_factor: int = field(default=4, metadata=_help(
+        "Batches each worker prepares ahead (with --num_workers > 0)."))
     seed: int = field(default=0, metadata=_help("Seed of the model init, data order, crops and masks."))
     skip_nonfinite_steps: int = field(default=0, metadata=_help(
         "Skip up to N updates whose loss or gradients are not finite (their optimizer step and EMA are not "
@@ -205,7 +211,7 @@ class PretrainingArguments:
                 raise ValueError(f"--{name} must be a positive integer, got {value!r}")
 
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
-                     "logging_steps", "embedded_num_images", "ddp_timeout"):
+                     "logging_steps", "embedded_num_images", "ddp_timeout", "prefetch_factor"):
             positive(name)
         for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "image_size"):
             positive(name, allow_none=True)
@@ -347,7 +353,7 @@ _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
-    "hub_token", "hub_private_repo", "num_workers", "ddp_timeout", "cache_dir", "torch_compile",
+    "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "cache_dir", "torch_compile",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
     "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })

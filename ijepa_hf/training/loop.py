@@ -30,10 +30,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import BadImageCounter, MaskedBatchCollator, build_pretraining_data
+from ..data import LOAD_SECONDS_KEY, BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ..masking import IJepaMaskCollator
 from .arguments import PretrainingArguments, build_config, check_resume_compatible, parse_args
 from .checkpointing import (
@@ -53,7 +52,15 @@ from .distributed import (
     match_deepspeed_config,
 )
 from .export import push_output_dir, save_final_model, training_summary
-from .metrics import TRAIN_LOG_NAME, CollapseMonitor, LogWindow, append_train_log, truncate_train_log
+from .metrics import (
+    TRAIN_LOG_NAME,
+    CollapseMonitor,
+    LogWindow,
+    append_train_log,
+    read_train_log,
+    throughput_summary,
+    truncate_train_log,
+)
 from .optim import build_optimizer
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, PretrainingStep, weights_are_finite
@@ -123,8 +130,11 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         log_with=[t.strip() for t in args.report_to.split(",")] if args.with_tracking else None,
         project_dir=str(output_dir),
         # Each rank collates its own rows of the global batch (the mask collator knows its rank); dispatching
-        # would run the collator once on rank 0 with the wrong batch size.
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        # would run the collator once on rank 0 with the wrong batch size. Non-blocking copies from pinned memory
+        # (on CUDA) let the host queue the next step while the device still runs this one; a blocking copy waits
+        # for every kernel queued before it.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False,
+                                                  non_blocking=True),
         dynamo_backend="inductor" if args.torch_compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
@@ -172,7 +182,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         enable()
     image_size = _square(config.encoder_config.image_size)
 
-    # ---- data
+    # ---- data: uint8 images leave the workers (a quarter of the bytes to pin and copy) and are finished on the
+    # device (data.model_inputs); every sample's epoch and mask index travel with its key (SampleKey)
     counter = BadImageCounter()
     data = build_pretraining_data(
         image_size=image_size, seed=args.seed, crop_scale=args.crop_range, counter=counter,
@@ -180,15 +191,14 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         image_column_name=args.image_column_name, dataset_split=args.dataset_split, streaming=args.streaming,
         shuffle_buffer_size=args.shuffle_buffer_size, max_train_samples=args.max_train_samples,
         embedded_num_images=args.embedded_num_images, embedded_scene_settings=args.embedded_scene_settings,
-        cache_dir=args.cache_dir, token=args.hub_token,
+        cache_dir=args.cache_dir, token=args.hub_token, uint8_images=True,
+        batch_size=args.per_device_train_batch_size, num_processes=accelerator.num_processes,
     )
     mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
                                               process_index=accelerator.process_index)
-    dataloader = DataLoader(
-        data.dataset, batch_size=args.per_device_train_batch_size, sampler=data.sampler, drop_last=True,
-        collate_fn=MaskedBatchCollator(mask_collator), num_workers=args.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-    )
+    dataloader = data.dataloader(args.per_device_train_batch_size, MaskedBatchCollator(mask_collator),
+                                 num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
+                                 pin_memory=accelerator.device.type == "cuda")
 
     # ---- optimizer
     optimizer = build_optimizer(
@@ -279,7 +289,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
                               dummy_batch=_dummy_batch_factory(mask_collator, config, accelerator.device),
                               skip_nonfinite_steps=args.skip_nonfinite_steps, ema_mode=ema)
-    window = LogWindow(accelerator.device)
+    window = LogWindow(accelerator.device, loader_workers=max(1, args.num_workers))
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
     probe = _OnlineProbe.build(args, data, image_size, total_steps, ema)
     final_loss: float | None = None
@@ -292,19 +302,20 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         for source in (data.sampler, data.dataset):
             if hasattr(source, "set_epoch"):
                 source.set_epoch(progress.epoch)
-        # Masks are indexed by the global batch number; workers cannot report back, so set it explicitly.
+        # Map-style data: the sampler's keys carry each sample's epoch and mask index to the workers. A stream's
+        # batches are counted by the collator, whose workers are started anew each epoch from this count.
         mask_collator.set_step(progress.batches_seen)
         epoch_loader = (accelerator.skip_first_batches(dataloader, progress.batch_in_epoch)
                         if progress.batch_in_epoch else dataloader)
         # Accelerate's loaders call set_epoch(<their own iteration counter>) when iterated; a skip-loader made on
         # resume starts that counter at 0, so pin it to the real epoch.
         epoch_loader.set_epoch(progress.epoch)
-        for batch in epoch_loader:
+        for batch in _timed(epoch_loader, window):
             progress.batch_in_epoch += 1
             progress.batches_seen += 1
             update = progress.completed_steps + 1
             is_log_step = update % args.logging_steps == 0 or update == total_steps or probe.due(update)
-            out = step_fn(batch, update, want_stats=is_log_step)
+            out = step_fn(None if batch is None else data.model_inputs(batch), update, want_stats=is_log_step)
             progress.images_seen += out.num_images
             good_batches += out.loss is not None
             window.add(out.loss, out.num_images, out.context_patches, out.target_patches, out.stats)
@@ -352,6 +363,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         logger.info("No unreadable images.")
     if step_fn.skipped_updates:
         logger.warning("Skipped %d non-finite update(s) (--skip_nonfinite_steps)", step_fn.skipped_updates)
+    if accelerator.is_main_process and (limits := throughput_summary(read_train_log(log_path), args.num_workers)):
+        logger.info(limits)
     if probe.seconds:
         logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f", probe.seconds,
                     runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy)
@@ -400,6 +413,23 @@ def _configure_logging(is_main: bool) -> None:
     else:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+
+
+def _timed(loader: Any, window: LogWindow) -> Any:
+    """Iterate ``loader``, telling ``window`` how long each batch was waited for and how long it took to make."""
+    iterator = iter(loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        waited = time.perf_counter() - started
+        if batch is not None:
+            window.add_loading(waited, batch.get(LOAD_SECONDS_KEY), int(batch["pixel_values"].shape[0]))
+        else:
+            window.add_loading(waited, None, 0)
+        yield batch
 
 
 def _require_process_group(accelerator: Any) -> None:

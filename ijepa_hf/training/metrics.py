@@ -27,6 +27,7 @@ __all__ = [
     "SCHEDULE_KEYS",
     "COLLAPSE_KEYS",
     "THROUGHPUT_KEY",
+    "LOADER_KEYS",
     "LOG_KEYS",
     "ONLINE_PROBE_KEYS",
     "collapse_statistics",
@@ -37,6 +38,7 @@ __all__ = [
     "CollapseMonitor",
     "LogWindow",
     "read_train_log",
+    "throughput_summary",
     "truncate_train_log",
     "append_train_log",
 ]
@@ -50,11 +52,15 @@ SCHEDULE_KEYS = ("lr", "weight_decay", "momentum")
 # target_cosine: mean pairwise cosine similarity of the pooled target features of different images.
 COLLAPSE_KEYS = ("target_std", "target_token_std", "pred_std", "target_rankme", "target_cosine")
 THROUGHPUT_KEY = "images_per_s"
+# What limits the throughput: data_wait_fraction is the share of the row's wall time the loop waited for its next
+# batch (near 0: the step limits; near 1: the data); loader_images_per_s is what the loader can deliver (images per
+# second of a worker's making time, times the workers, summed over processes), to set beside images_per_s.
+LOADER_KEYS = ("data_wait_fraction", "loader_images_per_s")
 # online_knn_accuracy: k-NN accuracy of the target encoder's pooled features on the run's online probe set (a
 # bank and held-out queries of labelled images); online_rankme: RankMe of those features over the whole probe set;
 # online_probe_seconds: what the probe cost (in rows that have one).
 ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_seconds")
-LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *COLLAPSE_KEYS, "context_patches",
+LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *LOADER_KEYS, *COLLAPSE_KEYS, "context_patches",
             "target_patches", "skipped_batches")
 
 
@@ -201,8 +207,9 @@ class LogWindow:
     makes there anyway).
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", loader_workers: int = 1) -> None:
         self.device = torch.device(device)
+        self.loader_workers = max(1, int(loader_workers))
         self._time = time.perf_counter()
         self._reset()
 
@@ -210,7 +217,17 @@ class LogWindow:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_count = 0
         self.images = self.context = self.target = self.batches = self.skipped = 0
+        self.waited = self.made_seconds = 0.0
+        self.made_images = 0
         self.stats: dict[str, float] | None = None
+
+    def add_loading(self, waited: float, made_seconds: float | None, num_images: int) -> None:
+        """One batch from the loader: ``waited`` seconds for it; ``made_seconds`` its worker spent making its
+        ``num_images`` images (``None``: not known)."""
+        self.waited += waited
+        if made_seconds is not None:
+            self.made_seconds += made_seconds
+            self.made_images += num_images
 
     def add(self, loss: torch.Tensor | None, num_images: int, context_patches: int | float | torch.Tensor,
             target_patches: int, stats: dict[str, float] | None = None) -> None:
@@ -236,24 +253,49 @@ class LogWindow:
         """Reduce over ranks (every rank must call this) and return the row to log (``None`` if no rank had a good
         batch since the last row: the counts then carry over into the next row)."""
         stats = self.stats or {}
+        so_far = time.perf_counter() - self._time  # the host's view; the device may still be behind it
+        capacity = (self.loader_workers * self.made_images / self.made_seconds if self.made_seconds > 0
+                    else float("nan"))
         values = torch.stack([
             self.loss_sum,
             *(torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in (
-                self.loss_count, self.images, self.skipped, *(stats.get(k, float("nan")) for k in COLLAPSE_KEYS))),
+                self.loss_count, self.images, self.skipped, self.waited / max(so_far, 1e-9), capacity,
+                *(stats.get(k, float("nan")) for k in COLLAPSE_KEYS))),
         ])
         summed = accelerator.reduce(values, "sum").tolist()
         if summed[1] == 0:
             return None
-        now = time.perf_counter()
+        now = time.perf_counter()  # after the reduce, which waited for the device: the window's real length
         elapsed, self._time = now - self._time, now
         batches, context, target = self.batches, float(self.context), self.target
         self._reset()
         processes = accelerator.num_processes
-        row = {**fields, LOSS_KEY: summed[0] / summed[1], THROUGHPUT_KEY: summed[2] / max(elapsed, 1e-9)}
-        row.update({k: v / processes for k, v in zip(COLLAPSE_KEYS, summed[4:])})
+        row = {**fields, LOSS_KEY: summed[0] / summed[1], THROUGHPUT_KEY: summed[2] / max(elapsed, 1e-9),
+               "data_wait_fraction": summed[4] / processes, "loader_images_per_s": summed[5]}
+        row.update({k: v / processes for k, v in zip(COLLAPSE_KEYS, summed[6:])})
         row.update(context_patches=context / max(batches, 1), target_patches=target / max(batches, 1),
                    skipped_batches=int(summed[3]))
         return row
+
+
+def throughput_summary(rows: list[Mapping[str, Any]], num_workers: int) -> str | None:
+    """One sentence on what limited a run's throughput, from its log rows (the first, with start-up, left out when
+    there are others); ``None`` without rows."""
+    rows = [row for row in (rows[1:] if len(rows) > 1 else rows)
+            if all(isinstance(row.get(k), (int, float)) for k in (THROUGHPUT_KEY, *LOADER_KEYS))]
+    if not rows:
+        return None
+
+    def middle(key: str) -> float:
+        values = sorted(float(row[key]) for row in rows)
+        return values[len(values) // 2]
+
+    speed, wait, loader = middle(THROUGHPUT_KEY), middle("data_wait_fraction"), middle("loader_images_per_s")
+    text = (f"Throughput {speed:,.1f} images/s; the loop waited for data {wait:.0%} of the time; the loader can "
+            f"deliver {loader:,.0f} images/s with {num_workers} worker(s)")
+    if wait > 0.1:
+        return text + " — the data limits this run: raise --num_workers (see --help)."
+    return text + " — the training step limits this run."
 
 
 def _json_row(row: Mapping[str, Any]) -> str:

@@ -27,6 +27,14 @@ Where the hooks sit in transformers 5.24's training step::
 During both optimizer hooks ``state.global_step`` is ``k - 1``, so update ``k = state.global_step + 1`` is passed
 to the stateless :class:`~ijepa_hf.training.PretrainingSchedule`, and ``trainer.train(resume_from_checkpoint=...)``
 needs no extra state.
+
+The input path is the Accelerate loop's, set through ``TrainingArguments``: with an
+:class:`~ijepa_hf.data.PretrainImageDataset` and ``dataloader_drop_last=True`` the sampler hands each sample's epoch
+and mask index to the workers (:class:`~ijepa_hf.data.EpochShuffleSampler` with keys), so
+``dataloader_persistent_workers`` keeps the masks a function of the batch position; ``uint8`` images are finished on
+the device (:func:`~ijepa_hf.data.normalize_images`); ``dataloader_pin_memory``, ``dataloader_prefetch_factor`` and
+``accelerator_config={"non_blocking": True}`` (set by :func:`official_training_arguments`) keep the copies off the
+step's critical path.
 """
 
 from __future__ import annotations
@@ -73,6 +81,9 @@ def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingAr
         output_dir=output_dir, learning_rate=1e-3, lr_scheduler_type="cosine",
         lr_scheduler_kwargs={"start_lr": 2e-4, "final_lr": 1e-6}, warmup_steps=40 / 300, weight_decay=0.04,
         optim="adamw_torch_fused", max_grad_norm=0.0, remove_unused_columns=False,
+        # The official loader drops the last incomplete batch; complete batches also let the sampler key every
+        # sample with its mask index (IJepaTrainer._get_train_sampler). Non-blocking copies of pinned batches.
+        dataloader_drop_last=True, accelerator_config={"non_blocking": True},
     )
     values.update(overrides)
     return TrainingArguments(**values)
@@ -273,6 +284,50 @@ class IJepaTrainer(Trainer):
             # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
             logger.warning("IJepaTrainer: remove_unused_columns=True drops the columns %s the mask collator reads; "
                            "set remove_unused_columns=False.", columns)
+
+    def _keyed_samples(self, dataset: Any) -> bool:
+        """Whether ``dataset`` takes :class:`~ijepa_hf.data.SampleKey` s from the sampler (see the module docstring)."""
+        from ..data import PretrainImageDataset
+
+        return isinstance(dataset, PretrainImageDataset) and self.args.dataloader_drop_last
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if not self._keyed_samples(dataset):
+            if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+                logger.warning("IJepaTrainer: dataloader_persistent_workers with a dataset that takes no sample keys "
+                               "(an ijepa_hf PretrainImageDataset with dataloader_drop_last=True does): the workers' "
+                               "mask counters are not realigned at epoch starts, so the masks of a resumed run differ "
+                               "from an uninterrupted one.")
+            return super()._get_train_sampler(train_dataset)
+        from ..data import EpochShuffleSampler
+
+        return EpochShuffleSampler(len(dataset), self.args.seed, batch_size=self._train_batch_size,
+                                   num_processes=self.args.world_size)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The Trainer's (onto the device), then ``uint8`` images finished there with the dataset's statistics."""
+        from ..data import LOAD_SECONDS_KEY, normalize_images
+
+        inputs = super()._prepare_inputs(inputs)
+        inputs.pop(LOAD_SECONDS_KEY, None)
+        pixels = inputs.get("pixel_values")
+        if isinstance(pixels, torch.Tensor) and not pixels.is_floating_point():
+            inputs["pixel_values"] = normalize_images(pixels, *self._image_statistics())
+        return inputs
+
+    def _image_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
+        """Mean and std of the training images' normalisation: the dataset's transform, else the image
+        processor's, else ImageNet's (the official recipe's)."""
+        from ..data import IMAGENET_MEAN, IMAGENET_STD
+
+        transform = getattr(getattr(self.train_dataset, "transform", None), "transform", None)
+        if transform is not None and hasattr(transform, "mean"):
+            return transform.mean, transform.std
+        processor = self.processing_class
+        if getattr(processor, "image_mean", None) is not None and getattr(processor, "image_std", None) is not None:
+            return processor.image_mean, processor.image_std
+        return IMAGENET_MEAN, IMAGENET_STD
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, with the values of an :class:`OnlineProbeCallback` that ran since the last one."""
