@@ -42,7 +42,14 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.training import PretrainingArguments, PretrainingResult, parse_args, pretrain
+from ijepa_hf.training import (
+    PREEMPTED_EXIT_CODE,
+    PretrainingArguments,
+    PretrainingResult,
+    TrainingPreempted,
+    parse_args,
+    pretrain,
+)
 
 logger = logging.getLogger("pretrain")
 
@@ -240,7 +247,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         level=logging.INFO)
     started = time.perf_counter()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    result = pretrain(args)
+    try:
+        result = pretrain(args)
+    except TrainingPreempted as stopped:  # a pre-emption signal: the checkpoint is complete, the job may requeue
+        logger.warning("%s", stopped)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     summary: dict[str, Any] = {"pretraining": result.to_dict()}
     is_main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
     probe_path = None
@@ -263,7 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
-    if torch.distributed.is_initialized():
-        # An orderly exit: a process group left to interpreter shutdown can abort it (seen with DeepSpeed on CPU).
-        torch.distributed.destroy_process_group()
+    try:
+        main()
+    finally:
+        if torch.distributed.is_initialized():
+            # An orderly exit: a process group left to interpreter shutdown can abort it (seen with DeepSpeed on CPU).
+            torch.distributed.destroy_process_group()

@@ -26,12 +26,19 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data
-from ijepa_hf.training import OnlineProbeCallback, apply_recipe, build_pretraining_config, get_recipe
+from ijepa_hf.training import (
+    PREEMPTED_EXIT_CODE,
+    OnlineProbeCallback,
+    PreemptionCallback,
+    apply_recipe,
+    build_pretraining_config,
+    get_recipe,
+)
 from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
@@ -131,6 +138,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     config = apply_recipe(config, script_args.recipe, keep=keep)
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
+    set_seed(training_args.seed)  # the model's initial weights too (Trainer seeds only once it is built)
     model = IJepaForPreTraining(config)
 
     counter = BadImageCounter()  # unreadable images become None, dropped by the collator and counted
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         config, seed=training_args.seed, num_processes=training_args.world_size,
         process_index=training_args.process_index,
     ))
-    callbacks = []
+    preemption = PreemptionCallback()  # SIGTERM / SIGUSR1: a checkpoint after this update, then exit code 75
+    callbacks: list[Any] = [preemption]
     if script_args.online_probe_steps != 0:
         probe_set = build_online_probe_set(data, image_size=image_size, num_images=script_args.online_probe_images,
                                            seed=training_args.seed)
@@ -165,6 +174,9 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if preemption.preempted is not None:
+        logger.warning("%s", preemption.preempted)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     trainer.save_model()
     if trainer.is_world_process_zero():
         encoder_dir = f"{training_args.output_dir}/encoder"

@@ -108,6 +108,30 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
     assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
 
 
+def test_pretrain_trainer_example_with_one_seed_starts_from_the_same_weights(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    built = []
+    original = example.IJepaForPreTraining
+
+    def record(config):
+        model = original(config)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(example, "IJepaForPreTraining", record)
+    torch.manual_seed(1)  # whatever the global RNG holds before, --seed decides the initial weights
+    example.main(["--output_dir", str(tmp_path / "a"), "--max_steps", "1", "--seed", "0", "--use_cpu",
+                  "--online_probe_steps", "0", "--embedded_num_images", "64"])
+    torch.manual_seed(2)
+    example.main(["--output_dir", str(tmp_path / "b"), "--max_steps", "1", "--seed", "0", "--use_cpu",
+                  "--online_probe_steps", "0", "--embedded_num_images", "64"])
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0])
+
+
 def test_a_negative_final_weight_decay_is_refused_whatever_the_lr_schedule(tmp_path):
     model, collator, data = _tiny()
     for scheduler in ("linear", "cosine"):

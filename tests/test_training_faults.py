@@ -135,6 +135,37 @@ def test_checkpoints_total_limit_keeps_the_newest_of_this_run(tmp_path):
     assert [info.path.name for info in list_checkpoints(out)] == ["step_6", "step_8"]
 
 
+def test_resuming_an_older_checkpoint_moves_the_abandoned_branch_aside(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", steps=8)  # step_2 .. step_8
+    straight = {path.name: (path / "checkpoint.json").read_text() for path in out.glob("step_*")}
+    with caplog.at_level("WARNING"):
+        result = run(out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2",
+                     "--resume_from_checkpoint", str(out / "step_4"), steps=8)
+    assert result.resumed_from == str(out / "step_4") and result.global_step == 8
+    # step_6 and step_8 of the abandoned branch were moved aside, named in a warning, before anything else ...
+    aside = sorted(out.glob("abandoned-*/step_*"))
+    assert [path.name for path in aside] == ["step_6", "step_8"]
+    assert all((path / "checkpoint.json").read_text() == straight[path.name] for path in aside)
+    assert "step_6" in caplog.text and "abandoned" in caplog.text
+    # ... so pruning kept the new branch's newest two (it would have deleted each new one at once), ...
+    assert [info.path.name for info in list_checkpoints(out)] == ["step_6", "step_8"]
+    assert all(json.loads((out / name / "checkpoint.json").read_text())["saved"] for name in ("step_6", "step_8"))
+    # ... and latest is the new branch's step_8, never the abandoned one.
+    assert latest_checkpoint(out).path == out / "step_8"
+    assert (out / "step_8" / "checkpoint.json").read_text() != straight["step_8"]
+
+
+def test_pruning_never_removes_the_newest_checkpoint(tmp_path):
+    from ijepa_hf.training.checkpointing import prune_checkpoints
+
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", steps=6)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert prune_checkpoints(out, run_id, keep=1, newest=out / "step_2") == [out / "step_4", out / "step_6"]
+    assert [info.path.name for info in list_checkpoints(out)] == ["step_2"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder: another run, a second process
 # ----------------------------------------------------------------------------------------------------------------

@@ -299,7 +299,7 @@ class PretrainingData:
         return self.description.startswith(EMBEDDED_DATASET_NAME)
 
     def dataloader(self, batch_size: int, collate_fn: Any, *, num_workers: int = 0, prefetch_factor: int | None = None,
-                   pin_memory: bool = False) -> DataLoader:
+                   pin_memory: bool = False, worker_init_fn: Any = None) -> DataLoader:
         """The run's ``DataLoader`` (complete batches only). Workers persist across epochs when the data is map-style:
         its samples' keys carry the epoch and mask index, so nothing has to reach the workers at an epoch start. A
         stream's workers take the epoch when they start, so they are started anew each epoch. ``pin_memory``:
@@ -308,7 +308,7 @@ class PretrainingData:
             self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate_fn,
             num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0 and self.num_images is not None,
-            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None, worker_init_fn=worker_init_fn,
         )
 
     def model_inputs(self, batch: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -4,12 +4,14 @@ Accelerate loop (:func:`pretrain`) and the ``transformers.Trainer`` integration 
 Modules, one concept each: ``arguments`` (the run's options and config), ``schedules`` (lr / weight decay / EMA as
 functions of the update number), ``optim`` (parameter groups), ``step`` (one training step), ``checkpointing``
 (output folder, lock, atomic save, resume), ``metrics`` (log schema, collapse statistics, online probe), ``export``
-(final model, cards, push), ``recipes`` (official / small), ``kernels`` (kernel choices by measurement),
+(final model, cards, push), ``preemption`` (signals that stop a run with a checkpoint), ``host_syncs`` (counting
+where the host waits for the device), ``recipes`` (official / small), ``kernels`` (kernel choices by measurement),
 ``distributed`` (FSDP2 / DeepSpeed / per-process masks), ``loop`` (:func:`pretrain`), ``trainer``
 (:class:`IJepaTrainer`).
 """
 
 from .cpu_allocator import keep_freed_memory_for_reuse
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, TrainingPreempted
 from .optim import build_optimizer, is_no_decay_param, official_param_groups
 from .schedules import (
     PretrainingSchedule,
@@ -29,6 +31,9 @@ __all__ = [
     "build_optimizer",
     "is_no_decay_param",
     "keep_freed_memory_for_reuse",
+    "PREEMPTED_EXIT_CODE",
+    "PreemptionHandler",
+    "TrainingPreempted",
     # imported lazily below (they pull in accelerate / datasets / transformers.Trainer)
     "PretrainingArguments",
     "PretrainingResult",
@@ -43,6 +48,7 @@ __all__ = [
     "WeightDecayScheduleCallback",
     "MaskCollatorStepCallback",
     "OnlineProbeCallback",
+    "PreemptionCallback",
     "official_training_arguments",
     "recipe_training_arguments",
     "RECIPES",
@@ -65,6 +71,7 @@ _LAZY = {
     "WeightDecayScheduleCallback": "trainer",
     "MaskCollatorStepCallback": "trainer",
     "OnlineProbeCallback": "trainer",
+    "PreemptionCallback": "trainer",
     "recipe_training_arguments": "trainer",
     "RECIPES": "recipes",
     "apply_recipe": "recipes",

@@ -173,6 +173,10 @@ class PretrainingArguments:
     ddp_timeout: int = field(default=600, metadata=_help(
         "Seconds a process waits for the others in a collective before the run fails (a rank that died or "
         "stalled); torch's default would be 1800."))
+    preemption_signals: str = field(default="SIGTERM,SIGUSR1", metadata=_help(
+        "Signals that ask the run to stop: it finishes the current update, writes a complete checkpoint and exits "
+        "with code 75 (continue with --resume_from_checkpoint latest). 'none': the signals keep their default "
+        "action. SLURM sends SIGTERM at pre-emption and at the time limit."))
     # ---- logging
     with_tracking: bool = field(default=False, metadata=_help("Log metrics to trackers (see --report_to)."))
     report_to: str = field(default="tensorboard", metadata=_help(
@@ -224,6 +228,9 @@ class PretrainingArguments:
             raise ValueError("--embedded_scenes sets the embedded scenes, but a data argument (--dataset_name / "
                              "--train_dir) is given; drop one of them.")
         self.embedded_scene_settings  # noqa: B018 - parses, so that a bad setting fails before the run starts
+        from .preemption import parse_signals
+
+        parse_signals(self.preemption_signals)  # an unknown name is an error naming it
         from .recipes import get_recipe
 
         get_recipe(self.recipe)  # an unknown name is an error naming the recipes
@@ -353,7 +360,7 @@ _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
-    "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "cache_dir", "torch_compile",
+    "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals", "cache_dir", "torch_compile",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
     "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })

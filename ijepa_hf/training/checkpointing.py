@@ -284,6 +284,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
             run_id = run_id or uuid.uuid4().hex
             _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
             return RunFolder(run_id, None)
+        _move_abandoned_branch(output_dir, run_id, found.step)
         return RunFolder(run_id, found.path)
     if resume_from_checkpoint:
         path = Path(resume_from_checkpoint)
@@ -296,6 +297,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
             raise ValueError(f"--output_dir {output_dir} holds another run than the checkpoint {path}: resume into "
                              "the checkpoint's own folder or an empty one")
         _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": manifest["run_id"]})
+        _move_abandoned_branch(output_dir, manifest["run_id"], int(manifest["step"]))
         return RunFolder(manifest["run_id"], path)
     if contents and not overwrite_output_dir:
         raise refuse
@@ -305,6 +307,26 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
     run_id = uuid.uuid4().hex
     _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
     return RunFolder(run_id, None)
+
+
+def _move_abandoned_branch(output_dir: Path, run_id: str, step: int) -> list[Path]:
+    """Resuming this run from ``step`` abandons its checkpoints after it: they are moved, whole, into one
+    ``abandoned-<time>`` folder (a warning names them) before anything else, so that neither ``latest`` nor pruning
+    ever mixes the two branches. Other runs' checkpoints stay where they are."""
+    newer = [info for info in list_checkpoints(output_dir)
+             if info.step > step and info.run_id in (run_id, None)]
+    if not newer:
+        return []
+    aside = output_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    aside.mkdir()
+    moved = []
+    for info in newer:
+        os.replace(info.path, aside / info.path.name)
+        moved.append(aside / info.path.name)
+    _fsync_dir(output_dir)
+    logger.warning("Resuming from step %d abandons the later checkpoints %s of this run: moved to %s (delete it "
+                   "once you no longer need them)", step, ", ".join(info.path.name for info in newer), aside)
+    return moved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,21 +426,26 @@ def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, 
         raise CheckpointError(f"checkpoint {final.name} failed on another process (see its log)")
     logger.info("Saved checkpoint %s", final)
     if accelerator.is_main_process and total_limit:
-        prune_checkpoints(output_dir, run_id, total_limit)
+        prune_checkpoints(output_dir, run_id, total_limit, newest=final)
     return final
 
 
-def prune_checkpoints(output_dir: str | os.PathLike, run_id: str, keep: int) -> list[Path]:
+def prune_checkpoints(output_dir: str | os.PathLike, run_id: str, keep: int, newest: str | os.PathLike | None = None
+                      ) -> list[Path]:
     """Remove the oldest complete checkpoints of run ``run_id`` beyond the newest ``keep`` (``keep >= 1``).
 
-    Other runs' checkpoints and incomplete folders are never touched, so the newest complete checkpoint of this run
-    always survives. Returns the removed paths.
+    ``newest``: the checkpoint just written, which is kept whatever its step number (the others kept are the
+    highest steps). Other runs' checkpoints and incomplete folders are never touched. Returns the removed paths.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    newest = None if newest is None else Path(newest).resolve()
     mine = [info for info in list_checkpoints(output_dir) if info.complete and info.run_id == run_id]
+    if newest is not None:
+        mine = [info for info in mine if info.path.resolve() != newest]
+        keep -= 1
     removed = []
-    for info in mine[:-keep]:
+    for info in mine[:len(mine) - keep]:
         shutil.rmtree(info.path, ignore_errors=True)
         removed.append(info.path)
         logger.info("Removed checkpoint %s (--checkpoints_total_limit %d)", info.path, keep)

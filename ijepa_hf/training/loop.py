@@ -12,12 +12,15 @@ A run is safe to leave alone for days:
   seed and positions; schedules are functions of the update number), and a resume under other settings is refused;
 * a folder holding another run is refused, and a second process training into the same folder fails at once;
 * a non-finite loss or gradient stops the run at the next log row or checkpoint, naming the step, before any
-  non-finite weights are saved; a rank that died makes the others fail after ``--ddp_timeout`` seconds.
+  non-finite weights are saved; a rank that died makes the others fail after ``--ddp_timeout`` seconds;
+* a pre-emption signal (``--preemption_signals``, :mod:`.preemption`) stops every process after the same update
+  with a complete checkpoint: :class:`~ijepa_hf.training.preemption.TrainingPreempted`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -62,6 +65,7 @@ from .metrics import (
     truncate_train_log,
 )
 from .optim import build_optimizer
+from .preemption import PreemptionHandler, TrainingPreempted, ignore_signals, parse_signals
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, PretrainingStep, weights_are_finite
 
@@ -161,17 +165,23 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
             outcome = [error]
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
+    signals = parse_signals(args.preemption_signals)
+    group = None
+    if signals and accelerator.num_processes > 1:
+        # The processes agree on a stop after every update on the host (gloo), never waiting for the device.
+        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
     try:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
-        return _train(args, accelerator, output_dir, outcome[0], ema)
+        with PreemptionHandler(signals, group) as preemption:
+            return _train(args, accelerator, output_dir, outcome[0], ema, preemption)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode
-           ) -> PretrainingResult:
+def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode,
+           preemption: PreemptionHandler) -> PretrainingResult:
     # ---- config and model (the same init on every rank: seeded before construction)
     set_seed(args.seed)
     config = build_config(args)
@@ -198,7 +208,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                                               process_index=accelerator.process_index)
     dataloader = data.dataloader(args.per_device_train_batch_size, MaskedBatchCollator(mask_collator),
                                  num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
-                                 pin_memory=accelerator.device.type == "cuda")
+                                 pin_memory=accelerator.device.type == "cuda",
+                                 worker_init_fn=functools.partial(ignore_signals, preemption.signals))
 
     # ---- optimizer
     optimizer = build_optimizer(
@@ -279,11 +290,14 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
                 "mask_sampling": mask_sampling(config)}
 
+    saved: list[Path] = []
+
     def save(step: int) -> None:
         step_fn.check()  # never save after a non-finite update
         if not _all_finite(accelerator, model):
             raise NonFiniteLossError(step, schedule.lr_at(step), ": the weights are no longer finite")
-        save_checkpoint(accelerator, output_dir, step, run.run_id, checkpoint_state(), args.checkpoints_total_limit)
+        saved.append(save_checkpoint(accelerator, output_dir, step, run.run_id, checkpoint_state(),
+                                     args.checkpoints_total_limit))
 
     # ---- train
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
@@ -338,6 +352,13 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 save(step)
             if step >= total_steps:
                 break
+            if preemption.stop_requested():
+                if not saved or saved[-1].name != f"step_{step}":
+                    save(step)
+                bar.close()
+                if args.with_tracking:
+                    accelerator.end_training()
+                raise TrainingPreempted(step, str(saved[-1]), preemption.received.name)
         else:  # the epoch ran to its end
             # Without readable images the run would only make zero-loss steps (forever, if streamed).
             _require_good_batches(accelerator, good_batches, data.description, counter)

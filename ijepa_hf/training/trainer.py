@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -55,7 +56,8 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "IJepaTrainer",
+__all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "PreemptionCallback",
+           "IJepaTrainer",
            "official_training_arguments", "OFFICIAL_FINAL_WEIGHT_DECAY", "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
@@ -185,6 +187,54 @@ class MaskCollatorStepCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
+
+
+class PreemptionCallback(TrainerCallback):
+    """Pre-emption for ``Trainer`` (which has none): the first of ``signals`` (default SIGTERM and SIGUSR1) makes
+    the Trainer save a checkpoint after the current update and stop; :attr:`preempted` then holds the
+    :class:`~ijepa_hf.training.preemption.TrainingPreempted` to raise or turn into
+    :data:`~ijepa_hf.training.preemption.PREEMPTED_EXIT_CODE`, and ``trainer.train(resume_from_checkpoint=True)``
+    continues from that update. The processes agree after every update on the host (gloo), as the Accelerate loop
+    does (:class:`~ijepa_hf.training.preemption.PreemptionHandler`). The handlers are installed for the length of
+    ``train()``."""
+
+    def __init__(self, signals: Sequence[str] | str | None = None) -> None:
+        from .preemption import DEFAULT_PREEMPTION_SIGNALS, parse_signals
+
+        self.signals = parse_signals(DEFAULT_PREEMPTION_SIGNALS if signals is None else signals)
+        self.handler: Any = None
+        self.preempted: Any = None
+        self._stopping_at: int | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        from .preemption import PreemptionHandler
+
+        group = None
+        if self.signals and torch.distributed.is_available() and torch.distributed.is_initialized():
+            group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
+        self.handler = PreemptionHandler(self.signals, group).__enter__()
+        self.preempted, self._stopping_at = None, None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> TrainerControl:
+        if self.handler is not None and state.global_step < state.max_steps and self.handler.stop_requested():
+            control.should_save = True
+            control.should_training_stop = True
+            self._stopping_at = state.global_step
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        from .preemption import TrainingPreempted
+
+        if self.handler is None:
+            return
+        if self._stopping_at is not None:
+            checkpoint = f"{args.output_dir}/checkpoint-{self._stopping_at}"
+            self.preempted = TrainingPreempted(self._stopping_at, checkpoint, self.handler.received.name)
+        self.handler.__exit__(None, None, None)
+        self.handler = None
 
 
 class OnlineProbeCallback(TrainerCallback):
