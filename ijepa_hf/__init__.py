@@ -24,6 +24,7 @@ from .configuration_ijepa_hf import (
 )
 from .configuration_ijepa_hf_backbone import IJepaBackboneConfig
 from .image_processing import make_image_processor
+from .loading import route_local_backbone_folders
 from .masking import IJepaMaskCollator, masks_to_boolean
 from .modeling_ijepa_hf import (
     IJepaBackbone,
@@ -56,6 +57,7 @@ def _register() -> None:
     # `config_class` is the backbone config, hence the mapping itself.
     for config_class in (IJepaEncoderConfig, IJepaPretrainingConfig):
         AutoBackbone._model_mapping.register(config_class, IJepaBackbone, exist_ok=True)
+    route_local_backbone_folders()  # transformers' AutoBackbone refuses every local folder (ijepa_hf.loading)
     for config_class in (IJepaEncoderConfig, IJepaPretrainingConfig, IJepaBackboneConfig):
         AutoImageProcessor.register(
             config_class,

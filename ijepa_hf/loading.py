@@ -5,7 +5,8 @@
 * :func:`load_image_classifier`: an image classifier with a new head on a pretrained backbone, also from an I-JEPA
   pretraining repo;
 * :func:`load_image_processor`: the repo's image processor, or ImageNet statistics at the model's resolution;
-* :func:`resolve_encoder`: the encoder inside an already loaded model.
+* :func:`resolve_encoder`: the encoder inside an already loaded model;
+* :func:`route_local_backbone_folders`: ``AutoBackbone.from_pretrained(<a local folder of this package>)``.
 
 Every loader refuses a raw official ``.pth.tar`` checkpoint with the command that converts it.
 """
@@ -20,7 +21,54 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_encoder", "load_image_classifier", "load_image_processor", "resolve_encoder"]
+__all__ = ["load_encoder", "load_image_classifier", "load_image_processor", "resolve_encoder",
+           "route_local_backbone_folders"]
+
+# The model types whose local folders AutoBackbone.from_pretrained is routed for (the encoder, classifier and
+# pretraining repos' configs, and the backbone's own).
+_BACKBONE_SOURCE_TYPES = ("ijepa_hf_encoder", "ijepa_hf_pretraining", "ijepa_hf_backbone")
+
+
+def _local_model_type(name: Any) -> str | None:
+    """The ``model_type`` of a local folder's ``config.json``, or None (not a folder, no readable config)."""
+    import json
+    import os
+
+    if not isinstance(name, (str, os.PathLike)) or not os.path.isfile(os.path.join(name, "config.json")):
+        return None
+    try:
+        with open(os.path.join(name, "config.json"), encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
+def route_local_backbone_folders() -> None:
+    """Let ``AutoBackbone.from_pretrained`` take a local folder of this package's models.
+
+    transformers (5.24 and 5.25 at least) asks the Hub whether a name is a repo before anything else, which fails
+    for every local folder: an absolute path is not a valid repo id, a relative one needs the network. A folder
+    whose ``config.json`` names one of this package's model types goes to ``IJepaBackbone.from_pretrained``
+    instead, which is what ``AutoBackbone`` resolves such a repo to; every other name goes to transformers'
+    ``from_pretrained`` unchanged. Called once, when ``ijepa_hf`` is imported."""
+    from transformers import AutoBackbone
+
+    original = AutoBackbone.from_pretrained
+    if getattr(original, "_ijepa_hf_routes_local_folders", False):
+        return
+
+    def from_pretrained(pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        if _local_model_type(pretrained_model_name_or_path) in _BACKBONE_SOURCE_TYPES:
+            from .modeling_ijepa_hf import IJepaBackbone
+
+            kwargs.pop("use_timm_backbone", None)
+            return IJepaBackbone.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return original(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    from_pretrained._ijepa_hf_routes_local_folders = True  # type: ignore[attr-defined]
+    from_pretrained.__doc__ = original.__doc__
+    AutoBackbone.from_pretrained = from_pretrained  # type: ignore[method-assign]
 
 
 def resolve_encoder(model: nn.Module, encoder: Literal["target", "context"] = "target") -> nn.Module:

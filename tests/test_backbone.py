@@ -124,9 +124,37 @@ def test_upernet_trains_on_an_ijepa_backbone(tmp_path: Path):
         torch.testing.assert_close(reloaded(pixels).logits, model(pixels).logits)
 
 
+@pytest.mark.parametrize("kind", ["encoder", "pretraining"])
+def test_auto_backbone_from_a_local_folder(tmp_path: Path, monkeypatch, kind: str):
+    # transformers 5.24-5.25's AutoBackbone.from_pretrained asks the Hub whether a name is a repo before anything
+    # else, which fails for every local folder (HFValidationError for an absolute path, an offline error for a
+    # relative one); ijepa_hf routes its own folders to IJepaBackbone.from_pretrained.
+    from transformers import AutoBackbone
+
+    torch.manual_seed(0)
+    if kind == "encoder":
+        model = IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+        encoder = model
+    else:
+        model = IJepaForPreTraining(tiny_pretraining_config(encoder={"num_hidden_layers": 4})).eval()
+        encoder = model.target_encoder
+    model.save_pretrained(tmp_path / "repo")
+    for name in (str(tmp_path / "repo"), "repo"):  # absolute, and relative to the working directory
+        monkeypatch.chdir(tmp_path)
+        backbone = AutoBackbone.from_pretrained(name, out_indices=[2, 4]).eval()
+        assert type(backbone) is IJepaBackbone and backbone.out_features == ["stage2", "stage4"]
+        pixels = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            _, expected = encoder.forward_intermediates(pixels, indices=[1, 3], norm=True)
+            for got, want in zip(backbone(pixels).feature_maps, expected):
+                torch.testing.assert_close(got, want)
+    # other libraries' folders are left to transformers as they are
+    with pytest.raises(Exception) as caught:
+        AutoBackbone.from_pretrained(str(tmp_path / "missing"))
+    assert "ijepa" not in str(caught.value).lower()
+
+
 def test_auto_backbone_from_an_encoder_repo_on_the_hub(fake_hub: str, tmp_path: Path):
-    # transformers' AutoBackbone.from_pretrained asks the Hub whether the repo exists (local folders fail there
-    # for every model type in 5.24), hence a Hub repo; IJepaBackbone.from_pretrained takes local folders.
     repo = "test-org/tiny-ijepa-backbone"
     run_hub_script(
         f"""

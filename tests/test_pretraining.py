@@ -355,6 +355,21 @@ def test_streaming_image_folder_trains_and_skips_bad_files(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_a_failed_start_leaves_the_output_folder_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    typo = TINY_OVERRIDES + ",encoder.hiden_size=64"
+    with pytest.raises(ValueError, match="hiden_size"):
+        pretrain(parse_args(["--output_dir", str(out), "--config_overrides", typo, "--max_train_steps", "2"]))
+    missing = tmp_path / "missing_images"
+    missing.mkdir()
+    with pytest.raises(Exception, match="missing_images|image"):
+        run(out, "--train_dir", str(missing), steps=2)
+    with pytest.raises(OSError, match="no_model"):
+        run(out, "--model_name_or_path", str(tmp_path / "no_model"), "--config_overrides", "", steps=2)
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    assert run(out, steps=2).global_step == 2  # the corrected command is not refused
+
+
 def test_parse_config_overrides_values_and_lists():
     parsed = parse_config_overrides(
         "num_target_blocks=3, encoder.hidden_size=64,target_scale=[0.1,0.25],mask_mode=official,allow_overlap=true,"

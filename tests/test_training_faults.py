@@ -156,6 +156,52 @@ def test_resuming_an_older_checkpoint_moves_the_abandoned_branch_aside(tmp_path,
     assert (out / "step_8" / "checkpoint.json").read_text() != straight["step_8"]
 
 
+def test_resume_compares_the_precision_that_ran_not_the_flag(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", "--mixed_precision", "no", steps=4)
+    # unset and "no" are the same fp32: accepted
+    shutil.rmtree(out / "step_4")
+    assert run(out, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=4).global_step == 4
+    # bf16 set the way a launcher or an accelerate config sets it is bf16: the checkpoint records it ...
+    from accelerate.state import AcceleratorState
+
+    launched = tmp_path / "launched"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process, as a launcher starts
+    run(launched, "--checkpointing_steps", "2", steps=2)
+    AcceleratorState._reset_state(reset_partial_state=True)  # and again for the resume, in fp32
+    assert json.loads((launched / "step_2" / "checkpoint.json").read_text())["state"]["mixed_precision"] == "bf16"
+    # ... and a resume in fp32 is refused, naming it
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(ValueError, match="the mixed precision is 'no', the checkpoint ran with 'bf16'"):
+        run(launched, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=4)
+
+
+def test_resume_under_another_distributed_strategy_is_refused_naming_it(tmp_path):
+    from ijepa_hf.training.arguments import build_config, check_resume_compatible
+
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", steps=2)
+    saved = json.loads((out / "step_2" / "checkpoint.json").read_text())["state"]
+    assert saved["distributed_type"] == "NO"
+    args = parse_args(tiny_argv(out, "--resume_from_checkpoint", "latest", steps=2))
+    with pytest.raises(ValueError, match="the distributed type is 'FSDP', the checkpoint ran with 'NO'"):
+        check_resume_compatible(saved, args, build_config(args), 1, 2, mixed_precision="no", distributed_type="FSDP")
+    check_resume_compatible(saved, args, build_config(args), 1, 2, mixed_precision="no", distributed_type="NO")
+
+
+def test_fp16_on_cpu_is_refused_rather_than_silently_fp32(tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process
+    try:
+        with pytest.raises(ValueError, match="fp16 mixed precision is not applied on CPU.*bf16"):
+            run(tmp_path / "run", "--mixed_precision", "fp16", steps=2)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_pruning_never_removes_the_newest_checkpoint(tmp_path):
     from ijepa_hf.training.checkpointing import prune_checkpoints
 

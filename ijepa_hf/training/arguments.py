@@ -149,8 +149,8 @@ class PretrainingArguments:
     num_workers: int = field(default=0, metadata=_help(
         "DataLoader worker processes that decode, crop and mask the images (0: in the training process). On a GPU "
         "give it enough that the log's loader_images_per_s stays above its images_per_s (data_wait_fraction near "
-        "0): about the CPU cores per GPU less one or two; decoding a JPEG folder takes a few cores per 1,000 "
-        "images/s. Workers live for the whole run."))
+        "0), up to the CPU cores per GPU less one or two (what decoding costs: benchmarks/README.md, 'Pretraining "
+        "end to end'). Workers live for the whole run."))
     prefetch_factor: int = field(default=4, metadata=_help(
         "Batches each worker prepares ahead (with --num_workers > 0)."))
     seed: int = field(default=0, metadata=_help("Seed of the model init, data order, crops and masks."))
@@ -491,18 +491,29 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, config: IJepaPretrainingConfig,
-                            num_processes: int, total_steps: int) -> None:
+                            num_processes: int, total_steps: int, *, mixed_precision: str | None = None,
+                            distributed_type: str | None = None) -> None:
     """Refuse to resume a checkpoint under other settings than it was trained with.
 
     ``saved`` is the loop state of the checkpoint (its ``arguments``, ``config``, ``num_processes`` and
-    ``total_steps``). Only :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run
-    (:data:`SCHEDULE_LENGTH_FIELDS`). Raises ``ValueError`` naming every differing field.
+    ``total_steps``, and the ``mixed_precision`` and ``distributed_type`` that ran: checkpoints written before
+    those were recorded lack them, and then the ``--mixed_precision`` flags are compared). Only :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run
+    (:data:`SCHEDULE_LENGTH_FIELDS`). ``mixed_precision`` / ``distributed_type``: what this run has, however it was
+    set; compared with what the checkpoint ran, rather than the ``--mixed_precision`` flag alone (unset and ``no``
+    are the same fp32; a launcher's bf16 is bf16). Raises ``ValueError`` naming every differing field.
     """
     problems = []
     old_args, new_args = saved["arguments"], args.to_dict()
+    ran = {"mixed_precision": saved.get("mixed_precision"), "distributed_type": saved.get("distributed_type")}
+    now = {"mixed_precision": mixed_precision, "distributed_type": distributed_type}
+    for name, value in now.items():
+        if ran[name] is not None and value is not None and ran[name] != value:
+            problems.append(f"the {name.replace('_', ' ')} is {value!r}, the checkpoint ran with {ran[name]!r}")
     for name, new in new_args.items():
         if name in OPERATIONAL_FIELDS or name not in old_args or old_args[name] == new:
             continue
+        if name == "mixed_precision" and ran["mixed_precision"] is not None and mixed_precision is not None:
+            continue  # compared as what ran, above
         if name in SCHEDULE_LENGTH_FIELDS and args.extend_run:
             continue
         problems.append(f"--{name} is {new!r}, the checkpoint was trained with {old_args[name]!r}")

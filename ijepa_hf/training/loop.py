@@ -142,6 +142,10 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         dynamo_backend="inductor" if args.torch_compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        # Accelerate would train in fp32 and report fp16: refused rather than silently reinterpreted.
+        raise ValueError("fp16 mixed precision is not applied on CPU (the weights would be fp32's while the log and the "
+                         "card said fp16): use --mixed_precision bf16, or no, on CPU")
     ema = configure_distributed(accelerator)  # before any prepare(): may turn an FSDP2 config on CPUs into FSDP2
     _configure_logging(accelerator.is_main_process)
     if accelerator.device.type == "cpu":
@@ -152,6 +156,28 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     if args.demo_defaults_applied:
         logger.info("No data source given: training on the embedded demo data with its settings %s (any of them "
                     "can be set explicitly)", args.demo_defaults_applied)
+
+    # ---- what the run is: config, data and model, checked before anything is written into output_dir, so that a
+    # failed start (a typo in an override, a missing image column, a wrong model path) leaves the folder as it was
+    config = build_config(args)
+    counter = BadImageCounter()
+    data = build_pretraining_data(
+        image_size=_square(config.encoder_config.image_size), seed=args.seed, crop_scale=args.crop_range,
+        counter=counter, dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir, image_column_name=args.image_column_name, dataset_split=args.dataset_split,
+        streaming=args.streaming, shuffle_buffer_size=args.shuffle_buffer_size,
+        max_train_samples=args.max_train_samples, embedded_num_images=args.embedded_num_images,
+        embedded_scene_settings=args.embedded_scene_settings, cache_dir=args.cache_dir, token=args.hub_token,
+        # uint8 images leave the workers (a quarter of the bytes to pin and copy) and are finished on the device
+        # (data.model_inputs); every sample's epoch and mask index travel with its key (SampleKey)
+        uint8_images=True, batch_size=args.per_device_train_batch_size, num_processes=accelerator.num_processes,
+    )
+    set_seed(args.seed)  # the same init on every rank: seeded right before construction
+    model = _build_model(args, config)
+    if args.gradient_checkpointing:
+        # transformers 5.x renamed the method (the old name warns and goes away in v6).
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
 
     # ---- output folder: lock, policy, run identity (the main process decides, every rank learns the outcome)
     lock: OutputDirLock | None = None
@@ -174,36 +200,18 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         with PreemptionHandler(signals, group) as preemption:
-            return _train(args, accelerator, output_dir, outcome[0], ema, preemption)
+            return _train(args, accelerator, output_dir, outcome[0], ema, preemption, config, model, data, counter)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode,
-           preemption: PreemptionHandler) -> PretrainingResult:
-    # ---- config and model (the same init on every rank: seeded before construction)
-    set_seed(args.seed)
-    config = build_config(args)
-    model = _build_model(args, config)
-    if args.gradient_checkpointing:
-        # transformers 5.x renamed the method (the old name warns and goes away in v6).
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+           preemption: PreemptionHandler, config: Any, model: Any, data: Any, counter: BadImageCounter
+           ) -> PretrainingResult:
     image_size = _square(config.encoder_config.image_size)
 
-    # ---- data: uint8 images leave the workers (a quarter of the bytes to pin and copy) and are finished on the
-    # device (data.model_inputs); every sample's epoch and mask index travel with its key (SampleKey)
-    counter = BadImageCounter()
-    data = build_pretraining_data(
-        image_size=image_size, seed=args.seed, crop_scale=args.crop_range, counter=counter,
-        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, train_dir=args.train_dir,
-        image_column_name=args.image_column_name, dataset_split=args.dataset_split, streaming=args.streaming,
-        shuffle_buffer_size=args.shuffle_buffer_size, max_train_samples=args.max_train_samples,
-        embedded_num_images=args.embedded_num_images, embedded_scene_settings=args.embedded_scene_settings,
-        cache_dir=args.cache_dir, token=args.hub_token, uint8_images=True,
-        batch_size=args.per_device_train_batch_size, num_processes=accelerator.num_processes,
-    )
+    # ---- data
     mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
                                               process_index=accelerator.process_index)
     dataloader = data.dataloader(args.per_device_train_batch_size, MaskedBatchCollator(mask_collator),
@@ -244,7 +252,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
     if run.resume_from is not None:
         logger.info("Resuming from %s", run.resume_from)
         saved = read_manifest(run.resume_from)["state"]
-        check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps)  # before any load
+        check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps,  # before any load
+                                mixed_precision=accelerator.mixed_precision,
+                                distributed_type=_distributed_type(accelerator))
         saved_sampling = saved.get("mask_sampling", "global")  # checkpoints of earlier versions: global
         if accelerator.num_processes > 1 and saved_sampling != mask_sampling(config):
             raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling} "
@@ -288,7 +298,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         return {"arguments": args.to_dict(), "config": config.to_dict(), "num_processes": accelerator.num_processes,
                 "total_steps": total_steps, "schedule": schedule.to_dict(),
                 "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
-                "mask_sampling": mask_sampling(config)}
+                "mask_sampling": mask_sampling(config),
+                # what ran, whichever way it was set (flag, launcher, accelerate config, environment)
+                "mixed_precision": accelerator.mixed_precision, "distributed_type": _distributed_type(accelerator)}
 
     saved: list[Path] = []
 
@@ -451,6 +463,12 @@ def _timed(loader: Any, window: LogWindow) -> Any:
         else:
             window.add_loading(waited, None, 0)
         yield batch
+
+
+def _distributed_type(accelerator: Any) -> str:
+    """The run's distributed strategy as checkpoints record it (``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``...)."""
+    value = accelerator.distributed_type
+    return str(getattr(value, "value", value))
 
 
 def _require_process_group(accelerator: Any) -> None:

@@ -103,10 +103,9 @@ def collapse_statistics(output: Any) -> dict[str, float]:
     }
 
 
-# Images of the online probe set by default (half bank, half queries). Its cost is one forward pass of these images
-# per probe, which at about 10 probes per run stays within 5% of the training time of the main job on the CPUs
-# measured (benchmarks/README.md, "Online learning telemetry: what it costs"); 1024 images cost 6-8% on a
-# 2-core AMD EPYC.
+# Images of the online probe set by default (half bank, half queries). Each probe is one forward pass of them, about
+# 10 times a run: a few percent of the main job's training time (benchmarks/README.md, "Online learning telemetry:
+# what it costs").
 DEFAULT_ONLINE_PROBE_IMAGES = 512
 
 
