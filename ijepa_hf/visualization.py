@@ -264,7 +264,7 @@ _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
      ("target_cosine",), ("target_rankme",), False),
     ("online probe: k-NN accuracy of the target encoder (held-out queries), effective rank",
      ("online_knn_accuracy",), ("online_rankme",), False),
-    ("throughput (images/s): the run's, what its loader can deliver; share of time waiting for data",
+    ("throughput (images/s), loader capacity; data wait (share)",
      (THROUGHPUT_KEY, "loader_images_per_s"), ("data_wait_fraction",), False),
 )
 

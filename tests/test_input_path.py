@@ -154,6 +154,7 @@ def test_throughput_summary_names_the_limit():
 
     assert "the data limits this run: raise --num_workers" in throughput_summary(rows(0.4), 2)
     assert "the training step limits" in throughput_summary(rows(0.01), 8)
+    assert "helps only with cores the step does not use" in throughput_summary(rows(0.4), 0, on_accelerator=False)
     assert throughput_summary([], 0) is None
 
 

@@ -190,6 +190,43 @@ def test_resume_under_another_distributed_strategy_is_refused_naming_it(tmp_path
     check_resume_compatible(saved, args, build_config(args), 1, 2, mixed_precision="no", distributed_type="NO")
 
 
+def _image_folder(folder: Path, count: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    for index in range(count):
+        (folder / f"class{index % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"class{index % 2}" / f"{index:03d}.png")
+    return folder
+
+
+def test_resume_checks_the_images_not_the_folders_path(tmp_path):
+    data = _image_folder(tmp_path / "data", 24)
+    out = tmp_path / "run"
+    common = ("--checkpointing_steps", "2", "--online_probe_steps", "0")
+    run(out, "--train_dir", str(data), *common, steps=4)
+    fingerprint = json.loads((out / "step_2" / "checkpoint.json").read_text())["state"]["data"]
+    assert fingerprint["kind"] == "image folder" and fingerprint["files"] == 24
+    # the same images staged at another path (a job's local scratch) resume, to the same weights
+    staged = tmp_path / "scratch" / "data"
+    shutil.copytree(data, staged)
+    shutil.rmtree(out / "step_4")
+    straight = _model_weights(out)
+    resumed = run(out, "--train_dir", str(staged), *common, "--resume_from_checkpoint", "latest", steps=4)
+    assert resumed.resumed_from == str(out / "step_2")
+    assert all(torch.equal(straight[k], v) for k, v in _model_weights(out).items())
+    # a folder that changed (one image more) is refused, naming the data
+    _image_folder(staged, 25)
+    shutil.rmtree(out / "step_4")
+    with pytest.raises(ValueError, match="the training data differ from the checkpoint's: .*files 25 \\(was 24\\)"):
+        run(out, "--train_dir", str(staged), *common, "--resume_from_checkpoint", "latest", steps=4)
+
+
+def _model_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
 def test_fp16_on_cpu_is_refused_rather_than_silently_fp32(tmp_path):
     from accelerate.state import AcceleratorState
 

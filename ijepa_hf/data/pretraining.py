@@ -293,10 +293,45 @@ class PretrainingData:
     description: str  # for logs and the model card
     hub_dataset: str | None  # Hub dataset id for the card metadata
     num_images: int | None  # None for streamed data
+    root: str | None = None  # the local image folder, if the data is one
 
     @property
     def is_embedded(self) -> bool:
         return self.description.startswith(EMBEDDED_DATASET_NAME)
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What identifies the training images, wherever they are: for an image folder its file count and a digest
+        of the files' paths relative to the folder and their sizes (so the same data staged at another path matches,
+        and an added, removed or rewritten file does not); for a Hub dataset its name, split, row count and
+        ``datasets`` fingerprint; for the embedded scenes their description. ``None`` for streamed data (its order
+        is not a function of the files alone). Computed once (one ``stat`` per file of a folder) and cached."""
+        if self.num_images is None:
+            return None
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None:
+            return cached
+        source = self.dataset.source
+        if self.root is not None:
+            import hashlib
+            import os
+
+            digest = hashlib.sha256()
+            root = os.path.abspath(self.root)
+            entries = []
+            for start in range(0, len(source), 10_000):
+                for item in source[start:start + 10_000][self.dataset.image_key]:
+                    path = item.get("path") if isinstance(item, dict) else item
+                    entries.append((os.path.relpath(os.path.abspath(path), root), os.stat(path).st_size))
+            for relative, size in sorted(entries):
+                digest.update(f"{relative}\0{size}\n".encode())
+            found = {"kind": "image folder", "files": len(entries), "digest": digest.hexdigest()}
+        elif self.is_embedded:
+            found = {"kind": "embedded", "description": self.description}
+        else:
+            found = {"kind": "dataset", "name": self.hub_dataset, "rows": self.num_images,
+                     "datasets_fingerprint": getattr(source, "_fingerprint", None)}
+        self._fingerprint = found
+        return found
 
     def dataloader(self, batch_size: int, collate_fn: Any, *, num_workers: int = 0, prefetch_factor: int | None = None,
                    pin_memory: bool = False, worker_init_fn: Any = None) -> DataLoader:
@@ -369,8 +404,9 @@ def build_pretraining_data(
             source = source.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
         return PretrainingData(PretrainIterableImageDataset(source, **common), None, f"{description} (streamed)",
                                name, None)
+    local = train_dir if dataset_name in (None, "imagefolder") else None
     return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed, **keyed),
-                           f"{description} ({len(source)} images)", name, len(source))
+                           f"{description} ({len(source)} images)", name, len(source), local)
 
 
 @dataclass

@@ -492,7 +492,7 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, config: IJepaPretrainingConfig,
                             num_processes: int, total_steps: int, *, mixed_precision: str | None = None,
-                            distributed_type: str | None = None) -> None:
+                            distributed_type: str | None = None, data: dict[str, Any] | None = None) -> None:
     """Refuse to resume a checkpoint under other settings than it was trained with.
 
     ``saved`` is the loop state of the checkpoint (its ``arguments``, ``config``, ``num_processes`` and
@@ -500,7 +500,10 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
     those were recorded lack them, and then the ``--mixed_precision`` flags are compared). Only :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run
     (:data:`SCHEDULE_LENGTH_FIELDS`). ``mixed_precision`` / ``distributed_type``: what this run has, however it was
     set; compared with what the checkpoint ran, rather than the ``--mixed_precision`` flag alone (unset and ``no``
-    are the same fp32; a launcher's bf16 is bf16). Raises ``ValueError`` naming every differing field.
+    are the same fp32; a launcher's bf16 is bf16). ``data``: this run's data fingerprint
+    (``PretrainingData.fingerprint``): when the checkpoint has one, the images are compared rather than the
+    folder's path, so the same data staged elsewhere (a job's local scratch) resumes and changed data does not.
+    Raises ``ValueError`` naming every differing field.
     """
     problems = []
     old_args, new_args = saved["arguments"], args.to_dict()
@@ -509,11 +512,18 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
     for name, value in now.items():
         if ran[name] is not None and value is not None and ran[name] != value:
             problems.append(f"the {name.replace('_', ' ')} is {value!r}, the checkpoint ran with {ran[name]!r}")
+    old_data = saved.get("data")
+    if old_data is not None and data is not None and old_data != data:
+        changed = ", ".join(f"{key} {data.get(key)!r} (was {old_data.get(key)!r})"
+                            for key in sorted(set(old_data) | set(data)) if old_data.get(key) != data.get(key))
+        problems.append(f"the training data differ from the checkpoint's: {changed}")
     for name, new in new_args.items():
         if name in OPERATIONAL_FIELDS or name not in old_args or old_args[name] == new:
             continue
         if name == "mixed_precision" and ran["mixed_precision"] is not None and mixed_precision is not None:
             continue  # compared as what ran, above
+        if name == "train_dir" and old_data is not None and data == old_data and new is not None:
+            continue  # the same images at another path
         if name in SCHEDULE_LENGTH_FIELDS and args.extend_run:
             continue
         problems.append(f"--{name} is {new!r}, the checkpoint was trained with {old_args[name]!r}")

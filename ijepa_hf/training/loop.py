@@ -254,7 +254,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         saved = read_manifest(run.resume_from)["state"]
         check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps,  # before any load
                                 mixed_precision=accelerator.mixed_precision,
-                                distributed_type=_distributed_type(accelerator))
+                                distributed_type=_distributed_type(accelerator), data=data.fingerprint())
         saved_sampling = saved.get("mask_sampling", "global")  # checkpoints of earlier versions: global
         if accelerator.num_processes > 1 and saved_sampling != mask_sampling(config):
             raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling} "
@@ -300,7 +300,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                 "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
                 "mask_sampling": mask_sampling(config),
                 # what ran, whichever way it was set (flag, launcher, accelerate config, environment)
-                "mixed_precision": accelerator.mixed_precision, "distributed_type": _distributed_type(accelerator)}
+                "mixed_precision": accelerator.mixed_precision, "distributed_type": _distributed_type(accelerator),
+                "data": data.fingerprint()}
 
     saved: list[Path] = []
 
@@ -396,8 +397,10 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         logger.info("No unreadable images.")
     if step_fn.skipped_updates:
         logger.warning("Skipped %d non-finite update(s) (--skip_nonfinite_steps)", step_fn.skipped_updates)
-    if accelerator.is_main_process and (limits := throughput_summary(read_train_log(log_path), args.num_workers)):
-        logger.info(limits)
+    if accelerator.is_main_process and log_path.exists():  # the main process writes the log
+        limits = throughput_summary(read_train_log(log_path), args.num_workers, accelerator.device.type != "cpu")
+        if limits:
+            logger.info(limits)
     if probe.seconds:
         logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f", probe.seconds,
                     runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy)

@@ -277,9 +277,10 @@ class LogWindow:
         return row
 
 
-def throughput_summary(rows: list[Mapping[str, Any]], num_workers: int) -> str | None:
+def throughput_summary(rows: list[Mapping[str, Any]], num_workers: int, on_accelerator: bool = True) -> str | None:
     """One sentence on what limited a run's throughput, from its log rows (the first, with start-up, left out when
-    there are others); ``None`` without rows."""
+    there are others); ``None`` without rows. ``on_accelerator``: the step runs on a GPU (or another accelerator),
+    so workers decode on cores the step does not use; on the CPU they share the step's cores."""
     rows = [row for row in (rows[1:] if len(rows) > 1 else rows)
             if all(isinstance(row.get(k), (int, float)) for k in (THROUGHPUT_KEY, *LOADER_KEYS))]
     if not rows:
@@ -292,9 +293,12 @@ def throughput_summary(rows: list[Mapping[str, Any]], num_workers: int) -> str |
     speed, wait, loader = middle(THROUGHPUT_KEY), middle("data_wait_fraction"), middle("loader_images_per_s")
     text = (f"Throughput {speed:,.1f} images/s; the loop waited for data {wait:.0%} of the time; the loader can "
             f"deliver {loader:,.0f} images/s with {num_workers} worker(s)")
-    if wait > 0.1:
+    if wait <= 0.1:
+        return text + " — the training step limits this run."
+    if on_accelerator:
         return text + " — the data limits this run: raise --num_workers (see --help)."
-    return text + " — the training step limits this run."
+    return (text + " — decoding takes that share of this CPU run; --num_workers moves it to other processes, "
+            "which helps only with cores the step does not use.")
 
 
 def _json_row(row: Mapping[str, Any]) -> str:
