@@ -293,6 +293,46 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_holder(tmp_p
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def test_non_finite_features_give_nan_statistics_not_a_linear_algebra_error(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from ijepa_hf.training.metrics import collapse_statistics, effective_rank
+
+    nan = torch.full((4, 8), float("nan"))
+    assert effective_rank(nan) != effective_rank(nan)  # nan, where svdvals raised LinAlgError
+    stats = collapse_statistics(SimpleNamespace(target_hidden_state=nan[:, None].expand(4, 3, 8), targets=nan,
+                                                predictions=nan))
+    assert all(value != value for value in stats.values())
+    # a run whose images turn non-finite stops with the documented error at the log row, naming the step
+    from ijepa_hf.data import pretraining
+
+    original = pretraining.PretrainingData.model_inputs
+
+    def poisoned(self, batch):
+        batch = original(self, batch)
+        batch["pixel_values"] = batch["pixel_values"] * float("nan")
+        return batch
+
+    monkeypatch.setattr(pretraining.PretrainingData, "model_inputs", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite .* at step 1"):
+        run(tmp_path / "run", "--logging_steps", "2", steps=4)
+
+
+def test_a_malformed_middle_log_line_does_not_block_the_resume(tmp_path, caplog):
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "4", steps=8)
+    shutil.rmtree(out / "step_8")
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    lines.insert(1, "{ an edited line")
+    (out / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        result = run(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest", steps=8)
+    assert result.global_step == 8 and "train_log.jsonl:2 is not a JSON object" in caplog.text
+    aside = list(out.glob("train_log.jsonl.corrupt-*"))
+    assert len(aside) == 1 and "{ an edited line" in aside[0].read_text()
+    assert [row["step"] for row in read_log(out)] == [2, 4, 6, 8]
+
+
 def test_a_huge_learning_rate_stops_the_run_and_saves_nothing_non_finite(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match=r"non-finite \(NaN/inf\) at step \d+ .*learning rate") as error:

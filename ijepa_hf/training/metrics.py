@@ -66,8 +66,11 @@ LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *LOADER_K
 
 def effective_rank(features: torch.Tensor) -> float:
     """RankMe (Garrido et al., 2023): ``exp`` of the entropy of the normalised singular values of ``features``
-    ``[N, D]``. Between 1 (all rows on one line) and ``min(N, D)``; ``nan`` for fewer than 2 rows."""
+    ``[N, D]``. Between 1 (all rows on one line) and ``min(N, D)``; ``nan`` for fewer than 2 rows or non-finite
+    features."""
     if features.shape[0] < 2:
+        return float("nan")
+    if not bool(torch.isfinite(features).all()):  # the SVD would fail; the loop names the non-finite step itself
         return float("nan")
     singular = torch.linalg.svdvals(features.float())
     p = singular / singular.sum().clamp_min(1e-12) + 1e-7
@@ -340,11 +343,27 @@ def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
     """Keep the rows up to ``last_step`` (rows after it were logged by an interrupted run and are logged again
-    after the resume); a torn last line is dropped. Written to a temporary file and renamed."""
+    after the resume); a torn last line is dropped, and a log with a malformed line elsewhere is moved aside (a
+    warning names it) and continued with its readable rows. Written to a temporary file and renamed."""
     path = Path(path)
     if not path.exists():
         return
-    kept = [row for row in read_train_log(path) if row.get("step", 0) <= last_step]
+    try:
+        rows = read_train_log(path)
+    except ValueError as error:  # an edited or mixed-up log must not block the resume of the run itself
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        rows = []
+        for line in aside.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        logger.warning("%s. The file was moved to %s; the log continues with its %d readable rows.", error, aside,
+                       len(rows))
+    kept = [row for row in rows if row.get("step", 0) <= last_step]
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text("".join(_json_row(row) + "\n" for row in kept), encoding="utf-8")
     os.replace(temporary, path)
