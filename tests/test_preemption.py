@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -15,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, parse_args, pretrain
 from ijepa_hf.training.checkpointing import latest_checkpoint
 from ijepa_hf.training.preemption import PreemptionHandler, parse_signals
-from test_pretraining import _assert_same_weights, read_log, tiny_argv
+from test_pretraining import _assert_same_weights, _free_port, read_log, tiny_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
@@ -30,12 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs 
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _last_logged_step(output_dir: Path) -> int:

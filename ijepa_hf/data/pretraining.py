@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -194,6 +194,13 @@ class _CroppedImageSource:
     def set_epoch(self, epoch: int) -> None:
         self.transform.epoch = int(epoch)
 
+    @property
+    def image_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` of the crops' normalisation, with which ``uint8`` images are finished
+        (:func:`~ijepa_hf.data.normalize_images`)."""
+        transform = self.transform.transform
+        return transform.mean, transform.std
+
 
 class PretrainImageDataset(_CroppedImageSource, Dataset):
     """Map-style pretraining dataset: ``source[i][image_key]`` -> ``{"pixel_values": [3, S, S]}`` or ``None``.
@@ -294,6 +301,7 @@ class PretrainingData:
     hub_dataset: str | None  # Hub dataset id for the card metadata
     num_images: int | None  # None for streamed data
     root: str | None = None  # the local image folder, if the data is one
+    _fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_embedded(self) -> bool:
@@ -302,14 +310,13 @@ class PretrainingData:
     def fingerprint(self) -> dict[str, Any] | None:
         """What identifies the training images, wherever they are: for an image folder its file count and a digest
         of the files' paths relative to the folder and their sizes (so the same data staged at another path matches,
-        and an added, removed or rewritten file does not); for a Hub dataset its name, split, row count and
+        and an added, removed, renamed or resized file does not); for a Hub dataset its name, row count and
         ``datasets`` fingerprint; for the embedded scenes their description. ``None`` for streamed data (its order
         is not a function of the files alone). Computed once (one ``stat`` per file of a folder) and cached."""
         if self.num_images is None:
             return None
-        cached = getattr(self, "_fingerprint", None)
-        if cached is not None:
-            return cached
+        if self._fingerprint is not None:
+            return self._fingerprint
         source = self.dataset.source
         if self.root is not None:
             import hashlib
@@ -350,8 +357,7 @@ class PretrainingData:
         """A collated batch (already on the device) as the model's keyword arguments: its ``uint8`` images finished
         there with the transform's mean and std, ``LOAD_SECONDS_KEY`` removed. Returns ``batch`` itself."""
         batch.pop(LOAD_SECONDS_KEY, None)
-        transform = self.dataset.transform.transform
-        batch["pixel_values"] = normalize_images(batch["pixel_values"], transform.mean, transform.std)
+        batch["pixel_values"] = normalize_images(batch["pixel_values"], *self.dataset.image_statistics)
         return batch
 
 

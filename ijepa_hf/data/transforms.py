@@ -18,6 +18,7 @@ same operations, so the numbers are those of the float path.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -114,7 +115,17 @@ def normalize_images(pixel_values: torch.Tensor, mean: Sequence[float] = IMAGENE
     if pixel_values.dtype != torch.uint8:
         raise TypeError(f"pixel_values must be uint8 images (0-255) or finished float images, got "
                         f"{pixel_values.dtype}")
-    return normalize(_unit_range(pixel_values), mean, std)
+    mean_t, std_t = _statistics_on(tuple(float(m) for m in mean), tuple(float(s) for s in std), pixel_values.device)
+    return normalize(_unit_range(pixel_values), mean_t, std_t)
+
+
+@functools.lru_cache(maxsize=16)
+def _statistics_on(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 tensors on ``device``, made once: a training step finishing its images on
+    the accelerator copies nothing from the host for them."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 class RandomResizedCrop:

@@ -360,7 +360,8 @@ _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
-    "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals", "cache_dir", "torch_compile",
+    "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals",
+    "cache_dir", "torch_compile",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
     "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })
@@ -497,8 +498,8 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
 
     ``saved`` is the loop state of the checkpoint (its ``arguments``, ``config``, ``num_processes`` and
     ``total_steps``, and the ``mixed_precision`` and ``distributed_type`` that ran: checkpoints written before
-    those were recorded lack them, and then the ``--mixed_precision`` flags are compared). Only :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run
-    (:data:`SCHEDULE_LENGTH_FIELDS`). ``mixed_precision`` / ``distributed_type``: what this run has, however it was
+    those were recorded lack them, and then the ``--mixed_precision`` flags are compared). Only
+    :data:`OPERATIONAL_FIELDS` may differ, and with ``args.extend_run`` a longer run (:data:`SCHEDULE_LENGTH_FIELDS`). ``mixed_precision`` / ``distributed_type``: what this run has, however it was
     set; compared with what the checkpoint ran, rather than the ``--mixed_precision`` flag alone (unset and ``no``
     are the same fp32; a launcher's bf16 is bf16). ``data``: this run's data fingerprint
     (``PretrainingData.fingerprint``): when the checkpoint has one, the images are compared rather than the

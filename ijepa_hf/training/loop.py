@@ -191,15 +191,12 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
             outcome = [error]
     if accelerator.num_processes > 1:
         outcome = broadcast_object_list(outcome)
-    signals = parse_signals(args.preemption_signals)
-    group = None
-    if signals and accelerator.num_processes > 1:
-        # The processes agree on a stop after every update on the host (gloo), never waiting for the device.
-        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
+    # The processes agree on a stop after every update on the host (gloo), never waiting for the device.
+    handler = PreemptionHandler.for_this_process(parse_signals(args.preemption_signals), args.ddp_timeout)
     try:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
-        with PreemptionHandler(signals, group) as preemption:
+        with handler as preemption:
             return _train(args, accelerator, output_dir, outcome[0], ema, preemption, config, model, data, counter)
     finally:
         if lock is not None:
@@ -460,11 +457,8 @@ def _timed(loader: Any, window: LogWindow) -> Any:
             batch = next(iterator)
         except StopIteration:
             return
-        waited = time.perf_counter() - started
-        if batch is not None:
-            window.add_loading(waited, batch.get(LOAD_SECONDS_KEY), int(batch["pixel_values"].shape[0]))
-        else:
-            window.add_loading(waited, None, 0)
+        made, images = (None, 0) if batch is None else (batch.get(LOAD_SECONDS_KEY), len(batch["pixel_values"]))
+        window.add_loading(time.perf_counter() - started, made, images)
         yield batch
 
 

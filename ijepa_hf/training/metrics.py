@@ -315,11 +315,12 @@ def append_train_log(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
         handle.flush()
 
 
-def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_train_log(path: str | os.PathLike, skip_malformed: bool = False) -> list[dict[str, Any]]:
     """The rows of a ``train_log.jsonl``.
 
     A crash or a full disk can leave the *last* line cut off: it is dropped with a warning. A malformed line
-    anywhere else means the file was edited or mixed up with another and raises ``ValueError`` naming it.
+    anywhere else means the file was edited or mixed up with another and raises ``ValueError`` naming it (with
+    ``skip_malformed``: it is left out, to keep what can be read).
     """
     path = Path(path)
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -335,7 +336,7 @@ def read_train_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         elif position == len(numbered) - 1:
             logger.warning("%s: dropped its last line %d, cut off (%r): an interrupted write.", path, number,
                            line[:80])
-        else:
+        elif not skip_malformed:
             raise ValueError(f"{path}:{number} is not a JSON object ({line[:80]!r}); the log is corrupt — move it "
                              "away to start a new one")
     return rows
@@ -353,14 +354,7 @@ def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
     except ValueError as error:  # an edited or mixed-up log must not block the resume of the run itself
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, aside)
-        rows = []
-        for line in aside.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+        rows = read_train_log(aside, skip_malformed=True)
         logger.warning("%s. The file was moved to %s; the log continues with its %d readable rows.", error, aside,
                        len(rows))
     kept = [row for row in rows if row.get("step", 0) <= last_step]

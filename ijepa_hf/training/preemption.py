@@ -19,6 +19,7 @@ import logging
 import signal
 import threading
 from collections.abc import Sequence
+from datetime import timedelta
 from types import FrameType
 from typing import Any
 
@@ -79,6 +80,18 @@ class PreemptionHandler:
             ``None`` in a single process. Agreeing costs one tiny host-side all-reduce per update, never a wait for
             the accelerator.
     """
+
+    @classmethod
+    def for_this_process(cls, signals: Sequence[int], timeout_seconds: float) -> PreemptionHandler:
+        """A handler whose :meth:`stop_requested` agrees with the other processes of the run, if there are any: over
+        a gloo group (on the host) with ``timeout_seconds`` for a process that stopped answering. Every process must
+        call it (creating the group is a collective)."""
+        import torch.distributed as dist
+
+        group = None
+        if signals and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+        return cls(signals, group)
 
     def __init__(self, signals: Sequence[int] = (), group: Any = None) -> None:
         self.signals = tuple(signal.Signals(value) for value in signals)

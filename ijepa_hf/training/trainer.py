@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -210,10 +209,7 @@ class PreemptionCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         from .preemption import PreemptionHandler
 
-        group = None
-        if self.signals and torch.distributed.is_available() and torch.distributed.is_initialized():
-            group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=args.ddp_timeout))
-        self.handler = PreemptionHandler(self.signals, group).__enter__()
+        self.handler = PreemptionHandler.for_this_process(self.signals, args.ddp_timeout).__enter__()
         self.preempted, self._stopping_at = None, None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -367,13 +363,13 @@ class IJepaTrainer(Trainer):
         return inputs
 
     def _image_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
-        """Mean and std of the training images' normalisation: the dataset's transform, else the image
-        processor's, else ImageNet's (the official recipe's)."""
+        """Mean and std of the training images' normalisation: the dataset's, else the image processor's, else
+        ImageNet's (the official recipe's)."""
         from ..data import IMAGENET_MEAN, IMAGENET_STD
 
-        transform = getattr(getattr(self.train_dataset, "transform", None), "transform", None)
-        if transform is not None and hasattr(transform, "mean"):
-            return transform.mean, transform.std
+        statistics = getattr(self.train_dataset, "image_statistics", None)
+        if statistics is not None:
+            return statistics
         processor = self.processing_class
         if getattr(processor, "image_mean", None) is not None and getattr(processor, "image_std", None) is not None:
             return processor.image_mean, processor.image_std
