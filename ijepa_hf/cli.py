@@ -2,6 +2,7 @@
 
     ijepa-hf convert CHECKPOINT OUTPUT_DIR [--encoder-only [--encoder target|context] | --to-transformers | --all]
                      [--release NAME] [--num-heads N] [--remote-code] [--push-to-hub REPO_ID [--private]]
+    ijepa-hf push OUTPUT_DIR [REPO_ID] [--private]   # upload a finished pretraining run (e.g. after a failed push)
 
 Every written directory is a ready-to-push repo: config and weights, ``preprocessor_config.json``, a README
 model card (CC BY-NC 4.0, the licence of Meta's weights) and, with ``--remote-code``, the modelling code.
@@ -158,6 +159,13 @@ def convert(args: argparse.Namespace) -> None:
             print(f"pushed {directory} to {repo_id} ({commit.commit_url})")
 
 
+def push(args: argparse.Namespace) -> None:
+    from .training.export import push_output_dir
+
+    url = push_output_dir(args.output_dir, args.repo_id, private=args.private or None)
+    print(f"pushed {args.output_dir} ({url})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ijepa-hf", description="I-JEPA for Hugging Face: conversion and tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "REPO_ID-encoder, REPO_ID-predictor)")
     conv.add_argument("--private", action="store_true", help="create new Hub repo(s) private")
     conv.set_defaults(func=convert)
+
+    upload = commands.add_parser(
+        "push",
+        help="Upload a finished pretraining run (its --output_dir) to the Hub, without its training checkpoints.",
+        description="What `--push_to_hub` uploads at the end of a run: the final model, encoder/, cards, log and "
+                    "curves; for a run whose push failed, or that was trained without --push_to_hub.",
+    )
+    upload.add_argument("output_dir", help="the --output_dir of a finished run")
+    upload.add_argument("repo_id", nargs="?", help="Hub repo id (default: the folder's name)")
+    upload.add_argument("--private", action="store_true", help="create the repo private if it does not exist")
+    upload.set_defaults(func=push)
     return parser
 
 
@@ -197,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"ijepa-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -262,8 +262,8 @@ _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
     ("feature std (collapse if -> 0)", ("target_std", "target_token_std", "pred_std"), (), False),
     ("pooled target features: cosine of different images (collapse if -> 1), effective rank",
      ("target_cosine",), ("target_rankme",), False),
-    ("online probe: k-NN accuracy of the target encoder (held-out queries), effective rank",
-     ("online_knn_accuracy",), ("online_rankme",), False),
+    ("online probe: k-NN accuracy of the target encoder (held-out queries) and of raw pixels, effective rank",
+     ("online_knn_accuracy", "online_knn_pixels_accuracy"), ("online_rankme",), False),
     ("throughput (images/s), loader capacity; data wait (share)",
      (THROUGHPUT_KEY, "loader_images_per_s"), ("data_wait_fraction",), False),
 )

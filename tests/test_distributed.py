@@ -220,7 +220,7 @@ def test_a_planted_payload_in_an_engine_file_is_refused_before_loading(tmp_path)
     (checkpoint / MANIFEST_NAME).write_text(json.dumps({"format": 1, "run_id": "x", "step": 2, "files": files,
                                                         "state": {}}))
     loaded = []
-    accelerator = SimpleNamespace(load_state=loaded.append)
+    accelerator = SimpleNamespace(load_state=loaded.append, is_main_process=True, num_processes=1)
     with pytest.raises(CheckpointError, match="nothing in it was executed"):
         load_checkpoint(accelerator, checkpoint)
     assert not marker.exists() and not loaded

@@ -47,6 +47,20 @@ def test_online_probe_measures_what_the_features_know():
     assert 1.0 <= good["online_rankme"] <= 8 and good["online_probe_seconds"] >= 0
 
 
+def test_online_probe_reports_the_raw_pixel_reference_beside_the_encoder():
+    """Features that throw the pixels' information away score below the raw-pixel k-NN on the same split."""
+    labels = torch.arange(64) % 4
+    pixels = _probe_images(labels, True)
+    encoder = _PixelFeatures()
+    with torch.no_grad():
+        encoder.weight.zero_()  # constant features: nothing learnt
+    values = online_probe(encoder, pixels, labels, k=5)
+    assert values["online_knn_pixels_accuracy"] == 1.0 > values["online_knn_accuracy"]
+    again = online_probe(_PixelFeatures(), pixels, labels, k=5)  # cached per pixel tensor and k: the same value
+    assert again["online_knn_pixels_accuracy"] == 1.0
+    assert online_probe(encoder, _probe_images(labels, False), labels, k=5)["online_knn_pixels_accuracy"] < 0.6
+
+
 def test_pretrain_logs_the_online_probe_at_its_steps_and_reports_its_cost(tmp_path, monkeypatch):
     result = run(tmp_path / "run", "--online_probe_steps", "3", "--online_probe_images", "32", steps=8)
     rows = read_log(tmp_path / "run")
@@ -54,6 +68,7 @@ def test_pretrain_logs_the_online_probe_at_its_steps_and_reports_its_cost(tmp_pa
     assert probed == [3, 6, 8]  # every 3 updates and at the end, although rows come every 2
     row = next(row for row in rows if row["step"] == 3)
     assert 0.0 <= row["online_knn_accuracy"] <= 1.0 and row["online_rankme"] >= 1.0
+    assert len({r["online_knn_pixels_accuracy"] for r in rows if r["step"] in probed}) == 1  # the run's reference
     assert result.online_probe_s == pytest.approx(sum(r["online_probe_seconds"] for r in rows
                                                       if "online_probe_seconds" in r))
     assert result.online_knn_accuracy == rows[-1]["online_knn_accuracy"]

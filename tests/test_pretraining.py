@@ -205,7 +205,7 @@ def test_two_cpu_processes_match_one_process(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(_free_port()), str(script),
-        *tiny_argv(two, images=32, batch=4, steps=4),
+        *tiny_argv(two, "--checkpointing_steps", "2", images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -223,6 +223,19 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     rank0, rank1 = (torch.load(two / f"target_rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0), \
         "EMA target encoders differ between ranks"
+
+    # The 2-process run continued on 1 process: refused unless asked for, and then only with the same global batch
+    resume = ("--resume_from_checkpoint", str(two / "step_2"))
+    with pytest.raises(ValueError, match="1 processes, the checkpoint was trained on 2 .*--allow_process_count_change"):
+        run(tmp_path / "refused", *resume, images=32, batch=8, steps=4)
+    with pytest.raises(ValueError, match="global batch would be 4, the checkpoint's is 8.*per_device_train_batch_size 8"):
+        run(tmp_path / "refused", *resume, "--allow_process_count_change", images=32, batch=4, steps=4)
+    moved = tmp_path / "moved"
+    result = run(moved, *resume, "--allow_process_count_change", images=32, batch=8, steps=4)
+    assert result.resumed_from == str(two / "step_2") and result.global_step == 4
+    continued = load_file(moved / "model.safetensors")
+    worst = max((left[k] - continued[k]).abs().max().item() for k in left)
+    assert worst < 1e-4, f"continued on 1 process, the weights differ from the 1-process run's by {worst}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

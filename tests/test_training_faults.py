@@ -4,6 +4,7 @@ pickle payloads, conflicting flags, a stopped rank. Every run uses the tiny conf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -416,9 +417,10 @@ def test_resuming_never_unpickles_code(reference, tmp_path):
         target = out / "step_4" / name
         torch.save({"state": _Payload(marker)}, target)
         for consistent_manifest in (False, True):  # a careful attacker also rewrites the manifest
-            if consistent_manifest:
+            if consistent_manifest:  # ... its sizes and digests, so that only weights_only=True stands in the way
                 manifest = json.loads((out / "step_4" / MANIFEST_NAME).read_text())
                 manifest["files"][name] = target.stat().st_size
+                manifest["sha256"][name] = hashlib.sha256(target.read_bytes()).hexdigest()
                 (out / "step_4" / MANIFEST_NAME).write_text(json.dumps(manifest))
             with pytest.raises(CheckpointError, match="nothing in it was executed|has no complete checkpoint"):
                 run(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")

@@ -169,6 +169,10 @@ class PretrainingArguments:
     extend_run: bool = field(default=False, metadata=_help(
         "On resume, accept a larger --max_train_steps / --num_train_epochs: the LR, weight-decay and EMA "
         "schedules are recomputed for the new length and continue from the checkpoint's step on the new curves."))
+    allow_process_count_change: bool = field(default=False, metadata=_help(
+        "On resume, accept another number of processes when the global batch stays the same (set "
+        "--per_device_train_batch_size so that it does): the same images make each global batch; masks sampled per "
+        "process (mask_mode 'official') are drawn anew. One-process and data-parallel (DDP) runs only."))
     # ---- distributed
     ddp_timeout: int = field(default=600, metadata=_help(
         "Seconds a process waits for the others in a collective before the run fails (a rank that died or "
@@ -191,8 +195,10 @@ class PretrainingArguments:
     online_probe_steps: int | None = field(default=None, metadata=_help(
         "Every N updates (and at the end), k-NN accuracy and RankMe of the target encoder's pooled features on a "
         "fixed labelled subset of the data (a bank and held-out queries), logged to train_log.jsonl, TensorBoard and "
-        "training_curves.png. Default: about 10 times per run, on log rows, when the data has labels (else off, "
-        "logged); 0: off."))
+        "training_curves.png, beside the same k-NN on raw pixels (online_knn_pixels_accuracy, the reference). "
+        "Default: about 10 times per run, on log rows, when the data has labels (else off, logged); 0: off. Cost: "
+        "a forward of the target encoder over --online_probe_images images per probe (online_probe_seconds in the "
+        "row; the run's total share is logged at the end): on very short CPU runs this can be a large share."))
     online_probe_images: int = field(default=DEFAULT_ONLINE_PROBE_IMAGES, metadata=_help(
         "Images of the online probe set (half bank, half queries)."))
     online_probe_label_column: str | None = field(default=None, metadata=_help(
@@ -268,8 +274,9 @@ class PretrainingArguments:
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
                              "give only one of them")
-        if self.extend_run and not self.resume_from_checkpoint:
-            raise ValueError("--extend_run only applies with --resume_from_checkpoint")
+        for flag in ("extend_run", "allow_process_count_change"):
+            if getattr(self, flag) and not self.resume_from_checkpoint:
+                raise ValueError(f"--{flag} only applies with --resume_from_checkpoint")
         overrides = parse_config_overrides(self.config_overrides)  # validates the syntax early
         for flag, keys in (("image_size", ("encoder.image_size", "predictor.image_size")),
                            ("mask_mode", ("mask_mode",)), ("ema_momentum", ("ema_momentum",))):
@@ -358,7 +365,8 @@ _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 # Options that may differ between a run and its resume: where and how often things are written, how the work is
 # spread, logged or published. Every other option defines the run and must equal the checkpoint's.
 OPERATIONAL_FIELDS = frozenset({
-    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "checkpointing_steps",
+    "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "allow_process_count_change",
+    "checkpointing_steps",
     "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
     "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals",
     "cache_dir", "torch_compile",
@@ -491,6 +499,29 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Strategies that keep the whole model on every process: a checkpoint of one resumes under another.
+_REPLICATED = frozenset({"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA",
+                         "MULTI_HPU", "MULTI_SDAA", None})
+
+
+def _process_count_problems(saved: dict[str, Any], args: PretrainingArguments, num_processes: int) -> list[str]:
+    """What stops ``--allow_process_count_change`` from continuing ``saved`` on ``num_processes`` processes."""
+    old_args = saved["arguments"]
+    if saved.get("distributed_type") not in _REPLICATED:
+        return [f"a {saved['distributed_type']} checkpoint continues on its own process count only "
+                f"({saved['num_processes']}; --allow_process_count_change applies to one-process and data-parallel "
+                "runs, whose checkpoints hold the whole model)"]
+    old_batch = old_args["per_device_train_batch_size"] * saved["num_processes"]
+    new_batch = args.per_device_train_batch_size * num_processes
+    if old_batch == new_batch:
+        return []
+    per_device, rest = divmod(old_batch, num_processes)
+    fix = (f"with {num_processes} processes set --per_device_train_batch_size {per_device}" if not rest else
+           f"{num_processes} processes cannot share it evenly")
+    return [f"the global batch would be {new_batch * args.gradient_accumulation_steps}, the checkpoint's is "
+            f"{old_batch * old_args.get('gradient_accumulation_steps', 1)} ({fix})"]
+
+
 def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, config: IJepaPretrainingConfig,
                             num_processes: int, total_steps: int, *, mixed_precision: str | None = None,
                             distributed_type: str | None = None, data: dict[str, Any] | None = None) -> None:
@@ -504,13 +535,20 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
     are the same fp32; a launcher's bf16 is bf16). ``data``: this run's data fingerprint
     (``PretrainingData.fingerprint``): when the checkpoint has one, the images are compared rather than the
     folder's path, so the same data staged elsewhere (a job's local scratch) resumes and changed data does not.
+    Another process count is refused unless ``args.allow_process_count_change`` and the global batch is the
+    checkpoint's, for one-process and data-parallel checkpoints (which then count as the same strategy).
     Raises ``ValueError`` naming every differing field.
     """
     problems = []
     old_args, new_args = saved["arguments"], args.to_dict()
     ran = {"mixed_precision": saved.get("mixed_precision"), "distributed_type": saved.get("distributed_type")}
     now = {"mixed_precision": mixed_precision, "distributed_type": distributed_type}
+    moved = saved["num_processes"] != num_processes and args.allow_process_count_change
+    if moved:
+        problems += _process_count_problems(saved, args, num_processes)
     for name, value in now.items():
+        if name == "distributed_type" and moved and {ran[name], value} <= _REPLICATED:
+            continue  # one process and data parallel keep the same whole model on every process
         if ran[name] is not None and value is not None and ran[name] != value:
             problems.append(f"the {name.replace('_', ' ')} is {value!r}, the checkpoint ran with {ran[name]!r}")
     old_data = saved.get("data")
@@ -527,10 +565,12 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
             continue  # the same images at another path
         if name in SCHEDULE_LENGTH_FIELDS and args.extend_run:
             continue
+        if name == "per_device_train_batch_size" and moved:
+            continue  # compared as the global batch, above
         problems.append(f"--{name} is {new!r}, the checkpoint was trained with {old_args[name]!r}")
-    if saved["num_processes"] != num_processes:
-        problems.append(f"{num_processes} processes, the checkpoint was trained on {saved['num_processes']} (the "
-                        "global batch and the data sharding would change)")
+    if saved["num_processes"] != num_processes and not moved:
+        problems.append(f"{num_processes} processes, the checkpoint was trained on {saved['num_processes']} (with the "
+                        "same global batch, --allow_process_count_change continues it on another process count)")
     old_config = _flatten(_comparable_config(saved["config"]))
     new_config = _flatten(_comparable_config(config.to_dict()))
     # A field added to the config after the checkpoint was written: the checkpoint trained with its default.

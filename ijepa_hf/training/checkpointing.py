@@ -10,10 +10,13 @@ Layout of ``output_dir``::
     .step_<N>.incomplete/    a checkpoint being written (never read)
 
 A checkpoint is written under its ``.incomplete`` name, every file is flushed to disk, ``checkpoint.json`` (the
-manifest: run id, step, the loop's own state as JSON, the size of every file) is written last, and the folder is
-published by a rename — so a process killed at any instant leaves either the previous set of complete checkpoints
+manifest: run id, step, the loop's own state as JSON, the size and SHA-256 of every file) is written last, and the
+folder is published by a rename — so a process killed at any instant leaves either the previous set of complete checkpoints
 or one more, never a ``step_<N>`` that cannot be loaded. Folders named ``step_<N>`` without a valid manifest
-(older versions, or copies cut short) are skipped with a warning.
+(older versions, or copies cut short) are skipped with a warning. The digests of the files accelerate writes
+through its ``save`` (model weights, optimizer, scheduler) are computed from the bytes as they are written, not by
+reading multi-GB files back; the small files written otherwise (RNG states, a gradient scaler) and the shards of
+FSDP / DeepSpeed engines are read as they are flushed. A resume refuses a file whose digest differs, naming it.
 
 Nothing is unpickled beyond plain tensors and numbers: the loop's own state is JSON in the manifest, and
 accelerate (>= 1.1) reads model, optimizer, scaler and RNG files with ``torch.load(weights_only=True)``; no custom
@@ -23,7 +26,9 @@ object is registered with ``accelerator.register_for_checkpointing`` (accelerate
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +38,8 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +62,9 @@ __all__ = [
     "read_manifest",
     "load_checkpoint",
     "prune_checkpoints",
+    "verify_digests",
+    "write_run_file",
+    "is_disk_full",
 ]
 
 MANIFEST_NAME = "checkpoint.json"
@@ -116,6 +125,25 @@ class OutputDirLock:
         handle.flush()
         self._handle = handle
         return self
+
+    def still_held(self) -> bool:
+        """Whether the lock file this process holds is still the one at ``path`` (a folder deleted, or moved
+        away, while the run trains takes the lock file with it)."""
+        if self._handle is None:
+            return False
+        try:
+            here, held = os.stat(self.path), os.fstat(self._handle.fileno())
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
+
+    def reacquire(self) -> None:
+        """Lock ``path`` anew (recreating the folder) after :meth:`still_held` turned false;
+        :class:`OutputDirInUseError` when another run holds it by now."""
+        stale, self._handle = self._handle, None
+        if stale is not None:
+            stale.close()
+        self.acquire()
 
     def release(self) -> None:
         if self._handle is not None:
@@ -211,11 +239,24 @@ def latest_checkpoint(output_dir: str | os.PathLike, run_id: str | None = None) 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_run_id(output_dir: Path) -> str | None:
+def _read_run_file(output_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((output_dir / RUN_FILE_NAME).read_text(encoding="utf-8"))["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        run = json.loads((output_dir / RUN_FILE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return run if isinstance(run, dict) and isinstance(run.get("run_id"), str) else {}
+
+
+def _read_run_id(output_dir: Path) -> str | None:
+    return _read_run_file(output_dir).get("run_id")
+
+
+def write_run_file(output_dir: str | os.PathLike, run_id: str, finished_step: int | None = None) -> None:
+    """``run.json``: the run's id, and once its final model is written, the step it finished at."""
+    run: dict[str, Any] = {"run_id": run_id}
+    if finished_step is not None:
+        run["finished_step"] = int(finished_step)
+    _write_json_atomic(Path(output_dir) / RUN_FILE_NAME, run)
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
@@ -278,11 +319,18 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
                 f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint, only incomplete ones ("
                 + "; ".join(f"{info.path.name}: {info.problem}" for info in broken)
                 + "). Move them away to start the run afresh, or use --overwrite_output_dir.")
+        finished = _read_run_file(output_dir).get("finished_step")
+        if found is None and finished is not None:
+            # Its final model is written: starting afresh would train it all again (e.g. to retry a failed push).
+            raise ValueError(
+                f"--resume_from_checkpoint latest: the run in {output_dir} finished (step {finished}, its final model "
+                f"is written) and has no checkpoint to continue from. Publish it with `ijepa-hf push {output_dir} "
+                "<repo_id>`; train a new run with --overwrite_output_dir or another --output_dir.")
         if found is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint of this run in %s, starting "
                            "it from scratch", output_dir)
             run_id = run_id or uuid.uuid4().hex
-            _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
+            write_run_file(output_dir, run_id)
             return RunFolder(run_id, None)
         _move_abandoned_branch(output_dir, run_id, found.step)
         return RunFolder(run_id, found.path)
@@ -296,7 +344,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
                 output_dir.resolve()):
             raise ValueError(f"--output_dir {output_dir} holds another run than the checkpoint {path}: resume into "
                              "the checkpoint's own folder or an empty one")
-        _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": manifest["run_id"]})
+        write_run_file(output_dir, manifest["run_id"])
         _move_abandoned_branch(output_dir, manifest["run_id"], int(manifest["step"]))
         return RunFolder(manifest["run_id"], path)
     if contents and not overwrite_output_dir:
@@ -305,7 +353,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
         logger.warning("--overwrite_output_dir: starting a new run in %s; its files will be replaced as the new run "
                        "writes them, and the old run's checkpoints are ignored", output_dir)
     run_id = uuid.uuid4().hex
-    _write_json_atomic(output_dir / RUN_FILE_NAME, {"run_id": run_id})
+    write_run_file(output_dir, run_id)
     return RunFolder(run_id, None)
 
 
@@ -334,15 +382,129 @@ def _move_abandoned_branch(output_dir: Path, run_id: str, step: int) -> list[Pat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """Flush every file under ``root`` to disk; returns ``{relative path: size}``."""
-    sizes = {}
+_DIGEST_CHUNK = 1 << 24
+
+
+def _sha256_of_file(path: Path, handle: Any = None) -> str:
+    digest = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        handle = handle or stack.enter_context(open(path, "rb"))
+        while chunk := handle.read(_DIGEST_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(root: Path, digests: Mapping[str, str]) -> tuple[dict[str, int], dict[str, str]]:
+    """Flush every file under ``root`` to disk; returns ``({relative path: size}, {relative path: sha256})``.
+    ``digests``: those computed while the files were written; the other files are read for theirs."""
+    sizes, all_digests = {}, {}
     for path in sorted(root.rglob("*")):
         if path.is_file():
+            name = path.relative_to(root).as_posix()
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-            sizes[path.relative_to(root).as_posix()] = path.stat().st_size
-    return sizes
+                all_digests[name] = digests.get(name) or _sha256_of_file(path, handle)
+            sizes[name] = path.stat().st_size
+    return sizes, all_digests
+
+
+class _HashingWriter:
+    """A binary file that hashes what is written to it (``torch.save`` writes through ``write``)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _safetensors_digest(path: Path, tensors: Mapping[str, Any]) -> str | None:
+    """The SHA-256 of the safetensors file ``path`` just written from ``tensors``, from its header (read back: a
+    few KB) and the tensors' own bytes in memory, which the format lays out in offset order after the header. None
+    when the file is not laid out so (then it is read)."""
+    import torch
+
+    with open(path, "rb") as handle:
+        header_size_bytes = handle.read(8)
+        header_bytes = handle.read(int.from_bytes(header_size_bytes, "little"))
+    header = json.loads(header_bytes)
+    entries = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
+    digest = hashlib.sha256(header_size_bytes + header_bytes)
+    position = 0
+    for (start, end), name in entries:
+        tensor = tensors.get(name)
+        if start != position or tensor is None or tensor.numel() * tensor.element_size() != end - start:
+            return None
+        data = tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8)
+        digest.update(data.numpy())
+        position = end
+    if 8 + len(header_bytes) + position != path.stat().st_size or sys.byteorder != "little":
+        return None
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _digests_while_writing(root: Path, digests: dict[str, str]) -> Iterator[None]:
+    """Within the block, the files accelerate writes through ``accelerate.checkpointing.save`` (the model, optimizer
+    and scheduler states) under ``root`` get their SHA-256 in ``digests`` as they are written: the same files,
+    written the same way (safetensors or ``torch.save``), by the same process."""
+    import accelerate.checkpointing as checkpointing
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = checkpointing.save
+
+    def save(obj: Any, f: Any, save_on_each_node: bool = False, safe_serialization: bool = False) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        state = PartialState()
+        if state.distributed_type == DistributedType.XLA or not isinstance(f, (str, os.PathLike)):
+            return original(obj, f, save_on_each_node=save_on_each_node, safe_serialization=safe_serialization)
+        if not ((state.is_main_process and not save_on_each_node) or
+                (state.is_local_main_process and save_on_each_node)):
+            return None
+        path = Path(f)
+        name = path.resolve().relative_to(root.resolve()).as_posix()
+        if safe_serialization:
+            from accelerate.utils import clean_state_dict_for_safetensors
+
+            if isinstance(obj, OrderedDict):
+                obj = clean_state_dict_for_safetensors(obj)
+            save_file(obj, path, metadata={"format": "pt"})
+            digest = _safetensors_digest(path, obj)
+        else:
+            with open(path, "wb") as handle:
+                writer = _HashingWriter(handle)
+                torch.save(obj, writer)
+            digest = writer.digest.hexdigest()
+        if digest is not None:
+            digests[name] = digest
+        return None
+
+    checkpointing.save = save
+    try:
+        yield
+    finally:
+        checkpointing.save = original
+
+
+def verify_digests(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Read every file of the checkpoint ``path`` and compare its SHA-256 with the manifest's (checkpoints written
+    before digests were recorded have none: nothing to compare); :class:`CheckpointError` naming a file that
+    differs."""
+    path = Path(path)
+    for name, expected in manifest.get("sha256", {}).items():
+        if _sha256_of_file(path / name) != expected:
+            raise CheckpointError(
+                f"Refusing to load {path}: the contents of {name} differ from what was written there (SHA-256 "
+                "recorded in its manifest): it was replaced or damaged after the save, e.g. swapped with another "
+                "checkpoint's file; nothing in it was executed. Resume from another checkpoint (give its step_<N> "
+                "folder).")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -353,7 +515,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-def _is_disk_full(error: BaseException) -> bool:
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or its cause) says that the disk or the quota is full."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
@@ -365,7 +528,7 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 def _write_error(error: BaseException, output_dir: Path, path: Path) -> CheckpointError:
-    if _is_disk_full(error):
+    if is_disk_full(error):
         free = shutil.disk_usage(output_dir).free
         return CheckpointError(
             f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing checkpoint "
@@ -391,8 +554,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, 
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
+    digests: dict[str, str] = {}
     try:
-        accelerator.save_state(str(temporary))  # every rank writes its part (RNG states, shards)
+        with _digests_while_writing(temporary, digests):
+            accelerator.save_state(str(temporary))  # every rank writes its part (RNG states, shards)
     except Exception as error:  # noqa: BLE001 - translated below, after the other ranks are done
         failure = error
     accelerator.wait_for_everyone()
@@ -400,9 +565,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, 
         try:
             if failure is not None:
                 raise failure
-            files = _fsync_tree(temporary)
+            files, sha256 = _fsync_tree(temporary, digests)
             manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "step": int(step),
-                        "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files, "state": dict(state)}
+                        "saved": time.strftime("%Y-%m-%d %H:%M:%S"), "files": files, "sha256": sha256,
+                        "state": dict(state)}
             _write_json_atomic(temporary / MANIFEST_NAME, manifest)
             if final.exists():  # another run's step_<N> (--overwrite_output_dir): replace it
                 trash = output_dir / f".step_{step}.replaced"
@@ -496,8 +662,21 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
 
     from accelerate.utils import load as safe_load
 
+    from accelerate.utils import broadcast_object_list
+
     path = Path(path)
     manifest = read_manifest(path)
+    # One process reads the files for their digests; every process learns the outcome.
+    problem: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            verify_digests(path, manifest)
+        except CheckpointError as error:
+            problem = [error]
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list(problem)
+    if problem[0] is not None:
+        raise problem[0]
     listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
     extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
                    and p.relative_to(path).as_posix() not in listed)

@@ -13,9 +13,20 @@ from .arguments import PretrainingArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_SUBFOLDER", "training_summary", "save_final_model", "push_output_dir"]
+__all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "training_summary", "save_final_model",
+           "push_output_dir"]
 
 ENCODER_SUBFOLDER = "encoder"
+# What a push leaves out of a run's folder: the training checkpoints, the lock and the run file.
+_NOT_PUBLISHED = ["step_*", "step_*/**", ".step_*", ".step_*/**", "abandoned-*", "abandoned-*/**", ".*.tmp"]
+
+
+class ExportError(RuntimeError):
+    """The final model of a finished run could not be written; the message says why and how to write it again."""
+
+
+class HubPushError(RuntimeError):
+    """A finished run could not be uploaded; the message names the command that uploads it without training."""
 
 
 def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig, *, data_description: str,
@@ -50,22 +61,59 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
 
 def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfig, args: PretrainingArguments,
                      output_dir: Path, training: Mapping[str, Any], hub_dataset: str | None,
-                     sharded: bool) -> Path:
+                     sharded: bool, run_id: str | None = None) -> Path:
     """Save the pretraining model, the target encoder (``output_dir/encoder``), image processors and model cards.
 
-    Every rank must call it (sharded weights are gathered); only the main process writes. Returns the encoder
-    folder.
+    Every rank must call it (sharded weights are gathered); only the main process writes, and every rank learns
+    whether it did: a failure raises :class:`ExportError` on every rank (a full disk named as such, with the run's
+    newest checkpoint (of run ``run_id``) to continue from). Returns the encoder folder.
     """
+    from accelerate.utils import broadcast_object_list
+
+    encoder_dir = output_dir / ENCODER_SUBFOLDER
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP/DeepSpeed) weights; all ranks call it
+    failure: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            _write_final_model(accelerator, model, config, args, output_dir, training, hub_dataset, sharded,
+                               state_dict)
+        except Exception as error:  # noqa: BLE001 - translated, and told to every rank
+            failure = [_export_error(error, output_dir, training, run_id)]
+    if accelerator.num_processes > 1:
+        failure = broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise failure[0]
+    return encoder_dir
+
+
+def _export_error(error: BaseException, output_dir: Path, training: Mapping[str, Any], run_id: str | None
+                  ) -> ExportError:
+    import shutil
+
+    from .checkpointing import is_disk_full, latest_checkpoint
+
+    found = latest_checkpoint(output_dir, run_id)
+    then = (f"it continues from {found.path.name}, the run's newest complete checkpoint, and writes the final model "
+            "again" if found is not None else "the run has no checkpoint, so it would train from the start")
+    if is_disk_full(error):
+        free = shutil.disk_usage(output_dir).free
+        cause = (f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing the "
+                 f"final model (training reached step {training['steps']})")
+    else:
+        cause = f"Could not write the final model into {output_dir}: {error!r}"
+    return ExportError(f"{cause}. Fix that and run the same command with --resume_from_checkpoint latest: {then}.")
+
+
+def _write_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfig, args: PretrainingArguments,
+                       output_dir: Path, training: Mapping[str, Any], hub_dataset: str | None, sharded: bool,
+                       state_dict: dict[str, Any]) -> None:
     from .. import make_image_processor
     from ..cards import default_loading_code, make_model_card, summarize_config
     from ..licensing import record_weights_license, weights_license
     from ..modeling_ijepa_hf import IJepaEncoderModel
 
     encoder_dir = output_dir / ENCODER_SUBFOLDER
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP/DeepSpeed) weights; all ranks call it
-    if not accelerator.is_main_process:
-        return encoder_dir
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Weights continued from others (e.g. Meta's, CC BY-NC 4.0) keep their licence and name their base model.
     weights = weights_license(unwrapped, source=args.model_name_or_path)
@@ -93,21 +141,39 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     loading = default_loading_code(name, "encoder", custom_code=True, subfolder=ENCODER_SUBFOLDER)
     make_model_card(model_name=f"{name} (target encoder)", kind="encoder", config_summary=summarize_config(encoder),
                     loading_code=loading, **card_kwargs).save(encoder_dir / "README.md")
-    return encoder_dir
 
 
-def push_output_dir(args: PretrainingArguments, output_dir: Path) -> str:
-    """Upload ``output_dir`` (without the training checkpoints, the lock and the run file) to the Hub."""
+def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token: str | None = None,
+                    private: bool | None = None) -> str:
+    """Upload the finished run in ``output_dir`` (its final model, ``encoder/``, cards, log and curves; not the
+    training checkpoints, the lock or the run file) to the Hub repo ``repo_id`` (default: the folder's name),
+    creating it if needed. Returns the commit URL.
+
+    Raises:
+        ExportError: ``output_dir`` holds no final model (the run has not finished).
+        HubPushError: the upload failed; its message names ``ijepa-hf push``, which retries it without training.
+    """
     from huggingface_hub import HfApi
 
     from .checkpointing import LOCK_FILE_NAME, RUN_FILE_NAME
 
-    api = HfApi(token=args.hub_token)
-    repo_id = args.hub_model_id or output_dir.name
-    repo_id = api.create_repo(repo_id, exist_ok=True, private=args.hub_private_repo).repo_id
-    commit = api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model",
-                               commit_message="I-JEPA pretraining",
-                               ignore_patterns=["step_*", "step_*/**", ".step_*", ".step_*/**", LOCK_FILE_NAME,
-                                                RUN_FILE_NAME])
+    output_dir = Path(output_dir)
+    if not (output_dir / "config.json").is_file() or not (output_dir / ENCODER_SUBFOLDER / "config.json").is_file():
+        raise ExportError(f"{output_dir} holds no finished run (no final model and {ENCODER_SUBFOLDER}/ in it): "
+                          "finish the training first (--resume_from_checkpoint latest continues it)")
+    repo_id = repo_id or output_dir.name
+    try:
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
+        commit = api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model",
+                                   commit_message="I-JEPA pretraining",
+                                   ignore_patterns=[*_NOT_PUBLISHED, LOCK_FILE_NAME, RUN_FILE_NAME])
+    except Exception as error:  # noqa: BLE001 - any failure of the upload gets the same way out
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise HubPushError(
+            f"Could not push {output_dir} to the Hub repo {repo_id} ({type(error).__name__}: {first_line}). The run "
+            f"itself is complete on disk: upload it without training again with `ijepa-hf push {output_dir} "
+            f"{repo_id}` once the Hub can be reached (and the token can write to the repo)."
+        ) from error
     logger.info("Pushed %s to %s", output_dir, repo_id)
     return getattr(commit, "commit_url", None) or str(commit)

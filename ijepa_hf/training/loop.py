@@ -45,6 +45,7 @@ from .checkpointing import (
     prepare_output_dir,
     read_manifest,
     save_checkpoint,
+    write_run_file,
 )
 from .distributed import (
     EmaMode,
@@ -172,6 +173,7 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         # (data.model_inputs); every sample's epoch and mask index travel with its key (SampleKey)
         uint8_images=True, batch_size=args.per_device_train_batch_size, num_processes=accelerator.num_processes,
     )
+    length = RunLength.of(args, data.num_images, accelerator.num_processes)
     set_seed(args.seed)  # the same init on every rank: seeded right before construction
     model = _build_model(args, config)
     if args.gradient_checkpointing:
@@ -196,17 +198,78 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     try:
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
+        folder = _OutputFolder(accelerator, output_dir, lock, outcome[0].run_id)
         with handler as preemption:
-            return _train(args, accelerator, output_dir, outcome[0], ema, preemption, config, model, data, counter)
+            return _train(args, accelerator, folder, outcome[0], ema, preemption, config, model, data, counter,
+                          length)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Path, run: RunFolder, ema: EmaMode,
-           preemption: PreemptionHandler, config: Any, model: Any, data: Any, counter: BadImageCounter
-           ) -> PretrainingResult:
+@dataclass(frozen=True)
+class RunLength:
+    """How long the run is, known before anything is written (a warm-up longer than the run is refused then)."""
+
+    batches_per_epoch: int | None  # micro-batches per process and epoch (None: streamed data)
+    steps_per_epoch: int | None
+    total_steps: int
+    num_epochs: int | None
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, args: PretrainingArguments, num_images: int | None, num_processes: int) -> RunLength:
+        batches = None
+        if num_images is not None:
+            # Complete global batches only (the sampler's and the loader's drop_last)
+            batches = num_images // (args.per_device_train_batch_size * num_processes)
+            if batches == 0:
+                raise ValueError(
+                    f"{num_images} images are fewer than one global batch ({args.per_device_train_batch_size} x "
+                    f"{num_processes} processes); lower --per_device_train_batch_size or add data")
+        steps_per_epoch = None if batches is None else math.ceil(batches / args.gradient_accumulation_steps)
+        total = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        if args.warmup_steps is not None and args.warmup_steps > total:
+            raise ValueError(f"--warmup_steps {args.warmup_steps} is longer than the run ({total} steps): the "
+                             "learning rate would never reach its peak; lower it, or use --warmup_ratio")
+        warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_fraction * total)
+        return cls(batches, steps_per_epoch, total, None if batches is None else math.ceil(total / steps_per_epoch),
+                   warmup)
+
+
+class _OutputFolder:
+    """The run's output folder as the training loop uses it: its path, its run id, and the guard of its lock.
+
+    :meth:`guard` runs before the loop writes there (log rows, checkpoints, the export): a folder deleted, or moved
+    away, while the run trains is recreated with a new lock and ``run.json`` (with a warning: what was in it is
+    gone), and when another run holds it by then, every rank stops with :class:`OutputDirInUseError` rather than
+    write into that run's folder."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, lock: OutputDirLock | None, run_id: str) -> None:
+        self.accelerator, self.path, self.lock, self.run_id = accelerator, path, lock, run_id
+
+    def guard(self, step: int) -> None:
+        problem: list[Any] = [None]
+        if self.lock is not None and not self.lock.still_held():
+            try:
+                self.lock.reacquire()
+                write_run_file(self.path, self.run_id)
+                logger.warning("%s was deleted while the run was training (its lock file went with it): recreated "
+                               "it with a new lock and run.json at step %d; the checkpoints and log rows written "
+                               "there before are lost", self.path, step)
+            except Exception as error:  # noqa: BLE001 - raised on every rank below
+                problem = [error]
+        if self.accelerator.num_processes > 1:
+            problem = broadcast_object_list(problem)
+        if problem[0] is not None:
+            raise problem[0]
+
+
+def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _OutputFolder, run: RunFolder,
+           ema: EmaMode, preemption: PreemptionHandler, config: Any, model: Any, data: Any,
+           counter: BadImageCounter, length: RunLength) -> PretrainingResult:
     image_size = _square(config.encoder_config.image_size)
+    output_dir = folder.path
 
     # ---- data
     mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
@@ -226,20 +289,14 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                            max_grad_norm=args.clip_grad_norm, skip_nonfinite_steps=args.skip_nonfinite_steps)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
 
-    # ---- run length and schedules (after prepare: the dataloader length is per process)
+    # ---- run length (computed before anything was written) and schedules
     sized = data.num_images is not None
-    batches_per_epoch = len(dataloader) if sized else None
-    if sized and batches_per_epoch == 0:
-        raise ValueError(
-            f"{data.num_images} images are fewer than one global batch ({args.per_device_train_batch_size} x "
-            f"{accelerator.num_processes} processes); lower --per_device_train_batch_size or add data"
-        )
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps) if sized else None
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch) if sized else None
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_fraction * total_steps)
+    batches_per_epoch, total_steps, num_epochs = length.batches_per_epoch, length.total_steps, length.num_epochs
+    if sized and len(dataloader) != batches_per_epoch:  # the prepared loader's length is per process
+        raise RuntimeError(f"internal: the prepared loader has {len(dataloader)} batches per epoch, the run "
+                           f"length was computed for {batches_per_epoch}")
     schedule = PretrainingSchedule(
-        total_steps=total_steps, warmup_steps=min(warmup_steps, total_steps), start_lr=args.start_lr,
+        total_steps=total_steps, warmup_steps=length.warmup_steps, start_lr=args.start_lr,
         peak_lr=args.learning_rate, final_lr=args.final_lr, start_weight_decay=args.weight_decay,
         final_weight_decay=args.final_weight_decay, ema_start=config.ema_momentum[0], ema_end=config.ema_momentum[1],
     )
@@ -306,6 +363,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         step_fn.check()  # never save after a non-finite update
         if not _all_finite(accelerator, model):
             raise NonFiniteLossError(step, schedule.lr_at(step), ": the weights are no longer finite")
+        folder.guard(step)
         saved.append(save_checkpoint(accelerator, output_dir, step, run.run_id, checkpoint_state(),
                                      args.checkpoints_total_limit))
 
@@ -356,6 +414,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
                     window.exclude(row["online_probe_seconds"])
                 if row is not None:
                     final_loss = float(row["loss"])
+                    folder.guard(step)
                     _log_row(accelerator, args, log_path, row, bar)
                     monitor.check(row)
             if args.checkpointing_steps not in (None, "epoch") and step % int(args.checkpointing_steps) == 0:
@@ -399,8 +458,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         if limits:
             logger.info(limits)
     if probe.seconds:
-        logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f", probe.seconds,
-                    runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy)
+        logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f (raw pixels: %.3f)",
+                    probe.seconds, runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy,
+                    probe.pixels_accuracy)
 
     # ---- export
     summary = training_summary(
@@ -408,10 +468,27 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, output_dir: Pat
         completed_steps=progress.completed_steps, warmup_steps=schedule.warmup_steps, global_batch_size=global_batch,
         num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision, final_loss=final_loss,
         bad_images=bad, images_per_s=images_per_s)
+    folder.guard(progress.completed_steps)
     encoder_dir = save_final_model(
         accelerator, model, config, args, output_dir, summary, data.hub_dataset,
-        sharded=accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED))
-    hub_url = push_output_dir(args, output_dir) if args.push_to_hub and accelerator.is_main_process else None
+        sharded=accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED), run_id=run.run_id)
+    hub_url = None
+    if accelerator.is_main_process:
+        # A run that finished is not trained again by --resume_from_checkpoint latest (e.g. to retry a push)
+        write_run_file(output_dir, run.run_id, finished_step=progress.completed_steps)
+    if args.push_to_hub:
+        outcome: list[Any] = [None]
+        if accelerator.is_main_process:
+            try:
+                outcome = [push_output_dir(output_dir, args.hub_model_id, token=args.hub_token,
+                                           private=args.hub_private_repo)]
+            except Exception as error:  # noqa: BLE001 - raised on every rank below
+                outcome = [error]
+        if accelerator.num_processes > 1:
+            outcome = broadcast_object_list(outcome)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        hub_url = outcome[0]
     accelerator.wait_for_everyone()
     if args.with_tracking:
         accelerator.end_training()
@@ -516,6 +593,7 @@ class _OnlineProbe:
         self.probe_set, self.every, self.total_steps, self.k = probe_set, every, total_steps, k
         self.seconds = 0.0
         self.last_accuracy: float | None = None
+        self.pixels_accuracy: float | None = None  # the same k-NN on the probe set's raw pixels
 
     @classmethod
     def build(cls, args: PretrainingArguments, data: Any, image_size: int, total_steps: int, ema: Any
@@ -567,6 +645,7 @@ class _OnlineProbe:
                 model.reshard()
         self.seconds += values["online_probe_seconds"]
         self.last_accuracy = values["online_knn_accuracy"]
+        self.pixels_accuracy = values["online_knn_pixels_accuracy"]
         return values
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,12 @@ THROUGHPUT_KEY = "images_per_s"
 LOADER_KEYS = ("data_wait_fraction", "loader_images_per_s")
 # online_knn_accuracy: k-NN accuracy of the target encoder's pooled features on the run's online probe set (a
 # bank and held-out queries of labelled images); online_rankme: RankMe of those features over the whole probe set;
-# online_probe_seconds: what the probe cost (in rows that have one).
-ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_seconds")
+# online_probe_seconds: what the probe cost (in rows that have one); online_knn_pixels_accuracy: the same k-NN on the
+# probe set's raw pixels, the reference the encoder's accuracy is read against (constant over a run).
+ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_seconds", "online_knn_pixels_accuracy")
+# The raw-pixel reference of a probe set, computed once per (pixel tensor, k): id(tensor) -> (a weak reference to
+# it, {k: accuracy}); tensors compare elementwise, so they cannot be dictionary keys themselves.
+_PIXEL_REFERENCE: dict[int, tuple[weakref.ref, dict[int, float]]] = {}
 LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *LOADER_KEYS, *COLLAPSE_KEYS, "context_patches",
             "target_patches", "skipped_batches")
 
@@ -140,7 +145,9 @@ def online_probe(
         autocast: a context-manager factory for the forward (the run's precision), or None.
 
     Returns:
-        ``{"online_knn_accuracy", "online_rankme", "online_probe_seconds"}``.
+        ``{"online_knn_accuracy", "online_rankme", "online_probe_seconds", "online_knn_pixels_accuracy"}``: the
+        last is the same k-NN on the raw pixels of the same images (computed at the first call for these pixels),
+        the floor an encoder worth its training clears.
     """
     from ..evaluation import knn_probe
 
@@ -159,8 +166,17 @@ def online_probe(
     features = torch.cat(features)
     bank = len(features) // 2
     knn = knn_probe(features[:bank], labels[:bank], features[bank:], labels[bank:], k=min(k, bank))
+    held = _PIXEL_REFERENCE.get(id(pixel_values))
+    if held is None or held[0]() is not pixel_values:
+        key = id(pixel_values)
+        held = _PIXEL_REFERENCE[key] = (weakref.ref(pixel_values, lambda _: _PIXEL_REFERENCE.pop(key, None)), {})
+    reference = held[1]
+    if k not in reference:
+        pixels = pixel_values.detach().flatten(1).float().cpu()
+        reference[k] = float(knn_probe(pixels[:bank], labels[:bank], pixels[bank:], labels[bank:],
+                                       k=min(k, bank))["accuracy"])
     return {"online_knn_accuracy": float(knn["accuracy"]), "online_rankme": effective_rank(features),
-            "online_probe_seconds": time.perf_counter() - start}
+            "online_probe_seconds": time.perf_counter() - start, "online_knn_pixels_accuracy": reference[k]}
 
 
 class CollapseMonitor:
