@@ -32,12 +32,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
 from ijepa_hf.data import load_image_dataset
 from ijepa_hf.evaluation import extract_features
+from ijepa_hf.finetuning import BUILTIN_DATASETS, load_builtin_split
 from ijepa_hf.loading import load_encoder
+from ijepa_hf.scripts import configure_logging, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--encoder", choices=("target", "context"), default="target",
                         help="Which encoder of a pretraining repo.")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset (or a datasets builder name).")
+    parser.add_argument("--dataset_name", default=None,
+                        help=f"Hub dataset (or a datasets builder name), or one read locally: {', '.join(BUILTIN_DATASETS)}.")
     parser.add_argument("--dataset_config_name", default=None)
     parser.add_argument("--train_dir", default=None, help="Local image folder (read with imagefolder).")
     parser.add_argument("--split", default="train", help="Split to extract (default: train).")
@@ -112,17 +116,21 @@ def save_features(
 def main(argv: list[str] | None = None) -> Path:
     """Extracts and saves the features; returns the output path."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    configure_logging()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dataset = load_image_dataset(
-        dataset_name=args.dataset_name,
-        train_dir=args.train_dir,
-        dataset_config_name=args.dataset_config_name,
-        split=args.split,
-        image_column=args.image_column_name,
-        max_samples=args.max_samples,
-        decode=False,  # decode in ijepa_hf's robust loader: a corrupt file is skipped, not fatal
-    )
+    if args.dataset_name in BUILTIN_DATASETS:  # read locally, as probe.py and finetune.py do
+        dataset = load_builtin_split(args.dataset_name, args.split, max_samples=args.max_samples)
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    else:
+        dataset = load_image_dataset(
+            dataset_name=args.dataset_name,
+            train_dir=args.train_dir,
+            dataset_config_name=args.dataset_config_name,
+            split=args.split,
+            image_column=args.image_column_name,
+            max_samples=args.max_samples,
+            decode=False,  # decode in ijepa_hf's robust loader: a corrupt file is skipped, not fatal
+        )
     label_column = args.label_column_name if args.label_column_name in dataset.column_names else None
     if label_column is None:
         logger.warning("No %r column: labels are saved as -1.", args.label_column_name)
@@ -165,4 +173,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

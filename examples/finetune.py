@@ -49,6 +49,7 @@ from ijepa_hf.finetuning import (
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
+from ijepa_hf.scripts import quiet_http_logging, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
         datefmt="%m/%d/%Y %H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
+    quiet_http_logging()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         trainer.save_metrics("eval", metrics)
 
     card_kwargs: dict[str, Any] = {
-        "finetuned_from": licence.base_model or model_args.model_name_or_path,
+        # a Hub repo (or the recorded base of a local conversion); None leaves a local folder out, as Trainer does
+        "finetuned_from": licence.base_model,
         "license": licence.license,
         "tasks": "image-classification",
         "tags": ["image-classification", "vision", "ijepa"],
@@ -278,4 +281,4 @@ def main(argv: list[str] | None = None) -> Trainer:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ijepa_hf.scripts import configure_logging, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     PretrainingArguments,
@@ -243,8 +244,7 @@ def print_summary(args: PretrainingArguments, summary: dict[str, Any], result: P
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        level=logging.INFO)
+    configure_logging()
     started = time.perf_counter()
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     try:
-        main()
+        run_script(main)
     finally:
         if torch.distributed.is_initialized():
             # An orderly exit: a process group left to interpreter shutdown can abort it (seen with DeepSpeed on CPU).

@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data
+from ijepa_hf.scripts import configure_logging, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -127,7 +128,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
 
 
 def main(argv: list[str] | None = None) -> IJepaTrainer:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    configure_logging()
     script_args, training_args = parse(list(sys.argv[1:] if argv is None else argv))
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     config = build_pretraining_config(
@@ -188,4 +189,4 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

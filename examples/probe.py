@@ -31,6 +31,7 @@ import torch
 from ijepa_hf.evaluation import attentive_probe, evaluate_encoder, extract_features, format_results_table
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
+from ijepa_hf.scripts import configure_logging, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def default_layers(encoder: torch.nn.Module) -> list[str]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Runs the probes; returns the result rows (see `ijepa_hf.evaluation.evaluate_encoder`)."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    configure_logging()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     splits = load_labeled_splits(
         dataset_name=args.dataset_name,
@@ -164,4 +165,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -27,6 +27,7 @@ from ijepa_hf.data import PretrainTransform, embedded_scenes, load_image, load_i
 from ijepa_hf.finetuning import processor_image_size
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.masking import IJepaMaskCollator
+from ijepa_hf.scripts import configure_logging, run_script
 from ijepa_hf.visualization import plot_mask_grid, plot_pca_features, plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -125,11 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Runs one sub-command; returns the written PNG's path."""
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    configure_logging()
     path = args.func(args)
     logger.info("Wrote %s", path)
     return path
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -57,6 +57,9 @@ def _register() -> None:
     # `config_class` is the backbone config, hence the mapping itself.
     for config_class in (IJepaEncoderConfig, IJepaPretrainingConfig):
         AutoBackbone._model_mapping.register(config_class, IJepaBackbone, exist_ok=True)
+    # The same for a classifier on a pretraining repo's target encoder (`IJepaEncoderForImageClassification`).
+    AutoModelForImageClassification._model_mapping.register(IJepaPretrainingConfig,
+                                                            IJepaEncoderForImageClassification, exist_ok=True)
     route_local_backbone_folders()  # transformers' AutoBackbone refuses every local folder (ijepa_hf.loading)
     for config_class in (IJepaEncoderConfig, IJepaPretrainingConfig, IJepaBackboneConfig):
         AutoImageProcessor.register(

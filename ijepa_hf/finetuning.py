@@ -47,6 +47,7 @@ __all__ = [
     "make_compute_metrics",
     "classification_collate",
     "BUILTIN_DATASETS",
+    "load_builtin_split",
     "load_labeled_splits",
 ]
 
@@ -358,6 +359,18 @@ def _builtin_splits(name: str, max_train: int | None, max_eval: int | None, imag
     return datasets.DatasetDict(
         train=train.select_columns(keep), validation=validation.select_columns(keep)
     )
+
+
+def load_builtin_split(name: str, split: str = "train", *, max_samples: int | None = None, image_size: int = 64,
+                       seed: int = 0) -> Any:
+    """One split (``train``, or ``test`` / ``validation``: the held-out one) of a :data:`BUILTIN_DATASETS` dataset,
+    with ``image`` and ``label`` columns, read without the Hub."""
+    held_out = ("test", "validation")
+    if split != "train" and split not in held_out:
+        raise ValueError(f"{name} has the splits 'train' and 'test' (also called 'validation'), not {split!r}")
+    splits = _builtin_splits(name, max_samples if split == "train" else 1, max_samples if split in held_out else 1,
+                             image_size, seed)
+    return splits["train" if split == "train" else "validation"]
 
 
 def _load_split(split: str, **kwargs: Any) -> Any | None:

@@ -33,6 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -369,6 +370,22 @@ def run_blocks(
     return hidden_states
 
 
+# What transformers itself passes to a forward's **kwargs (output flags, Trainer's loss arguments, attention
+# backends' arguments, and the config defaults `merge_with_config_defaults` fills in, e.g. the `use_cache` that
+# Trainer sets on every config): anything else is a caller's mistake, refused rather than silently ignored.
+_TRANSFORMERS_KWARGS = frozenset({*TransformersKwargs.__annotations__, "return_dict", "use_cache",
+                                  "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio"})
+_HINTS = {"bool_masked_pos": "I-JEPA drops masked patches instead of replacing them: pass the indices of the patches "
+                             "to keep as `context_mask` ([B, K] long)"}
+
+
+def _refuse_unknown_kwargs(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    unknown = sorted(set(kwargs) - _TRANSFORMERS_KWARGS)
+    if unknown:
+        hints = "".join(f"; {_HINTS[name]}" for name in unknown if name in _HINTS)
+        raise TypeError(f"{type(model).__name__}.forward() got unexpected keyword argument(s) {unknown}{hints}")
+
+
 def _records(model: PreTrainedModel, kwargs: dict[str, Any], name: str) -> bool:
     """Whether `capture_outputs` records ``name`` (``"hidden_states"``, ``"attentions"``) in this call: the call's
     ``output_<name>`` (a flag, or hidden-state indices), else the config's, as the decorator decides."""
@@ -609,6 +626,10 @@ class IJepaPreTrainedModel(PreTrainedModel):
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         if pretraining_config is None:
             pretraining_config = IJepaPretrainingConfig.from_pretrained(path, **hub_kwargs)
+        else:
+            # The Auto classes put `num_labels` / `id2label` on the repo's (pretraining) config: they are the head's.
+            for key in ("id2label", "label2id", "problem_type"):
+                kwargs.setdefault(key, getattr(pretraining_config, key))
         encoder_dict = pretraining_config.encoder_config
         encoder_dict = encoder_dict.to_dict() if isinstance(encoder_dict, PretrainedConfig) else dict(encoder_dict)
         encoder_dict.pop("model_type", None)
@@ -723,6 +744,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             `output_attentions=True` `attentions` (both recorded by `capture_outputs`); a tuple with
             `return_dict=False`.
         """
+        _refuse_unknown_kwargs(self, kwargs)
         padding = None
         if context_lengths is not None:
             if context_mask is None:
@@ -850,7 +872,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
             `IJepaPredictorOutput` with `predictions [M * B, Kt, D]` (block-major), and the recorded
             `hidden_states` / `attentions` on request.
         """
-
+        _refuse_unknown_kwargs(self, kwargs)
         batch_size, num_context, _ = encoder_hidden_states.shape
         target_masks = _stack_target_masks(target_masks)
         num_patches = self.pos_embed.shape[1]
@@ -1018,6 +1040,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             `BaseModelOutputWithPooling` (patch features and their average), so that a pretraining repo serves
             feature extraction (`AutoModel`, `pipeline("image-feature-extraction")`).
         """
+        _refuse_unknown_kwargs(self, kwargs)
         if context_mask is None and target_masks is None and context_lengths is None:
             # Images only: feature extraction with the target encoder, the one the paper evaluates (this is what
             # `AutoModel` and `pipeline("image-feature-extraction")` run on a pretraining repo).
@@ -1089,6 +1112,7 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         Returns:
             `ImageClassifierOutput` with `logits [B, num_labels]` and `loss` when labels are given.
         """
+        _refuse_unknown_kwargs(self, kwargs)
         outputs = self.encoder(pixel_values, return_dict=True, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None
@@ -1097,6 +1121,22 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+def _as_backbone_config(config: PretrainedConfig) -> IJepaBackboneConfig:
+    """``config`` as an `IJepaBackboneConfig`. A dense head that names an encoder or pretraining repo as its backbone
+    (``UperNetConfig(backbone=<repo>, backbone_kwargs={"out_indices": ...})``, or ``backbone_config=`` that repo's
+    config) holds the repo's own config with the backbone arguments set on it; the backbone is then its encoder
+    (a pretraining repo's target encoder) with those arguments."""
+    if isinstance(config, IJepaBackboneConfig):
+        return config
+    arguments = {key: getattr(config, key) for key in BACKBONE_ARGUMENTS if key in config.to_dict()}
+    if isinstance(config, IJepaPretrainingConfig):
+        config = config.encoder_config
+    if not isinstance(config, IJepaEncoderConfig):
+        raise TypeError(f"IJepaBackbone needs an I-JEPA encoder, pretraining or backbone config, got "
+                        f"{type(config).__name__}")
+    return IJepaBackboneConfig.from_encoder_config(config, **arguments)
 
 
 class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
@@ -1113,9 +1153,9 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
 
     config_class = IJepaBackboneConfig
 
-    def __init__(self, config: IJepaBackboneConfig) -> None:
-        super().__init__(config)
-        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+    def __init__(self, config: IJepaBackboneConfig | IJepaEncoderConfig | IJepaPretrainingConfig) -> None:
+        super().__init__(_as_backbone_config(config))
+        self.num_features = [self.config.hidden_size] * (self.config.num_hidden_layers + 1)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):

@@ -185,7 +185,41 @@ def test_auto_backbone_from_an_encoder_repo_on_the_hub(fake_hub: str, tmp_path: 
             _, expected = encoder.forward_intermediates(pixels, indices=[1, 3], norm=True)
         for got, want in zip(maps, expected):
             torch.testing.assert_close(got, want)
+        # a dense head naming the repo, as transformers' docs name a backbone
+        from transformers import UperNetConfig, UperNetForSemanticSegmentation
+        from transformers.backbone_utils import load_backbone
+        config = UperNetConfig(backbone="{repo}", backbone_kwargs={{"out_indices": [1, 2, 3, 4]}}, num_labels=3,
+                               hidden_size=16, auxiliary_in_channels=32, use_pretrained_backbone=False)
+        assert type(load_backbone(config)) is ijepa_hf.IJepaBackbone
+        head = UperNetForSemanticSegmentation(config).eval()
+        assert head.backbone.out_features == ["stage1", "stage2", "stage3", "stage4"], head.backbone.out_features
+        with torch.no_grad():
+            assert head(pixels).logits.shape == (1, 3, 32, 32)
         print("ok")
         """,
         fake_hub, tmp_path / "puller",
     )
+
+
+def test_a_dense_head_takes_an_encoder_or_pretraining_config_as_its_backbone_config(tmp_path: Path):
+    """What `UperNetConfig(backbone=<repo>, backbone_kwargs={"out_indices": ...})` makes of an encoder or pretraining
+    repo (the repo's own config with the backbone arguments set on it): the backbone built from it is the encoder,
+    with those arguments, saved and reloaded with the head."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).save_pretrained(tmp_path / "encoder")
+    IJepaForPreTraining(tiny_pretraining_config(encoder={"num_hidden_layers": 4})).save_pretrained(
+        tmp_path / "pretraining")
+    for source in ("encoder", "pretraining"):
+        config_dict, _ = PretrainedConfig.get_config_dict(str(tmp_path / source))  # as transformers does
+        config_dict.update({"out_indices": [1, 2, 3, 4]})
+        backbone_config = CONFIG_MAPPING[config_dict["model_type"]](**config_dict)
+        config = UperNetConfig(backbone_config=backbone_config, num_labels=3, hidden_size=16,
+                               auxiliary_in_channels=32)
+        head = UperNetForSemanticSegmentation(config).eval()
+        assert isinstance(head.backbone, IJepaBackbone) and head.backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
+        with torch.no_grad():
+            assert head(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3, 32, 32)
+        head.save_pretrained(tmp_path / f"upernet-{source}")
+        reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / f"upernet-{source}").eval()
+        assert reloaded.backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]

@@ -268,6 +268,21 @@ def test_extract_features_example_writes_ids_and_paths(tmp_path, load_example, e
     assert table["id"] == [0, 1, 3] and [Path(p).name for p in table["path"]] == ["0.png", "1.png", "3.png"]
 
 
+def test_extract_features_example_reads_the_builtin_datasets_without_the_hub(tmp_path, load_example, encoder):
+    encoder.save_pretrained(tmp_path / "encoder")
+    for split in ("train", "test"):
+        output = load_example("extract_features").main([
+            "--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes", "--split", split,
+            "--max_samples", "6", "--output", str(tmp_path / f"feats_{split}"), "--format", "npz", "--no_progress",
+        ])
+        saved = np.load(output)
+        assert saved["features"].shape[0] == 6 and (saved["labels"] >= 0).all()
+    with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+        load_example("extract_features").main([
+            "--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes", "--split",
+            "extra", "--output", str(tmp_path / "x"), "--no_progress"])
+
+
 def test_probe_defaults_work_on_shallow_encoders(tmp_path, load_example):
     torch.manual_seed(0)
     IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=3)).save_pretrained(tmp_path / "encoder")

@@ -144,6 +144,8 @@ def test_load_labeled_splits(image_folder):
 
 
 def test_load_image_classifier_from_pretraining_repo(tmp_path):
+    from transformers import AutoModelForImageClassification
+
     torch.manual_seed(0)
     pretraining = IJepaForPreTraining(tiny_pretraining_config())
     with torch.no_grad():  # make the two encoders differ
@@ -157,6 +159,15 @@ def test_load_image_classifier_from_pretraining_repo(tmp_path):
         source = pretraining.encoder_for(which).state_dict()
         for key, value in classifier.encoder.state_dict().items():
             torch.testing.assert_close(value, source[key])
+    # what a transformers user types: the Auto class on the pretraining repo gives the target encoder with a new head
+    for labels in ({"num_labels": 10}, {"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1}}):
+        classifier = AutoModelForImageClassification.from_pretrained(tmp_path, **labels)
+        assert isinstance(classifier, IJepaEncoderForImageClassification)
+        assert classifier.classifier.out_features == classifier.config.num_labels == (10 if "num_labels" in labels
+                                                                                       else 2)
+        assert labels.get("id2label", classifier.config.id2label) == classifier.config.id2label
+        source = pretraining.target_encoder.state_dict()
+        assert all(torch.equal(value, source[key]) for key, value in classifier.encoder.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +200,8 @@ def test_finetune_example(tmp_path, monkeypatch, load_example, image_folder, enc
     prediction = trainer.predict(trainer.eval_dataset)  # the accuracy recomputed from the model's own predictions
     expected = float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())
     assert eval_results["eval_accuracy"] == pytest.approx(expected)
-    assert (output_dir / "README.md").is_file()
+    card = (output_dir / "README.md").read_text()
+    assert str(encoder_repo) not in card  # a local folder is no base model (Trainer leaves it out as well)
 
     reloaded = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     assert reloaded.config.id2label == {0: "blue", 1: "red"}

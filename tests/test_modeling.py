@@ -414,3 +414,25 @@ def test_names_follow_transformers_and_one_encoder_vocabulary():
     assert [w.category for w in caught] == [FutureWarning, FutureWarning]
     with pytest.raises(AttributeError):
         ijepa_hf.NoSuchThing  # noqa: B018
+
+
+def test_unknown_forward_arguments_are_refused_naming_them():
+    """A typo or another model's argument is an error, not silently ignored; transformers' own arguments pass."""
+    from ijepa_hf import IJepaEncoderConfig, IJepaEncoderForImageClassification, IJepaEncoderModel
+
+    config = IJepaEncoderConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_labels=3)
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = torch.arange(8).repeat(2, 1)
+    encoder = IJepaEncoderModel(config).eval()
+    with pytest.raises(TypeError, match=r"IJepaEncoderModel.forward\(\) got unexpected keyword argument\(s\) "
+                                        r"\['context_maks'\]"):
+        encoder(pixels, context_maks=mask)
+    with pytest.raises(TypeError, match="bool_masked_pos.*pass the indices of the patches to keep as `context_mask`"):
+        encoder(pixels, bool_masked_pos=torch.zeros(2, 16, dtype=torch.bool))
+    classifier = IJepaEncoderForImageClassification(config).eval()
+    with pytest.raises(TypeError, match="'interpolate_pos_encoding'"):
+        classifier(pixels, interpolate_pos_encoding=True)
+    # what transformers passes: output flags, return_dict, Trainer's num_items_in_batch
+    out = classifier(pixels, labels=torch.tensor([0, 1]), output_hidden_states=True, num_items_in_batch=2)
+    assert out.loss is not None and len(out.hidden_states) == 2

@@ -1,0 +1,67 @@
+"""How the example scripts (``examples/*.py``) start and end: their logging and how they report a user's error.
+
+* :func:`configure_logging`: the transformers example scripts' log format at INFO for the package, with the HTTP
+  clients' request lines (one per Hub request) kept at WARNING.
+* :func:`run_script`: runs a script's ``main(argv)``; an error the user can fix (a bad argument, a missing file, a
+  folder in use, a refused resume, a full disk, a failed push) is printed as one line naming the script, and the
+  script exits with code 2. ``--debug`` on the command line, or ``IJEPA_HF_DEBUG=1``, shows the full traceback.
+  Anything else (a bug) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging", "run_script",
+           "user_errors"]
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "IJEPA_HF_DEBUG"
+USAGE_EXIT_CODE = 2  # argparse's, for the same kind of mistake
+# Loggers that log every HTTP request at INFO (huggingface_hub's clients).
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3")
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """The examples' log format at ``level``; HTTP request lines only from WARNING on."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                        level=level)
+    quiet_http_logging()
+
+
+def quiet_http_logging() -> None:
+    """Log the HTTP clients' per-request lines only from WARNING on (for scripts with their own log set-up)."""
+    for name in _HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions whose message is the whole story for a user: wrong arguments or data, files and folders, the
+    Hub, and this package's own run errors (each names the problem and the fix)."""
+    from .training.checkpointing import CheckpointError, OutputDirInUseError
+    from .training.export import ExportError, HubPushError
+    from .training.step import NonFiniteLossError
+
+    return (ValueError, OSError, CheckpointError, OutputDirInUseError, ExportError, HubPushError, NonFiniteLossError)
+
+
+def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
+    """Run ``main(argv)`` (``argv`` without ``--debug``; default ``sys.argv[1:]``) and return what it returns; a
+    user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [item for item in argv if item != DEBUG_FLAG]
+    try:
+        return main(argv)
+    except user_errors() as error:
+        if debug:
+            raise
+        message = str(error).strip() or type(error).__name__
+        print(f"{Path(sys.argv[0]).name}: error: {message} (the traceback: add {DEBUG_FLAG} or set {DEBUG_ENV}=1)",
+              file=sys.stderr)
+        raise SystemExit(USAGE_EXIT_CODE) from None

@@ -1,0 +1,75 @@
+"""The example scripts' start and end: one line for a user's error (the traceback on request) and no log line per
+Hub request."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from test_pretraining import REPO_ROOT
+
+from ijepa_hf.scripts import configure_logging, run_script
+
+
+def _pretrain(*argv: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("IJEPA_HF_DEBUG", None)
+    return subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "pretrain.py"), *argv], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_start_up_error_is_one_line_and_the_traceback_comes_with_debug(tmp_path):
+    argv = ("--output_dir", str(tmp_path / "run"), "--config_overrides", "encoder.hiden_size=32")
+    proc = _pretrain(*argv)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("pretrain.py: error: ") and "hiden_size" in lines[0] and "--debug" in lines[0]
+    debug = _pretrain(*argv, "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "hiden_size" in debug.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_script_passes_bugs_through_with_their_traceback():
+    def buggy(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_script(buggy, [])
+
+    def wrong(argv):
+        assert argv == ["--x", "1"]  # --debug is the runner's, not the script's
+        raise ValueError("wrong value")
+
+    with pytest.raises(ValueError):
+        run_script(wrong, ["--x", "1", "--debug"])
+    with pytest.raises(SystemExit) as stopped:
+        run_script(wrong, ["--x", "1"])
+    assert stopped.value.code == 2
+
+
+def test_the_scripts_do_not_log_every_hub_request(fake_hub, hf_home):
+    from hub_utils import run_hub_script
+
+    code = """
+import logging, sys
+from huggingface_hub import HfApi
+from ijepa_hf.scripts import configure_logging
+if sys.argv[1] == "scripts":
+    configure_logging()
+else:
+    logging.basicConfig(level=logging.INFO)  # what the examples did
+HfApi().create_repo("someone/log-check-" + sys.argv[1], exist_ok=True)
+logging.getLogger("ijepa_hf").info("the package's own lines stay")
+"""
+    script = hf_home / "log_check.py"
+    script.write_text(code)
+    outputs = {}
+    for mode in ("plain", "scripts"):
+        proc = run_hub_script(f"import runpy, sys; sys.argv = ['x', {mode!r}]; runpy.run_path({str(script)!r})",
+                              fake_hub, hf_home)
+        outputs[mode] = proc.stdout + proc.stderr
+    assert "HTTP Request" in outputs["plain"]  # the request line this test looks for
+    assert "HTTP Request" not in outputs["scripts"] and "the package's own lines stay" in outputs["scripts"]
