@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from typing import Any
 import datasets
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ijepa_hf.data import set_image_transform
 from ijepa_hf.licensing import record_weights_license, weights_license
@@ -49,7 +47,7 @@ from ijepa_hf.finetuning import (
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
-from ijepa_hf.scripts import quiet_http_logging, run_script
+from ijepa_hf.scripts import quiet_http_logging, resolve_resume_checkpoint, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -145,19 +143,6 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: b
             f"--output_dir {output_dir} already holds another run's {', '.join(found)}: choose another folder, pass "
             "--overwrite_output_dir to replace them, or --resume_from_checkpoint latest to continue that run."
         )
-
-
-def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint to resume from: ``"latest"`` (as in pretraining) is the newest ``checkpoint-*`` in
-    ``output_dir``, or ``None`` (a fresh start) when there is none; ``"last"`` is a deprecated alias; anything else
-    is a checkpoint path."""
-    if value == "last":
-        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
-                      FutureWarning, stacklevel=2)
-        value = "latest"
-    if value == "latest":
-        return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-    return value
 
 
 def setup_logging(training_args: TrainingArguments) -> None:

@@ -14,7 +14,10 @@ clipping, ``remove_unused_columns False``) — with or without other arguments, 
 ``--help`` shows them. Without a data argument the embedded procedural scenes are used with a tiny model and a
 50-step budget, for the options not given. ``IJepaTrainer`` refuses ``TrainingArguments`` it cannot honour.
 
-The Trainer saves the whole pretraining model; the target encoder is exported to ``<output_dir>/encoder``.
+At the end the output folder holds what ``pretrain.py`` writes (``IJepaTrainer.save_run``): the pretraining model,
+the target encoder in ``<output_dir>/encoder``, both model cards (licence, base model, recipe), ``train_log.jsonl``
+and ``training_curves.png``; ``--push_to_hub`` uploads them (not the Trainer checkpoints), and
+``--resume_from_checkpoint latest`` continues from the newest ``checkpoint-*``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data
-from ijepa_hf.scripts import configure_logging, run_script
+from ijepa_hf.scripts import configure_logging, resolve_resume_checkpoint, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -42,6 +45,7 @@ from ijepa_hf.training import (
 )
 from ijepa_hf.training.arguments import explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
+from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
@@ -169,22 +173,27 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
             every = script_args.online_probe_steps or default_online_probe_steps(total)
             logger.info("Online probe every %d updates: %s", every, probe_set.description)
             callbacks.append(OnlineProbeCallback(probe_set, every))
+    # --push_to_hub uploads at the end what pretrain.py uploads (the package's cards, encoder/, log and curves),
+    # rather than Trainer's generic card at every save.
+    push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = IJepaTrainer(
         model=model, args=training_args, train_dataset=data.dataset, data_collator=collator,
         processing_class=make_image_processor(config.encoder_config),
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args.resume_from_checkpoint,
+                                                                   training_args.output_dir))
     if preemption.preempted is not None:
         logger.warning("%s", preemption.preempted)
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    trainer.save_model()
+    encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset)
     if trainer.is_world_process_zero():
-        encoder_dir = f"{training_args.output_dir}/encoder"
-        trainer.model.export_encoder("target").save_pretrained(encoder_dir)
-        make_image_processor(config.encoder_config).save_pretrained(encoder_dir)
         logger.info("Saved the pretraining model to %s and the target encoder to %s (%s)",
                     training_args.output_dir, encoder_dir, counter)
+        if push:
+            url = push_output_dir(training_args.output_dir, training_args.hub_model_id, token=training_args.hub_token,
+                                  private=training_args.hub_private_repo)
+            logger.info("Pushed %s (%s)", training_args.output_dir, url)
     return trainer
 
 

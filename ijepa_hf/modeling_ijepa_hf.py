@@ -580,6 +580,23 @@ class IJepaPreTrainedModel(PreTrainedModel):
             if isinstance(module, IJepaPredictorModel):
                 init.trunc_normal_(module.mask_token, mean=0.0, std=std)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`; a config whose ``auto_map`` names this class (the model came from a repo
+        saved with its code, e.g. ``ijepa-hf convert --remote-code``) gets that code saved beside it, as
+        transformers does for classes loaded as remote code. Otherwise the saved folder (a fine-tuned classifier
+        pushed by `Trainer`, ...) would point at code files it does not have, and load nowhere without ijepa_hf."""
+        auto_map = getattr(self.config, "auto_map", None) or {}
+        named = f"{__name__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        auto_class = next((key for key, value in auto_map.items() if value == named), None)
+        cls = type(self)
+        if auto_class is None or cls._auto_class is not None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        cls._auto_class = auto_class  # what `register_for_auto_class` sets; for this save only
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del cls._auto_class  # back to the base class's None
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, **kwargs: Any):
         """`PreTrainedModel.from_pretrained`, with the wrong kind of input named and a checkpoint that does not fit

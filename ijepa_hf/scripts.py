@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging", "run_script",
-           "user_errors"]
+__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
+           "resolve_resume_checkpoint", "run_script", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
@@ -48,6 +48,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .training.step import NonFiniteLossError
 
     return (ValueError, OSError, CheckpointError, OutputDirInUseError, ExportError, HubPushError, NonFiniteLossError)
+
+
+def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """A Trainer script's ``--resume_from_checkpoint``: ``"latest"`` (as in ``pretrain.py``) is the newest
+    ``checkpoint-*`` in ``output_dir``, or ``None`` (a fresh start) when there is none; ``"last"`` is a deprecated
+    alias; anything else is a checkpoint path."""
+    import warnings
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if value == "last":
+        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
+                      FutureWarning, stacklevel=2)
+        value = "latest"
+    if value == "latest":
+        return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    return value
 
 
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:

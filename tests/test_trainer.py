@@ -4,6 +4,7 @@ the same defaults with and without arguments."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -138,3 +139,39 @@ def test_a_negative_final_weight_decay_is_refused_whatever_the_lr_schedule(tmp_p
         with pytest.raises(ValueError, match="final_weight_decay must be a finite number >= 0"):
             IJepaTrainer(model=model, args=_args(tmp_path, lr_scheduler_type=scheduler, learning_rate=1e-3),
                          train_dataset=data, data_collator=collator, final_weight_decay=-1.0)
+
+
+def test_pretrain_trainer_example_publishes_what_pretrain_publishes_and_resumes_latest(tmp_path, fake_hub, hf_home):
+    """The package's cards (licence, recipe), encoder/, the log and the curves, in the folder and on the Hub
+    (without Trainer checkpoints or its pickled arguments); --resume_from_checkpoint latest continues."""
+    from hub_utils import hub_env
+
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "4", "--save_steps", "2", "--save_strategy", "steps",
+            "--logging_steps", "1", "--use_cpu", "--online_probe_steps", "2", "--online_probe_images", "16",
+            "--embedded_num_images", "64", "--report_to", "none"]
+    env = {**hub_env(fake_hub, hf_home), "OMP_NUM_THREADS": "1"}
+    script = REPO_ROOT / "examples" / "pretrain_trainer.py"
+    proc = subprocess.run([sys.executable, str(script), *argv, "--push_to_hub", "--hub_model_id",
+                           "someone/trainer-run"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "transformers.Trainer (IJepaTrainer)" in card
+    assert "fine-tuned version of" not in card  # not transformers' generic card
+    assert (out / "encoder" / "model.safetensors").is_file() and (out / "encoder" / "README.md").is_file()
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    assert any("online_knn_accuracy" in row for row in rows) and (out / "training_curves.png").is_file()
+    listing = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import HfApi; print(HfApi().list_repo_files('someone/trainer-run'))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    files = listing.stdout
+    assert "encoder/model.safetensors" in files and "training_curves.png" in files and "README.md" in files
+    assert "checkpoint-" not in files and "training_args.bin" not in files
+    # the newest checkpoint-*: resuming a longer run starts at step 4 (the earlier checkpoints are not written again)
+    written = {name: (out / name).stat().st_mtime_ns for name in ("checkpoint-2", "checkpoint-4")}
+    longer = [*argv[:3], "6", *argv[4:]]
+    proc = subprocess.run([sys.executable, str(script), *longer, "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
+    assert {name: (out / name).stat().st_mtime_ns for name in written} == written

@@ -142,12 +142,30 @@ def configure_distributed(accelerator: Any) -> EmaMode:
         _enable_fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         _check_fsdp(accelerator.state.fsdp_plugin)
+        _explain_fsdp2_view_warning()
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         _repair_deepspeed_process_counts(accelerator)
         _check_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config)
     return ema_mode(accelerator.distributed_type, zero_stage=zero_stage(accelerator),
                     fsdp_version=getattr(accelerator.state.fsdp_plugin, "fsdp_version", None)
                     if accelerator.distributed_type == DistributedType.FSDP else None)
+
+
+# torch warns once per process that the FSDP2 root returns a view: the predictions come out of the predictor's last
+# linear layer, which runs on [M * B * Kt, d] rows and hands back a 3-D view of them. The warning is about an
+# in-place op on that view skipping FSDP's pre-backward all-gather; nothing in this package (or transformers'
+# loss) writes into the outputs in place, so for this module it does not apply.
+FSDP2_VIEW_WARNING = r"FSDP2-wrapped module \(FSDPIJepaForPreTraining\) returned a view tensor"
+
+
+def _explain_fsdp2_view_warning() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=FSDP2_VIEW_WARNING, category=UserWarning)
+    logging.getLogger(__name__).debug(
+        "Silenced torch's FSDP2 'returned a view tensor' warning for IJepaForPreTraining: its outputs are never "
+        "modified in place (ijepa_hf.training.distributed.FSDP2_VIEW_WARNING)")
 
 
 def _enable_fsdp_on_cpu(accelerator: Any) -> None:

@@ -14,11 +14,13 @@ from .arguments import PretrainingArguments
 logger = logging.getLogger(__name__)
 
 __all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "training_summary", "save_final_model",
-           "push_output_dir"]
+           "write_encoder_and_cards", "mask_summary", "push_output_dir"]
 
 ENCODER_SUBFOLDER = "encoder"
 # What a push leaves out of a run's folder: the training checkpoints, the lock and the run file.
-_NOT_PUBLISHED = ["step_*", "step_*/**", ".step_*", ".step_*/**", "abandoned-*", "abandoned-*/**", ".*.tmp"]
+# Trainer's: its checkpoints and training_args.bin (a pickle).
+_NOT_PUBLISHED = ["step_*", "step_*/**", ".step_*", ".step_*/**", "abandoned-*", "abandoned-*/**", ".*.tmp",
+                  "checkpoint-*", "checkpoint-*/**", "training_args.bin"]
 
 
 class ExportError(RuntimeError):
@@ -41,10 +43,7 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
         "steps": f"{completed_steps} of {total_steps}",
         "batch_size": (f"{global_batch_size} ({args.per_device_train_batch_size} per device x {num_processes} "
                        f"processes x {args.gradient_accumulation_steps} accumulation)"),
-        "masks": {"num_target_blocks": config.num_target_blocks, "target_scale": config.target_scale,
-                  "target_aspect_ratio": config.target_aspect_ratio, "context_scale": config.context_scale,
-                  "min_keep": config.min_keep, "allow_overlap": config.allow_overlap, "mode": config.mask_mode,
-                  "context_lengths": config.context_lengths},
+        "masks": mask_summary(config),
         "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), official parameter groups",
         "gradient_clipping": "none" if args.clip_grad_norm is None else f"norm {args.clip_grad_norm:g}",
         "lr_schedule": (f"linear warm-up {args.start_lr:g} -> {args.learning_rate:g} over {warmup_steps} steps, "
@@ -57,6 +56,14 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
         "unreadable_images_skipped": bad_images,
         "throughput": f"{images_per_s:.1f} images/s",
     }
+
+
+def mask_summary(config: IJepaPretrainingConfig) -> dict[str, Any]:
+    """The masking recipe of ``config`` as the model cards record it."""
+    return {"num_target_blocks": config.num_target_blocks, "target_scale": config.target_scale,
+            "target_aspect_ratio": config.target_aspect_ratio, "context_scale": config.context_scale,
+            "min_keep": config.min_keep, "allow_overlap": config.allow_overlap, "mode": config.mask_mode,
+            "context_lengths": config.context_lengths}
 
 
 def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfig, args: PretrainingArguments,
@@ -108,12 +115,9 @@ def _export_error(error: BaseException, output_dir: Path, training: Mapping[str,
 def _write_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfig, args: PretrainingArguments,
                        output_dir: Path, training: Mapping[str, Any], hub_dataset: str | None, sharded: bool,
                        state_dict: dict[str, Any]) -> None:
-    from .. import make_image_processor
-    from ..cards import default_loading_code, make_model_card, summarize_config
     from ..licensing import record_weights_license, weights_license
     from ..modeling_ijepa_hf import IJepaEncoderModel
 
-    encoder_dir = output_dir / ENCODER_SUBFOLDER
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Weights continued from others (e.g. Meta's, CC BY-NC 4.0) keep their licence and name their base model.
     weights = weights_license(unwrapped, source=args.model_name_or_path)
@@ -127,20 +131,35 @@ def _write_final_model(accelerator: Any, model: Any, config: IJepaPretrainingCon
         encoder.load_state_dict(target_state)
     else:
         encoder = unwrapped.export_encoder("target")
+    write_encoder_and_cards(unwrapped, encoder, output_dir, name=args.hub_model_id or output_dir.name,
+                            weights=weights, training=training, hub_dataset=hub_dataset)
+
+
+def write_encoder_and_cards(model: Any, encoder: Any, output_dir: Path, *, name: str, weights: Any,
+                            training: Mapping[str, Any], hub_dataset: str | None) -> Path:
+    """What every finished pretraining run publishes beside its pretraining model (``model``, already saved in
+    ``output_dir`` with the licence of ``weights`` recorded): the target ``encoder`` in ``output_dir/encoder``, the
+    image processor in both folders, and both model cards (``training``: the recipe; licence and base model from
+    ``weights``, a :class:`~ijepa_hf.licensing.WeightsLicense`). Returns the encoder folder. The Accelerate loop
+    and ``IJepaTrainer.save_run`` both write through it."""
+    from .. import make_image_processor
+    from ..cards import default_loading_code, make_model_card, summarize_config
+    from ..licensing import record_weights_license
+
+    encoder_dir = output_dir / ENCODER_SUBFOLDER
     record_weights_license(encoder, *weights)
     encoder.save_pretrained(encoder_dir)
-    processor = make_image_processor(config.encoder_config)
+    processor = make_image_processor(encoder.config)
     processor.save_pretrained(output_dir)
     processor.save_pretrained(encoder_dir)
-
-    name = args.hub_model_id or output_dir.name
     card_kwargs = dict(datasets=hub_dataset, training=training, tags=["ijepa-hf-pretraining"],
                        license=weights.license, base_model=weights.base_model)
-    make_model_card(model_name=name, kind="pretraining", config_summary=summarize_config(unwrapped),
+    make_model_card(model_name=name, kind="pretraining", config_summary=summarize_config(model),
                     **card_kwargs).save(output_dir / "README.md")
     loading = default_loading_code(name, "encoder", custom_code=True, subfolder=ENCODER_SUBFOLDER)
     make_model_card(model_name=f"{name} (target encoder)", kind="encoder", config_summary=summarize_config(encoder),
                     loading_code=loading, **card_kwargs).save(encoder_dir / "README.md")
+    return encoder_dir
 
 
 def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token: str | None = None,

@@ -39,9 +39,11 @@ step's critical path.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -330,6 +332,56 @@ class IJepaTrainer(Trainer):
             # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
             logger.warning("IJepaTrainer: remove_unused_columns=True drops the columns %s the mask collator reads; "
                            "set remove_unused_columns=False.", columns)
+
+    def save_run(self, *, data_description: str, hub_dataset: str | None = None, source: str | None = None
+                 ) -> Path | None:
+        """Save what :func:`~ijepa_hf.training.pretrain` publishes into ``args.output_dir``: the pretraining model
+        (``save_model``), the target encoder in ``encoder/`` with its image processor, both model cards (licence and
+        base model of the weights, the recipe; ``data_description`` / ``hub_dataset`` name the data, ``source``
+        where the weights were continued from), ``train_log.jsonl`` (the Trainer's log history) and
+        ``training_curves.png``. ``ijepa_hf.training.export.push_output_dir`` uploads the folder as ``pretrain()``
+        does. Every process calls it; the main one writes. Returns the encoder folder (``None`` elsewhere)."""
+        from ..licensing import record_weights_license, weights_license
+        from .export import mask_summary, write_encoder_and_cards
+        from .metrics import TRAIN_LOG_NAME
+
+        model = _unwrap(self.model)
+        weights = weights_license(model, source=source)
+        record_weights_license(model, *weights)  # before save_model, so that the saved config carries it
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        output_dir = Path(self.args.output_dir)
+        rows = [row for row in self.state.log_history if "loss" in row or "online_knn_accuracy" in row]
+        (output_dir / TRAIN_LOG_NAME).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        args, config = self.args, model.config
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+        training = {
+            "data": data_description,
+            "image_size": config.encoder_config.image_size,
+            "trainer": f"transformers.Trainer ({type(self).__name__})",
+            "steps": f"{self.state.global_step} of {self.state.max_steps}",
+            "batch_size": (f"{args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps} "
+                           f"({args.per_device_train_batch_size} per device x {args.world_size} processes x "
+                           f"{args.gradient_accumulation_steps} accumulation)"),
+            "masks": mask_summary(config),
+            "lr_schedule": f"{args.lr_scheduler_type}, peak {args.learning_rate:g}, warm-up {args.warmup_steps}",
+            "weight_decay": f"{args.weight_decay:g}",
+            "mixed_precision": precision,
+            "seed": args.seed,
+            "final_loss": next((round(row["loss"], 5) for row in reversed(rows) if "loss" in row), "n/a"),
+        }
+        encoder_dir = write_encoder_and_cards(model, model.export_encoder("target"), output_dir,
+                                              name=args.hub_model_id or output_dir.name, weights=weights,
+                                              training=training, hub_dataset=hub_dataset)
+        if rows:
+            from ..visualization import plot_training_curves
+
+            try:
+                plot_training_curves(rows, output_dir / "training_curves.png", title=f"{output_dir.name} (Trainer)")
+            except (ValueError, ImportError) as error:  # a log without curves to draw must not fail the save
+                logger.warning("Could not draw the training curves: %s", error)
+        return encoder_dir
 
     def _keyed_samples(self, dataset: Any) -> bool:
         """Whether ``dataset`` takes :class:`~ijepa_hf.data.SampleKey` s from the sampler (see the module docstring)."""

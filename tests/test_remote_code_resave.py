@@ -1,0 +1,58 @@
+"""Remote code survives transformers' own save and push: a model loaded with ``trust_remote_code`` and re-saved by
+``save_pretrained`` or ``Trainer`` keeps loading where ijepa_hf is not installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hub_utils import run_hub_script
+from tiny import tiny_encoder_config
+
+from ijepa_hf import IJepaEncoderModel, make_image_processor
+from ijepa_hf.hub import save_with_remote_code
+
+_WITHOUT_IJEPA_HF = """
+import sys
+sys.modules["ijepa_hf"] = None  # every import of the package fails: only shipped code can run
+"""
+
+
+def test_a_remote_code_classifier_re_saved_by_trainer_loads_without_ijepa_hf(fake_hub: str, tmp_path: Path):
+    torch.manual_seed(0)
+    encoder = IJepaEncoderModel(tiny_encoder_config()).eval()
+    save_with_remote_code(encoder, tmp_path / "encoder", image_processor=make_image_processor(32))
+    run_hub_script(f"""
+        from ijepa_hf.hub import push_folder
+        push_folder(r"{tmp_path / 'encoder'}", "test-org/remote-resave-encoder")
+        """, fake_hub, tmp_path / "pusher")
+    # a user's fine-tuning script, with and without ijepa_hf installed: Trainer saves and pushes the classifier
+    for installed in (False, True):
+        name = f"finetuned-{'with' if installed else 'without'}"
+        run_hub_script((_WITHOUT_IJEPA_HF if not installed else "import ijepa_hf\n") + f"""
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+model = AutoModelForImageClassification.from_pretrained("test-org/remote-resave-encoder", num_labels=3,
+                                                        trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained("test-org/remote-resave-encoder")
+args = TrainingArguments(r"{tmp_path / name}", max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                         push_to_hub=True, hub_model_id="test-org/remote-resave-{name}")
+data = [{{"pixel_values": torch.randn(3, 32, 32), "labels": i % 3}} for i in range(4)]
+trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=processor)
+trainer.train()
+trainer.save_model()
+trainer.push_to_hub()
+""", fake_hub, tmp_path / f"trainer-{name}")
+        for source in (str(tmp_path / name), f"test-org/remote-resave-{name}"):
+            run_hub_script(_WITHOUT_IJEPA_HF + f"""
+import torch
+from transformers import AutoModelForImageClassification, pipeline
+model = AutoModelForImageClassification.from_pretrained(r"{source}", trust_remote_code=True).eval()
+assert type(model).__name__ == "IJepaEncoderForImageClassification", type(model)
+with torch.no_grad():
+    assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)
+classify = pipeline("image-classification", model=r"{source}", trust_remote_code=True)
+import numpy as np
+from PIL import Image
+assert len(classify(Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)))) == 3
+""", fake_hub, tmp_path / f"loader-{name}-{'hub' if source.startswith('test-org') else 'folder'}")
