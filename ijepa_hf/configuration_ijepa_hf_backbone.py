@@ -25,7 +25,8 @@ __all__ = ["IJepaBackboneConfig"]
 
 # Keys of an encoder config's dict that describe the saved model rather than the architecture.
 _NOT_CARRIED = ("model_type", "architectures", "auto_map", "transformers_version")
-BACKBONE_ARGUMENTS = ("out_features", "out_indices", "apply_layernorm", "reshape_hidden_states")
+BACKBONE_ARGUMENTS = ("out_features", "out_indices", "apply_layernorm", "reshape_hidden_states", "readout_token")
+READOUT_TOKENS = (None, "mean")
 
 
 class IJepaBackboneConfig(BackboneConfigMixin, IJepaEncoderConfig):
@@ -39,6 +40,10 @@ class IJepaBackboneConfig(BackboneConfigMixin, IJepaEncoderConfig):
         apply_layernorm: pass each returned feature map through the encoder's final LayerNorm (so every stage
             is on the scale of the final output; DINO and timm's ``norm=True`` do the same).
         reshape_hidden_states: return feature maps as ``[B, D, h, w]`` (else the tokens ``[B, h * w, D]``).
+        readout_token: with ``reshape_hidden_states=False``, ``"mean"`` puts the stage's mean token first
+            (``[B, 1 + h * w, D]``), where ViT backbones have their CLS token: DPT's neck reads the first token as
+            the readout of every stage (``readout_type`` ``"ignore"`` / ``"add"`` / ``"project"``), and I-JEPA,
+            which has no CLS token, is evaluated on the mean of its patch tokens.
         kwargs: the `IJepaEncoderConfig` arguments.
     """
 
@@ -50,11 +55,18 @@ class IJepaBackboneConfig(BackboneConfigMixin, IJepaEncoderConfig):
         out_indices: list[int] | None = None,
         apply_layernorm: bool = True,
         reshape_hidden_states: bool = True,
+        readout_token: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("stage_names", None)  # derived from the depth below (saved configs carry it)
+        if readout_token not in READOUT_TOKENS:
+            raise ValueError(f"readout_token must be one of {READOUT_TOKENS}, got {readout_token!r}")
+        if readout_token is not None and reshape_hidden_states:
+            raise ValueError("readout_token adds a token to the token sequences: it needs reshape_hidden_states=False "
+                             "(feature maps have no place for it)")
         self.apply_layernorm = apply_layernorm
         self.reshape_hidden_states = reshape_hidden_states
+        self.readout_token = readout_token
         super().__init__(**kwargs)
         self.stage_names = ["stem"] + [f"stage{index}" for index in range(1, self.num_hidden_layers + 1)]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)

@@ -66,6 +66,10 @@ def remote_code_auto_map(model: "PreTrainedModel") -> dict[str, str]:
         # config: backbone repos get that entry).
         if registered.__module__ == module and registered.config_class.__name__ == config_class.__name__:
             auto_map[auto_name] = f"{module.rsplit('.', 1)[-1]}.{registered.__name__}"
+    if config_class.__name__ == "IJepaEncoderConfig" and model_class.__module__ == module:
+        # AutoBackbone maps encoder configs to IJepaBackbone (whose config class is the backbone's): remote code
+        # names its encoder-config twin, which transformers accepts for this config class.
+        auto_map["AutoBackbone"] = f"{module.rsplit('.', 1)[-1]}.IJepaEncoderBackbone"
     if model_class.__name__ not in {v.rsplit(".", 1)[-1] for k, v in auto_map.items() if k != "AutoConfig"}:
         raise ValueError(
             f"{model_class.__module__}.{model_class.__name__} is not one of the ijepa_hf model classes registered "

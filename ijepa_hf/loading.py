@@ -149,7 +149,7 @@ def load_image_classifier(
     """
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
+    from .configuration_ijepa_hf import NEW_HEAD_POOLER_NORM, IJepaEncoderConfig, IJepaPretrainingConfig
     from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaForPreTraining, refuse_checkpoint_file
 
     refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
@@ -164,7 +164,9 @@ def load_image_classifier(
     )
     backbone = pretraining.export_encoder(encoder)
     overrides = {k: v for k, v in kwargs.items() if k not in hub_keys and k != "ignore_mismatched_sizes"}
-    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), **overrides, **labels})
+    # a new head: the pooled features normalised as every new head's are (IJepaEncoderConfig.pooler_norm)
+    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), "pooler_norm": NEW_HEAD_POOLER_NORM,
+                                                      **overrides, **labels})
     classifier = IJepaEncoderForImageClassification(classifier_config)
     classifier.encoder.load_state_dict(backbone.state_dict())
     classifier.config._name_or_path = model_name_or_path

@@ -37,7 +37,12 @@ from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPredictorConfig, IJepaPretrainingConfig
+from .configuration_ijepa_hf import (
+    NEW_HEAD_POOLER_NORM,
+    IJepaEncoderConfig,
+    IJepaPredictorConfig,
+    IJepaPretrainingConfig,
+)
 from .configuration_ijepa_hf_backbone import BACKBONE_ARGUMENTS, IJepaBackboneConfig
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "IJepaForPreTraining",
     "IJepaEncoderForImageClassification",
     "IJepaBackbone",
+    "IJepaEncoderBackbone",
     "IJepaPredictorOutput",
     "IJepaForPreTrainingOutput",
     "sincos_position_embeddings",
@@ -491,6 +497,15 @@ def _given_model_type(path: Any, cls: type, kwargs: dict[str, Any]) -> str | Non
     return config_dict.get("model_type")
 
 
+def _saved_as(cls: type, path: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether the repo ``path`` was saved by ``cls`` (its config's ``architectures``); False when unreadable."""
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except Exception:  # noqa: BLE001 - transformers reports a missing repo itself, next
+        return False
+    return cls.__name__ in (config_dict.get("architectures") or [])
+
+
 def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
     expected = cls.config_class.model_type
     held, loader = _REPO_KINDS.get(given, (f"a `{given}` model", "its own Auto class"))
@@ -573,6 +588,12 @@ class IJepaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            # A classifier's pooler norm (no affine parameters): its running statistics start as torch's, never as
+            # the empty memory a checkpoint without them (an encoder repo) would leave.
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, (IJepaEncoderModel, IJepaPredictorModel)):
             # The sin-cos table is a persistent buffer: recomputed here whenever a checkpoint does not provide it
             # (construction from a config, or a file without it), so it is never left empty or zero.
@@ -1107,15 +1128,36 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
 
     config_class = IJepaEncoderConfig
     base_model_prefix = "encoder"
-    # A head on top of an encoder checkpoint starts fresh.
-    _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$", r"^classifier\."]
+    # A head on top of an encoder checkpoint starts fresh (its pooler norm too).
+    _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$", r"^classifier\.", r"^pooler_norm\."]
 
     def __init__(self, config: IJepaEncoderConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.encoder = IJepaEncoderModel(config)
+        # `config.pooler_norm` (see IJepaEncoderConfig): the pooled features standardised before the head.
+        if config.pooler_norm == "batchnorm":
+            self.pooler_norm = nn.BatchNorm1d(config.hidden_size, affine=False, eps=config.layer_norm_eps)
+        elif config.pooler_norm == "layernorm":
+            self.pooler_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        else:
+            self.pooler_norm = nn.Identity()
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """`IJepaPreTrainedModel.from_pretrained`; a new head (on an encoder or pretraining repo) whose
+        ``pooler_norm`` is not given gets `NEW_HEAD_POOLER_NORM`; a classifier repo keeps what it was trained
+        with."""
+        config = kwargs.get("config")
+        if isinstance(config, PretrainedConfig):
+            if config.model_type == cls.config_class.model_type and getattr(config, "pooler_norm", None) is None \
+                    and cls.__name__ not in (config.architectures or []):
+                config.pooler_norm = NEW_HEAD_POOLER_NORM
+        elif kwargs.get("pooler_norm") is None and not _saved_as(cls, pretrained_model_name_or_path, kwargs):
+            kwargs["pooler_norm"] = NEW_HEAD_POOLER_NORM
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -1131,7 +1173,7 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         """
         _refuse_unknown_kwargs(self, kwargs)
         outputs = self.encoder(pixel_values, return_dict=True, **kwargs)
-        logits = self.classifier(outputs.pooler_output)
+        logits = self.classifier(self.pooler_norm(outputs.pooler_output))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
@@ -1230,7 +1272,22 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
                     hidden_state = self.norm(hidden_state)
                 if self.config.reshape_hidden_states:
                     hidden_state = tokens_to_feature_map(hidden_state, grid)
+                elif self.config.readout_token == "mean":  # where a ViT's CLS token would be
+                    hidden_state = torch.cat([hidden_state.mean(dim=1, keepdim=True), hidden_state], dim=1)
                 feature_maps += (hidden_state,)
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
+
+class IJepaEncoderBackbone(IJepaBackbone):
+    """`IJepaBackbone` under the encoder's config class: the class an encoder repo shipped with its code names for
+    ``AutoBackbone`` in its ``auto_map``, because transformers registers a remote class only for its own
+    ``config_class`` (``AutoBackbone.from_pretrained(<encoder repo>, trust_remote_code=True, out_indices=...)``).
+    Loading gives an `IJepaBackbone`; with ijepa_hf installed, ``AutoBackbone`` gives `IJepaBackbone` directly."""
+
+    config_class = IJepaEncoderConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        return IJepaBackbone.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)

@@ -223,3 +223,30 @@ def test_a_dense_head_takes_an_encoder_or_pretraining_config_as_its_backbone_con
         head.save_pretrained(tmp_path / f"upernet-{source}")
         reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / f"upernet-{source}").eval()
         assert reloaded.backbone.out_features == ["stage1", "stage2", "stage3", "stage4"]
+
+
+def test_dpt_depth_estimation_reads_the_mean_token_where_a_cls_token_would_be():
+    """DPT's neck takes the first token of every stage as its readout: with `readout_token="mean"` (token
+    sequences, the mean token first) DPT's depth head runs on an I-JEPA backbone, for each readout type."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    backbone_config = IJepaBackboneConfig.from_encoder_config(
+        tiny_encoder_config(num_hidden_layers=4), out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+        readout_token="mean")
+    backbone = IJepaBackbone(backbone_config).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = backbone(pixels).feature_maps
+        tokens = backbone.forward_intermediates(pixels, indices=[0, 1, 2, 3], norm=True, output_fmt="NLC")[1]
+    for got, want in zip(maps, tokens):
+        assert got.shape == (2, 17, 32)
+        torch.testing.assert_close(got[:, 1:], want)
+        torch.testing.assert_close(got[:, 0], want.mean(dim=1))
+    for readout in ("ignore", "add", "project"):
+        config = DPTConfig(backbone_config=backbone_config, readout_type=readout, neck_hidden_sizes=[8, 16, 32, 32],
+                           fusion_hidden_size=16, head_in_index=-1)
+        with torch.no_grad():
+            depth = DPTForDepthEstimation(config).eval()(pixels).predicted_depth
+        assert depth.shape[0] == 2 and torch.isfinite(depth).all()
+    with pytest.raises(ValueError, match="readout_token .* needs reshape_hidden_states=False"):
+        IJepaBackboneConfig.from_encoder_config(tiny_encoder_config(), readout_token="mean")

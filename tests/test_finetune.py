@@ -282,3 +282,37 @@ def test_finetuned_card_carries_the_licence_of_meta_weights(tmp_path, load_examp
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.license == META_WEIGHTS_LICENSE
     assert json.loads((output_dir / "config.json").read_text())["weights_license"] == META_WEIGHTS_LICENSE
+
+
+def test_a_new_head_standardises_the_pooled_features_and_saved_classifiers_load_as_trained(tmp_path):
+    """A head on an encoder repo gets the pooler norm (BatchNorm without affine, running statistics initialised);
+    a classifier saved without one (older versions: no `pooler_norm` key) keeps its plain head and its outputs."""
+    from transformers import AutoModelForImageClassification
+
+    from ijepa_hf.configuration_ijepa_hf import NEW_HEAD_POOLER_NORM
+
+    torch.manual_seed(0)
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path / "encoder")
+    pixels = torch.randn(4, 3, 32, 32)
+    new = AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=3)
+    assert new.config.pooler_norm == NEW_HEAD_POOLER_NORM == "batchnorm"
+    assert isinstance(new.pooler_norm, torch.nn.BatchNorm1d) and not new.pooler_norm.affine
+    assert torch.equal(new.pooler_norm.running_var, torch.ones(32)) and new.pooler_norm.running_mean.abs().sum() == 0
+    new.train()(pixels)  # one batch moves the running statistics; saved and reloaded with them
+    new.save_pretrained(tmp_path / "classifier")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier").eval()
+    assert torch.equal(reloaded.pooler_norm.running_mean, new.pooler_norm.running_mean)
+    torch.testing.assert_close(reloaded(pixels).logits, new.eval()(pixels).logits)
+    explicit = AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=3, pooler_norm="none")
+    assert isinstance(explicit.pooler_norm, torch.nn.Identity)
+    # a classifier of an earlier version: its config has no pooler_norm, its head sees the raw pooled features
+    old = IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3)).eval()
+    old.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config.pop("pooler_norm")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "old").eval()
+    assert isinstance(loaded.pooler_norm, torch.nn.Identity)
+    torch.testing.assert_close(loaded(pixels).logits, old(pixels).logits)
+    with pytest.raises(ValueError, match="`pooler_norm` must be one of"):
+        tiny_encoder_config(pooler_norm="groupnorm")

@@ -233,6 +233,7 @@ def test_save_with_remote_code_writes_auto_map_and_restores_classes(tmp_path: Pa
         "AutoConfig": "configuration_ijepa_hf.IJepaEncoderConfig",
         "AutoModel": "modeling_ijepa_hf.IJepaEncoderModel",
         "AutoModelForImageClassification": "modeling_ijepa_hf.IJepaEncoderForImageClassification",
+        "AutoBackbone": "modeling_ijepa_hf.IJepaEncoderBackbone",  # the backbone under the encoder's config class
     }
     assert remote_code_auto_map(IJepaBackbone(IJepaBackboneConfig(**tiny_encoder_config().to_dict()))) == {
         "AutoConfig": "configuration_ijepa_hf_backbone.IJepaBackboneConfig",

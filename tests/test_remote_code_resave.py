@@ -56,3 +56,30 @@ import numpy as np
 from PIL import Image
 assert len(classify(Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)))) == 3
 """, fake_hub, tmp_path / f"loader-{name}-{'hub' if source.startswith('test-org') else 'folder'}")
+
+
+def test_an_encoder_repo_with_its_code_loads_through_auto_backbone_without_ijepa_hf(fake_hub: str, tmp_path: Path):
+    torch.manual_seed(0)
+    encoder = IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=4)).eval()
+    save_with_remote_code(encoder, tmp_path / "encoder", image_processor=make_image_processor(32))
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        _, expected = encoder.forward_intermediates(pixels, indices=[1, 3], norm=True)
+    torch.save({"pixels": pixels, "maps": expected}, tmp_path / "expected.pt")
+    run_hub_script(f"""
+        from ijepa_hf.hub import push_folder
+        push_folder(r"{tmp_path / 'encoder'}", "test-org/remote-backbone-encoder")
+        """, fake_hub, tmp_path / "pusher")
+    run_hub_script(_WITHOUT_IJEPA_HF + f"""
+import torch
+from transformers import AutoBackbone
+backbone = AutoBackbone.from_pretrained("test-org/remote-backbone-encoder", trust_remote_code=True,
+                                        out_indices=[2, 4]).eval()
+assert type(backbone).__module__.startswith("transformers_modules."), type(backbone)
+assert backbone.out_features == ["stage2", "stage4"], backbone.out_features
+expected = torch.load(r"{tmp_path / 'expected.pt'}")
+with torch.no_grad():
+    maps = backbone(expected["pixels"]).feature_maps
+for got, want in zip(maps, expected["maps"]):
+    torch.testing.assert_close(got, want)
+""", fake_hub, tmp_path / "loader")
