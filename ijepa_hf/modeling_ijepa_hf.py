@@ -703,9 +703,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         self.patch_embed = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.register_buffer(
-            "pos_embed", sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True
-        )
+        self.pos_embed = nn.Buffer(sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True)
         self.blocks = build_blocks(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -880,9 +878,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         self.grid_size = config.grid_size
         self.embed = nn.Linear(config.encoder_hidden_size, config.hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.register_buffer(
-            "pos_embed", sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True
-        )
+        self.pos_embed = nn.Buffer(sincos_position_embeddings(config.hidden_size, self.grid_size)[None], persistent=True)
         self.blocks = build_blocks(config)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.proj = nn.Linear(config.hidden_size, config.encoder_hidden_size)
@@ -1039,6 +1035,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         Returns ``targets [M * B, Kt, D]`` (block-major) and the full output ``[B, N, D]``.
         """
         full = self.target_encoder(pixel_values).last_hidden_state
+        # CODEPATH: normalize_targets — True for every official release and the presets (the official code's
+        # LayerNorm of the targets); False only for configs that ask for raw targets.
         normed = F.layer_norm(full, (full.shape[-1],)) if self.config.normalize_targets else full
         batch_size, num_blocks, num_targets = target_masks.shape
         index = target_masks.transpose(0, 1).reshape(num_blocks * batch_size, num_targets)
@@ -1047,6 +1045,8 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
 
     def loss_fn(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         predictions, targets = predictions.float(), targets.float()
+        # CODEPATH: loss — "smooth_l1" for every official release and preset (the official loss); "mse" for configs
+        # that choose it.
         if self.config.loss == "mse":
             return F.mse_loss(predictions, targets)
         return F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
@@ -1136,9 +1136,11 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         self.num_labels = config.num_labels
         self.encoder = IJepaEncoderModel(config)
         # `config.pooler_norm` (see IJepaEncoderConfig): the pooled features standardised before the head.
+        # CODEPATH: pooler_norm — "batchnorm": every head made on an encoder or pretraining repo since the option
+        # exists; "layernorm": heads that ask for it; None / "none": classifier repos saved before it.
         if config.pooler_norm == "batchnorm":
             self.pooler_norm = nn.BatchNorm1d(config.hidden_size, affine=False, eps=config.layer_norm_eps)
-        elif config.pooler_norm == "layernorm":
+        elif config.pooler_norm == "layernorm":  # CODEPATH: pooler_norm (above)
             self.pooler_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         else:
             self.pooler_norm = nn.Identity()
@@ -1152,6 +1154,8 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         with."""
         config = kwargs.get("config")
         if isinstance(config, PretrainedConfig):
+            # CODEPATH: model_type — "ijepa_hf_encoder": encoder and classifier repos (a new head when the repo was
+            # not saved by this class); pretraining repos go on to `_from_pretraining_repo`, which decides there.
             if config.model_type == cls.config_class.model_type and getattr(config, "pooler_norm", None) is None \
                     and cls.__name__ not in (config.architectures or []):
                 config.pooler_norm = NEW_HEAD_POOLER_NORM
@@ -1268,11 +1272,16 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
         feature_maps = ()
         for stage, hidden_state in zip(self.stage_names, outputs.hidden_states):
             if stage in self.out_features:
+                # CODEPATH: apply_layernorm — True for backbones by default (every stage on the final output's
+                # scale, as Dinov2Backbone); False for backbone configs that ask for the raw block outputs.
                 if self.config.apply_layernorm:
                     hidden_state = self.norm(hidden_state)
+                # CODEPATH: reshape_hidden_states / readout_token — maps [B, D, h, w] by default (UperNet and other
+                # heads on feature maps); token sequences for heads that read tokens, with the mean token first
+                # for DPT (readout_token="mean").
                 if self.config.reshape_hidden_states:
                     hidden_state = tokens_to_feature_map(hidden_state, grid)
-                elif self.config.readout_token == "mean":  # where a ViT's CLS token would be
+                elif self.config.readout_token == "mean":  # CODEPATH: readout_token (above); a CLS token's place
                     hidden_state = torch.cat([hidden_state.mean(dim=1, keepdim=True), hidden_state], dim=1)
                 feature_maps += (hidden_state,)
         return BackboneOutput(

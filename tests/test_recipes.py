@@ -28,7 +28,7 @@ def test_small_recipe_sizes_the_predictor_from_the_encoder_and_keeps_what_is_nam
     assert (small.predictor_config.hidden_size, small.predictor_config.num_hidden_layers,
             small.predictor_config.num_attention_heads) == (96, 1, 3)
     assert small.encoder_config.to_dict() == config.encoder_config.to_dict()
-    assert small.ema_momentum == config.ema_momentum  # the official EMA schedule (see the module docstring)
+    assert small.ema_momentum == config.ema_momentum  # recipes leave the EMA schedule alone
     kept = apply_recipe(config, "small", keep={"predictor.num_hidden_layers"})
     assert (kept.predictor_config.hidden_size, kept.predictor_config.num_hidden_layers) == (96, 6)
     assert apply_recipe(config, "official").to_dict() == config.to_dict()

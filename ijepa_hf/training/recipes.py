@@ -32,14 +32,12 @@ class Recipe:
         predictor_width_ratio: the predictor's ``hidden_size`` as a multiple of the encoder's.
         predictor_depth: the predictor's ``num_hidden_layers``.
         warmup_ratio: the learning-rate warm-up as a fraction of all updates.
-        ema_momentum: ``(start, end)`` of the EMA target encoder.
     """
 
     name: str
     predictor_width_ratio: float | None = None
     predictor_depth: int | None = None
     warmup_ratio: float = 40 / 300
-    ema_momentum: tuple[float, float] | None = None
 
     def predictor_fields(self, config: IJepaPretrainingConfig) -> dict[str, int]:
         """``{predictor field: value}`` this recipe gives a model of ``config``'s encoder."""
@@ -68,20 +66,12 @@ def get_recipe(name: str) -> Recipe:
 
 def apply_recipe(config: IJepaPretrainingConfig, recipe: str | Recipe,
                  keep: Collection[str] = ()) -> IJepaPretrainingConfig:
-    """A copy of ``config`` with the recipe's predictor (and EMA) settings, except the fields named in ``keep``
-    (``"predictor.hidden_size"``, ``"ema_momentum"``, ...: what the user set explicitly)."""
+    """A copy of ``config`` with the recipe's predictor settings, except the fields named in ``keep``
+    (``"predictor.hidden_size"``, ...: what the user set explicitly). Typed values throughout: the config is
+    rebuilt from its dict, so its validation runs on the result."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    changes = {f"predictor.{name}": value for name, value in recipe.predictor_fields(config).items()}
-    if recipe.ema_momentum is not None:
-        changes["ema_momentum"] = list(recipe.ema_momentum)
-    changes = {name: value for name, value in changes.items() if name not in keep}
-    result = IJepaPretrainingConfig.from_dict(config.to_dict())
-    if changes:
-        result.update_from_string(",".join(f"{name}={_literal(value)}" for name, value in changes.items()))
-    return result
-
-
-def _literal(value: object) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
+    changes = {name: value for name, value in recipe.predictor_fields(config).items()
+               if f"predictor.{name}" not in keep}
+    data = config.to_dict()
+    data["predictor_config"] = {**data["predictor_config"], **changes}
+    return IJepaPretrainingConfig.from_dict(data)
