@@ -99,7 +99,7 @@ def step_table(args: argparse.Namespace) -> None:
             runs = {}
             for setting in SETTINGS:
                 model = make_model(args, setting)  # the same weights for both (same seed)
-                optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor},
+                optimizer = build_optimizer(model,
                                             lr=1e-4, weight_decay=0.04)
                 runs[setting] = (model, optimizer, IJepaMaskCollator.from_config(model.config, seed=0))
             pixels = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))

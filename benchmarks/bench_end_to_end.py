@@ -161,7 +161,7 @@ def step_row(args: argparse.Namespace, config: Any, device: torch.device, warmup
     """The bare step's images/s (AdamW as pretrain() builds it: build_optimizer's default kernel)."""
     torch.manual_seed(0)
     model = IJepaForPreTraining(config).to(device).train()
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    optimizer = build_optimizer(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step(batch: dict[str, torch.Tensor]) -> None:

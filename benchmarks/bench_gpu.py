@@ -73,7 +73,7 @@ def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaForPre
 def training_setup(preset: str, device: torch.device, batch_size: int) -> Setup:
     """Model, AdamW (official groups, fused) and one official-mask batch, as bench_train_step.py's step uses them."""
     model, config = build(preset, device)
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    optimizer = build_optimizer(model)
     return Setup(model, optimizer, mask_batch(config, batch_size, device))
 
 
@@ -100,7 +100,7 @@ def largest_batch(preset: str, device: torch.device, min_batch: int, max_batch: 
     """Doubles the batch until two training steps run out of memory; returns the largest that ran, and a log."""
     log: list[str] = []
     model, config = build(preset, device)
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    optimizer = build_optimizer(model)
     best, batch_size = 0, min_batch
     while batch_size <= max_batch:
         try:

@@ -475,7 +475,7 @@ class IJepaLearner(_Learner):
             lambda: {"pixel_values": torch.randn(args.batch_size, model.config.encoder_config.num_channels, size, size),
                      **self.collator.sample_batch(args.batch_size, batch_index=0)})
         self.optimizer = build_optimizer(
-            {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.lr, weight_decay=args.weight_decay
+            model, lr=args.lr, weight_decay=args.weight_decay
         )
         self.warmup_fraction = args.warmup_fraction
         self.schedule = PretrainingSchedule(

@@ -1113,6 +1113,12 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             raise ValueError(f"`encoder` must be 'target' or 'context', got {encoder!r}.")
         return self.target_encoder if encoder == "target" else self.context_encoder
 
+    def optimized_modules(self) -> dict[str, nn.Module]:
+        """What the optimizer trains, under the names of the official parameter groups (``encoder.decay``,
+        ``predictor.no_decay``, ...): the context encoder and the predictor. The target encoder takes no gradient;
+        it follows the context encoder by EMA."""
+        return {"encoder": self.context_encoder, "predictor": self.predictor}
+
     def export_encoder(self, encoder: str = "target") -> IJepaEncoderModel:
         """A standalone, trainable copy of one encoder (``"target"`` or ``"context"``), ready for
         `save_pretrained`/`push_to_hub`."""

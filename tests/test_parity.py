@@ -56,7 +56,7 @@ def test_list_of_target_masks_is_the_official_layout(official):
 
 def test_mask_token_is_weight_decayed_like_the_official_groups(official):
     model, _ = official
-    groups = official_param_groups({"encoder": model.context_encoder, "predictor": model.predictor}, weight_decay=0.04)
+    groups = official_param_groups(model, weight_decay=0.04)
     decayed = {id(p) for group in groups if group["weight_decay"] > 0 for p in group["params"]}
     assert id(model.predictor.mask_token) in decayed
     assert id(model.predictor.blocks[0].attn.qkv.bias) not in decayed

@@ -69,7 +69,7 @@ def test_five_official_steps_through_the_training_step(expected_state):
     from accelerate import Accelerator
 
     model = _model_from(load_official_checkpoint(GOLDEN_CHECKPOINT)).train()
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    optimizer = build_optimizer(model)
     step = PretrainingStep(Accelerator(cpu=True), model, optimizer, _official_schedule())
     batch = _batch()
     losses = [step(batch, update).loss.item() for update in range(1, 6)]
@@ -116,7 +116,7 @@ def test_gradient_accumulation_equals_the_larger_batch():
     results = []
     for accumulation in (1, 2):
         model = _model_from(load_official_checkpoint(GOLDEN_CHECKPOINT)).train()
-        optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+        optimizer = build_optimizer(model)
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
         step = PretrainingStep(accelerator, model, optimizer, _official_schedule())
         batch = _batch()
@@ -137,7 +137,7 @@ def test_gradient_clipping_bounds_the_gradients_the_optimizer_sees():
     norms = {}
     for max_norm in (None, 1e-3, -1.0):
         model = _model_from(load_official_checkpoint(GOLDEN_CHECKPOINT)).train()
-        optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+        optimizer = build_optimizer(model)
         seen = []
         original = optimizer.step
 
@@ -165,7 +165,7 @@ def test_a_nonfinite_update_is_recorded_without_a_sync_and_can_be_skipped():
     bad["pixel_values"][0, 0, 0, 0] = float("nan")
     for skip in (0, 1):
         model = _model_from(load_official_checkpoint(GOLDEN_CHECKPOINT)).train()
-        optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+        optimizer = build_optimizer(model)
         step = PretrainingStep(Accelerator(cpu=True), model, optimizer, _official_schedule(),
                                skip_nonfinite_steps=skip)
         step(_batch(), 1)

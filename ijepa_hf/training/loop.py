@@ -281,7 +281,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
 
     # ---- optimizer
     optimizer = build_optimizer(
-        {"encoder": model.context_encoder, "predictor": model.predictor}, lr=args.learning_rate,
+        model, lr=args.learning_rate,
         weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
     )
     _set_attention(args, accelerator, model, mask_collator, config)

@@ -30,6 +30,9 @@ def is_no_decay_param(name: str, param: torch.Tensor) -> bool:
 
 
 def _as_named_modules(named_modules: NamedModules) -> list[tuple[str, nn.Module]]:
+    declared = getattr(named_modules, "optimized_modules", None)
+    if callable(declared):  # a model that declares its groups (IJepaForPreTraining)
+        return list(declared().items())
     if isinstance(named_modules, nn.Module):
         return [("model", named_modules)]
     if isinstance(named_modules, Mapping):
@@ -47,8 +50,9 @@ def official_param_groups(
     """Build the official AdamW parameter groups.
 
     Args:
-        named_modules: ``{"encoder": enc, "predictor": pred}``, a list of ``(name, module)`` pairs, or a
-            single module. Order matters (group order follows it).
+        named_modules: a model that declares its trained modules (``optimized_modules()``, as
+            `IJepaForPreTraining`: ``{"encoder": context encoder, "predictor": predictor}``), such a dict itself, a
+            list of ``(name, module)`` pairs, or a single module. Order matters (group order follows it).
         weight_decay: initial weight decay of the decay groups (the wd schedule overwrites it each step;
             official ``0.04``).
 

@@ -439,7 +439,7 @@ class IJepaTrainer(Trainer):
             ijepa = _unwrap(self.model if model is None else model)
             optim = getattr(self.args.optim, "value", self.args.optim)
             self.optimizer = build_optimizer(
-                {"encoder": ijepa.context_encoder, "predictor": ijepa.predictor}, lr=self.args.learning_rate,
+                ijepa, lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay, betas=(self.args.adam_beta1, self.args.adam_beta2),
                 eps=self.args.adam_epsilon, fused=optim == "adamw_torch_fused", foreach=None,
             )
