@@ -294,10 +294,9 @@ class _IJepaTransformerConfig(PreTrainedConfig):
 
 
 # Normalisations of a classifier's pooled features (`IJepaEncoderConfig.pooler_norm`; None: unset), and the one a new
-# head gets. The pooled features of an I-JEPA encoder share a large common offset and vary little around it (on
-# Fashion-MNIST a mean norm of 8.3 against a per-feature std of 0.10), which a plain linear head trained with
-# ordinary learning rates barely moves past; standardised, it learns (benchmarks/README.md, "Fine-tuning with
-# Trainer", has the measurement that chose it).
+# head gets. The pooled features of an I-JEPA encoder share a large common offset and vary little around it, which a
+# plain linear head trained with ordinary learning rates barely moves past; standardised, it learns
+# (benchmarks/README.md, "Fine-tuning with Trainer", has the measurement that chose it).
 POOLER_NORMS = (None, "none", "batchnorm", "layernorm")
 NEW_HEAD_POOLER_NORM = "batchnorm"
 
