@@ -1205,14 +1205,15 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         )
 
 
-def _as_backbone_config(config: PretrainedConfig) -> IJepaBackboneConfig:
+def _as_backbone_config(config: PretrainedConfig, **backbone_kwargs: Any) -> IJepaBackboneConfig:
     """``config`` as an `IJepaBackboneConfig`. A dense head that names an encoder or pretraining repo as its backbone
     (``UperNetConfig(backbone=<repo>, backbone_kwargs={"out_indices": ...})``, or ``backbone_config=`` that repo's
     config) holds the repo's own config with the backbone arguments set on it; the backbone is then its encoder
-    (a pretraining repo's target encoder) with those arguments."""
+    (a pretraining repo's target encoder) with those arguments (``backbone_kwargs`` win over them)."""
     if isinstance(config, IJepaBackboneConfig):
         return config
     arguments = {key: getattr(config, key) for key in BACKBONE_ARGUMENTS if key in config.to_dict()}
+    arguments.update(backbone_kwargs)
     if isinstance(config, IJepaPretrainingConfig):
         config = config.encoder_config
     if not isinstance(config, IJepaEncoderConfig):
@@ -1251,7 +1252,7 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
         hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
         if isinstance(config, IJepaEncoderConfig) or (config is None and given == IJepaEncoderConfig.model_type):
             encoder_config = config or IJepaEncoderConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(encoder_config, **backbone_kwargs)
+            kwargs["config"] = _as_backbone_config(encoder_config, **backbone_kwargs)
         elif isinstance(config, IJepaPretrainingConfig) or (
             config is None and given == IJepaPretrainingConfig.model_type
         ):
@@ -1259,9 +1260,7 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
             pretraining_config = config or IJepaPretrainingConfig.from_pretrained(
                 pretrained_model_name_or_path, **hub_kwargs
             )
-            kwargs["config"] = IJepaBackboneConfig.from_encoder_config(
-                pretraining_config.encoder_config, **backbone_kwargs
-            )
+            kwargs["config"] = _as_backbone_config(pretraining_config, **backbone_kwargs)
             kwargs["key_mapping"] = {r"^target_encoder\.": "", **(kwargs.get("key_mapping") or {})}
         else:
             if backbone_kwargs:  # a backbone repo: the arguments override its saved choice

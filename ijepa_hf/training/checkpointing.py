@@ -662,21 +662,12 @@ def load_checkpoint(accelerator: Any, path: str | os.PathLike) -> dict[str, Any]
 
     from accelerate.utils import load as safe_load
 
-    from accelerate.utils import broadcast_object_list
+    from .distributed import run_on_main_process
 
     path = Path(path)
     manifest = read_manifest(path)
     # One process reads the files for their digests; every process learns the outcome.
-    problem: list[Any] = [None]
-    if accelerator.is_main_process:
-        try:
-            verify_digests(path, manifest)
-        except CheckpointError as error:
-            problem = [error]
-    if accelerator.num_processes > 1:
-        problem = broadcast_object_list(problem)
-    if problem[0] is not None:
-        raise problem[0]
+    run_on_main_process(accelerator, lambda: verify_digests(path, manifest))
     listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
     extra = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()
                    and p.relative_to(path).as_posix() not in listed)

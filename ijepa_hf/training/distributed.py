@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ..masking import IJepaMaskCollator
 
 __all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "mask_collator_for_process",
-           "mask_sampling", "match_deepspeed_config", "update_target_encoder", "ema_mode_of", "zero_stage"]
+           "mask_sampling", "match_deepspeed_config", "update_target_encoder", "ema_mode_of", "zero_stage",
+           "run_on_main_process"]
 
 
 class EmaMode(str, Enum):
@@ -92,6 +93,25 @@ def ema_mode(distributed_type: Any, *, zero_stage: int | None = None, fsdp_versi
         raise ValueError(f"distributed type {name} is not supported by the I-JEPA pretraining loop (use DDP, FSDP2 "
                          "or DeepSpeed)")
     return EmaMode.REPLICATED
+
+
+def run_on_main_process(accelerator: Any, function: Any) -> Any:
+    """``function()`` on the main process only; every process returns its (picklable) result, or raises the
+    exception it raised, so that no process waits in a later collective for one that failed."""
+    from accelerate.utils import broadcast_object_list
+
+    outcome: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [(True, function())]
+        except Exception as error:  # noqa: BLE001 - raised on every process below
+            outcome = [(False, error)]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list(outcome)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
 
 
 def mask_sampling(config: Any) -> str:

@@ -75,23 +75,20 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
     whether it did: a failure raises :class:`ExportError` on every rank (a full disk named as such, with the run's
     newest checkpoint (of run ``run_id``) to continue from). Returns the encoder folder.
     """
-    from accelerate.utils import broadcast_object_list
+    from .distributed import run_on_main_process
 
-    encoder_dir = output_dir / ENCODER_SUBFOLDER
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers sharded (FSDP/DeepSpeed) weights; all ranks call it
-    failure: list[Any] = [None]
-    if accelerator.is_main_process:
+
+    def write() -> None:
         try:
             _write_final_model(accelerator, model, config, args, output_dir, training, hub_dataset, sharded,
                                state_dict)
-        except Exception as error:  # noqa: BLE001 - translated, and told to every rank
-            failure = [_export_error(error, output_dir, training, run_id)]
-    if accelerator.num_processes > 1:
-        failure = broadcast_object_list(failure)
-    if failure[0] is not None:
-        raise failure[0]
-    return encoder_dir
+        except Exception as error:  # noqa: BLE001 - translated for the user
+            raise _export_error(error, output_dir, training, run_id) from error
+
+    run_on_main_process(accelerator, write)
+    return output_dir / ENCODER_SUBFOLDER
 
 
 def _export_error(error: BaseException, output_dir: Path, training: Mapping[str, Any], run_id: str | None

@@ -54,6 +54,7 @@ from .distributed import (
     mask_collator_for_process,
     mask_sampling,
     match_deepspeed_config,
+    run_on_main_process,
 )
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import (
@@ -249,20 +250,15 @@ class _OutputFolder:
         self.accelerator, self.path, self.lock, self.run_id = accelerator, path, lock, run_id
 
     def guard(self, step: int) -> None:
-        problem: list[Any] = [None]
-        if self.lock is not None and not self.lock.still_held():
-            try:
+        def restore() -> None:
+            if self.lock is not None and not self.lock.still_held():
                 self.lock.reacquire()
                 write_run_file(self.path, self.run_id)
                 logger.warning("%s was deleted while the run was training (its lock file went with it): recreated "
                                "it with a new lock and run.json at step %d; the checkpoints and log rows written "
                                "there before are lost", self.path, step)
-            except Exception as error:  # noqa: BLE001 - raised on every rank below
-                problem = [error]
-        if self.accelerator.num_processes > 1:
-            problem = broadcast_object_list(problem)
-        if problem[0] is not None:
-            raise problem[0]
+
+        run_on_main_process(self.accelerator, restore)
 
 
 def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _OutputFolder, run: RunFolder,
@@ -477,18 +473,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         # A run that finished is not trained again by --resume_from_checkpoint latest (e.g. to retry a push)
         write_run_file(output_dir, run.run_id, finished_step=progress.completed_steps)
     if args.push_to_hub:
-        outcome: list[Any] = [None]
-        if accelerator.is_main_process:
-            try:
-                outcome = [push_output_dir(output_dir, args.hub_model_id, token=args.hub_token,
-                                           private=args.hub_private_repo)]
-            except Exception as error:  # noqa: BLE001 - raised on every rank below
-                outcome = [error]
-        if accelerator.num_processes > 1:
-            outcome = broadcast_object_list(outcome)
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        hub_url = outcome[0]
+        hub_url = run_on_main_process(accelerator, functools.partial(
+            push_output_dir, output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo))
     accelerator.wait_for_everyone()
     if args.with_tracking:
         accelerator.end_training()

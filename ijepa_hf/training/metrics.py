@@ -41,6 +41,7 @@ __all__ = [
     "read_train_log",
     "throughput_summary",
     "truncate_train_log",
+    "write_train_log",
     "append_train_log",
 ]
 
@@ -373,7 +374,12 @@ def truncate_train_log(path: str | os.PathLike, last_step: int) -> None:
         rows = read_train_log(aside, skip_malformed=True)
         logger.warning("%s. The file was moved to %s; the log continues with its %d readable rows.", error, aside,
                        len(rows))
-    kept = [row for row in rows if row.get("step", 0) <= last_step]
+    write_train_log(path, [row for row in rows if row.get("step", 0) <= last_step])
+
+
+def write_train_log(path: str | os.PathLike, rows: list[Mapping[str, Any]]) -> None:
+    """Write ``rows`` as ``path`` (non-finite numbers become ``null``), through a temporary file and a rename."""
+    path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(_json_row(row) + "\n" for row in kept), encoding="utf-8")
+    temporary.write_text("".join(_json_row(row) + "\n" for row in rows), encoding="utf-8")
     os.replace(temporary, path)

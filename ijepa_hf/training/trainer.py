@@ -39,7 +39,6 @@ step's critical path.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -343,7 +342,7 @@ class IJepaTrainer(Trainer):
         does. Every process calls it; the main one writes. Returns the encoder folder (``None`` elsewhere)."""
         from ..licensing import record_weights_license, weights_license
         from .export import mask_summary, write_encoder_and_cards
-        from .metrics import TRAIN_LOG_NAME
+        from .metrics import TRAIN_LOG_NAME, write_train_log
 
         model = _unwrap(self.model)
         weights = weights_license(model, source=source)
@@ -353,7 +352,7 @@ class IJepaTrainer(Trainer):
             return None
         output_dir = Path(self.args.output_dir)
         rows = [row for row in self.state.log_history if "loss" in row or "online_knn_accuracy" in row]
-        (output_dir / TRAIN_LOG_NAME).write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        write_train_log(output_dir / TRAIN_LOG_NAME, rows)
         args, config = self.args, model.config
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         training = {
