@@ -60,8 +60,8 @@ def mask_table(batch_sizes: list[int], batches: int) -> None:
     print("|---|---:|---:|---:|---:|")
     for mode in ("fixed", "official"):
         for batch_size in batch_sizes:
-            cut = context_stats(IJepaMaskCollator(224, 16, mode=mode), batch_size, range(batches))
-            own = context_stats(IJepaMaskCollator(224, 16, mode=mode, context_lengths="per_image"), batch_size,
+            cut = context_stats(IJepaMaskCollator(224, 16, mask_mode=mode), batch_size, range(batches))
+            own = context_stats(IJepaMaskCollator(224, 16, mask_mode=mode, context_lengths="per_image"), batch_size,
                                 range(batches))
             print(f"| {mode} | {batch_size} | {cut['mean']:.1f} / {cut['min']} | {own['mean']:.1f} / {own['min']} | "
                   f"{own['padded']:.1f} |")

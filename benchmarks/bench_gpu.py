@@ -83,7 +83,7 @@ def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.de
     height, width = (size, size) if isinstance(size, int) else size
     generator = torch.Generator().manual_seed(seed)
     images = [{"pixel_values": torch.randn(3, height, width, generator=generator)} for _ in range(batch_size)]
-    batch = IJepaMaskCollator.from_config(config, mode="official", seed=seed)(images)
+    batch = IJepaMaskCollator.from_config(config, mask_mode="official", seed=seed)(images)
     return {key: value.to(device) for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 

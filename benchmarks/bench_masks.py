@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_masks.py                 # 1 thread, batch 256
     python benchmarks/bench_masks.py --threads 0     # keep torch's default thread count
 
-Prints a markdown table of batches/s for ``mode="fixed"`` and ``mode="official"`` at 224 px with
+Prints a markdown table of batches/s for ``mask_mode="fixed"`` and ``mask_mode="official"`` at 224 px with
 patch 16 and 14, and the ratio against the official collator's ~33 batches/s at batch 256, 224/16
 (the figure given in the project reference for this kind of machine; it is NOT re-measured here,
 because the official code is not a dependency of this project).
@@ -33,7 +33,7 @@ OFFICIAL_BATCHES_PER_S = 33.0  # official MaskCollator, batch 256, 224/16, 1 thr
 
 
 def bench(mode: str, patch: int, batch_size: int, min_seconds: float, image_size: int = 224) -> float:
-    collator = IJepaMaskCollator(image_size, patch, mode=mode)
+    collator = IJepaMaskCollator(image_size, patch, mask_mode=mode)
     for i in range(10):  # warm-up (allocator, first-call overheads)
         collator.sample_masks(batch_size, i)
     n, start = 0, time.perf_counter()

@@ -117,7 +117,7 @@ def typical_batch(config: IJepaPretrainingConfig, mask_mode: str, batch_size: in
     """
     images = [{"pixel_values": torch.randn(3, image_size, image_size)} for _ in range(batch_size)]
     min_keep = feasible_min_keep(config, mask_mode)
-    draws = [IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=min_keep, seed=seed)(images)
+    draws = [IJepaMaskCollator.from_config(config, mask_mode=mask_mode, min_keep=min_keep, seed=seed)(images)
              for seed in range(64)]
     lengths = torch.tensor([[d["context_mask"].shape[1], d["target_masks"].shape[-1]] for d in draws], dtype=torch.float)
     distance = ((lengths - lengths.mean(0)) / lengths.mean(0)).abs().sum(1)
@@ -128,7 +128,7 @@ def feasible_min_keep(config: IJepaPretrainingConfig, mask_mode: str = "official
     """The official ``min_keep`` of 10 patches, or 3 where 10 is infeasible (small grids, e.g. 8x8, whose smallest
     target block is 3x3): ijepa_hf's sampler refuses an infeasible setting, the official one would retry forever."""
     try:
-        IJepaMaskCollator.from_config(config, mode=mask_mode, min_keep=10)
+        IJepaMaskCollator.from_config(config, mask_mode=mask_mode, min_keep=10)
         return 10
     except ValueError:
         return 3

@@ -58,8 +58,9 @@ def masks(args: argparse.Namespace) -> Path:
     transform = PretrainTransform(height)
     batch = collator([{"pixel_values": transform(image)} for image in _images(args, args.batch_size, height)])
     return plot_mask_grid(batch["pixel_values"], batch["context_mask"], batch["target_masks"],
-                          collator.patch_size[0], args.output, max_images=args.batch_size, ncols=args.ncols,
-                          title=f"I-JEPA masks ({collator.mode} mode), seed {args.seed}", dpi=args.dpi)
+                          collator.generator.patch_size[0], args.output, max_images=args.batch_size,
+                          ncols=args.ncols, title=f"I-JEPA masks ({collator.generator.mask_mode} mode), seed {args.seed}",
+                          dpi=args.dpi)
 
 
 def pca(args: argparse.Namespace) -> Path:

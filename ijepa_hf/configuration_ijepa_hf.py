@@ -29,6 +29,10 @@ The model types are ``ijepa_hf_encoder``, ``ijepa_hf_predictor`` and ``ijepa_hf_
 own ``ijepa`` type (its encoder-only ``IJepaModel``) is left untouched and is reached through conversion.
 """
 
+# Linter note (transformers' structural linter, `mlinter ijepa_hf`), for the `# trf-ignore` comments below:
+# TRF057: `@auto_docstring` takes a model's name and intro from transformers' own model registry, which this package
+# is not part of (it renders "a None model" and drops the hand-written text), so the configs document themselves.
+
 import copy
 import dataclasses
 import difflib
@@ -48,13 +52,16 @@ __all__ = [
     "PRETRAINING_PRESETS",
     "MASK_FIELDS",
     "MASK_MODES",
+    "MASK_SAMPLINGS",
     "CONTEXT_LENGTHS",
     "POOLER_NORMS",
     "NEW_HEAD_POOLER_NORM",
+    "REGULARIZED_EMBEDDINGS",
     "ConfigValueError",
     "ConfigTypeError",
     "check_grid",
     "check_mask_settings",
+    "default_mask_sampling",
     "list_presets",
     "parse_config_overrides",
 ]
@@ -86,10 +93,10 @@ class ConfigTypeError(StrictDataclassFieldValidationError, TypeError, ValueError
         return type(self), (self.field, TypeError(str(self.cause)))
 
 
-def _strict_config(cls: type) -> type:
-    """huggingface_hub's ``@strict``, with its errors raised as `ValueError`s as well, as this package's configs
-    always raised them (callers and the CLI catch `ValueError`)."""
-    cls = strict(cls)
+def _value_errors(cls: type) -> type:
+    """Applied over huggingface_hub's ``@strict``: its errors are raised as `ValueError`s as well, as this package's
+    configs always raised them (callers and the CLI catch `ValueError`). The checks themselves are ``@strict``'s
+    (the field annotations) and the ``validate_*`` methods."""
     run_validators, strict_setattr = cls.validate, cls.__setattr__
 
     def validate(self) -> None:
@@ -177,7 +184,19 @@ MASK_MODES = ("fixed", "official")
 CONTEXT_LENGTHS = ("shortest", "per_image")
 MASK_FIELDS = ("num_target_blocks", "context_scale", "target_scale", "target_aspect_ratio", "min_keep",
                "allow_overlap", "mask_mode", "context_lengths")
+# Which batch a data-parallel process samples the masks of (`mask_sampling`): the global batch, keeping its own rows
+# (a P-process run sees the masks of a 1-process run), or its own batch alone (the official code).
+MASK_SAMPLINGS = ("global", "per_process")
 _LOSSES = ("smooth_l1", "mse")
+# What the anti-collapse regularisers see (`regularized_embeddings`): each image's context-encoder output averaged
+# over its context patches ([B, D]), or every context token ([B * Kc, D], padding left out).
+REGULARIZED_EMBEDDINGS = ("context_pooled", "context_tokens")
+
+
+def default_mask_sampling(mask_mode: str) -> str:
+    """The sampling scope of a mask mode when `mask_sampling` is not given: the official code's (each process its
+    own batch) for ``"official"``, the global batch for ``"fixed"``."""
+    return "per_process" if mask_mode == "official" else "global"
 
 
 def check_mask_settings(
@@ -190,13 +209,12 @@ def check_mask_settings(
     allow_overlap: Any,
     mask_mode: Any,
     context_lengths: Any = "shortest",
-    mode_name: str = "mask_mode",
 ) -> dict[str, Any]:
     """The one rule set of the multi-block mask settings (`IJepaPretrainingConfig` and `IJepaMaskCollator`).
 
     Rules: ``num_target_blocks`` a positive int; ``context_scale`` / ``target_scale`` finite ``(min, max)`` in
     ``(0, 1]``; ``target_aspect_ratio`` a finite positive ``(min, max)``; ``min_keep`` an int >= 0;
-    ``allow_overlap`` a bool; ``mask_mode`` one of `MASK_MODES` (``mode_name`` is how the caller spells it);
+    ``allow_overlap`` a bool; ``mask_mode`` one of `MASK_MODES`;
     ``context_lengths`` one of `CONTEXT_LENGTHS`.
 
     Returns:
@@ -211,7 +229,7 @@ def check_mask_settings(
     if not isinstance(allow_overlap, bool):
         raise ValueError(f"`allow_overlap` must be a bool (true/false), got {allow_overlap!r}.")
     if mask_mode not in MASK_MODES:
-        raise ValueError(f"`{mode_name}` must be one of {MASK_MODES}, got {mask_mode!r}.")
+        raise ValueError(f"`mask_mode` must be one of {MASK_MODES}, got {mask_mode!r}.")
     if context_lengths not in CONTEXT_LENGTHS:
         raise ValueError(
             f"`context_lengths` must be one of {CONTEXT_LENGTHS}, got {context_lengths!r}: 'shortest' cuts every "
@@ -239,7 +257,9 @@ _Size = int | list[int] | tuple[int, int]
 _Range = list[float | int] | tuple[float | int, float | int]
 
 
-@_strict_config
+# trf-ignore: TRF057 (linter note at the top of this file)
+@_value_errors
+@strict
 class _IJepaTransformerConfig(PreTrainedConfig):
     """Fields shared by the encoder and the predictor: a stack of pre-norm ViT blocks on a patch grid."""
 
@@ -301,7 +321,9 @@ POOLER_NORMS = (None, "none", "batchnorm", "layernorm")
 NEW_HEAD_POOLER_NORM = "batchnorm"
 
 
-@_strict_config
+# trf-ignore: TRF057 (linter note at the top of this file)
+@_value_errors
+@strict
 class IJepaEncoderConfig(_IJepaTransformerConfig):
     r"""Configuration of an I-JEPA vision transformer encoder (context or target encoder).
 
@@ -350,7 +372,9 @@ class IJepaEncoderConfig(_IJepaTransformerConfig):
         return cls(**{**ENCODER_SIZES[name], **overrides})
 
 
-@_strict_config
+# trf-ignore: TRF057 (linter note at the top of this file)
+@_value_errors
+@strict
 class IJepaPredictorConfig(_IJepaTransformerConfig):
     r"""Configuration of the narrow I-JEPA predictor transformer.
 
@@ -387,7 +411,9 @@ _PREDICTOR_INHERITS = {"encoder_hidden_size": "hidden_size", "image_size": "imag
                        "patch_size": "patch_size", "num_attention_heads": "num_attention_heads"}
 
 
-@_strict_config
+# trf-ignore: TRF057 (linter note at the top of this file)
+@_value_errors
+@strict
 class IJepaPretrainingConfig(PreTrainedConfig):
     r"""Configuration of the full I-JEPA pretraining model: context encoder, EMA target encoder (same
     architecture), predictor, plus the multi-block mask, loss and EMA settings of the recipe.
@@ -411,10 +437,29 @@ class IJepaPretrainingConfig(PreTrainedConfig):
             alone). Target blocks are unchanged by either: the sampler draws one target size per batch. The
             default stays the official behaviour, which the published recipes and their results were trained
             with.
+        mask_sampling: Which batch each data-parallel process samples the masks of: ``"global"`` (the whole global
+            batch, keeping its own rows: a run on P processes sees the masks of a run on one) or ``"per_process"``
+            (its own batch alone, as the official code, whose context cut then depends on the per-process batch).
+            ``None`` (default): the mask mode's own, ``"per_process"`` for ``"official"`` and ``"global"`` for
+            ``"fixed"`` (`mask_sampling_scope`).
         loss: ``"smooth_l1"`` (the official code) or ``"mse"`` (the paper's L2).
         smooth_l1_beta: Beta of the smooth L1 loss (1.0 = torch default, as the official code).
         normalize_targets: Apply a parameter-free LayerNorm to the target encoder output (official).
         ema_momentum: (start, end) of the linear EMA momentum schedule (0.996, 1.0).
+        sigreg_weight: Weight of SIGReg (LeJEPA, Balestriero & LeCun 2025) added to the prediction loss: the
+            Epps-Pulley statistic between random 1-D projections of the regularised embeddings and a standard
+            normal, averaged over the projections — it pushes the embeddings towards an isotropic Gaussian, which
+            no collapsed representation is. 0 (default): off, the official objective.
+        sigreg_num_slices: Random unit directions drawn afresh at every forward for SIGReg (256).
+        vicreg_variance_weight: Weight of VICReg's variance term (Bardes et al. 2022; added to I-JEPA by C-JEPA):
+            the mean over dimensions of ``max(0, 1 - std)`` of the regularised embeddings. 0 (default): off.
+        vicreg_covariance_weight: Weight of VICReg's covariance term: the sum of the squared off-diagonal
+            covariances of the regularised embeddings, divided by their width. 0 (default): off.
+        regularized_embeddings: What the regularisers see, both computed on each process's micro-batch in fp32:
+            ``"context_pooled"`` (default) — each image's context-encoder output averaged over its context patches,
+            the features a probe reads once the EMA has carried them to the target encoder, so a collapse of
+            exactly those is penalised; ``"context_tokens"`` — every context patch token, more samples per batch
+            for the statistics and a constraint on the tokens themselves (what dense tasks read).
     """
 
     model_type = "ijepa_hf_pretraining"
@@ -431,11 +476,18 @@ class IJepaPretrainingConfig(PreTrainedConfig):
     allow_overlap: bool = False
     mask_mode: str = "fixed"
     context_lengths: str = "shortest"
+    mask_sampling: str | None = None
     # Loss and EMA.
     loss: str = "smooth_l1"
     smooth_l1_beta: float | int = 1.0
     normalize_targets: bool = True
     ema_momentum: _Range = (0.996, 1.0)
+    # Anti-collapse regularisers (weight 0: off).
+    sigreg_weight: float | int = 0.0
+    sigreg_num_slices: int = 256
+    vicreg_variance_weight: float | int = 0.0
+    vicreg_covariance_weight: float | int = 0.0
+    regularized_embeddings: str = "context_pooled"
 
     def __post_init__(self, **kwargs: Any) -> None:
         stray = sorted(k for k in _SINGLE_MODEL_FIELDS if k in kwargs)
@@ -478,9 +530,36 @@ class IJepaPretrainingConfig(PreTrainedConfig):
             raise ValueError(f"`smooth_l1_beta` must be positive, got {self.smooth_l1_beta!r}.")
         _check_range(self.ema_momentum, "ema_momentum", 0.0, 1.0, low_open=False)
 
+    def validate_regularizers(self) -> None:
+        """Raises `ValueError` naming the first invalid regulariser field (runs automatically)."""
+        for name in ("sigreg_weight", "vicreg_variance_weight", "vicreg_covariance_weight"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0 (0 turns the term off), got {value!r}.")
+        if self.sigreg_num_slices < 1:
+            raise ValueError(f"`sigreg_num_slices` must be >= 1, got {self.sigreg_num_slices!r}.")
+        if self.regularized_embeddings not in REGULARIZED_EMBEDDINGS:
+            raise ValueError(f"`regularized_embeddings` must be one of {REGULARIZED_EMBEDDINGS}, got "
+                             f"{self.regularized_embeddings!r}.")
+
+    @property
+    def regularized(self) -> bool:
+        """Whether any anti-collapse regulariser is on."""
+        return any(float(getattr(self, name)) > 0
+                   for name in ("sigreg_weight", "vicreg_variance_weight", "vicreg_covariance_weight"))
+
     def validate_masking(self) -> None:
         """Raises `ValueError` naming the first invalid mask field (runs automatically)."""
         check_mask_settings(**self.mask_settings())
+        if self.mask_sampling is not None and self.mask_sampling not in MASK_SAMPLINGS:
+            raise ValueError(f"`mask_sampling` must be one of {MASK_SAMPLINGS} or None (the mask mode's own), got "
+                             f"{self.mask_sampling!r}.")
+
+    @property
+    def mask_sampling_scope(self) -> str:
+        """`mask_sampling`, or when it is ``None`` the mask mode's own scope (``"per_process"`` for ``"official"``,
+        ``"global"`` for ``"fixed"``)."""
+        return default_mask_sampling(self.mask_mode) if self.mask_sampling is None else self.mask_sampling
 
     def mask_settings(self) -> dict[str, Any]:
         """The mask fields (`MASK_FIELDS`) of this config, as ``{name: value}``."""
@@ -501,49 +580,70 @@ class IJepaPretrainingConfig(PreTrainedConfig):
     def patch_size(self) -> int | list[int]:
         return self.encoder_config.patch_size
 
+    def updated(self, *, encoder: dict[str, Any] | None = None, predictor: dict[str, Any] | None = None,
+                **fields: Any) -> "IJepaPretrainingConfig":
+        """A validated copy with typed changes: top-level ``fields`` (``min_keep=4``, ``sigreg_weight=0.05``, ...)
+        and ``encoder`` / ``predictor`` sub-config fields (``encoder={"image_size": 96}``).
+
+        When the encoder's ``image_size``, ``patch_size`` or ``hidden_size`` change, the predictor follows unless
+        its own value is given too, and an ``intermediate_size`` not given is re-derived from a new width (of either
+        sub-config).
+
+        Raises:
+            ValueError: an unknown field (with close matches) or an invalid resulting config; ``TypeError`` (a
+                `ConfigTypeError`, also a ``ValueError``) a value of the wrong type.
+        """
+        data = self.to_dict()
+        changes = {"encoder": dict(encoder or {}), "predictor": dict(predictor or {}), "": fields}
+        subs = {"encoder": data["encoder_config"], "predictor": data["predictor_config"], "": data}
+        for prefix, values in changes.items():
+            target, label = subs[prefix], f"{prefix}." if prefix else ""
+            for name in values:
+                if name not in target or name.endswith("_config") or name.startswith("_"):
+                    valid = sorted(k for k in target if not k.startswith("_") and not k.endswith("_config"))
+                    close = difflib.get_close_matches(name, valid, n=3)
+                    hint = f" Did you mean {', '.join(label + c for c in close)}?" if close else ""
+                    raise ValueError(
+                        f"unknown config key {label + name!r}.{hint} Valid {label or 'top-level '}keys: "
+                        f"{', '.join(valid)}" + ("" if prefix else "; sub-config keys take an 'encoder.' or "
+                                                                     "'predictor.' prefix.")
+                    )
+            target.update(values)
+        encoder_changes, predictor_changes = changes["encoder"], changes["predictor"]
+        for pred_key, enc_key in _PREDICTOR_INHERITS.items():
+            if pred_key == "num_attention_heads":
+                continue  # an explicit head count of the predictor is kept
+            if enc_key in encoder_changes and pred_key not in predictor_changes:
+                subs["predictor"][pred_key] = encoder_changes[enc_key]
+        for prefix in ("encoder", "predictor"):
+            if "hidden_size" in changes[prefix] and "intermediate_size" not in changes[prefix]:
+                subs[prefix]["intermediate_size"] = None  # re-derive 4 * hidden_size rather than keep the old width
+        return type(self).from_dict(data)
+
     def update_from_string(self, update_str: str) -> None:
-        """Update fields in place from ``"key=value,..."`` (transformers' ``--config_overrides`` language).
+        """Update fields in place from ``"key=value,..."`` (transformers' ``--config_overrides`` language): the
+        command line's edge of :meth:`updated`, which does the work.
 
         Keys are top-level fields (``num_target_blocks``, ``min_keep``, ``mask_mode``, ...) or ``encoder.<field>``
         / ``predictor.<field>`` for the sub-configs. Values: ``true``/``false``, ``none``, ints, floats, bracketed
-        lists (``target_scale=[0.15,0.2]``), otherwise strings; each must match the type of the current value.
-        When the encoder's ``image_size``, ``patch_size`` or ``hidden_size`` change, the predictor follows unless
-        its own value is given too, and an unset ``intermediate_size`` is re-derived from the new width.
+        lists (``target_scale=[0.15,0.2]``), otherwise strings.
 
         Raises:
-            ValueError: a malformed item, an unknown key (with close matches), a value of the wrong type, or an
-                invalid resulting config; the config is left unchanged.
+            ValueError: a malformed item, an unknown prefix or key (with close matches), a value of the wrong type,
+                or an invalid resulting config; the config is left unchanged.
         """
         items = parse_config_overrides(update_str)
         if not items:
             return
-        data = self.to_dict()
-        subs = {"encoder": data["encoder_config"], "predictor": data["predictor_config"]}
+        changes: dict[str, dict[str, Any]] = {"encoder": {}, "predictor": {}, "": {}}
+        current = {"encoder": self.encoder_config, "predictor": self.predictor_config, "": self}
         for key, value in items.items():
             prefix, dot, name = key.partition(".")
-            if dot and prefix not in subs:
+            if dot and prefix not in ("encoder", "predictor"):
                 raise ValueError(f"unknown config prefix {prefix!r} in {key!r}; use 'encoder.' or 'predictor.'")
-            target, label = (subs[prefix], f"{prefix}.") if dot else (data, "")
-            name = name if dot else key
-            if name not in target or name.endswith("_config") or name.startswith("_"):
-                valid = sorted(k for k in target if not k.startswith("_") and not k.endswith("_config"))
-                close = difflib.get_close_matches(name, valid, n=3)
-                hint = f" Did you mean {', '.join(label + c for c in close)}?" if close else ""
-                raise ValueError(
-                    f"unknown config key {key!r}.{hint} Valid {label or 'top-level '}keys: {', '.join(valid)}"
-                    + ("" if dot else "; sub-config keys take an 'encoder.' or 'predictor.' prefix.")
-                )
-            target[name] = _coerce_override(value, target[name], key)
-        encoder, predictor = subs["encoder"], subs["predictor"]
-        for pred_key, enc_key in _PREDICTOR_INHERITS.items():
-            if pred_key == "num_attention_heads":
-                continue  # an explicit head count of the predictor is kept
-            if f"encoder.{enc_key}" in items and f"predictor.{pred_key}" not in items:
-                predictor[pred_key] = encoder[enc_key]
-        for prefix, sub in subs.items():
-            if f"{prefix}.hidden_size" in items and f"{prefix}.intermediate_size" not in items:
-                sub["intermediate_size"] = None  # re-derive 4 * hidden_size rather than keep the old width
-        updated = type(self).from_dict(data)  # validates everything before anything changes
+            prefix, name = (prefix, name) if dot else ("", key)
+            changes[prefix][name] = _string_value(value, getattr(current[prefix], name, None))
+        updated = self.updated(encoder=changes["encoder"], predictor=changes["predictor"], **changes[""])
         self.__dict__.update(updated.__dict__)
 
     @classmethod
@@ -613,29 +713,15 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     return overrides
 
 
-def _coerce_override(value: Any, current: Any, key: str) -> Any:
-    """Check ``value`` against the type of the current config value."""
-    if current is None or value is None:
-        return value
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(current, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(current, (list, tuple)):
-        if isinstance(value, list) and len(value) == len(current):
-            return [_coerce_override(v, c, key) for v, c in zip(value, current)]
-        if len(current) == 2 and isinstance(value, int) and not isinstance(value, bool):
-            return value  # e.g. image_size=[224,224] may be overridden by a single int
-    elif isinstance(current, str):
+def _string_value(value: Any, current: Any) -> Any:
+    """What the strings need beyond their parse, judged by the field's current value: text stays text (``"1"``
+    parses as a number) and a whole number given to a float field is that float (``layer_norm_eps=1``). Every other
+    type check is the configs' own (``@strict``)."""
+    if isinstance(current, str) and not isinstance(value, str):
         return str(value)
-    else:
-        return value
-    raise ValueError(f"config override {key}={value!r} does not match the type of the current value {current!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop, normalize, pil_to_tensor, to_rgb
-from .training.optim import is_no_decay_param
+from .modeling_ijepa_hf import is_no_decay_param
 
 logger = logging.getLogger(__name__)
 

@@ -45,14 +45,14 @@ Sampling (one batch):
 
 Two modes:
 
-* ``mode="official"`` reproduces the *distribution* of the official sampler, defects included:
+* ``mask_mode="official"`` reproduces the *distribution* of the official sampler, defects included:
   one uniform number drives both scale and aspect ratio; blocks are at most ``(H-1) x (W-1)`` and
   never touch the last patch row/column; equalisation keeps the FIRST ``k`` indices in raster order
   (which starves the bottom of the image of context; with ``context_lengths="per_image"`` nothing is cut).
-* ``mode="fixed"`` (default) draws scale and aspect ratio independently, lets blocks reach the full
+* ``mask_mode="fixed"`` (default) draws scale and aspect ratio independently, lets blocks reach the full
   grid and every row/column, and equalises by keeping a uniformly random subset of each context.
 
-Determinism: the masks of batch number ``i`` are a pure function of ``(seed, i, mode, params)``
+Determinism: the masks of batch number ``i`` are a pure function of ``(seed, i, mask_mode, params)``
 (:meth:`MultiBlockMaskGenerator.sample`); the collator counts batches in :attr:`IJepaMaskCollator.step` and
 maps DataLoader worker calls to global batch indices, so results do not depend on ``num_workers`` or worker
 timing.
@@ -73,16 +73,19 @@ from torch.utils.data import get_worker_info
 
 from .configuration_ijepa_hf import (
     CONTEXT_LENGTHS,
+    MASK_FIELDS,
     MASK_MODES,
+    MASK_SAMPLINGS,
     IJepaPretrainingConfig,
     check_grid,
     check_mask_settings,
+    default_mask_sampling,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IJepaMaskCollator", "MultiBlockMaskGenerator", "MaskBatch", "masks_to_boolean", "MASK_MODES",
-           "CONTEXT_LENGTHS"]
+           "MASK_SAMPLINGS", "CONTEXT_LENGTHS"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -168,7 +171,7 @@ class MultiBlockMaskGenerator:
         patch_size: patch side in pixels (int or ``(ph, pw)``); must divide ``image_size``.
         num_target_blocks, context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap: the mask
             settings of `IJepaPretrainingConfig` (same rules: `check_mask_settings`).
-        mode: the config's ``mask_mode``, ``"fixed"`` or ``"official"``.
+        mask_mode: ``"fixed"`` or ``"official"`` (see the module docstring).
         context_lengths: ``"shortest"`` (default, official) or ``"per_image"`` (see the module docstring).
         max_tries: failed context draws per constraint level before the overlap constraint with the most recent
             target is dropped (the official value is 20).
@@ -186,7 +189,7 @@ class MultiBlockMaskGenerator:
     target_aspect_ratio: tuple[float, float]
     min_keep: int
     allow_overlap: bool
-    mode: str
+    mask_mode: str
     context_lengths: str = "shortest"
     max_tries: int = 20
 
@@ -196,8 +199,7 @@ class MultiBlockMaskGenerator:
         settings = check_mask_settings(
             num_target_blocks=self.num_target_blocks, context_scale=self.context_scale,
             target_scale=self.target_scale, target_aspect_ratio=self.target_aspect_ratio, min_keep=self.min_keep,
-            allow_overlap=allow_overlap, mask_mode=self.mode, context_lengths=self.context_lengths, mode_name="mode")
-        settings["mode"] = settings.pop("mask_mode")
+            allow_overlap=allow_overlap, mask_mode=self.mask_mode, context_lengths=self.context_lengths)
         settings["image_size"] = _as_int_pair(self.image_size)
         settings["patch_size"] = _as_int_pair(self.patch_size)
         settings["max_tries"] = _check_int(self.max_tries, "max_tries", 1)
@@ -207,10 +209,8 @@ class MultiBlockMaskGenerator:
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> MultiBlockMaskGenerator:
-        """The generator of a pretraining config's geometry and mask settings (``overrides`` win; ``mode`` is
-        the config's ``mask_mode``)."""
+        """The generator of a pretraining config's geometry and mask settings (``overrides`` win)."""
         settings = {**config.mask_settings(), "image_size": config.image_size, "patch_size": config.patch_size}
-        settings["mode"] = settings.pop("mask_mode")
         return cls(**{**settings, **overrides})
 
     # ------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ class MultiBlockMaskGenerator:
     def _block_size(self, generator: torch.Generator, scale: tuple[float, float],
                     aspect: tuple[float, float] | None) -> tuple[int, int]:
         """Draw one block size ``(h, w)`` (``aspect=None`` means aspect ratio 1, no draw)."""
-        if self.mode == "official":
+        if self.mask_mode == "official":
             # Official defect: ONE uniform number drives scale and aspect ratio (and the context
             # "aspect range" (1, 1) still consumes that same number, no extra draw).
             r = torch.rand(1, generator=generator).item()
@@ -247,7 +247,7 @@ class MultiBlockMaskGenerator:
         max_keep = int(self.num_patches * s)
         h = min(int(round(math.sqrt(max_keep * ar))), h_max)
         w = min(int(round(math.sqrt(max_keep / ar))), w_max)
-        if self.mode == "fixed":
+        if self.mask_mode == "fixed":
             h, w = max(h, 1), max(w, 1)
         return h, w
 
@@ -262,7 +262,7 @@ class MultiBlockMaskGenerator:
         scale = self.target_scale if block == "target" else self.context_scale
         aspect = self.target_aspect_ratio if block == "target" else (1.0, 1.0)
         n = self.num_patches
-        if self.mode == "official":
+        if self.mask_mode == "official":
             r = np.linspace(0.0, 1.0 - 2.0**-24, 20001)  # torch.rand (float32) is < 1
             max_keep = np.floor(n * (scale[0] + r * (scale[1] - scale[0])))
             ar = aspect[0] + r * (aspect[1] - aspect[0])
@@ -279,13 +279,13 @@ class MultiBlockMaskGenerator:
     def _check_feasible(self) -> None:
         grid = (f"image_size={self.image_size}, patch_size={self.patch_size} "
                 f"({self.height}x{self.width} patch grid)")
-        hang = " (the official sampler would loop forever here)" if self.mode == "official" else ""
+        hang = " (the official sampler would loop forever here)" if self.mask_mode == "official" else ""
         tsizes = self.possible_block_sizes("target")
         th, tw = min(tsizes, key=lambda s: s[0] * s[1])
         if th * tw <= self.min_keep:
             raise ValueError(
                 f"Mask sampler cannot work with {grid}, target_scale={self.target_scale}, "
-                f"target_aspect_ratio={self.target_aspect_ratio}, mode={self.mode!r}: the smallest "
+                f"target_aspect_ratio={self.target_aspect_ratio}, mask_mode={self.mask_mode!r}: the smallest "
                 f"target block is {th}x{tw} = {th * tw} patches, not more than min_keep="
                 f"{self.min_keep}{hang}. Fix: lower min_keep (below {th * tw}), use a larger "
                 f"image_size or a smaller patch_size, or a larger target_scale."
@@ -295,7 +295,7 @@ class MultiBlockMaskGenerator:
         if ch * cw <= self.min_keep:
             raise ValueError(
                 f"Mask sampler cannot work with {grid}, context_scale={self.context_scale}, "
-                f"mode={self.mode!r}: the smallest context block is {ch}x{cw} = {ch * cw} patches, "
+                f"mask_mode={self.mask_mode!r}: the smallest context block is {ch}x{cw} = {ch * cw} patches, "
                 f"not more than min_keep={self.min_keep}{hang}. Fix: lower min_keep, use a larger "
                 f"image_size or a smaller patch_size, or a larger context_scale."
             )
@@ -314,7 +314,7 @@ class MultiBlockMaskGenerator:
             raise ValueError(f"`batch_index` must be an int >= 0, got {batch_index!r}")
         n = int(batch_size)
         H, W, M = self.height, self.width, self.num_target_blocks
-        official = self.mode == "official"
+        official = self.mask_mode == "official"
         g = torch.Generator()
         g.manual_seed(_batch_seed(int(seed), int(batch_index)))
 
@@ -427,27 +427,25 @@ def _as_int_pair(value: Any) -> tuple[int, int]:
 
 class IJepaMaskCollator:
     """Data collator for I-JEPA pretraining: stacks the images and attaches the multi-block masks of a
-    :class:`MultiBlockMaskGenerator`, counting batches so that batch ``i`` always gets the masks of index ``i``.
+    :class:`MultiBlockMaskGenerator` (:attr:`generator`, which holds the geometry and the mask settings), counting
+    batches so that batch ``i`` always gets the masks of index ``i``.
 
     Args:
         image_size: input resolution, an int (square) or ``(height, width)``.
         patch_size: patch side in pixels (int or ``(ph, pw)``); must divide ``image_size``.
-        num_target_blocks, context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap: the mask
-            settings; ``None`` (default) takes `IJepaPretrainingConfig`'s default, which is also where their
-            meaning and rules are documented.
-        mode: the config's ``mask_mode``: ``"fixed"`` (default) or ``"official"`` (official distribution).
-        context_lengths: the config's ``context_lengths``. ``"shortest"`` (default, what the official collator
-            does) cuts every image's context to the shortest context of the global batch, so larger batches keep
-            fewer context patches per image. ``"per_image"`` keeps each image's own context: ``context_mask`` is
-            padded to the longest context of this process's rows and the batch gains ``"context_lengths"``
-            ``LongTensor[B]``, which `IJepaForPreTraining` uses to mask the padding (each image is then computed
-            exactly as it would be alone). The default is the official behaviour, which the published recipes
-            were trained with; ``benchmarks/README.md`` measures what ``"per_image"`` costs.
-        seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mode, params)``.
-        num_processes, process_index: for data-parallel runs. Each call with a local batch of ``B``
-            samples the masks of the global batch of ``num_processes * B`` images and returns the
-            rows of this process, so a P-process run sees the masks of a 1-process run. Every
-            process must use the same ``seed``.
+        **mask_settings: any of the mask fields of `IJepaPretrainingConfig` (`MASK_FIELDS`: ``num_target_blocks``,
+            ``context_scale``, ``target_scale``, ``target_aspect_ratio``, ``min_keep``, ``allow_overlap``,
+            ``mask_mode``, ``context_lengths``), under the config's names; one not given (or ``None``) takes the
+            config's default, which is also where its meaning and rules are documented. ``context_lengths=
+            "per_image"`` pads ``context_mask`` to the longest context of this process's rows and adds
+            ``"context_lengths"`` ``LongTensor[B]`` to the batch, which `IJepaForPreTraining` uses to mask the
+            padding; ``benchmarks/README.md`` measures what it costs.
+        seed: base seed; masks of batch ``i`` depend only on ``(seed, i, mask_mode, settings)``.
+        num_processes, process_index: for data-parallel runs (every process with the same ``seed``).
+        mask_sampling: the config's ``mask_sampling``: ``"global"`` — each call with a local batch of ``B`` samples
+            the masks of the global batch of ``num_processes * B`` images and returns this process's rows, so a
+            P-process run sees the masks of a 1-process run; ``"per_process"`` — each process samples its own ``B``
+            (the official code). ``None`` (default): the mask mode's own (``"per_process"`` for ``"official"``).
         max_tries: failed context draws per constraint level before the overlap constraint with
             the most recent target is dropped (the official value is 20).
 
@@ -472,25 +470,21 @@ class IJepaMaskCollator:
         image_size: int | tuple[int, int] = 224,
         patch_size: int | tuple[int, int] = 16,
         *,
-        num_target_blocks: int | None = None,
-        context_scale: tuple[float, float] | None = None,
-        target_scale: tuple[float, float] | None = None,
-        target_aspect_ratio: tuple[float, float] | None = None,
-        min_keep: int | None = None,
-        allow_overlap: bool | None = None,
-        mode: str | None = None,
-        context_lengths: str | None = None,
         seed: int = 0,
         num_processes: int = 1,
         process_index: int = 0,
+        mask_sampling: str | None = None,
         max_tries: int = 20,
+        **mask_settings: Any,
     ) -> None:
-        given = dict(num_target_blocks=num_target_blocks, context_scale=context_scale, target_scale=target_scale,
-                     target_aspect_ratio=target_aspect_ratio, min_keep=min_keep, allow_overlap=allow_overlap,
-                     mask_mode=mode, context_lengths=context_lengths)
+        if "mode" in mask_settings:
+            raise TypeError("IJepaMaskCollator: `mode` is called `mask_mode`, as in the config "
+                            f"(IJepaMaskCollator(..., mask_mode={mask_settings['mode']!r})).")
+        unknown = sorted(set(mask_settings) - set(MASK_FIELDS))
+        if unknown:
+            raise TypeError(f"IJepaMaskCollator got unknown mask settings {unknown}; the settings are {MASK_FIELDS}.")
         settings = {**IJepaPretrainingConfig.default_mask_settings(),
-                    **{name: value for name, value in given.items() if value is not None}}
-        settings["mode"] = settings.pop("mask_mode")
+                    **{name: value for name, value in mask_settings.items() if value is not None}}
         self.num_processes = _check_int(num_processes, "num_processes", 1)
         self.process_index = _check_int(process_index, "process_index", 0)
         if self.process_index >= self.num_processes:
@@ -502,72 +496,45 @@ class IJepaMaskCollator:
         self.seed = int(seed)
         self.generator = MultiBlockMaskGenerator(image_size=image_size, patch_size=patch_size, max_tries=max_tries,
                                                  **settings)
+        if mask_sampling is not None and mask_sampling not in MASK_SAMPLINGS:
+            raise ValueError(f"`mask_sampling` must be one of {MASK_SAMPLINGS} or None, got {mask_sampling!r}")
+        self.mask_sampling = default_mask_sampling(settings["mask_mode"]) if mask_sampling is None else mask_sampling
         self._step = 0  # batches drawn so far (main-process view)
         self._worker_calls = 0  # calls made by this copy inside a DataLoader worker
         self.num_fallbacks = 0  # contexts that needed the overlap fallback (diagnostic)
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> IJepaMaskCollator:
-        """Build a collator from the mask fields of a pretraining config.
-
-        Reads (with ``getattr``, or keys for a mapping) ``image_size, patch_size, num_target_blocks,
-        context_scale, target_scale, target_aspect_ratio, min_keep, allow_overlap, mask_mode`` (as ``mode``),
-        ``context_lengths`` and ``mask_seed`` (as ``seed``); missing fields keep the defaults. ``overrides`` (any
-        ``__init__`` argument) win.
-        """
-        fields = {"image_size": "image_size", "patch_size": "patch_size", "num_target_blocks": "num_target_blocks",
-                  "context_scale": "context_scale", "target_scale": "target_scale",
-                  "target_aspect_ratio": "target_aspect_ratio", "min_keep": "min_keep",
-                  "allow_overlap": "allow_overlap", "mask_mode": "mode", "context_lengths": "context_lengths",
-                  "mask_seed": "seed"}
+        """Build a collator from a pretraining config: its geometry, its mask fields (`MASK_FIELDS`),
+        ``mask_sampling`` and ``mask_seed`` (as ``seed``), read with ``getattr`` (or keys for a mapping); missing
+        fields keep the defaults. ``overrides`` (any ``__init__`` argument) win."""
+        names = ("image_size", "patch_size", *MASK_FIELDS, "mask_sampling")
         kwargs: dict[str, Any] = {}
-        for field, arg in fields.items():
-            value = config.get(field, None) if isinstance(config, Mapping) else getattr(config, field, None)
+        for name in (*names, "mask_seed"):
+            value = config.get(name, None) if isinstance(config, Mapping) else getattr(config, name, None)
             if value is not None:
-                kwargs[arg] = tuple(value) if isinstance(value, list) else value
+                kwargs["seed" if name == "mask_seed" else name] = tuple(value) if isinstance(value, list) else value
         kwargs.update(overrides)
         return cls(**kwargs)
 
-    # ------------------------------------------------------------------------------------------
-    # the generator's geometry and settings, read-only
-    image_size = property(lambda self: self.generator.image_size)
-    patch_size = property(lambda self: self.generator.patch_size)
-    height = property(lambda self: self.generator.height)
-    width = property(lambda self: self.generator.width)
-    num_patches = property(lambda self: self.generator.num_patches)
-    num_target_blocks = property(lambda self: self.generator.num_target_blocks)
-    context_scale = property(lambda self: self.generator.context_scale)
-    target_scale = property(lambda self: self.generator.target_scale)
-    target_aspect_ratio = property(lambda self: self.generator.target_aspect_ratio)
-    min_keep = property(lambda self: self.generator.min_keep)
-    allow_overlap = property(lambda self: self.generator.allow_overlap)
-    mode = property(lambda self: self.generator.mode)
-    context_lengths = property(lambda self: self.generator.context_lengths)
-    max_tries = property(lambda self: self.generator.max_tries)
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The generator's ``(height, width)`` in pixels (what the collated images must have)."""
+        return self.generator.image_size
 
     def possible_block_sizes(self, block: Literal["target", "context"] = "target") -> list[tuple[int, int]]:
         """All block sizes ``(h, w)`` the sampler can draw for a ``block`` ("target" or "context")."""
         return self.generator.possible_block_sizes(block)
 
-    def _params(self) -> dict[str, Any]:
-        g = self.generator
-        return {
-            "image_size": list(g.image_size),
-            "patch_size": list(g.patch_size),
-            "num_target_blocks": g.num_target_blocks,
-            "context_scale": list(g.context_scale),
-            "target_scale": list(g.target_scale),
-            "target_aspect_ratio": list(g.target_aspect_ratio),
-            "min_keep": g.min_keep,
-            "allow_overlap": g.allow_overlap,
-            "context_lengths": g.context_lengths,
-            "max_tries": g.max_tries,
-        }
+    def settings(self) -> dict[str, Any]:
+        """The generator's fields (geometry, mask settings, ``max_tries``) and ``mask_sampling``, as plain Python
+        values (lists for pairs), for checkpoints and logs."""
+        values = {f.name: _normalise(getattr(self.generator, f.name)) for f in dataclasses.fields(self.generator)}
+        return {**values, "mask_sampling": self.mask_sampling}
 
     def __repr__(self) -> str:
-        p = self._params()
-        p.update(mode=self.mode, seed=self.seed, step=self._step, num_processes=self.num_processes,
-                 process_index=self.process_index)
+        p = {**self.settings(), "seed": self.seed, "step": self._step, "num_processes": self.num_processes,
+             "process_index": self.process_index}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in p.items())})"
 
     # ------------------------------------------------------------------------------------------
@@ -585,24 +552,25 @@ class IJepaMaskCollator:
         self._worker_calls = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"seed", "step", "mode", **params}``; plain Python types (JSON/pickle friendly)."""
-        return {"seed": self.seed, "step": self._step, "mode": self.mode, **self._params()}
+        """``{"seed", "step", **settings()}``; plain Python types (JSON/pickle friendly)."""
+        return {"seed": self.seed, "step": self._step, **self.settings()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``seed``, ``step`` and ``mode``; warn if the geometry parameters differ."""
+        """Restore ``seed``, ``step`` and ``mask_mode``; warn if the other settings differ. States written before
+        the settings took the config's names (ijepa-hf 0.1.0 up to 2026-12-05) name the mask mode ``"mode"``."""
         for key in ("seed", "step"):
             if key not in state:
                 raise ValueError(f"state dict has no {key!r} entry")
-        mode = state.get("mode", self.mode)
-        if mode not in MASK_MODES:
-            raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
-        mine = self._params()
-        diff = [k for k, v in mine.items() if k in state and _normalise(state[k]) != _normalise(v)]
+        mask_mode = state.get("mask_mode", state.get("mode", self.generator.mask_mode))
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        mine = {k: v for k, v in self.settings().items() if k not in ("mask_mode", "mask_sampling")}
+        diff = [k for k, v in mine.items() if k in state and _normalise(state[k]) != v]
         if diff:
             warnings.warn(f"Mask collator parameters differ from the saved state: {diff}; the mask "
                           f"sequence will not continue the saved run exactly.", stacklevel=2)
-        if mode != self.mode:
-            self.generator = dataclasses.replace(self.generator, mode=mode)  # re-checks feasibility
+        if mask_mode != self.generator.mask_mode:
+            self.generator = dataclasses.replace(self.generator, mask_mode=mask_mode)  # re-checks feasibility
         self.seed = int(state["seed"])
         self.set_step(int(state["step"]))
 
@@ -625,23 +593,24 @@ class IJepaMaskCollator:
         """Sample the masks of one (local) batch (``context_lengths="shortest"``; :meth:`sample_batch` serves both).
 
         Args:
-            batch_size: local batch size ``B`` (the global batch is ``num_processes * B``).
+            batch_size: local batch size ``B`` (with ``mask_sampling="global"`` the global batch is
+                ``num_processes * B``).
             batch_index: global batch number; ``None`` takes the next one from the step counter
                 (and advances it).
 
         Returns:
-            ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the global
+            ``context_mask`` ``LongTensor[B, Kc]`` (sorted ascending, equal length over the sampled
             batch) and ``target_masks`` ``LongTensor[B, M, Kt]`` (each block in raster order).
 
         Raises:
             ValueError: with ``context_lengths="per_image"``, whose padded contexts mean nothing without their
                 lengths: use :meth:`sample_batch`.
         """
-        if self.context_lengths != "shortest":
+        if self.generator.context_lengths != "shortest":
             raise ValueError(
                 f"sample_masks() returns equal-length contexts only, but this collator has context_lengths="
-                f"{self.context_lengths!r}: use sample_batch(), which also returns the 'context_lengths' of the "
-                "padded contexts."
+                f"{self.generator.context_lengths!r}: use sample_batch(), which also returns the 'context_lengths' "
+                "of the padded contexts."
             )
         masks = self.sample_batch(batch_size, batch_index)
         return masks["context_mask"], masks["target_masks"]
@@ -664,12 +633,13 @@ class IJepaMaskCollator:
             batch_index = self._next_batch_index()
         elif batch_index < 0:
             raise ValueError(f"batch_index must be >= 0, got {batch_index}")
-        ctx, tgt, fallbacks, lengths = self.generator.sample(batch_size * self.num_processes, seed=self.seed,
+        sharing = self.num_processes if self.mask_sampling == "global" else 1  # processes whose rows are drawn
+        ctx, tgt, fallbacks, lengths = self.generator.sample(batch_size * sharing, seed=self.seed,
                                                              batch_index=int(batch_index))
         if fallbacks:
             self._log_fallbacks(fallbacks)
         lo = self.process_index * batch_size
-        if self.num_processes > 1:
+        if sharing > 1:
             ctx, tgt = ctx[lo:lo + batch_size], tgt[lo:lo + batch_size].contiguous()
             if lengths is not None:
                 # Padding to this process's longest context is enough: each image's result does not depend on it.

@@ -29,6 +29,14 @@ This file only imports torch, transformers and its sibling configuration file, s
 weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub`` for the card, when installed).
 """
 
+# Linter note (transformers' structural linter, `mlinter ijepa_hf`), for the `# trf-ignore` comments below:
+# - TRF057: `@auto_docstring` takes a model's name and intro from transformers' own model registry, which this package
+#   is not part of (it renders "a None model" and drops the hand-written text), so the classes document themselves.
+# - TRF001: `IJepaConfig` is the config of transformers' own `ijepa` type, which this package must not shadow.
+# - TRF002: the predictor's empty prefix keeps the base class's `encoder.` off its weights; the pretraining model
+#   holds three models (two encoders and the predictor) and no one base model to prefix.
+# - TRF018: the official initialisation replaces transformers' default for every module these models hold.
+
 from __future__ import annotations
 
 import os
@@ -164,6 +172,68 @@ def context_padding_mask(context_lengths: torch.Tensor, length: int) -> torch.Te
     return torch.arange(length, device=context_lengths.device) < context_lengths[:, None]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Anti-collapse regularisers (off by default; `IJepaPretrainingConfig.sigreg_weight` / `vicreg_*_weight`)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Where SIGReg compares characteristic functions: 17 points on [-5, 5], the LeJEPA paper's choice. Beyond |t| = 5
+# the Gaussian weight exp(-t^2 / 2) leaves nothing to compare.
+_SIGREG_POINTS = (-5.0, 5.0, 17)
+
+
+def _row_weights(embeddings: torch.Tensor, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weights [N]`` as float32 (1 for every row when ``None``) and their sum, both on the device (no host sync:
+    padded rows are weighted out rather than indexed out)."""
+    if weights is None:
+        weights = torch.ones(embeddings.shape[0], device=embeddings.device)
+    weights = weights.to(torch.float32)
+    return weights, weights.sum()
+
+
+def sigreg_loss(embeddings: torch.Tensor, num_slices: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """SIGReg (LeJEPA): how far ``embeddings [N, D]`` are from an isotropic standard Gaussian, as the mean over
+    ``num_slices`` random unit directions of the Epps-Pulley statistic of the 1-D projections,
+    ``N * integral |ecf(t) - exp(-t^2/2)|^2 exp(-t^2/2) dt`` (trapezoid rule on `_SIGREG_POINTS`).
+
+    A standard normal on every direction is what the Cramer-Wold theorem needs for the whole distribution, and no
+    collapsed (constant, or low-rank) set of embeddings has it. The directions are drawn from torch's generator at
+    every call, so a run stays reproducible and a resumed run draws what the uninterrupted one would. ``weights
+    [N]`` (0 or 1) leave rows out, e.g. padding. Computed in float32; returns a scalar.
+    """
+    x = embeddings.float()
+    weights, count = _row_weights(x, weights)
+    directions = torch.randn(x.shape[1], num_slices, device=x.device)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    t = torch.linspace(*_SIGREG_POINTS, device=x.device)
+    gaussian = torch.exp(-0.5 * t**2)  # the characteristic function of N(0, 1), and the integral's weight
+    angles = (x @ directions).unsqueeze(-1) * t  # [N, slices, points]
+    row = weights[:, None, None] / count
+    real, imag = (row * angles.cos()).sum(0), (row * angles.sin()).sum(0)  # the empirical characteristic function
+    error = ((real - gaussian) ** 2 + imag**2) * gaussian
+    return (torch.trapezoid(error, t, dim=-1) * count).mean()
+
+
+def vicreg_losses(embeddings: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of ``embeddings [N, D]`` (rows weighted by ``weights [N]``, 0 or 1):
+    ``mean_d max(0, 1 - sqrt(var_d + 1e-4))`` — every dimension keeps a spread — and ``sum_{i != j} cov_ij^2 / D``
+    — dimensions carry different information. Computed in float32."""
+    x = embeddings.float()
+    weights, count = _row_weights(x, weights)
+    mean = (weights[:, None] * x).sum(0) / count
+    centred = (x - mean) * weights[:, None]
+    covariance = centred.T @ centred / (count - 1).clamp_min(1.0)
+    variances = covariance.diagonal()
+    variance_term = F.relu(1.0 - torch.sqrt(variances + 1e-4)).mean()
+    off_diagonal = covariance - torch.diag_embed(variances)
+    return variance_term, off_diagonal.pow(2).sum() / x.shape[1]
+
+
+def is_no_decay_param(name: str, param: torch.Tensor) -> bool:
+    """The official weight-decay rule, for every optimizer of these models (pretraining and fine-tuning): no decay
+    for names containing ``"bias"`` or for 1-D parameters (norms)."""
+    return "bias" in name or param.ndim == 1
+
+
 def _check_indices(indices: torch.Tensor, num_patches: int, name: str, batch_size: int) -> None:
     if indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"`{name}` must hold integer patch indices, got dtype {indices.dtype}.")
@@ -251,7 +321,7 @@ class IJepaAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        output_attentions: bool = False,
+        need_weights: bool = False,
         query_start: int = 0,
         key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -267,7 +337,7 @@ class IJepaAttention(nn.Module):
         # training loop can measure it (``--attn_implementation auto``, `ijepa_hf.training.kernels`). The
         # probabilities exist only in the eager path.
         implementation = self.config._attn_implementation or "sdpa"
-        eager = output_attentions or implementation == "eager"
+        eager = need_weights or implementation == "eager"
         mask = None
         if key_padding_mask is not None:
             if not eager and implementation not in _PADDING_MASK_ATTENTION:
@@ -340,7 +410,7 @@ class IJepaBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        output_attentions: bool = False,
+        need_weights: bool = False,
         query_start: int = 0,
         key_padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -348,7 +418,7 @@ class IJepaBlock(GradientCheckpointingLayer):
         (attending to all), for a last block whose earlier outputs nobody reads. ``key_padding_mask`` (bool
         ``[B, N]``) hides padding tokens from attention; every other operation is per token."""
         attended, weights = self.attn(
-            self.norm1(hidden_states), output_attentions=output_attentions, query_start=query_start,
+            self.norm1(hidden_states), need_weights=need_weights, query_start=query_start,
             key_padding_mask=key_padding_mask,
         )
         hidden_states = hidden_states[:, query_start:] + self.drop_path(attended)
@@ -367,12 +437,13 @@ def build_blocks(config: IJepaEncoderConfig | IJepaPredictorConfig) -> nn.Module
 def run_blocks(
     blocks: nn.ModuleList,
     hidden_states: torch.Tensor,
-    output_attentions: bool = False,
+    need_weights: bool = False,
     last_query_start: int = 0,
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
-    (`_can_record_outputs`), not collected here; ``output_attentions`` only makes attention return its weights.
+    (`_can_record_outputs`), not collected here; ``need_weights`` (while `output_attentions` is recorded) makes
+    attention compute its probabilities, which only the eager path has.
 
     ``last_query_start``: the last block updates only the tokens from there on and the result has only those
     (the predictor's context tokens are never read after the last block). Callers pass 0 while hidden states or
@@ -383,7 +454,7 @@ def run_blocks(
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
         hidden_states, _ = block(
-            hidden_states, output_attentions=output_attentions, query_start=query_start,
+            hidden_states, need_weights=need_weights, query_start=query_start,
             key_padding_mask=key_padding_mask,
         )
     return hidden_states
@@ -417,6 +488,7 @@ def _records(model: PreTrainedModel, kwargs: dict[str, Any], name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 @dataclass
 class IJepaPredictorOutput(ModelOutput):
     """
@@ -432,6 +504,7 @@ class IJepaPredictorOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 @dataclass
 class IJepaForPreTrainingOutput(ModelOutput):
     """
@@ -442,6 +515,9 @@ class IJepaForPreTrainingOutput(ModelOutput):
         context_hidden_state (`[B, Kc, D]`): context-encoder output on the context patches (zero at padding
             positions when `context_lengths` is given).
         target_hidden_state (`[B, N, D]`): target-encoder output on all patches (before the target LayerNorm).
+        prediction_loss (scalar): the prediction term of `loss` alone; with `sigreg_loss`, `variance_loss` and
+            `covariance_loss` (the unweighted regulariser terms) set only when the config turns a regulariser on,
+            and then `loss` is the prediction loss plus each term times its weight.
     """
 
     loss: torch.FloatTensor | None = None
@@ -449,6 +525,10 @@ class IJepaForPreTrainingOutput(ModelOutput):
     targets: torch.FloatTensor | None = None
     context_hidden_state: torch.FloatTensor | None = None
     target_hidden_state: torch.FloatTensor | None = None
+    prediction_loss: torch.FloatTensor | None = None
+    sigreg_loss: torch.FloatTensor | None = None
+    variance_loss: torch.FloatTensor | None = None
+    covariance_loss: torch.FloatTensor | None = None
 
 
 # The one vocabulary for "which encoder of a pretraining model": API keyword `encoder=`, CLI `--encoder`.
@@ -501,22 +581,22 @@ def _given_model_type(path: Any, cls: type, kwargs: dict[str, Any]) -> str | Non
         return config.model_type
     refuse_checkpoint_file(path, f"{cls.__name__}.from_pretrained")
     source = config if isinstance(config, (str, os.PathLike)) else path
-    if source is None:
-        return None
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-    except Exception:  # noqa: BLE001 - a missing repo, no network, ...: transformers raises its own error next
-        return None
-    return config_dict.get("model_type")
+    return None if source is None else _config_dict(source, kwargs).get("model_type")
 
 
 def _saved_as(cls: type, path: Any, kwargs: dict[str, Any]) -> bool:
     """Whether the repo ``path`` was saved by ``cls`` (its config's ``architectures``); False when unreadable."""
+    return cls.__name__ in (_config_dict(path, kwargs).get("architectures") or [])
+
+
+def _config_dict(source: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a folder or repo, ``{}`` when it cannot be read: transformers' own loading, which
+    runs next, reports a missing repo, no network or a broken file in its own words (all as ``OSError``)."""
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-    except Exception:  # noqa: BLE001 - transformers reports a missing repo itself, next
-        return False
-    return cls.__name__ in (config_dict.get("architectures") or [])
+        config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    except (OSError, ValueError):
+        return {}
+    return config_dict
 
 
 def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
@@ -556,6 +636,7 @@ def _key_summary(label: str, keys: Sequence[str], shown: int = 5) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# trf-ignore: TRF001, trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaPreTrainedModel(PreTrainedModel):
     """Weight init (official: truncated normal 0.02 on linear/conv weights, zero biases, unit LayerNorms, no depth
     rescaling since the official ``init_model`` overwrites it) and strict loading."""
@@ -592,6 +673,7 @@ class IJepaPreTrainedModel(PreTrainedModel):
             replace_generic_card(self, working_dir, repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
+    # trf-ignore: TRF018 (linter note at the top of this file)
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -698,6 +780,7 @@ class IJepaPreTrainedModel(PreTrainedModel):
 
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaEncoderModel(IJepaPreTrainedModel):
     """The I-JEPA vision transformer (context or target encoder): patch embedding, fixed 2-D sin-cos positions
     (no CLS token), pre-norm blocks, final LayerNorm. Returns average-pooled patch features as `pooler_output`
@@ -767,6 +850,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         tokens = F.linear(gather_patches(patches, keep), self.patch_embed.weight.flatten(1), self.patch_embed.bias)
         return tokens + gather_patches(positions, keep)
 
+    # trf-ignore: TRF057 (linter note at the top of this file)
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -807,7 +891,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         else:
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
         hidden_states = run_blocks(
-            self.blocks, hidden_states, output_attentions=_records(self, kwargs, "attentions"), key_padding_mask=padding
+            self.blocks, hidden_states, need_weights=_records(self, kwargs, "attentions"), key_padding_mask=padding
         )
         hidden_states = self.norm(hidden_states)
         if padding is None:
@@ -877,6 +961,7 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
         )
 
 
+# trf-ignore: TRF002, trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaPredictorModel(IJepaPreTrainedModel):
     """The I-JEPA predictor: projects context features to its width, appends one learned mask token (plus its
     fixed sin-cos position) per target patch, runs its blocks and projects the target tokens back to the encoder
@@ -897,6 +982,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         self.proj = nn.Linear(config.hidden_size, config.encoder_hidden_size)
         self.post_init()
 
+    # trf-ignore: TRF057 (linter note at the top of this file)
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
@@ -946,13 +1032,12 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         context = context.repeat(num_blocks, 1, 1)
         hidden_states = torch.cat([context, queries], dim=1)
 
-        # The context tokens' last-block outputs are never read: their MLP and attention rows are skipped (~8% of
-        # a 6-block predictor's work at the official mask sizes), unless the layers are being recorded (then every
-        # recorded layer keeps every token).
-        output_attentions = _records(self, kwargs, "attentions")
-        recording = output_attentions or _records(self, kwargs, "hidden_states")
+        # The context tokens' last-block outputs are never read: their MLP and attention rows are skipped, unless
+        # the layers are being recorded (then every recorded layer keeps every token).
+        need_weights = _records(self, kwargs, "attentions")
+        recording = need_weights or _records(self, kwargs, "hidden_states")
         hidden_states = run_blocks(
-            self.blocks, hidden_states, output_attentions, last_query_start=0 if recording else num_context,
+            self.blocks, hidden_states, need_weights, last_query_start=0 if recording else num_context,
             key_padding_mask=padding,
         )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
@@ -983,6 +1068,7 @@ def _matching_local_shards(name: str, target: torch.Tensor, context: torch.Tenso
     return target.to_local(), context.to_local()
 
 
+# trf-ignore: TRF002, trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaForPreTraining(IJepaPreTrainedModel):
     """I-JEPA pretraining: a context encoder on the context patches, a predictor for each target block, and an
     EMA target encoder (no gradients; saved and loaded with the model) that provides the targets on the full image.
@@ -1064,6 +1150,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
             return F.mse_loss(predictions, targets)
         return F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
 
+    # trf-ignore: TRF057 (linter note at the top of this file)
     @can_return_tuple
     def forward(
         self,
@@ -1109,13 +1196,56 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         ).last_hidden_state
         predictions = self.predictor(context, context_mask, target_masks, context_lengths=context_lengths).predictions
         loss = self.loss_fn(predictions, targets) if return_loss else None
+        # CODEPATH: regularized — False for every official release and preset (the official objective); True for
+        # configs that give sigreg_weight / vicreg_*_weight above 0.
+        terms = self.regularizer_terms(context, context_lengths) if loss is not None and self.config.regularized else {}
+        if terms:
+            terms["prediction_loss"] = loss
+            loss = loss + sum(weight * terms[name] for name, weight in self._regularizer_weights().items())
         return IJepaForPreTrainingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
             context_hidden_state=context,
             target_hidden_state=target_full,
+            **terms,
         )
+
+    def _regularizer_weights(self) -> dict[str, float]:
+        """``{output field: weight}`` of the regulariser terms that are on."""
+        config = self.config
+        weights = {"sigreg_loss": config.sigreg_weight, "variance_loss": config.vicreg_variance_weight,
+                   "covariance_loss": config.vicreg_covariance_weight}
+        return {name: float(weight) for name, weight in weights.items() if float(weight) > 0}
+
+    def regularizer_terms(self, context: torch.Tensor, context_lengths: torch.Tensor | None = None
+                          ) -> dict[str, torch.Tensor]:
+        """The unweighted anti-collapse terms that are on, of the context encoder's output ``context [B, Kc, D]``
+        (padding rows zero, excluded through ``context_lengths``), as ``{output field: scalar}``."""
+        config = self.config
+        weights = None
+        # CODEPATH: regularized_embeddings — "context_pooled" (default) or "context_tokens"; read only when a
+        # regulariser weight is above 0, which no official release or preset sets.
+        if config.regularized_embeddings == "context_pooled":
+            if context_lengths is None:
+                embeddings = context.mean(1)
+            else:  # the padding rows of the context encoder's output are zero: a sum over the real tokens
+                embeddings = context.sum(1) / context_lengths[:, None].to(context.dtype)
+        else:
+            embeddings = context.flatten(0, 1)
+            if context_lengths is not None:
+                weights = context_padding_mask(context_lengths, context.shape[1]).flatten()
+        wanted = self._regularizer_weights()
+        terms: dict[str, torch.Tensor] = {}
+        # float32 throughout, mixed precision or not: the statistics sum many small terms.
+        with torch.autocast(device_type=context.device.type, enabled=False):
+            if "sigreg_loss" in wanted:
+                terms["sigreg_loss"] = sigreg_loss(embeddings, config.sigreg_num_slices, weights)
+            if "variance_loss" in wanted or "covariance_loss" in wanted:
+                variance, covariance = vicreg_losses(embeddings, weights)
+                terms.update({name: value for name, value in
+                              (("variance_loss", variance), ("covariance_loss", covariance)) if name in wanted})
+        return terms
 
     def encoder_for(self, encoder: str = "target") -> IJepaEncoderModel:
         """The target encoder (``"target"``, what the paper evaluates) or the context encoder (``"context"``).
@@ -1141,6 +1271,7 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         return exported.to(device=source.pos_embed.device)
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
     """An I-JEPA encoder, average pooling over patches and a linear head. ``labels`` give a cross-entropy loss
     (or MSE / BCE following `config.problem_type`, as transformers' classifiers)."""
@@ -1182,6 +1313,7 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
             kwargs["pooler_norm"] = NEW_HEAD_POOLER_NORM
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    # trf-ignore: TRF057 (linter note at the top of this file)
     @can_return_tuple
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs: Any
@@ -1222,6 +1354,7 @@ def _as_backbone_config(config: PretrainedConfig, **backbone_kwargs: Any) -> IJe
     return IJepaBackboneConfig.from_encoder_config(config, **arguments)
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
     """An I-JEPA encoder as a transformers backbone (`AutoBackbone`, as `Dinov2Backbone`): the stages are the patch
     embeddings (``"stem"``) and the blocks (``"stage1"`` ..), and ``feature_maps`` holds those in
@@ -1271,6 +1404,7 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
         kwargs["config"]._name_or_path = str(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    # trf-ignore: TRF057 (linter note at the top of this file)
     @can_return_tuple
     @filter_output_hidden_states
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BackboneOutput:
@@ -1307,6 +1441,7 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
         )
 
 
+# trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaEncoderBackbone(IJepaBackbone):
     """`IJepaBackbone` under the encoder's config class: the class an encoder repo shipped with its code names for
     ``AutoBackbone`` in its ``auto_map``, because transformers registers a remote class only for its own

@@ -256,7 +256,9 @@ def plot_mask_grid(
 # Panels: (title, keys on the left axis, keys on a right twin axis, log scale). A panel is drawn when any of
 # its keys has data; every key is optional so logs of other scripts (or older runs) still plot.
 _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
-    ("loss", (LOSS_KEY, "train_loss", "eval_loss", "val_loss"), (), True),
+    ("loss", (LOSS_KEY, "prediction_loss", "train_loss", "eval_loss", "val_loss"), (), True),
+    ("anti-collapse regulariser terms, unweighted: SIGReg; VICReg variance and covariance",
+     ("sigreg_loss",), ("variance_loss", "covariance_loss"), False),
     ("learning rate / weight decay", ("lr", "learning_rate"), ("weight_decay", "wd"), False),
     ("EMA momentum", ("momentum", "ema_momentum"), (), False),
     ("feature std (collapse if -> 0)", ("target_std", "target_token_std", "pred_std"), (), False),
@@ -280,6 +282,11 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np
     return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
 
 
+def _panels_with_data(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, tuple[str, ...], tuple[str, ...], bool]]:
+    """The panels of `_PANELS` that have a finite value under one of their keys in ``rows``."""
+    return [panel for panel in _PANELS if any(_series(rows, key)[0].size for key in panel[1] + panel[2])]
+
+
 def plot_training_curves(
     log_path_or_rows: PathLike | Iterable[Mapping[str, Any]],
     path: PathLike,
@@ -290,7 +297,8 @@ def plot_training_curves(
 ) -> Path:
     """Training curves of a run from its ``train_log.jsonl`` (or the rows themselves).
 
-    Panels (each only if its keys are logged): loss (log scale; ``eval_loss`` too), lr with wd on a twin axis,
+    Panels (each only if its keys are logged): loss (log scale; ``eval_loss`` and a regularised run's
+    ``prediction_loss`` too), the anti-collapse regulariser's terms, lr with wd on a twin axis,
     EMA momentum, ``target_std`` / ``target_token_std`` / ``pred_std`` (spreads of target and predicted
     features: a drop towards 0 signals representation collapse), the online probe's k-NN accuracy with its RankMe
     on a twin axis, and ``images_per_s`` beside ``loader_images_per_s`` with ``data_wait_fraction`` on a twin axis
@@ -303,7 +311,7 @@ def plot_training_curves(
     """
     rows = (read_train_log(log_path_or_rows) if isinstance(log_path_or_rows, (str, os.PathLike))
             else [dict(row) for row in log_path_or_rows])
-    panels = [panel for panel in _PANELS if any(_series(rows, key)[0].size for key in panel[1] + panel[2])]
+    panels = _panels_with_data(rows)
     if not panels:
         found = sorted({key for row in rows for key in row})
         raise ValueError(f"nothing to plot: no row has any of {[k for p in _PANELS for k in p[1] + p[2]]}; "

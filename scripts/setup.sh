@@ -2,8 +2,9 @@
 # Sets up a Python environment for ijepa-hf and prints its python path on the last line.
 # - Inside an active virtualenv/conda env, installs there; otherwise creates ./.venv.
 # - Keeps an already importable torch (CPU or CUDA) untouched; installs torch==2.13.0 only when none is present.
-# - `setup.sh` installs what the package runs; `setup.sh test` adds the test extra (pytest, DeepSpeed), which
-#   scripts/test.sh asks for: the main job does not install the test tools into the user's environment.
+# - `setup.sh` installs what the package runs; `setup.sh test` adds the test extra (pytest, DeepSpeed,
+#   transformers' structural linter), which scripts/test.sh and .ci/run ask for: the main job does not install the
+#   test tools into the user's environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
@@ -21,7 +22,7 @@ fi
 EXTRA=${1:-}
 case "$EXTRA" in
   "") SPEC="."; CHECK="import ijepa_hf"; MARKER=.venv/.ijepa_hf_installed ;;
-  test) SPEC=".[test]"; CHECK="import ijepa_hf, pytest"; MARKER=.venv/.ijepa_hf_installed_test ;;
+  test) SPEC=".[test]"; CHECK="import ijepa_hf, pytest, mlinter"; MARKER=.venv/.ijepa_hf_installed_test ;;
   *) echo "[setup] unknown extra '$EXTRA': give nothing (the package) or 'test'" >&2; exit 2 ;;
 esac
 if ! "$PY" -c "$CHECK" >/dev/null 2>&1 || [ setup.cfg -nt "$MARKER" ]; then

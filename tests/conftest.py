@@ -86,7 +86,7 @@ def straight_run(tmp_path_factory) -> Path:
     """An uninterrupted 8-step run of the tiny config (test_pretraining's ``run``) with checkpoints at steps 4 and
     8: 48 images in batches of 8 (6 batches per epoch), so a resume at step 4 crosses an epoch boundary."""
     import torch
-    from test_pretraining import run
+    from tiny import run
 
     out = tmp_path_factory.mktemp("straight") / "run"
     previous = torch.get_num_threads()

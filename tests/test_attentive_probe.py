@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_encoder_config
 
 from ijepa_hf import IJepaEncoderModel
 from ijepa_hf.evaluation import AttentiveClassifier, attentive_probe, extract_features, linear_probe
+
+from tiny import tiny_encoder_config
 
 
 def _tokens(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

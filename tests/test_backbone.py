@@ -11,6 +11,7 @@ from transformers import AutoConfig, UperNetConfig, UperNetForSemanticSegmentati
 
 from hub_utils import run_hub_script
 from ijepa_hf import IJepaBackbone, IJepaBackboneConfig, IJepaEncoderModel, IJepaForPreTraining
+
 from tiny import tiny_encoder_config, tiny_pretraining_config
 
 

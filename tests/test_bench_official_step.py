@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ijepa_hf.conversion import load_official_checkpoint
+
 from tiny import GOLDEN_CHECKPOINT, golden, golden_meta
 
 ATOL = 1e-5

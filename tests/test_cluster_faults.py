@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_pretraining import run
-from test_training_faults import _copy_run
 
 from ijepa_hf.training.checkpointing import (
     LOCK_FILE_NAME,
@@ -24,6 +22,8 @@ from ijepa_hf.training.checkpointing import (
     OutputDirInUseError,
     OutputDirLock,
 )
+
+from tiny import copy_run, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
@@ -62,7 +62,7 @@ def test_the_large_files_are_digested_as_they_are_written_not_read_back(tmp_path
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.bin"])
 def test_a_file_swapped_with_the_same_size_file_of_another_checkpoint_is_refused_naming_it(straight_run, tmp_path,
                                                                                             name):
-    out = _copy_run(straight_run, tmp_path / "run", "step_4", "step_8")
+    out = copy_run(straight_run, tmp_path / "run", "step_4", "step_8")
     older, newer = out / "step_4" / name, out / "step_8" / name
     assert older.stat().st_size == newer.stat().st_size  # the sizes alone cannot tell them apart
     swapped = older.read_bytes()

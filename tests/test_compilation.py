@@ -4,13 +4,14 @@ mask lengths (the crash it avoids needs a CUDA GPU; benchmarks/README.md records
 from __future__ import annotations
 
 import pytest
-from tiny import tiny_pretraining_config
 from torch._inductor import config as inductor_config
 from transformers import TrainingArguments
 
 from ijepa_hf import IJepaForPreTraining
 from ijepa_hf.training import IJepaTrainer
 from ijepa_hf.training.compilation import MIX_ORDER_REDUCTION_ENV, configure_inductor_for_variable_masks
+
+from tiny import tiny_pretraining_config
 
 
 @pytest.fixture

@@ -210,7 +210,9 @@ def test_config_json_of_the_hand_written_configs_still_loads(name, cls, tmp_path
 
     expected = json.loads((CONFIGS_0_1 / "expected_to_dict.json").read_text())[name]
     if cls is IJepaPretrainingConfig:  # fields added since take their defaults
-        expected = {**expected, "context_lengths": "shortest",
+        expected = {**expected, "context_lengths": "shortest", "mask_sampling": None, "sigreg_weight": 0.0,
+                    "sigreg_num_slices": 256, "vicreg_variance_weight": 0.0, "vicreg_covariance_weight": 0.0,
+                    "regularized_embeddings": "context_pooled",
                     "encoder_config": {**expected["encoder_config"], "pooler_norm": None}}
     if cls is IJepaEncoderConfig:
         expected = {**expected, "pooler_norm": None}

@@ -11,6 +11,7 @@ import torch
 from ijepa_hf import IJepaForPreTraining, IJepaPretrainingConfig
 from ijepa_hf.data import MaskedBatchCollator
 from ijepa_hf.masking import IJepaMaskCollator, MultiBlockMaskGenerator, masks_to_boolean
+
 from tiny import tiny_pretraining_config
 
 # 6x6 patch grid, two target blocks of 4-9 patches: contexts of one batch differ in length by several patches.
@@ -173,7 +174,7 @@ def test_bad_context_lengths_are_clear_errors():
 
 @pytest.mark.parametrize("mode", ["fixed", "official"])
 def test_per_image_keeps_each_whole_context_that_shortest_cuts(mode):
-    settings = dict(MASKS, mode=mode)
+    settings = dict(MASKS, mask_mode=mode)
     shortest = IJepaMaskCollator(48, 8, **settings)
     per_image = IJepaMaskCollator(48, 8, context_lengths="per_image", **settings)
     for index in range(6):
@@ -208,7 +209,7 @@ def test_per_image_ranks_get_their_rows_padded_to_their_own_longest():
 
 def test_generator_per_image_is_a_pure_function_and_shortest_is_unchanged():
     common = dict(image_size=48, patch_size=8, context_scale=(0.85, 1.0), target_aspect_ratio=(0.75, 1.5),
-                  allow_overlap=False, mode="fixed", **{k: v for k, v in MASKS.items()})
+                  allow_overlap=False, mask_mode="fixed", **{k: v for k, v in MASKS.items()})
     default = MultiBlockMaskGenerator(**common)
     assert default.context_lengths == "shortest" and default.sample(8, seed=0, batch_index=0).context_lengths is None
     per_image = MultiBlockMaskGenerator(**common, context_lengths="per_image")
@@ -253,7 +254,7 @@ def test_config_field_reaches_the_collator_through_overrides_and_save_load(tmp_p
                                 config_overrides="context_lengths=per_image")
     config = build_config(args)
     assert config.context_lengths == "per_image" and config.mask_settings()["context_lengths"] == "per_image"
-    assert IJepaMaskCollator.from_config(config).context_lengths == "per_image"
+    assert IJepaMaskCollator.from_config(config).generator.context_lengths == "per_image"
     config.save_pretrained(tmp_path / "saved")
     assert IJepaPretrainingConfig.from_pretrained(tmp_path / "saved").context_lengths == "per_image"
     assert IJepaPretrainingConfig().context_lengths == "shortest"  # the default stays the official cut
@@ -278,7 +279,7 @@ class _Spy:
 
 @pytest.mark.usefixtures("one_thread")
 def test_pretraining_loop_passes_context_lengths_through_accelerate(tmp_path, monkeypatch):
-    from test_pretraining import TINY_OVERRIDES, read_log
+    from tiny import TINY_OVERRIDES, read_log
     from ijepa_hf.training import parse_args, pretrain
 
     spy = _Spy(monkeypatch)

@@ -19,6 +19,7 @@ from ijepa_hf.conversion import (
     encoder_to_transformers,
     load_official_checkpoint,
 )
+
 from tiny import GOLDEN_CHECKPOINT, golden, golden_target_masks, tiny_encoder_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import math
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,9 @@ from ijepa_hf.data import (
     set_image_transform,
     to_rgb,
 )
+
+from tiny import write_idx
+
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -416,29 +417,21 @@ def test_fashion_mnist_real_files():
     assert np.array_equal(np.asarray(ds[0]["image"]), images[0])
 
 
-def _write_idx(path: Path, array: np.ndarray, magic: bytes | None = None, truncate: int = 0) -> None:
-    header = magic if magic is not None else bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(struct.pack(">i", d) for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    with gzip.open(path, "wb") as f:
-        f.write(data[: len(data) - truncate] if truncate else data)
-
-
 def test_fashion_mnist_fake_files_and_errors(tmp_path, monkeypatch):
     images = np.arange(3 * 28 * 28, dtype=np.uint8).reshape(3, 28, 28)
     labels = np.array([0, 9, 4], dtype=np.uint8)
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
-    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     got_images, got_labels = load_fashion_mnist("train")
     assert np.array_equal(got_images, images) and got_labels.tolist() == [0, 9, 4]
 
     # Wrong magic.
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, magic=b"\x12\x34\x08\x03")
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, magic=b"\x12\x34\x08\x03")
     with pytest.raises(IDXFormatError, match="magic"):
         load_fashion_mnist("train", root=tmp_path)
     # Truncated data.
-    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, truncate=10)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, truncate=10)
     with pytest.raises(IDXFormatError, match="truncated"):
         load_fashion_mnist("train", root=tmp_path)
     # Not gzip at all.

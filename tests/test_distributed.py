@@ -15,10 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_pretraining import REPO_ROOT, TINY_OVERRIDES, _free_port, read_log, run, tiny_argv
 
 from ijepa_hf import IJepaForPreTraining, IJepaPretrainingConfig
 from ijepa_hf.training.distributed import EmaMode, ema_mode, update_target_encoder
+
+from tiny import REPO_ROOT, TINY_OVERRIDES, free_port, read_log, run, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
 
@@ -72,7 +73,7 @@ def _launch_fsdp2(tmp_path: Path, output_dir: Path, *extra: str) -> subprocess.C
            "PYTHONPATH": str(REPO_ROOT)}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()), str(script),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script),
         *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -157,7 +158,7 @@ def _launch_deepspeed(tmp_path: Path, config: Path, output_dir: Path, *extra: st
     env.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(script),
+        "--main_process_port", str(free_port()), str(script),
         *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -446,7 +447,7 @@ def _launch_ddp(tmp_path: Path, script_text: str, output_dir: Path, *extra: str,
            "PYTHONPATH": str(REPO_ROOT)}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(script), *tiny_argv(output_dir, *extra, images=32, batch=batch, steps=steps),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -490,7 +491,8 @@ def test_official_mode_masks_of_each_process_are_the_official_per_process_sampli
     old.mkdir()
     shutil.copytree(tmp_path / "official" / "step_2", old / "step_2")
     manifest = json.loads((old / "step_2" / "checkpoint.json").read_text())
-    assert manifest["state"].pop("mask_sampling") == "per_process"
+    assert manifest["state"]["mask_collator"].pop("mask_sampling") == "per_process"
+    assert "mask_sampling" not in manifest["state"]  # one home: the collator's state
     (old / "step_2" / "checkpoint.json").write_text(json.dumps(manifest))
     output = _launch_ddp(tmp_path, _MASK_RANK_SCRIPT, old, "--mask_mode", "official", "--checkpointing_steps", "2",
                          "--resume_from_checkpoint", "latest", batch=batch, steps=steps, succeed=False)
@@ -531,7 +533,7 @@ def test_per_process_official_masks_follow_the_official_collator_at_the_per_proc
     official_lengths = torch.tensor([float(official([torch.zeros(1)] * batch)[1][0].shape[1])
                                      for _ in range(collations)])
     torch.set_rng_state(state)
-    ours = IJepaMaskCollator(224, 16, mode="official", num_target_blocks=4, context_scale=(0.85, 1.0),
+    ours = IJepaMaskCollator(224, 16, mask_mode="official", num_target_blocks=4, context_scale=(0.85, 1.0),
                              target_scale=(0.15, 0.2), target_aspect_ratio=(0.75, 1.5), min_keep=10,
                              allow_overlap=False)
 
@@ -555,7 +557,7 @@ def test_two_node_launch_commands_match_one_process(tmp_path, one_process, launc
     here both nodes on localhost."""
     script = tmp_path / "plain_rank_script.py"
     script.write_text(_PLAIN_RANK_SCRIPT)
-    out, port = tmp_path / "nodes", str(_free_port())
+    out, port = tmp_path / "nodes", str(free_port())
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO_ROOT)}
     procs = []

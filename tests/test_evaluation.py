@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_encoder_config, tiny_pretraining_config
 
 from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaForPreTraining
 from ijepa_hf.data import EvalTransform
@@ -22,6 +21,8 @@ from ijepa_hf.evaluation import (
     knn_probe,
     linear_probe,
 )
+
+from tiny import tiny_encoder_config, tiny_pretraining_config
 
 
 def clusters(num_classes: int = 4, dim: int = 16, n: int = 300, seed: int = 0, spread: float = 3.0):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_encoder_config, tiny_pretraining_config
 
 from ijepa_hf import IJepaEncoderForImageClassification, IJepaEncoderModel, IJepaForPreTraining, make_image_processor
 from ijepa_hf.finetuning import (
@@ -24,6 +23,8 @@ from ijepa_hf.finetuning import (
     parameter_layer_id,
 )
 from ijepa_hf.loading import load_image_classifier
+
+from tiny import tiny_encoder_config, tiny_pretraining_config
 
 COLOURS = {"blue": (40, 60, 200), "red": (200, 50, 40)}
 

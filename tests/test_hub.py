@@ -33,6 +33,7 @@ from ijepa_hf.cli import OFFICIAL_RELEASES
 from ijepa_hf.cli import main as cli_main
 from ijepa_hf.cards import META_WEIGHTS_LICENSE, card_for_converted_checkpoint
 from ijepa_hf.hub import remote_code_auto_map, save_with_remote_code
+
 from tiny import GOLDEN_CHECKPOINT, random_masks, tiny_encoder_config, tiny_pretraining_config
 
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens, any request would fail fast

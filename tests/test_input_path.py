@@ -29,7 +29,8 @@ from ijepa_hf.data import (
 from ijepa_hf.masking import IJepaMaskCollator
 from ijepa_hf.training import parse_args, pretrain
 from ijepa_hf.training.host_syncs import HostSyncCounter
-from test_pretraining import _assert_same_weights, read_log, tiny_argv
+
+from tiny import assert_same_weights, read_log, tiny_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,14 +126,14 @@ def test_persistent_workers_across_uneven_epochs_and_resume_are_bitwise_the_in_p
     workers = tmp_path / "workers"
     result = pretrain(parse_args(tiny_argv(workers, "--num_workers", "2", "--prefetch_factor", "3", **run_args)))
     assert result.global_step == 12
-    _assert_same_weights(straight, workers)
+    assert_same_weights(straight, workers)
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     import shutil
 
     shutil.copytree(straight / "step_6", resumed / "step_6")
     pretrain(parse_args(tiny_argv(resumed, "--resume_from_checkpoint", "latest", "--num_workers", "2", **run_args)))
-    _assert_same_weights(straight, resumed)
+    assert_same_weights(straight, resumed)
 
 
 def test_log_rows_say_what_limits_the_throughput(tmp_path, caplog):

@@ -13,8 +13,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ijepa_hf import IJepaForPreTraining
 from ijepa_hf.training.kernels import choose_attention_implementation
-from test_pretraining import run
-from tiny import random_masks, tiny_pretraining_config
+
+from tiny import random_masks, run, tiny_pretraining_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,6 +24,7 @@ from ijepa_hf.licensing import (
     record_weights_license,
     weights_license,
 )
+
 from tiny import GOLDEN_CHECKPOINT, tiny_encoder_config, tiny_pretraining_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

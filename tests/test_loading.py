@@ -17,6 +17,7 @@ from ijepa_hf import (
     IJepaForPreTraining,
     make_image_processor,
 )
+
 from tiny import GOLDEN_CHECKPOINT, tiny_encoder_config, tiny_pretraining_config
 
 

@@ -35,7 +35,8 @@ def _block_shape(block: torch.Tensor, width: int) -> tuple[int, int]:
 
 
 def _official_stats(collator: IJepaMaskCollator, batch_size: int, iters: int) -> dict:
-    n, H, W, M = collator.num_patches, collator.height, collator.width, collator.num_target_blocks
+    g = collator.generator
+    n, H, W, M = g.num_patches, g.height, g.width, g.num_target_blocks
     ctx_cov = torch.zeros(n)
     tgt_cov = torch.zeros(n)
     ctx_len, tgt_len, freq = [], [], {}
@@ -65,7 +66,7 @@ def _tv(p: dict, q: dict) -> float:
 @pytest.mark.parametrize("key", sorted(OFFICIAL_STATS))
 def test_official_mode_matches_fixture(key):
     ref = OFFICIAL_STATS[key]
-    collator = IJepaMaskCollator(ref["image_size"], ref["patch_size"], mode="official",
+    collator = IJepaMaskCollator(ref["image_size"], ref["patch_size"], mask_mode="official",
                                  num_target_blocks=ref["npred"], context_scale=tuple(ref["enc_mask_scale"]),
                                  target_scale=tuple(ref["pred_mask_scale"]),
                                  target_aspect_ratio=tuple(ref["aspect_ratio"]), min_keep=ref["min_keep"])
@@ -89,11 +90,11 @@ def test_official_mode_matches_fixture(key):
 
 def test_official_scale_and_aspect_fully_correlated():
     # large grid so that rounding does not hide the shared random number
-    official = IJepaMaskCollator(448, 8, mode="official")
-    fixed = IJepaMaskCollator(448, 8, mode="fixed")
+    official = IJepaMaskCollator(448, 8, mask_mode="official")
+    fixed = IJepaMaskCollator(448, 8, mask_mode="fixed")
     corr = {}
     for name, c in (("official", official), ("fixed", fixed)):
-        shapes = [_block_shape(c.sample_masks(1, i)[1][0, 0], c.width) for i in range(400)]
+        shapes = [_block_shape(c.sample_masks(1, i)[1][0, 0], c.generator.width) for i in range(400)]
         area = [h * w for h, w in shapes]
         ratio = [h / w for h, w in shapes]
         corr[name] = np.corrcoef(area, ratio)[0, 1]
@@ -105,7 +106,7 @@ def test_official_scale_and_aspect_fully_correlated():
 # fixed mode
 def test_fixed_mode_unbiased_coverage():
     c = IJepaMaskCollator(224, 16)
-    n, iters = c.num_patches, 300
+    n, iters = c.generator.num_patches, 300
     ctx_cov = torch.zeros(n)
     tgt_cov = torch.zeros(n)
     for i in range(iters):
@@ -125,7 +126,7 @@ def test_fixed_mode_unbiased_coverage():
 
 
 def test_official_equalisation_biased_to_top():
-    c = IJepaMaskCollator(224, 16, mode="official")
+    c = IJepaMaskCollator(224, 16, mask_mode="official")
     cov = torch.zeros(196)
     for i in range(100):
         cov += masks_to_boolean(c.sample_masks(64, i)[0], 196).float().mean(0)
@@ -138,14 +139,14 @@ def test_official_equalisation_biased_to_top():
 @pytest.mark.parametrize("mode", ["fixed", "official"])
 @pytest.mark.parametrize("image_size,patch_size", [(224, 16), (224, 14), (96, 8), ((192, 256), 16)])
 def test_shapes_and_constraints(mode, image_size, patch_size):
-    c = IJepaMaskCollator(image_size, patch_size, mode=mode, min_keep=4)
-    n = c.num_patches
+    c = IJepaMaskCollator(image_size, patch_size, mask_mode=mode, min_keep=4)
+    n = c.generator.num_patches
     for i in range(20):
         ctx, tgt = c.sample_masks(16, i)
         assert ctx.dtype == torch.int64 and tgt.dtype == torch.int64
         assert ctx.ndim == 2 and ctx.shape[0] == 16
         assert tgt.ndim == 3 and tgt.shape[:2] == (16, 4)
-        assert ctx.shape[1] > c.min_keep and tgt.shape[2] > c.min_keep
+        assert ctx.shape[1] > c.generator.min_keep and tgt.shape[2] > c.generator.min_keep
         for t in (ctx, tgt):
             assert t.min() >= 0 and t.max() < n
             assert (t[..., 1:] > t[..., :-1]).all()  # sorted ascending, hence unique
@@ -153,10 +154,10 @@ def test_shapes_and_constraints(mode, image_size, patch_size):
         tgt_b = masks_to_boolean(tgt, n).any(1)
         assert not (ctx_b & tgt_b).any()  # disjoint (allow_overlap=False)
         # targets are rectangles of one shared size
-        h, w = _block_shape(tgt[0, 0], c.width)
+        h, w = _block_shape(tgt[0, 0], c.generator.width)
         assert h * w == tgt.shape[2]
         blocks = tgt.view(16, 4, h, w)
-        assert (blocks[..., 1:, :] - blocks[..., :-1, :] == c.width).all()
+        assert (blocks[..., 1:, :] - blocks[..., :-1, :] == c.generator.width).all()
         assert (blocks[..., :, 1:] - blocks[..., :, :-1] == 1).all()
 
 
@@ -170,7 +171,7 @@ def test_allow_overlap_context_is_rectangle():
 def test_small_grid_fallback_does_not_hang():
     # 8x8 grid, four 3x3..4x4 targets: contexts often need the overlap fallback
     for mode in ("fixed", "official"):
-        c = IJepaMaskCollator(32, 4, mode=mode, min_keep=4, target_scale=(0.2, 0.25))
+        c = IJepaMaskCollator(32, 4, mask_mode=mode, min_keep=4, target_scale=(0.2, 0.25))
         for i in range(20):
             ctx, tgt = c.sample_masks(32, i)
             assert ctx.shape[1] > 4 and tgt.shape[:2] == (32, 4)
@@ -209,24 +210,25 @@ def test_from_config():
                           target_scale=(0.1, 0.2), target_aspect_ratio=(0.5, 2.0), min_keep=4,
                           allow_overlap=False, mask_mode="official", hidden_size=384)
     c = IJepaMaskCollator.from_config(cfg, seed=5)
-    assert (c.height, c.width, c.num_target_blocks, c.mode, c.seed) == (12, 12, 3, "official", 5)
-    assert c.context_scale == (0.8, 1.0) and c.min_keep == 4
-    assert IJepaMaskCollator.from_config(SimpleNamespace()).mode == "fixed"
+    g = c.generator
+    assert (g.height, g.width, g.num_target_blocks, g.mask_mode, c.seed) == (12, 12, 3, "official", 5)
+    assert c.generator.context_scale == (0.8, 1.0) and c.generator.min_keep == 4
+    assert IJepaMaskCollator.from_config(SimpleNamespace()).generator.mask_mode == "fixed"
 
 
 # --------------------------------------------------------------------------------------------
 # determinism, resume, workers, multi-process
 @pytest.mark.parametrize("mode", ["fixed", "official"])
 def test_deterministic(mode):
-    a = IJepaMaskCollator(224, 16, mode=mode, seed=3)
-    b = IJepaMaskCollator(224, 16, mode=mode, seed=3)
+    a = IJepaMaskCollator(224, 16, mask_mode=mode, seed=3)
+    b = IJepaMaskCollator(224, 16, mask_mode=mode, seed=3)
     seq_a = [a.sample_masks(8) for _ in range(4)]
     seq_b = [b.sample_masks(8, i) for i in range(4)]  # explicit indices == counter
     for (ca, ta), (cb, tb) in zip(seq_a, seq_b):
         assert torch.equal(ca, cb) and torch.equal(ta, tb)
     assert a.step == 4
     assert torch.equal(b.sample_masks(8, 2)[1], seq_a[2][1])  # pure function of the index
-    other = IJepaMaskCollator(224, 16, mode=mode, seed=4).sample_masks(8, 0)
+    other = IJepaMaskCollator(224, 16, mask_mode=mode, seed=4).sample_masks(8, 0)
     assert not (other[0].shape == seq_a[0][0].shape and torch.equal(other[0], seq_a[0][0]))
 
 
@@ -237,7 +239,7 @@ def test_state_dict_resume():
     b.sample_masks(4)
     b.sample_masks(4)
     state = b.state_dict()
-    assert state["seed"] == 7 and state["step"] == 2 and state["mode"] == "fixed"
+    assert state["seed"] == 7 and state["step"] == 2 and state["mask_mode"] == "fixed"
     json.dumps(state)  # plain types
     c = IJepaMaskCollator(224, 16, seed=0)
     c.load_state_dict(state)
@@ -265,13 +267,49 @@ def test_dataloader_workers_match_single_process():
 
 @pytest.mark.parametrize("mode", ["fixed", "official"])
 def test_multiprocess_slices_global_batch(mode):
-    single = IJepaMaskCollator(224, 16, mode=mode, seed=2)
-    ranks = [IJepaMaskCollator(224, 16, mode=mode, seed=2, num_processes=2, process_index=p) for p in range(2)]
+    single = IJepaMaskCollator(224, 16, mask_mode=mode, seed=2)
+    ranks = [IJepaMaskCollator(224, 16, mask_mode=mode, seed=2, num_processes=2, process_index=p,
+                               mask_sampling="global") for p in range(2)]
     for _ in range(3):
         ctx, tgt = single.sample_masks(16)
         parts = [r.sample_masks(8) for r in ranks]
         assert torch.equal(torch.cat([p[0] for p in parts]), ctx)
         assert torch.equal(torch.cat([p[1] for p in parts]), tgt)
+
+
+def test_sampling_scope_is_a_setting_of_its_own_with_the_mode_as_default():
+    """``mask_sampling``: the global batch (rows of a 1-process run) or each process's own batch (the official
+    code); not given, the mask mode's own, and the config's field reaches the collator."""
+    from ijepa_hf import IJepaPretrainingConfig
+
+    assert IJepaMaskCollator(224, 16).mask_sampling == "global"
+    assert IJepaMaskCollator(224, 16, mask_mode="official").mask_sampling == "per_process"
+    own = [IJepaMaskCollator(224, 16, seed=2, num_processes=2, process_index=p, mask_sampling="per_process")
+           for p in range(2)]
+    alone = IJepaMaskCollator(224, 16, seed=2)  # per process: each samples its 8 as a 1-process run of 8 would
+    for index in range(3):
+        expected = alone.sample_masks(8, index)
+        for rank in own:
+            assert all(torch.equal(x, y) for x, y in zip(rank.sample_masks(8, index), expected))
+    config = IJepaPretrainingConfig(mask_mode="official", mask_sampling="global")
+    assert config.mask_sampling_scope == "global" and IJepaMaskCollator.from_config(config).mask_sampling == "global"
+    assert IJepaPretrainingConfig(mask_mode="official").mask_sampling_scope == "per_process"
+    with pytest.raises(ValueError, match="mask_sampling"):
+        IJepaPretrainingConfig(mask_sampling="per_node")
+    with pytest.raises(ValueError, match="mask_sampling"):
+        IJepaMaskCollator(224, 16, mask_sampling="per_node")
+
+
+def test_collator_states_of_earlier_versions_still_load():
+    """States written before the settings took the config's names call the mask mode "mode"."""
+    collator = IJepaMaskCollator(224, 16, seed=1)
+    collator.sample_masks(4)
+    state = collator.state_dict()
+    state["mode"] = "official"
+    del state["mask_mode"], state["mask_sampling"]
+    restored = IJepaMaskCollator(224, 16)
+    restored.load_state_dict(state)
+    assert restored.generator.mask_mode == "official" and restored.step == 1 and restored.seed == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,13 +333,13 @@ class _Timeout:
 def test_too_small_grid_raises(mode):
     # official config values on 32 px CIFAR images with patch 4: the official collator hangs
     with _Timeout(), pytest.raises(ValueError) as err:
-        IJepaMaskCollator(32, 4, mode=mode, min_keep=10)
+        IJepaMaskCollator(32, 4, mask_mode=mode, min_keep=10)
     msg = str(err.value)
     for word in ("min_keep=10", "patch_size", "image_size", "8x8", "target_scale"):
         assert word in msg
     # ...and works once min_keep is lowered
     with _Timeout():
-        ctx, _ = IJepaMaskCollator(32, 4, mode=mode, min_keep=4).sample_masks(64, 0)
+        ctx, _ = IJepaMaskCollator(32, 4, mask_mode=mode, min_keep=4).sample_masks(64, 0)
     assert ctx.shape[1] > 4
 
 
@@ -325,7 +363,7 @@ def test_context_too_small_raises():
         ({"target_aspect_ratio": (0.0, 1.0)}, "target_aspect_ratio"),
         ({"target_aspect_ratio": (2.0, 1.0)}, "target_aspect_ratio"),
         ({"min_keep": -1}, "min_keep"),
-        ({"mode": "paper"}, "mode"),
+        ({"mask_mode": "paper"}, "mask_mode"),
         ({"allow_overlap": "no"}, "allow_overlap"),
         ({"num_processes": 0}, "num_processes"),
         ({"num_processes": 2, "process_index": 2}, "process_index"),
@@ -355,7 +393,8 @@ GOLDEN_MASKS = json.loads((Path(__file__).parent / "fixtures" / "golden-masks.js
 def test_same_masks_as_before_the_refactor(case):
     import hashlib
 
-    c = IJepaMaskCollator(mode=case["mode"], seed=case["seed"], **case["kwargs"])
+    # The cases were recorded when a collator always sampled the global batch of its processes.
+    c = IJepaMaskCollator(mask_mode=case["mode"], seed=case["seed"], mask_sampling="global", **case["kwargs"])
     ctx, tgt = c.sample_masks(case["batch_size"], case["batch_index"])
     assert list(ctx.shape) == case["context_shape"] and list(tgt.shape) == case["target_shape"]
     assert ctx[0].tolist() == case["context_row0"]
@@ -371,7 +410,7 @@ def test_generator_is_pure_and_stateless():
 
     gen = MultiBlockMaskGenerator(image_size=32, patch_size=4, num_target_blocks=4, context_scale=(0.6, 0.8),
                                   target_scale=(0.2, 0.3), target_aspect_ratio=(0.75, 1.5), min_keep=8,
-                                  allow_overlap=False, mode="official")
+                                  allow_overlap=False, mask_mode="official")
     assert dataclasses.is_dataclass(gen) and (gen.height, gen.width) == (8, 8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         gen.min_keep = 2
@@ -385,9 +424,9 @@ def test_generator_is_pure_and_stateless():
         assert a.num_fallbacks == b.num_fallbacks
     clone = pickle.loads(pickle.dumps(gen))
     assert clone == gen and torch.equal(clone.sample(32, seed=0, batch_index=3).context_mask, first[3].context_mask)
-    # the collator's masks are the generator's, sliced per rank
-    collator = IJepaMaskCollator(32, 4, mode="official", min_keep=8, context_scale=(0.6, 0.8),
-                                 target_scale=(0.2, 0.3), num_processes=2, process_index=1)
+    # the collator's masks are the generator's, sliced per rank when sampled globally
+    collator = IJepaMaskCollator(32, 4, mask_mode="official", min_keep=8, context_scale=(0.6, 0.8),
+                                 target_scale=(0.2, 0.3), num_processes=2, process_index=1, mask_sampling="global")
     assert collator.generator == gen
     ctx, tgt = collator.sample_masks(16, 2)
     assert torch.equal(ctx, first[2].context_mask[16:]) and torch.equal(tgt, first[2].target_masks[16:])
@@ -404,7 +443,7 @@ def test_generator_from_a_pretraining_config():
         num_target_blocks=3, min_keep=4, mask_mode="official", target_aspect_ratio=(0.5, 2.0))
     gen = MultiBlockMaskGenerator.from_config(config)
     collator = IJepaMaskCollator.from_config(config, seed=5)
-    assert gen == collator.generator and gen.mode == "official" and gen.target_aspect_ratio == (0.5, 2.0)
+    assert gen == collator.generator and gen.mask_mode == "official" and gen.target_aspect_ratio == (0.5, 2.0)
     assert torch.equal(gen.sample(8, seed=5, batch_index=1).target_masks, collator.sample_masks(8, 1)[1])
 
 
@@ -413,8 +452,7 @@ def test_mask_settings_have_one_rule_set_and_the_config_defaults():
 
     defaults = IJepaPretrainingConfig.default_mask_settings()
     c = IJepaMaskCollator(224, 16)
-    assert (c.num_target_blocks, c.context_scale, c.target_scale, c.target_aspect_ratio, c.min_keep,
-            c.allow_overlap, c.mode, c.context_lengths) == tuple(defaults[k] for k in defaults)
+    assert tuple(getattr(c.generator, name) for name in defaults) == tuple(defaults.values())
     # the same values are refused by the config and by the collator (the config used to accept an infinite ratio)
     for field, value in (("target_aspect_ratio", (0.5, float("inf"))), ("target_scale", (0.1, 1.5)),
                          ("context_scale", (0.0, 1.0)), ("min_keep", -1), ("num_target_blocks", 0)):
@@ -424,5 +462,9 @@ def test_mask_settings_have_one_rule_set_and_the_config_defaults():
             IJepaMaskCollator(224, 16, **{field: value})
     with pytest.raises(ValueError, match="mask_mode"):
         IJepaPretrainingConfig(mask_mode="paper")
-    with pytest.raises(ValueError, match="`mode`"):
-        IJepaMaskCollator(224, 16, mode="paper")
+    with pytest.raises(ValueError, match="`mask_mode`"):  # one name everywhere
+        IJepaMaskCollator(224, 16, mask_mode="paper")
+    with pytest.raises(TypeError, match="`mode` is called `mask_mode`"):
+        IJepaMaskCollator(224, 16, mode="official")
+    with pytest.raises(TypeError, match="unknown mask settings"):
+        IJepaMaskCollator(224, 16, min_keeps=4)

@@ -26,6 +26,7 @@ from ijepa_hf import (
     sincos_position_embeddings,
 )
 from ijepa_hf.conversion import load_official_checkpoint
+
 from tiny import GOLDEN_CHECKPOINT, random_masks, tiny_encoder_config, tiny_pretraining_config
 
 

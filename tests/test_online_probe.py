@@ -7,12 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_pretraining import read_log, run
-from test_trainer import _args, _tiny
 
 from ijepa_hf.data import OnlineProbeSet
 from ijepa_hf.training import IJepaTrainer, OnlineProbeCallback
 from ijepa_hf.training.metrics import online_probe
+
+from tiny import read_log, run, tiny_trainer_parts, trainer_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,11 +106,11 @@ def test_a_probe_without_labels_is_refused_naming_the_option(tmp_path):
 
 
 def test_trainer_callback_logs_the_probe_with_the_trainer(tmp_path):
-    model, collator, data = _tiny()
+    model, collator, data = tiny_trainer_parts()
     labels = torch.arange(16) % 4
     probe_set = OnlineProbeSet(torch.randn(16, 3, 32, 32), labels, "label", "test")
     callback = OnlineProbeCallback(probe_set, every_n_steps=2, k=3)
-    trainer = IJepaTrainer(model=model, args=_args(tmp_path, logging_steps=3), train_dataset=data,
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, logging_steps=3), train_dataset=data,
                            data_collator=collator, callbacks=[callback])
     trainer.train()
     probed = [entry["step"] for entry in trainer.state.log_history if "online_knn_accuracy" in entry]

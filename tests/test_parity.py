@@ -7,6 +7,7 @@ import torch
 
 from ijepa_hf.conversion import convert_official_checkpoint, infer_official_config, load_official_checkpoint
 from ijepa_hf.training import official_param_groups
+
 from tiny import GOLDEN_CHECKPOINT, golden, golden_meta, golden_target_masks
 
 ATOL = 1e-5

@@ -18,7 +18,8 @@ import pytest
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, parse_args, pretrain
 from ijepa_hf.training.checkpointing import latest_checkpoint
 from ijepa_hf.training.preemption import PreemptionHandler, parse_signals
-from test_pretraining import _assert_same_weights, _free_port, read_log, tiny_argv
+
+from tiny import assert_same_weights, free_port, read_log, tiny_argv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
@@ -85,7 +86,7 @@ def test_sigterm_to_the_process_group_stops_with_a_checkpoint_and_resumes_bitwis
     resumed = pretrain(parse_args(argv(tmp_path / "run", "--resume_from_checkpoint", "latest")))
     assert resumed.resumed_from == str(tmp_path / "run" / f"step_{saved}") and resumed.global_step == steps
     pretrain(parse_args(argv(tmp_path / "straight")))
-    _assert_same_weights(tmp_path / "straight", tmp_path / "run")
+    assert_same_weights(tmp_path / "straight", tmp_path / "run")
     assert [r["loss"] for r in read_log(tmp_path / "straight")] == [r["loss"] for r in read_log(tmp_path / "run")]
 
 
@@ -101,7 +102,7 @@ def test_preemption_signals_none_keeps_the_default_action(tmp_path):
 def _launch(output_dir: Path, *extra: str, steps: int) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(_free_port()), str(SCRIPT), *tiny_argv(output_dir, "--logging_steps", "1", *extra, images=32,
+            str(free_port()), str(SCRIPT), *tiny_argv(output_dir, "--logging_steps", "1", *extra, images=32,
                                                        batch=4, steps=steps)]
 
 
@@ -120,7 +121,7 @@ def test_two_processes_stop_after_the_same_update_and_resume_bitwise(tmp_path):
     straight = subprocess.run(_launch(tmp_path / "straight", steps=steps), env=env, cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-4000:]
-    _assert_same_weights(tmp_path / "straight", tmp_path / "run")
+    assert_same_weights(tmp_path / "straight", tmp_path / "run")
 
 
 def test_signal_names_are_checked_and_the_handler_restores_what_it_replaced():

@@ -7,10 +7,11 @@ from __future__ import annotations
 import sys
 
 import pytest
-from test_pretraining import REPO_ROOT, TINY_OVERRIDES, run
 
 from ijepa_hf import IJepaPretrainingConfig
 from ijepa_hf.training import apply_recipe, build_config, get_recipe, parse_args, recipe_training_arguments
+
+from tiny import REPO_ROOT, TINY_OVERRIDES, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

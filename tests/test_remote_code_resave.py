@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 from hub_utils import run_hub_script
-from tiny import tiny_encoder_config
 
 from ijepa_hf import IJepaEncoderModel, make_image_processor
 from ijepa_hf.hub import save_with_remote_code
+
+from tiny import tiny_encoder_config
 
 _WITHOUT_IJEPA_HF = """
 import sys

@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from test_pretraining import REPO_ROOT
 
 from ijepa_hf.scripts import configure_logging, run_script
+
+from tiny import REPO_ROOT
 
 
 def _pretrain(*argv: str) -> subprocess.CompletedProcess[str]:

@@ -9,26 +9,12 @@ import sys
 
 import pytest
 import torch
-from test_pretraining import REPO_ROOT, TINY_OVERRIDES
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
-from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
-from ijepa_hf.data import PretrainTransform, ProceduralShapes
 from ijepa_hf.training import IJepaTrainer, official_training_arguments
 
+from tiny import REPO_ROOT, tiny_trainer_parts, trainer_args
 
-def _tiny() -> tuple[IJepaForPreTraining, IJepaMaskCollator, ProceduralShapes]:
-    torch.manual_seed(0)
-    config = IJepaPretrainingConfig()
-    config.update_from_string(TINY_OVERRIDES)
-    return (IJepaForPreTraining(config), IJepaMaskCollator.from_config(config, seed=0),
-            ProceduralShapes(16, image_size=32, transform=PretrainTransform(32)))
-
-
-def _args(tmp_path, **values) -> TrainingArguments:
-    base = dict(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=4, use_cpu=True,
-                remove_unused_columns=False, report_to="none", save_strategy="no", logging_steps=1, seed=0)
-    return TrainingArguments(**{**base, **values})
 
 
 class _LrRecorder(TrainerCallback):
@@ -48,14 +34,14 @@ class _LrRecorder(TrainerCallback):
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 1e-6}}, r"\['min_lr'\] are not options"),
 ])
 def test_arguments_it_cannot_honour_are_refused_naming_the_field(tmp_path, values, match):
-    model, collator, data = _tiny()
+    model, collator, data = tiny_trainer_parts()
     with pytest.raises(ValueError, match=match):  # learning_rate is TrainingArguments' default 5e-5
-        IJepaTrainer(model=model, args=_args(tmp_path, **values), train_dataset=data, data_collator=collator)
+        IJepaTrainer(model=model, args=trainer_args(tmp_path, **values), train_dataset=data, data_collator=collator)
 
 
 def test_weight_decay_and_the_lr_schedule_type_are_honoured(tmp_path, caplog):
-    model, collator, data = _tiny()
-    args = _args(tmp_path, learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=1,
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, learning_rate=1e-3, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=1,
                  optim="adamw_torch")
     with caplog.at_level("WARNING"):
         trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
@@ -70,7 +56,7 @@ def test_weight_decay_and_the_lr_schedule_type_are_honoured(tmp_path, caplog):
 
 
 def test_the_official_recipe_arguments(tmp_path):
-    model, collator, data = _tiny()
+    model, collator, data = tiny_trainer_parts()
     args = official_training_arguments(str(tmp_path / "o"), per_device_train_batch_size=4, max_steps=30,
                                        use_cpu=True, report_to="none", save_strategy="no")
     trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator, final_weight_decay=0.4)
@@ -134,10 +120,10 @@ def test_pretrain_trainer_example_with_one_seed_starts_from_the_same_weights(tmp
 
 
 def test_a_negative_final_weight_decay_is_refused_whatever_the_lr_schedule(tmp_path):
-    model, collator, data = _tiny()
+    model, collator, data = tiny_trainer_parts()
     for scheduler in ("linear", "cosine"):
         with pytest.raises(ValueError, match="final_weight_decay must be a finite number >= 0"):
-            IJepaTrainer(model=model, args=_args(tmp_path, lr_scheduler_type=scheduler, learning_rate=1e-3),
+            IJepaTrainer(model=model, args=trainer_args(tmp_path, lr_scheduler_type=scheduler, learning_rate=1e-3),
                          train_dataset=data, data_collator=collator, final_weight_decay=-1.0)
 
 

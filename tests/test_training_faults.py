@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_pretraining import REPO_ROOT, TINY_OVERRIDES, _free_port, read_log, run, tiny_argv
 
 from ijepa_hf.training import NonFiniteLossError, PretrainingArguments, PretrainingSchedule, parse_args, pretrain
 from ijepa_hf.training.checkpointing import (
@@ -30,6 +29,8 @@ from ijepa_hf.training.checkpointing import (
     latest_checkpoint,
     list_checkpoints,
 )
+
+from tiny import REPO_ROOT, TINY_OVERRIDES, copy_run, free_port, read_log, run, tiny_argv
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
@@ -49,14 +50,6 @@ def reference(straight_run: Path) -> Path:
     return straight_run
 
 
-def _copy_run(reference: Path, target: Path, *checkpoints: str) -> Path:
-    target.mkdir(parents=True)
-    for name in ("run.json", "train_log.jsonl", *checkpoints):
-        source = reference / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, target / name)
-    return target
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +57,7 @@ def _copy_run(reference: Path, target: Path, *checkpoints: str) -> Path:
 
 @pytest.mark.parametrize("damage", ["no_manifest", "truncated_weights", "empty_folder"])
 def test_latest_skips_an_incomplete_checkpoint_and_resumes_the_previous_one(reference, tmp_path, damage, caplog):
-    out = _copy_run(reference, tmp_path / "run", "step_4", "step_8")
+    out = copy_run(reference, tmp_path / "run", "step_4", "step_8")
     step_8 = out / "step_8"
     if damage == "no_manifest":
         (step_8 / MANIFEST_NAME).unlink()
@@ -256,7 +249,7 @@ def test_pruning_never_removes_the_newest_checkpoint(tmp_path):
 
 
 def test_a_folder_holding_another_run_is_refused_and_overwriting_never_resumes_it(reference, tmp_path):
-    old = _copy_run(reference, tmp_path / "run", "step_4", "step_8")
+    old = copy_run(reference, tmp_path / "run", "step_4", "step_8")
     with pytest.raises(ValueError, match="already holds another run .* Use --resume_from_checkpoint latest to continue "
                                          "it, --overwrite_output_dir to start a new run there"):
         run(old, steps=4)
@@ -351,7 +344,7 @@ def test_a_huge_learning_rate_stops_the_run_and_saves_nothing_non_finite(tmp_pat
 
 
 def test_a_torn_last_log_line_is_dropped_with_a_warning(reference, tmp_path, caplog):
-    out = _copy_run(reference, tmp_path / "run", "step_4")
+    out = copy_run(reference, tmp_path / "run", "step_4")
     with (out / "train_log.jsonl").open("a") as handle:
         handle.write('{"step": 9, "loss": 0.4')  # what a full disk leaves
     with caplog.at_level("WARNING"):
@@ -369,7 +362,7 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(reference, tmp_path, cap
      "config predictor_config.hidden_size"),
 ])
 def test_resume_under_changed_settings_is_refused_naming_the_field(reference, tmp_path, change, field):
-    out = _copy_run(reference, tmp_path / "run", "step_4")
+    out = copy_run(reference, tmp_path / "run", "step_4")
     argv = tiny_argv(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest")
     index = argv.index(change[0]) if change[0] in argv else None
     if index is None:
@@ -381,7 +374,7 @@ def test_resume_under_changed_settings_is_refused_naming_the_field(reference, tm
 
 
 def test_extend_run_recomputes_the_schedules_for_the_new_length(reference, tmp_path):
-    out = _copy_run(reference, tmp_path / "run", "step_8")
+    out = copy_run(reference, tmp_path / "run", "step_8")
     result = run(out, "--resume_from_checkpoint", "latest", "--extend_run", steps=12)
     assert result.global_step == 12 and result.resumed_from == str(out / "step_8")
     schedule = PretrainingSchedule(total_steps=12, warmup_steps=2, start_lr=2e-4, peak_lr=5e-4, final_lr=1e-6,
@@ -412,7 +405,7 @@ def test_resuming_never_unpickles_code(reference, tmp_path):
     names = _pickle_files(reference / "step_4")
     assert names, "expected pickle-format files (optimizer, RNG states) in a checkpoint"
     for name in [*names, "custom_checkpoint_0.pkl"]:  # each file of the loop's, and one an attacker adds
-        out = _copy_run(reference, tmp_path / name, "step_4")
+        out = copy_run(reference, tmp_path / name, "step_4")
         marker = tmp_path / f"{name}.executed"
         target = out / "step_4" / name
         torch.save({"state": _Payload(marker)}, target)
@@ -490,7 +483,7 @@ def test_a_stopped_rank_ends_the_run_within_the_ddp_timeout(tmp_path):
            "PYTHONPATH": str(REPO_ROOT)}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(REPO_ROOT / "examples" / "pretrain.py"),
         *tiny_argv(out, "--ddp_timeout", "15", "--logging_steps", "1", images=32, batch=4, steps=100000),
     ]
@@ -601,12 +594,12 @@ def test_bf16_autocast_trains_close_to_fp32(reference, tmp_path):
 
 def test_a_refused_folder_ends_every_rank_at_once(reference, tmp_path):
     """The main process decides the folder policy; the other rank learns the error instead of waiting for it."""
-    out = _copy_run(reference, tmp_path / "run", "step_4")
+    out = copy_run(reference, tmp_path / "run", "step_4")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO_ROOT)}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(REPO_ROOT / "examples" / "pretrain.py"), *tiny_argv(out, images=32, batch=4, steps=4),
     ]
     started = time.monotonic()

@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import FIXTURES, GOLDEN_CHECKPOINT, golden, golden_target_masks
 
 from ijepa_hf.conversion import convert_official_checkpoint, infer_official_config, load_official_checkpoint
 from ijepa_hf.training import PretrainingSchedule, PretrainingStep, build_optimizer
+
+from tiny import FIXTURES, GOLDEN_CHECKPOINT, golden, golden_target_masks
 
 ATOL = 1e-5
 STEPS = json.loads((FIXTURES / "official-tiny-steps.json").read_text())

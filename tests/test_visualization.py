@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_encoder_config
 
 from ijepa_hf import IJepaEncoderModel, IJepaMaskCollator
 from ijepa_hf.data import PretrainTransform, ProceduralShapes
@@ -20,6 +19,8 @@ from ijepa_hf.visualization import (
     plot_pca_features,
     plot_training_curves,
 )
+
+from tiny import tiny_encoder_config
 
 
 def assert_picture(path: Path, size: tuple[int, int]) -> None:
@@ -75,6 +76,19 @@ def test_plot_training_curves(tmp_path):
     assert_picture(plot_training_curves(partial, tmp_path / "loss.png", figsize=(4, 3), dpi=50), (200, 150))
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_training_curves([{"step": 1, "foo": 2}], tmp_path / "none.png")
+
+
+def test_training_curves_show_the_regulariser_terms_and_the_online_rankme(tmp_path):
+    from ijepa_hf.visualization import _panels_with_data
+
+    plain = [{"step": i, "loss": 0.5, "online_rankme": 3.0 + i} for i in range(4)]
+    regularised = [{**row, "prediction_loss": 0.4, "sigreg_loss": 2.0, "variance_loss": 0.1} for row in plain]
+    titles = [panel[0] for panel in _panels_with_data(regularised)]
+    assert any("regulariser" in t for t in titles) and any("online probe" in t for t in titles)
+    assert not any("regulariser" in panel[0] for panel in _panels_with_data(plain))
+    loss_panel = next(panel for panel in _panels_with_data(regularised) if panel[0] == "loss")
+    assert "prediction_loss" in loss_panel[1]
+    assert_picture(plot_training_curves(regularised, tmp_path / "c.png", figsize=(8, 6), dpi=50), (400, 300))
 
 
 def test_pca_rgb_and_plot(tmp_path):

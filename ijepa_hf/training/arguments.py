@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configuration_ijepa_hf import IJepaPretrainingConfig, list_presets, parse_config_overrides
+from ..configuration_ijepa_hf import MASK_MODES, IJepaPretrainingConfig, list_presets, parse_config_overrides
+from .checkpointing import check_output_dir_options
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES
 
 logger = logging.getLogger(__name__)
@@ -263,17 +264,14 @@ class PretrainingArguments:
             raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
             raise ValueError(f"--mixed_precision must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}")
-        if self.mask_mode is not None and self.mask_mode not in ("fixed", "official"):
-            raise ValueError(f"--mask_mode must be 'fixed' or 'official', got {self.mask_mode!r}")
+        if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
+            raise ValueError(f"--mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if self.streaming and self.max_train_steps is None:
             raise ValueError("--streaming needs --max_train_steps (a streamed dataset has no length to count epochs)")
         if self.streaming and self.dataset_name is None and self.train_dir is None:
             raise ValueError("--streaming needs --dataset_name or --train_dir")
-        if self.config_name is not None and self.model_name_or_path is not None:
-            raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
-        if self.overwrite_output_dir and self.resume_from_checkpoint:
-            raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: "
-                             "give only one of them")
+        _check_model_source(self.config_name, self.model_name_or_path)
+        check_output_dir_options(self.overwrite_output_dir, self.resume_from_checkpoint)
         for flag in ("extend_run", "allow_process_count_change"):
             if getattr(self, flag) and not self.resume_from_checkpoint:
                 raise ValueError(f"--{flag} only applies with --resume_from_checkpoint")
@@ -341,8 +339,8 @@ class PretrainingArguments:
 # of 64 px (benchmarks/README.md, "Procedural scenes: the object-shape label", has the runs and their seed spread).
 # min_keep 4 keeps the official masks feasible on a small grid (the official 10 assumes 14x14 or more). The target
 # encoder follows faster than the official 0.996 -> 1.0 (0.99 -> 0.999): in 2400 steps the official EMA keeps the
-# target behind the context encoder (whose features probed better), and the faster one gave shape 0-3 and texture
-# 1-4 points more on the seeds tried (a slower one, 0.999 -> 1.0, lost points).
+# target behind the context encoder (whose features probed better), and the faster one probed better on shape and
+# texture (benchmarks/README.md has the runs).
 EMBEDDED_DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/pretrain-default",
     "per_device_train_batch_size": 16,
@@ -422,6 +420,11 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
     return args
 
 
+def _check_model_source(config_name: str | None, model_name_or_path: str | None) -> None:
+    if config_name is not None and model_name_or_path is not None:
+        raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
+
+
 def build_pretraining_config(
     *,
     config_name: str | None = None,
@@ -437,8 +440,7 @@ def build_pretraining_config(
     or the default (``IJepaPretrainingConfig()``), then ``config_overrides``
     (:meth:`IJepaPretrainingConfig.update_from_string`) and the ``image_size``, ``mask_mode`` and ``ema_momentum``
     flags (which may not set the same field as an override: :class:`PretrainingArguments` refuses that)."""
-    if config_name is not None and model_name_or_path is not None:
-        raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
+    _check_model_source(config_name, model_name_or_path)
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
     elif config_name is None:
@@ -453,15 +455,15 @@ def build_pretraining_config(
                 f"--config_name {config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
                 f"loadable config path/repo: {error}"
             ) from error
-    flags = [config_overrides] if config_overrides else []
-    if image_size is not None:
-        flags.append(f"encoder.image_size={image_size}")
+    if config_overrides:
+        config.update_from_string(config_overrides)  # the command line's language, parsed at its edge
+    typed: dict[str, Any] = {}
     if mask_mode is not None:
-        flags.append(f"mask_mode={mask_mode}")
+        typed["mask_mode"] = mask_mode
     if ema_momentum is not None:
-        flags.append(f"ema_momentum=[{ema_momentum[0]},{ema_momentum[1]}]")
-    if flags:
-        config.update_from_string(",".join(flags))
+        typed["ema_momentum"] = [float(ema_momentum[0]), float(ema_momentum[1])]
+    if image_size is not None or typed:
+        config = config.updated(encoder={} if image_size is None else {"image_size": int(image_size)}, **typed)
     return config
 
 

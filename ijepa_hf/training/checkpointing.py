@@ -56,6 +56,7 @@ __all__ = [
     "OutputDirLock",
     "OutputDirInUseError",
     "prepare_output_dir",
+    "check_output_dir_options",
     "list_checkpoints",
     "latest_checkpoint",
     "save_checkpoint",
@@ -276,6 +277,14 @@ class RunFolder:
     resume_from: Path | None
 
 
+def check_output_dir_options(overwrite_output_dir: bool, resume_from_checkpoint: str | None) -> None:
+    """Refuse asking for a new run and a continued one at once (checked when the arguments are parsed, and again
+    by :func:`prepare_output_dir` for callers that skip the parser)."""
+    if overwrite_output_dir and resume_from_checkpoint:
+        raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give "
+                         "only one of them")
+
+
 def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,
                        overwrite_output_dir: bool) -> RunFolder:
     """Apply the output-folder policy of transformers' example scripts (main process, lock held).
@@ -289,9 +298,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
     * ``resume_from_checkpoint=<path>`` continues the run of that checkpoint.
     """
     output_dir = Path(output_dir)
-    if overwrite_output_dir and resume_from_checkpoint:
-        raise ValueError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give "
-                         "only one of them")
+    check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.iterdir():  # what a killed save left behind
         if _INCOMPLETE_RE.match(stale.name):

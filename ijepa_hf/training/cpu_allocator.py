@@ -2,11 +2,11 @@
 
 A training step allocates and frees the same large activation buffers every step. With glibc's defaults, buffers
 above a dynamic threshold are ``mmap``'ed and ``munmap``'ed each time and the top of the heap is trimmed, so every
-step faults in (and zeroes) its activations again: ~100k page faults and ~0.15 s of kernel time per step of the
-benchmark's vit_tiny/16 step (``benchmarks/bench_train_step.py``), about 10 % of the step. Serving every buffer
-from the heap and not trimming it keeps freed memory in the process for reuse. Peak memory stays about the same
-(unchanged at the benchmark's default sizes; +7% bf16 / +13% fp32 at batch 64, where the heap fragments a little);
-memory freed after the peak stays with the process until it exits, which is what a training process wants anyway.
+step faults in (and zeroes) its activations again, in kernel time that is a visible share of a CPU step. Serving
+every buffer from the heap and not trimming it keeps freed memory in the process for reuse, at about the same peak
+memory (a little more where the heap fragments); memory freed after the peak stays with the process until it exits,
+which is what a training process wants anyway. benchmarks/README.md ("Training step: against the official code
+itself") has the measurements.
 
 ``mmap`` is switched off rather than given a high threshold because glibc caps that threshold at 32 MiB on 64-bit
 systems, and one activation of a larger batch (the predictor's MLP at batch 64: 75 MiB) passes it. Threads other

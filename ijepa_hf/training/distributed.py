@@ -34,8 +34,7 @@ if TYPE_CHECKING:
     from ..masking import IJepaMaskCollator
 
 __all__ = ["EmaMode", "ema_mode", "after_checkpoint_load", "configure_distributed", "mask_collator_for_process",
-           "mask_sampling", "match_deepspeed_config", "update_target_encoder", "ema_mode_of", "zero_stage",
-           "run_on_main_process"]
+           "match_deepspeed_config", "update_target_encoder", "ema_mode_of", "zero_stage", "run_on_main_process"]
 
 
 class EmaMode(str, Enum):
@@ -114,28 +113,21 @@ def run_on_main_process(accelerator: Any, function: Any) -> Any:
     return value
 
 
-def mask_sampling(config: Any) -> str:
-    """``"per_process"`` (``mask_mode="official"``) or ``"global"``: see :func:`mask_collator_for_process`."""
-    return "per_process" if config.mask_mode == "official" else "global"
-
-
 def mask_collator_for_process(config: Any, *, seed: int, num_processes: int, process_index: int
                               ) -> IJepaMaskCollator:
-    """The mask collator of one data-parallel process.
+    """The mask collator of one data-parallel process, sampling as the config's ``mask_sampling`` says.
 
-    * ``mask_mode="fixed"``: each process samples the masks of the whole global batch (``num_processes x B``
-      images: one block size, contexts equalised over the global batch) and keeps its own rows, so a P-process run
-      sees exactly the masks of a 1-process run with the global batch.
-    * ``mask_mode="official"``: as the official code, every process samples the masks of its own batch of ``B``
-      images on its own (contexts equalised within the per-process batch; with the run's one seed, the block
-      sizes of a step are the same on every process, as the official generator seeded by the iteration number).
-      Equalising over ``B`` rather than the global batch is part of the official distribution: the shortest
-      context of a larger batch is shorter.
+    * ``"global"`` (the default of ``mask_mode="fixed"``): each process samples the masks of the whole global batch
+      (``num_processes x B`` images: one block size, contexts equalised over the global batch) and keeps its own
+      rows, so a P-process run sees exactly the masks of a 1-process run with the global batch.
+    * ``"per_process"`` (the default of ``mask_mode="official"``): as the official code, every process samples the
+      masks of its own batch of ``B`` images (contexts equalised within the per-process batch; with the run's one
+      seed, the masks of a step are the same on every process, as the official generator seeded by the iteration
+      number). Equalising over ``B`` rather than the global batch is part of the official distribution: the
+      shortest context of a larger batch is shorter.
     """
     from ..masking import IJepaMaskCollator
 
-    if mask_sampling(config) == "per_process":
-        return IJepaMaskCollator.from_config(config, seed=seed)
     return IJepaMaskCollator.from_config(config, seed=seed, num_processes=num_processes, process_index=process_index)
 
 

@@ -59,11 +59,9 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
 
 
 def mask_summary(config: IJepaPretrainingConfig) -> dict[str, Any]:
-    """The masking recipe of ``config`` as the model cards record it."""
-    return {"num_target_blocks": config.num_target_blocks, "target_scale": config.target_scale,
-            "target_aspect_ratio": config.target_aspect_ratio, "context_scale": config.context_scale,
-            "min_keep": config.min_keep, "allow_overlap": config.allow_overlap, "mode": config.mask_mode,
-            "context_lengths": config.context_lengths}
+    """The masking recipe of ``config`` as the model cards record it: the mask fields under the config's names and
+    the sampling scope that ran."""
+    return {**config.mask_settings(), "mask_sampling": config.mask_sampling_scope}
 
 
 def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfig, args: PretrainingArguments,

@@ -52,7 +52,6 @@ from .distributed import (
     after_checkpoint_load,
     configure_distributed,
     mask_collator_for_process,
-    mask_sampling,
     match_deepspeed_config,
     run_on_main_process,
 )
@@ -305,11 +304,13 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps,  # before any load
                                 mixed_precision=accelerator.mixed_precision,
                                 distributed_type=_distributed_type(accelerator), data=data.fingerprint())
-        saved_sampling = saved.get("mask_sampling", "global")  # checkpoints of earlier versions: global
-        if accelerator.num_processes > 1 and saved_sampling != mask_sampling(config):
-            raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling} "
-                             f"(an earlier version), this version samples {config.mask_mode}-mode masks "
-                             f"{mask_sampling(config)}; continue with the version that wrote it, or start anew")
+        # Where earlier checkpoints recorded the sampling: beside the collator's state (ijepa-hf 0.1.0 from 2026-12-01
+        # to 2026-12-05), or nowhere (before 2026-12-01: they sampled globally).
+        saved_sampling = saved["mask_collator"].get("mask_sampling", saved.get("mask_sampling", "global"))
+        if accelerator.num_processes > 1 and saved_sampling != mask_collator.mask_sampling:
+            raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling}, this run "
+                             f"samples them {mask_collator.mask_sampling} (mask_sampling); continue with the "
+                             "settings or the version that wrote it, or start anew")
         load_checkpoint(accelerator, run.resume_from)
         after_checkpoint_load(accelerator, model)
         progress = Progress(**saved["progress"])
@@ -348,7 +349,6 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         return {"arguments": args.to_dict(), "config": config.to_dict(), "num_processes": accelerator.num_processes,
                 "total_steps": total_steps, "schedule": schedule.to_dict(),
                 "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
-                "mask_sampling": mask_sampling(config),
                 # what ran, whichever way it was set (flag, launcher, accelerate config, environment)
                 "mixed_precision": accelerator.mixed_precision, "distributed_type": _distributed_type(accelerator),
                 "data": data.fingerprint()}
@@ -396,7 +396,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
             out = step_fn(None if batch is None else data.model_inputs(batch), update, want_stats=is_log_step)
             progress.images_seen += out.num_images
             good_batches += out.loss is not None
-            window.add(out.loss, out.num_images, out.context_patches, out.target_patches, out.stats)
+            window.add(out.loss, out.num_images, out.context_patches, out.target_patches, out.stats, out.terms)
             if not out.updated:
                 continue
             progress.completed_steps = step = update

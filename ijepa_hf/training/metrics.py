@@ -38,6 +38,7 @@ __all__ = [
     "default_online_probe_steps",
     "CollapseMonitor",
     "LogWindow",
+    "REGULARIZER_KEYS",
     "read_train_log",
     "throughput_summary",
     "truncate_train_log",
@@ -53,6 +54,9 @@ SCHEDULE_KEYS = ("lr", "weight_decay", "momentum")
 # tokens of the targets / predictions; target_rankme: effective rank (RankMe) of the pooled target features;
 # target_cosine: mean pairwise cosine similarity of the pooled target features of different images.
 COLLAPSE_KEYS = ("target_std", "target_token_std", "pred_std", "target_rankme", "target_cosine")
+# The anti-collapse regulariser's terms (unweighted), in rows of runs whose config turns one on: prediction_loss is
+# the prediction term of loss alone, the others are the terms IJepaForPreTraining adds to it, each times its weight.
+REGULARIZER_KEYS = ("prediction_loss", "sigreg_loss", "variance_loss", "covariance_loss")
 THROUGHPUT_KEY = "images_per_s"
 # What limits the throughput: data_wait_fraction is the share of the row's wall time the loop waited for its next
 # batch (near 0: the step limits; near 1: the data); loader_images_per_s is what the loader can deliver (images per
@@ -67,7 +71,7 @@ ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_secon
 # it, {k: accuracy}); tensors compare elementwise, so they cannot be dictionary keys themselves.
 _PIXEL_REFERENCE: dict[int, tuple[weakref.ref, dict[int, float]]] = {}
 LOG_KEYS = ("step", "epoch", LOSS_KEY, *SCHEDULE_KEYS, THROUGHPUT_KEY, *LOADER_KEYS, *COLLAPSE_KEYS, "context_patches",
-            "target_patches", "skipped_batches")
+            "target_patches", "skipped_batches", *REGULARIZER_KEYS)
 
 
 def effective_rank(features: torch.Tensor) -> float:
@@ -235,6 +239,8 @@ class LogWindow:
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_count = 0
+        self.term_sums = torch.zeros(len(REGULARIZER_KEYS), dtype=torch.float64, device=self.device)
+        self.term_count = 0
         self.images = self.context = self.target = self.batches = self.skipped = 0
         self.waited = self.made_seconds = 0.0
         self.made_images = 0
@@ -249,9 +255,14 @@ class LogWindow:
             self.made_images += num_images
 
     def add(self, loss: torch.Tensor | None, num_images: int, context_patches: int | float | torch.Tensor,
-            target_patches: int, stats: dict[str, float] | None = None) -> None:
+            target_patches: int, stats: dict[str, float] | None = None,
+            terms: Mapping[str, torch.Tensor] | None = None) -> None:
         """``context_patches`` may be a device scalar (the mean of per-image context lengths): it is summed there
-        and read at :meth:`flush`."""
+        and read at :meth:`flush`. ``terms``: the regulariser's device scalars (`REGULARIZER_KEYS`), if on."""
+        if terms:
+            self.term_sums += torch.stack([terms[k].detach().to(torch.float64) if k in terms
+                                           else self.term_sums.new_tensor(float("nan")) for k in REGULARIZER_KEYS])
+            self.term_count += 1
         self.batches += 1
         self.context += context_patches
         self.target += target_patches
@@ -275,12 +286,12 @@ class LogWindow:
         so_far = time.perf_counter() - self._time  # the host's view; the device may still be behind it
         capacity = (self.loader_workers * self.made_images / self.made_seconds if self.made_seconds > 0
                     else float("nan"))
-        values = torch.stack([
+        values = torch.cat([torch.stack([
             self.loss_sum,
             *(torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in (
                 self.loss_count, self.images, self.skipped, self.waited / max(so_far, 1e-9), capacity,
-                *(stats.get(k, float("nan")) for k in COLLAPSE_KEYS))),
-        ])
+                *(stats.get(k, float("nan")) for k in COLLAPSE_KEYS), self.term_count)),
+        ]), self.term_sums])
         summed = accelerator.reduce(values, "sum").tolist()
         if summed[1] == 0:
             return None
@@ -291,9 +302,14 @@ class LogWindow:
         processes = accelerator.num_processes
         row = {**fields, LOSS_KEY: summed[0] / summed[1], THROUGHPUT_KEY: summed[2] / max(elapsed, 1e-9),
                "data_wait_fraction": summed[4] / processes, "loader_images_per_s": summed[5]}
-        row.update({k: v / processes for k, v in zip(COLLAPSE_KEYS, summed[6:])})
+        collapse_end = 6 + len(COLLAPSE_KEYS)
+        row.update({k: v / processes for k, v in zip(COLLAPSE_KEYS, summed[6:collapse_end])})
         row.update(context_patches=context / max(batches, 1), target_patches=target / max(batches, 1),
                    skipped_batches=int(summed[3]))
+        term_count = summed[collapse_end]
+        if term_count:  # the terms a regularised run's config turns on (NaN sums: a term that is off)
+            row.update({k: v / term_count for k, v in zip(REGULARIZER_KEYS, summed[collapse_end + 1:])
+                        if not math.isnan(v)})
         return row
 
 

@@ -19,14 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modeling_ijepa_hf import is_no_decay_param
+
 __all__ = ["official_param_groups", "build_optimizer", "is_no_decay_param"]
 
 NamedModules = Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]] | nn.Module
-
-
-def is_no_decay_param(name: str, param: torch.Tensor) -> bool:
-    """Official rule: no weight decay for names containing ``"bias"`` or for 1-D parameters."""
-    return "bias" in name or param.ndim == 1
 
 
 def _as_named_modules(named_modules: NamedModules) -> list[tuple[str, nn.Module]]:

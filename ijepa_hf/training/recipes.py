@@ -16,8 +16,9 @@ A recipe fills what the user did not set: an explicit ``--warmup_ratio`` / ``--w
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 
@@ -32,12 +33,15 @@ class Recipe:
         predictor_width_ratio: the predictor's ``hidden_size`` as a multiple of the encoder's.
         predictor_depth: the predictor's ``num_hidden_layers``.
         warmup_ratio: the learning-rate warm-up as a fraction of all updates.
+        config_fields: top-level fields of the pretraining config, typed (e.g. ``{"sigreg_weight": 0.05}`` for an
+            anti-collapse regulariser).
     """
 
     name: str
     predictor_width_ratio: float | None = None
     predictor_depth: int | None = None
     warmup_ratio: float = 40 / 300
+    config_fields: Mapping[str, Any] = field(default_factory=dict)
 
     def predictor_fields(self, config: IJepaPretrainingConfig) -> dict[str, int]:
         """``{predictor field: value}`` this recipe gives a model of ``config``'s encoder."""
@@ -66,12 +70,11 @@ def get_recipe(name: str) -> Recipe:
 
 def apply_recipe(config: IJepaPretrainingConfig, recipe: str | Recipe,
                  keep: Collection[str] = ()) -> IJepaPretrainingConfig:
-    """A copy of ``config`` with the recipe's predictor settings, except the fields named in ``keep``
-    (``"predictor.hidden_size"``, ...: what the user set explicitly). Typed values throughout: the config is
-    rebuilt from its dict, so its validation runs on the result."""
+    """A copy of ``config`` with the recipe's predictor settings and config fields, except the fields named in
+    ``keep`` (``"predictor.hidden_size"``, ``"sigreg_weight"``, ...: what the user set explicitly). Typed values
+    throughout (:meth:`IJepaPretrainingConfig.updated`), so the config's validation runs on the result."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    changes = {name: value for name, value in recipe.predictor_fields(config).items()
-               if f"predictor.{name}" not in keep}
-    data = config.to_dict()
-    data["predictor_config"] = {**data["predictor_config"], **changes}
-    return IJepaPretrainingConfig.from_dict(data)
+    predictor = {name: value for name, value in recipe.predictor_fields(config).items()
+                 if f"predictor.{name}" not in keep}
+    fields = {name: value for name, value in recipe.config_fields.items() if name not in keep}
+    return config.updated(predictor=predictor, **fields)

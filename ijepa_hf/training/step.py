@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .distributed import EmaMode, update_target_encoder
-from .metrics import collapse_statistics
+from .metrics import REGULARIZER_KEYS, collapse_statistics
 from .schedules import PretrainingSchedule
 
 __all__ = ["PretrainingStep", "StepOutput", "NonFiniteLossError", "weights_are_finite"]
@@ -74,6 +74,7 @@ class StepOutput:
     stats: dict[str, float] | None
     updated: bool  # this micro-batch ended an optimizer update
     skipped: bool = False  # ... whose optimizer step and EMA were skipped (non-finite, --skip_nonfinite_steps)
+    terms: dict[str, torch.Tensor] | None = None  # the regulariser's terms (REGULARIZER_KEYS, detached), if on
 
 
 def _context_patches(inputs: Mapping[str, torch.Tensor]) -> int | torch.Tensor:
@@ -83,6 +84,12 @@ def _context_patches(inputs: Mapping[str, torch.Tensor]) -> int | torch.Tensor:
     if lengths is None:
         return int(inputs["context_mask"].shape[1])
     return lengths.detach().to(torch.float64).mean()
+
+
+def _regularizer_terms(output: Any) -> dict[str, torch.Tensor] | None:
+    """The anti-collapse terms a regularised model's output carries (detached, on the device), else ``None``."""
+    terms = {k: output[k].detach() for k in REGULARIZER_KEYS if output.get(k) is not None}
+    return terms or None
 
 
 class PretrainingStep:
@@ -174,6 +181,7 @@ class PretrainingStep:
             stats=collapse_statistics(output) if (want_stats and real) else None,
             updated=updated,
             skipped=skipped,
+            terms=_regularizer_terms(output) if real else None,
         )
 
     def first_nonfinite_update(self) -> int:

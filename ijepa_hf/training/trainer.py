@@ -51,6 +51,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
+from .metrics import REGULARIZER_KEYS
 from .optim import build_optimizer
 from .schedules import PretrainingSchedule
 
@@ -73,6 +74,12 @@ def _unwrap(model: Any) -> Any:
             raise TypeError(f"{type(model).__name__} has no update_target_encoder(): is it an IJepaForPreTraining?")
         model = inner
     return model
+
+
+def current_update(state: TrainerState) -> int:
+    """The 1-based number ``k`` of the update being made, as the stateless schedules count it: during both optimizer
+    hooks ``state.global_step`` is still ``k - 1``."""
+    return state.global_step + 1
 
 
 def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -123,7 +130,7 @@ class EMACallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: Any = None, **kwargs: Any) -> None:
-        momentum = self.momentum_at(state.global_step + 1, state.max_steps, model)
+        momentum = self.momentum_at(current_update(state), state.max_steps, model)
         # Under DeepSpeed ZeRO-3 the update gathers both encoders (every rank calls it; rank 0 modifies).
         update_target_encoder(_unwrap(model), momentum, is_main_process=state.is_world_process_zero)
         self.last_momentum = momentum
@@ -149,7 +156,7 @@ class WeightDecayScheduleCallback(TrainerCallback):
         start = args.weight_decay if self.weight_decay is None else self.weight_decay
         schedule = PretrainingSchedule(total_steps=max(1, state.max_steps), start_weight_decay=start,
                                        final_weight_decay=self.final_weight_decay)
-        update = state.global_step + 1
+        update = current_update(state)
         schedule.apply(optimizer, update, lr=False)
         self.last_weight_decay = schedule.weight_decay_at(update)
 
@@ -313,6 +320,8 @@ class IJepaTrainer(Trainer):
     def __init__(self, *args: Any, final_weight_decay: float | None = None,
                  ema_momentum: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
+        self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
         # The model's forward takes **kwargs only for API compatibility; it returns a mean loss, so the Trainer
         # must scale it for gradient accumulation instead of passing num_items_in_batch.
@@ -426,8 +435,31 @@ class IJepaTrainer(Trainer):
             return processor.image_mean, processor.image_std
         return IMAGENET_MEAN, IMAGENET_STD
 
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """The model's loss; a regularised model's terms (`REGULARIZER_KEYS`) are kept on the device for the next
+        log row."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and isinstance(outputs, dict) and outputs.get("prediction_loss") is not None:
+            terms = torch.stack([outputs[k].detach().float() if outputs.get(k) is not None
+                                 else outputs["prediction_loss"].new_tensor(float("nan")) for k in REGULARIZER_KEYS])
+            self._term_sums = terms if self._term_sums is None else self._term_sums + terms
+            self._term_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def _pop_regularizer_terms(self) -> dict[str, float]:
+        """The means of the regulariser's terms since the last log row, over micro-batches and processes."""
+        if self._term_sums is None:
+            return {}
+        means = self.accelerator.reduce(self._term_sums / self._term_count, "mean").tolist()
+        self._term_sums, self._term_count = None, 0
+        return {k: v for k, v in zip(REGULARIZER_KEYS, means) if not math.isnan(v)}
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's log, with the values of an :class:`OnlineProbeCallback` that ran since the last one."""
+        """The Trainer's log, with the regulariser's terms (if the model has one on) and the values of an
+        :class:`OnlineProbeCallback` that ran since the last one."""
+        if "loss" in logs:
+            logs.update(self._pop_regularizer_terms())
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, OnlineProbeCallback):
                 logs.update(callback.pop())
