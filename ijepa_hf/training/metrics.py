@@ -58,6 +58,14 @@ COLLAPSE_KEYS = ("target_std", "target_token_std", "pred_std", "target_rankme", 
 # the prediction term of loss alone, the others are the terms IJepaForPreTraining adds to it, each times its weight.
 REGULARIZER_KEYS = ("prediction_loss", "sigreg_loss", "variance_loss", "covariance_loss")
 THROUGHPUT_KEY = "images_per_s"
+
+
+def regularizer_vector(terms: Mapping[str, Any]) -> torch.Tensor:
+    """The regulariser's terms in `REGULARIZER_KEYS` order as one detached float32 device vector, NaN for a term
+    that is off (absent or ``None``), so that windows of them can be summed and reduced in one collective."""
+    present = next(terms[k] for k in REGULARIZER_KEYS if terms.get(k) is not None)
+    return torch.stack([terms[k].detach().float() if terms.get(k) is not None
+                        else present.new_tensor(float("nan"), dtype=torch.float32) for k in REGULARIZER_KEYS])
 # What limits the throughput: data_wait_fraction is the share of the row's wall time the loop waited for its next
 # batch (near 0: the step limits; near 1: the data); loader_images_per_s is what the loader can deliver (images per
 # second of a worker's making time, times the workers, summed over processes), to set beside images_per_s.
@@ -260,8 +268,7 @@ class LogWindow:
         """``context_patches`` may be a device scalar (the mean of per-image context lengths): it is summed there
         and read at :meth:`flush`. ``terms``: the regulariser's device scalars (`REGULARIZER_KEYS`), if on."""
         if terms:
-            self.term_sums += torch.stack([terms[k].detach().to(torch.float64) if k in terms
-                                           else self.term_sums.new_tensor(float("nan")) for k in REGULARIZER_KEYS])
+            self.term_sums += regularizer_vector(terms).to(torch.float64)
             self.term_count += 1
         self.batches += 1
         self.context += context_patches

@@ -51,7 +51,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
-from .metrics import REGULARIZER_KEYS
+from .metrics import REGULARIZER_KEYS, regularizer_vector
 from .optim import build_optimizer
 from .schedules import PretrainingSchedule
 
@@ -441,8 +441,7 @@ class IJepaTrainer(Trainer):
         log row."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and isinstance(outputs, dict) and outputs.get("prediction_loss") is not None:
-            terms = torch.stack([outputs[k].detach().float() if outputs.get(k) is not None
-                                 else outputs["prediction_loss"].new_tensor(float("nan")) for k in REGULARIZER_KEYS])
+            terms = regularizer_vector(outputs)
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
