@@ -56,6 +56,7 @@ __all__ = [
     "CONTEXT_LENGTHS",
     "POOLER_NORMS",
     "NEW_HEAD_POOLER_NORM",
+    "ENCODER_CHOICES",
     "REGULARIZED_EMBEDDINGS",
     "ConfigValueError",
     "ConfigTypeError",
@@ -319,6 +320,9 @@ class _IJepaTransformerConfig(PreTrainedConfig):
 # (benchmarks/README.md, "Fine-tuning with Trainer", has the measurement that chose it).
 POOLER_NORMS = (None, "none", "batchnorm", "layernorm")
 NEW_HEAD_POOLER_NORM = "batchnorm"
+# The two encoders of a pretraining model: the target encoder (the EMA one, which the paper evaluates) and the
+# context encoder.
+ENCODER_CHOICES = ("target", "context")
 
 
 # trf-ignore: TRF057 (linter note at the top of this file)
@@ -353,6 +357,9 @@ class IJepaEncoderConfig(_IJepaTransformerConfig):
     """
 
     model_type = "ijepa_hf_encoder"
+    # Read from a pretraining repo, an encoder's config is that repo's `encoder_config` (transformers' own rule for
+    # one part of a composite config): an encoder class loads one encoder of a pretraining repo as any repo.
+    base_config_key = "encoder_config"
 
     num_channels: int = 3
     pooler_norm: str | None = None

@@ -90,6 +90,19 @@ class IJepaBackboneConfig(BackboneConfigMixin, IJepaEncoderConfig):
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reading of a repo's config, where an encoder repo's config (or a pretraining repo's
+        ``encoder_config``) reads as this backbone's with the default stages: `IJepaBackbone.from_pretrained` and
+        ``AutoBackbone`` take those repos as they take backbone repos, backbone arguments given as keywords."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "ijepa_hf_pretraining":
+            config_dict = config_dict.get("encoder_config", config_dict)
+        if config_dict.get("model_type") == IJepaEncoderConfig.model_type:
+            config_dict = {key: value for key, value in config_dict.items() if key not in _NOT_CARRIED}
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+    @classmethod
     def from_encoder_config(cls, encoder_config: PretrainedConfig | dict[str, Any], **backbone_kwargs: Any):
         """The backbone config of an encoder (an `IJepaEncoderConfig` or its dict), with ``out_features`` /
         ``out_indices`` / ``apply_layernorm`` / ``reshape_hidden_states`` from ``backbone_kwargs``."""

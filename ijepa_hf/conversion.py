@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
-from .modeling_ijepa_hf import ENCODER_CHOICES, IJepaEncoderModel, IJepaForPreTraining
+from .configuration_ijepa_hf import ENCODER_CHOICES
+from .modeling_ijepa_hf import IJepaEncoderModel, IJepaForPreTraining
 
 __all__ = [
     "CheckpointMismatchError",

@@ -110,24 +110,30 @@ def load_encoder(
 ) -> tuple[nn.Module, Any]:
     """Loads the encoder to evaluate from a repo or folder, and its image processor.
 
-    Works for our encoder, pretraining (its ``encoder``: ``"target"`` or ``"context"``) and classifier repos, transformers' stock ``ijepa``
-    (and other vision) models: classifiers are loaded with ``AutoModelForImageClassification`` (their saved keys
-    carry the backbone prefix) and reduced to their backbone, everything else with ``AutoModel``.
-    ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``cache_dir``, ...).
+    A pretraining repo gives its ``encoder`` (``"target"``, the one the paper evaluates, or ``"context"``) as an
+    `IJepaEncoderModel`, the rest of the repo left unread. Our encoder and classifier repos and transformers' stock
+    ``ijepa`` (and other vision) models load through the Auto classes: classifiers with
+    ``AutoModelForImageClassification`` (their saved keys carry the backbone prefix), reduced to their backbone,
+    everything else with ``AutoModel``. ``kwargs`` go to ``from_pretrained`` as they are (``revision``, ``token``,
+    ``dtype``, ...).
     """
     # Importing this module imported `ijepa_hf`, which registered its model types with the Auto classes.
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers import AutoModel, AutoModelForImageClassification
 
-    from .modeling_ijepa_hf import refuse_checkpoint_file
+    from .configuration_ijepa_hf import IJepaPretrainingConfig
+    from .modeling_ijepa_hf import IJepaEncoderModel
+    from .pretrained_loading import check_encoder_choice, refuse_checkpoint_file, repo_config
 
     refuse_checkpoint_file(model_name_or_path, "load_encoder")
-    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
-    is_classifier = any(name.endswith("ForImageClassification") for name in (config.architectures or []))
-    auto_class = AutoModelForImageClassification if is_classifier else AutoModel
-    model = auto_class.from_pretrained(model_name_or_path, config=config, **kwargs)
-    network = resolve_encoder(model, encoder)
-    processor_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
-    return network, load_image_processor(model_name_or_path, getattr(network, "config", config), **processor_kwargs)
+    saved = repo_config(model_name_or_path, kwargs)
+    if saved.get("model_type") == IJepaPretrainingConfig.model_type:
+        network = IJepaEncoderModel.from_pretrained(model_name_or_path, encoder=encoder, **kwargs)
+    else:
+        check_encoder_choice("load_encoder", model_name_or_path, encoder, saved.get("model_type"))
+        is_classifier = any(name.endswith("ForImageClassification") for name in (saved.get("architectures") or []))
+        auto_class = AutoModelForImageClassification if is_classifier else AutoModel
+        network = resolve_encoder(auto_class.from_pretrained(model_name_or_path, **kwargs), encoder)
+    return network, load_image_processor(model_name_or_path, network.config, **kwargs)
 
 
 def load_image_classifier(
@@ -141,33 +147,24 @@ def load_image_classifier(
 ) -> nn.Module:
     """An image classifier with a new ``num_labels`` head on a pretrained backbone.
 
-    An I-JEPA pretraining repo (``ijepa_hf_pretraining``) gives an `IJepaEncoderForImageClassification` on its
-    ``encoder`` (``"target"``, the one the paper evaluates, or ``"context"``); anything else goes through
-    ``AutoModelForImageClassification.from_pretrained`` (our encoder or classifier repos, stock transformers
-    models). ``kwargs`` (``revision``, ``token``, ``cache_dir``, ``ignore_mismatched_sizes``, config fields such
-    as ``drop_path_rate``) go to ``from_pretrained``.
+    An I-JEPA pretraining repo gives an `IJepaEncoderForImageClassification` on its ``encoder`` (``"target"``,
+    the one the paper evaluates, or ``"context"``); anything else (our encoder or classifier repos, stock
+    transformers models) goes through ``AutoModelForImageClassification``. Both are `from_pretrained`, with
+    ``kwargs`` passed as they are (``revision``, ``token``, ``ignore_mismatched_sizes``, ``dtype``, config fields
+    such as ``drop_path_rate``).
     """
-    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
 
-    from .configuration_ijepa_hf import NEW_HEAD_POOLER_NORM, IJepaEncoderConfig, IJepaPretrainingConfig
-    from .modeling_ijepa_hf import IJepaEncoderForImageClassification, IJepaForPreTraining, refuse_checkpoint_file
+    from .configuration_ijepa_hf import IJepaPretrainingConfig
+    from .modeling_ijepa_hf import IJepaEncoderForImageClassification
+    from .pretrained_loading import check_encoder_choice, refuse_checkpoint_file, repo_config
 
     refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
     labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
-    hub_keys = ("revision", "token", "cache_dir")
-    config = AutoConfig.from_pretrained(model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys})
-    if not isinstance(config, IJepaPretrainingConfig):
-        return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)
-    pretraining = IJepaForPreTraining.from_pretrained(
-        model_name_or_path, **{k: v for k, v in kwargs.items() if k in hub_keys}
-    )
-    backbone = pretraining.export_encoder(encoder)
-    overrides = {k: v for k, v in kwargs.items() if k not in hub_keys and k != "ignore_mismatched_sizes"}
-    # a new head: the pooled features normalised as every new head's are (IJepaEncoderConfig.pooler_norm)
-    classifier_config = IJepaEncoderConfig.from_dict({**backbone.config.to_dict(), "pooler_norm": NEW_HEAD_POOLER_NORM,
-                                                      **overrides, **labels})
-    classifier = IJepaEncoderForImageClassification(classifier_config)
-    classifier.encoder.load_state_dict(backbone.state_dict())
-    classifier.config._name_or_path = model_name_or_path
-    return classifier
+    model_type = repo_config(model_name_or_path, kwargs).get("model_type")
+    if model_type == IJepaPretrainingConfig.model_type:
+        return IJepaEncoderForImageClassification.from_pretrained(model_name_or_path, encoder=encoder, **labels,
+                                                                  **kwargs)
+    check_encoder_choice("load_image_classifier", model_name_or_path, encoder, model_type)
+    return AutoModelForImageClassification.from_pretrained(model_name_or_path, **labels, **kwargs)

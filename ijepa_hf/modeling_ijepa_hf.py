@@ -39,9 +39,9 @@ weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub``
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -59,12 +59,14 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_ijepa_hf import (
+    ENCODER_CHOICES,
     NEW_HEAD_POOLER_NORM,
     IJepaEncoderConfig,
     IJepaPredictorConfig,
     IJepaPretrainingConfig,
 )
 from .configuration_ijepa_hf_backbone import BACKBONE_ARGUMENTS, IJepaBackboneConfig
+from .pretrained_loading import from_pretrained_policy
 
 __all__ = [
     "IJepaPreTrainedModel",
@@ -79,7 +81,6 @@ __all__ = [
     "sincos_position_embeddings",
     "gather_patches",
     "context_padding_mask",
-    "refuse_checkpoint_file",
 ]
 
 
@@ -532,105 +533,6 @@ class IJepaForPreTrainingOutput(ModelOutput):
 
 
 # The one vocabulary for "which encoder of a pretraining model": API keyword `encoder=`, CLI `--encoder`.
-ENCODER_CHOICES = ("target", "context")
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading: what kind of repo was given
-# ----------------------------------------------------------------------------------------------------------------
-
-# Keyword arguments of `from_pretrained` that locate files (also passed when reading a repo's config).
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-# Keyword arguments that `PreTrainedModel.from_pretrained` consumes itself (the rest are config overrides).
-_LOADING_KWARGS = frozenset(_HUB_KWARGS) | {
-    "ignore_mismatched_sizes", "use_safetensors", "weights_only", "state_dict", "output_loading_info", "dtype",
-    "torch_dtype", "device_map", "max_memory", "offload_folder", "offload_buffers", "quantization_config",
-    "variant", "attn_implementation", "trust_remote_code", "key_mapping", "tqdm_class", "_from_auto",
-    "_from_pipeline", "low_cpu_mem_usage", "disable_mmap", "adapter_kwargs", "adapter_name", "device_mesh",
-    "tp_plan", "tp_size", "distributed_config", "generation_config", "use_kernels", "kernel_config", "code_revision",
-}
-
-# model_type -> (what such a repo holds, the class that loads it).
-_REPO_KINDS: dict[str, tuple[str, str]] = {
-    "ijepa_hf_encoder": ("an I-JEPA encoder", "`IJepaEncoderModel` / `AutoModel`"),
-    "ijepa_hf_predictor": ("an I-JEPA predictor", "`IJepaPredictorModel`"),
-    "ijepa_hf_pretraining": (
-        "an I-JEPA pretraining model (context encoder, predictor, target encoder)",
-        "`IJepaForPreTraining` / `AutoModelForPreTraining`",
-    ),
-    "ijepa_hf_backbone": ("an I-JEPA encoder as a backbone", "`IJepaBackbone` / `AutoBackbone`"),
-    "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
-}
-
-
-def refuse_checkpoint_file(path: Any, caller: str) -> None:
-    """Raises a `ValueError` with the ``ijepa-hf convert`` command when ``path`` is a file (an official ``.pth.tar``)
-    where a Hugging Face model folder or Hub repo is expected; ``caller`` names the function in the message."""
-    if path is not None and isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).is_file():
-        raise ValueError(
-            f"{caller}({str(path)!r}): that is a file, not a Hugging Face model folder or Hub repo (those hold "
-            "config.json and the weights). An official I-JEPA checkpoint (.pth.tar) is converted with "
-            f"`ijepa-hf convert {path} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
-        )
-
-
-def _given_model_type(path: Any, cls: type, kwargs: dict[str, Any]) -> str | None:
-    """The ``model_type`` of what ``from_pretrained`` was given; ``None`` when it cannot be read (transformers then
-    reports the problem itself). A plain file is refused here: it is no Hugging Face repo."""
-    config = kwargs.get("config")
-    if isinstance(config, PretrainedConfig):
-        return config.model_type
-    refuse_checkpoint_file(path, f"{cls.__name__}.from_pretrained")
-    source = config if isinstance(config, (str, os.PathLike)) else path
-    return None if source is None else _config_dict(source, kwargs).get("model_type")
-
-
-def _saved_as(cls: type, path: Any, kwargs: dict[str, Any]) -> bool:
-    """Whether the repo ``path`` was saved by ``cls`` (its config's ``architectures``); False when unreadable."""
-    return cls.__name__ in (_config_dict(path, kwargs).get("architectures") or [])
-
-
-def _config_dict(source: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a folder or repo, ``{}`` when it cannot be read: transformers' own loading, which
-    runs next, reports a missing repo, no network or a broken file in its own words (all as ``OSError``)."""
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(source, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
-    except (OSError, ValueError):
-        return {}
-    return config_dict
-
-
-def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
-    expected = cls.config_class.model_type
-    held, loader = _REPO_KINDS.get(given, (f"a `{given}` model", "its own Auto class"))
-    wanted = _REPO_KINDS.get(expected, (f"a `{expected}` model", ""))[0]
-    message = (
-        f"{cls.__name__}.from_pretrained({str(path)!r}): that repo holds {held} (model_type {given!r}), but "
-        f"{cls.__name__} needs {wanted} (model_type {expected!r}). "
-    )
-    if given == "ijepa":
-        message += (
-            f"Load it with {loader}, or import it as an ijepa_hf encoder with "
-            f"`ijepa_hf.conversion.encoder_from_transformers({str(path)!r})`."
-        )
-    elif given == "ijepa_hf_pretraining" and expected == "ijepa_hf_predictor":
-        message += f"Load the whole model and take its predictor: `IJepaForPreTraining.from_pretrained({str(path)!r}).predictor`."
-        return message
-    else:
-        message += f"Load it with {loader}."
-    if expected == "ijepa_hf_pretraining":
-        message += " Pretraining repos come from `ijepa-hf convert CHECKPOINT.pth.tar OUTPUT_DIR` or from pretraining."
-        if given == "ijepa_hf_encoder":
-            message += " To pretrain at this encoder's size: `IJepaPretrainingConfig(encoder_config=AutoConfig.from_pretrained(repo))`."
-    return message
-
-
-def _key_summary(label: str, keys: Sequence[str], shown: int = 5) -> str:
-    if not keys:
-        return ""
-    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
-    return f"{len(keys)} {label} ({', '.join(keys[:shown])}{more}); "
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -714,66 +616,24 @@ class IJepaPreTrainedModel(PreTrainedModel):
             del cls._auto_class  # back to the base class's None
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, **kwargs: Any):
-        """`PreTrainedModel.from_pretrained`, with the wrong kind of input named and a checkpoint that does not fit
-        the architecture an error.
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Any, *model_args: Any, strict: bool = True, encoder: str | None = None,
+        **kwargs: Any,
+    ):
+        """`PreTrainedModel.from_pretrained` (every keyword argument is transformers'), with the kind of repo checked
+        and a checkpoint that does not fit the architecture an error (`pretrained_loading` says how).
 
-        - Missing or unexpected keys raise `ValueError` listing them (transformers only warns, which silently
-          leaves random weights); keys in ``_keys_to_ignore_on_load_missing`` (recomputed sin-cos tables, heads
-          meant to be trained) may be missing. Mis-shaped keys are transformers' business: an error, or with
-          ``ignore_mismatched_sizes=True`` re-initialised and reported (e.g. a classifier re-headed for other
-          labels). ``strict=False`` gives transformers' lenient behaviour.
-        - An encoder or classifier class given a pretraining repo (``ijepa_hf_pretraining``) loads its **target
-          encoder** (the one the paper evaluates), the classifier with a new head.
-        - A raw official checkpoint file, transformers' own ``ijepa`` repo or another ``ijepa_hf`` kind is a short
-          `ValueError` naming what was given, what was expected and how to get it.
+        - ``strict``: missing or unexpected keys raise `ValueError` listing them (keys in
+          ``_keys_to_ignore_on_load_missing``, recomputed sin-cos tables and heads meant to be trained, may be
+          missing); ``strict=False`` gives transformers' lenient behaviour. Mis-shaped keys are transformers'
+          business: an error, or with ``ignore_mismatched_sizes=True`` re-initialised and reported.
+        - ``encoder``: an encoder, classifier or backbone class given a pretraining repo loads its ``"target"``
+          encoder (the default, the one the paper evaluates) or its ``"context"`` encoder.
+        - A raw official checkpoint file, transformers' own ``ijepa`` repo or another kind of ``ijepa_hf`` repo is a
+          short `ValueError` naming what was given, what was expected and how to load it.
         """
-        given = _given_model_type(pretrained_model_name_or_path, cls, kwargs)
-        expected = cls.config_class.model_type
-        if given is not None and given != expected:
-            if given == "ijepa_hf_pretraining" and expected == "ijepa_hf_encoder":
-                return cls._from_pretraining_repo(pretrained_model_name_or_path, model_args, strict, kwargs)
-            raise ValueError(_wrong_kind_message(cls, pretrained_model_name_or_path, given))
-        wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        if strict:
-            missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
-            if missing or unexpected:
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the checkpoint does not "
-                    f"match the config: {_key_summary('missing keys', missing)}{_key_summary('unexpected keys', unexpected)}"
-                    "check that the config matches the weights (an official checkpoint is converted with "
-                    "`ijepa-hf convert`); strict=False loads anyway."
-                )
-        model._after_load()
-        return (model, info) if wants_info else model
-
-    @classmethod
-    def _from_pretraining_repo(cls, path: Any, model_args: tuple, strict: bool, kwargs: dict[str, Any]):
-        """The target encoder of a pretraining repo, as ``cls`` (an encoder, or a classifier with a new head)."""
-        if kwargs.get("config") is not None and not isinstance(kwargs["config"], PretrainedConfig):
-            raise ValueError(f"`config` must be a config object, got {type(kwargs['config']).__name__}.")
-        pretraining_config = kwargs.pop("config", None)
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        if pretraining_config is None:
-            pretraining_config = IJepaPretrainingConfig.from_pretrained(path, **hub_kwargs)
-        else:
-            # The Auto classes put `num_labels` / `id2label` on the repo's (pretraining) config: they are the head's.
-            for key in ("id2label", "label2id", "problem_type"):
-                kwargs.setdefault(key, getattr(pretraining_config, key))
-        encoder_dict = pretraining_config.encoder_config
-        encoder_dict = encoder_dict.to_dict() if isinstance(encoder_dict, PretrainedConfig) else dict(encoder_dict)
-        encoder_dict.pop("model_type", None)
-        loading = {key: kwargs.pop(key) for key in list(kwargs) if key in _LOADING_KWARGS}
-        # Config overrides (num_labels, id2label, drop_path_rate, ...) are the remaining keyword arguments.
-        config, unused = cls.config_class.from_dict(encoder_dict, return_unused_kwargs=True, **kwargs)
-        if unused:
-            raise TypeError(f"{cls.__name__}.from_pretrained() got unexpected keyword arguments {sorted(unused)}.")
-        config._name_or_path = str(path)
-        key_mapping = {r"^target_encoder\.": ""}  # base_model_prefix adds `encoder.` for the classifier
-        return cls.from_pretrained(path, *model_args, config=config, key_mapping=key_mapping, strict=strict, **loading)
+        return from_pretrained_policy(cls, super().from_pretrained, pretrained_model_name_or_path, model_args, kwargs,
+                                      strict=strict, encoder=encoder)
 
     def _after_load(self) -> None:
         """Hook run after `from_pretrained` (the pretraining model re-freezes its target encoder here)."""
@@ -791,7 +651,9 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
     base_model_prefix = "encoder"
     # What this encoder leaves aside when loaded from a classifier (its head) or a pretraining repo (everything but
     # the target encoder).
-    _keys_to_ignore_on_load_unexpected = [r"^classifier\.", r"^context_encoder\.", r"^predictor\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^classifier\.", r"^context_encoder\.", r"^target_encoder\.", r"^predictor\."
+    ]
 
     def __init__(self, config: IJepaEncoderConfig) -> None:
         super().__init__(config)
@@ -1280,6 +1142,9 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
     base_model_prefix = "encoder"
     # A head on top of an encoder checkpoint starts fresh (its pooler norm too).
     _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$", r"^classifier\.", r"^pooler_norm\."]
+    # A head this class did not train (on an encoder or pretraining repo) standardises the pooled features unless
+    # the caller says otherwise; a classifier repo keeps what it was trained with.
+    _fresh_head_config = {"pooler_norm": NEW_HEAD_POOLER_NORM}
 
     def __init__(self, config: IJepaEncoderConfig) -> None:
         super().__init__(config)
@@ -1296,22 +1161,6 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
             self.pooler_norm = nn.Identity()
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
-        """`IJepaPreTrainedModel.from_pretrained`; a new head (on an encoder or pretraining repo) whose
-        ``pooler_norm`` is not given gets `NEW_HEAD_POOLER_NORM`; a classifier repo keeps what it was trained
-        with."""
-        config = kwargs.get("config")
-        if isinstance(config, PretrainedConfig):
-            # CODEPATH: model_type — "ijepa_hf_encoder": encoder and classifier repos (a new head when the repo was
-            # not saved by this class); pretraining repos go on to `_from_pretraining_repo`, which decides there.
-            if config.model_type == cls.config_class.model_type and getattr(config, "pooler_norm", None) is None \
-                    and cls.__name__ not in (config.architectures or []):
-                config.pooler_norm = NEW_HEAD_POOLER_NORM
-        elif kwargs.get("pooler_norm") is None and not _saved_as(cls, pretrained_model_name_or_path, kwargs):
-            kwargs["pooler_norm"] = NEW_HEAD_POOLER_NORM
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # trf-ignore: TRF057 (linter note at the top of this file)
     @can_return_tuple
@@ -1343,6 +1192,10 @@ def _as_backbone_config(config: PretrainedConfig, **backbone_kwargs: Any) -> IJe
     config) holds the repo's own config with the backbone arguments set on it; the backbone is then its encoder
     (a pretraining repo's target encoder) with those arguments (``backbone_kwargs`` win over them)."""
     if isinstance(config, IJepaBackboneConfig):
+        if backbone_kwargs:  # the arguments override the saved choice (out_indices realigns out_features)
+            config = copy.deepcopy(config)
+            for key, value in backbone_kwargs.items():
+                setattr(config, key, value)
         return config
     arguments = {key: getattr(config, key) for key in BACKBONE_ARGUMENTS if key in config.to_dict()}
     arguments.update(backbone_kwargs)
@@ -1375,33 +1228,13 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
-        backbone_kwargs = {key: kwargs.pop(key) for key in BACKBONE_ARGUMENTS if key in kwargs}
+        """`IJepaPreTrainedModel.from_pretrained`, the backbone arguments (``out_indices``, ...) set on the config
+        however it comes: read from the repo (`IJepaBackboneConfig` reads encoder and pretraining repos too) or
+        given as an encoder, pretraining or backbone config (the Auto classes give the repo's own)."""
         config = kwargs.get("config")
-        if isinstance(config, IJepaBackboneConfig):
-            for key, value in backbone_kwargs.items():
-                setattr(config, key, value)
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        given = _given_model_type(pretrained_model_name_or_path, cls, kwargs)
-        hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
-        if isinstance(config, IJepaEncoderConfig) or (config is None and given == IJepaEncoderConfig.model_type):
-            encoder_config = config or IJepaEncoderConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            kwargs["config"] = _as_backbone_config(encoder_config, **backbone_kwargs)
-        elif isinstance(config, IJepaPretrainingConfig) or (
-            config is None and given == IJepaPretrainingConfig.model_type
-        ):
-            # The target encoder, the one the paper evaluates.
-            pretraining_config = config or IJepaPretrainingConfig.from_pretrained(
-                pretrained_model_name_or_path, **hub_kwargs
-            )
-            kwargs["config"] = _as_backbone_config(pretraining_config, **backbone_kwargs)
-            kwargs["key_mapping"] = {r"^target_encoder\.": "", **(kwargs.get("key_mapping") or {})}
-        else:
-            if backbone_kwargs:  # a backbone repo: the arguments override its saved choice
-                kwargs["config"] = IJepaBackboneConfig.from_pretrained(
-                    config or pretrained_model_name_or_path, **hub_kwargs, **backbone_kwargs
-                )
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        kwargs["config"]._name_or_path = str(pretrained_model_name_or_path)
+        if isinstance(config, PretrainedConfig):
+            backbone_kwargs = {key: kwargs.pop(key) for key in BACKBONE_ARGUMENTS if key in kwargs}
+            kwargs["config"] = _as_backbone_config(config, **backbone_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # trf-ignore: TRF057 (linter note at the top of this file)

@@ -191,3 +191,66 @@ def test_repo_loaders_refuse_a_raw_checkpoint_with_the_convert_command():
         load_encoder(str(GOLDEN_CHECKPOINT))
     with pytest.raises(ValueError, match=r"load_image_classifier\(.*ijepa-hf convert"):
         load_image_classifier(str(GOLDEN_CHECKPOINT), num_labels=2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One loading path (issue 26): every class and `loading.py` load one encoder of a pretraining repo through
+# transformers' `from_pretrained` with `key_mapping`, keyword arguments passed through
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["target", "context"])
+def test_every_encoder_class_loads_either_encoder_of_a_pretraining_repo(repos, which):
+    from ijepa_hf import IJepaBackbone
+
+    pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
+    reference = pretraining.encoder_for(which)
+    encoder, info = IJepaEncoderModel.from_pretrained(repos["pretraining"], encoder=which, output_loading_info=True)
+    assert _same_weights(encoder, reference) and not info["missing_keys"] and not info["unexpected_keys"]
+    classifier = IJepaEncoderForImageClassification.from_pretrained(repos["pretraining"], encoder=which, num_labels=4)
+    assert _same_weights(classifier.encoder, reference) and classifier.classifier.out_features == 4
+    backbone = IJepaBackbone.from_pretrained(repos["pretraining"], encoder=which, out_indices=[1])
+    assert _same_weights(backbone, reference)
+
+
+def test_the_encoder_choice_is_refused_where_it_means_nothing(repos):
+    with pytest.raises(ValueError, match=r"encoder='context'.*pretraining repo"):
+        IJepaEncoderModel.from_pretrained(repos["encoder"], encoder="context")
+    with pytest.raises(ValueError, match=r"encoder must be one of \('target', 'context'\)"):
+        IJepaEncoderModel.from_pretrained(repos["pretraining"], encoder="middle")
+
+
+def test_from_pretrained_keywords_pass_through_unlisted(repos):
+    """Keywords that transformers' `from_pretrained` takes reach it, even those no list of ours names (the list this
+    replaced missed `gguf_file` and later additions, and refused them as unknown config fields)."""
+    from ijepa_hf import IJepaBackbone
+
+    for cls in (IJepaEncoderModel, IJepaEncoderForImageClassification, IJepaBackbone):
+        model = cls.from_pretrained(repos["pretraining"], gguf_file=None, dtype=torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}, cls.__name__
+
+
+def test_loading_helpers_take_the_model_classes_path(repos):
+    """`load_encoder` / `load_image_classifier` on a pretraining repo load the one encoder they need, strictly, with
+    every keyword passed to `from_pretrained` (dtype included)."""
+    from ijepa_hf.loading import load_encoder, load_image_classifier
+
+    pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
+    encoder, _ = load_encoder(str(repos["pretraining"]), encoder="context", dtype=torch.bfloat16)
+    def same_parameters(module, reference):  # the sin-cos buffer stays fp32 under any dtype
+        ours, ref = dict(module.named_parameters()), dict(reference.named_parameters())
+        return ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+    reference = pretraining.context_encoder.to(torch.bfloat16)
+    assert type(encoder) is IJepaEncoderModel and same_parameters(encoder, reference)
+    classifier = load_image_classifier(str(repos["pretraining"]), num_labels=3, encoder="context", dtype=torch.bfloat16)
+    assert {p.dtype for p in classifier.parameters()} == {torch.bfloat16}
+    assert same_parameters(classifier.encoder, reference)
+    assert classifier.config.pooler_norm is not None  # a new head, as from the class itself
+
+
+def test_the_model_file_holds_models_not_loading_policy():
+    source = Path(__file__).resolve().parents[1] / "ijepa_hf" / "modeling_ijepa_hf.py"
+    text = source.read_text()
+    for name in ("_HUB_KWARGS", "_LOADING_KWARGS", "get_config_dict", "_wrong_kind_message", "_REPO_KINDS"):
+        assert name not in text, name

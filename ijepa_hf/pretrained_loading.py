@@ -1,0 +1,200 @@
+# Copyright 2026 The ijepa-hf Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""What every I-JEPA class's ``from_pretrained`` does with the repo it is given: one policy for all of them.
+
+Every class loads through transformers' own `PreTrainedModel.from_pretrained`, its keyword arguments passed on
+untouched (Hub location, ``dtype``, ``device_map``, config fields such as ``num_labels``: transformers sorts them).
+This module adds only what transformers cannot know:
+
+- **The kind of repo** (its config's ``model_type``) is checked first. A class given the wrong kind gets a
+  `ValueError` naming what the repo holds, what the class needs and the call that loads it; a raw official
+  ``.pth.tar`` file gets the command that converts it.
+- **One encoder of a pretraining repo.** The encoder classes (encoder, classifier, backbone) given a pretraining
+  repo load its target encoder (``encoder="target"``, the one the paper evaluates) or its context encoder
+  (``encoder="context"``) through transformers' ``key_mapping`` (``target_encoder.`` -> the class's own names).
+  The config is the repo's ``encoder_config`` (`IJepaEncoderConfig.base_config_key`), so config fields given as
+  keyword arguments apply as for any repo.
+- **A fresh head starts as every fresh head does**: a class that declares ``_fresh_head_config`` gets those config
+  values when the repo was not saved by that class and the caller gave none.
+- **Strict keys**: missing or unexpected keys are an error listing them (transformers only warns, which silently
+  leaves random weights); ``strict=False`` gives transformers' lenient behaviour.
+
+Like the modelling file that calls it, this module imports only transformers and the configuration module, so it
+ships beside them with ``trust_remote_code`` repos.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
+
+__all__ = ["check_encoder_choice", "from_pretrained_policy", "refuse_checkpoint_file", "repo_config"]
+
+_PRETRAINING = IJepaPretrainingConfig.model_type
+
+# model_type -> (what such a repo holds, the class that loads it).
+_REPO_KINDS: dict[str, tuple[str, str]] = {
+    "ijepa_hf_encoder": ("an I-JEPA encoder", "`IJepaEncoderModel` / `AutoModel`"),
+    "ijepa_hf_predictor": ("an I-JEPA predictor", "`IJepaPredictorModel`"),
+    _PRETRAINING: (
+        "an I-JEPA pretraining model (context encoder, predictor, target encoder)",
+        "`IJepaForPreTraining` / `AutoModelForPreTraining`",
+    ),
+    "ijepa_hf_backbone": ("an I-JEPA encoder as a backbone", "`IJepaBackbone` / `AutoBackbone`"),
+    "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
+}
+
+
+def refuse_checkpoint_file(path: Any, caller: str) -> None:
+    """Raises a `ValueError` with the ``ijepa-hf convert`` command when ``path`` is a file (an official ``.pth.tar``)
+    where a Hugging Face model folder or Hub repo is expected; ``caller`` names the function in the message."""
+    if path is not None and isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).is_file():
+        raise ValueError(
+            f"{caller}({str(path)!r}): that is a file, not a Hugging Face model folder or Hub repo (those hold "
+            "config.json and the weights). An official I-JEPA checkpoint (.pth.tar) is converted with "
+            f"`ijepa-hf convert {path} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
+        )
+
+
+def repo_config(path: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``config.json`` of a folder or repo, ``{}`` when it cannot be read: transformers' own loading, which runs
+    next, reports a missing repo, no network or a broken file in its own words. transformers' config reader takes
+    the Hub keywords it knows out of a copy of ``kwargs`` and leaves the rest."""
+    reading = {key: value for key, value in kwargs.items() if key != "config"}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(path, **reading)
+    except (OSError, ValueError):
+        return {}
+    return config_dict
+
+
+def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
+    expected = cls.config_class.model_type
+    held, loader = _REPO_KINDS.get(given, (f"a `{given}` model", "its own Auto class"))
+    wanted = _REPO_KINDS.get(expected, (f"a `{expected}` model", ""))[0]
+    message = (
+        f"{cls.__name__}.from_pretrained({str(path)!r}): that repo holds {held} (model_type {given!r}), but "
+        f"{cls.__name__} needs {wanted} (model_type {expected!r}). "
+    )
+    if given == "ijepa":
+        message += (
+            f"Load it with {loader}, or import it as an ijepa_hf encoder with "
+            f"`ijepa_hf.conversion.encoder_from_transformers({str(path)!r})`."
+        )
+    elif given == _PRETRAINING and expected == "ijepa_hf_predictor":
+        message += f"Load the whole model and take its predictor: `IJepaForPreTraining.from_pretrained({str(path)!r}).predictor`."
+        return message
+    else:
+        message += f"Load it with {loader}."
+    if expected == _PRETRAINING:
+        message += " Pretraining repos come from `ijepa-hf convert CHECKPOINT.pth.tar OUTPUT_DIR` or from pretraining."
+        if given == "ijepa_hf_encoder":
+            message += " To pretrain at this encoder's size: `IJepaPretrainingConfig(encoder_config=AutoConfig.from_pretrained(repo))`."
+    return message
+
+
+def _key_summary(label: str, keys: Sequence[str], shown: int = 5) -> str:
+    if not keys:
+        return ""
+    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+    return f"{len(keys)} {label} ({', '.join(keys[:shown])}{more}); "
+
+
+def _encoder_config_of(config: IJepaPretrainingConfig) -> IJepaEncoderConfig:
+    """A pretraining config's encoder config, with the head fields the Auto classes set on the repo's config."""
+    encoder_dict = config.encoder_config.to_dict()
+    encoder_dict.pop("model_type", None)
+    heads = {key: getattr(config, key) for key in ("id2label", "label2id", "problem_type")}
+    return IJepaEncoderConfig.from_dict({**encoder_dict, **heads})
+
+
+def check_encoder_choice(caller: str, path: Any, encoder: str | None, held: str | None) -> None:
+    """Refuses ``encoder="context"`` for a repo that is not a pretraining repo (``held``: its ``model_type``): only
+    a pretraining repo holds two encoders to choose from; any other repo's encoder is what ``"target"`` means."""
+    if encoder is not None and encoder not in ENCODER_CHOICES:
+        raise ValueError(f"{caller}: encoder must be one of {ENCODER_CHOICES}, got {encoder!r}.")
+    if encoder not in (None, "target") and held != _PRETRAINING:
+        holds = _REPO_KINDS.get(held, (f"a `{held}` model",))[0]
+        raise ValueError(
+            f"{caller}({str(path)!r}, encoder={encoder!r}): the encoder choice applies to a pretraining repo, which "
+            f"holds two; this repo holds {holds}. Leave `encoder` out."
+        )
+
+
+def from_pretrained_policy(
+    cls: type,
+    load: Callable[..., Any],
+    path: Any,
+    model_args: tuple,
+    kwargs: dict[str, Any],
+    strict: bool = True,
+    encoder: str | None = None,
+) -> Any:
+    """``cls.from_pretrained(path, *model_args, strict=strict, encoder=encoder, **kwargs)``, where ``load`` is
+    transformers' `PreTrainedModel.from_pretrained` bound to ``cls``. Returns what ``load`` returns (the model,
+    or ``(model, loading_info)`` with ``output_loading_info=True``), after ``model._after_load()``."""
+    caller = f"{cls.__name__}.from_pretrained"
+    check_encoder_choice(caller, path, encoder, _PRETRAINING)  # the value itself; its fit to the repo below
+    refuse_checkpoint_file(path, caller)
+    config = kwargs.get("config")
+    repo = repo_config(path, kwargs) if path is not None else {}
+    held = repo.get("model_type") or getattr(config, "model_type", None)
+    expected = cls.config_class.model_type
+    encoder_class = issubclass(cls.config_class, IJepaEncoderConfig)
+    accepted = {expected} | ({"ijepa_hf_encoder", _PRETRAINING} if encoder_class else set())
+    if held is not None and held not in accepted:
+        raise ValueError(_wrong_kind_message(cls, path, held))
+    if held == _PRETRAINING and encoder_class:
+        # One encoder of the repo: its keys lose their prefix (a classifier's `base_model_prefix` then adds
+        # `encoder.`); the other encoder and the predictor are left aside (the encoder's
+        # `_keys_to_ignore_on_load_unexpected`).
+        which = encoder or "target"
+        kwargs["key_mapping"] = {rf"^{which}_encoder\.": "", **(kwargs.get("key_mapping") or {})}
+        if isinstance(config, IJepaPretrainingConfig):
+            kwargs["config"] = config = _encoder_config_of(config)
+    else:
+        check_encoder_choice(caller, path, encoder, held)
+    fresh = getattr(cls, "_fresh_head_config", None)
+    if fresh:
+        architectures = repo.get("architectures") or getattr(config, "architectures", None) or []
+        if cls.__name__ not in architectures:  # a head this class did not train
+            if isinstance(config, PretrainedConfig):
+                kwargs["config"] = config = copy.deepcopy(config)
+                for key, value in fresh.items():
+                    if getattr(config, key, None) is None:
+                        setattr(config, key, value)
+            else:
+                for key, value in fresh.items():
+                    if kwargs.get(key) is None:
+                        kwargs[key] = value
+    wants_info = kwargs.pop("output_loading_info", False)
+    model, info = load(path, *model_args, output_loading_info=True, **kwargs)
+    if strict:
+        missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+        if missing or unexpected:
+            raise ValueError(
+                f"{caller}({str(path)!r}): the checkpoint does not match the config: "
+                f"{_key_summary('missing keys', missing)}{_key_summary('unexpected keys', unexpected)}"
+                "check that the config matches the weights (an official checkpoint is converted with "
+                "`ijepa-hf convert`); strict=False loads anyway."
+            )
+    model._after_load()
+    return (model, info) if wants_info else model
