@@ -316,7 +316,7 @@ def test_trainer_passes_context_lengths_to_the_model(tmp_path, monkeypatch):
 
 def test_a_checkpoint_written_before_the_field_existed_resumes_with_the_default(tmp_path):
     from ijepa_hf.training import PretrainingArguments
-    from ijepa_hf.training.arguments import check_resume_compatible
+    from ijepa_hf.training.resume import check_resume_compatible
 
     args = PretrainingArguments(config_name="vit_tiny_patch16_224", output_dir=str(tmp_path))
     config = IJepaPretrainingConfig.from_preset("vit_tiny_patch16_224")

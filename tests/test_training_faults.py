@@ -172,7 +172,8 @@ def test_resume_compares_the_precision_that_ran_not_the_flag(tmp_path, monkeypat
 
 
 def test_resume_under_another_distributed_strategy_is_refused_naming_it(tmp_path):
-    from ijepa_hf.training.arguments import build_config, check_resume_compatible
+    from ijepa_hf.training.arguments import build_config
+    from ijepa_hf.training.resume import check_resume_compatible
 
     out = tmp_path / "run"
     run(out, "--checkpointing_steps", "2", steps=2)

@@ -3,7 +3,8 @@ Accelerate loop (:func:`pretrain`) and the ``transformers.Trainer`` integration 
 
 Modules, one concept each: ``arguments`` (the run's options and config), ``schedules`` (lr / weight decay / EMA as
 functions of the update number), ``optim`` (parameter groups), ``step`` (one training step), ``checkpointing``
-(output folder, lock, atomic save, resume), ``metrics`` (log schema, collapse statistics, online probe), ``export``
+(output folder, lock, atomic save), ``resume`` (a checkpoint's loop state, the compatibility check, resuming),
+``metrics`` (log schema, collapse statistics, online probe), ``export``
 (final model, cards, push), ``preemption`` (signals that stop a run with a checkpoint), ``host_syncs`` (counting
 where the host waits for the device), ``recipes`` (official / small), ``kernels`` (kernel choices by measurement),
 ``distributed`` (FSDP2 / DeepSpeed / per-process masks), ``loop`` (:func:`pretrain`), ``trainer``

@@ -1,5 +1,5 @@
 """Checkpoints of a pretraining run: the output-folder policy, the run lock, atomic saves, discovery, pruning and a
-resume that loads no code.
+load that runs no code. What a checkpoint's loop state holds and how a run resumes from it is :mod:`.resume`'s.
 
 Layout of ``output_dir``::
 

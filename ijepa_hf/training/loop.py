@@ -2,7 +2,7 @@
 
 It reads top to bottom like transformers' ``run_mim_no_trainer.py``: arguments (:mod:`.arguments`), config,
 model, data (:mod:`ijepa_hf.data.pretraining`), optimizer and schedules (:mod:`.schedules`), resume
-(:mod:`.checkpointing`), the training step (:mod:`.step`), logging (:mod:`.metrics`), export (:mod:`.export`).
+(:mod:`.resume`), the training step (:mod:`.step`), logging (:mod:`.metrics`), export (:mod:`.export`).
 
 A run is safe to leave alone for days:
 
@@ -37,19 +37,16 @@ from tqdm.auto import tqdm
 
 from ..data import LOAD_SECONDS_KEY, BadImageCounter, MaskedBatchCollator, build_pretraining_data
 from ..masking import IJepaMaskCollator
-from .arguments import PretrainingArguments, build_config, check_resume_compatible, parse_args
+from .arguments import PretrainingArguments, build_config, parse_args
 from .checkpointing import (
     OutputDirLock,
     RunFolder,
-    load_checkpoint,
     prepare_output_dir,
-    read_manifest,
     save_checkpoint,
     write_run_file,
 )
 from .distributed import (
     EmaMode,
-    after_checkpoint_load,
     configure_distributed,
     mask_collator_for_process,
     match_deepspeed_config,
@@ -67,6 +64,7 @@ from .metrics import (
 )
 from .optim import build_optimizer
 from .preemption import PreemptionHandler, TrainingPreempted, ignore_signals, parse_signals
+from .resume import Progress, loop_state, resume_run
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, PretrainingStep, weights_are_finite
 
@@ -75,17 +73,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["PretrainingArguments", "PretrainingResult", "pretrain", "parse_args"]
 
 TRACKER_PROJECT_NAME = "ijepa_pretraining"
-
-
-@dataclass
-class Progress:
-    """The loop's position, saved (as JSON) in every checkpoint."""
-
-    completed_steps: int = 0  # optimizer updates done
-    epoch: int = 0  # current epoch
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    batches_seen: int = 0  # micro-batches consumed in the whole run = index of the next global batch's masks
-    images_seen: int = 0  # good images consumed by this process
 
 
 @dataclass
@@ -299,28 +286,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
     # ---- resume
     progress = Progress()
     if run.resume_from is not None:
-        logger.info("Resuming from %s", run.resume_from)
-        saved = read_manifest(run.resume_from)["state"]
-        check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps,  # before any load
-                                mixed_precision=accelerator.mixed_precision,
-                                distributed_type=_distributed_type(accelerator), data=data.fingerprint())
-        # Where earlier checkpoints recorded the sampling: beside the collator's state (ijepa-hf 0.1.0 from 2026-12-01
-        # to 2026-12-05), or nowhere (before 2026-12-01: they sampled globally).
-        saved_sampling = saved["mask_collator"].get("mask_sampling", saved.get("mask_sampling", "global"))
-        if accelerator.num_processes > 1 and saved_sampling != mask_collator.mask_sampling:
-            raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling}, this run "
-                             f"samples them {mask_collator.mask_sampling} (mask_sampling); continue with the "
-                             "settings or the version that wrote it, or start anew")
-        load_checkpoint(accelerator, run.resume_from)
-        after_checkpoint_load(accelerator, model)
-        progress = Progress(**saved["progress"])
-        mask_collator.load_state_dict(saved["mask_collator"])
-        if sized and progress.batch_in_epoch >= batches_per_epoch:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-        if saved["total_steps"] != total_steps:
-            logger.warning("--extend_run: the schedules are recomputed for %d steps (were %d); step %d continues on "
-                           "the new curves (lr %.3g)", total_steps, saved["total_steps"],
-                           progress.completed_steps + 1, schedule.lr_at(progress.completed_steps + 1))
+        progress = resume_run(accelerator, model, run.resume_from, args, config, mask_collator, data.fingerprint(),
+                              schedule, total_steps, batches_per_epoch)
     log_path = output_dir / TRAIN_LOG_NAME
     if accelerator.is_main_process:
         if run.resume_from is None:
@@ -345,14 +312,6 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
                 schedule.warmup_steps, num_epochs if sized else "streamed", progress.completed_steps)
     logger.info("  Masks: %r", mask_collator)
 
-    def checkpoint_state() -> dict[str, Any]:
-        return {"arguments": args.to_dict(), "config": config.to_dict(), "num_processes": accelerator.num_processes,
-                "total_steps": total_steps, "schedule": schedule.to_dict(),
-                "progress": dataclasses.asdict(progress), "mask_collator": mask_collator.state_dict(),
-                # what ran, whichever way it was set (flag, launcher, accelerate config, environment)
-                "mixed_precision": accelerator.mixed_precision, "distributed_type": _distributed_type(accelerator),
-                "data": data.fingerprint()}
-
     saved: list[Path] = []
 
     def save(step: int) -> None:
@@ -360,8 +319,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         if not _all_finite(accelerator, model):
             raise NonFiniteLossError(step, schedule.lr_at(step), ": the weights are no longer finite")
         folder.guard(step)
-        saved.append(save_checkpoint(accelerator, output_dir, step, run.run_id, checkpoint_state(),
-                                     args.checkpoints_total_limit))
+        state = loop_state(accelerator, args, config, total_steps, schedule, progress, mask_collator,
+                           data.fingerprint())
+        saved.append(save_checkpoint(accelerator, output_dir, step, run.run_id, state, args.checkpoints_total_limit))
 
     # ---- train
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
@@ -523,12 +483,6 @@ def _timed(loader: Any, window: LogWindow) -> Any:
         made, images = (None, 0) if batch is None else (batch.get(LOAD_SECONDS_KEY), len(batch["pixel_values"]))
         window.add_loading(time.perf_counter() - started, made, images)
         yield batch
-
-
-def _distributed_type(accelerator: Any) -> str:
-    """The run's distributed strategy as checkpoints record it (``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``...)."""
-    value = accelerator.distributed_type
-    return str(getattr(value, "value", value))
 
 
 def _require_process_group(accelerator: Any) -> None:
