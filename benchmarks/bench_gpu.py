@@ -18,7 +18,9 @@ data sheet and against a bf16 matrix product measured in the same run. Agreement
 predictions and gradients with bf16 autocast against fp32 (TF32 off). Profile: torch.profiler over a few steps of one
 model at its timed batch, the busiest kernels and how much of the wall-clock step the GPU was busy (a step that
 waits on the host shows as a low fraction). Compile: the step under ``torch.compile`` against eager, after one
-recompile for a second mask shape. The JSON is rewritten after every stage, so a run stopped by a time limit still
+recompile for a second mask shape. Contexts: one model stepped with the contexts cut to the batch's shortest (the
+official collator), every image's whole context padded, and packed (variable-length attention), per real context
+token, with the packed step checked against the padded one. The JSON is rewritten after every stage, so a run stopped by a time limit still
 leaves what it measured.
 """
 
@@ -43,7 +45,9 @@ from bench_train_step import (  # benchmarks/bench_train_step.py, beside this sc
     train_step,
 )
 
+import ijepa_hf.modeling_ijepa_hf as modeling
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
+from ijepa_hf.modeling_ijepa_hf import packed_sequences
 from ijepa_hf.training import build_optimizer
 from ijepa_hf.training.compilation import configure_inductor_for_variable_masks
 
@@ -204,7 +208,7 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
 
     configure_inductor_for_variable_masks()
     setup = training_setup(preset, device, batch_size)
-    model = setup.model
+    model, optimizer = setup.model, setup.optimizer
     config = model.config
     other_shape = next(batch for seed in range(1, 20)
                        if (batch := mask_batch(config, batch_size, device, seed))["context_mask"].shape
@@ -219,7 +223,7 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = module(**batch).loss
         loss.backward()
-        setup.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         synchronize(device)
         return float(loss.detach()), time.perf_counter() - start
 
@@ -289,7 +293,58 @@ def agreement(preset: str, device: torch.device, batch_size: int) -> dict:
     }
 
 
-def format_tables(device_label: str, throughput: list[dict], agreements: list[dict]) -> str:
+# The three ways of giving the context encoder each image's context: cut to the batch's shortest (the official
+# collator), every image's whole context padded to the longest, or packed into one sequence without padding.
+CONTEXT_MODES = ("cut", "padded", "packed")
+
+
+def context_lengths_rows(preset: str, device: torch.device, batch_size: int, steps: int) -> list[dict]:
+    """The same model and images stepped with cut, padded and packed contexts (bf16 autocast): seconds per step
+    and per thousand real context tokens (every image's context once, the cost a user pays per token kept), and
+    the packed step's loss and gradients against the padded one on the same weights and batch."""
+    rows, reference = [], {}
+    for mode in CONTEXT_MODES:
+        model, config = build(preset, device)
+        if mode != "cut":
+            config = config.updated(context_lengths="per_image")
+        batch = mask_batch(config, batch_size, device)
+        # On CPU there is no variable-length kernel: "packed" then runs its reference attention (the toy run).
+        packing = {"cut": False, "padded": False, "packed": True if device.type == "cpu" else None}[mode]
+        with packed_sequences(packing):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                output = model(**batch)
+            output.loss.backward()
+            grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+            model.zero_grad(set_to_none=True)
+            setup = Setup(model, build_optimizer(model), batch)
+            seconds = seconds_per_step(setup, "bf16", steps, warmup=2)
+        lengths = batch.get("context_lengths")
+        tokens = int(lengths.sum()) if lengths is not None else batch["context_mask"].numel()
+        row = {"model": preset, "batch_size": batch_size, "mode": mode, "context_tokens": tokens,
+               "padded_length": int(batch["context_mask"].shape[1]), "seconds_per_step": seconds,
+               "ms_per_1k_context_tokens": 1e6 * seconds / tokens}
+        if mode == "packed":
+            kernel = modeling._varlen_kernel(torch.empty(0, device=device, dtype=torch.bfloat16))
+            row["attention"] = "varlen kernel" if kernel is not None else "reference (unpacked per step)"
+        if mode == "padded":
+            reference = {"loss": float(output.loss), "grads": grads}
+        elif mode == "packed":
+            row["loss_relative_difference_to_padded"] = abs(float(output.loss) - reference["loss"]) / abs(
+                reference["loss"])
+            row["gradient_cosine_to_padded"] = _cosine(grads, reference["grads"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del setup, model, batch, output, grads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    cut = rows[0]["ms_per_1k_context_tokens"]
+    for row in rows:
+        row["per_token_cost_vs_cut"] = row["ms_per_1k_context_tokens"] / cut
+    return rows
+
+
+def format_tables(device_label: str, throughput: list[dict], agreements: list[dict],
+                  context_rows: list[dict] | None = None) -> str:
     lines = [f"device: {device_label}", "",
              "| model | params (M) | batch | context / target patches | s/step | images/s | TFLOP/step | "
              "achieved TFLOP/s | MFU (data sheet) | of measured bf16 matmul | peak memory GiB | "
@@ -312,6 +367,17 @@ def format_tables(device_label: str, throughput: list[dict], agreements: list[di
                      f"{row['loss_relative_difference']:.2e} | {row['predictions_relative_error']:.2e} / "
                      f"{row['predictions_cosine']:.5f} | {row['targets_relative_error']:.2e} | "
                      f"{row['gradient_relative_error']:.2e} / {row['gradient_cosine']:.5f} |")
+    if context_rows:
+        lines += ["", "| model | batch | contexts | real context tokens | padded length | s/step | "
+                  "ms / 1k context tokens | per token vs cut | packed vs padded: loss rel. diff / grad cosine |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        for row in context_rows:
+            mode = row["mode"] + (f" ({row['attention']})" if "attention" in row else "")
+            check = (f"{row['loss_relative_difference_to_padded']:.2e} / {row['gradient_cosine_to_padded']:.5f}"
+                     if "gradient_cosine_to_padded" in row else "")
+            lines.append(f"| {row['model']} | {row['batch_size']} | {mode} | {row['context_tokens']} | "
+                         f"{row['padded_length']} | {row['seconds_per_step']:.3f} | "
+                         f"{row['ms_per_1k_context_tokens']:.3f} | {row['per_token_cost_vs_cut']:.2f}x | {check} |")
     return "\n".join(lines)
 
 
@@ -334,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-batch", type=int, default=None,
                         help="batch for --compile-models (default: the largest found for that preset)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--context-lengths-model", default="vit_base_patch16_224",
+                        help="preset stepped with cut, padded and packed contexts ('' to skip)")
+    parser.add_argument("--context-lengths-batch", type=int, default=256)
     parser.add_argument("--output", default=None,
                         help="JSON path (default: $OUT/gpu_results.json if $OUT is set, else none)")
     return parser
@@ -350,10 +419,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}; torch {torch.__version__}", flush=True)
     output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
     results: dict = {"device": name, "torch": torch.__version__, "command": sys.argv, "batch_search": {},
-                     "throughput": [], "agreement": [], "profile": {}, "compiled": []}
+                     "throughput": [], "agreement": [], "profile": {}, "compiled": [], "context_lengths": []}
 
     def save() -> None:
-        results["table"] = format_tables(name, results["throughput"], results["agreement"])
+        results["table"] = format_tables(name, results["throughput"], results["agreement"],
+                                         results["context_lengths"])
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(results, indent=1))
@@ -385,6 +455,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["profile"] = profiled
             summary = {key: value for key, value in profiled.items() if key != "top_kernels"}
             print(json.dumps(summary) + "\n" + profiled["top_kernels"], flush=True)
+        save()
+
+    if args.context_lengths_model:
+        results["context_lengths"] = context_lengths_rows(args.context_lengths_model, device,
+                                                          args.context_lengths_batch, args.steps)
         save()
 
     batches = {row["model"]: row["batch_size"] for row in results["throughput"]}

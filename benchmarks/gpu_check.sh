@@ -7,24 +7,11 @@
 #
 #   bash benchmarks/gpu_check.sh                 # results (logs, one JSON line per model) in benchmarks/results/
 #   RESULTS=/tmp/out WORKERS=12 bash benchmarks/gpu_check.sh
-#
-# An offline machine without the package's dependencies: put wheels (Python 3.12, manylinux) of what is missing
-# (transformers >= setup.cfg's minimum, datasets, dill, multiprocess, xxhash) in .whl/ at the repository root.
+
 set -uo pipefail
-cd "$(dirname "$0")/.."
-RESULTS=${RESULTS:-benchmarks/results}
+source "$(dirname "$0")/gpu_env.sh"
 WORK=${WORK:-$(mktemp -d)}
 WORKERS=${WORKERS:-$(( $(nproc) - 2 ))}
-mkdir -p "$RESULTS"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, transformers, accelerate, datasets; print('torch', torch.__version__, '| transformers', \
-transformers.__version__, '| accelerate', accelerate.__version__, '| datasets', datasets.__version__)" || exit 1
 for case in vit_base_patch16_224:256 ijepa_vith14_in1k:128; do
   model=${case%%:*}; batch=${case##*:}; SECONDS=0
   echo "== $model, batch $batch, $WORKERS workers"

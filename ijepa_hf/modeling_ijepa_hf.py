@@ -39,10 +39,11 @@ weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,9 @@ __all__ = [
     "sincos_position_embeddings",
     "gather_patches",
     "context_padding_mask",
+    "SequencePacking",
+    "packed_attention",
+    "packed_sequences",
 ]
 
 
@@ -171,6 +175,94 @@ def context_padding_mask(context_lengths: torch.Tensor, length: int) -> torch.Te
     """``BoolTensor[B, length]``, True at the first ``context_lengths[b]`` positions of row ``b`` (the real context
     tokens), False at the padding."""
     return torch.arange(length, device=context_lengths.device) < context_lengths[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed sequences: padded batches (per-image context lengths) without the padding, through variable-length attention
+# ----------------------------------------------------------------------------------------------------------------
+
+_HALF_TYPES = (torch.float16, torch.bfloat16)
+# None: pack where a variable-length attention kernel runs; True / False: always / never (`packed_sequences`).
+_PACKING: list[bool | None] = [None]
+
+
+@contextlib.contextmanager
+def packed_sequences(enabled: bool | None) -> Iterator[None]:
+    """Within the block, padded batches (``context_lengths``) run as one packed sequence of their real tokens
+    (``True``), on the padded layout (``False``), or packed only where variable-length attention has a kernel
+    (``None``, the default: CUDA in half precision). Packed and padded compute the same function; packing saves
+    the padding's share of every matrix product and attention. Where no kernel runs, packed attention unpacks for
+    its own step, which is the reference the kernel is tested against."""
+    previous, _PACKING[0] = _PACKING[0], enabled
+    try:
+        yield
+    finally:
+        _PACKING[0] = previous
+
+
+def _varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """torch's variable-length (flash) attention when it runs on ``query`` (CUDA, half types), else None."""
+    if not query.is_cuda or query.dtype not in _HALF_TYPES:
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _should_pack(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    """Whether ``module`` (an encoder or predictor) runs a padded batch packed (see `packed_sequences`)."""
+    if module.training and module.config.drop_path_rate > 0:
+        return False  # stochastic depth draws per image; a packed sequence has no image axis to draw along
+    if _PACKING[0] is not None:
+        return _PACKING[0]
+    dtype = hidden_states.dtype
+    if hidden_states.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    return _varlen_kernel(hidden_states.new_empty(0, dtype=dtype)) is not None
+
+
+class SequencePacking:
+    """The real tokens of a padded batch ``[B, N, ...]`` as one packed sequence ``[T, ...]`` (row by row, in order;
+    ``T`` real tokens in all), with the cumulative lengths ``cu_seqlens [B + 1]`` (int32) that variable-length
+    attention reads. ``mask`` (bool ``[B, N]``, True = real token) may put padding anywhere in a row (the
+    predictor's rows are context, padding, then target tokens).
+
+    Building it reads the packed length on the host (one device sync: it is a shape). ``max_seqlen`` is the padded
+    length ``N``, a bound that serves the kernel as well as the exact maximum without a second sync."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.batch_size, self.max_seqlen = mask.shape
+        self.index = mask.flatten().nonzero().squeeze(1)
+        lengths = mask.sum(dim=1, dtype=torch.int32)
+        self.cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[B, N, ...]`` -> ``[T, ...]``."""
+        return padded.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[T, ...]`` -> ``[B, N, ...]``, zeros at the padding (and no gradient to it)."""
+        flat = packed.new_zeros((self.batch_size * self.max_seqlen, *packed.shape[1:]))
+        return flat.index_copy(0, self.index, packed).unflatten(0, (self.batch_size, self.max_seqlen))
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, packing: SequencePacking,
+                     scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention within each sequence of a packed batch: ``query/key/value [T, H, Dh]`` -> ``[T, H, Dh]``.
+
+    torch's variable-length kernel where it runs (`_varlen_kernel`, no dropout); elsewhere the same attention on
+    the padded layout with the padding masked out of the keys, which is the padded path's own computation."""
+    kernel = _varlen_kernel(query)
+    if kernel is not None and dropout == 0.0:
+        cu, longest = packing.cu_seqlens, packing.max_seqlen
+        return kernel(query, key, value, cu, cu, longest, longest, scale=scaling)
+    query, key, value = (packing.unpack(tensor).transpose(1, 2) for tensor in (query, key, value))  # [B, H, N, Dh]
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=packing.mask[:, None, None, :],
+                                            dropout_p=dropout, scale=scaling)
+    return packing.pack(output.transpose(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,10 +417,18 @@ class IJepaAttention(nn.Module):
         need_weights: bool = False,
         query_start: int = 0,
         key_padding_mask: torch.Tensor | None = None,
+        packing: SequencePacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``hidden_states [B, N, D]`` -> ``[B, N - query_start, D]``: every token is a key and a value, only the
         tokens from ``query_start`` on are queries (all of them by default). ``key_padding_mask`` (bool ``[B, N]``,
-        True = real token) keeps padding tokens out of every query's keys; each row must keep at least one key."""
+        True = real token) keeps padding tokens out of every query's keys; each row must keep at least one key.
+        With ``packing``, ``hidden_states`` is the packed sequence ``[T, D]`` and each row attends within itself."""
+        if packing is not None:
+            total, width = hidden_states.shape
+            query, key, value = self.qkv(hidden_states).reshape(total, 3, self.num_heads, self.head_dim).unbind(1)
+            output = packed_attention(query, key, value, packing, self.scaling,
+                                      self.config.attention_dropout if self.training else 0.0)
+            return self.proj(output.reshape(total, width)), None
         batch_size, length, width = hidden_states.shape
         qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -414,13 +514,15 @@ class IJepaBlock(GradientCheckpointingLayer):
         need_weights: bool = False,
         query_start: int = 0,
         key_padding_mask: torch.Tensor | None = None,
+        packing: SequencePacking | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[B, N, D]`` -> ``[B, N - query_start, D]``: with ``query_start > 0`` only the later tokens are updated
         (attending to all), for a last block whose earlier outputs nobody reads. ``key_padding_mask`` (bool
-        ``[B, N]``) hides padding tokens from attention; every other operation is per token."""
+        ``[B, N]``) hides padding tokens from attention; every other operation is per token, so with ``packing``
+        the block runs on the packed sequence ``[T, D]`` as it is (``query_start`` 0)."""
         attended, weights = self.attn(
             self.norm1(hidden_states), need_weights=need_weights, query_start=query_start,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=key_padding_mask, packing=packing,
         )
         hidden_states = hidden_states[:, query_start:] + self.drop_path(attended)
         hidden_states = hidden_states + self.drop_path(self.mlp(self.norm2(hidden_states)))
@@ -441,6 +543,7 @@ def run_blocks(
     need_weights: bool = False,
     last_query_start: int = 0,
     key_padding_mask: torch.Tensor | None = None,
+    packing: SequencePacking | None = None,
 ) -> torch.Tensor:
     """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
     (`_can_record_outputs`), not collected here; ``need_weights`` (while `output_attentions` is recorded) makes
@@ -451,12 +554,13 @@ def run_blocks(
     attentions are being recorded, so that every recorded layer has every token.
 
     ``key_padding_mask`` (bool ``[B, N]``, True = real token): padding tokens are no key of any attention.
+    ``packing``: ``hidden_states`` is that batch packed (`SequencePacking.pack`), ``[T, D]``.
     """
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
         hidden_states, _ = block(
             hidden_states, need_weights=need_weights, query_start=query_start,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=key_padding_mask, packing=packing,
         )
     return hidden_states
 
@@ -752,10 +856,16 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             hidden_states = self.embed(pixel_values, context_mask)
         else:
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
-        hidden_states = run_blocks(
-            self.blocks, hidden_states, need_weights=_records(self, kwargs, "attentions"), key_padding_mask=padding
-        )
-        hidden_states = self.norm(hidden_states)
+        need_weights = _records(self, kwargs, "attentions")
+        recording = need_weights or _records(self, kwargs, "hidden_states")
+        if padding is not None and not recording and _should_pack(self, hidden_states):
+            # Recorded layers keep the padded layout their readers expect, so only unrecorded runs pack.
+            packing = SequencePacking(padding)
+            hidden_states = packing.unpack(self.norm(run_blocks(self.blocks, packing.pack(hidden_states),
+                                                                packing=packing)))
+        else:
+            hidden_states = run_blocks(self.blocks, hidden_states, need_weights=need_weights, key_padding_mask=padding)
+            hidden_states = self.norm(hidden_states)
         if padding is None:
             pooled = hidden_states.mean(dim=1)
         else:
@@ -898,10 +1008,15 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         # the layers are being recorded (then every recorded layer keeps every token).
         need_weights = _records(self, kwargs, "attentions")
         recording = need_weights or _records(self, kwargs, "hidden_states")
-        hidden_states = run_blocks(
-            self.blocks, hidden_states, need_weights, last_query_start=0 if recording else num_context,
-            key_padding_mask=padding,
-        )
+        if padding is not None and not recording and _should_pack(self, hidden_states):
+            # Packed, the last block updates every token: its context rows cost little next to the padding saved.
+            packing = SequencePacking(padding)
+            hidden_states = packing.unpack(run_blocks(self.blocks, packing.pack(hidden_states), packing=packing))
+        else:
+            hidden_states = run_blocks(
+                self.blocks, hidden_states, need_weights, last_query_start=0 if recording else num_context,
+                key_padding_mask=padding,
+            )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
         return IJepaPredictorOutput(predictions=predictions)
 

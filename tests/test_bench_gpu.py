@@ -14,7 +14,8 @@ import torch
 _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 TOY = ["--device", "cpu", "--models", "vit_tiny_patch16_224", "--min-batch", "2", "--max-batch", "2", "--steps", "1",
        "--agreement-models", "vit_tiny_patch16_224", "--agreement-batch", "2", "--matmul-size", "128",
-       "--profile-model", "vit_tiny_patch16_224"]
+       "--profile-model", "vit_tiny_patch16_224", "--context-lengths-model", "vit_tiny_patch16_224",
+       "--context-lengths-batch", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,15 @@ def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):
     assert profile["model"] == "vit_tiny_patch16_224" and profile["wall_seconds_per_step"] > 0
     assert "aten::" in profile["top_kernels"]  # the profiler's table of the busiest ops
     assert json.loads(output.read_text())["profile"]["top_kernels"] == profile["top_kernels"]
+    # Cut, padded and packed contexts of the same model: padded and packed keep every image's whole context (more
+    # real tokens than cut), and the packed step (reference attention on CPU) agrees with the padded one.
+    cut, padded, packed = results["context_lengths"]
+    assert [cut["mode"], padded["mode"], packed["mode"]] == ["cut", "padded", "packed"]
+    assert padded["context_tokens"] == packed["context_tokens"] > cut["context_tokens"]
+    assert packed["attention"].startswith("reference")
+    assert packed["loss_relative_difference_to_padded"] < 1e-2 and packed["gradient_cosine_to_padded"] > 0.999
+    assert cut["per_token_cost_vs_cut"] == 1.0
+    assert "packed (reference" in results["table"]
 
 
 def test_batch_search_stops_at_the_first_out_of_memory(bench_gpu, monkeypatch):

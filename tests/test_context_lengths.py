@@ -12,31 +12,7 @@ from ijepa_hf import IJepaForPreTraining, IJepaPretrainingConfig
 from ijepa_hf.data import MaskedBatchCollator
 from ijepa_hf.masking import IJepaMaskCollator, MultiBlockMaskGenerator, masks_to_boolean
 
-from tiny import tiny_pretraining_config
-
-# 6x6 patch grid, two target blocks of 4-9 patches: contexts of one batch differ in length by several patches.
-MASKS = dict(min_keep=2, target_scale=(0.15, 0.25), num_target_blocks=2)
-
-
-def _config(**overrides) -> IJepaPretrainingConfig:
-    # Weights 5x the usual init: attention far from uniform, so a token that should not be attended to shows.
-    return tiny_pretraining_config(encoder={"image_size": 48, "initializer_range": 0.1},
-                                   predictor={"initializer_range": 0.1},
-                                   **{**MASKS, "context_lengths": "per_image", **overrides})
-
-
-def _per_image_batch(batch_size: int = 6, batch_index: int = 0, **overrides) -> dict[str, torch.Tensor]:
-    collator = IJepaMaskCollator(48, 8, **{**MASKS, "context_lengths": "per_image", **overrides})
-    masks = collator.sample_batch(batch_size, batch_index)
-    lengths = masks["context_lengths"]
-    assert lengths.unique().numel() > 2, "the test needs contexts of different lengths"
-    pixels = torch.randn(batch_size, 3, 48, 48, generator=torch.Generator().manual_seed(batch_index))
-    return {"pixel_values": pixels, **masks}
-
-
-def _grads(model: IJepaForPreTraining) -> dict[str, torch.Tensor]:
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
+from tiny import MASKS_PER_IMAGE, grads_of, per_image_batch, per_image_config
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model: a padded batch is each image alone
@@ -46,18 +22,18 @@ def _grads(model: IJepaForPreTraining) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padded_batch_equals_each_image_alone_outputs_loss_and_gradients(attn):
     torch.manual_seed(0)
-    config = _config()
+    config = per_image_config()
     for sub in (config.encoder_config, config.predictor_config):
         sub._attn_implementation = attn
     model = IJepaForPreTraining(config)
-    batch = _per_image_batch()
+    batch = per_image_batch()
     pixels, context, targets, lengths = (batch[k] for k in ("pixel_values", "context_mask", "target_masks",
                                                             "context_lengths"))
     size, blocks = len(pixels), targets.shape[1]
 
     out = model(**batch)
     out.loss.backward()
-    batched = _grads(model)
+    batched = grads_of(model)
     model.zero_grad(set_to_none=True)
 
     # Each image alone, unpadded: its context is the first `length` indices of its row.
@@ -72,7 +48,7 @@ def test_padded_batch_equals_each_image_alone_outputs_loss_and_gradients(attn):
         for j in range(blocks):  # block-major rows: j * B + b
             torch.testing.assert_close(out.predictions[j * size + b], alone.predictions[j], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(out.targets[j * size + b], alone.targets[j], rtol=1e-6, atol=1e-6)
-    alone_grads = _grads(model)
+    alone_grads = grads_of(model)
 
     # The official loss (mean over all target elements) with one target size per batch is the mean of the
     # per-image losses.
@@ -93,12 +69,12 @@ def test_padded_batch_equals_each_image_alone_outputs_loss_and_gradients(attn):
 
 def test_padding_content_does_not_reach_outputs_or_gradients():
     torch.manual_seed(1)
-    model = IJepaForPreTraining(_config())
-    batch = _per_image_batch()
+    model = IJepaForPreTraining(per_image_config())
+    batch = per_image_batch()
     lengths, context = batch["context_lengths"], batch["context_mask"]
     out = model(**batch)
     out.loss.backward()
-    grads = _grads(model)
+    grads = grads_of(model)
     model.zero_grad(set_to_none=True)
 
     # Point the padding at other patches (any valid index): nothing that is read may change.
@@ -109,16 +85,16 @@ def test_padding_content_does_not_reach_outputs_or_gradients():
     torch.testing.assert_close(other.loss, out.loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(other.predictions, out.predictions, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(other.context_hidden_state, out.context_hidden_state, rtol=1e-6, atol=1e-6)
-    for name, grad in _grads(model).items():
+    for name, grad in grads_of(model).items():
         torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_bf16_cpu_training_masks_padding_without_nan(attention):
     torch.manual_seed(2)
-    model = IJepaForPreTraining(_config())
+    model = IJepaForPreTraining(per_image_config())
     model.set_attn_implementation(attention)
-    batch = _per_image_batch()
+    batch = per_image_batch()
     reference = model(**batch).loss.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(**batch)
@@ -130,8 +106,8 @@ def test_bf16_cpu_training_masks_padding_without_nan(attention):
 
 def test_encoder_pools_only_the_context_and_recorded_outputs_keep_their_shape():
     torch.manual_seed(3)
-    model = IJepaForPreTraining(_config()).context_encoder
-    batch = _per_image_batch()
+    model = IJepaForPreTraining(per_image_config()).context_encoder
+    batch = per_image_batch()
     lengths = batch["context_lengths"]
     out = model(batch["pixel_values"], context_mask=batch["context_mask"], context_lengths=lengths,
                 output_hidden_states=True)
@@ -143,8 +119,8 @@ def test_encoder_pools_only_the_context_and_recorded_outputs_keep_their_shape():
 
 def test_bad_context_lengths_are_clear_errors():
     torch.manual_seed(4)
-    model = IJepaForPreTraining(_config())
-    batch = _per_image_batch()
+    model = IJepaForPreTraining(per_image_config())
+    batch = per_image_batch()
     lengths, context = batch["context_lengths"], batch["context_mask"]
     cases = [
         (dict(context_lengths=lengths[:-1]), r"shape \[6\]"),
@@ -174,7 +150,7 @@ def test_bad_context_lengths_are_clear_errors():
 
 @pytest.mark.parametrize("mode", ["fixed", "official"])
 def test_per_image_keeps_each_whole_context_that_shortest_cuts(mode):
-    settings = dict(MASKS, mask_mode=mode)
+    settings = dict(MASKS_PER_IMAGE, mask_mode=mode)
     shortest = IJepaMaskCollator(48, 8, **settings)
     per_image = IJepaMaskCollator(48, 8, context_lengths="per_image", **settings)
     for index in range(6):
@@ -196,10 +172,10 @@ def test_per_image_keeps_each_whole_context_that_shortest_cuts(mode):
 
 
 def test_per_image_ranks_get_their_rows_padded_to_their_own_longest():
-    whole = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS).sample_batch(16, 2)
+    whole = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS_PER_IMAGE).sample_batch(16, 2)
     for rank in range(2):
         part = IJepaMaskCollator(48, 8, context_lengths="per_image", num_processes=2, process_index=rank,
-                                 **MASKS).sample_batch(8, 2)
+                                 **MASKS_PER_IMAGE).sample_batch(8, 2)
         rows = slice(8 * rank, 8 * rank + 8)
         lengths = whole["context_lengths"][rows]
         assert torch.equal(part["context_lengths"], lengths)
@@ -209,7 +185,7 @@ def test_per_image_ranks_get_their_rows_padded_to_their_own_longest():
 
 def test_generator_per_image_is_a_pure_function_and_shortest_is_unchanged():
     common = dict(image_size=48, patch_size=8, context_scale=(0.85, 1.0), target_aspect_ratio=(0.75, 1.5),
-                  allow_overlap=False, mask_mode="fixed", **{k: v for k, v in MASKS.items()})
+                  allow_overlap=False, mask_mode="fixed", **{k: v for k, v in MASKS_PER_IMAGE.items()})
     default = MultiBlockMaskGenerator(**common)
     assert default.context_lengths == "shortest" and default.sample(8, seed=0, batch_index=0).context_lengths is None
     per_image = MultiBlockMaskGenerator(**common, context_lengths="per_image")
@@ -219,22 +195,22 @@ def test_generator_per_image_is_a_pure_function_and_shortest_is_unchanged():
 
 
 def test_collator_refuses_the_lengthless_api_and_bad_values_and_keeps_its_state():
-    collator = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS)
+    collator = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS_PER_IMAGE)
     with pytest.raises(ValueError, match="sample_batch"):
         collator.sample_masks(4)
     with pytest.raises(ValueError, match="context_lengths"):
-        IJepaMaskCollator(48, 8, context_lengths="longest", **MASKS)
+        IJepaMaskCollator(48, 8, context_lengths="longest", **MASKS_PER_IMAGE)
     with pytest.raises(ValueError, match="context_lengths"):
         IJepaPretrainingConfig(context_lengths="packed")
     state = collator.state_dict()
     assert state["context_lengths"] == "per_image" and json.loads(json.dumps(state)) == state
     assert "context_lengths='per_image'" in repr(collator)
     with pytest.warns(UserWarning, match="context_lengths"):
-        IJepaMaskCollator(48, 8, **MASKS).load_state_dict(state)
+        IJepaMaskCollator(48, 8, **MASKS_PER_IMAGE).load_state_dict(state)
 
 
 def test_images_collate_with_their_lengths_and_bad_batches_keep_the_mask_stream():
-    collator = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS)
+    collator = IJepaMaskCollator(48, 8, context_lengths="per_image", **MASKS_PER_IMAGE)
     images = [{"pixel_values": torch.zeros(3, 48, 48)} for _ in range(4)]
     batch = MaskedBatchCollator(collator)(images)
     assert set(batch) == {"pixel_values", "context_mask", "target_masks", "context_lengths"}
@@ -303,7 +279,7 @@ def test_trainer_passes_context_lengths_to_the_model(tmp_path, monkeypatch):
 
     spy = _Spy(monkeypatch)
     torch.manual_seed(0)
-    config = _config()
+    config = per_image_config()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
                              remove_unused_columns=False, report_to="none", use_cpu=True, save_strategy="no",
                              dataloader_num_workers=0)

@@ -159,3 +159,28 @@ def trainer_args(tmp_path: Path, **values):
     base = dict(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=4, use_cpu=True,
                 remove_unused_columns=False, report_to="none", save_strategy="no", logging_steps=1, seed=0)
     return TrainingArguments(**{**base, **values})
+
+
+# Per-image context lengths (test_context_lengths, test_packing): a 6x6 patch grid and two target blocks of 4-9
+# patches, so that the contexts of one batch differ in length by several patches.
+MASKS_PER_IMAGE = dict(min_keep=2, target_scale=(0.15, 0.25), num_target_blocks=2)
+
+
+def per_image_config(**overrides) -> IJepaPretrainingConfig:
+    # Weights 5x the usual init: attention far from uniform, so a token that should not be attended to shows.
+    return tiny_pretraining_config(encoder={"image_size": 48, "initializer_range": 0.1},
+                                   predictor={"initializer_range": 0.1},
+                                   **{**MASKS_PER_IMAGE, "context_lengths": "per_image", **overrides})
+
+
+def per_image_batch(batch_size: int = 6, batch_index: int = 0, **overrides) -> dict[str, torch.Tensor]:
+    collator = IJepaMaskCollator(48, 8, **{**MASKS_PER_IMAGE, "context_lengths": "per_image", **overrides})
+    masks = collator.sample_batch(batch_size, batch_index)
+    lengths = masks["context_lengths"]
+    assert lengths.unique().numel() > 2, "the test needs contexts of different lengths"
+    pixels = torch.randn(batch_size, 3, 48, 48, generator=torch.Generator().manual_seed(batch_index))
+    return {"pixel_values": pixels, **masks}
+
+
+def grads_of(model: IJepaForPreTraining) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The training step's kernels on one GPU (benchmarks/README.md, "GPU"): MFU of the bare bf16 step (official recipe
+# and masks, predictor 384 x 12) for ViT-B/16 at batch 256 and ViT-H/14 at batch 128, the bf16-vs-fp32 agreement,
+# the busiest kernels of the ViT-B/16 step, and ViT-B/16 stepped with cut, padded and packed contexts (per real
+# context token, packed checked against padded). At most about 6 minutes. Run from anywhere:
+#
+#   bash benchmarks/gpu_kernels_check.sh            # JSON and tables in benchmarks/results/
+#   RESULTS=/tmp/out bash benchmarks/gpu_kernels_check.sh
+#   COMPILE=1 bash benchmarks/gpu_kernels_check.sh  # also torch.compile against eager for ViT-B/16 (minutes more)
+
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh"
+compile=()
+if [ "${COMPILE:-0}" = 1 ]; then compile=(--compile-models vit_base_patch16_224 --compile-batch 256); fi
+SECONDS=0
+echo "== ViT-B/16, batch 256: MFU, agreement, profile, cut / padded / packed contexts"
+timeout 200 python3 benchmarks/bench_gpu.py --models vit_base_patch16_224 --min-batch 256 --max-batch 256 \
+  --steps 10 --agreement-models vit_base_patch16_224 --profile-model vit_base_patch16_224 \
+  --context-lengths-model vit_base_patch16_224 --context-lengths-batch 256 "${compile[@]}" \
+  --output "$RESULTS/gpu_kernels_vitb16.json" > "$RESULTS/gpu_kernels_vitb16.log" 2>&1
+echo "rc $? in ${SECONDS}s"; tail -n 40 "$RESULTS/gpu_kernels_vitb16.log"
+SECONDS=0
+echo "== ViT-H/14, batch 128: MFU"
+timeout 150 python3 benchmarks/bench_gpu.py --models ijepa_vith14_in1k --min-batch 128 --max-batch 128 --steps 5 \
+  --agreement-models '' --profile-model '' --context-lengths-model '' \
+  --output "$RESULTS/gpu_kernels_vith14.json" > "$RESULTS/gpu_kernels_vith14.log" 2>&1
+echo "rc $? in ${SECONDS}s"; tail -n 8 "$RESULTS/gpu_kernels_vith14.log"
