@@ -118,8 +118,8 @@ def write_parquet_once(dataset: Any, folder: Path) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pretrain_ijepa(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> Any:
-    """Run :func:`ijepa_hf.training.pretrain` with the benchmark's settings; returns its ``PretrainingResult``."""
+def pretraining_argv(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> list[str]:
+    """The ``examples/pretrain.py`` command line of the benchmark's I-JEPA run (its config is built from it too)."""
     overrides = ",".join(part for part in (args.model_overrides, args.config_overrides) if part)
     argv = ["--dataset_name", str(data_dir), "--output_dir", str(output_dir), "--overwrite_output_dir",
             "--config_overrides", overrides, "--recipe", args.recipe, "--seed", str(args.seed),
@@ -128,6 +128,14 @@ def pretrain_ijepa(args: argparse.Namespace, data_dir: Path, output_dir: Path) -
             "--mixed_precision", "bf16" if args.precision == "bf16" else "no"]
     if args.online_probe_steps is not None:
         argv += ["--online_probe_steps", str(args.online_probe_steps)]
+    if not args.progress:
+        argv.append("--disable_tqdm")
+    return argv
+
+
+def pretrain_ijepa(args: argparse.Namespace, data_dir: Path, output_dir: Path) -> Any:
+    """Run :func:`ijepa_hf.training.pretrain` with the benchmark's settings; returns its ``PretrainingResult``."""
+    argv = pretraining_argv(args, data_dir, output_dir)
     logger.info("I-JEPA: pretrain(parse_args(%s))", argv)
     return pretrain(parse_pretraining_args(argv))
 
@@ -361,9 +369,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     logger.info("Fashion-MNIST %d train / %d test images; machine %s", len(train), len(test), machine)
 
     # The run's I-JEPA config, as pretrain() builds it from the same command line (MAE and random init use it too).
-    config = build_config(parse_pretraining_args(
-        ["--dataset_name", "unused", "--config_overrides",
-         ",".join(p for p in (args.model_overrides, args.config_overrides) if p), "--recipe", args.recipe]))
+    config = build_config(parse_pretraining_args(pretraining_argv(args, output_dir / "data", output_dir / "ijepa")))
     encoder = config.encoder_config
     image_size, patch_size = _side(encoder.image_size), _side(encoder.patch_size)
 

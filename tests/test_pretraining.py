@@ -542,3 +542,11 @@ def test_an_encoder_repo_where_a_pretraining_repo_is_expected_is_a_short_clear_e
         with pytest.raises(ValueError, match="Expected a pretraining config .* single encoder") as error:
             build_config(parse_args([flag, str(encoder_repo), "--output_dir", str(tmp_path / "o")]))
         assert len(str(error.value)) < 1200 and "has no setter" not in str(error.value)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_disable_tqdm_silences_the_progress_bar_and_keeps_the_log(tmp_path, capfd, disabled):
+    """``--disable_tqdm`` (TrainingArguments' name) for logs read by programs: no bar on stderr, the same log rows."""
+    run(tmp_path / "out", *(["--disable_tqdm"] if disabled else []), steps=2, images=16)
+    assert ("pretraining:" in capfd.readouterr().err) is not disabled
+    assert [row["step"] for row in read_log(tmp_path / "out")] == [2]

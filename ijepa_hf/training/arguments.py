@@ -183,6 +183,9 @@ class PretrainingArguments:
         "action. SLURM sends SIGTERM at pre-emption and at the time limit."))
     # ---- logging
     with_tracking: bool = field(default=False, metadata=_help("Log metrics to trackers (see --report_to)."))
+    disable_tqdm: bool = field(default=False, metadata=_help(
+        "No progress bar (as TrainingArguments.disable_tqdm): for logs read by programs; train_log.jsonl is written "
+        "either way."))
     report_to: str = field(default="tensorboard", metadata=_help(
         "Tracker(s) for --with_tracking: 'tensorboard', 'wandb', 'all', ... (comma-separated)."))
     logging_steps: int = field(default=10, metadata=_help(
@@ -364,7 +367,8 @@ _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 OPERATIONAL_FIELDS = frozenset({
     "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "extend_run", "allow_process_count_change",
     "checkpointing_steps",
-    "checkpoints_total_limit", "logging_steps", "with_tracking", "report_to", "push_to_hub", "hub_model_id",
+    "checkpoints_total_limit", "logging_steps", "with_tracking", "disable_tqdm", "report_to", "push_to_hub",
+    "hub_model_id",
     "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals",
     "cache_dir", "torch_compile",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",

@@ -332,7 +332,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
     probe = _OnlineProbe.build(args, data, image_size, total_steps, ema)
     final_loss: float | None = None
     bar = tqdm(total=total_steps, initial=progress.completed_steps, desc="pretraining", dynamic_ncols=True,
-               disable=not accelerator.is_local_main_process)
+               disable=args.disable_tqdm or not accelerator.is_local_main_process)
     start_time, start_images = time.perf_counter(), progress.images_seen
     good_batches = 0  # batches with at least one readable image, in this invocation
     model.train()
