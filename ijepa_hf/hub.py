@@ -2,7 +2,7 @@
 
 :func:`save_model_repo`, :func:`save_with_remote_code`, :func:`push_folder` and :func:`push_model` write and upload
 ready-to-use repos: weights and config, the image processor, the card (:mod:`ijepa_hf.cards`) and, optionally, the
-modelling code itself (``auto_map`` + the two self-contained source files), so that people without ``ijepa_hf``
+modelling code itself (``auto_map`` + the self-contained source files), so that people without ``ijepa_hf``
 can load the model with ``trust_remote_code=True``. ``model.push_to_hub`` and ``save_pretrained(push_to_hub=True)``
 on ``ijepa_hf`` models upload the same card (:func:`replace_generic_card`) instead of transformers' generic one.
 """
@@ -145,8 +145,9 @@ def save_with_remote_code(
 ) -> Path:
     """Save ``model`` so that it loads **without** ``ijepa_hf`` installed, with ``trust_remote_code=True``.
 
-    Besides the config and weights, the directory gets ``configuration_ijepa_hf.py`` and ``modeling_ijepa_hf.py``
-    (self-contained: they import only torch and transformers) and ``config.json`` gets an ``auto_map`` (see
+    Besides the config and weights, the directory gets ``modeling_ijepa_hf.py`` and the files it imports
+    (``configuration_ijepa_hf.py``, ``configuration_ijepa_hf_backbone.py``, ``pretrained_loading.py``; together
+    they import only torch and transformers) and ``config.json`` gets an ``auto_map`` (see
     :func:`remote_code_auto_map`), e.g. for a pretraining model::
 
         AutoModelForPreTraining.from_pretrained(repo, trust_remote_code=True)

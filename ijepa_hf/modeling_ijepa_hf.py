@@ -25,8 +25,9 @@ Index conventions, fixed once for the whole package:
   are never attended to (their keys are masked in every attention of the context encoder and the predictor), are
   zero in the outputs and get no gradient, so a padded batch computes what each image computes alone.
 
-This file only imports torch, transformers and its sibling configuration file, so it can be shipped with the
-weights for ``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub`` for the card, when installed).
+This file only imports torch, transformers, its sibling configuration files and `pretrained_loading` (what
+``from_pretrained`` does with a repo), which import nothing else, so the four can be shipped with the weights for
+``trust_remote_code=True`` loading (pushing imports ``ijepa_hf.hub`` for the card, when installed).
 """
 
 # Linter note (transformers' structural linter, `mlinter ijepa_hf`), for the `# trf-ignore` comments below:
