@@ -66,6 +66,7 @@ __all__ = [
     "verify_digests",
     "write_run_file",
     "is_disk_full",
+    "write_failure",
 ]
 
 MANIFEST_NAME = "checkpoint.json"
@@ -534,16 +535,20 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def _write_error(error: BaseException, output_dir: Path, path: Path) -> CheckpointError:
+def write_failure(error: BaseException, output_dir: Path, what: str) -> str:
+    """What went wrong writing ``what`` into ``output_dir``, as the first sentence of an error: a full disk or quota
+    with the space left, or the error itself."""
     if is_disk_full(error):
         free = shutil.disk_usage(output_dir).free
-        return CheckpointError(
-            f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing checkpoint "
-            f"{path.name}; it was discarded and the earlier checkpoints are intact. Free some space (or lower "
-            "--checkpoints_total_limit) and resume with --resume_from_checkpoint latest."
-        )
-    return CheckpointError(f"Could not write checkpoint {path.name} in {output_dir}: {error!r}. It was discarded "
-                           "and the earlier checkpoints are intact.")
+        return f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing {what}"
+    return f"Could not write {what} into {output_dir}: {error!r}"
+
+
+def _write_error(error: BaseException, output_dir: Path, path: Path) -> CheckpointError:
+    advice = (" Free some space (or lower --checkpoints_total_limit) and resume with --resume_from_checkpoint latest."
+              if is_disk_full(error) else "")
+    return CheckpointError(f"{write_failure(error, output_dir, f'checkpoint {path.name}')}; it was discarded and the "
+                           f"earlier checkpoints are intact.{advice}")
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | os.PathLike, step: int, run_id: str,

@@ -31,8 +31,14 @@ class HubPushError(RuntimeError):
     """A finished run could not be uploaded; the message names the command that uploads it without training."""
 
 
+def batch_summary(per_device: int, num_processes: int, accumulation: int) -> str:
+    """The global batch as the model cards write it, with its three factors."""
+    return (f"{per_device * num_processes * accumulation} ({per_device} per device x {num_processes} processes x "
+            f"{accumulation} accumulation)")
+
+
 def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig, *, data_description: str,
-                     total_steps: int, completed_steps: int, warmup_steps: int, global_batch_size: int,
+                     total_steps: int, completed_steps: int, warmup_steps: int,
                      num_processes: int, mixed_precision: str, final_loss: float | None, bad_images: int,
                      images_per_s: float) -> dict[str, Any]:
     """The recipe as recorded in the model cards."""
@@ -41,8 +47,7 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
         "image_size": config.encoder_config.image_size,
         "augmentations": f"random resized crop {args.crop_range}, ImageNet normalisation (official recipe)",
         "steps": f"{completed_steps} of {total_steps}",
-        "batch_size": (f"{global_batch_size} ({args.per_device_train_batch_size} per device x {num_processes} "
-                       f"processes x {args.gradient_accumulation_steps} accumulation)"),
+        "batch_size": batch_summary(args.per_device_train_batch_size, num_processes, args.gradient_accumulation_steps),
         "masks": mask_summary(config),
         "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), official parameter groups",
         "gradient_clipping": "none" if args.clip_grad_norm is None else f"norm {args.clip_grad_norm:g}",
@@ -91,19 +96,12 @@ def save_final_model(accelerator: Any, model: Any, config: IJepaPretrainingConfi
 
 def _export_error(error: BaseException, output_dir: Path, training: Mapping[str, Any], run_id: str | None
                   ) -> ExportError:
-    import shutil
-
-    from .checkpointing import is_disk_full, latest_checkpoint
+    from .checkpointing import latest_checkpoint, write_failure
 
     found = latest_checkpoint(output_dir, run_id)
     then = (f"it continues from {found.path.name}, the run's newest complete checkpoint, and writes the final model "
             "again" if found is not None else "the run has no checkpoint, so it would train from the start")
-    if is_disk_full(error):
-        free = shutil.disk_usage(output_dir).free
-        cause = (f"No space left on the device of {output_dir} ({free / 2**20:.1f} MiB free) while writing the "
-                 f"final model (training reached step {training['steps']})")
-    else:
-        cause = f"Could not write the final model into {output_dir}: {error!r}"
+    cause = write_failure(error, output_dir, f"the final model (training reached step {training['steps']})")
     return ExportError(f"{cause}. Fix that and run the same command with --resume_from_checkpoint latest: {then}.")
 
 

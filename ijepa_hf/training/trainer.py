@@ -350,7 +350,7 @@ class IJepaTrainer(Trainer):
         ``training_curves.png``. ``ijepa_hf.training.export.push_output_dir`` uploads the folder as ``pretrain()``
         does. Every process calls it; the main one writes. Returns the encoder folder (``None`` elsewhere)."""
         from ..licensing import record_weights_license, weights_license
-        from .export import mask_summary, write_encoder_and_cards
+        from .export import batch_summary, mask_summary, write_encoder_and_cards
         from .metrics import TRAIN_LOG_NAME, write_train_log
 
         model = _unwrap(self.model)
@@ -369,9 +369,8 @@ class IJepaTrainer(Trainer):
             "image_size": config.encoder_config.image_size,
             "trainer": f"transformers.Trainer ({type(self).__name__})",
             "steps": f"{self.state.global_step} of {self.state.max_steps}",
-            "batch_size": (f"{args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps} "
-                           f"({args.per_device_train_batch_size} per device x {args.world_size} processes x "
-                           f"{args.gradient_accumulation_steps} accumulation)"),
+            "batch_size": batch_summary(args.per_device_train_batch_size, args.world_size,
+                                        args.gradient_accumulation_steps),
             "masks": mask_summary(config),
             "lr_schedule": f"{args.lr_scheduler_type}, peak {args.learning_rate:g}, warm-up {args.warmup_steps}",
             "weight_decay": f"{args.weight_decay:g}",
