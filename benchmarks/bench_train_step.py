@@ -101,7 +101,7 @@ def make_setup(args: argparse.Namespace, batch_size: int, image_size: int, batch
     model = IJepaForPreTraining(config).train()
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor})
+    optimizer = build_optimizer(model)
     if batch is None:
         batch = typical_batch(config, args.mask_mode, batch_size, image_size)
     return Setup(model, optimizer, batch)
@@ -361,8 +361,7 @@ def check_same_loss(args: argparse.Namespace) -> dict:
     for group in official.optimizer.param_groups:  # the schedulers are not stepped here: fixed, equal values
         group["lr"], group["weight_decay"] = 1e-3, 0.0 if group.get("WD_exclude") else 0.01
     model = convert_official_checkpoint(official.state_dicts()).train()
-    optimizer = build_optimizer({"encoder": model.context_encoder, "predictor": model.predictor}, lr=1e-3,
-                                weight_decay=0.01)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     losses: dict[str, list[float]] = {"official": [], "ijepa_hf": []}
     for _ in range(2):
         loss = official.loss(pixels, [context], targets)
