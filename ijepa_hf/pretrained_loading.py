@@ -159,6 +159,13 @@ def from_pretrained_policy(
     held = repo.get("model_type") or getattr(config, "model_type", None)
     expected = cls.config_class.model_type
     encoder_class = issubclass(cls.config_class, IJepaEncoderConfig)
+    if encoder is not None and not encoder_class:
+        raise ValueError(
+            f"{caller}({str(path)!r}, encoder={encoder!r}): the encoder choice picks one encoder of a pretraining repo "
+            f"for an encoder class (`IJepaEncoderModel`, `IJepaEncoderForImageClassification`, `IJepaBackbone`); "
+            f"{cls.__name__} is not one ({'it loads both' if expected == _PRETRAINING else 'it holds no encoder'}). "
+            "Leave `encoder` out, or load with one of those classes."
+        )
     accepted = {expected} | ({"ijepa_hf_encoder", _PRETRAINING} if encoder_class else set())
     if held is not None and held not in accepted:
         raise ValueError(_wrong_kind_message(cls, path, held))

@@ -218,6 +218,10 @@ def test_the_encoder_choice_is_refused_where_it_means_nothing(repos):
         IJepaEncoderModel.from_pretrained(repos["encoder"], encoder="context")
     with pytest.raises(ValueError, match=r"encoder must be one of \('target', 'context'\)"):
         IJepaEncoderModel.from_pretrained(repos["pretraining"], encoder="middle")
+    # The whole pretraining model holds both encoders: a choice of one is refused, not ignored.
+    for load in (IJepaForPreTraining.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ValueError, match=r"encoder='context'.*IJepaForPreTraining is not one \(it loads both\)"):
+            load(repos["pretraining"], encoder="context")
 
 
 def test_from_pretrained_keywords_pass_through_unlisted(repos):
