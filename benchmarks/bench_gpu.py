@@ -49,7 +49,7 @@ import ijepa_hf.modeling_ijepa_hf as modeling
 from ijepa_hf import IJepaMaskCollator, IJepaPretrainingConfig, IJepaForPreTraining
 from ijepa_hf.modeling_ijepa_hf import packed_sequences
 from ijepa_hf.training import build_optimizer
-from ijepa_hf.training.compilation import configure_inductor_for_variable_masks
+from ijepa_hf.training.compilation import compile_blocks, configure_inductor_for_variable_masks
 
 DEFAULT_MODELS = ("vit_base_patch16_224", "ijepa_vith14_in1k")
 # Dense bf16 tensor-core peaks from the data sheets, TFLOP/s. Matched as substrings of the device name, first hit wins.
@@ -196,8 +196,11 @@ def profile_steps(setup: Setup, steps: int = 3, rows: int = 15) -> tuple[dict, s
     return summary, averages.table(sort_by=sort_by, row_limit=rows)
 
 
-def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: int, backend: str = "inductor") -> dict:
-    """The bf16 step with ``torch.compile(model)`` (what ``--torch_compile`` does) against eager, same model and batch.
+def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: int, backend: str = "inductor",
+                     scope: str = "model") -> dict:
+    """The bf16 step compiled against eager, same model and batch: ``scope="model"`` is ``torch.compile(model)``
+    (what ``--torch_compile`` does), ``"blocks"`` compiles each transformer block in place
+    (``ijepa_hf.training.compilation.compile_blocks``, ``--torch_compile_scope blocks``).
 
     Official masks change the context and target lengths from batch to batch, so the compiled model first sees a
     batch of another shape: dynamo recompiles once with dynamic sizes, as in training, before anything is timed.
@@ -228,11 +231,14 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
         return float(loss.detach()), time.perf_counter() - start
 
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # Eager is timed first ("blocks" compiles the model in place); the two losses are then taken on the same weights.
+    eager_seconds = seconds_per_step(setup, "bf16", steps, warmup=2)
     eager_loss, _ = loss_and_backward(model, setup.batch)
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend=backend) if scope == "model" else model
+    if scope == "blocks":
+        compile_blocks(model, backend=backend)
     compiled_loss, first_compile = loss_and_backward(compiled, setup.batch)  # same weights: the losses must agree
     _, second_compile = loss_and_backward(compiled, other_shape)
-    eager_seconds = seconds_per_step(setup, "bf16", steps, warmup=2)
     compiled_seconds = seconds_per_step(Setup(compiled, setup.optimizer, setup.batch), "bf16", steps, warmup=2)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     del setup, model, compiled
@@ -240,7 +246,7 @@ def compiled_speedup(preset: str, device: torch.device, batch_size: int, steps: 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
-        "model": preset, "batch_size": batch_size, "backend": backend,
+        "model": preset, "batch_size": batch_size, "backend": backend, "scope": scope,
         "mask_shapes": shapes,
         "first_compile_seconds": first_compile, "recompile_seconds": second_compile, "graphs": graphs,
         "eager_seconds_per_step": eager_seconds, "compiled_seconds_per_step": compiled_seconds,
@@ -400,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-batch", type=int, default=None,
                         help="batch for --compile-models (default: the largest found for that preset)")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-scopes", default="model",
+                        help="comma-separated: model (torch.compile(model)), blocks (each transformer block)")
     parser.add_argument("--context-lengths-model", default="vit_base_patch16_224",
                         help="preset stepped with cut, padded and packed contexts ('' to skip)")
     parser.add_argument("--context-lengths-batch", type=int, default=256)
@@ -467,9 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size = args.compile_batch or batches.get(preset)
         if batch_size is None:
             raise SystemExit(f"--compile-models {preset}: pass --compile-batch, or list it in --models too.")
-        results["compiled"].append(compiled_speedup(preset, device, batch_size, args.steps, args.compile_backend))
-        print(json.dumps(results["compiled"][-1]), flush=True)
-        save()
+        for scope in _presets(args.compile_scopes):
+            results["compiled"].append(compiled_speedup(preset, device, batch_size, args.steps, args.compile_backend,
+                                                        scope))
+            print(json.dumps(results["compiled"][-1]), flush=True)
+            save()
 
     print("\n" + results["table"])
     if output:

@@ -6,15 +6,18 @@
 #
 #   bash benchmarks/gpu_kernels_check.sh            # JSON and tables in benchmarks/results/
 #   RESULTS=/tmp/out bash benchmarks/gpu_kernels_check.sh
-#   COMPILE=1 bash benchmarks/gpu_kernels_check.sh  # also torch.compile against eager for ViT-B/16 (minutes more)
+#   COMPILE=1 bash benchmarks/gpu_kernels_check.sh  # also torch.compile (whole model, then per block) against eager
+#                                                   # for ViT-B/16 (minutes more: run with a longer limit)
 
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh"
-compile=()
-if [ "${COMPILE:-0}" = 1 ]; then compile=(--compile-models vit_base_patch16_224 --compile-batch 256); fi
+compile=(); limit=200
+if [ "${COMPILE:-0}" = 1 ]; then
+  compile=(--compile-models vit_base_patch16_224 --compile-batch 256 --compile-scopes model,blocks); limit=560
+fi
 SECONDS=0
 echo "== ViT-B/16, batch 256: MFU, agreement, profile, cut / padded / packed contexts"
-timeout 200 python3 benchmarks/bench_gpu.py --models vit_base_patch16_224 --min-batch 256 --max-batch 256 \
+timeout $limit python3 benchmarks/bench_gpu.py --models vit_base_patch16_224 --min-batch 256 --max-batch 256 \
   --steps 10 --agreement-models vit_base_patch16_224 --profile-model vit_base_patch16_224 \
   --context-lengths-model vit_base_patch16_224 --context-lengths-batch 256 "${compile[@]}" \
   --output "$RESULTS/gpu_kernels_vitb16.json" > "$RESULTS/gpu_kernels_vitb16.log" 2>&1

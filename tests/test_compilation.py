@@ -39,3 +39,48 @@ def test_trainer_applies_it_only_when_compiling(mix_order_on, tmp_path, torch_co
                              remove_unused_columns=False)
     IJepaTrainer(model=IJepaForPreTraining(tiny_pretraining_config()), args=args)
     assert inductor_config.triton.mix_order_reduction is (not torch_compile)
+
+
+def test_compile_blocks_is_eager_on_any_mask_length_with_one_graph_for_every_layer():
+    """Regional compilation: every block but the predictor's last compiled with dynamic shapes; two batches of
+    other context lengths give eager's loss and gradients, from a handful of graphs for all the layers."""
+    import copy
+
+    import torch
+
+    from ijepa_hf.training.compilation import compile_blocks
+
+    from tiny import random_masks
+
+    torch.manual_seed(0)
+    model = IJepaForPreTraining(tiny_pretraining_config())
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    assert compile_blocks(model) == len(model.context_encoder.blocks) * 2 + len(model.predictor.blocks) - 1
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    pixels = torch.randn(2, 3, 32, 32)
+    for num_context in (8, 11):
+        context, targets = random_masks(2, 16, num_context=num_context, num_blocks=2, num_targets=3)
+        compiled_loss, eager_loss = model(pixels, context, targets).loss, eager(pixels, context, targets).loss
+        compiled_loss.backward()
+        eager_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-6, rtol=0)
+    for (name, ours), theirs in zip(model.named_parameters(), eager.parameters()):
+        if theirs.grad is not None:
+            torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-6, rtol=1e-5, msg=name)
+    # One graph for the encoders' and the predictor's blocks, plus a recompile for dynamic sizes: not one per layer.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 4
+    assert set(model.state_dict()) == set(eager.state_dict())  # checkpoints keep their names
+    torch._dynamo.reset()
+
+
+def test_pretrain_compiles_the_blocks_on_request(tmp_path):
+    from tiny import read_log, run
+
+    with pytest.raises(ValueError, match="--torch_compile_scope must be one of"):
+        run(tmp_path / "bad", "--torch_compile", "--torch_compile_scope", "layers", steps=2, images=16)
+    result = run(tmp_path / "out", "--torch_compile", "--torch_compile_scope", "blocks", steps=2, images=16)
+    assert result.global_step == 2 and [row["step"] for row in read_log(tmp_path / "out")] == [2]
+    blocks = list(result.model.context_encoder.blocks) + list(result.model.predictor.blocks)
+    assert [block._compiled_call_impl is not None for block in blocks][-2:] == [True, False]  # the last stays eager
+    assert all(block._compiled_call_impl is not None for block in blocks[:-1])

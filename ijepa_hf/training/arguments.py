@@ -145,7 +145,11 @@ class PretrainingArguments:
         "softmax; on some CPUs faster in bf16 training) or 'auto' (time both on this run's model, batch and "
         "precision at start-up and keep the faster, logged; two runs may then pick differently)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward."))
-    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile (inductor)."))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "Compile with torch.compile (inductor); --torch_compile_scope says what (benchmarks/README.md has the cost)."))
+    torch_compile_scope: str = field(default="model", metadata=_help(
+        "With --torch_compile: 'model' (the whole model, through Accelerate; one recompile for dynamic mask lengths) "
+        "or 'blocks' (each transformer block, one compiled graph shared by every layer: much shorter to compile)."))
     num_workers: int = field(default=0, metadata=_help(
         "DataLoader worker processes that decode, crop and mask the images (0: in the training process). On a GPU "
         "give it enough that the log's loader_images_per_s stays above its images_per_s (data_wait_fraction near "
@@ -266,6 +270,9 @@ class PretrainingArguments:
             raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
             raise ValueError(f"--mixed_precision must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}")
+        if self.torch_compile_scope not in TORCH_COMPILE_SCOPES:
+            raise ValueError(f"--torch_compile_scope must be one of {TORCH_COMPILE_SCOPES}, got "
+                             f"{self.torch_compile_scope!r}")
         if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
             raise ValueError(f"--mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
         if self.streaming and self.max_train_steps is None:
@@ -360,6 +367,7 @@ EMBEDDED_DEMO_MODEL: dict[str, Any] = {
     "ema_momentum": "0.99,0.999",
 }
 # Options that choose a model: when any is given, the demo's model is not used.
+TORCH_COMPILE_SCOPES = ("model", "blocks")
 _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 
 # Options that may differ between a run and its resume: where and how often things are written, how the work is
@@ -370,7 +378,7 @@ OPERATIONAL_FIELDS = frozenset({
     "checkpoints_total_limit", "logging_steps", "with_tracking", "disable_tqdm", "report_to", "push_to_hub",
     "hub_model_id",
     "hub_token", "hub_private_repo", "num_workers", "prefetch_factor", "ddp_timeout", "preemption_signals",
-    "cache_dir", "torch_compile",
+    "cache_dir", "torch_compile", "torch_compile_scope",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
     "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
 })

@@ -1,4 +1,5 @@
-"""``torch.compile`` settings that I-JEPA's variable-length masks need.
+"""``torch.compile`` for I-JEPA: the settings its variable-length masks need, and compiling the transformer block
+once for every layer (:func:`compile_blocks`, ``--torch_compile_scope blocks``).
 
 Official masks change the number of context and target patches from batch to batch, so a compiled model is
 recompiled once with dynamic sequence lengths (torch's automatic dynamic shapes). Inductor's *mix-order reduction*
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +37,29 @@ def configure_inductor_for_variable_masks() -> bool:
     logger.info("torch.compile: inductor's mix-order reduction turned off (it breaks on the varying mask lengths "
                 "of I-JEPA batches; set %s=1 to keep it).", MIX_ORDER_REDUCTION_ENV)
     return True
+
+
+def compile_blocks(model: Any, backend: str = "inductor") -> int:
+    """Compiles every transformer block of ``model`` (an `IJepaForPreTraining`, or any module holding I-JEPA encoders
+    and predictors) in place, with dynamic shapes: the blocks share one code, so the compiled graph is made once and
+    reused by every layer and every mask length (regional compilation: much shorter to compile than the whole model,
+    the fusions that matter, LayerNorm, GELU, residual adds around the matrix products, all inside a block).
+
+    The predictor's last block stays eager: it updates only the target tokens (its output is shorter than its
+    input), and inductor (torch 2.13) then fails in the backward pass with a stride assertion on that output's
+    gradient. Returns the number of blocks compiled. The parameter names, and so checkpoints, are unchanged."""
+    from ..modeling_ijepa_hf import IJepaEncoderModel, IJepaPredictorModel
+
+    configure_inductor_for_variable_masks()
+    compiled = 0
+    for module in model.modules():
+        if isinstance(module, IJepaEncoderModel):
+            blocks = list(module.blocks)
+        elif isinstance(module, IJepaPredictorModel):
+            blocks = list(module.blocks)[:-1]
+        else:
+            continue
+        for block in blocks:
+            block.compile(backend=backend, dynamic=True)
+            compiled += 1
+    return compiled

@@ -127,7 +127,7 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         # for every kernel queued before it.
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False,
                                                   non_blocking=True),
-        dynamo_backend="inductor" if args.torch_compile else None,
+        dynamo_backend="inductor" if args.torch_compile and args.torch_compile_scope == "model" else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
@@ -167,6 +167,10 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         # transformers 5.x renamed the method (the old name warns and goes away in v6).
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    if args.torch_compile and args.torch_compile_scope == "blocks":
+        from .compilation import compile_blocks
+
+        logger.info("torch.compile: %d transformer blocks compiled (one graph for every layer)", compile_blocks(model))
 
     # ---- output folder: lock, policy, run identity (the main process decides, every rank learns the outcome)
     lock: OutputDirLock | None = None
