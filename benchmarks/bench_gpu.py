@@ -330,7 +330,7 @@ def context_lengths_rows(preset: str, device: torch.device, batch_size: int, ste
                "padded_length": int(batch["context_mask"].shape[1]), "seconds_per_step": seconds,
                "ms_per_1k_context_tokens": 1e6 * seconds / tokens}
         if mode == "packed":
-            kernel = modeling._varlen_kernel(torch.empty(0, device=device, dtype=torch.bfloat16))
+            kernel = modeling._varlen_kernel(device, torch.bfloat16)
             row["attention"] = "varlen kernel" if kernel is not None else "reference (unpacked per step)"
         if mode == "padded":
             reference = {"loss": float(output.loss), "grads": grads}

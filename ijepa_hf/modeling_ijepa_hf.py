@@ -201,9 +201,10 @@ def packed_sequences(enabled: bool | None) -> Iterator[None]:
         _PACKING[0] = previous
 
 
-def _varlen_kernel(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """torch's variable-length (flash) attention when it runs on ``query`` (CUDA, half types), else None."""
-    if not query.is_cuda or query.dtype not in _HALF_TYPES:
+def _varlen_kernel(device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor] | None:
+    """torch's variable-length (flash) attention when it runs on tensors of ``device`` and ``dtype`` (CUDA, half
+    types), else None."""
+    if device.type != "cuda" or dtype not in _HALF_TYPES:
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -221,7 +222,7 @@ def _should_pack(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     dtype = hidden_states.dtype
     if hidden_states.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
-    return _varlen_kernel(hidden_states.new_empty(0, dtype=dtype)) is not None
+    return _varlen_kernel(hidden_states.device, dtype) is not None
 
 
 class SequencePacking:
@@ -256,7 +257,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
     torch's variable-length kernel where it runs (`_varlen_kernel`, no dropout); elsewhere the same attention on
     the padded layout with the padding masked out of the keys, which is the padded path's own computation."""
-    kernel = _varlen_kernel(query)
+    kernel = _varlen_kernel(query.device, query.dtype)
     if kernel is not None and dropout == 0.0:
         cu, longest = packing.cu_seqlens, packing.max_seqlen
         return kernel(query, key, value, cu, cu, longest, longest, scale=scaling)
@@ -544,7 +545,7 @@ def run_blocks(
     need_weights: bool = False,
     last_query_start: int = 0,
     key_padding_mask: torch.Tensor | None = None,
-    packing: SequencePacking | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Runs the blocks. Their outputs and attention maps are recorded by transformers' `capture_outputs` hooks
     (`_can_record_outputs`), not collected here; ``need_weights`` (while `output_attentions` is recorded) makes
@@ -555,13 +556,20 @@ def run_blocks(
     attentions are being recorded, so that every recorded layer has every token.
 
     ``key_padding_mask`` (bool ``[B, N]``, True = real token): padding tokens are no key of any attention.
-    ``packing``: ``hidden_states`` is that batch packed (`SequencePacking.pack`), ``[T, D]``.
+    ``packed``: the blocks run on the real tokens of the padded batch as one sequence (`SequencePacking`); the
+    result is unpacked, zero at the padding. A packed sequence has no per-row query start, so the last block then
+    updates every token.
     """
+    if packed:
+        packing = SequencePacking(key_padding_mask)
+        hidden_states = packing.pack(hidden_states)
+        for block in blocks:
+            hidden_states, _ = block(hidden_states, packing=packing)
+        return packing.unpack(hidden_states)
     for index, block in enumerate(blocks):
         query_start = last_query_start if index == len(blocks) - 1 else 0
         hidden_states, _ = block(
-            hidden_states, need_weights=need_weights, query_start=query_start,
-            key_padding_mask=key_padding_mask, packing=packing,
+            hidden_states, need_weights=need_weights, query_start=query_start, key_padding_mask=key_padding_mask,
         )
     return hidden_states
 
@@ -859,14 +867,10 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
             hidden_states = torch.cat([self.embed(pixel_values, mask) for mask in context_mask], dim=0)
         need_weights = _records(self, kwargs, "attentions")
         recording = need_weights or _records(self, kwargs, "hidden_states")
-        if padding is not None and not recording and _should_pack(self, hidden_states):
-            # Recorded layers keep the padded layout their readers expect, so only unrecorded runs pack.
-            packing = SequencePacking(padding)
-            hidden_states = packing.unpack(self.norm(run_blocks(self.blocks, packing.pack(hidden_states),
-                                                                packing=packing)))
-        else:
-            hidden_states = run_blocks(self.blocks, hidden_states, need_weights=need_weights, key_padding_mask=padding)
-            hidden_states = self.norm(hidden_states)
+        # Recorded layers keep the padded layout their readers expect, so only unrecorded runs pack.
+        packed = padding is not None and not recording and _should_pack(self, hidden_states)
+        hidden_states = self.norm(run_blocks(self.blocks, hidden_states, need_weights=need_weights,
+                                             key_padding_mask=padding, packed=packed))
         if padding is None:
             pooled = hidden_states.mean(dim=1)
         else:
@@ -1009,15 +1013,11 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
         # the layers are being recorded (then every recorded layer keeps every token).
         need_weights = _records(self, kwargs, "attentions")
         recording = need_weights or _records(self, kwargs, "hidden_states")
-        if padding is not None and not recording and _should_pack(self, hidden_states):
-            # Packed, the last block updates every token: its context rows cost little next to the padding saved.
-            packing = SequencePacking(padding)
-            hidden_states = packing.unpack(run_blocks(self.blocks, packing.pack(hidden_states), packing=packing))
-        else:
-            hidden_states = run_blocks(
-                self.blocks, hidden_states, need_weights, last_query_start=0 if recording else num_context,
-                key_padding_mask=padding,
-            )
+        hidden_states = run_blocks(
+            self.blocks, hidden_states, need_weights, last_query_start=0 if recording else num_context,
+            key_padding_mask=padding,
+            packed=padding is not None and not recording and _should_pack(self, hidden_states),
+        )
         predictions = self.proj(self.norm(hidden_states[:, -num_targets:]))
         return IJepaPredictorOutput(predictions=predictions)
 

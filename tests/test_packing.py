@@ -53,8 +53,8 @@ def test_packed_model_equals_padded_outputs_loss_and_gradients(kernel, monkeypat
 
     calls = []
     if kernel == "varlen stand-in":
-        def stand_in(query):
-            calls.append(query.shape)
+        def stand_in(device, dtype):
+            calls.append(dtype)
             return _varlen_stand_in
         monkeypatch.setattr(modeling, "_varlen_kernel", stand_in)
     with packed_sequences(True):
@@ -121,7 +121,7 @@ def test_the_default_packs_only_where_a_kernel_runs():
     """CPU has no variable-length kernel: by default the padded path runs, as before packing existed."""
     torch.manual_seed(0)
     model = IJepaForPreTraining(per_image_config())
-    assert modeling._varlen_kernel(torch.zeros(1, dtype=torch.bfloat16)) is None
+    assert modeling._varlen_kernel(torch.device("cpu"), torch.bfloat16) is None
     assert not modeling._should_pack(model.context_encoder, torch.zeros(2, 3, 8))
     with packed_sequences(True):
         assert modeling._should_pack(model.context_encoder, torch.zeros(2, 3, 8))
