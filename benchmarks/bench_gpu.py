@@ -20,8 +20,8 @@ model at its timed batch, the busiest kernels and how much of the wall-clock ste
 waits on the host shows as a low fraction). Compile: the step under ``torch.compile`` against eager, after one
 recompile for a second mask shape. Contexts: one model stepped with the contexts cut to the batch's shortest (the
 official collator), every image's whole context padded, and packed (variable-length attention), per real context
-token, with the packed step checked against the padded one. The JSON is rewritten after every stage, so a run stopped by a time limit still
-leaves what it measured.
+token, with the packed step checked against the padded one. The JSON is rewritten after every stage, so a run
+stopped by a time limit still leaves what it measured.
 """
 
 from __future__ import annotations

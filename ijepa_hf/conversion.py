@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from .configuration_ijepa_hf import IJepaEncoderConfig, IJepaPretrainingConfig
-from .configuration_ijepa_hf import ENCODER_CHOICES
+from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
 from .modeling_ijepa_hf import IJepaEncoderModel, IJepaForPreTraining
 
 __all__ = [

@@ -366,8 +366,9 @@ EMBEDDED_DEMO_MODEL: dict[str, Any] = {
                         "encoder.num_attention_heads=2,min_keep=4",
     "ema_momentum": "0.99,0.999",
 }
-# Options that choose a model: when any is given, the demo's model is not used.
+# What --torch_compile compiles: the whole model, or each transformer block (`compilation.compile_blocks`).
 TORCH_COMPILE_SCOPES = ("model", "blocks")
+# Options that choose a model: when any is given, the demo's model is not used.
 _MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
 
 # Options that may differ between a run and its resume: where and how often things are written, how the work is
