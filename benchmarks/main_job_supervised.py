@@ -2,19 +2,19 @@
 """How much of the shape label the main job's encoder can hold: the same ViT trained *supervised* on it.
 
     python benchmarks/main_job_supervised.py --seed 0 --output-dir /tmp/supervised-s0
-    python benchmarks/main_job_supervised.py --seed 0 --output-dir /tmp/sup-lr --learning_rate 2e-3
-
-Options this script does not know go to the main job's own parser (``examples/pretrain.py``'s options: the
-learning rate, crop, steps, batch), so the supervised run changes with them as the main job would.
+    python benchmarks/main_job_supervised.py --seed 0 --output-dir /tmp/supervised-s0-no-crop --crop_scale 1.0,1.0
 
 The main job (``examples/pretrain.py`` without options) pretrains a small I-JEPA on the embedded scenes and probes
 its frozen, mean-pooled features for the class of the largest object. This script gives that number a ceiling:
-the same encoder (the demo's config, built by the same ``build_config``), the same training images and crop, the
-same number of steps, batch and peak learning rate, but trained with cross-entropy on the shape label by
-transformers' ``Trainer`` (``IJepaEncoderForImageClassification``: a linear head on the mean-pooled output; AdamW,
-warm-up then cosine). The trained encoder, without its head, is saved like
-the main job's target encoder and goes through the example's own probe, so its row compares with the main job's
-table cell for cell (random init and raw pixels are recomputed beside it).
+the same encoder (the demo's config, through the same ``build_config``), training images, crop, steps, batch and
+peak learning rate, trained with cross-entropy on the label by transformers' ``Trainer``
+(``IJepaEncoderForImageClassification``: a linear head on the mean-pooled output; AdamW, warm-up then cosine).
+The trained encoder, without its head, is saved as the main job saves its target encoder and goes through the
+example's own probe, so its row compares with the main job's table cell for cell (random init and raw pixels are
+recomputed beside it).
+
+Options this script does not know go to the main job's own parser (the learning rate, crop, steps, batch, model),
+so the supervised run changes with them as the main job would.
 """
 from __future__ import annotations
 
