@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from ijepa_hf import IJepaEncoderForImageClassification, make_image_processor
 from ijepa_hf.data import PretrainTransform, embedded_scenes
+from ijepa_hf.finetuning import classification_collate
 from ijepa_hf.training import build_config, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -38,20 +39,6 @@ import pretrain as main_job  # noqa: E402  (examples/pretrain.py: its probe and 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_description  # noqa: E402
-
-
-class _LabelledScenes(torch.utils.data.Dataset):
-    """The main job's training scenes, cropped as its pretraining crops them, with one label."""
-
-    def __init__(self, images, transform: PretrainTransform, label: str) -> None:
-        self.images, self.transform, self.label = images, transform, label
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.transform(self.images.get_image(index)),
-                "labels": torch.tensor(self.images.labels(index)[self.label])}
 
 
 def train_supervised(args, label: str, output_dir: Path) -> tuple[IJepaEncoderForImageClassification, list[dict]]:
@@ -62,16 +49,21 @@ def train_supervised(args, label: str, output_dir: Path) -> tuple[IJepaEncoderFo
     torch.manual_seed(args.seed)
     model = IJepaEncoderForImageClassification(config)
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    images = embedded_scenes(args.embedded_num_images, image_size=image_size, seed=0, **args.embedded_scene_settings)
+    # The main job's training scenes, cropped as its pretraining crops them; each item carries every label.
     transform = PretrainTransform(image_size, crop_scale=args.crop_range,
                                   generator=torch.Generator().manual_seed(args.seed))
+    images = embedded_scenes(args.embedded_num_images, image_size=image_size, seed=0, transform=transform,
+                             **args.embedded_scene_settings)
     training = TrainingArguments(
         output_dir=str(output_dir / "trainer"), max_steps=args.max_train_steps,
         per_device_train_batch_size=args.per_device_train_batch_size, learning_rate=args.learning_rate,
         weight_decay=0.05, lr_scheduler_type="cosine", warmup_steps=max(1, args.max_train_steps // 15),
         logging_steps=100, save_strategy="no", report_to=[], seed=args.seed, dataloader_num_workers=0,
+        remove_unused_columns=False,  # the collator picks the label from every label an item carries
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    trainer = Trainer(model=model, args=training, train_dataset=_LabelledScenes(images, transform, label))
+    trainer = Trainer(model=model, args=training, train_dataset=images,
+                      data_collator=lambda items: classification_collate([{**item, "labels": item[label]}
+                                                                          for item in items]))
     trainer.train()
     return model.eval(), trainer.state.log_history
 
@@ -95,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["rows"][0]["model"] = f"supervised on {cli.label} (same ViT, steps, data)"
     table = main_job.format_probe_table(results)
     print(table)
-    summary = {"command": " ".join(sys.argv if argv is None else ["main_job_supervised.py", *argv]), "cpu": cpu_description(), "torch_threads": torch.get_num_threads(),
+    command = " ".join(sys.argv if argv is None else ["main_job_supervised.py", *argv])
+    summary = {"command": command, "cpu": cpu_description(), "torch_threads": torch.get_num_threads(),
                "train_seconds": train_s, "trainer_log": log, "probe": results}
     (output_dir / "supervised_results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"training {train_s:.0f} s; results in {output_dir / 'supervised_results.json'}")
