@@ -20,13 +20,15 @@ model at its timed batch, the busiest kernels and how much of the wall-clock ste
 waits on the host shows as a low fraction). Compile: the step under ``torch.compile`` against eager, after one
 recompile for a second mask shape. Contexts: one model stepped with the contexts cut to the batch's shortest (the
 official collator), every image's whole context padded, and packed (variable-length attention), per real context
-token, with the packed step checked against the padded one. The JSON is rewritten after every stage, so a run
+token, with the packed step checked against the padded one. Target copy: the lever of a bf16 copy of the
+target encoder's weights refreshed after the EMA, in its parts (:func:`target_copy_row`). The JSON is rewritten after every stage, so a run
 stopped by a time limit still leaves what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -38,6 +40,7 @@ import torch
 from bench_train_step import (  # benchmarks/bench_train_step.py, beside this script: the same step, timed the same way
     Setup,
     matmul_ceiling,
+    median_seconds,
     seconds_per_step,
     split,
     step_flops,
@@ -299,6 +302,59 @@ def agreement(preset: str, device: torch.device, batch_size: int) -> dict:
     }
 
 
+def low_precision_copy(encoder: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``encoder`` whose matrix-product weights and biases (every ``Linear`` and ``Conv2d``) are in
+    ``dtype`` — what autocast casts them to at every use — while LayerNorms (run in float32 under autocast) and
+    buffers stay as they are. Under autocast it gives the same outputs as ``encoder``: the cast is the same
+    rounding, done once instead of at every forward."""
+    copied = copy.deepcopy(encoder)
+    for module in copied.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            module.to(dtype)
+    return copied
+
+
+def target_copy_row(preset: str, device: torch.device, batch_size: int, steps: int) -> dict:
+    """The lever of a bf16 copy of the target encoder, refreshed right after the EMA (fp32 master kept), measured
+    in its parts on one official-mask batch (bf16 autocast, medians of ``steps``): the target encoder's forward
+    with autocast casting the fp32 weights at every use, the same forward on the copy (its outputs compared), the
+    EMA update, and the refresh of the copy from the master. ``saving_seconds_per_step`` is the forward saved less
+    the refresh added: the copy is worth building only where it is clearly positive."""
+    model, config = build(preset, device)
+    pixel_values = mask_batch(config, batch_size, device)["pixel_values"]
+    master = model.target_encoder
+    lowp = low_precision_copy(master, torch.bfloat16)
+    # The copy's parameters and their masters, in the same order, for one foreach copy per refresh.
+    masters = dict(master.named_parameters())
+    pairs = [(p, masters[name]) for name, p in lowp.named_parameters() if p.dtype == torch.bfloat16]
+    lowp_params, master_params = [p for p, _ in pairs], [m for _, m in pairs]
+
+    def forward(encoder: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            return encoder(pixel_values).last_hidden_state
+
+    def refresh() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(lowp_params, master_params)
+
+    difference = float((forward(master).float() - forward(lowp).float()).abs().max())
+    seconds = {
+        "forward_seconds_autocast": median_seconds(lambda: forward(master), steps, 2, device),
+        "forward_seconds_copy": median_seconds(lambda: forward(lowp), steps, 2, device),
+        "ema_seconds": median_seconds(lambda: model.update_target_encoder(0.996), steps, 2, device),
+        "refresh_seconds": median_seconds(refresh, steps, 2, device),
+    }
+    row = {"model": preset, "batch_size": batch_size, "targets_max_abs_difference": difference, **seconds,
+           "saving_seconds_per_step": seconds["forward_seconds_autocast"] - seconds["forward_seconds_copy"]
+           - seconds["refresh_seconds"],
+           "copy_megabytes": sum(p.numel() * p.element_size() for p in lowp_params) / 1e6}
+    print(json.dumps(row), flush=True)
+    del model, master, lowp, pairs, lowp_params, master_params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 # The three ways of giving the context encoder each image's context: cut to the batch's shortest (the official
 # collator), every image's whole context padded to the longest, or packed into one sequence without padding.
 CONTEXT_MODES = ("cut", "padded", "packed")
@@ -350,7 +406,7 @@ def context_lengths_rows(preset: str, device: torch.device, batch_size: int, ste
 
 
 def format_tables(device_label: str, throughput: list[dict], agreements: list[dict],
-                  context_rows: list[dict] | None = None) -> str:
+                  context_rows: list[dict] | None = None, target_copy_rows: list[dict] | None = None) -> str:
     lines = [f"device: {device_label}", "",
              "| model | params (M) | batch | context / target patches | s/step | images/s | TFLOP/step | "
              "achieved TFLOP/s | MFU (data sheet) | of measured bf16 matmul | peak memory GiB | "
@@ -384,6 +440,14 @@ def format_tables(device_label: str, throughput: list[dict], agreements: list[di
             lines.append(f"| {row['model']} | {row['batch_size']} | {mode} | {row['context_tokens']} | "
                          f"{row['padded_length']} | {row['seconds_per_step']:.3f} | "
                          f"{row['ms_per_1k_context_tokens']:.3f} | {row['per_token_cost_vs_cut']:.2f}x | {check} |")
+    if target_copy_rows:
+        lines += ["", "| model | batch | target forward ms: autocast casts / bf16 copy | EMA ms | copy refresh ms | "
+                  "saved ms per step | copy MB | targets max abs diff |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+        for row in target_copy_rows:
+            lines.append(f"| {row['model']} | {row['batch_size']} | {1e3 * row['forward_seconds_autocast']:.2f} / "
+                         f"{1e3 * row['forward_seconds_copy']:.2f} | {1e3 * row['ema_seconds']:.2f} | "
+                         f"{1e3 * row['refresh_seconds']:.2f} | {1e3 * row['saving_seconds_per_step']:.2f} | "
+                         f"{row['copy_megabytes']:.0f} | {row['targets_max_abs_difference']:.1e} |")
     return "\n".join(lines)
 
 
@@ -411,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context-lengths-model", default="vit_base_patch16_224",
                         help="preset stepped with cut, padded and packed contexts ('' to skip)")
     parser.add_argument("--context-lengths-batch", type=int, default=256)
+    parser.add_argument("--target-copy-models", default="",
+                        help="comma-separated presets: the bf16 target-encoder copy lever, in its parts ('' to skip)")
+    parser.add_argument("--target-copy-batch", type=int, default=None,
+                        help="batch for --target-copy-models (default: the timed batch of that preset)")
     parser.add_argument("--output", default=None,
                         help="JSON path (default: $OUT/gpu_results.json if $OUT is set, else none)")
     return parser
@@ -427,11 +495,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{name}; torch {torch.__version__}", flush=True)
     output = args.output or (str(Path(os.environ["OUT"]) / "gpu_results.json") if os.environ.get("OUT") else None)
     results: dict = {"device": name, "torch": torch.__version__, "command": sys.argv, "batch_search": {},
-                     "throughput": [], "agreement": [], "profile": {}, "compiled": [], "context_lengths": []}
+                     "throughput": [], "agreement": [], "profile": {}, "compiled": [], "context_lengths": [],
+                     "target_copy": []}
 
     def save() -> None:
         results["table"] = format_tables(name, results["throughput"], results["agreement"],
-                                         results["context_lengths"])
+                                         results["context_lengths"], results["target_copy"])
         if output:
             Path(output).parent.mkdir(parents=True, exist_ok=True)
             Path(output).write_text(json.dumps(results, indent=1))
@@ -471,6 +540,13 @@ def main(argv: list[str] | None = None) -> dict:
         save()
 
     batches = {row["model"]: row["batch_size"] for row in results["throughput"]}
+    for preset in _presets(args.target_copy_models):
+        batch_size = args.target_copy_batch or batches.get(preset)
+        if batch_size is None:
+            raise SystemExit(f"--target-copy-models {preset}: pass --target-copy-batch, or list it in --models too.")
+        results["target_copy"].append(target_copy_row(preset, device, batch_size, args.steps))
+        save()
+
     for preset in _presets(args.compile_models):
         batch_size = args.compile_batch or batches.get(preset)
         if batch_size is None:

@@ -15,7 +15,7 @@ _SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
 TOY = ["--device", "cpu", "--models", "vit_tiny_patch16_224", "--min-batch", "2", "--max-batch", "2", "--steps", "1",
        "--agreement-models", "vit_tiny_patch16_224", "--agreement-batch", "2", "--matmul-size", "128",
        "--profile-model", "vit_tiny_patch16_224", "--context-lengths-model", "vit_tiny_patch16_224",
-       "--context-lengths-batch", "4"]
+       "--context-lengths-batch", "4", "--target-copy-models", "vit_tiny_patch16_224"]
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,9 @@ def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):
     assert packed["loss_relative_difference_to_padded"] < 1e-2 and packed["gradient_cosine_to_padded"] > 0.999
     assert cut["per_token_cost_vs_cut"] == 1.0
     assert "packed (reference" in results["table"]
+    (copy_row,) = results["target_copy"]  # at the timed batch of its preset
+    assert copy_row["batch_size"] == 2 and copy_row["targets_max_abs_difference"] == 0.0
+    assert "saved ms per step" in results["table"]
 
 
 def test_batch_search_stops_at_the_first_out_of_memory(bench_gpu, monkeypatch):
@@ -104,3 +107,27 @@ def test_compiled_step_is_timed_after_a_recompile_for_a_second_mask_shape(bench_
     assert row["graphs"] >= (2 if scope == "model" else 1)  # model: one graph per shape seen before timing
     assert row["loss_relative_difference"] < 1e-6  # the eager backend runs the same ops on the same weights
     assert row["speed_up"] == pytest.approx(row["eager_seconds_per_step"] / row["compiled_seconds_per_step"])
+
+
+def test_target_copy_lever_is_timed_on_a_copy_that_gives_the_same_targets(bench_gpu):
+    # The lever of a bf16 copy of the target encoder's matmul weights, refreshed after the EMA, against autocast
+    # casting the fp32 weights at every use: the copy must give the targets autocast gives, bit for bit (autocast's
+    # cast is the same rounding), and the row prices the forward it saves against the refresh it adds.
+    row = bench_gpu.target_copy_row("vit_tiny_patch16_224", torch.device("cpu"), batch_size=2, steps=1)
+    assert row["model"] == "vit_tiny_patch16_224" and row["batch_size"] == 2
+    assert row["targets_max_abs_difference"] == 0.0
+    assert row["ema_seconds"] > 0 and row["refresh_seconds"] > 0
+    assert row["saving_seconds_per_step"] == pytest.approx(
+        row["forward_seconds_autocast"] - row["forward_seconds_copy"] - row["refresh_seconds"])
+    # vit_tiny/16: about 5.5 M parameters, all but the LayerNorms' in the copy, two bytes each.
+    assert 9 < row["copy_megabytes"] < 11.5
+
+
+def test_low_precision_copy_keeps_layer_norms_and_buffers_in_float32(bench_gpu):
+    model, _ = bench_gpu.build("vit_tiny_patch16_224", torch.device("cpu"))
+    copy = bench_gpu.low_precision_copy(model.target_encoder, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in copy.named_parameters()}
+    assert dtypes["blocks.0.attn.qkv.weight"] == dtypes["patch_embed.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.norm1.weight"] == dtypes["norm.weight"] == torch.float32
+    assert all(b.dtype == torch.float32 for b in copy.buffers() if b.is_floating_point())
+    assert model.target_encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # the master is untouched
