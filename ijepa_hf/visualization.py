@@ -255,19 +255,21 @@ def plot_mask_grid(
 
 # Panels: (title, keys on the left axis, keys on a right twin axis, log scale). A panel is drawn when any of
 # its keys has data; every key is optional so logs of other scripts (or older runs) still plot.
+# Inches of figure height per row of panels in `plot_training_curves` (title, axes, tick labels and x label).
+PANEL_ROW_HEIGHT = 2.5
+
 _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
     ("loss", (LOSS_KEY, "prediction_loss", "train_loss", "eval_loss", "val_loss"), (), True),
-    ("anti-collapse regulariser terms, unweighted: SIGReg; VICReg variance and covariance",
-     ("sigreg_loss",), ("variance_loss", "covariance_loss"), False),
+    ("regulariser terms, unweighted: SIGReg / VICReg", ("sigreg_loss",), ("variance_loss", "covariance_loss"),
+     False),
     ("learning rate / weight decay", ("lr", "learning_rate"), ("weight_decay", "wd"), False),
     ("EMA momentum", ("momentum", "ema_momentum"), (), False),
     ("feature std (collapse if -> 0)", ("target_std", "target_token_std", "pred_std"), (), False),
-    ("pooled target features: cosine of different images (collapse if -> 1), effective rank",
-     ("target_cosine",), ("target_rankme",), False),
-    ("online probe: k-NN accuracy of the target encoder (held-out queries) and of raw pixels, effective rank",
-     ("online_knn_accuracy", "online_knn_pixels_accuracy"), ("online_rankme",), False),
-    ("throughput (images/s), loader capacity; data wait (share)",
-     (THROUGHPUT_KEY, "loader_images_per_s"), ("data_wait_fraction",), False),
+    ("pooled targets: cosine of images (collapse: 1) / rank", ("target_cosine",), ("target_rankme",), False),
+    ("online probe: k-NN accuracy (encoder, raw pixels) / rank", ("online_knn_accuracy", "online_knn_pixels_accuracy"),
+     ("online_rankme",), False),
+    ("images/s: training, loader capacity / data wait share", (THROUGHPUT_KEY, "loader_images_per_s"),
+     ("data_wait_fraction",), False),
 )
 
 
@@ -292,10 +294,11 @@ def plot_training_curves(
     path: PathLike,
     *,
     title: str | None = None,
-    figsize: tuple[float, float] = (12.0, 7.0),
+    figsize: tuple[float, float] | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Training curves of a run from its ``train_log.jsonl`` (or the rows themselves).
+    """Training curves of a run from its ``train_log.jsonl`` (or the rows themselves), two panels a row; the
+    default ``figsize`` is 12 inches wide and :data:`PANEL_ROW_HEIGHT` inches per row of panels.
 
     Panels (each only if its keys are logged): loss (log scale; ``eval_loss`` and a regularised run's
     ``prediction_loss`` too), the anti-collapse regulariser's terms, lr with wd on a twin axis,
@@ -316,12 +319,16 @@ def plot_training_curves(
         found = sorted({key for row in rows for key in row})
         raise ValueError(f"nothing to plot: no row has any of {[k for p in _PANELS for k in p[1] + p[2]]}; "
                          f"keys found: {found}.")
-    figure = _new_figure(figsize, dpi)
     ncols = 1 if len(panels) == 1 else 2
     nrows = math.ceil(len(panels) / ncols)
+    if figsize is None:
+        figsize = (12.0, max(3.5, PANEL_ROW_HEIGHT * nrows + (0.4 if title else 0.0)))
+    figure = _new_figure(figsize, dpi)
     for index, (name, left_keys, right_keys, log_scale) in enumerate(panels):
         axes = figure.add_subplot(nrows, ncols, index + 1)
         lines = []
+        if not any(_series(rows, key)[0].size for key in left_keys):  # e.g. VICReg's terms without SIGReg's
+            left_keys, right_keys = right_keys, ()
         has_right = any(_series(rows, key)[0].size for key in right_keys)
         for keys, target in ((left_keys, axes), (right_keys, axes.twinx() if has_right else None)):
             if target is None:
@@ -338,7 +345,8 @@ def plot_training_curves(
                     lines.append(line)
                     drawn.append(key)
             if drawn:
-                target.set_ylabel(", ".join(drawn))
+                if len(drawn) == 1:  # several curves: the legend names them (joined names overran the panel)
+                    target.set_ylabel(drawn[0])
                 if log_scale:
                     target.set_yscale("log")
         if len(lines) > 1:

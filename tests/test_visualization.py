@@ -91,6 +91,34 @@ def test_training_curves_show_the_regulariser_terms_and_the_online_rankme(tmp_pa
     assert_picture(plot_training_curves(regularised, tmp_path / "c.png", figsize=(8, 6), dpi=50), (400, 300))
 
 
+def test_a_panel_without_its_left_axis_curves_draws_the_others_on_it(tmp_path, monkeypatch):
+    # VICReg's terms (the regulariser panel's twin axis) without SIGReg's (its left axis): no empty axis beside them.
+    from matplotlib.axes import Axes
+
+    twins = []
+    real_twinx = Axes.twinx
+    monkeypatch.setattr(Axes, "twinx", lambda self: twins.append(self) or real_twinx(self))
+    rows = [{"step": i, "variance_loss": 0.1, "covariance_loss": 1.0 / (i + 1)} for i in range(4)]
+    assert_picture(plot_training_curves(rows, tmp_path / "v.png", figsize=(4, 3), dpi=50), (200, 150))
+    assert twins == []
+    plot_training_curves([{**row, "sigreg_loss": 2.0} for row in rows], tmp_path / "s.png", figsize=(4, 3), dpi=50)
+    assert len(twins) == 1
+
+
+def test_training_curves_default_size_gives_every_panel_row_room(tmp_path):
+    # Eight panels (a regularised run with the online probe) in four rows: the default figure grows with the rows,
+    # and every panel title fits the half width of the figure (a longer one was cut off at both ends).
+    from ijepa_hf.visualization import _PANELS
+
+    rows = [{"step": i, **{key: 1.0 + i for panel in _PANELS for key in panel[1] + panel[2]}} for i in range(4)]
+    with Image.open(plot_training_curves(rows, tmp_path / "all.png", dpi=50)) as image:
+        width, height = image.size
+    assert width == 600 and height >= 4 * 2.4 * 50
+    assert all(len(panel[0]) <= 60 for panel in _PANELS), [panel[0] for panel in _PANELS if len(panel[0]) > 60]
+    with Image.open(plot_training_curves([{"step": 0, "loss": 1.0}], tmp_path / "one.png", dpi=50)) as image:
+        assert image.size[1] < height  # one panel: a shorter figure
+
+
 def test_pca_rgb_and_plot(tmp_path):
     features = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
     colours = pca_rgb(features, (4, 4))
@@ -113,5 +141,6 @@ def test_visualize_example(tmp_path, load_example):
         assert image.size[0] == 2 * 2.5 * 40
     log = tmp_path / "train_log.jsonl"
     log.write_text("".join(json.dumps({"step": i, "loss": 1.0 / (i + 1)}) + "\n" for i in range(5)))
+    # One panel: 12 x 3.5 inches (the default figure's least height).
     assert_picture(visualize.main(["curves", "--log", str(log), "--output", str(tmp_path / "c.png"), "--dpi", "40"]),
-                   (480, 280))
+                   (480, 140))
