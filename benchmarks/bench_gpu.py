@@ -20,9 +20,9 @@ model at its timed batch, the busiest kernels and how much of the wall-clock ste
 waits on the host shows as a low fraction). Compile: the step under ``torch.compile`` against eager, after one
 recompile for a second mask shape. Contexts: one model stepped with the contexts cut to the batch's shortest (the
 official collator), every image's whole context padded, and packed (variable-length attention), per real context
-token, with the packed step checked against the padded one. Target copy: the lever of a bf16 copy of the
-target encoder's weights refreshed after the EMA, in its parts (:func:`target_copy_row`). The JSON is rewritten after every stage, so a run
-stopped by a time limit still leaves what it measured.
+token, with the packed step checked against the padded one. Target copy: the lever of a bf16 copy of the target
+encoder's weights refreshed after the EMA, in its parts (:func:`target_copy_row`). The JSON is rewritten after
+every stage, so a run stopped by a time limit still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def mask_batch(config: IJepaPretrainingConfig, batch_size: int, device: torch.de
 def _presets(text: str) -> list[str]:
     """A comma-separated list of preset names; '' is none."""
     return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _batch_for(preset: str, option: str, explicit: int | None, timed: dict[str, int]) -> int:
+    """The batch of a later stage for ``preset``: ``explicit`` (its ``--<option>-batch``), else the batch the
+    throughput stage timed for that preset; refused when there is neither."""
+    batch_size = explicit or timed.get(preset)
+    if batch_size is None:
+        raise SystemExit(f"--{option}-models {preset}: pass --{option}-batch, or list it in --models too.")
+    return batch_size
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -541,16 +550,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     batches = {row["model"]: row["batch_size"] for row in results["throughput"]}
     for preset in _presets(args.target_copy_models):
-        batch_size = args.target_copy_batch or batches.get(preset)
-        if batch_size is None:
-            raise SystemExit(f"--target-copy-models {preset}: pass --target-copy-batch, or list it in --models too.")
+        batch_size = _batch_for(preset, "target-copy", args.target_copy_batch, batches)
         results["target_copy"].append(target_copy_row(preset, device, batch_size, args.steps))
         save()
 
     for preset in _presets(args.compile_models):
-        batch_size = args.compile_batch or batches.get(preset)
-        if batch_size is None:
-            raise SystemExit(f"--compile-models {preset}: pass --compile-batch, or list it in --models too.")
+        batch_size = _batch_for(preset, "compile", args.compile_batch, batches)
         for scope in _presets(args.compile_scopes):
             results["compiled"].append(compiled_speedup(preset, device, batch_size, args.steps, args.compile_backend,
                                                         scope))

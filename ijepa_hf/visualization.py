@@ -253,11 +253,11 @@ def plot_mask_grid(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# Panels: (title, keys on the left axis, keys on a right twin axis, log scale). A panel is drawn when any of
-# its keys has data; every key is optional so logs of other scripts (or older runs) still plot.
 # Inches of figure height per row of panels in `plot_training_curves` (title, axes, tick labels and x label).
 PANEL_ROW_HEIGHT = 2.5
 
+# Panels: (title, keys on the left axis, keys on a right twin axis, log scale). A panel is drawn when any of
+# its keys has data; every key is optional so logs of other scripts (or older runs) still plot.
 _PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
     ("loss", (LOSS_KEY, "prediction_loss", "train_loss", "eval_loss", "val_loss"), (), True),
     ("regulariser terms, unweighted: SIGReg / VICReg", ("sigreg_loss",), ("variance_loss", "covariance_loss"),
@@ -324,18 +324,19 @@ def plot_training_curves(
     if figsize is None:
         figsize = (12.0, max(3.5, PANEL_ROW_HEIGHT * nrows + (0.4 if title else 0.0)))
     figure = _new_figure(figsize, dpi)
+    series = {key: _series(rows, key) for _, left_keys, right_keys, _ in panels for key in left_keys + right_keys}
     for index, (name, left_keys, right_keys, log_scale) in enumerate(panels):
         axes = figure.add_subplot(nrows, ncols, index + 1)
         lines = []
-        if not any(_series(rows, key)[0].size for key in left_keys):  # e.g. VICReg's terms without SIGReg's
+        if not any(series[key][0].size for key in left_keys):  # e.g. VICReg's terms without SIGReg's
             left_keys, right_keys = right_keys, ()
-        has_right = any(_series(rows, key)[0].size for key in right_keys)
+        has_right = any(series[key][0].size for key in right_keys)
         for keys, target in ((left_keys, axes), (right_keys, axes.twinx() if has_right else None)):
             if target is None:
                 continue
             drawn = []
             for key in keys:
-                steps, values = _series(rows, key)
+                steps, values = series[key]
                 if log_scale:
                     steps, values = steps[values > 0], values[values > 0]
                 if steps.size:

@@ -131,3 +131,11 @@ def test_low_precision_copy_keeps_layer_norms_and_buffers_in_float32(bench_gpu):
     assert dtypes["blocks.0.norm1.weight"] == dtypes["norm.weight"] == torch.float32
     assert all(b.dtype == torch.float32 for b in copy.buffers() if b.is_floating_point())
     assert model.target_encoder.blocks[0].attn.qkv.weight.dtype == torch.float32  # the master is untouched
+
+
+@pytest.mark.parametrize("option", ["target-copy", "compile"])
+def test_a_later_stage_without_a_batch_is_refused_with_the_option_to_pass(bench_gpu, option):
+    with pytest.raises(SystemExit, match=f"--{option}-models vit_tiny_patch16_224: pass --{option}-batch"):
+        bench_gpu.main(["--device", "cpu", "--models", "", "--agreement-models", "", "--profile-model", "",
+                        "--context-lengths-model", "", "--matmul-size", "64", f"--{option}-models",
+                        "vit_tiny_patch16_224"])
