@@ -3,6 +3,7 @@
 
     python examples/pretrain.py                          # the main job: a few CPU minutes, then a probe table
     python examples/pretrain.py --seed 1                 # the same job with another model init, data order, masks
+    python examples/pretrain.py --config_overrides predictor.num_hidden_layers=2   # its model with a 2-block predictor
     python examples/pretrain.py --train_dir ./images --config_name vit_small_patch16_224 --max_train_steps 10000
     accelerate launch examples/pretrain.py --dataset_name <hub dataset> --config_name ijepa_vith14_in1k \\
         --per_device_train_batch_size 128 --mixed_precision bf16 --num_train_epochs 300 --with_tracking
@@ -12,7 +13,8 @@ Every option of ``ijepa_hf.training.PretrainingArguments`` is accepted (``--help
 defaults). When no data argument is given, the embedded ``ijepa_hf.data.ProceduralShapes`` scenes
 (``ijepa_hf.data.EMBEDDED_SCENES``, changed with ``--embedded_scenes``) are used with the
 library's demo settings sized for a 2-core CPU (``ijepa_hf.training.arguments.EMBEDDED_DEMO_DEFAULTS`` /
-``EMBEDDED_DEMO_MODEL``, filled in only for options not given, and logged), and the run ends with a probe: frozen,
+``EMBEDDED_DEMO_MODEL``, filled in only for options not given, and logged; ``--config_overrides`` changes the demo's
+model, ``--config_name`` replaces it), and the run ends with a probe: frozen,
 mean-pooled features of the **target encoder** (its last 4 blocks, concatenated) on held-out procedural images
 (other generator seeds than the training images), with a linear probe (L-BFGS logistic regression) and a 20-NN
 probe, next to a randomly initialised encoder of the same architecture and raw pixels.

@@ -43,7 +43,7 @@ from ijepa_hf.training import (
     build_pretraining_config,
     get_recipe,
 )
-from ijepa_hf.training.arguments import explicit_options, parse_range
+from ijepa_hf.training.arguments import demo_model_options, explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
@@ -63,12 +63,15 @@ RECIPE_DEFAULTS["optim"] = getattr(RECIPE_DEFAULTS["optim"], "value", RECIPE_DEF
 # Used without a data argument, for the options not given: a tiny model on the embedded procedural shapes.
 EMBEDDED_DEMO: dict[str, Any] = {
     "output_dir": "outputs/pretrain-trainer", "max_steps": 50, "per_device_train_batch_size": 32,
-    "warmup_steps": 5, "logging_steps": 10, "save_strategy": "no", "report_to": "none", "image_size": 64,
+    "warmup_steps": 5, "logging_steps": 10, "save_strategy": "no", "report_to": "none",
+}
+# Its model: --config_name replaces it, --config_overrides changes it (as examples/pretrain.py's demo).
+EMBEDDED_DEMO_MODEL: dict[str, Any] = {
+    "image_size": 64,
     "config_overrides": "encoder.patch_size=8,encoder.hidden_size=96,encoder.num_hidden_layers=4,"
                         "encoder.num_attention_heads=2,predictor.hidden_size=48,predictor.num_hidden_layers=2,"
                         "predictor.num_attention_heads=2,min_keep=4",
 }
-_MODEL_OPTIONS = ("config_name", "config_overrides")
 
 
 @dataclass
@@ -117,17 +120,15 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         values["warmup_steps"] = get_recipe(given.get("recipe", "official")).warmup_ratio
     if "dataset_name" not in given and "train_dir" not in given:
         demo = {k: v for k, v in EMBEDDED_DEMO.items() if k not in given}
-        if set(_MODEL_OPTIONS) & set(given):
-            demo.pop("config_overrides", None)
-            demo.pop("image_size", None)
+        if "config_name" not in given:
+            demo.update(demo_model_options(EMBEDDED_DEMO_MODEL, set(given), given.get("config_overrides"))[0])
         if "num_train_epochs" in given:
             demo.pop("max_steps", None)
         if given.get("recipe", "official") != "official":
             demo.pop("warmup_steps", None)
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
-    script_args.user_overrides = set() if "config_overrides" not in given else set(
-        parse_config_overrides(script_args.config_overrides))
+    script_args.user_overrides = set(parse_config_overrides(given.get("config_overrides")))
     return script_args, training_args
 
 

@@ -64,6 +64,8 @@ __all__ = [
     "check_mask_settings",
     "default_mask_sampling",
     "list_presets",
+    "config_override_items",
+    "merge_config_overrides",
     "parse_config_overrides",
 ]
 
@@ -718,6 +720,23 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
             raise ValueError(f"config override {key!r} is given twice (in {text!r})")
         overrides[key] = _parse_override_value(value.strip())
     return overrides
+
+
+def config_override_items(text: str | None) -> list[tuple[str, str]]:
+    """``(key, "key=value")`` for each item of an override string, in order, checked as `parse_config_overrides`
+    checks them."""
+    parse_config_overrides(text)
+    return [(item.partition("=")[0].strip(), item) for item in _split_top_level(text or "")]
+
+
+def merge_config_overrides(base: str | None, changes: str | None) -> str | None:
+    """``base`` with ``changes`` applied, as one override string: the items of ``base`` whose key ``changes`` does not
+    set, then every item of ``changes`` (``"a=1,b=2"`` with ``"b=3,c=4"`` is ``"a=1,b=3,c=4"``); ``None`` when both
+    are empty."""
+    changed = config_override_items(changes)
+    keys = {key for key, _ in changed}
+    items = [item for key, item in config_override_items(base) if key not in keys] + [item for _, item in changed]
+    return ",".join(items) or None
 
 
 def _string_value(value: Any, current: Any) -> Any:

@@ -404,6 +404,33 @@ def test_arguments_validation_and_json_file(tmp_path):
     assert args.max_train_steps == 5 and args.checkpointing_steps == "epoch" and args.uses_embedded_data
 
 
+def test_config_overrides_on_the_embedded_demo_change_the_demos_model():
+    """`--config_overrides` alone changes the demo's small model (the user's fields win), instead of replacing it by
+    the default ViT-B/16 at 224 px, a model hours long on the demo's CPU budget."""
+    demo = build_config(parse_args([]))
+    config = build_config(parse_args(["--config_overrides", "predictor.num_hidden_layers=2"]))
+    assert config.encoder_config.to_dict() == demo.encoder_config.to_dict() and config.min_keep == 4
+    assert config.predictor_config.num_hidden_layers == 2  # the user's field wins over the demo's small recipe
+    assert config.predictor_config.hidden_size == demo.predictor_config.hidden_size == 128  # the recipe's width
+    assert tuple(config.ema_momentum) == (0.99, 0.999)
+    # A field the demo sets too: the user's value, the demo's other fields kept.
+    args = parse_args(["--config_overrides", "encoder.hidden_size=192,encoder.num_attention_heads=3"])
+    encoder = build_config(args).encoder_config
+    assert (encoder.hidden_size, encoder.num_attention_heads, encoder.patch_size, encoder.image_size) == (192, 3, 8, 96)
+    assert parse_config_overrides(args.config_overrides)["encoder.hidden_size"] == 192
+    # The run logs what the demo filled in: its model's fields that the user did not set, not the user's.
+    filled = parse_config_overrides(args.demo_defaults_applied["config_overrides"])
+    assert "encoder.hidden_size" not in filled and filled["encoder.patch_size"] == 8
+    assert args.demo_defaults_applied["recipe"] == "small"
+    # The user's override of a field the demo sets with a flag replaces that flag (no "given twice" error).
+    config = build_config(parse_args(["--config_overrides", "encoder.image_size=64,ema_momentum=[0.996,1.0]"]))
+    assert config.encoder_config.image_size == 64 and config.encoder_config.patch_size == 8
+    assert tuple(config.ema_momentum) == (0.996, 1.0)
+    # A model source replaces the demo's model, overrides and all.
+    args = parse_args(["--config_name", "vit_tiny_patch16_224", "--config_overrides", "min_keep=4"])
+    assert args.config_overrides == "min_keep=4" and args.image_size is None and args.recipe == "official"
+
+
 def test_embedded_demo_defaults_fill_only_the_options_not_given(tmp_path):
     args = parse_args(["--max_train_steps", "7"])
     assert args.max_train_steps == 7 and args.output_dir == "outputs/pretrain-default"

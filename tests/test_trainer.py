@@ -95,6 +95,25 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
     assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
 
 
+def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
+
+    bare, _ = example.parse([])
+    script, _ = example.parse(["--config_overrides", "predictor.num_hidden_layers=3"])
+    overrides = parse_config_overrides(script.config_overrides)
+    assert script.image_size == bare.image_size == 64 and overrides["predictor.num_hidden_layers"] == 3
+    assert {k: v for k, v in overrides.items() if k != "predictor.num_hidden_layers"} == {
+        k: v for k, v in parse_config_overrides(bare.config_overrides).items() if k != "predictor.num_hidden_layers"}
+    assert script.user_overrides == {"predictor.num_hidden_layers"}
+    script, _ = example.parse(["--config_name", "vit_tiny_patch16_224", "--config_overrides", "min_keep=4"])
+    assert script.config_overrides == "min_keep=4" and script.image_size is None
+
+
 def test_pretrain_trainer_example_with_one_seed_starts_from_the_same_weights(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     try:

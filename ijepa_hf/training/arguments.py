@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configuration_ijepa_hf import MASK_MODES, IJepaPretrainingConfig, list_presets, parse_config_overrides
+from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config_override_items, list_presets,
+                                      merge_config_overrides, parse_config_overrides)
 from .checkpointing import check_output_dir_options
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES
 
@@ -101,7 +102,8 @@ class PretrainingArguments:
     config_overrides: str | None = field(default=None, metadata=_help(
         "Config overrides 'a=1,b=2' (IJepaPretrainingConfig.update_from_string); prefix 'encoder.' / 'predictor.' "
         "for the sub-configs, lists in brackets, e.g. "
-        "'encoder.hidden_size=192,predictor.num_hidden_layers=4,target_scale=[0.15,0.2]'."))
+        "'encoder.hidden_size=192,predictor.num_hidden_layers=4,target_scale=[0.15,0.2]'. On the embedded demo "
+        "they change the demo's small model (yours win); --config_name / --model_name_or_path replace it."))
     image_size: int | None = field(default=None, metadata=_help(
         "Training resolution (the encoder's and predictor's image_size); not together with an image_size in "
         "--config_overrides."))
@@ -285,8 +287,7 @@ class PretrainingArguments:
             if getattr(self, flag) and not self.resume_from_checkpoint:
                 raise ValueError(f"--{flag} only applies with --resume_from_checkpoint")
         overrides = parse_config_overrides(self.config_overrides)  # validates the syntax early
-        for flag, keys in (("image_size", ("encoder.image_size", "predictor.image_size")),
-                           ("mask_mode", ("mask_mode",)), ("ema_momentum", ("ema_momentum",))):
+        for flag, keys in FLAG_FIELDS.items():
             clash = [key for key in keys if key in overrides]
             if getattr(self, flag) is not None and clash:
                 raise ValueError(f"--{flag} and --config_overrides {clash[0]}=... set the same field: give it once")
@@ -357,8 +358,8 @@ EMBEDDED_DEMO_DEFAULTS: dict[str, Any] = {
     "logging_steps": 20,
     "learning_rate": 5e-4,
 }
-# The demo's model; the recipe belongs to it (it sizes the predictor from this encoder), so a model option given by
-# the user drops the recipe too.
+# The demo's model; the recipe belongs to it (it sizes the predictor from this encoder), so a model source given by
+# the user (--config_name / --model_name_or_path) drops the recipe too. --config_overrides changes this model.
 EMBEDDED_DEMO_MODEL: dict[str, Any] = {
     "image_size": 96,
     "recipe": "small",
@@ -368,8 +369,14 @@ EMBEDDED_DEMO_MODEL: dict[str, Any] = {
 }
 # What --torch_compile compiles: the whole model, or each transformer block (`compilation.compile_blocks`).
 TORCH_COMPILE_SCOPES = ("model", "blocks")
-# Options that choose a model: when any is given, the demo's model is not used.
-_MODEL_OPTIONS = ("config_name", "model_name_or_path", "config_overrides")
+# Options that say where a model comes from: when one is given, the demo's model is not used at all.
+MODEL_SOURCE_OPTIONS = ("config_name", "model_name_or_path")
+# The flags that set a config field, and the `--config_overrides` keys of that field (give a field once).
+FLAG_FIELDS: dict[str, tuple[str, ...]] = {
+    "image_size": ("encoder.image_size", "predictor.image_size"),
+    "mask_mode": ("mask_mode",),
+    "ema_momentum": ("ema_momentum",),
+}
 
 # Options that may differ between a run and its resume: where and how often things are written, how the work is
 # spread, logged or published. Every other option defines the run and must equal the checkpoint's.
@@ -400,8 +407,9 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
     """Parse a command line, or a single ``.json`` file of arguments, into :class:`PretrainingArguments`.
 
     Both forms mean the same run. Without a data source (``--dataset_name`` / ``--train_dir``) the embedded demo's
-    settings (:data:`EMBEDDED_DEMO_DEFAULTS`, and :data:`EMBEDDED_DEMO_MODEL` unless a model option is given) fill
-    the options not given; ``args.demo_defaults_applied`` lists them and the run logs them.
+    settings (:data:`EMBEDDED_DEMO_DEFAULTS`, and :data:`EMBEDDED_DEMO_MODEL` unless ``--config_name`` or
+    ``--model_name_or_path`` is given) fill the options not given; ``--config_overrides`` changes the demo's model
+    (:func:`demo_model_options`). ``args.demo_defaults_applied`` lists what the demo filled in and the run logs it.
     """
     from transformers import HfArgumentParser
 
@@ -424,12 +432,38 @@ def parse_args(argv: Sequence[str] | None = None) -> PretrainingArguments:
         demo.pop("max_train_steps", None)
     if not {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"} & explicit:
         demo["overwrite_output_dir"] = True  # the demo's own folder: running the demo again replaces it
-    if not set(_MODEL_OPTIONS) & explicit:
-        demo.update({k: v for k, v in EMBEDDED_DEMO_MODEL.items() if k not in explicit})
+    filled = dict(demo)  # what the demo filled in, for the log and the recipe: of the overrides, the demo's own
+    if not set(MODEL_SOURCE_OPTIONS) & explicit:
+        model, demo_overrides = demo_model_options(EMBEDDED_DEMO_MODEL, explicit, args.config_overrides)
+        demo.update(model)
+        filled.update({name: value for name, value in model.items() if name != "config_overrides"})
+        if demo_overrides is not None:
+            filled["config_overrides"] = demo_overrides
     if demo:
         args = dataclasses.replace(args, **demo)  # re-runs the validation
-        args._demo_defaults = demo
+        args._demo_defaults = filled
     return args
+
+
+def demo_model_options(demo_model: dict[str, Any], given: set[str],
+                       config_overrides: str | None) -> tuple[dict[str, Any], str | None]:
+    """What a demo's model (``{"image_size": 96, "recipe": "small", "config_overrides": ..., ...}``) fills in for a
+    run that names no model source (:data:`MODEL_SOURCE_OPTIONS`), the options ``given`` explicitly and its
+    ``config_overrides``: the demo's options not given, with the user's ``--config_overrides`` applied on top of the
+    demo's (the user's value wins for a field both set), and without the demo's flags whose field the user's overrides
+    set (:data:`FLAG_FIELDS`). Returns ``(options, the demo's overrides that were kept)``: the options to set and, for
+    the log, what of the demo's overrides the run uses."""
+    user = parse_config_overrides(config_overrides)
+    options = {name: value for name, value in demo_model.items() if name not in given and name != "config_overrides"}
+    for flag, keys in FLAG_FIELDS.items():
+        if any(key in user for key in keys):
+            options.pop(flag, None)
+    kept = ",".join(item for key, item in config_override_items(demo_model.get("config_overrides"))
+                    if key not in user) or None
+    merged = merge_config_overrides(kept, config_overrides)
+    if merged is not None:
+        options["config_overrides"] = merged
+    return options, kept
 
 
 def _check_model_source(config_name: str | None, model_name_or_path: str | None) -> None:
@@ -491,8 +525,8 @@ def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
         ema_momentum=args.ema_range, cache_dir=args.cache_dir, token=args.hub_token)
     if args.recipe == "official":
         return config
-    keep = set() if "config_overrides" in args.demo_defaults_applied else set(
-        parse_config_overrides(args.config_overrides))
+    keep = set(parse_config_overrides(args.config_overrides)) - set(
+        parse_config_overrides(args.demo_defaults_applied.get("config_overrides")))
     if args.ema_range is not None:
         keep.add("ema_momentum")
     return apply_recipe(config, args.recipe, keep=keep)
