@@ -62,9 +62,9 @@ __all__ = [
     "ConfigTypeError",
     "check_grid",
     "check_mask_settings",
+    "config_override_items",
     "default_mask_sampling",
     "list_presets",
-    "config_override_items",
     "merge_config_overrides",
     "parse_config_overrides",
 ]
