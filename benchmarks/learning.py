@@ -248,13 +248,14 @@ def eval_transform(image_size: int) -> EvalTransform:
 
 
 def ijepa_features(model: Any, dataset: Any, image_size: int, args: argparse.Namespace, encoder: str = "target",
-                   tokens: bool = False) -> torch.Tensor:
+                   tokens: bool = False, blocks: int = 1) -> torch.Tensor:
     """Average-pooled final features ``[N, D]`` of an I-JEPA encoder (``ijepa_hf.evaluation.extract_features``), or
-    with ``tokens=True`` the final patch tokens ``[N, T, D]``."""
+    with ``tokens=True`` the final patch tokens ``[N, T, D]``. ``blocks > 1``: the outputs of the last ``blocks``
+    blocks, each through the final LayerNorm, average-pooled and concatenated ``[N, blocks * D]``."""
     with _autocast(args):
         features, _ = extract_features(model, dataset, transform=eval_transform(image_size), label_column=None,
                                        batch_size=args.eval_batch_size, progress=args.progress, encoder=encoder,
-                                       pool=not tokens)
+                                       pool=not tokens, layers="last" if blocks == 1 else blocks)
     return features.float()
 
 
@@ -271,9 +272,13 @@ def mae_without_masking(model: Any) -> Iterator[None]:
 
 @torch.no_grad()
 def mae_features(model: Any, dataset: Any, image_size: int, args: argparse.Namespace,
-                 tokens: bool = False) -> torch.Tensor:
+                 tokens: bool = False, blocks: int = 1) -> torch.Tensor:
     """MAE encoder features without masking: the mean of the patch tokens (CLS excluded) after the final norm
-    ``[N, D]``, or with ``tokens=True`` the patch tokens ``[N, T, D]``."""
+    ``[N, D]``, or with ``tokens=True`` the patch tokens ``[N, T, D]``. ``blocks > 1``: the last ``blocks`` blocks'
+    outputs, each through the final norm, averaged over the patches and concatenated ``[N, blocks * D]`` (the same
+    as ``ijepa_features``)."""
+    if tokens and blocks != 1:
+        raise ValueError("the attentive probe reads the last block's tokens: tokens=True needs blocks=1")
     vit = model.vit.eval()
     num_patches = vit.embeddings.patch_embeddings.num_patches
     pixels = _images(dataset, image_size)
@@ -283,7 +288,13 @@ def mae_features(model: Any, dataset: Any, image_size: int, args: argparse.Names
             batch = pixels[start : start + args.eval_batch_size]
             # Increasing "noise" keeps the patches in raster order (no random shuffle; pooling ignores order).
             noise = torch.arange(num_patches, dtype=torch.float32).expand(len(batch), -1)
-            hidden = vit(pixel_values=batch, noise=noise).last_hidden_state[:, 1:].float()
+            output = vit(pixel_values=batch, noise=noise, output_hidden_states=blocks > 1)
+            if blocks > 1:
+                # hidden_states[-1] is the last block's output before the final norm (last_hidden_state is after).
+                last = output.hidden_states[-blocks:]
+                features.append(torch.cat([vit.layernorm(h)[:, 1:].float().mean(dim=1) for h in last], dim=1))
+                continue
+            hidden = output.last_hidden_state[:, 1:].float()
             features.append(hidden if tokens else hidden.mean(dim=1))
     return torch.cat(features)
 
@@ -372,6 +383,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = build_config(parse_pretraining_args(pretraining_argv(args, output_dir / "data", output_dir / "ijepa")))
     encoder = config.encoder_config
     image_size, patch_size = _side(encoder.image_size), _side(encoder.patch_size)
+    if args.probe_blocks > encoder.num_hidden_layers:
+        raise SystemExit(f"--probe-blocks {args.probe_blocks} is more than the encoder's {encoder.num_hidden_layers} "
+                         "blocks (--model-overrides sets its depth)")
 
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
@@ -383,6 +397,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(probe_row(name, train_x, test_x, train_labels, test_labels, args, extra))
         else:  # without the attentive probe the pooled features are all the probes need
             rows.append(probe_row(name, train_x[:, None], test_x[:, None], train_labels, test_labels, args, extra))
+        if args.probe_blocks > 1:  # a second row: the last blocks' pooled features (no attentive probe: tokens)
+            pooled = features(train, blocks=args.probe_blocks), features(test, blocks=args.probe_blocks)
+            no_attentive = argparse.Namespace(**{**vars(args), "attentive_epochs": 0})
+            rows.append(probe_row(f"{name}, last {args.probe_blocks} blocks", pooled[0][:, None], pooled[1][:, None],
+                                  train_labels, test_labels, no_attentive, extra))
 
     if "pixels" in args.methods:
         (train_flat, train_tokens), (test_flat, test_tokens) = (pixel_features(train, image_size, patch_size),
@@ -394,7 +413,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         random_init = IJepaForPreTraining(config).eval()
         probe_model(ROW_NAMES["random"],
-                    lambda data, tokens=False: ijepa_features(random_init, data, image_size, args, tokens=tokens),
+                    lambda data, tokens=False, blocks=1: ijepa_features(random_init, data, image_size, args,
+                                                                        tokens=tokens, blocks=blocks),
                     {"steps": 0, "images_seen": 0})
         del random_init
 
@@ -409,10 +429,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trained = IJepaForPreTraining.from_pretrained(result.output_dir).eval()
         extra = {"steps": result.global_step, "images_seen": result.global_step * args.batch_size}
         probe_model(ROW_NAMES["target"],
-                    lambda data, tokens=False: ijepa_features(trained, data, image_size, args, tokens=tokens), extra)
+                    lambda data, tokens=False, blocks=1: ijepa_features(trained, data, image_size, args, tokens=tokens,
+                                                                        blocks=blocks), extra)
         if not args.skip_context_encoder:
             probe_model(ROW_NAMES["context"],
-                        lambda data, tokens=False: ijepa_features(trained, data, image_size, args, "context", tokens),
+                        lambda data, tokens=False, blocks=1: ijepa_features(trained, data, image_size, args, "context",
+                                                                            tokens, blocks),
                         extra)
         del trained
 
@@ -420,7 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         mae = build_mae(config, args)
         training["mae"] = summary = train_mae(mae, train, image_size, args, output_dir / "mae")
-        probe_model(ROW_NAMES["mae"], lambda data, tokens=False: mae_features(mae, data, image_size, args, tokens),
+        probe_model(ROW_NAMES["mae"],
+                    lambda data, tokens=False, blocks=1: mae_features(mae, data, image_size, args, tokens, blocks),
                     {"steps": summary["steps"], "images_seen": summary["images_seen"]})
         del mae
 
@@ -489,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--test-size", type=int, default=None, help="first N test images")
     add("--eval-batch-size", type=int, default=512)
     add("--knn-k", type=int, default=20)
+    add("--probe-blocks", type=int, default=1,
+        help="N > 1: a second row per encoder, its last N blocks' outputs pooled and concatenated (linear, k-NN, "
+             "low-shot; DINO's linear evaluation)")
     add("--low-shot-labels", type=int, default=600, help="labels of the low-shot probe (0: skip)")
     add("--low-shot-draws", type=int, default=3)
     add("--attentive-epochs", type=int, default=10, help="0: skip the attentive probe")
@@ -510,6 +536,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if images < args.batch_size:
             parser.error(f"--budget-images {images} is less than one batch of {args.batch_size}")
         args.max_steps = images // args.batch_size
+    if args.probe_blocks < 1:
+        parser.error(f"--probe-blocks must be >= 1, got {args.probe_blocks}")
     get_recipe(args.recipe)  # an unknown recipe fails here, naming the choices
     return args
 

@@ -123,6 +123,44 @@ def test_fashion_mnist_end_to_end_through_the_users_path(learning, tmp_path):
     assert parquet.stat().st_mtime_ns == before
 
 
+def test_probe_blocks_adds_a_row_of_the_last_blocks_features(learning, tmp_path):
+    """``--probe-blocks N`` adds, after each encoder's row, a row on its last N blocks (each through the final norm,
+    pooled, concatenated): the standard rows stay as they were, and the last block's part is the standard feature."""
+    data = write_fake_fashion_mnist(tmp_path / "fmnist", train=128, test=32)
+    two_blocks = ["--model-overrides", _TINY_MODEL.replace("num_hidden_layers=1", "num_hidden_layers=2")]
+    argv = [*_TINY, *two_blocks, "--fashion-mnist-dir", str(data), "--max-steps", "1", "--methods", "random,ijepa,mae",
+            "--skip-context-encoder", "--low-shot-labels", "10", "--low-shot-draws", "1", "--attentive-epochs", "1",
+            "--precision", "fp32", "--output-dir", str(tmp_path / "out")]
+    results = learning.main([*argv, "--probe-blocks", "2"])
+    rows = {row["model"]: row for row in results["rows"]}
+    for name in ("random init (same ViT)", "I-JEPA target encoder", "MAE (transformers ViTMAE)"):
+        blocks = rows[f"{name}, last 2 blocks"]
+        assert rows[name]["feature_dim"] == 32 and blocks["feature_dim"] == 64
+        assert "attentive_accuracy" in rows[name] and "attentive_accuracy" not in blocks
+        assert 0.0 <= blocks["linear_accuracy"] <= 1.0 and 0.0 <= blocks["low_shot_accuracy"] <= 1.0
+    # The features themselves: the last block's half of the 2-block features is the standard pooled feature.
+    args = learning.parse_args([*argv, "--probe-blocks", "2"])
+    from ijepa_hf import IJepaForPreTraining, IJepaPretrainingConfig
+
+    config = IJepaPretrainingConfig()
+    config.update_from_string(two_blocks[1])
+    train, _ = learning.fashion_mnist_splits(str(data), 16, 16)
+    torch.manual_seed(0)
+    for features in (lambda **kw: learning.mae_features(learning.build_mae(config, args), train, 32, args, **kw),
+                     lambda **kw: learning.ijepa_features(IJepaForPreTraining(config).eval(), train, 32, args, **kw)):
+        torch.manual_seed(0)
+        last = features()
+        torch.manual_seed(0)
+        both = features(blocks=2)
+        assert both.shape == (16, 64)
+        torch.testing.assert_close(both[:, 32:], last)
+        assert not torch.allclose(both[:, :32], last)
+    with pytest.raises(SystemExit, match="more than the encoder's 2 blocks"):
+        learning.main([*argv, "--probe-blocks", "3"])
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--probe-blocks", "0"])
+
+
 def test_missing_fashion_mnist_names_the_install_command(learning, tmp_path):
     with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
         learning.main([*_TINY, "--fashion-mnist-dir", str(tmp_path / "none"), "--max-steps", "1",
