@@ -48,11 +48,18 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..data import (IMAGENET_MEAN, IMAGENET_STD, LOAD_SECONDS_KEY, EpochShuffleSampler, PretrainImageDataset,
+                    normalize_images)
+from ..licensing import record_weights_license, weights_license
+from ..visualization import plot_training_curves
 from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
-from .metrics import REGULARIZER_KEYS, regularizer_vector
+from .export import batch_summary, mask_summary, write_encoder_and_cards
+from .metrics import REGULARIZER_KEYS, TRAIN_LOG_NAME, online_probe, regularizer_vector, write_train_log
 from .optim import build_optimizer
+from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
+from .recipes import get_recipe
 from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
@@ -102,8 +109,6 @@ def recipe_training_arguments(output_dir: str, recipe: str = "official", **overr
     """:func:`official_training_arguments` with the warm-up of ``recipe`` (``ijepa_hf.training.recipes``: the
     ``small`` recipe warms up over a quarter of the run). Pair with ``apply_recipe(config, recipe)`` for the model;
     ``overrides`` win."""
-    from .recipes import get_recipe
-
     return official_training_arguments(output_dir, **{"warmup_steps": get_recipe(recipe).warmup_ratio, **overrides})
 
 
@@ -206,8 +211,6 @@ class PreemptionCallback(TrainerCallback):
     ``train()``."""
 
     def __init__(self, signals: Sequence[str] | str | None = None) -> None:
-        from .preemption import DEFAULT_PREEMPTION_SIGNALS, parse_signals
-
         self.signals = parse_signals(DEFAULT_PREEMPTION_SIGNALS if signals is None else signals)
         self.handler: Any = None
         self.preempted: Any = None
@@ -215,8 +218,6 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
-        from .preemption import PreemptionHandler
-
         self.handler = PreemptionHandler.for_this_process(self.signals, args.ddp_timeout).__enter__()
         self.preempted, self._stopping_at = None, None
 
@@ -230,8 +231,6 @@ class PreemptionCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        from .preemption import TrainingPreempted
-
         if self.handler is None:
             return
         if self._stopping_at is not None:
@@ -260,8 +259,6 @@ class OnlineProbeCallback(TrainerCallback):
                     model: Any = None, **kwargs: Any) -> TrainerControl:
         if state.global_step % self.every_n_steps and state.global_step != state.max_steps:
             return control
-        from .metrics import online_probe
-
         autocast = (lambda: torch.autocast(args.device.type, dtype=torch.bfloat16)) if args.bf16 else None  # noqa: E731
         self.pending = online_probe(_unwrap(model).target_encoder, self.probe_set.pixel_values,
                                     self.probe_set.labels, k=self.k, autocast=autocast)
@@ -349,10 +346,6 @@ class IJepaTrainer(Trainer):
         where the weights were continued from), ``train_log.jsonl`` (the Trainer's log history) and
         ``training_curves.png``. ``ijepa_hf.training.export.push_output_dir`` uploads the folder as ``pretrain()``
         does. Every process calls it; the main one writes. Returns the encoder folder (``None`` elsewhere)."""
-        from ..licensing import record_weights_license, weights_license
-        from .export import batch_summary, mask_summary, write_encoder_and_cards
-        from .metrics import TRAIN_LOG_NAME, write_train_log
-
         model = _unwrap(self.model)
         weights = weights_license(model, source=source)
         record_weights_license(model, *weights)  # before save_model, so that the saved config carries it
@@ -382,8 +375,6 @@ class IJepaTrainer(Trainer):
                                               name=args.hub_model_id or output_dir.name, weights=weights,
                                               training=training, hub_dataset=hub_dataset)
         if rows:
-            from ..visualization import plot_training_curves
-
             try:
                 plot_training_curves(rows, output_dir / "training_curves.png", title=f"{output_dir.name} (Trainer)")
             except (ValueError, ImportError) as error:  # a log without curves to draw must not fail the save
@@ -392,8 +383,6 @@ class IJepaTrainer(Trainer):
 
     def _keyed_samples(self, dataset: Any) -> bool:
         """Whether ``dataset`` takes :class:`~ijepa_hf.data.SampleKey` s from the sampler (see the module docstring)."""
-        from ..data import PretrainImageDataset
-
         return isinstance(dataset, PretrainImageDataset) and self.args.dataloader_drop_last
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
@@ -405,15 +394,11 @@ class IJepaTrainer(Trainer):
                                "mask counters are not realigned at epoch starts, so the masks of a resumed run differ "
                                "from an uninterrupted one.")
             return super()._get_train_sampler(train_dataset)
-        from ..data import EpochShuffleSampler
-
         return EpochShuffleSampler(len(dataset), self.args.seed, batch_size=self._train_batch_size,
                                    num_processes=self.args.world_size)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's (onto the device), then ``uint8`` images finished there with the dataset's statistics."""
-        from ..data import LOAD_SECONDS_KEY, normalize_images
-
         inputs = super()._prepare_inputs(inputs)
         inputs.pop(LOAD_SECONDS_KEY, None)
         pixels = inputs.get("pixel_values")
@@ -424,8 +409,6 @@ class IJepaTrainer(Trainer):
     def _image_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
         """Mean and std of the training images' normalisation: the dataset's, else the image processor's, else
         ImageNet's (the official recipe's)."""
-        from ..data import IMAGENET_MEAN, IMAGENET_STD
-
         statistics = getattr(self.train_dataset, "image_statistics", None)
         if statistics is not None:
             return statistics
