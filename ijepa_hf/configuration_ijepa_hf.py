@@ -65,7 +65,6 @@ __all__ = [
     "config_override_items",
     "default_mask_sampling",
     "list_presets",
-    "merge_config_overrides",
     "parse_config_overrides",
 ]
 
@@ -727,16 +726,6 @@ def config_override_items(text: str | None) -> list[tuple[str, str]]:
     checks them."""
     parse_config_overrides(text)
     return [(item.partition("=")[0].strip(), item) for item in _split_top_level(text or "")]
-
-
-def merge_config_overrides(base: str | None, changes: str | None) -> str | None:
-    """``base`` with ``changes`` applied, as one override string: the items of ``base`` whose key ``changes`` does not
-    set, then every item of ``changes`` (``"a=1,b=2"`` with ``"b=3,c=4"`` is ``"a=1,b=3,c=4"``); ``None`` when both
-    are empty."""
-    changed = config_override_items(changes)
-    keys = {key for key, _ in changed}
-    items = [item for key, item in config_override_items(base) if key not in keys] + [item for _, item in changed]
-    return ",".join(items) or None
 
 
 def _string_value(value: Any, current: Any) -> Any:

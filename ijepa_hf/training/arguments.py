@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config_override_items, list_presets,
-                                      merge_config_overrides, parse_config_overrides)
+                                      parse_config_overrides)
 from .checkpointing import check_output_dir_options
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES
 
@@ -453,17 +453,16 @@ def demo_model_options(demo_model: dict[str, Any], given: set[str],
     demo's (the user's value wins for a field both set), and without the demo's flags whose field the user's overrides
     set (:data:`FLAG_FIELDS`). Returns ``(options, the demo's overrides that were kept)``: the options to set and, for
     the log, what of the demo's overrides the run uses."""
-    user = parse_config_overrides(config_overrides)
+    user_items = config_override_items(config_overrides)
+    user = {key for key, _ in user_items}
     options = {name: value for name, value in demo_model.items() if name not in given and name != "config_overrides"}
     for flag, keys in FLAG_FIELDS.items():
-        if any(key in user for key in keys):
+        if user.intersection(keys):
             options.pop(flag, None)
-    kept = ",".join(item for key, item in config_override_items(demo_model.get("config_overrides"))
-                    if key not in user) or None
-    merged = merge_config_overrides(kept, config_overrides)
-    if merged is not None:
-        options["config_overrides"] = merged
-    return options, kept
+    kept = [item for key, item in config_override_items(demo_model.get("config_overrides")) if key not in user]
+    if kept or user_items:
+        options["config_overrides"] = ",".join(kept + [item for _, item in user_items])
+    return options, ",".join(kept) or None
 
 
 def _check_model_source(config_name: str | None, model_name_or_path: str | None) -> None:
