@@ -640,19 +640,32 @@ class IJepaPretrainingConfig(PreTrainedConfig):
             ValueError: a malformed item, an unknown prefix or key (with close matches), a value of the wrong type,
                 or an invalid resulting config; the config is left unchanged.
         """
-        items = parse_config_overrides(update_str)
-        if not items:
-            return
-        changes: dict[str, dict[str, Any]] = {"encoder": {}, "predictor": {}, "": {}}
-        current = {"encoder": self.encoder_config, "predictor": self.predictor_config, "": self}
-        for key, value in items.items():
+        if parse_config_overrides(update_str):
+            self.__dict__.update(self.updated(**self.override_changes(update_str)).__dict__)
+
+    def override_changes(self, update_str: str | None) -> dict[str, Any]:
+        """The typed changes an override string (see :meth:`update_from_string`) makes to this config, not applied,
+        as :meth:`updated`'s keyword arguments: ``{"encoder": {...}, "predictor": {...}, <top-level field>: value}``.
+        A caller with changes of its own (a command line's ``--image_size``) adds them, so that the result is
+        validated once: ``encoder.patch_size=12`` with an image size of 96 is valid though 12 does not divide the
+        default 224.
+
+        Raises:
+            ValueError: a malformed item or an unknown prefix (unknown keys and invalid values: :meth:`updated`).
+        """
+        changes: dict[str, Any] = {"encoder": {}, "predictor": {}}
+        current = {"encoder": self.encoder_config, "predictor": self.predictor_config}
+        for key, value in parse_config_overrides(update_str).items():
             prefix, dot, name = key.partition(".")
-            if dot and prefix not in ("encoder", "predictor"):
+            if key in current:
+                raise ValueError(f"{key!r} is a sub-config, not a field: set its fields ({key}.<field>=...)")
+            if not dot:
+                changes[key] = _string_value(value, getattr(self, key, None))
+            elif prefix in current:
+                changes[prefix][name] = _string_value(value, getattr(current[prefix], name, None))
+            else:
                 raise ValueError(f"unknown config prefix {prefix!r} in {key!r}; use 'encoder.' or 'predictor.'")
-            prefix, name = (prefix, name) if dot else ("", key)
-            changes[prefix][name] = _string_value(value, getattr(current[prefix], name, None))
-        updated = self.updated(encoder=changes["encoder"], predictor=changes["predictor"], **changes[""])
-        self.__dict__.update(updated.__dict__)
+        return changes
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "IJepaPretrainingConfig":

@@ -391,6 +391,22 @@ def test_build_config_from_preset_with_image_size_mask_mode_and_ema(tmp_path):
         build_config(PretrainingArguments(config_name=str(tmp_path / "nope"), output_dir=str(tmp_path)))
 
 
+def test_image_size_and_config_overrides_are_validated_together(tmp_path):
+    """`--image_size 96 --config_overrides encoder.patch_size=12` is a valid model (96 = 8 x 12): the overrides and the
+    size are one change, validated once, not the patch size first against the default 224 px (not a multiple of 12,
+    with advice to pick 216 or 228). On the embedded demo the same holds for its 96 px."""
+    args = PretrainingArguments(image_size=96, config_overrides="encoder.patch_size=12", output_dir=str(tmp_path))
+    config = build_config(args)
+    assert (config.encoder_config.image_size, config.encoder_config.patch_size) == (96, 12)
+    assert (config.predictor_config.image_size, config.predictor_config.patch_size) == (96, 12)
+    demo = build_config(parse_args(["--config_overrides", "encoder.patch_size=12"])).encoder_config
+    assert (demo.image_size, demo.patch_size, demo.hidden_size) == (96, 12, 128)
+    # An invalid result is still refused, naming the sizes the user gave.
+    with pytest.raises(ValueError, match="`image_size` 100 is not divisible by `patch_size` 12"):
+        build_config(PretrainingArguments(image_size=100, config_overrides="encoder.patch_size=12",
+                                          output_dir=str(tmp_path)))
+
+
 def test_arguments_validation_and_json_file(tmp_path):
     with pytest.raises(ValueError, match="checkpointing_steps"):
         PretrainingArguments(checkpointing_steps="often")

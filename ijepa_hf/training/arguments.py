@@ -482,9 +482,10 @@ def build_pretraining_config(
     token: str | None = None,
 ) -> IJepaPretrainingConfig:
     """A pretraining config from a preset / file / repo (``config_name``), a saved model's (``model_name_or_path``)
-    or the default (``IJepaPretrainingConfig()``), then ``config_overrides``
-    (:meth:`IJepaPretrainingConfig.update_from_string`) and the ``image_size``, ``mask_mode`` and ``ema_momentum``
-    flags (which may not set the same field as an override: :class:`PretrainingArguments` refuses that)."""
+    or the default (``IJepaPretrainingConfig()``), changed by ``config_overrides``
+    (:meth:`IJepaPretrainingConfig.update_from_string`'s language) and the ``image_size``, ``mask_mode`` and
+    ``ema_momentum`` flags as one change, validated once (a flag may not set the same field as an override:
+    :class:`PretrainingArguments` refuses that)."""
     _check_model_source(config_name, model_name_or_path)
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
@@ -500,16 +501,16 @@ def build_pretraining_config(
                 f"--config_name {config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
                 f"loadable config path/repo: {error}"
             ) from error
-    if config_overrides:
-        config.update_from_string(config_overrides)  # the command line's language, parsed at its edge
-    typed: dict[str, Any] = {}
+    # One change: `--image_size 96 --config_overrides encoder.patch_size=12` is valid though 12 does not divide 224.
+    changes = config.override_changes(config_overrides)  # the command line's language, parsed at its edge
+    if image_size is not None:
+        changes["encoder"]["image_size"] = int(image_size)
     if mask_mode is not None:
-        typed["mask_mode"] = mask_mode
+        changes["mask_mode"] = mask_mode
     if ema_momentum is not None:
-        typed["ema_momentum"] = [float(ema_momentum[0]), float(ema_momentum[1])]
-    if image_size is not None or typed:
-        config = config.updated(encoder={} if image_size is None else {"image_size": int(image_size)}, **typed)
-    return config
+        changes["ema_momentum"] = [float(ema_momentum[0]), float(ema_momentum[1])]
+    unchanged = changes == {"encoder": {}, "predictor": {}}
+    return config if unchanged else config.updated(**changes)
 
 
 def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
