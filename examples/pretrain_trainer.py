@@ -39,7 +39,6 @@ from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
     PreemptionCallback,
-    apply_recipe,
     build_pretraining_config,
     get_recipe,
 )
@@ -136,12 +135,12 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     configure_logging()
     script_args, training_args = parse(list(sys.argv[1:] if argv is None else argv))
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
+    keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     config = build_pretraining_config(
         config_name=script_args.config_name, config_overrides=script_args.config_overrides,
         image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,
+        recipe=script_args.recipe, keep=keep,
     )
-    keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
-    config = apply_recipe(config, script_args.recipe, keep=keep)
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     set_seed(training_args.seed)  # the model's initial weights too (Trainer seeds only once it is built)

@@ -38,6 +38,22 @@ def test_small_recipe_sizes_the_predictor_from_the_encoder_and_keeps_what_is_nam
         get_recipe("tiny")
 
 
+def test_a_predictor_field_the_user_sets_is_validated_with_the_recipes_other_fields(tmp_path):
+    """`--recipe small --config_overrides predictor.hidden_size=64` on an encoder of 2 heads is a valid predictor (64
+    wide, the recipe's 2 heads and 1 block): the user's field and the recipe's are one change, not the width checked
+    first against the default predictor's 12 heads. Its MLP follows the user's width, not the recipe's."""
+    demo = ["--config_overrides", "predictor.hidden_size=64"]  # the embedded demo: 128 wide, 2 heads, small recipe
+    own = ["--recipe", "small", "--output_dir", str(tmp_path), "--config_overrides",
+           "encoder.hidden_size=128,encoder.num_attention_heads=2,predictor.hidden_size=64"]
+    for argv in (demo, own):
+        predictor = build_config(parse_args(argv)).predictor_config
+        assert (predictor.hidden_size, predictor.num_attention_heads, predictor.num_hidden_layers) == (64, 2, 1)
+        assert predictor.intermediate_size == 4 * 64
+    with pytest.raises(ValueError, match=r"predictor `hidden_size` \(65\) must be divisible by predictor "
+                                         r"`num_attention_heads` \(2\)"):
+        build_config(parse_args(["--config_overrides", "predictor.hidden_size=65"]))
+
+
 def test_recipe_in_the_arguments_warm_up_and_model(tmp_path):
     small = parse_args(["--recipe", "small", "--output_dir", str(tmp_path), "--config_overrides",
                         "encoder.hidden_size=64,encoder.num_attention_heads=2"])

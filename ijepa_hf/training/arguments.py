@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config
                                       parse_config_overrides)
 from .checkpointing import check_output_dir_options
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES
+from .recipes import Recipe, recipe_changes
 
 logger = logging.getLogger(__name__)
 
@@ -478,14 +479,19 @@ def build_pretraining_config(
     image_size: int | None = None,
     mask_mode: str | None = None,
     ema_momentum: tuple[float, float] | None = None,
+    recipe: str | Recipe = "official",
+    keep: Collection[str] = (),
     cache_dir: str | None = None,
     token: str | None = None,
 ) -> IJepaPretrainingConfig:
     """A pretraining config from a preset / file / repo (``config_name``), a saved model's (``model_name_or_path``)
     or the default (``IJepaPretrainingConfig()``), changed by ``config_overrides``
-    (:meth:`IJepaPretrainingConfig.update_from_string`'s language) and the ``image_size``, ``mask_mode`` and
-    ``ema_momentum`` flags as one change, validated once (a flag may not set the same field as an override:
-    :class:`PretrainingArguments` refuses that)."""
+    (:meth:`IJepaPretrainingConfig.update_from_string`'s language), the ``image_size``, ``mask_mode`` and
+    ``ema_momentum`` flags (a flag may not set the same field as an override: :class:`PretrainingArguments` refuses
+    that) and the ``recipe``'s fields, except those named in ``keep`` (what the user set:
+    :func:`~ijepa_hf.training.recipes.recipe_changes`), which win over the overrides'. All in one change, validated
+    once: ``--image_size 96 --config_overrides encoder.patch_size=12`` is valid though 12 does not divide the
+    default 224, and so is a predictor width the recipe's head count divides."""
     _check_model_source(config_name, model_name_or_path)
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
@@ -501,7 +507,6 @@ def build_pretraining_config(
                 f"--config_name {config_name!r} is neither a preset ({', '.join(list_presets())}) nor a "
                 f"loadable config path/repo: {error}"
             ) from error
-    # One change: `--image_size 96 --config_overrides encoder.patch_size=12` is valid though 12 does not divide 224.
     changes = config.override_changes(config_overrides)  # the command line's language, parsed at its edge
     if image_size is not None:
         changes["encoder"]["image_size"] = int(image_size)
@@ -509,24 +514,25 @@ def build_pretraining_config(
         changes["mask_mode"] = mask_mode
     if ema_momentum is not None:
         changes["ema_momentum"] = [float(ema_momentum[0]), float(ema_momentum[1])]
+    if recipe != "official":
+        encoder = config.updated(encoder=changes["encoder"]) if changes["encoder"] else config  # sizes the predictor
+        for name, value in recipe_changes(encoder, recipe, keep).items():
+            if name == "predictor":
+                changes["predictor"].update(value)
+            else:
+                changes[name] = value
     unchanged = changes == {"encoder": {}, "predictor": {}}
     return config if unchanged else config.updated(**changes)
 
 
 def build_config(args: PretrainingArguments) -> IJepaPretrainingConfig:
-    """The config of a run: :func:`build_pretraining_config` with the run's options, then its recipe
-    (:func:`~ijepa_hf.training.recipes.apply_recipe`) for the fields the user did not set (overrides that the
-    embedded demo filled in count as not set)."""
-    from .recipes import apply_recipe
-
-    config = build_pretraining_config(
-        config_name=args.config_name, model_name_or_path=args.model_name_or_path,
-        config_overrides=args.config_overrides, image_size=args.image_size, mask_mode=args.mask_mode,
-        ema_momentum=args.ema_range, cache_dir=args.cache_dir, token=args.hub_token)
-    if args.recipe == "official":
-        return config
+    """The config of a run: :func:`build_pretraining_config` with the run's options and recipe, which fills the
+    fields the user did not set (overrides that the embedded demo filled in count as not set)."""
     keep = set(parse_config_overrides(args.config_overrides)) - set(
         parse_config_overrides(args.demo_defaults_applied.get("config_overrides")))
     if args.ema_range is not None:
         keep.add("ema_momentum")
-    return apply_recipe(config, args.recipe, keep=keep)
+    return build_pretraining_config(
+        config_name=args.config_name, model_name_or_path=args.model_name_or_path,
+        config_overrides=args.config_overrides, image_size=args.image_size, mask_mode=args.mask_mode,
+        ema_momentum=args.ema_range, recipe=args.recipe, keep=keep, cache_dir=args.cache_dir, token=args.hub_token)

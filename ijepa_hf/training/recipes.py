@@ -22,7 +22,7 @@ from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "apply_recipe"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_changes", "apply_recipe"]
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,24 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
-def apply_recipe(config: IJepaPretrainingConfig, recipe: str | Recipe,
-                 keep: Collection[str] = ()) -> IJepaPretrainingConfig:
-    """A copy of ``config`` with the recipe's predictor settings and config fields, except the fields named in
-    ``keep`` (``"predictor.hidden_size"``, ``"sigreg_weight"``, ...: what the user set explicitly). Typed values
-    throughout (:meth:`IJepaPretrainingConfig.updated`), so the config's validation runs on the result."""
+def recipe_changes(config: IJepaPretrainingConfig, recipe: str | Recipe,
+                   keep: Collection[str] = ()) -> dict[str, Any]:
+    """What the recipe changes in a model of ``config``'s encoder, except the fields named in ``keep``
+    (``"predictor.hidden_size"``, ``"sigreg_weight"``, ...: what the user set explicitly), as
+    :meth:`IJepaPretrainingConfig.updated`'s keyword arguments, so that a caller can apply them in one update with
+    changes of its own. Where the user sets the predictor's width, its MLP follows that width, not the recipe's."""
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     predictor = {name: value for name, value in recipe.predictor_fields(config).items()
                  if f"predictor.{name}" not in keep}
+    if "predictor.hidden_size" in keep:
+        predictor.pop("intermediate_size", None)  # `updated` derives it from the user's width
     fields = {name: value for name, value in recipe.config_fields.items() if name not in keep}
-    return config.updated(predictor=predictor, **fields)
+    return {"predictor": predictor, **fields}
+
+
+def apply_recipe(config: IJepaPretrainingConfig, recipe: str | Recipe,
+                 keep: Collection[str] = ()) -> IJepaPretrainingConfig:
+    """A copy of ``config`` with the recipe's predictor settings and config fields, except the fields named in
+    ``keep`` (:func:`recipe_changes`). Typed values throughout (:meth:`IJepaPretrainingConfig.updated`), so the
+    config's validation runs on the result."""
+    return config.updated(**recipe_changes(config, recipe, keep))
