@@ -382,6 +382,32 @@ def test_procedural_deterministic_and_labels():
     assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["position"].shape == (4, 2)
 
 
+def test_procedural_items_are_drawn_once_per_process_where_the_dataset_fits(monkeypatch):
+    """A pretraining epoch after the first reads the drawn scenes instead of drawing them again; the items are those
+    `render` draws, which still gives a fresh array each call; a dataset over the byte budget draws on every access."""
+    ds = ProceduralShapes(6, image_size=32, seed=5)
+    calls = []
+    draw = ProceduralShapes.render
+    monkeypatch.setattr(ProceduralShapes, "render", lambda self, i: calls.append(i) or draw(self, i))
+    for _ in range(3):
+        for i in range(len(ds)):
+            item = ds[i]
+            assert np.array_equal(np.asarray(item["image"]), draw(ds, i)[0])
+            assert item["label"] == ds.labels(i)["label"] and item["count"] == ds.labels(i)["count"]
+    assert sorted(calls) == list(range(6))  # three epochs, each item drawn once
+    assert np.array_equal(np.asarray(ds.get_image(2)), draw(ds, 2)[0]) and len(calls) == 6
+    fresh = ds.render(2)[0]
+    fresh[:] = 0  # the caller's own array: the kept item does not change
+    assert np.array_equal(np.asarray(ds[2]["image"]), draw(ds, 2)[0]) and np.asarray(ds[2]["image"]).any()
+
+    monkeypatch.setattr(ProceduralShapes, "RENDER_CACHE_BYTES", 6 * 32 * 32 * 3 - 1)
+    big = ProceduralShapes(6, image_size=32, seed=5)
+    calls.clear()
+    for _ in range(2):
+        _ = [big[i] for i in range(len(big))]
+    assert len(calls) == 12
+
+
 def test_procedural_hf_dataset():
     ds = as_hf_dataset(6, image_size=32, seed=1)
     src = ProceduralShapes(6, image_size=32, seed=1)

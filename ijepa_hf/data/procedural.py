@@ -100,6 +100,10 @@ class ProceduralShapes(torch.utils.data.Dataset):
 
     shape_names = SHAPE_NAMES
     num_classes = len(SHAPE_NAMES)
+    # Items are drawn once per process and kept when the whole dataset's pixels fit in this many bytes: a
+    # pretraining epoch after the first then costs a crop, not a drawing (an item depends only on its seed and
+    # index, so no pixel changes). `render` itself always draws afresh, so its arrays stay the caller's to change.
+    RENDER_CACHE_BYTES = 256 * 2**20
 
     def __init__(
         self,
@@ -140,6 +144,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
         coords = np.arange(self.image_size, dtype=np.float32) + 0.5
         self._xs = coords[None, :]
         self._ys = coords[:, None]
+        fits = self.num_images * self.image_size**2 * 3 <= self.RENDER_CACHE_BYTES
+        self._drawn: dict[int, tuple[np.ndarray, dict[str, Any]]] | None = {} if fits else None
 
     def __len__(self) -> int:
         return self.num_images
@@ -350,14 +356,23 @@ class ProceduralShapes(torch.utils.data.Dataset):
         background, objects = self._layout(self._rng(index))
         return self._labels(background, objects)
 
+    def _drawn_item(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """``render(index)``, from the cache where the dataset fits in it (the array is then shared: read it only)."""
+        if self._drawn is None:
+            return self.render(index)
+        item = self._drawn.get(index)
+        if item is None:
+            item = self._drawn[index] = self.render(index)
+        return item
+
     def get_image(self, index: int) -> Image.Image:
         """Item ``index`` as a PIL RGB image of size ``S x S``."""
-        return Image.fromarray(self.render(index)[0])
+        return Image.fromarray(self._drawn_item(index)[0])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += self.num_images
-        array, labels = self.render(index)
+        array, labels = self._drawn_item(index)
         image = Image.fromarray(array)
         out: dict[str, Any] = (
             {"pixel_values": self.transform(image)} if self.transform is not None else {"image": image}
