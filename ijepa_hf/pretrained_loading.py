@@ -25,6 +25,8 @@ This module adds only what transformers cannot know:
   (``encoder="context"``) through transformers' ``key_mapping`` (``target_encoder.`` -> the class's own names).
   The config is the repo's ``encoder_config`` (`IJepaEncoderConfig.base_config_key`), so config fields given as
   keyword arguments apply as for any repo.
+  Saved afterwards, such a model is a repo of its own class: transformers reverses a load's ``key_mapping`` on save,
+  so this renaming is taken back off the model (a caller's own ``key_mapping`` is still reversed).
 - **A fresh head starts as every fresh head does**: a class that declares ``_fresh_head_config`` gets those config
   values when the repo was not saved by that class and the caller gave none.
 - **Strict keys**: missing or unexpected keys are an error listing them (transformers only warns, which silently
@@ -126,6 +128,19 @@ def _encoder_config_of(config: IJepaPretrainingConfig) -> IJepaEncoderConfig:
     return IJepaEncoderConfig.from_dict({**encoder_dict, **heads})
 
 
+def _forget_renaming(model: Any, source_pattern: str) -> None:
+    """Drops the renaming of ``source_pattern`` from the conversions transformers keeps on a loaded model to apply in
+    reverse when it is saved. The model is an encoder now, and saves as one: with the renaming kept, every saved key
+    would get the pretraining repo's prefix back and the saved encoder or classifier would not load as one. A caller's
+    own ``key_mapping`` is left to transformers."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            conversion for conversion in conversions
+            if list(getattr(conversion, "_original_source_patterns", conversion.source_patterns)) != [source_pattern]
+        ]
+
+
 def check_encoder_choice(caller: str, path: Any, encoder: str | None, held: str | None) -> None:
     """Refuses ``encoder="context"`` for a repo that is not a pretraining repo (``held``: its ``model_type``): only
     a pretraining repo holds two encoders to choose from; any other repo's encoder is what ``"target"`` means."""
@@ -169,12 +184,13 @@ def from_pretrained_policy(
     accepted = {expected} | ({"ijepa_hf_encoder", _PRETRAINING} if encoder_class else set())
     if held is not None and held not in accepted:
         raise ValueError(_wrong_kind_message(cls, path, held))
+    picked = None  # the key_mapping entry that picks one encoder of a pretraining repo
     if held == _PRETRAINING and encoder_class:
         # One encoder of the repo: its keys lose their prefix (a classifier's `base_model_prefix` then adds
         # `encoder.`); the other encoder and the predictor are left aside (the encoder's
         # `_keys_to_ignore_on_load_unexpected`).
-        which = encoder or "target"
-        kwargs["key_mapping"] = {rf"^{which}_encoder\.": "", **(kwargs.get("key_mapping") or {})}
+        picked = rf"^{encoder or 'target'}_encoder\."
+        kwargs["key_mapping"] = {picked: "", **(kwargs.get("key_mapping") or {})}
         if isinstance(config, IJepaPretrainingConfig):
             kwargs["config"] = config = _encoder_config_of(config)
     else:
@@ -194,6 +210,8 @@ def from_pretrained_policy(
                         kwargs[key] = value
     wants_info = kwargs.pop("output_loading_info", False)
     model, info = load(path, *model_args, output_loading_info=True, **kwargs)
+    if picked is not None:
+        _forget_renaming(model, picked)
     if strict:
         missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
         if missing or unexpected:

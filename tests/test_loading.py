@@ -258,3 +258,48 @@ def test_the_model_file_holds_models_not_loading_policy():
     text = source.read_text()
     for name in ("_HUB_KWARGS", "_LOADING_KWARGS", "get_config_dict", "_wrong_kind_message", "_REPO_KINDS"):
         assert name not in text, name
+
+
+@pytest.mark.parametrize("which", ["target", "context"])
+def test_an_encoder_taken_from_a_pretraining_repo_saves_as_its_own_kind(repos, tmp_path, which):
+    """Saved after loading one encoder of a pretraining repo, a model is a plain encoder / classifier / backbone repo
+    that loads back with the same weights. transformers re-applies a load's `key_mapping` in reverse on save; the
+    mapping that picked the encoder (`target_encoder.` -> ``) must not come back, or every saved key gets the prefix
+    and the saved model (a fine-tuned classifier included) no longer loads."""
+    from safetensors import safe_open
+
+    from ijepa_hf import IJepaBackbone
+
+    for cls, kwargs in ((IJepaEncoderModel, {}), (IJepaEncoderForImageClassification, {"num_labels": 3}),
+                        (IJepaBackbone, {"out_indices": [1]})):
+        model = cls.from_pretrained(repos["pretraining"], encoder=which, **kwargs)
+        folder = tmp_path / f"{cls.__name__}-{which}"
+        model.save_pretrained(folder)
+        with safe_open(folder / "model.safetensors", "pt") as saved:
+            prefixed = [key for key in saved.keys() if key.startswith(("target_encoder.", "context_encoder."))]
+        assert not prefixed, f"{cls.__name__} saved pretraining-repo keys: {prefixed[:3]}"
+        reloaded = cls.from_pretrained(folder)
+        assert _same_weights(reloaded, model), cls.__name__
+
+
+def test_a_callers_own_key_mapping_is_still_reversed_on_save(repos, tmp_path):
+    """Only the renaming this package adds is dropped: a caller's `key_mapping` (here for a pretraining repo saved
+    with other names for the MLP's first layer) is reversed on save as transformers does for any model."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(repos["pretraining"], legacy)
+    weights = load_file(legacy / "model.safetensors")
+    save_file({key.replace(".mlp.fc1.", ".mlp.dense1."): value for key, value in weights.items()},
+              legacy / "model.safetensors", metadata={"format": "pt"})
+    mapping = {r"\.mlp\.dense1\.": ".mlp.fc1."}
+    model = IJepaEncoderModel.from_pretrained(legacy, key_mapping=mapping)
+    assert _same_weights(model, IJepaForPreTraining.from_pretrained(repos["pretraining"]).target_encoder)
+    model.save_pretrained(tmp_path / "enc")
+    with safe_open(tmp_path / "enc" / "model.safetensors", "pt") as saved:
+        keys = list(saved.keys())
+    assert any(".mlp.dense1." in key for key in keys) and not any(key.startswith("target_encoder.") for key in keys)
+    assert _same_weights(IJepaEncoderModel.from_pretrained(tmp_path / "enc", key_mapping=mapping), model)
