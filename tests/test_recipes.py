@@ -99,3 +99,37 @@ def test_trainer_recipe_arguments_and_script(tmp_path):
     assert predictor.hidden_size == trainer.model.context_encoder.config.hidden_size
     assert predictor.num_hidden_layers == 1
     assert any("online_knn_accuracy" in entry for entry in trainer.state.log_history)
+
+
+def test_a_predictor_larger_than_its_encoder_is_reported_where_training_starts(tmp_path, caplog):
+    """The official predictor (384 wide, 12 blocks) under a 32-wide encoder is most of each step, many times the
+    small recipe's, so the run says so and names the recipe; a predictor no larger than its encoder is not reported
+    (ViT-B/16 with the official predictor; the tiny test model)."""
+    from ijepa_hf.training import predictor_size_note
+
+    assert predictor_size_note(IJepaPretrainingConfig()) is None  # ViT-B/16, the official predictor
+    official_predictor = ",".join(part for part in TINY_OVERRIDES.split(",") if not part.startswith("predictor."))
+    config = IJepaPretrainingConfig()
+    config.update_from_string(official_predictor)
+    note = predictor_size_note(config)
+    assert note and "384 wide, 12 blocks" in note and "32 wide, 2 blocks" in note and "--recipe small" in note
+    assert predictor_size_note(apply_recipe(config, "small")) is None
+
+    with caplog.at_level("WARNING", logger="ijepa_hf.training"):
+        run(tmp_path / "official", "--recipe", "official", "--config_overrides", official_predictor, steps=3)
+    assert "The predictor (384 wide, 12 blocks" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ijepa_hf.training"):
+        run(tmp_path / "tiny", steps=3)
+    assert "The predictor (" not in caplog.text
+
+    from transformers import TrainingArguments
+
+    from ijepa_hf import IJepaForPreTraining
+    from ijepa_hf.training import IJepaTrainer
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ijepa_hf.training"):
+        IJepaTrainer(model=IJepaForPreTraining(config), args=TrainingArguments(str(tmp_path / "trainer"),
+                                                                              report_to="none"))
+    assert "The predictor (384 wide, 12 blocks" in caplog.text

@@ -55,6 +55,7 @@ __all__ = [
     "RECIPES",
     "apply_recipe",
     "get_recipe",
+    "predictor_size_note",
 ]
 
 # `import ijepa_hf.training` (schedules, optimizer groups) stays light: the rest loads on first use.
@@ -77,6 +78,7 @@ _LAZY = {
     "RECIPES": "recipes",
     "apply_recipe": "recipes",
     "get_recipe": "recipes",
+    "predictor_size_note": "recipes",
     "official_training_arguments": "trainer",
 }
 

@@ -64,6 +64,7 @@ from .metrics import (
 )
 from .optim import build_optimizer
 from .preemption import PreemptionHandler, TrainingPreempted, ignore_signals, parse_signals
+from .recipes import predictor_size_note
 from .resume import Progress, loop_state, resume_run
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, PretrainingStep, weights_are_finite
@@ -315,6 +316,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
     logger.info("  Optimizer steps = %d (warmup %d), epochs = %s, starting at step %d", total_steps,
                 schedule.warmup_steps, num_epochs if sized else "streamed", progress.completed_steps)
     logger.info("  Masks: %r", mask_collator)
+    predictor_note = predictor_size_note(_unwrap(accelerator, model).config)
+    if predictor_note:
+        logger.warning(predictor_note)
 
     saved: list[Path] = []
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 
-__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_changes", "apply_recipe"]
+__all__ = ["Recipe", "RECIPES", "get_recipe", "recipe_changes", "apply_recipe", "predictor_size_note"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,27 @@ def apply_recipe(config: IJepaPretrainingConfig, recipe: str | Recipe,
     ``keep`` (:func:`recipe_changes`). Typed values throughout (:meth:`IJepaPretrainingConfig.updated`), so the
     config's validation runs on the result."""
     return config.updated(**recipe_changes(config, recipe, keep))
+
+
+def _block_parameters(config: Any) -> int:
+    """Weights of a config's transformer blocks (attention 4 x width^2, MLP 2 x width x intermediate, per block)."""
+    width = config.hidden_size
+    return config.num_hidden_layers * width * (4 * width + 2 * config.intermediate_size)
+
+
+def predictor_size_note(config: IJepaPretrainingConfig) -> str | None:
+    """A warning for a predictor with more block weights than the encoder, ``None`` otherwise. The official predictor
+    (384 wide, 12 blocks) is a fraction of the ViT-B to ViT-H encoders it was made for, but it runs on every target
+    block's sequence: under a small encoder it is most of each step, and the run is many times slower than one with
+    the ``small`` recipe's predictor, with nothing said."""
+    encoder, predictor = config.encoder_config, config.predictor_config
+    ours, theirs = _block_parameters(predictor), _block_parameters(encoder)
+    if ours <= theirs:
+        return None
+    return (
+        f"The predictor ({predictor.hidden_size} wide, {predictor.num_hidden_layers} blocks: {ours / 1e6:.2f} M block "
+        f"weights) is larger than the encoder ({encoder.hidden_size} wide, {encoder.num_hidden_layers} blocks: "
+        f"{theirs / 1e6:.2f} M), and runs once per target block: it takes most of each step. The official predictor "
+        "is sized for ViT-B and larger encoders; the 'small' recipe (--recipe small) gives one block as wide as the "
+        "encoder, or set predictor.hidden_size / predictor.num_hidden_layers (--config_overrides)."
+    )

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from ..data import (IMAGENET_MEAN, IMAGENET_STD, LOAD_SECONDS_KEY, EpochShuffleSampler, PretrainImageDataset,
                     normalize_images)
 from ..licensing import record_weights_license, weights_license
@@ -59,7 +60,7 @@ from .export import batch_summary, mask_summary, write_encoder_and_cards
 from .metrics import REGULARIZER_KEYS, TRAIN_LOG_NAME, online_probe, regularizer_vector, write_train_log
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
-from .recipes import get_recipe
+from .recipes import get_recipe, predictor_size_note
 from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,10 @@ class IJepaTrainer(Trainer):
         self.add_callback(EMACallback(ema_momentum))
         if hasattr(self.data_collator, "set_step"):
             self.add_callback(MaskCollatorStepCallback(self.data_collator))
+        config = getattr(self.model, "config", None)  # Trainer wraps the model later, in train()
+        predictor_note = predictor_size_note(config) if isinstance(config, IJepaPretrainingConfig) else None
+        if predictor_note:
+            logger.warning(predictor_note)
         columns = getattr(self.train_dataset, "column_names", None)
         if self.args.remove_unused_columns and columns is not None and "pixel_values" not in columns:
             # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
