@@ -762,10 +762,10 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
     config_class = IJepaEncoderConfig
     # The attribute under which classifiers hold the encoder: their checkpoints load as this encoder (AutoModel).
     base_model_prefix = "encoder"
-    # What this encoder leaves aside when loaded from a classifier (its head) or a pretraining repo (everything but
-    # the target encoder).
+    # What this encoder leaves aside when loaded from a classifier (its head: the linear layer and the norm of the
+    # pooled features) or a pretraining repo (everything but the target encoder).
     _keys_to_ignore_on_load_unexpected = [
-        r"^classifier\.", r"^context_encoder\.", r"^target_encoder\.", r"^predictor\."
+        r"^classifier\.", r"^pooler_norm\.", r"^context_encoder\.", r"^target_encoder\.", r"^predictor\."
     ]
 
     def __init__(self, config: IJepaEncoderConfig) -> None:

@@ -87,6 +87,23 @@ def test_automodel_on_a_classifier_returns_its_encoder(repos):
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
+@pytest.mark.parametrize("pooler_norm", ["batchnorm", "layernorm"])
+def test_the_encoder_and_backbone_of_a_classifier_with_a_pooler_norm(repos, tmp_path, pooler_norm):
+    """A classifier made on an encoder or pretraining repo standardises its pooled features (`pooler_norm`, a
+    BatchNorm by default: buffers in its checkpoint), as examples/finetune.py saves it: AutoModel and AutoBackbone on
+    it give its encoder, the head's weights left aside as the classifier's own head is."""
+    from transformers import AutoBackbone
+
+    kwargs = {} if pooler_norm == "batchnorm" else {"pooler_norm": pooler_norm}
+    classifier = IJepaEncoderForImageClassification.from_pretrained(repos["encoder"], num_labels=3, **kwargs)
+    assert classifier.config.pooler_norm == pooler_norm
+    classifier.save_pretrained(tmp_path / "classifier")
+    model = AutoModel.from_pretrained(tmp_path / "classifier")
+    assert type(model) is IJepaEncoderModel and _same_weights(model, classifier.encoder)
+    backbone = AutoBackbone.from_pretrained(tmp_path / "classifier", out_indices=[1])
+    assert _same_weights(backbone, classifier.encoder)
+
+
 def test_encoder_from_a_pretraining_repo_is_its_target_encoder(repos):
     pretraining = IJepaForPreTraining.from_pretrained(repos["pretraining"])
     encoder, info = IJepaEncoderModel.from_pretrained(repos["pretraining"], output_loading_info=True)
