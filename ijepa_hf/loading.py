@@ -136,6 +136,28 @@ def load_encoder(
     return network, load_image_processor(model_name_or_path, network.config, **kwargs)
 
 
+def _check_head_size(path: str, repo: Mapping[str, Any], num_labels: int, id2label: Mapping[int, str] | None,
+                     kwargs: Mapping[str, Any]) -> None:
+    """Refuses a classifier repo whose head has another number of labels than asked for, unless
+    ``ignore_mismatched_sizes`` says to replace it: named in this package's words (labels held, labels asked for,
+    the fix) rather than transformers' loading report and traceback."""
+    held = repo.get("id2label") or {}
+    is_classifier = any(name.endswith("ForImageClassification") for name in repo.get("architectures") or [])
+    if not is_classifier or not held or len(held) == num_labels or kwargs.get("ignore_mismatched_sizes"):
+        return
+
+    def shown(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+
+    held_names = [str(held[key]) for key in sorted(held, key=int)]
+    asked = f" ({shown([str(id2label[key]) for key in sorted(id2label)])})" if id2label else ""
+    raise ValueError(
+        f"load_image_classifier({path!r}): that classifier has a head of {len(held)} labels ({shown(held_names)}); "
+        f"{num_labels} were asked for{asked}. Pass ignore_mismatched_sizes=True (--ignore_mismatched_sizes in "
+        "examples/finetune.py) to give its encoder a new head, or use data with its labels."
+    )
+
+
 def load_image_classifier(
     model_name_or_path: str,
     *,
@@ -162,7 +184,9 @@ def load_image_classifier(
     refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
     labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
-    model_type = repo_config(model_name_or_path, kwargs).get("model_type")
+    repo = repo_config(model_name_or_path, kwargs)
+    _check_head_size(model_name_or_path, repo, num_labels, labels.get("id2label"), kwargs)
+    model_type = repo.get("model_type")
     if model_type == IJepaPretrainingConfig.model_type:
         return IJepaEncoderForImageClassification.from_pretrained(model_name_or_path, encoder=encoder, **labels,
                                                                   **kwargs)

@@ -196,8 +196,11 @@ def test_load_image_classifier_reheads_with_ignore_mismatched_sizes(repos):
                                   label2id={v: k for k, v in labels.items()}, ignore_mismatched_sizes=True)
     assert model.classifier.out_features == 5 and model.config.id2label[4] == "e"
     assert _same_weights(model.encoder, original.encoder)
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        load_image_classifier(str(repos["classifier"]), num_labels=5)
+    # Without it: the head's size, the labels asked for and the fix, before anything is loaded.
+    with pytest.raises(ValueError, match=r"classifier.*has a head of 3 labels \(LABEL_0, LABEL_1, LABEL_2\); 5 "
+                                         r"were asked for \(a, b, c, d, e\).*ignore_mismatched_sizes=True "
+                                         r"\(--ignore_mismatched_sizes in examples/finetune.py\)"):
+        load_image_classifier(str(repos["classifier"]), num_labels=5, id2label=labels)
 
 
 def test_repo_loaders_refuse_a_raw_checkpoint_with_the_convert_command():
