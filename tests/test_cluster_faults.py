@@ -172,7 +172,7 @@ def test_a_failed_push_names_the_push_command_and_a_retry_does_not_retrain(tmp_p
     assert "Connection refused" in str(error.value) and (out / "model.safetensors").exists()
     # the same command again, continuing the run: refused rather than trained again from scratch
     trained = load_file(out / "model.safetensors")
-    with pytest.raises(ValueError, match="finished .*ijepa-hf push"):
+    with pytest.raises(ValueError, match="finished .*--checkpointing_steps.*--extend_run.*ijepa-hf push"):
         run(out, "--push_to_hub", "--hub_model_id", "someone/tiny-run", "--resume_from_checkpoint", "latest",
             steps=2)
     assert all(torch.equal(trained[k], v) for k, v in load_file(out / "model.safetensors").items())

@@ -332,8 +332,9 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
             # Its final model is written: starting afresh would train it all again (e.g. to retry a failed push).
             raise ValueError(
                 f"--resume_from_checkpoint latest: the run in {output_dir} finished (step {finished}, its final model "
-                f"is written) and has no checkpoint to continue from. Publish it with `ijepa-hf push {output_dir} "
-                "<repo_id>`; train a new run with --overwrite_output_dir or another --output_dir.")
+                f"is written) and has no checkpoint to continue from (a run writes them with --checkpointing_steps; "
+                f"--extend_run lengthens a run from one). Publish it with `ijepa-hf push {output_dir} <repo_id>`; "
+                "train a new run with --overwrite_output_dir or another --output_dir.")
         if found is None:
             logger.warning("--resume_from_checkpoint latest: no complete checkpoint of this run in %s, starting "
                            "it from scratch", output_dir)
