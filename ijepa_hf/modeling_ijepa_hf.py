@@ -812,7 +812,10 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
                 f"multiple of {patch} (e.g. {height // patch * patch}x{width // patch * patch})."
             )
         grid = (height // patch, width // patch)
-        positions = self.position_embeddings(grid)
+        # The sin-cos table is a float32 buffer that from_pretrained(dtype=...) leaves as it is: in the weights'
+        # dtype, so that bf16 weights get a bf16 residual stream (fp32 weights under autocast keep theirs, as the
+        # official code).
+        positions = self.position_embeddings(grid).to(self.patch_embed.weight.dtype)
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
         if keep is None:
             # contiguous(): the transposed view would make the whole residual stream [B, N, D] with stride 1 along N,
@@ -1002,10 +1005,11 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
                 torch.ones(num_blocks * batch_size, num_targets, dtype=torch.bool, device=context_lengths.device),
             ], dim=1)
 
-        context = self.embed(encoder_hidden_states) + gather_patches(self.pos_embed, context_mask)
+        positions = self.pos_embed.to(self.embed.weight.dtype)  # the weights' dtype, as the encoder's (embed)
+        context = self.embed(encoder_hidden_states) + gather_patches(positions, context_mask)
         # Block-major layout [M * B, ...]: block j of every image, then block j + 1, as the official code.
         target_index = target_masks.transpose(0, 1).reshape(num_blocks * batch_size, num_targets)
-        queries = self.mask_token.to(context.dtype) + gather_patches(self.pos_embed, target_index)
+        queries = self.mask_token.to(context.dtype) + gather_patches(positions, target_index)
         context = context.repeat(num_blocks, 1, 1)
         hidden_states = torch.cat([context, queries], dim=1)
 

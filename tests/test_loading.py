@@ -18,7 +18,7 @@ from ijepa_hf import (
     make_image_processor,
 )
 
-from tiny import GOLDEN_CHECKPOINT, tiny_encoder_config, tiny_pretraining_config
+from tiny import GOLDEN_CHECKPOINT, random_masks, tiny_encoder_config, tiny_pretraining_config
 
 
 def _same_weights(module: torch.nn.Module, reference: torch.nn.Module) -> bool:
@@ -323,3 +323,30 @@ def test_a_callers_own_key_mapping_is_still_reversed_on_save(repos, tmp_path):
         keys = list(saved.keys())
     assert any(".mlp.dense1." in key for key in keys) and not any(key.startswith("target_encoder.") for key in keys)
     assert _same_weights(IJepaEncoderModel.from_pretrained(tmp_path / "enc", key_mapping=mapping), model)
+
+
+def test_models_loaded_in_bfloat16_run_in_bfloat16(repos):
+    """`from_pretrained(..., dtype=torch.bfloat16)` gives models that run on bf16 images: the sin-cos table (a float32
+    buffer that the dtype does not cast) must not promote the residual stream to float32 under bf16 weights (the
+    first LayerNorm refused the mix). Outputs agree with the float32 model's within bf16 precision."""
+    from ijepa_hf import IJepaBackbone
+
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    context, targets = random_masks(2, 16, 10, 2, 3)
+    for cls, kwargs in ((IJepaEncoderModel, {}), (IJepaEncoderForImageClassification, {"num_labels": 3}),
+                        (IJepaBackbone, {"out_indices": [1]}), (IJepaForPreTraining, {})):
+        torch.manual_seed(0)  # the same new head in both dtypes
+        full = cls.from_pretrained(repos["pretraining"], **kwargs).eval()
+        torch.manual_seed(0)
+        half = cls.from_pretrained(repos["pretraining"], dtype=torch.bfloat16, **kwargs).eval()
+        if cls is IJepaForPreTraining:
+            ours = half(images.bfloat16(), context_mask=context, target_masks=targets).loss
+            reference = full(images, context_mask=context, target_masks=targets).loss
+        elif cls is IJepaBackbone:
+            ours, reference = half(images.bfloat16()).feature_maps[0], full(images).feature_maps[0]
+        else:
+            ours, reference = half(images.bfloat16())[0], full(images)[0]
+        if cls is not IJepaForPreTraining:  # the loss is reduced in float32
+            assert ours.dtype == torch.bfloat16, cls.__name__
+        torch.testing.assert_close(ours.float(), reference, atol=0.1, rtol=0.05, msg=cls.__name__)
