@@ -242,6 +242,15 @@ def test_load_image_sources_and_corrupt_files(tmp_path, caplog):
     assert "truncated.jpg" in caplog.text and "noise.png" in caplog.text
     assert "missing.jpg" not in caplog.text  # only the first max_warnings=2 are logged one by one
     assert "4 bad images skipped" in str(counter) and "truncated.jpg" in str(counter)
+    # A file read again (the next epoch) counts again, but is named and reported once.
+    counter = BadImageCounter(max_warnings=5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ijepa_hf.data.loading"):
+        for _ in range(3):
+            assert load_image(truncated, counter) is None
+        assert load_image(noise, counter) is None
+    assert counter.count == 4 and caplog.text.count("truncated.jpg") == 1
+    assert str(counter).count("truncated.jpg") == 1 and "noise.png" in str(counter)
     counter.reset()
     assert counter.count == 0 and counter.examples == []
 

@@ -83,6 +83,7 @@ class BadImageCounter:
         self._counts = torch.zeros(int(num_slots), dtype=torch.int64).share_memory_()
         self._lock = threading.Lock()
         self._examples: list[str] = []
+        self._sources: set[str] = set()  # the sources seen in this process
         self._warned = 0
 
     # Locks cannot be pickled (spawned workers, deepcopy): recreate one on the other side.
@@ -106,9 +107,12 @@ class BadImageCounter:
         reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else (error or "")
         with self._lock:
             self._counts[self._slot()] += 1
-            if len(self._examples) < self.max_examples:
+            # Each read counts (a bad file is read again every epoch), but a file is named and reported once.
+            new = source not in self._sources
+            self._sources.add(source)
+            if new and len(self._examples) < self.max_examples:
                 self._examples.append(f"{source} ({reason})" if reason else source)
-            warn = self._warned < self.max_warnings
+            warn = new and self._warned < self.max_warnings
             if warn:
                 self._warned += 1
                 last = self._warned == self.max_warnings
@@ -142,6 +146,7 @@ class BadImageCounter:
         with self._lock:
             self._counts.zero_()
             self._examples.clear()
+            self._sources.clear()
             self._warned = 0
 
     def __str__(self) -> str:
