@@ -812,10 +812,11 @@ class IJepaEncoderModel(IJepaPreTrainedModel):
                 f"multiple of {patch} (e.g. {height // patch * patch}x{width // patch * patch})."
             )
         grid = (height // patch, width // patch)
-        # The sin-cos table is a float32 buffer that from_pretrained(dtype=...) leaves as it is: in the weights'
-        # dtype, so that bf16 weights get a bf16 residual stream (fp32 weights under autocast keep theirs, as the
-        # official code).
-        positions = self.position_embeddings(grid).to(self.patch_embed.weight.dtype)
+        # The sin-cos table is a float32 buffer that from_pretrained(dtype=...) leaves as it is. It is added in the
+        # dtype of the LayerNorms, the residual stream's: a bf16 model gets a bf16 stream its LayerNorms take, and
+        # fp32 LayerNorms keep an fp32 stream (under autocast, as the official code, also where the matrix
+        # products' weights alone are bf16).
+        positions = self.position_embeddings(grid).to(self.norm.weight.dtype)
         pixel_values = pixel_values.to(self.patch_embed.weight.dtype)
         if keep is None:
             # contiguous(): the transposed view would make the whole residual stream [B, N, D] with stride 1 along N,
@@ -1005,7 +1006,7 @@ class IJepaPredictorModel(IJepaPreTrainedModel):
                 torch.ones(num_blocks * batch_size, num_targets, dtype=torch.bool, device=context_lengths.device),
             ], dim=1)
 
-        positions = self.pos_embed.to(self.embed.weight.dtype)  # the weights' dtype, as the encoder's (embed)
+        positions = self.pos_embed.to(self.norm.weight.dtype)  # the residual stream's dtype, as the encoder's (embed)
         context = self.embed(encoder_hidden_states) + gather_patches(positions, context_mask)
         # Block-major layout [M * B, ...]: block j of every image, then block j + 1, as the official code.
         target_index = target_masks.transpose(0, 1).reshape(num_blocks * batch_size, num_targets)
