@@ -122,9 +122,9 @@ def load_encoder(
 
     from .configuration_ijepa_hf import IJepaPretrainingConfig
     from .modeling_ijepa_hf import IJepaEncoderModel
-    from .pretrained_loading import check_encoder_choice, refuse_checkpoint_file, repo_config
+    from .pretrained_loading import check_encoder_choice, check_model_path, repo_config
 
-    refuse_checkpoint_file(model_name_or_path, "load_encoder")
+    check_model_path(model_name_or_path, "load_encoder")
     saved = repo_config(model_name_or_path, kwargs)
     if saved.get("model_type") == IJepaPretrainingConfig.model_type:
         network = IJepaEncoderModel.from_pretrained(model_name_or_path, encoder=encoder, **kwargs)
@@ -179,9 +179,9 @@ def load_image_classifier(
 
     from .configuration_ijepa_hf import IJepaPretrainingConfig
     from .modeling_ijepa_hf import IJepaEncoderForImageClassification
-    from .pretrained_loading import check_encoder_choice, refuse_checkpoint_file, repo_config
+    from .pretrained_loading import check_encoder_choice, check_model_path, repo_config
 
-    refuse_checkpoint_file(model_name_or_path, "load_image_classifier")
+    check_model_path(model_name_or_path, "load_image_classifier")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
     labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
     repo = repo_config(model_name_or_path, kwargs)

@@ -48,7 +48,7 @@ from transformers import PretrainedConfig
 
 from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
 
-__all__ = ["check_encoder_choice", "from_pretrained_policy", "refuse_checkpoint_file", "repo_config"]
+__all__ = ["check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config"]
 
 _PRETRAINING = IJepaPretrainingConfig.model_type
 
@@ -65,14 +65,30 @@ _REPO_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-def refuse_checkpoint_file(path: Any, caller: str) -> None:
-    """Raises a `ValueError` with the ``ijepa-hf convert`` command when ``path`` is a file (an official ``.pth.tar``)
-    where a Hugging Face model folder or Hub repo is expected; ``caller`` names the function in the message."""
-    if path is not None and isinstance(path, (str, os.PathLike)) and Path(os.fspath(path)).is_file():
+def _is_local_path(path: str) -> bool:
+    """Whether ``path`` can only be a folder on this machine: absolute, relative from ``.`` / ``~``, or with more than
+    one ``/`` (a Hub repo id is ``name`` or ``namespace/name``)."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def check_model_path(path: Any, caller: str) -> None:
+    """Raises a `ValueError` naming the problem and the fix where ``path`` cannot be a model: a file (an official
+    ``.pth.tar``: the ``ijepa-hf convert`` command) or a local folder that does not exist (which transformers would
+    report as a malformed Hub repo id). ``caller`` names the function in the message."""
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        return
+    text = os.fspath(path)
+    if Path(text).is_file():
         raise ValueError(
-            f"{caller}({str(path)!r}): that is a file, not a Hugging Face model folder or Hub repo (those hold "
+            f"{caller}({text!r}): that is a file, not a Hugging Face model folder or Hub repo (those hold "
             "config.json and the weights). An official I-JEPA checkpoint (.pth.tar) is converted with "
-            f"`ijepa-hf convert {path} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
+            f"`ijepa-hf convert {text} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
+        )
+    if not Path(os.path.expanduser(text)).exists() and (isinstance(path, os.PathLike) or _is_local_path(text)):
+        raise ValueError(
+            f"{caller}({text!r}): there is no folder {os.path.abspath(os.path.expanduser(text))!r}. A model folder "
+            "holds config.json and the weights (what save_pretrained or a pretraining run writes); a Hub repo is "
+            "named 'namespace/name'. Check the path."
         )
 
 
@@ -168,7 +184,7 @@ def from_pretrained_policy(
     or ``(model, loading_info)`` with ``output_loading_info=True``), after ``model._after_load()``."""
     caller = f"{cls.__name__}.from_pretrained"
     check_encoder_choice(caller, path, encoder, _PRETRAINING)  # the value itself; its fit to the repo below
-    refuse_checkpoint_file(path, caller)
+    check_model_path(path, caller)
     config = kwargs.get("config")
     repo = repo_config(path, kwargs) if path is not None else {}
     held = repo.get("model_type") or getattr(config, "model_type", None)

@@ -164,6 +164,21 @@ def test_raw_official_checkpoint_is_refused_with_the_convert_command():
         assert len(message) < 700, message
 
 
+def test_a_local_path_that_does_not_exist_is_named_as_such(tmp_path, monkeypatch):
+    """A mistyped local folder is not a Hub repo id: transformers answered "Repo id must be in the form 'repo_name' or
+    'namespace/repo_name'". Every class and loading helper says the folder does not exist; a path relative to the
+    working directory counts too."""
+    from ijepa_hf.loading import load_encoder, load_image_classifier
+
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "runs" / "missing"), "./missing", "runs/missing/encoder"):
+        for load in (IJepaEncoderModel.from_pretrained, IJepaForPreTraining.from_pretrained,
+                     IJepaEncoderForImageClassification.from_pretrained, load_encoder,
+                     lambda name: load_image_classifier(name, num_labels=3)):
+            with pytest.raises(ValueError, match=r"no folder .*missing.*config\.json"):
+                load(path)
+
+
 def test_stock_transformers_repo_is_refused_with_the_import_function(repos):
     for cls in (IJepaEncoderModel, IJepaForPreTraining, IJepaPredictorModel):
         with pytest.raises(ValueError) as error:
