@@ -19,7 +19,7 @@ This module adds only what transformers cannot know:
 
 - **The kind of repo** (its config's ``model_type``) is checked first. A class given the wrong kind gets a
   `ValueError` naming what the repo holds, what the class needs and the call that loads it; a raw official
-  ``.pth.tar`` file gets the command that converts it.
+  ``.pth.tar`` file gets the command that converts it, and a local folder that does not exist is named as such.
 - **One encoder of a pretraining repo.** The encoder classes (encoder, classifier, backbone) given a pretraining
   repo load its target encoder (``encoder="target"``, the one the paper evaluates) or its context encoder
   (``encoder="context"``) through transformers' ``key_mapping`` (``target_encoder.`` -> the class's own names).
