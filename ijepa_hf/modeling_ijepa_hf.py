@@ -1254,6 +1254,26 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         return exported.to(device=source.pos_embed.device)
 
 
+class PooledFeatureBatchNorm(nn.BatchNorm1d):
+    """The classifier's ``pooler_norm="batchnorm"``: a BatchNorm without affine parameters over the pooled features
+    ``[B, D]``. A training batch of one image has no batch statistics (`nn.BatchNorm1d` raises): it is standardised
+    with the running statistics instead, which it leaves as they are. This is the last batch of an epoch whose size
+    leaves one image over. Before any batch of two or more images there are no statistics to use, and the batch is
+    refused with the fix."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if not (self.training and features.shape[0] == 1):
+            return super().forward(features)
+        if int(self.num_batches_tracked) == 0:  # a host read, on this rare path only
+            raise ValueError(
+                "pooler_norm='batchnorm' standardises the pooled features with statistics of each training batch, "
+                "and needs batches of at least 2 images per process; this one has 1 and no earlier batch gave "
+                "statistics. Train with a per-device batch of 2 or more, or make the head with "
+                "pooler_norm='layernorm' (from_pretrained(..., pooler_norm='layernorm'))."
+            )
+        return F.batch_norm(features, self.running_mean, self.running_var, training=False, eps=self.eps)
+
+
 # trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
     """An I-JEPA encoder, average pooling over patches and a linear head. ``labels`` give a cross-entropy loss
@@ -1275,7 +1295,7 @@ class IJepaEncoderForImageClassification(IJepaPreTrainedModel):
         # CODEPATH: pooler_norm — "batchnorm": every head made on an encoder or pretraining repo since the option
         # exists; "layernorm": heads that ask for it; None / "none": classifier repos saved before it.
         if config.pooler_norm == "batchnorm":
-            self.pooler_norm = nn.BatchNorm1d(config.hidden_size, affine=False, eps=config.layer_norm_eps)
+            self.pooler_norm = PooledFeatureBatchNorm(config.hidden_size, affine=False, eps=config.layer_norm_eps)
         elif config.pooler_norm == "layernorm":  # CODEPATH: pooler_norm (above)
             self.pooler_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         else:

@@ -317,3 +317,28 @@ def test_a_new_head_standardises_the_pooled_features_and_saved_classifiers_load_
     torch.testing.assert_close(loaded(pixels).logits, old(pixels).logits)
     with pytest.raises(ValueError, match="`pooler_norm` must be one of"):
         tiny_encoder_config(pooler_norm="groupnorm")
+
+
+def test_a_training_batch_of_one_image_uses_the_pooler_norms_running_statistics(tmp_path, load_example, image_folder,
+                                                                                 encoder_repo):
+    """BatchNorm cannot standardise a batch of one image: the last batch of an epoch whose size leaves one image over
+    stopped fine-tuning with torch's "Expected more than 1 value per channel". That batch is standardised with the
+    running statistics (left unchanged); with none yet (every batch of one image), the run is refused, naming the
+    fix."""
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_pretrained(encoder_repo, num_labels=3).train()
+    with pytest.raises(ValueError, match=r"pooler_norm='batchnorm'.*at least 2 images.*'layernorm'"):
+        model(torch.randn(1, 3, 32, 32))
+    model(torch.randn(4, 3, 32, 32))  # statistics from a real batch
+    mean, var = model.pooler_norm.running_mean.clone(), model.pooler_norm.running_var.clone()
+    one = torch.randn(1, 3, 32, 32)
+    logits = model(one, labels=torch.tensor([2])).logits
+    assert torch.equal(model.pooler_norm.running_mean, mean) and torch.equal(model.pooler_norm.running_var, var)
+    torch.testing.assert_close(logits, model.eval()(one).logits)  # as in evaluation
+
+    # Through the example: 9 training images in batches of 8.
+    trainer = load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "ft", "--do_train",
+                                                           "--max_train_samples", "9", "--num_train_epochs", "1"))
+    assert trainer.state.global_step == 2
