@@ -20,6 +20,7 @@ from ijepa_hf.evaluation import (
     format_results_table,
     knn_probe,
     linear_probe,
+    low_shot_linear_probe,
 )
 
 from tiny import tiny_encoder_config, tiny_pretraining_config
@@ -87,6 +88,20 @@ def test_probes_reject_bad_inputs():
         knn_probe(x, torch.full_like(y, -1), x, y)
     with pytest.raises(ValueError, match="widths differ"):
         knn_probe(x, y, x[:, :3], y)
+    # Non-finite features (a diverged run, an fp16 overflow) are named, not a deep error of the solver.
+    bad = x.clone()
+    bad[3, 1], bad[7, 0] = float("nan"), float("inf")
+    for probe in (linear_probe, knn_probe, low_shot_linear_probe):
+        kwargs = {"num_labels": 10} if probe is low_shot_linear_probe else {}
+        with pytest.raises(ValueError, match=r"train_features has 2 rows with NaN or infinite values \(rows 3, 7\)"):
+            probe(bad, y, x, y, **kwargs)
+        with pytest.raises(ValueError, match=r"test_features has 2 rows with NaN"):
+            probe(x, y, bad, y, **kwargs)
+    from ijepa_hf.evaluation import attentive_probe
+
+    tokens = x[:, None, :].repeat(1, 2, 1)
+    with pytest.raises(ValueError, match=r"train_tokens has 2 rows with NaN or infinite values"):
+        attentive_probe(bad[:, None, :].repeat(1, 2, 1), y, tokens, y, epochs=1)
 
 
 def test_format_results_table():

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .probes import encode_labels
+from .probes import check_finite, encode_labels
 
 
 class AttentiveClassifier(nn.Module):
@@ -82,6 +82,7 @@ def attentive_probe(
                              f"got shape {tuple(tokens.shape)}.")
         if labels.ndim != 1 or len(labels) != len(tokens):
             raise ValueError(f"{name}_labels must be [N] with N = {len(tokens)}, got shape {tuple(labels.shape)}.")
+        check_finite(tokens, f"{name}_tokens")
     if train_tokens.shape[1:] != test_tokens.shape[1:]:
         raise ValueError(f"token shapes differ: train {tuple(train_tokens.shape[1:])}, "
                          f"test {tuple(test_tokens.shape[1:])}.")

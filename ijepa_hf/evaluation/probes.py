@@ -19,6 +19,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_WEIGHT_DECAY_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
+def check_finite(values: torch.Tensor, name: str) -> None:
+    """Refuses features with NaN or infinite values (a diverged run, an fp16 overflow), naming the rows; the
+    solvers would fail deep inside, or fit to them."""
+    finite = torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        shown = ", ".join(str(row) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(
+            f"{name} has {len(rows)} row{'s' if len(rows) != 1 else ''} with NaN or infinite values (rows {shown}): "
+            "the encoder's outputs are not finite there (a diverged run, or an overflow in reduced precision). "
+            "Probes need finite features."
+        )
+
+
 def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     features = torch.as_tensor(features)
     labels = torch.as_tensor(labels)
@@ -34,6 +48,7 @@ def _check_features(features: torch.Tensor, labels: torch.Tensor, name: str) -> 
         raise ValueError(f"{name}_labels must be integer class ids, got dtype {labels.dtype}.")
     if (labels < 0).any():
         raise ValueError(f"{name}_labels has negative (missing) labels; probes need labelled data.")
+    check_finite(features, f"{name}_features")
     return features.float(), labels.long()
 
 
@@ -335,7 +350,7 @@ def low_shot_linear_probe(
     """
     if not seeds:
         raise ValueError("seeds is empty: give at least one draw.")
-    train_labels = torch.as_tensor(train_labels)
+    train_features, train_labels = _check_features(train_features, train_labels, "train")  # rows named as given
     accuracies, decays = [], []
     for seed in seeds:
         index = low_shot_indices(train_labels, num_labels, seed=seed)
