@@ -118,3 +118,33 @@ def test_trainer_callback_logs_the_probe_with_the_trainer(tmp_path):
     assert callback.seconds > 0
     with pytest.raises(ValueError, match="every_n_steps must be >= 1"):
         OnlineProbeCallback(probe_set, every_n_steps=0)
+
+
+def test_string_class_labels_are_probed_and_a_column_of_measurements_is_refused(tmp_path):
+    """A dataset's label column may hold class names (Parquet files, CSV metadata): the online k-NN only needs which
+    images share a class, so names are probed as classes (they failed with "invalid literal for int()"). A column of
+    non-integer numbers is no class label, and is refused naming the column."""
+    import numpy as np
+    from datasets import Dataset, Image as ImageFeature
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths, names, scores = [], [], []
+    for index in range(16):
+        name = ("red", "blue")[index % 2]
+        pixels = np.full((32, 32, 3), (200, 30, 30) if name == "red" else (30, 30, 200), np.uint8)
+        path = tmp_path / f"{index}.png"
+        Image.fromarray(np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path)), names.append(name), scores.append(index + 0.5)
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_dict({"image": paths, "colour": names, "score": scores}).cast_column(
+        "image", ImageFeature()).to_parquet(str(data / "train.parquet"))
+
+    run(tmp_path / "names", "--dataset_name", str(data), "--online_probe_label_column", "colour",
+        "--online_probe_steps", "2", "--online_probe_images", "16", steps=2, batch=4)
+    rows = [row for row in read_log(tmp_path / "names") if "online_knn_accuracy" in row]
+    assert rows and all(0.0 <= row["online_knn_accuracy"] <= 1.0 for row in rows)
+    with pytest.raises(ValueError, match=r"--online_probe_label_column 'score' holds \d+\.5: .*class labels"):
+        run(tmp_path / "scores", "--dataset_name", str(data), "--online_probe_label_column", "score",
+            "--online_probe_steps", "2", "--online_probe_images", "16", steps=2, batch=4)

@@ -24,6 +24,7 @@ which the loop logs what the loader can deliver beside what the step consumes.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
@@ -430,6 +431,13 @@ class OnlineProbeSet:
     description: str
 
 
+def _is_class_label(value: Any) -> bool:
+    """An integer class id or a class name; not a measurement (a non-integer number) or a structure."""
+    if isinstance(value, (str, bool, numbers.Integral)):
+        return True
+    return isinstance(value, numbers.Real) and float(value).is_integer()
+
+
 def build_online_probe_set(
     data: PretrainingData, *, image_size: int, num_images: int, label_column: str | None = None, seed: int = 0
 ) -> OnlineProbeSet | None:
@@ -451,6 +459,7 @@ def build_online_probe_set(
         rows = iter(source)
     transform = EvalTransform(image_size, resize_ratio=1.0)
     pixels, labels = [], []
+    classes: dict[Any, int] = {}
     name = label_column
     for row in rows:
         if name is None:
@@ -460,11 +469,15 @@ def build_online_probe_set(
         if name not in row:
             raise ValueError(f"--online_probe_label_column {name!r} is not a column of the data (it has "
                              f"{sorted(row)}); name one of them, or leave it unset to use 'label'.")
+        label = row[name]
+        if label is not None and not _is_class_label(label):
+            raise ValueError(f"--online_probe_label_column {name!r} holds {label!r}: the online k-NN needs class "
+                             "labels (integers or names); name a column of classes, or set --online_probe_steps 0.")
         image = load_image(row[image_key])
-        if image is None or row[name] is None:
+        if image is None or label is None:
             continue
         pixels.append(transform(image))
-        labels.append(int(row[name]))
+        labels.append(classes.setdefault(label, len(classes)))  # class names or ids -> 0..C-1, in order seen
         if len(pixels) == num_images:
             break
     if len(pixels) < 2:
