@@ -98,6 +98,10 @@ class ScriptArguments:
         "labels; 0: off).")})
     online_probe_images: int = field(default=DEFAULT_ONLINE_PROBE_IMAGES, metadata={"help": (
         "Images of the online probe set (half bank, half queries).")})
+    online_probe_label_column: str | None = field(default=None, metadata={"help": (
+        "Label column of the online probe (default 'label': image folders with class sub-folders, datasets with a "
+        "label column, the embedded scenes' largest shape); integer ids or class names.")})
+    online_probe_k: int = field(default=20, metadata={"help": "Neighbours of the online k-NN."})
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     callbacks: list[Any] = [preemption]
     if script_args.online_probe_steps != 0:
         probe_set = build_online_probe_set(data, image_size=image_size, num_images=script_args.online_probe_images,
-                                           seed=training_args.seed)
+                                           label_column=script_args.online_probe_label_column, seed=training_args.seed)
         if probe_set is None and script_args.online_probe_steps is not None:
             raise ValueError(f"--online_probe_steps needs labels, but {data.description} has none; set it to 0.")
         if probe_set is not None:
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
                 training_args.num_train_epochs * len(data.dataset) // global_batch)
             every = script_args.online_probe_steps or default_online_probe_steps(total)
             logger.info("Online probe every %d updates: %s", every, probe_set.description)
-            callbacks.append(OnlineProbeCallback(probe_set, every))
+            callbacks.append(OnlineProbeCallback(probe_set, every, k=script_args.online_probe_k))
     # --push_to_hub uploads at the end what pretrain.py uploads (the package's cards, encoder/, log and curves),
     # rather than Trainer's generic card at every save.
     push, training_args.push_to_hub = training_args.push_to_hub, False

@@ -148,3 +148,25 @@ def test_string_class_labels_are_probed_and_a_column_of_measurements_is_refused(
     with pytest.raises(ValueError, match=r"--online_probe_label_column 'score' holds \d+\.5: .*class labels"):
         run(tmp_path / "scores", "--dataset_name", str(data), "--online_probe_label_column", "score",
             "--online_probe_steps", "2", "--online_probe_images", "16", steps=2, batch=4)
+
+
+def test_the_trainer_example_takes_the_probes_label_column_and_k(tmp_path):
+    """examples/pretrain_trainer.py has examples/pretrain.py's probe options: which column holds the labels, and the
+    neighbours of the k-NN (it had neither, and probed 'label' with k = 20 only)."""
+    import sys
+
+    from tiny import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example
+    finally:
+        sys.path.pop(0)
+    common = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--embedded_num_images", "16",
+              "--online_probe_images", "16", "--online_probe_steps", "1"]
+    trainer = example.main([*common, "--output_dir", str(tmp_path / "count"), "--online_probe_label_column", "count",
+                            "--online_probe_k", "5"])
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, OnlineProbeCallback))
+    assert callback.probe_set.label_name == "count" and callback.k == 5
+    with pytest.raises(ValueError, match="--online_probe_label_column 'colour' is not a column"):
+        example.main([*common, "--output_dir", str(tmp_path / "colour"), "--online_probe_label_column", "colour"])
