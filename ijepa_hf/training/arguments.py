@@ -213,7 +213,7 @@ class PretrainingArguments:
         "Images of the online probe set (half bank, half queries)."))
     online_probe_label_column: str | None = field(default=None, metadata=_help(
         "Label column of the online probe (default 'label': image folders with class sub-folders, Hub datasets with "
-        "a label column, the embedded scenes' largest shape)."))
+        "a label column, the embedded scenes' largest shape); integer ids or class names."))
     online_probe_k: int = field(default=20, metadata=_help("Neighbours of the online k-NN."))
     # ---- hub
     push_to_hub: bool = field(default=False, metadata=_help("Upload output_dir to the Hub at the end."))
