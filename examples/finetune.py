@@ -69,6 +69,11 @@ class ModelArguments:
                           "Unset: one lr for all parameters (Trainer's default AdamW)."},
     )
     drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth for fine-tuning."})
+    pooler_norm: str | None = field(
+        default=None, metadata={"choices": ["batchnorm", "layernorm", "none"], "help": (
+            "How a new head normalises the pooled features: 'batchnorm' (a new head's default; needs training "
+            "batches of 2 or more images), 'layernorm' or 'none'. A classifier repo keeps the one it was trained with.")},
+    )
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a classifier head whose number of labels differs."}
     )
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
 
-    overrides = {} if model_args.drop_path_rate is None else {"drop_path_rate": model_args.drop_path_rate}
+    overrides = {key: getattr(model_args, key) for key in ("drop_path_rate", "pooler_norm")
+                 if getattr(model_args, key) is not None}
     model = load_image_classifier(
         model_args.model_name_or_path,
         num_labels=len(names),

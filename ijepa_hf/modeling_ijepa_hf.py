@@ -1269,7 +1269,8 @@ class PooledFeatureBatchNorm(nn.BatchNorm1d):
                 "pooler_norm='batchnorm' standardises the pooled features with statistics of each training batch, "
                 "and needs batches of at least 2 images per process; this one has 1 and no earlier batch gave "
                 "statistics. Train with a per-device batch of 2 or more, or make the head with "
-                "pooler_norm='layernorm' (from_pretrained(..., pooler_norm='layernorm'))."
+                "pooler_norm='layernorm' (from_pretrained(..., pooler_norm='layernorm'); examples/finetune.py "
+                "--pooler_norm layernorm)."
             )
         return F.batch_norm(features, self.running_mean, self.running_var, training=False, eps=self.eps)
 

@@ -342,3 +342,10 @@ def test_a_training_batch_of_one_image_uses_the_pooler_norms_running_statistics(
     trainer = load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "ft", "--do_train",
                                                            "--max_train_samples", "9", "--num_train_epochs", "1"))
     assert trainer.state.global_step == 2
+    # A per-device batch of one image: refused with the example's option, which then trains.
+    single = ["--do_train", "--max_steps", "2", "--per_device_train_batch_size", "1"]
+    with pytest.raises(ValueError, match="--pooler_norm layernorm"):
+        load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "one", *single))
+    trainer = load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "one-ln", *single,
+                                                           "--pooler_norm", "layernorm"))
+    assert trainer.model.config.pooler_norm == "layernorm" and trainer.state.global_step == 2
