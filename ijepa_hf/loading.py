@@ -145,14 +145,12 @@ def _check_head_size(path: str, repo: Mapping[str, Any], num_labels: int, id2lab
     is_classifier = any(name.endswith("ForImageClassification") for name in repo.get("architectures") or [])
     if not is_classifier or not held or len(held) == num_labels or kwargs.get("ignore_mismatched_sizes"):
         return
-
-    def shown(names: list[str]) -> str:
-        return ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+    from .pretrained_loading import some_of
 
     held_names = [str(held[key]) for key in sorted(held, key=int)]
-    asked = f" ({shown([str(id2label[key]) for key in sorted(id2label)])})" if id2label else ""
+    asked = f" ({some_of([str(id2label[key]) for key in sorted(id2label)])})" if id2label else ""
     raise ValueError(
-        f"load_image_classifier({path!r}): that classifier has a head of {len(held)} labels ({shown(held_names)}); "
+        f"load_image_classifier({path!r}): that classifier has a head of {len(held)} labels ({some_of(held_names)}); "
         f"{num_labels} were asked for{asked}. Pass ignore_mismatched_sizes=True (--ignore_mismatched_sizes in "
         "examples/finetune.py) to give its encoder a new head, or use data with its labels."
     )

@@ -48,7 +48,7 @@ from transformers import PretrainedConfig
 
 from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
 
-__all__ = ["check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config"]
+__all__ = ["check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config", "some_of"]
 
 _PRETRAINING = IJepaPretrainingConfig.model_type
 
@@ -84,9 +84,10 @@ def check_model_path(path: Any, caller: str) -> None:
             "config.json and the weights). An official I-JEPA checkpoint (.pth.tar) is converted with "
             f"`ijepa-hf convert {text} OUTPUT_DIR` (add --encoder-only for an encoder); then load OUTPUT_DIR."
         )
-    if not Path(os.path.expanduser(text)).exists() and (isinstance(path, os.PathLike) or _is_local_path(text)):
+    expanded = os.path.expanduser(text)
+    if not os.path.exists(expanded) and (isinstance(path, os.PathLike) or _is_local_path(text)):
         raise ValueError(
-            f"{caller}({text!r}): there is no folder {os.path.abspath(os.path.expanduser(text))!r}. A model folder "
+            f"{caller}({text!r}): there is no folder {os.path.abspath(expanded)!r}. A model folder "
             "holds config.json and the weights (what save_pretrained or a pretraining run writes); a Hub repo is "
             "named 'namespace/name'. Check the path."
         )
@@ -129,11 +130,14 @@ def _wrong_kind_message(cls: type, path: Any, given: str) -> str:
     return message
 
 
-def _key_summary(label: str, keys: Sequence[str], shown: int = 5) -> str:
-    if not keys:
-        return ""
-    more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
-    return f"{len(keys)} {label} ({', '.join(keys[:shown])}{more}); "
+def some_of(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, comma-separated, and how many more: for messages that name a long list."""
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _key_summary(label: str, keys: Sequence[str]) -> str:
+    return f"{len(keys)} {label} ({some_of(keys)}); " if keys else ""
 
 
 def _encoder_config_of(config: IJepaPretrainingConfig) -> IJepaEncoderConfig:
