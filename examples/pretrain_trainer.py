@@ -18,6 +18,10 @@ At the end the output folder holds what ``pretrain.py`` writes (``IJepaTrainer.s
 the target encoder in ``<output_dir>/encoder``, both model cards (licence, base model, recipe), ``train_log.jsonl``
 and ``training_curves.png``; ``--push_to_hub`` uploads them (not the Trainer checkpoints), and
 ``--resume_from_checkpoint latest`` continues from the newest ``checkpoint-*``.
+
+``--eval_strategy steps --eval_steps N`` (and ``--do_eval``, once at the end) log the prediction loss on held-out
+images as ``eval_loss``: ``--validation_dir`` or ``--validation_split_name`` name them (the embedded data has its own
+held-out scenes); every evaluation sees the same crops and masks, so the curve follows the weights alone.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
-from ijepa_hf.data import BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data
+from ijepa_hf.data import (BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data,
+                           build_validation_data)
 from ijepa_hf.scripts import configure_logging, resolve_resume_checkpoint, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
@@ -82,6 +87,13 @@ class ScriptArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Local image folder."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N images."})
+    validation_dir: str | None = field(default=None, metadata={"help": (
+        "Folder of held-out images for the prediction loss eval_loss (--eval_strategy steps / --do_eval).")})
+    validation_split_name: str | None = field(default=None, metadata={"help": (
+        "Split of --dataset_name with held-out images for eval_loss, e.g. 'validation'. The embedded data has its "
+        "own held-out scenes.")})
+    max_eval_samples: int | None = field(default=None, metadata={"help": (
+        "Keep the first N held-out images (embedded data: 256 by default).")})
     embedded_num_images: int = field(default=2048, metadata={"help": "Size of the embedded dataset."})
     config_name: str | None = field(default=None, metadata={"help": "Preset name or config path/repo."})
     config_overrides: str | None = field(default=None, metadata={"help": "'a=1,encoder.x=2,predictor.y=3'."})
@@ -177,11 +189,27 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
             every = script_args.online_probe_steps or default_online_probe_steps(total)
             logger.info("Online probe every %d updates: %s", every, probe_set.description)
             callbacks.append(OnlineProbeCallback(probe_set, every, k=script_args.online_probe_k))
+    validation = None
+    evaluating = training_args.do_eval or getattr(training_args.eval_strategy, "value", "no") != "no"
+    if evaluating:
+        validation = build_validation_data(
+            image_size=image_size, seed=training_args.seed, counter=counter, dataset_name=script_args.dataset_name,
+            dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
+            validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
+            image_column_name=script_args.image_column_name, max_eval_samples=script_args.max_eval_samples,
+            uint8_images=True, batch_size=training_args.per_device_eval_batch_size,
+            num_processes=training_args.world_size)
+        logger.info("Held-out data (eval_loss): %s", validation.description)
+    elif {script_args.validation_dir, script_args.validation_split_name, script_args.max_eval_samples} != {None}:
+        raise ValueError("held-out images are named (--validation_dir / --validation_split_name / "
+                         "--max_eval_samples) but nothing evaluates them: add --eval_strategy steps --eval_steps N, "
+                         "or --do_eval")
     # --push_to_hub uploads at the end what pretrain.py uploads (the package's cards, encoder/, log and curves),
     # rather than Trainer's generic card at every save.
     push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = IJepaTrainer(
         model=model, args=training_args, train_dataset=data.dataset, data_collator=collator,
+        eval_dataset=None if validation is None else validation.dataset,
         processing_class=make_image_processor(config.encoder_config),
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
     )
@@ -190,6 +218,13 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     if preemption.preempted is not None:
         logger.warning("%s", preemption.preempted)
         raise SystemExit(PREEMPTED_EXIT_CODE)
+    if training_args.do_eval:  # once at the end, unless --eval_strategy has just evaluated the last step
+        evaluated = [row for row in trainer.state.log_history if "eval_loss" in row]
+        metrics = (evaluated[-1] if evaluated and evaluated[-1]["step"] == trainer.state.global_step
+                   else trainer.evaluate())
+        metrics = {name: value for name, value in metrics.items() if name.startswith("eval_")}
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
     encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset)
     if trainer.is_world_process_zero():
         logger.info("Saved the pretraining model to %s and the target encoder to %s (%s)",

@@ -74,7 +74,7 @@ def _launch_fsdp2(tmp_path: Path, output_dir: Path, *extra: str) -> subprocess.C
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2_CONFIG),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), str(script),
-        *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
+        *tiny_argv(output_dir, "--checkpointing_steps", "2", *HELD_OUT, *extra, images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -87,9 +87,18 @@ def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    run(out, images=32, batch=8, steps=4)
+    run(out, *HELD_OUT, images=32, batch=8, steps=4)
     torch.set_num_threads(previous)
     return out
+
+
+# The held-out loss every 2 updates: every rank takes part in it under each strategy, and it does not change the
+# training the tests compare.
+HELD_OUT = ("--eval_steps", "2", "--max_eval_samples", "16")
+
+
+def _held_out(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["eval_loss"] for row in read_log(run_dir) if "eval_loss" in row}
 
 
 def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_exports(tmp_path, one_process):
@@ -116,6 +125,7 @@ def test_fsdp2_on_two_cpu_processes_matches_one_process_resumes_bitwise_and_expo
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
     assert worst < 1e-4, f"1-process and FSDP2 2-process weights differ by {worst}"
     assert [r["loss"] for r in read_log(two)] == pytest.approx([r["loss"] for r in read_log(one)], abs=1e-5)
+    assert sorted(_held_out(one)) == [2, 4] and _held_out(two) == pytest.approx(_held_out(one), abs=1e-5)
 
     # Export: the standalone target encoder holds the gathered (full) target weights.
     encoder = load_file(two / "encoder" / "model.safetensors")
@@ -159,7 +169,7 @@ def _launch_deepspeed(tmp_path: Path, config: Path, output_dir: Path, *extra: st
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
         "--main_process_port", str(free_port()), str(script),
-        *tiny_argv(output_dir, "--checkpointing_steps", "2", *extra, images=32, batch=4, steps=4),
+        *tiny_argv(output_dir, "--checkpointing_steps", "2", *HELD_OUT, *extra, images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
@@ -184,6 +194,7 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process_and_resumes_bitwise(
     worst_target = max((left[k] - right[k]).abs().max().item() for k in left if k.startswith("target_encoder."))
     assert worst_target < 1e-4
     assert [r["loss"] for r in read_log(two)] == pytest.approx([r["loss"] for r in read_log(one_process)], abs=1e-5)
+    assert _held_out(two) == pytest.approx(_held_out(one_process), abs=1e-5)
     encoder = load_file(two / "encoder" / "model.safetensors")
     assert all(torch.equal(v, right[f"target_encoder.{k}"]) for k, v in encoder.items())
 

@@ -155,6 +155,9 @@ torch.save(state, f"{result.output_dir}/target_rank{rank}.pt")
 """
 
 
+HELD_OUT = ("--eval_steps", "2", "--max_eval_samples", "16")
+
+
 def test_two_cpu_processes_match_one_process(tmp_path):
     script = tmp_path / "rank_script.py"
     script.write_text(_RANK_SCRIPT)
@@ -168,14 +171,14 @@ def test_two_cpu_processes_match_one_process(tmp_path):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(script),
-        *tiny_argv(two, "--checkpointing_steps", "2", images=32, batch=4, steps=4),
+        *tiny_argv(two, "--checkpointing_steps", "2", *HELD_OUT, images=32, batch=4, steps=4),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
     assert "processes = 2" in proc.stderr + proc.stdout
 
     one = tmp_path / "one"
-    run(one, images=32, batch=8, steps=4)  # global batch 8 = 2 x 4
+    run(one, *HELD_OUT, images=32, batch=8, steps=4)  # global batch 8 = 2 x 4
 
     left, right = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     worst = max((left[k] - right[k]).abs().max().item() for k in left)
@@ -183,6 +186,10 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     losses_one = [r["loss"] for r in read_log(one)]
     losses_two = [r["loss"] for r in read_log(two)]
     assert losses_two == pytest.approx(losses_one, abs=1e-5)
+    # the held-out loss: each rank reads its share of the same global batches, with the same masks
+    held_out_one, held_out_two = ({r["step"]: r["eval_loss"] for r in read_log(run_dir) if "eval_loss" in r}
+                                  for run_dir in (one, two))
+    assert sorted(held_out_one) == [2, 4] and held_out_two == pytest.approx(held_out_one, abs=1e-5)
     rank0, rank1 = (torch.load(two / f"target_rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0), \
         "EMA target encoders differ between ranks"

@@ -32,6 +32,7 @@ from .loading import (
 from .pretraining import (
     EMBEDDED_DATASET_NAME,
     EMBEDDED_SCENES,
+    EMBEDDED_VALIDATION_SEED,
     LOAD_SECONDS_KEY,
     EpochShuffleSampler,
     MaskedBatchCollator,
@@ -42,6 +43,7 @@ from .pretraining import (
     SampleKey,
     build_online_probe_set,
     build_pretraining_data,
+    build_validation_data,
     embedded_scenes,
     parse_embedded_scenes,
 )
@@ -105,6 +107,7 @@ __all__ = [
     # the pretraining pipeline
     "EMBEDDED_DATASET_NAME",
     "EMBEDDED_SCENES",
+    "EMBEDDED_VALIDATION_SEED",
     "embedded_scenes",
     "parse_embedded_scenes",
     "LOAD_SECONDS_KEY",
@@ -115,4 +118,5 @@ __all__ = [
     "MaskedBatchCollator",
     "PretrainingData",
     "build_pretraining_data",
+    "build_validation_data",
 ]

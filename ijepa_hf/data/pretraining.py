@@ -44,6 +44,7 @@ __all__ = [
     "build_online_probe_set",
     "EMBEDDED_DATASET_NAME",
     "EMBEDDED_SCENES",
+    "EMBEDDED_VALIDATION_SEED",
     "embedded_scenes",
     "parse_embedded_scenes",
     "LOAD_SECONDS_KEY",
@@ -54,6 +55,7 @@ __all__ = [
     "MaskedBatchCollator",
     "PretrainingData",
     "build_pretraining_data",
+    "build_validation_data",
 ]
 
 EMBEDDED_DATASET_NAME = "procedural-shapes"
@@ -66,6 +68,11 @@ EMBEDDED_DATASET_NAME = "procedural-shapes"
 # chance for every feature set, and larger objects made it easy for random init and raw pixels alike
 # (benchmarks/README.md, "Procedural scenes: the object-shape label").
 EMBEDDED_SCENES: dict[str, Any] = {"shared_shape": True, "radius_range": (0.22, 0.35)}
+# Generator seed of the embedded held-out scenes (`build_validation_data`): the training scenes are seed 0 and the
+# main job's probe draws seeds 1 and 2, so none of these is a training or probe image.
+EMBEDDED_VALIDATION_SEED = 3
+# Held-out embedded scenes drawn when none are counted (--max_eval_samples).
+EMBEDDED_VALIDATION_IMAGES = 256
 
 
 # The ProceduralShapes arguments a scene setting may change (the rest say which images, not what they show).
@@ -121,7 +128,8 @@ class SampleKey(NamedTuple):
 
 
 class EpochShuffleSampler(Sampler[Any]):
-    """A random permutation per epoch that depends only on ``(seed, epoch)``.
+    """A random permutation per epoch that depends only on ``(seed, epoch)`` (``shuffle=False``: the rows in order,
+    as held-out images are read).
 
     Unlike ``RandomSampler`` it consumes no global RNG state, so the order survives a resume and is the same
     for any number of processes (Accelerate shards the batches of this order across ranks).
@@ -133,9 +141,10 @@ class EpochShuffleSampler(Sampler[Any]):
     """
 
     def __init__(self, num_samples: int, seed: int = 0, *, batch_size: int | None = None,
-                 num_processes: int = 1) -> None:
+                 num_processes: int = 1, shuffle: bool = True) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
+        self.shuffle = bool(shuffle)
         self.epoch = 0
         if batch_size is not None and (int(batch_size) < 1 or int(num_processes) < 1):
             raise ValueError(f"batch_size and num_processes must be >= 1, got {batch_size} and {num_processes}")
@@ -153,8 +162,11 @@ class EpochShuffleSampler(Sampler[Any]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
         if self.batch_size is None:
             return iter(order)
         epoch, round_size = self.epoch, self.batch_size * self.num_processes
@@ -378,25 +390,29 @@ def build_pretraining_data(
     max_train_samples: int | None = None,
     embedded_num_images: int = 4096,
     embedded_scene_settings: dict[str, Any] | None = None,
+    embedded_seed: int = 0,
     cache_dir: str | None = None,
     token: str | None = None,
     uint8_images: bool = False,
     batch_size: int | None = None,
     num_processes: int = 1,
+    shuffle: bool = True,
 ) -> PretrainingData:
     """The pretraining dataset: a Hub dataset / builder (``dataset_name``), an image folder (``train_dir``), or
     without either the embedded procedural scenes (rendered at ``image_size``, :data:`EMBEDDED_SCENES` changed by
-    ``embedded_scene_settings``; their generator seed is fixed so that ``seed`` varies only the training).
+    ``embedded_scene_settings``; their generator seed ``embedded_seed`` is apart from ``seed``, so that ``seed``
+    varies only the training).
 
     ``uint8_images``: the workers return ``uint8`` images for :meth:`PretrainingData.model_inputs` to finish on
     the device. ``batch_size`` (per process) and ``num_processes``: the sampler of map-style data yields
-    :class:`SampleKey` s for that batch layout (see :class:`EpochShuffleSampler`)."""
+    :class:`SampleKey` s for that batch layout (see :class:`EpochShuffleSampler`); ``shuffle=False`` keeps the rows
+    in order (held-out images, :func:`build_validation_data`)."""
     counter = counter if counter is not None else BadImageCounter()
     common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed, uint8_images=uint8_images)
-    keyed = dict(batch_size=batch_size, num_processes=num_processes)
+    keyed = dict(batch_size=batch_size, num_processes=num_processes, shuffle=shuffle)
     if dataset_name is None and train_dir is None:
         num = min(embedded_num_images, max_train_samples or embedded_num_images)
-        source = embedded_scenes(num, image_size=image_size, seed=0, **(embedded_scene_settings or {}))
+        source = embedded_scenes(num, image_size=image_size, seed=embedded_seed, **(embedded_scene_settings or {}))
         return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed, **keyed),
                                f"{EMBEDDED_DATASET_NAME} (embedded, {num} images at {image_size}px)", None, num)
     source = load_image_dataset(
@@ -414,6 +430,65 @@ def build_pretraining_data(
     local = train_dir if dataset_name in (None, "imagefolder") else None
     return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed, **keyed),
                            f"{description} ({len(source)} images)", name, len(source), local)
+
+
+def build_validation_data(
+    *,
+    image_size: int,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.3, 1.0),
+    counter: BadImageCounter | None = None,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    validation_split_name: str | None = None,
+    image_column_name: str | None = None,
+    max_eval_samples: int | None = None,
+    embedded_scene_settings: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    token: str | None = None,
+    uint8_images: bool = False,
+    batch_size: int | None = None,
+    num_processes: int = 1,
+) -> PretrainingData:
+    """The held-out images of a run's ``eval_loss``: an image folder (``validation_dir``), a split of the training
+    dataset (``validation_split_name``), or for the embedded scenes their generator's seed
+    :data:`EMBEDDED_VALIDATION_SEED`. Read in order (``shuffle=False``) with the training crop and masks, both
+    picked by each image's position and the run's ``seed``: every evaluation sees the same inputs, so two
+    evaluations of the same weights give the same loss. Training images are never taken for it: data with no
+    held-out images named is refused, naming the options that name them."""
+    if validation_dir is not None and validation_split_name is not None:
+        raise ValueError("give either --validation_dir (an image folder) or --validation_split_name (a split of "
+                         "--dataset_name) for the held-out images, not both")
+    if validation_split_name is not None and dataset_name is None:
+        raise ValueError(f"--validation_split_name {validation_split_name!r} names a split of --dataset_name, but "
+                         "no --dataset_name is given; name a folder of held-out images with --validation_dir")
+    embedded = dataset_name is None and train_dir is None
+    if validation_dir is None and validation_split_name is None and not embedded:
+        raise ValueError("the held-out loss (eval_loss) needs images the run does not train on: name a folder with "
+                         "--validation_dir, or a split of --dataset_name with --validation_split_name (e.g. "
+                         "'validation' or 'test')")
+    common = dict(image_size=image_size, seed=seed, crop_scale=crop_scale, counter=counter, cache_dir=cache_dir,
+                  token=token, uint8_images=uint8_images, batch_size=batch_size, num_processes=num_processes,
+                  image_column_name=image_column_name, max_train_samples=max_eval_samples, shuffle=False)
+    if embedded and validation_dir is None:
+        data = build_pretraining_data(embedded_num_images=max_eval_samples or EMBEDDED_VALIDATION_IMAGES,
+                                      embedded_scene_settings=embedded_scene_settings,
+                                      embedded_seed=EMBEDDED_VALIDATION_SEED, **common)
+        data.description = data.description.replace("embedded,", f"embedded held-out scenes, generator seed "
+                                                                   f"{EMBEDDED_VALIDATION_SEED},")
+    elif validation_dir is not None:
+        data = build_pretraining_data(train_dir=validation_dir, **common)
+    else:
+        data = build_pretraining_data(dataset_name=dataset_name, dataset_config_name=dataset_config_name,
+                                      dataset_split=validation_split_name, **common)
+    batch = (batch_size or 1) * num_processes
+    if data.num_images is not None and data.num_images < batch:
+        raise ValueError(f"the held-out images ({data.description}) are fewer than one evaluation batch of {batch} "
+                         "(the per-device eval batch times the processes); give more images or a smaller "
+                         "--per_device_eval_batch_size")
+    return data
 
 
 @dataclass

@@ -86,6 +86,13 @@ class PretrainingArguments:
         "over max_objects, min_objects, radius_range=[lo,hi], noise_std, palette, shared_shape (e.g. "
         "'shared_shape=false,radius_range=[0.14,0.3]': the generator's own defaults); only without a data argument. "
         "The probe of examples/pretrain.py draws its scenes with the same settings."))
+    validation_dir: str | None = field(default=None, metadata=_help(
+        "Local folder of held-out images: their prediction loss (eval_loss) is logged every --eval_steps updates "
+        "and at the end."))
+    validation_split_name: str | None = field(default=None, metadata=_help(
+        "Split of --dataset_name with held-out images for eval_loss (e.g. 'validation')."))
+    max_eval_samples: int | None = field(default=None, metadata=_help(
+        "Keep only the first N held-out images (embedded data: 256 held-out scenes by default)."))
     cache_dir: str | None = field(default=None, metadata=_help("datasets / transformers cache directory."))
     crop_scale: str = field(default="0.3,1.0", metadata=_help(
         "Area range 'min,max' of the random resized crop (official 0.3,1.0)."))
@@ -201,6 +208,14 @@ class PretrainingArguments:
         "Collapse warning when the batch std of the pooled, normalised target features falls below this."))
     collapse_max_cosine: float = field(default=0.999, metadata=_help(
         "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this."))
+    # ---- held-out loss
+    eval_steps: int | None = field(default=None, metadata=_help(
+        "Every N updates (and at the end), the prediction loss on the held-out images (--validation_dir / "
+        "--validation_split_name; the embedded data has its own held-out scenes) as eval_loss in train_log.jsonl, "
+        "the trackers and training_curves.png. Every evaluation sees the same crops and masks, so the curve follows "
+        "the weights alone. Default: at the end only when held-out images are named, else off."))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_help(
+        "Batch of the held-out loss per device (default: --per_device_train_batch_size)."))
     # ---- online probe (learning telemetry)
     online_probe_steps: int | None = field(default=None, metadata=_help(
         "Every N updates (and at the end), k-NN accuracy and RankMe of the target encoder's pooled features on a "
@@ -233,13 +248,18 @@ class PretrainingArguments:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                      "logging_steps", "embedded_num_images", "ddp_timeout", "prefetch_factor"):
             positive(name)
-        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "image_size"):
+        for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "image_size", "eval_steps",
+                     "per_device_eval_batch_size", "max_eval_samples"):
             positive(name, allow_none=True)
         for name in ("warmup_steps", "num_workers", "skip_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not self.evaluates and (self.max_eval_samples is not None or self.per_device_eval_batch_size is not None):
+            raise ValueError("--max_eval_samples / --per_device_eval_batch_size set the held-out loss, which this run "
+                             "does not compute: add --eval_steps N (and --validation_dir or --validation_split_name "
+                             "unless the data is the embedded scenes)")
         if self.embedded_scenes and not self.uses_embedded_data:
             raise ValueError("--embedded_scenes sets the embedded scenes, but a data argument (--dataset_name / "
                              "--train_dir) is given; drop one of them.")
@@ -304,6 +324,17 @@ class PretrainingArguments:
     @property
     def crop_range(self) -> tuple[float, float]:
         return parse_range(self.crop_scale, "crop_scale", 1e-6, 1.0)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run logs the held-out loss (``--eval_steps``, or held-out images named)."""
+        return (self.eval_steps is not None or self.validation_dir is not None
+                or self.validation_split_name is not None)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """The held-out loss's batch per device."""
+        return self.per_device_eval_batch_size or self.per_device_train_batch_size
 
     @property
     def clip_grad_norm(self) -> float | None:
@@ -390,6 +421,7 @@ OPERATIONAL_FIELDS = frozenset({
     "cache_dir", "torch_compile", "torch_compile_scope",
     "gradient_checkpointing", "attn_implementation", "online_probe_steps", "online_probe_images",
     "online_probe_label_column", "online_probe_k", "collapse_threshold", "collapse_max_cosine", "skip_nonfinite_steps",
+    "validation_dir", "validation_split_name", "max_eval_samples", "eval_steps", "per_device_eval_batch_size",
 })
 # Options that set the run's length: may grow on resume with --extend_run.
 SCHEDULE_LENGTH_FIELDS = ("max_train_steps", "num_train_epochs")

@@ -35,7 +35,8 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from ..data import LOAD_SECONDS_KEY, BadImageCounter, MaskedBatchCollator, build_pretraining_data
+from ..data import (LOAD_SECONDS_KEY, BadImageCounter, MaskedBatchCollator, build_pretraining_data,
+                    build_validation_data)
 from ..masking import IJepaMaskCollator
 from .arguments import PretrainingArguments, build_config, parse_args
 from .checkpointing import (
@@ -161,6 +162,16 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         # (data.model_inputs); every sample's epoch and mask index travel with its key (SampleKey)
         uint8_images=True, batch_size=args.per_device_train_batch_size, num_processes=accelerator.num_processes,
     )
+    validation = None
+    if args.evaluates:  # the held-out images of eval_loss, read in order with the training crop and masks
+        validation = build_validation_data(
+            image_size=_square(config.encoder_config.image_size), seed=args.seed, crop_scale=args.crop_range,
+            counter=BadImageCounter(), dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+            train_dir=args.train_dir, validation_dir=args.validation_dir,
+            validation_split_name=args.validation_split_name, image_column_name=args.image_column_name,
+            max_eval_samples=args.max_eval_samples, embedded_scene_settings=args.embedded_scene_settings,
+            cache_dir=args.cache_dir, token=args.hub_token, uint8_images=True, batch_size=args.eval_batch_size,
+            num_processes=accelerator.num_processes)
     length = RunLength.of(args, data.num_images, accelerator.num_processes)
     set_seed(args.seed)  # the same init on every rank: seeded right before construction
     model = _build_model(args, config)
@@ -193,7 +204,7 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         folder = _OutputFolder(accelerator, output_dir, lock, outcome[0].run_id)
         with handler as preemption:
             return _train(args, accelerator, folder, outcome[0], ema, preemption, config, model, data, counter,
-                          length)
+                          length, validation)
     finally:
         if lock is not None:
             lock.release()
@@ -254,7 +265,7 @@ class _OutputFolder:
 
 def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _OutputFolder, run: RunFolder,
            ema: EmaMode, preemption: PreemptionHandler, config: Any, model: Any, data: Any,
-           counter: BadImageCounter, length: RunLength) -> PretrainingResult:
+           counter: BadImageCounter, length: RunLength, validation: Any) -> PretrainingResult:
     image_size = _square(config.encoder_config.image_size)
     output_dir = folder.path
 
@@ -338,6 +349,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
     window = LogWindow(accelerator.device, loader_workers=max(1, args.num_workers))
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
     probe = _OnlineProbe.build(args, data, image_size, total_steps, ema)
+    held_out = _HeldOutLoss.build(args, accelerator, config, validation, total_steps)
     final_loss: float | None = None
     bar = tqdm(total=total_steps, initial=progress.completed_steps, desc="pretraining", dynamic_ncols=True,
                disable=args.disable_tqdm or not accelerator.is_local_main_process)
@@ -360,7 +372,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
             progress.batch_in_epoch += 1
             progress.batches_seen += 1
             update = progress.completed_steps + 1
-            is_log_step = update % args.logging_steps == 0 or update == total_steps or probe.due(update)
+            is_log_step = (update % args.logging_steps == 0 or update == total_steps or probe.due(update)
+                           or held_out.due(update))
             out = step_fn(None if batch is None else data.model_inputs(batch), update, want_stats=is_log_step)
             progress.images_seen += out.num_images
             good_batches += out.loss is not None
@@ -376,6 +389,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
                 if row is not None and probe.due(step):
                     row.update(probe.run(model, _unwrap(accelerator, model).target_encoder, accelerator))
                     window.exclude(row["online_probe_seconds"])
+                if row is not None and held_out.due(step):
+                    row.update(held_out.run(model, accelerator))
+                    window.exclude(row["eval_seconds"])
                 if row is not None:
                     final_loss = float(row["loss"])
                     folder.guard(step)
@@ -421,6 +437,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         limits = throughput_summary(read_train_log(log_path), args.num_workers, accelerator.device.type != "cpu")
         if limits:
             logger.info(limits)
+    if held_out.data is not None:
+        held_out.report()
     if probe.seconds:
         logger.info("Online probe: %.1f s of %.1f s of training (%.1f%%), last k-NN accuracy %.3f (raw pixels: %.3f)",
                     probe.seconds, runtime, 100 * probe.seconds / max(runtime, 1e-9), probe.last_accuracy,
@@ -595,6 +613,66 @@ class _OnlineProbe:
         self.last_accuracy = values["online_knn_accuracy"]
         self.pixels_accuracy = values["online_knn_pixels_accuracy"]
         return values
+
+
+class _HeldOutLoss:
+    """``--eval_steps`` / ``--validation_*``: the loss the run minimises, on held-out images
+    (:func:`~ijepa_hf.data.build_validation_data`), every ``every`` updates and at the end. The images are read in
+    order and their crops and masks are picked by their position, so every evaluation sees the same inputs; the
+    training's mask collator, data order and RNG are not touched, so evaluating does not change the training."""
+
+    def __init__(self, data: Any, loader: Any, every: int, total_steps: int) -> None:
+        self.data, self.loader, self.every, self.total_steps = data, loader, every, total_steps
+        self.last: float | None = None
+
+    @classmethod
+    def build(cls, args: PretrainingArguments, accelerator: Accelerator, config: Any, data: Any, total_steps: int
+              ) -> _HeldOutLoss:
+        if data is None:
+            return cls(None, None, 0, total_steps)
+        collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
+                                             process_index=accelerator.process_index)
+        loader = data.dataloader(args.eval_batch_size, MaskedBatchCollator(collator),
+                                 pin_memory=accelerator.device.type == "cuda")
+        every = args.eval_steps or total_steps  # held-out images named without --eval_steps: at the end only
+        logger.info("Held-out loss every %d updates and at the end: %s", every, data.description)
+        return cls(data, accelerator.prepare_data_loader(loader), every, total_steps)
+
+    def due(self, step: int) -> bool:
+        return self.data is not None and (step % self.every == 0 or step == self.total_steps)
+
+    def run(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+        """Every rank takes part: the mean loss over the held-out batches of all ranks (images of an incomplete
+        last batch are left out, as in training)."""
+        started = time.perf_counter()
+        total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+        # Accelerate's loader passes its own iteration count to the sampler and dataset as their epoch, which would
+        # give every evaluation other crops and masks: pinned to epoch 0.
+        self.loader.set_epoch(0)
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in self.loader:
+                    if batch is None:  # no readable image in it
+                        continue
+                    inputs = self.data.model_inputs(batch)
+                    count = inputs["pixel_values"].shape[0]
+                    total += torch.stack([model(**inputs).loss.double() * count,
+                                          torch.tensor(count, dtype=torch.float64, device=total.device)])
+        finally:
+            model.train()
+        loss_sum, count = accelerator.reduce(total, "sum").tolist()
+        if count == 0:
+            raise ValueError(f"no readable image among the held-out images ({self.data.description})")
+        self.last = loss_sum / count
+        return {"eval_loss": self.last, "eval_seconds": time.perf_counter() - started}
+
+    def report(self) -> None:
+        bad = self.data.dataset.counter
+        if bad.count:
+            logger.warning("Skipped %d unreadable held-out image(s): %s", bad.count, bad)
+        if self.last is not None:
+            logger.info("Held-out loss at the end: %.5f (%s)", self.last, self.data.description)
 
 
 def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: torch.nn.Module,

@@ -35,10 +35,17 @@ and mask index to the workers (:class:`~ijepa_hf.data.EpochShuffleSampler` with 
 the device (:func:`~ijepa_hf.data.normalize_images`); ``dataloader_pin_memory``, ``dataloader_prefetch_factor`` and
 ``accelerator_config={"non_blocking": True}`` (set by :func:`official_training_arguments`) keep the copies off the
 step's critical path.
+
+Evaluation (``eval_dataset``, ``evaluate()``) gives the prediction loss on held-out images as ``eval_loss``, a function
+of the weights alone: it draws its masks from a copy of the data collator that starts at batch 0 for every
+evaluation (the training collator's count is left as it was, so evaluating does not change the training), and a
+:class:`~ijepa_hf.data.PretrainImageDataset` is read in order with each image's crop and masks picked by its position
+(:func:`~ijepa_hf.data.build_validation_data` makes one).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -358,7 +365,8 @@ class IJepaTrainer(Trainer):
         if not self.is_world_process_zero():
             return None
         output_dir = Path(self.args.output_dir)
-        rows = [row for row in self.state.log_history if "loss" in row or "online_knn_accuracy" in row]
+        rows = [row for row in self.state.log_history
+                if "loss" in row or "eval_loss" in row or "online_knn_accuracy" in row]
         write_train_log(output_dir / TRAIN_LOG_NAME, rows)
         args, config = self.args, model.config
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
@@ -401,6 +409,31 @@ class IJepaTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return EpochShuffleSampler(len(dataset), self.args.seed, batch_size=self._train_batch_size,
                                    num_processes=self.args.world_size)
+
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        if not self._keyed_samples(eval_dataset):
+            return super()._get_eval_sampler(eval_dataset)
+        return EpochShuffleSampler(len(eval_dataset), self.args.seed, batch_size=self.args.eval_batch_size,
+                                   num_processes=self.args.world_size, shuffle=False)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        """The Trainer's, collated by a copy of the data collator set to batch 0 (see the module docstring)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):  # several named sets: Trainer.evaluate calls back once per set
+            return super().get_eval_dataloader(eval_dataset)
+        if (self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0
+                and not self._keyed_samples(dataset)):
+            logger.warning("IJepaTrainer: dataloader_persistent_workers with an eval_dataset that takes no sample "
+                           "keys: the kept workers' mask counters go on counting, so each evaluation draws other "
+                           "masks (an ijepa_hf PretrainImageDataset, e.g. from build_validation_data, does not).")
+        training_collator = self.data_collator
+        self.data_collator = copy.deepcopy(training_collator)
+        if hasattr(self.data_collator, "set_step"):
+            self.data_collator.set_step(0)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = training_collator
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The Trainer's (onto the device), then ``uint8`` images finished there with the dataset's statistics."""

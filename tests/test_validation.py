@@ -1,0 +1,173 @@
+"""The held-out prediction loss (``eval_loss``): a function of the weights alone, in both training paths."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ijepa_hf.data import EvalTransform, MaskedBatchCollator, ProceduralShapes, build_pretraining_data
+from ijepa_hf.training import IJepaTrainer
+
+from tiny import REPO_ROOT, tiny_trainer_parts, trainer_args
+
+
+def _weights(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _validation_set(kind: str) -> torch.utils.data.Dataset:
+    if kind == "plain":  # a user's own dataset: fixed images, no sample keys (masks from the collator's counter)
+        return ProceduralShapes(12, image_size=32, seed=5, transform=EvalTransform(32, resize_ratio=1.0))
+    # the package's keyed dataset (crops and masks picked by each sample's position)
+    return build_pretraining_data(image_size=32, embedded_num_images=12, embedded_seed=5, shuffle=False,
+                                  uint8_images=True).dataset
+
+
+def _training_set(kind: str) -> torch.utils.data.Dataset:
+    if kind == "plain":  # fixed images: the masks are the run's only randomness
+        return ProceduralShapes(16, image_size=32, transform=EvalTransform(32, resize_ratio=1.0))
+    return build_pretraining_data(image_size=32, embedded_num_images=16, uint8_images=True).dataset
+
+
+@pytest.mark.parametrize("kind", ["plain", "keyed"])
+def test_the_trainers_evaluation_is_a_function_of_the_weights(tmp_path, kind):
+    """Two evaluations of the same weights give the same eval_loss (the masks do not change between them), and
+    evaluating during training leaves the training as it was (it used to take the next masks of the training
+    collator's count)."""
+    model, collator, _ = tiny_trainer_parts()
+    plain_run = IJepaTrainer(model=model, args=trainer_args(tmp_path / "a", dataloader_drop_last=True),
+                             train_dataset=_training_set(kind), data_collator=MaskedBatchCollator(collator))
+    plain_run.train()
+    untouched = _weights(model)
+
+    model, collator, _ = tiny_trainer_parts()
+    args = trainer_args(tmp_path / "b", eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+                        dataloader_drop_last=True)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=_training_set(kind),
+                           eval_dataset=_validation_set(kind), data_collator=MaskedBatchCollator(collator))
+    trainer.train()
+    assert torch.equal(_weights(model), untouched)
+    first, second = trainer.evaluate()["eval_loss"], trainer.evaluate()["eval_loss"]
+    assert first == second
+    assert [row["step"] for row in trainer.state.log_history if "eval_loss" in row][:2] == [2, 4]
+
+
+def _run_example(script: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script), *argv],
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_evaluation_without_held_out_images_is_refused(tmp_path):
+    """--do_eval / --eval_strategy on an image folder with no held-out images named: refused, naming the fix
+    (--do_eval used to be accepted with nothing evaluated); held-out images named with nothing to evaluate them:
+    refused too."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 90, 30)).save(folder / f"{i}.png")
+    for flags, message in (
+            (["--do_eval"], "needs images the run does not train on: name a folder with --validation_dir"),
+            (["--eval_strategy", "steps", "--eval_steps", "2"], "or a split of --dataset_name with --validation_split_name"),
+            (["--validation_dir", str(folder)], "but nothing evaluates them: add --eval_strategy steps")):
+        proc = _run_example("pretrain_trainer.py", "--train_dir", str(folder), "--output_dir", str(tmp_path / "out"),
+                            "--max_steps", "2", "--use_cpu", "--report_to", "none", *flags)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert message in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flags, steps", [(["--eval_strategy", "steps", "--eval_steps", "2"], [2, 4]),
+                                          (["--do_eval"], [4])])
+def test_the_trainer_example_logs_the_held_out_loss(tmp_path, flags, steps):
+    out = tmp_path / "run"
+    proc = _run_example("pretrain_trainer.py", "--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1",
+                        "--use_cpu", "--report_to", "none", "--embedded_num_images", "64", "--online_probe_steps",
+                        "0", "--max_eval_samples", "32", *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "embedded held-out scenes, generator seed 3, 32 images" in proc.stderr
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == steps
+    assert all(0 < row["eval_loss"] < 10 for row in evaluated)
+    # --eval_strategy sets do_eval: the end's result is the last evaluation's, not a second one of the same step
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_loss"] == evaluated[-1]["eval_loss"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretrain() (the Accelerate loop)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pretrain_logs_the_held_out_loss_without_changing_the_training(straight_run, tmp_path):
+    """eval_loss every --eval_steps and at the end; the trained weights are bitwise those of the same run without
+    it, and a run resumed from step 4 logs the same held-out losses as the uninterrupted one."""
+    from tiny import assert_same_weights, read_log, run
+
+    evaluated = tmp_path / "evaluated"
+    result = run(evaluated, "--checkpointing_steps", "4", "--eval_steps", "3", "--max_eval_samples", "16")
+    assert result.global_step == 8
+    assert_same_weights(straight_run, evaluated)
+    losses = {row["step"]: row["eval_loss"] for row in read_log(evaluated) if "eval_loss" in row}
+    assert sorted(losses) == [3, 6, 8] and all(math.isfinite(v) and v > 0 for v in losses.values())
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(evaluated / "step_4", resumed / "step_4")
+    run(resumed, "--checkpointing_steps", "4", "--eval_steps", "3", "--max_eval_samples", "16",
+        "--resume_from_checkpoint", "latest")
+    assert {row["step"]: row["eval_loss"] for row in read_log(resumed) if "eval_loss" in row} == {
+        6: losses[6], 8: losses[8]}
+
+
+def _folder(root, count: int = 6):
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (40, 40), (40 * i, 90, 200 - 30 * i)).save(root / f"{i}.png")
+    return root
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pretrain_on_a_folder_evaluates_the_named_held_out_folder(tmp_path):
+    from tiny import read_log, run
+
+    train, held_out = _folder(tmp_path / "train", 16), _folder(tmp_path / "held_out", 8)
+    out = tmp_path / "out"
+    run(out, "--train_dir", str(train), "--validation_dir", str(held_out), images=16, batch=4, steps=4)
+    rows = [row for row in read_log(out) if "eval_loss" in row]
+    assert [row["step"] for row in rows] == [4]  # held-out images named without --eval_steps: at the end only
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--eval_steps", "2"], "--validation_dir, or a split of --dataset_name with --validation_split_name"),
+    (["--validation_split_name", "test"], "names a split of --dataset_name, but no --dataset_name is given"),
+    (["--max_eval_samples", "4"], "does not compute: add --eval_steps"),
+])
+def test_held_out_options_that_cannot_be_honoured_are_refused_before_anything_is_written(tmp_path, extra, match):
+    from ijepa_hf.training import parse_args, pretrain
+    from tiny import tiny_argv
+
+    train = _folder(tmp_path / "train", 8)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        pretrain(parse_args(tiny_argv(out, "--train_dir", str(train), *extra, images=8, batch=4, steps=2)))
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_held_out_images_fewer_than_one_batch_are_refused(tmp_path):
+    from tiny import run
+
+    with pytest.raises(ValueError, match="fewer than one evaluation batch of 8"):
+        run(tmp_path / "out", "--eval_steps", "2", "--max_eval_samples", "5")
