@@ -171,3 +171,18 @@ def test_held_out_images_fewer_than_one_batch_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="fewer than one evaluation batch of 8"):
         run(tmp_path / "out", "--eval_steps", "2", "--max_eval_samples", "5")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_held_out_loss_reaches_tensorboard_under_eval(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tiny import run
+
+    out = tmp_path / "run"
+    run(out, "--with_tracking", "--eval_steps", "2", "--max_eval_samples", "8", steps=4)
+    tags = set()
+    for events in out.rglob("events.out.tfevents*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"eval/loss", "eval/seconds", "train/loss"} <= tags and "train/eval_loss" not in tags

@@ -55,6 +55,7 @@ from .distributed import (
 )
 from .export import push_output_dir, save_final_model, training_summary
 from .metrics import (
+    HELD_OUT_KEYS,
     TRAIN_LOG_NAME,
     CollapseMonitor,
     LogWindow,
@@ -732,6 +733,8 @@ def _tracker_config(args: PretrainingArguments, extra: dict[str, Any]) -> dict[s
 def _log_row(accelerator: Any, args: PretrainingArguments, log_path: Path, row: dict[str, Any], bar: Any) -> None:
     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
     if args.with_tracking:
-        accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step" and v == v}, step=row["step"])
+        # the held-out loss under eval/, as transformers' Trainer names it
+        accelerator.log({(f"eval/{k[len('eval_'):]}" if k in HELD_OUT_KEYS else f"train/{k}"): v
+                         for k, v in row.items() if k != "step" and v == v}, step=row["step"])
     if accelerator.is_main_process:
         append_train_log(log_path, row)

@@ -31,6 +31,7 @@ __all__ = [
     "LOADER_KEYS",
     "LOG_KEYS",
     "ONLINE_PROBE_KEYS",
+    "HELD_OUT_KEYS",
     "collapse_statistics",
     "effective_rank",
     "online_probe",
@@ -75,6 +76,9 @@ LOADER_KEYS = ("data_wait_fraction", "loader_images_per_s")
 # online_probe_seconds: what the probe cost (in rows that have one); online_knn_pixels_accuracy: the same k-NN on the
 # probe set's raw pixels, the reference the encoder's accuracy is read against (constant over a run).
 ONLINE_PROBE_KEYS = ("online_knn_accuracy", "online_rankme", "online_probe_seconds", "online_knn_pixels_accuracy")
+# eval_loss: the loss the run minimises, on held-out images (``--eval_steps`` / ``--validation_*``; the same crops and
+# masks at every evaluation); eval_seconds: what the evaluation cost (in rows that have one).
+HELD_OUT_KEYS = ("eval_loss", "eval_seconds")
 # The raw-pixel reference of a probe set, computed once per (pixel tensor, k): id(tensor) -> (a weak reference to
 # it, {k: accuracy}); tensors compare elementwise, so they cannot be dictionary keys themselves.
 _PIXEL_REFERENCE: dict[int, tuple[weakref.ref, dict[int, float]]] = {}
