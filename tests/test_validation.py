@@ -186,3 +186,19 @@ def test_the_held_out_loss_reaches_tensorboard_under_eval(tmp_path):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"eval/loss", "eval/seconds", "train/loss"} <= tags and "train/eval_loss" not in tags
+
+
+def test_the_held_out_split_of_a_dataset_is_read_in_order_and_named(tmp_path):
+    from ijepa_hf.data import build_validation_data
+
+    root = tmp_path / "data"
+    _folder(root / "train", 8)
+    _folder(root / "validation", 5)
+    data = build_validation_data(image_size=32, dataset_name=str(root), validation_split_name="validation",
+                                 batch_size=2)
+    assert data.num_images == 5 and data.description == f"{root}, split 'validation' (5 images)"
+    assert [key.index for key in data.sampler] == [0, 1, 2, 3, 4]  # in order, epoch after epoch
+    data.sampler.set_epoch(3)
+    assert [key.index for key in data.sampler] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="Unknown split"):
+        build_validation_data(image_size=32, dataset_name=str(root), validation_split_name="valid")

@@ -5,6 +5,7 @@ Pretraining pipeline (:func:`build_pretraining_data`): :class:`EpochShuffleSampl
 sample) -> :class:`PretrainImageDataset` (file -> :func:`load_image`, bad files -> ``None``, counted ->
 :class:`PretrainTransform`, ``[3, S, S]``, ``uint8`` or float) -> :class:`MaskedBatchCollator` (drops ``None``
 rows, attaches the masks) -> on the device :meth:`PretrainingData.model_inputs` (:func:`normalize_images`).
+:func:`build_validation_data` gives the held-out images of a run's ``eval_loss`` through the same pipeline, in order.
 """
 
 from .fashion_mnist import (

@@ -422,6 +422,8 @@ def build_pretraining_data(
     )
     name = dataset_name if dataset_name not in (None, "imagefolder") else None
     description = name or f"image folder {train_dir}"
+    if name is not None and dataset_split != "train":  # e.g. the held-out split of build_validation_data
+        description += f", split {dataset_split!r}"
     if streaming:
         if shuffle_buffer_size > 0:
             source = source.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
