@@ -119,6 +119,7 @@ def test_pretrain_logs_the_held_out_loss_without_changing_the_training(straight_
     assert_same_weights(straight_run, evaluated)
     losses = {row["step"]: row["eval_loss"] for row in read_log(evaluated) if "eval_loss" in row}
     assert sorted(losses) == [3, 6, 8] and all(math.isfinite(v) and v > 0 for v in losses.values())
+    assert result.eval_loss == losses[8]
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()

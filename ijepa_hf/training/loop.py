@@ -97,6 +97,8 @@ class PretrainingResult:
     # Seconds spent in the online probe (inside train_runtime_s) and its last k-NN accuracy (None: no probe ran).
     online_probe_s: float = 0.0
     online_knn_accuracy: float | None = None
+    # The loss on the held-out images at the end (None: no held-out loss asked for).
+    eval_loss: float | None = None
     # The trained (unwrapped) model, for in-process use, e.g. checks in a notebook; not part of to_dict().
     model: Any = field(default=None, repr=False, compare=False)
 
@@ -471,7 +473,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         output_dir=str(output_dir), encoder_dir=str(encoder_dir), log_file=str(log_path), bad_images=bad,
         images_per_s=images_per_s, train_runtime_s=runtime,
         resumed_from=None if run.resume_from is None else str(run.resume_from), hub_url=hub_url,
-        online_probe_s=probe.seconds, online_knn_accuracy=probe.last_accuracy, model=_unwrap(accelerator, model),
+        online_probe_s=probe.seconds, online_knn_accuracy=probe.last_accuracy, eval_loss=held_out.last,
+        model=_unwrap(accelerator, model),
     )
 
 
