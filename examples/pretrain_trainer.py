@@ -218,10 +218,11 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     if preemption.preempted is not None:
         logger.warning("%s", preemption.preempted)
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    if training_args.do_eval:  # once at the end, unless --eval_strategy has just evaluated the last step
+    if training_args.do_eval:  # once at the end, unless --eval_strategy has just evaluated these weights
         evaluated = [row for row in trainer.state.log_history if "eval_loss" in row]
-        metrics = (evaluated[-1] if evaluated and evaluated[-1]["step"] == trainer.state.global_step
-                   else trainer.evaluate())
+        current = (evaluated and evaluated[-1]["step"] == trainer.state.global_step
+                   and not training_args.load_best_model_at_end)  # the best checkpoint's weights were loaded
+        metrics = evaluated[-1] if current else trainer.evaluate()
         metrics = {name: value for name, value in metrics.items() if name.startswith("eval_")}
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
