@@ -203,3 +203,22 @@ def test_the_held_out_split_of_a_dataset_is_read_in_order_and_named(tmp_path):
     assert [key.index for key in data.sampler] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="Unknown split"):
         build_validation_data(image_size=32, dataset_name=str(root), validation_split_name="valid")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unreadable_held_out_images_do_not_stop_the_run(tmp_path, caplog):
+    """A held-out folder whose files cannot be read (a broken copy, a lost mount) is named in a warning at each
+    evaluation and at the end; the run goes on and finishes, its rows without eval_loss."""
+    from tiny import read_log, run
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for i in range(4):
+        (held_out / f"{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        result = run(out, "--validation_dir", str(held_out), "--eval_steps", "2", "--per_device_eval_batch_size", "2",
+                     steps=4)
+    assert result.global_step == 4 and result.eval_loss is None
+    assert not any("eval_loss" in row for row in read_log(out))
+    assert "No readable image among the held-out images" in caplog.text and str(held_out) in caplog.text

@@ -647,7 +647,8 @@ class _HeldOutLoss:
 
     def run(self, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
         """Every rank takes part: the mean loss over the held-out batches of all ranks (images of an incomplete
-        last batch are left out, as in training)."""
+        last batch are left out, as in training). Unreadable images are skipped and counted; with none readable the
+        row has no ``eval_loss`` and a warning says why."""
         started = time.perf_counter()
         total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
         # Accelerate's loader passes its own iteration count to the sampler and dataset as their epoch, which would
@@ -666,15 +667,18 @@ class _HeldOutLoss:
         finally:
             model.train()
         loss_sum, count = accelerator.reduce(total, "sum").tolist()
-        if count == 0:
-            raise ValueError(f"no readable image among the held-out images ({self.data.description})")
+        if count == 0:  # a broken copy or a lost mount: said, but a long run is not stopped for its yardstick
+            logger.warning("No readable image among the held-out images (%s): no eval_loss this time; the unreadable "
+                           "files are named above.", self.data.description)
+            self.last = None
+            return {"eval_seconds": time.perf_counter() - started}
         self.last = loss_sum / count
         return {"eval_loss": self.last, "eval_seconds": time.perf_counter() - started}
 
     def report(self) -> None:
         bad = self.data.dataset.counter
         if bad.count:
-            logger.warning("Skipped %d unreadable held-out image(s): %s", bad.count, bad)
+            logger.warning("Skipped %d unreadable held-out image(s) over the evaluations: %s", bad.count, bad)
         if self.last is not None:
             logger.info("Held-out loss at the end: %.5f (%s)", self.last, self.data.description)
 
