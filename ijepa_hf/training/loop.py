@@ -69,7 +69,7 @@ from .preemption import PreemptionHandler, TrainingPreempted, ignore_signals, pa
 from .recipes import predictor_size_note
 from .resume import Progress, loop_state, resume_run
 from .schedules import PretrainingSchedule
-from .step import NonFiniteLossError, PretrainingStep, weights_are_finite
+from .step import NonFiniteLossError, PretrainingStep, dummy_batch_factory, weights_are_finite
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
 
     # ---- train
     step_fn = PretrainingStep(accelerator, model, optimizer, schedule, max_grad_norm=args.clip_grad_norm,
-                              dummy_batch=_dummy_batch_factory(mask_collator, config, accelerator.device),
+                              dummy_batch=dummy_batch_factory(mask_collator, config, accelerator.device),
                               skip_nonfinite_steps=args.skip_nonfinite_steps, ema_mode=ema)
     window = LogWindow(accelerator.device, loader_workers=max(1, args.num_workers))
     monitor = CollapseMonitor(min_std=args.collapse_threshold, max_cosine=args.collapse_max_cosine)
@@ -708,20 +708,6 @@ def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: 
     logger.info("--attn_implementation auto: %s (forward + backward of one batch here: %s; pass "
                 "--attn_implementation %s to pin it)", choice,
                 ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()), choice)
-
-
-def _dummy_batch_factory(mask_collator: IJepaMaskCollator, config: Any, device: torch.device) -> Any:
-    cache: dict[str, torch.Tensor] = {}
-
-    def make() -> dict[str, torch.Tensor]:
-        if not cache:
-            masks = mask_collator.sample_batch(1, batch_index=0)  # the keys of a real batch (context_lengths too)
-            height, width = mask_collator.image_size
-            pixels = torch.zeros(1, config.encoder_config.num_channels, height, width)
-            cache.update({k: v.to(device) for k, v in {"pixel_values": pixels, **masks}.items()})
-        return cache
-
-    return make
 
 
 def _require_good_batches(accelerator: Any, good_batches: int, description: str, counter: BadImageCounter) -> None:

@@ -28,7 +28,7 @@ from .distributed import EmaMode, update_target_encoder
 from .metrics import REGULARIZER_KEYS, collapse_statistics
 from .schedules import PretrainingSchedule
 
-__all__ = ["PretrainingStep", "StepOutput", "NonFiniteLossError", "weights_are_finite"]
+__all__ = ["PretrainingStep", "StepOutput", "NonFiniteLossError", "weights_are_finite", "dummy_batch_factory"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,6 +61,26 @@ def _local_data(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to_local()
     partition = getattr(tensor, "ds_tensor", None)
     return partition if partition is not None else tensor
+
+
+def dummy_batch_factory(mask_collator: Any, config: Any, device: torch.device | str | None = None
+                        ) -> Callable[[], dict[str, torch.Tensor]]:
+    """Makes (once, then hands out again) a one-image batch of zeros with masks of ``mask_collator``'s geometry,
+    for a micro-batch whose images were all unreadable: forward and backward run on it with the loss multiplied by 0,
+    so data-parallel ranks keep issuing the same collectives. ``device``: where the tensors go (``None``: left on the
+    CPU, for a caller that moves batches itself)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def make() -> dict[str, torch.Tensor]:
+        if not cache:
+            masks = mask_collator.sample_batch(1, batch_index=0)  # the keys of a real batch (context_lengths too)
+            height, width = mask_collator.image_size
+            pixels = torch.zeros(1, config.encoder_config.num_channels, height, width)
+            batch = {"pixel_values": pixels, **masks}
+            cache.update({k: v if device is None else v.to(device) for k, v in batch.items()})
+        return cache
+
+    return make
 
 
 @dataclass

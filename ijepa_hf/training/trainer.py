@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from ..data import (IMAGENET_MEAN, IMAGENET_STD, LOAD_SECONDS_KEY, EpochShuffleSampler, PretrainImageDataset,
@@ -69,6 +70,7 @@ from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
 from .schedules import PretrainingSchedule
+from .step import dummy_batch_factory
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ __all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallba
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _COSINE_KWARGS = ("start_lr", "final_lr")
 OFFICIAL_FINAL_WEIGHT_DECAY = 0.4
+# Marks the batch that stands in for one of no readable image (IJepaTrainer._stand_in).
+_UNREADABLE_BATCH = "unreadable_batch"
 
 
 def _unwrap(model: Any) -> Any:
@@ -325,6 +329,8 @@ class IJepaTrainer(Trainer):
     def __init__(self, *args: Any, final_weight_decay: float | None = None,
                  ema_momentum: Sequence[float] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
+        self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
@@ -455,11 +461,61 @@ class IJepaTrainer(Trainer):
             return processor.image_mean, processor.image_std
         return IMAGENET_MEAN, IMAGENET_STD
 
+    def _stand_in(self) -> dict[str, Any]:
+        """The batch that replaces one whose images were all unreadable (the collator gives ``None`` for it): a
+        one-image batch of zeros with the run's mask geometry (:func:`~ijepa_hf.training.step.dummy_batch_factory`),
+        marked so that :meth:`compute_loss` weighs it 0 in training and leaves it out of evaluation."""
+        if self._dummy_batch is None:
+            collator = getattr(self.data_collator, "mask_collator", self.data_collator)
+            if not hasattr(collator, "sample_batch"):
+                raise ValueError("IJepaTrainer: a batch without a readable image came from a data_collator without "
+                                 "masks to stand in for it; use ijepa_hf.data.MaskedBatchCollator(IJepaMaskCollator)")
+            self._dummy_batch = dummy_batch_factory(collator, _unwrap(self.model).config)
+        return {**self._dummy_batch(), _UNREADABLE_BATCH: True}
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        """The Trainer's, with a training batch of no readable image replaced by :meth:`_stand_in`: a zero-weight
+        update keeps the run (and data-parallel ranks) going, as the Accelerate loop's step does. A whole epoch's
+        worth of such batches before any readable one stops the run, naming the data, as the loop does."""
+        def readable() -> Any:
+            for batch in epoch_iterator:
+                if batch is not None:
+                    self._batch_counts[0] += 1
+                    yield batch
+                    continue
+                self._batch_counts[1] += 1
+                dataset = self.train_dataset
+                per_epoch = (len(dataset) // max(1, self._train_batch_size * self.args.world_size)
+                             if has_length(dataset) else None)
+                if self._batch_counts[0] == 0 and per_epoch is not None and self._batch_counts[1] >= per_epoch:
+                    raise RuntimeError(f"the training data ({type(dataset).__name__} of {len(dataset)} rows) yielded "
+                                       f"no readable image in a whole epoch ({self._batch_counts[1]} batches): check "
+                                       "the data and its image column")
+                yield self._stand_in()
+
+        return super().get_batch_samples(readable(), num_batches, device)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any] | None, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> Any:
+        """The Trainer's, with a held-out batch of no readable image replaced by :meth:`_stand_in`."""
+        return super().prediction_step(model, self._stand_in() if inputs is None else inputs, prediction_loss_only,
+                                       ignore_keys=ignore_keys)
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """The model's loss; a regularised model's terms (`REGULARIZER_KEYS`) are kept on the device for the next
-        log row."""
+        log row. A stand-in batch (:meth:`_stand_in`) weighs 0 in training; in evaluation its loss is NaN, which the
+        Trainer leaves out of ``eval_loss`` (``logging_nan_inf_filter``, on by default), so the batch is skipped as the
+        Accelerate loop skips it (with the filter off, ``eval_loss`` is NaN)."""
+        stand_in = inputs.pop(_UNREADABLE_BATCH, False)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if stand_in:
+            if not model.training:
+                logger.warning("IJepaTrainer: a held-out batch had no readable image (the files are named above): "
+                               "left out of this evaluation's eval_loss%s", "" if self.args.logging_nan_inf_filter
+                               else ", which is NaN with logging_nan_inf_filter=False")
+            loss = loss * (0.0 if model.training else float("nan"))
+            return (loss, outputs) if return_outputs else loss
         if model.training and isinstance(outputs, dict) and outputs.get("prediction_loss") is not None:
             terms = regularizer_vector(outputs)
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
