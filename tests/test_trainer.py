@@ -180,3 +180,23 @@ def test_pretrain_trainer_example_publishes_what_pretrain_publishes_and_resumes_
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["global_step"] == 6
     assert {name: (out / name).stat().st_mtime_ns for name in written} == written
+
+
+def test_a_non_finite_loss_stops_the_trainer_and_nothing_non_finite_is_saved(tmp_path):
+    """IJepaTrainer used to train on into NaN weights: Trainer's logging_nan_inf_filter hid the NaN losses (the log
+    said 0.0) and the model was saved NaN. It now stops at the next log row, naming the step, as the Accelerate loop
+    does, and writes no checkpoint with non-finite weights."""
+    from safetensors.torch import load_file
+
+    from ijepa_hf.training import NonFiniteLossError
+
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, learning_rate=1e6, lr_scheduler_type="constant", max_steps=6, logging_steps=2,
+                        save_strategy="steps", save_steps=1)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite \(NaN/inf\) at step 2 "):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    for checkpoint in (tmp_path / "trainer").glob("checkpoint-*"):
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint.name

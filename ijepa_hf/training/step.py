@@ -34,14 +34,14 @@ __all__ = ["PretrainingStep", "StepOutput", "NonFiniteLossError", "weights_are_f
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients of an update were NaN or infinite."""
 
-    def __init__(self, update: int, lr: float, detail: str = "") -> None:
+    def __init__(self, update: int, lr: float, detail: str = "", *, can_skip: bool = True) -> None:
         self.update = update
         super().__init__(
             f"The loss or the gradients became non-finite (NaN/inf) at step {update} (learning rate {lr:.3g}){detail}."
             " Likely cause: a learning rate too high for this model and batch size (lower --learning_rate, "
             "lengthen the warm-up or set --max_grad_norm), fp16 overflow (use bf16), or corrupt input. Nothing "
-            "after the last finite checkpoint was saved; resume from it with --resume_from_checkpoint latest, "
-            "or allow a few bad steps with --skip_nonfinite_steps N."
+            "after the last finite checkpoint was saved; resume from it with --resume_from_checkpoint latest"
+            + (", or allow a few bad steps with --skip_nonfinite_steps N." if can_skip else ".")
         )
 
 

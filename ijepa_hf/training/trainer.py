@@ -70,7 +70,7 @@ from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
 from .schedules import PretrainingSchedule
-from .step import dummy_batch_factory
+from .step import NonFiniteLossError, dummy_batch_factory, weights_are_finite
 
 logger = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ class IJepaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
+        self._first_nonfinite = torch.zeros((), dtype=torch.long)  # first update with a non-finite loss (0: none)
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
@@ -509,6 +510,10 @@ class IJepaTrainer(Trainer):
         Accelerate loop skips it (with the filter off, ``eval_loss`` is NaN)."""
         stand_in = inputs.pop(_UNREADABLE_BATCH, False)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:  # on the device: read at log rows and saves (_check_finite), no sync per step
+            first = self._first_nonfinite.to(loss.device)
+            self._first_nonfinite = torch.where((first == 0) & ~torch.isfinite(loss.detach()),
+                                                self.state.global_step + 1, first)
         if stand_in:
             if not model.training:
                 logger.warning("IJepaTrainer: a held-out batch had no readable image (the files are named above): "
@@ -530,10 +535,33 @@ class IJepaTrainer(Trainer):
         self._term_sums, self._term_count = None, 0
         return {k: v for k, v in zip(REGULARIZER_KEYS, means) if not math.isnan(v)}
 
+    def _check_finite(self, weights: bool = False) -> None:
+        """Raise :class:`~ijepa_hf.training.NonFiniteLossError` naming the first update with a non-finite loss on any
+        process (recorded on the device by :meth:`compute_loss`, read here: at log rows and saves, as the Accelerate
+        loop does); ``weights``: the model's weights must be finite too. Every process calls it."""
+        flags = torch.stack([self._first_nonfinite.to(self.args.device),
+                             torch.tensor(0 if not weights or weights_are_finite(self.model) else 1,
+                                          device=self.args.device)])
+        first, bad_weights = (int(v) for v in self.accelerator.reduce(flags, "max").tolist())
+        if first or bad_weights:
+            step = first or self.state.global_step
+            lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+            raise NonFiniteLossError(step, lr, "" if first else ": the weights are no longer finite",
+                                     can_skip=False)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        self._check_finite(weights=True)  # never a checkpoint of non-finite weights
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._check_finite(weights=True)  # the final model too: never saved non-finite
+        super().save_model(output_dir, _internal_call)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's log, with the regulariser's terms (if the model has one on) and the values of an
         :class:`OnlineProbeCallback` that ran since the last one."""
         if "loss" in logs:
+            self._check_finite()  # Trainer's logging_nan_inf_filter would show a NaN loss as a finite one
             logs.update(self._pop_regularizer_terms())
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, OnlineProbeCallback):
