@@ -200,3 +200,20 @@ def test_a_non_finite_loss_stops_the_trainer_and_nothing_non_finite_is_saved(tmp
     for checkpoint in (tmp_path / "trainer").glob("checkpoint-*"):
         weights = load_file(checkpoint / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values()), checkpoint.name
+
+
+def test_the_trainer_logs_the_collapse_signals_and_warns_as_the_loop_does(tmp_path, caplog):
+    from ijepa_hf.training.metrics import COLLAPSE_KEYS, CollapseMonitor
+
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, logging_steps=2), train_dataset=data,
+                           data_collator=collator)
+    trainer._collapse_monitor = CollapseMonitor(max_cosine=-1.0)  # any batch counts as collapsed
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 4]
+    for row in rows:
+        assert set(COLLAPSE_KEYS) <= row.keys()
+        assert row["target_std"] > 0 and -1.0 <= row["target_cosine"] < 1.0 and 1.0 <= row["target_rankme"] <= 4
+    assert "Possible representation collapse at step 2" in caplog.text

@@ -65,7 +65,8 @@ from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
 from .export import batch_summary, mask_summary, write_encoder_and_cards
-from .metrics import REGULARIZER_KEYS, TRAIN_LOG_NAME, online_probe, regularizer_vector, write_train_log
+from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseMonitor, collapse_statistics,
+                      online_probe, regularizer_vector, write_train_log)
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
@@ -332,6 +333,8 @@ class IJepaTrainer(Trainer):
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._first_nonfinite = torch.zeros((), dtype=torch.long)  # first update with a non-finite loss (0: none)
+        self._collapse_stats: torch.Tensor | None = None  # COLLAPSE_KEYS of the last log step's batch
+        self._collapse_monitor = CollapseMonitor()
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
@@ -521,6 +524,9 @@ class IJepaTrainer(Trainer):
                                else ", which is NaN with logging_nan_inf_filter=False")
             loss = loss * (0.0 if model.training else float("nan"))
             return (loss, outputs) if return_outputs else loss
+        if model.training and self._logs_next_update():  # the loop's collapse signals, on log steps only
+            self._collapse_stats = torch.tensor([collapse_statistics(outputs)[k] for k in COLLAPSE_KEYS],
+                                                device=self.args.device)
         if model.training and isinstance(outputs, dict) and outputs.get("prediction_loss") is not None:
             terms = regularizer_vector(outputs)
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
@@ -534,6 +540,23 @@ class IJepaTrainer(Trainer):
         means = self.accelerator.reduce(self._term_sums / self._term_count, "mean").tolist()
         self._term_sums, self._term_count = None, 0
         return {k: v for k, v in zip(REGULARIZER_KEYS, means) if not math.isnan(v)}
+
+    def _logs_next_update(self) -> bool:
+        """Whether the update being computed ends in a log row (``logging_strategy="steps"``)."""
+        strategy = getattr(self.args.logging_strategy, "value", self.args.logging_strategy)
+        update = self.state.global_step + 1
+        steps = self.args.logging_steps
+        if steps < 1:  # a fraction of the run, as Trainer reads it
+            steps = max(1, math.ceil(self.state.max_steps * steps))
+        return strategy == "steps" and (update % int(steps) == 0 or (update == 1 and self.args.logging_first_step))
+
+    def _pop_collapse_statistics(self) -> dict[str, float]:
+        """The collapse signals of the last log step's batch, averaged over processes (NaN where undefined)."""
+        if self._collapse_stats is None:
+            return {}
+        values = self.accelerator.reduce(self._collapse_stats, "mean").tolist()
+        self._collapse_stats = None
+        return dict(zip(COLLAPSE_KEYS, values))
 
     def _check_finite(self, weights: bool = False) -> None:
         """Raise :class:`~ijepa_hf.training.NonFiniteLossError` naming the first update with a non-finite loss on any
@@ -563,6 +586,8 @@ class IJepaTrainer(Trainer):
         if "loss" in logs:
             self._check_finite()  # Trainer's logging_nan_inf_filter would show a NaN loss as a finite one
             logs.update(self._pop_regularizer_terms())
+            logs.update(self._pop_collapse_statistics())
+            self._collapse_monitor.check({"step": self.state.global_step, **logs})
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, OnlineProbeCallback):
                 logs.update(callback.pop())
