@@ -216,4 +216,5 @@ def test_the_trainer_logs_the_collapse_signals_and_warns_as_the_loop_does(tmp_pa
     for row in rows:
         assert set(COLLAPSE_KEYS) <= row.keys()
         assert row["target_std"] > 0 and -1.0 <= row["target_cosine"] < 1.0 and 1.0 <= row["target_rankme"] <= 4
+        assert row["weight_decay"] == pytest.approx(trainer.args.weight_decay) and 0.996 <= row["momentum"] < 1.0
     assert "Possible representation collapse at step 2" in caplog.text

@@ -550,6 +550,17 @@ class IJepaTrainer(Trainer):
             steps = max(1, math.ceil(self.state.max_steps * steps))
         return strategy == "steps" and (update % int(steps) == 0 or (update == 1 and self.args.logging_first_step))
 
+    def _schedule_values(self) -> dict[str, float]:
+        """The loop's schedule keys beside Trainer's ``learning_rate``: the decay groups' weight decay and the EMA
+        momentum of the last update."""
+        values = {}
+        if self.optimizer is not None:
+            values["weight_decay"] = max(group["weight_decay"] for group in self.optimizer.param_groups)
+        ema = next((c for c in self.callback_handler.callbacks if isinstance(c, EMACallback)), None)
+        if ema is not None and ema.last_momentum is not None:
+            values["momentum"] = ema.last_momentum
+        return values
+
     def _pop_collapse_statistics(self) -> dict[str, float]:
         """The collapse signals of the last log step's batch, averaged over processes (NaN where undefined)."""
         if self._collapse_stats is None:
@@ -587,6 +598,7 @@ class IJepaTrainer(Trainer):
             self._check_finite()  # Trainer's logging_nan_inf_filter would show a NaN loss as a finite one
             logs.update(self._pop_regularizer_terms())
             logs.update(self._pop_collapse_statistics())
+            logs.update(self._schedule_values())
             self._collapse_monitor.check({"step": self.state.global_step, **logs})
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, OnlineProbeCallback):
