@@ -270,3 +270,13 @@ def test_the_trainer_stops_when_a_whole_epoch_had_no_readable_image(tmp_path):
     with pytest.raises(RuntimeError, match="no readable image in a whole epoch"):
         trainer.train()
     assert trainer.state.global_step < 4
+
+
+def test_named_held_out_sets_are_each_evaluated_alike(tmp_path):
+    model, collator, _ = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, per_device_eval_batch_size=4,
+                                                          dataloader_drop_last=True),
+                           eval_dataset={"a": _validation_set("keyed"), "b": _validation_set("keyed")},
+                           data_collator=MaskedBatchCollator(collator))
+    metrics = trainer.evaluate()
+    assert metrics["eval_a_loss"] == metrics["eval_b_loss"] == trainer.evaluate()["eval_a_loss"]

@@ -429,8 +429,8 @@ class IJepaTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
         """The Trainer's, collated by a copy of the data collator set to batch 0 (see the module docstring)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):  # several named sets: Trainer.evaluate calls back once per set
-            return super().get_eval_dataloader(eval_dataset)
+        if isinstance(dataset, str):  # one of several named sets (Trainer.evaluate calls back once per name)
+            dataset = self.eval_dataset[dataset]
         if (self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0
                 and not self._keyed_samples(dataset)):
             logger.warning("IJepaTrainer: dataloader_persistent_workers with an eval_dataset that takes no sample "
