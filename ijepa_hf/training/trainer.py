@@ -41,6 +41,11 @@ of the weights alone: it draws its masks from a copy of the data collator that s
 evaluation (the training collator's count is left as it was, so evaluating does not change the training), and a
 :class:`~ijepa_hf.data.PretrainImageDataset` is read in order with each image's crop and masks picked by its position
 (:func:`~ijepa_hf.data.build_validation_data` makes one).
+
+As in the Accelerate loop: a non-finite loss stops the run at the next log row or save with
+:class:`~ijepa_hf.training.NonFiniteLossError`, naming the update, and non-finite weights are never saved; a batch
+with no readable image is a zero-weight stand-in; log rows carry the collapse signals, the weight decay and the EMA
+momentum.
 """
 
 from __future__ import annotations
