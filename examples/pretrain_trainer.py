@@ -114,6 +114,10 @@ class ScriptArguments:
         "Label column of the online probe (default 'label': image folders with class sub-folders, datasets with a "
         "label column, the embedded scenes' largest shape); integer ids or class names.")})
     online_probe_k: int = field(default=20, metadata={"help": "Neighbours of the online k-NN."})
+    collapse_threshold: float = field(default=0.01, metadata={"help": (
+        "Collapse warning when the batch std of the pooled, normalised target features falls below this.")})
+    collapse_max_cosine: float = field(default=0.999, metadata={"help": (
+        "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this.")})
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         eval_dataset=None if validation is None else validation.dataset,
         processing_class=make_image_processor(config.encoder_config),
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
+        collapse_threshold=script_args.collapse_threshold, collapse_max_cosine=script_args.collapse_max_cosine,
     )
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args.resume_from_checkpoint,
                                                                    training_args.output_dir))

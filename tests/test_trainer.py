@@ -203,12 +203,11 @@ def test_a_non_finite_loss_stops_the_trainer_and_nothing_non_finite_is_saved(tmp
 
 
 def test_the_trainer_logs_the_collapse_signals_and_warns_as_the_loop_does(tmp_path, caplog):
-    from ijepa_hf.training.metrics import COLLAPSE_KEYS, CollapseMonitor
+    from ijepa_hf.training.metrics import COLLAPSE_KEYS
 
     model, collator, data = tiny_trainer_parts()
     trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, logging_steps=2), train_dataset=data,
-                           data_collator=collator)
-    trainer._collapse_monitor = CollapseMonitor(max_cosine=-1.0)  # any batch counts as collapsed
+                           data_collator=collator, collapse_max_cosine=-1.0)  # any batch counts as collapsed
     with caplog.at_level("WARNING"):
         trainer.train()
     rows = [row for row in trainer.state.log_history if "loss" in row]
@@ -218,3 +217,13 @@ def test_the_trainer_logs_the_collapse_signals_and_warns_as_the_loop_does(tmp_pa
         assert row["target_std"] > 0 and -1.0 <= row["target_cosine"] < 1.0 and 1.0 <= row["target_rankme"] <= 4
         assert row["weight_decay"] == pytest.approx(trainer.args.weight_decay) and 0.996 <= row["momentum"] < 1.0
     assert "Possible representation collapse at step 2" in caplog.text
+
+
+def test_pretrain_trainer_example_takes_the_collapse_thresholds(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--output_dir", str(tmp_path / "run"),
+         "--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--online_probe_steps", "0",
+         "--embedded_num_images", "64", "--collapse_max_cosine", "-1"],
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Possible representation collapse at step 1: target_cosine=" in proc.stderr

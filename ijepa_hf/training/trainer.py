@@ -330,16 +330,19 @@ class IJepaTrainer(Trainer):
         final_weight_decay: end of the cosine weight-decay ramp from ``args.weight_decay`` (official 0.4);
             ``None``: constant ``args.weight_decay``.
         ema_momentum: ``(start, end)`` of the EMA; default the model config's.
+        collapse_threshold, collapse_max_cosine: when a log row warns of collapse (the pooled target features' std
+            below, or their mean pairwise cosine above), as ``pretrain``'s options of the same names.
     """
 
     def __init__(self, *args: Any, final_weight_decay: float | None = None,
-                 ema_momentum: Sequence[float] | None = None, **kwargs: Any) -> None:
+                 ema_momentum: Sequence[float] | None = None, collapse_threshold: float = 0.01,
+                 collapse_max_cosine: float = 0.999, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._first_nonfinite = torch.zeros((), dtype=torch.long)  # first update with a non-finite loss (0: none)
         self._collapse_stats: torch.Tensor | None = None  # COLLAPSE_KEYS of the last log step's batch
-        self._collapse_monitor = CollapseMonitor()
+        self._collapse_monitor = CollapseMonitor(min_std=collapse_threshold, max_cosine=collapse_max_cosine)
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
