@@ -591,12 +591,9 @@ class IJepaTrainer(Trainer):
             raise NonFiniteLossError(step, lr, "" if first else ": the weights are no longer finite",
                                      can_skip=False)
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self._check_finite(weights=True)  # never a checkpoint of non-finite weights
-        super()._save_checkpoint(model, trial)
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        self._check_finite(weights=True)  # the final model too: never saved non-finite
+        # Trainer's checkpoints start with save_model too: no checkpoint or final model is saved non-finite.
+        self._check_finite(weights=True)
         super().save_model(output_dir, _internal_call)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
