@@ -4,6 +4,7 @@ the same defaults with and without arguments."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -224,6 +225,6 @@ def test_pretrain_trainer_example_takes_the_collapse_thresholds(tmp_path):
         [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--output_dir", str(tmp_path / "run"),
          "--max_steps", "2", "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--online_probe_steps", "0",
          "--embedded_num_images", "64", "--collapse_max_cosine", "-1"],
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Possible representation collapse at step 1: target_cosine=" in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_the_trainers_evaluation_is_a_function_of_the_weights(tmp_path, kind):
 
 def _run_example(script: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "examples" / script), *argv],
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
 
 
