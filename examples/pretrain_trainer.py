@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
     validation = None
     evaluating = training_args.do_eval or getattr(training_args.eval_strategy, "value", "no") != "no"
     if evaluating:
-        validation = build_validation_data(
-            image_size=image_size, seed=training_args.seed, counter=counter, dataset_name=script_args.dataset_name,
+        validation = build_validation_data(  # its own counter: the last line counts the training images alone
+            image_size=image_size, seed=training_args.seed, counter=BadImageCounter(), dataset_name=script_args.dataset_name,
             dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
             validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
             image_column_name=script_args.image_column_name, max_eval_samples=script_args.max_eval_samples,
@@ -233,7 +233,11 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         trainer.save_metrics("eval", metrics)
     encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset)
     if trainer.is_world_process_zero():
-        logger.info("Saved the pretraining model to %s and the target encoder to %s (%s)",
+        held_out_bad = None if validation is None else validation.dataset.counter
+        if held_out_bad is not None and held_out_bad.count:
+            logger.warning("Skipped %d unreadable held-out image(s) over the evaluations: %s", held_out_bad.count,
+                           held_out_bad)
+        logger.info("Saved the pretraining model to %s and the target encoder to %s (training images: %s)",
                     training_args.output_dir, encoder_dir, counter)
         if push:
             url = push_output_dir(training_args.output_dir, training_args.hub_model_id, token=training_args.hub_token,

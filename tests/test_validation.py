@@ -103,6 +103,32 @@ def test_the_trainer_example_logs_the_held_out_loss(tmp_path, flags, steps):
     assert results["eval_loss"] == evaluated[-1]["eval_loss"]
 
 
+def test_the_trainer_example_counts_bad_held_out_images_apart_from_the_training_ones(tmp_path):
+    """The Trainer example's last line counts the unreadable training images; unreadable held-out images get a
+    warning of their own (they used to be added to the training count, so the line mixed both)."""
+    from PIL import Image
+    from tiny import TINY_OVERRIDES
+
+    train, held_out = tmp_path / "train", tmp_path / "held_out"
+    for folder, good in ((train, 8), (held_out, 4)):
+        folder.mkdir()
+        for i in range(good):
+            Image.new("RGB", (40, 40), (30 * i, 90, 30)).save(folder / f"{i}.png")
+    (train / "broken.png").write_bytes(b"not an image")
+    for name in ("broken_a.png", "broken_b.png"):
+        (held_out / name).write_bytes(b"not an image")
+    proc = _run_example("pretrain_trainer.py", "--train_dir", str(train), "--validation_dir", str(held_out),
+                        "--output_dir", str(tmp_path / "out"), "--config_overrides", TINY_OVERRIDES,
+                        "--per_device_train_batch_size", "3", "--per_device_eval_batch_size", "3", "--max_steps", "3",
+                        "--eval_strategy", "steps", "--eval_steps", "3", "--online_probe_steps", "0", "--use_cpu",
+                        "--report_to", "none")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = [line for line in proc.stderr.splitlines() if "Saved the pretraining model" in line][-1]
+    assert "training images: 1 bad image skipped (e.g. " in last and "broken.png" in last, last
+    assert "broken_a" not in last and "broken_b" not in last, last
+    assert "Skipped 2 unreadable held-out image(s) over the evaluations" in proc.stderr, proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pretrain() (the Accelerate loop)
 # ----------------------------------------------------------------------------------------------------------------
