@@ -93,7 +93,7 @@ def test_the_trainer_example_logs_the_held_out_loss(tmp_path, flags, steps):
                         "--use_cpu", "--report_to", "none", "--embedded_num_images", "64", "--online_probe_steps",
                         "0", "--max_eval_samples", "32", *flags)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "embedded held-out scenes, generator seed 3, 32 images" in proc.stderr
+    assert "Held-out data (eval_loss): procedural-shapes (embedded, generator seed 3, 32 images at" in proc.stderr
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evaluated = [row for row in rows if "eval_loss" in row]
     assert [row["step"] for row in evaluated] == steps

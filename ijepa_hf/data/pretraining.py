@@ -413,8 +413,9 @@ def build_pretraining_data(
     if dataset_name is None and train_dir is None:
         num = min(embedded_num_images, max_train_samples or embedded_num_images)
         source = embedded_scenes(num, image_size=image_size, seed=embedded_seed, **(embedded_scene_settings or {}))
+        scenes = f"generator seed {embedded_seed}, " if embedded_seed else ""  # other scenes than the training ones
         return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed, **keyed),
-                               f"{EMBEDDED_DATASET_NAME} (embedded, {num} images at {image_size}px)", None, num)
+                               f"{EMBEDDED_DATASET_NAME} (embedded, {scenes}{num} images at {image_size}px)", None, num)
     source = load_image_dataset(
         dataset_name=dataset_name, train_dir=train_dir, streaming=streaming, image_column=image_column_name,
         split=dataset_split, dataset_config_name=dataset_config_name, cache_dir=cache_dir, token=token,
@@ -478,8 +479,6 @@ def build_validation_data(
         data = build_pretraining_data(embedded_num_images=max_eval_samples or EMBEDDED_VALIDATION_IMAGES,
                                       embedded_scene_settings=embedded_scene_settings,
                                       embedded_seed=EMBEDDED_VALIDATION_SEED, **common)
-        data.description = data.description.replace("embedded,", f"embedded held-out scenes, generator seed "
-                                                                   f"{EMBEDDED_VALIDATION_SEED},")
     elif validation_dir is not None:
         data = build_pretraining_data(train_dir=validation_dir, **common)
     else:
