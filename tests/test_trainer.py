@@ -228,3 +228,87 @@ def test_pretrain_trainer_example_takes_the_collapse_thresholds(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Possible representation collapse at step 1: target_cosine=" in proc.stderr
+
+
+_TWO_PROCESS_RUN = '''
+import json, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {tests!r})
+from tiny import tiny_trainer_parts, trainer_args
+from ijepa_hf.data import MaskedBatchCollator
+from ijepa_hf.training import IJepaTrainer
+
+
+class Unreadable(torch.utils.data.Dataset):
+    def __init__(self, base, rows):
+        self.base, self.rows = base, set(rows)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return None if index in self.rows else self.base[index]
+
+
+model, collator, data = tiny_trainer_parts()
+model.config.vicreg_variance_weight, model.config.regularized_embeddings = 1.0, "context_tokens"
+args = trainer_args(Path(sys.argv[1]), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+                    train_sampling_strategy="sequential")
+# Rows 2 and 3 are the second process's batch of the first update (batches of 2 go to the processes in turn).
+trainer = IJepaTrainer(model=model, args=args, train_dataset=Unreadable(data, [2, 3]),
+                       data_collator=MaskedBatchCollator(collator))
+trainer.train()
+if trainer.is_world_process_zero():
+    Path(sys.argv[1], "rows.json").write_text(json.dumps([r for r in trainer.state.log_history if "loss" in r]))
+'''
+
+
+def test_two_processes_log_on_past_a_batch_without_a_readable_image_on_one_of_them(tmp_path):
+    """Under data parallelism a log row's collapse signals and regulariser terms are averaged over the processes.
+    When one process's batch of a log step had no readable image, that process used to skip the collective the
+    others entered, and the run hung; now every process takes part, and the row averages the batches that had
+    images."""
+    from ijepa_hf.training.metrics import COLLAPSE_KEYS
+    from tiny import free_port
+
+    script = tmp_path / "run.py"
+    script.write_text(_TWO_PROCESS_RUN.format(tests=str(REPO_ROOT / "tests")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(script), str(tmp_path / "out")],
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "out" / "rows.json").read_text())
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert set(COLLAPSE_KEYS) <= row.keys() and row["target_std"] > 0, row
+        assert row["prediction_loss"] > 0 and row["variance_loss"] >= 0, row
+
+
+def test_every_log_row_has_the_collapse_signals_whatever_asked_for_it(tmp_path):
+    """The rows that the online probe adds between logging_steps, and the rows of logging_strategy="epoch", carry
+    the collapse signals too (they were computed on the updates the Trainer's logging_steps rule named only)."""
+    from ijepa_hf.data import build_online_probe_set, build_pretraining_data
+    from ijepa_hf.training import OnlineProbeCallback
+    from ijepa_hf.training.metrics import COLLAPSE_KEYS
+
+    model, collator, data = tiny_trainer_parts()
+    probe_set = build_online_probe_set(build_pretraining_data(image_size=32, embedded_num_images=16), image_size=32,
+                                       num_images=8)
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path / "a", logging_steps=3), train_dataset=data,
+                           data_collator=collator, callbacks=[OnlineProbeCallback(probe_set, every_n_steps=2)])
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 3, 4]  # the probe's (2, 4) and logging_steps' (3)
+    assert all(set(COLLAPSE_KEYS) <= row.keys() for row in rows), rows
+
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path / "b", logging_strategy="epoch", max_steps=8),
+                           train_dataset=data, data_collator=collator)
+    trainer.train()
+    rows = [row for row in trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [4, 8]
+    assert all(set(COLLAPSE_KEYS) <= row.keys() for row in rows), rows

@@ -1,8 +1,8 @@
 """Training metrics: the ``train_log.jsonl`` schema, representation-collapse statistics and the log window.
 
 One row of ``train_log.jsonl`` is written every ``logging_steps`` optimizer updates; its keys are the constants
-below, which :mod:`ijepa_hf.visualization` reads too. The collapse statistics are computed on the batch of a log
-step only, from tensors the forward pass made anyway.
+below, which :mod:`ijepa_hf.visualization` reads too. The collapse statistics of a row are those of the last batch
+before it, from tensors the forward pass made anyway.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ __all__ = [
     "LOG_KEYS",
     "ONLINE_PROBE_KEYS",
     "HELD_OUT_KEYS",
+    "collapse_inputs",
+    "collapse_signals",
     "collapse_statistics",
     "effective_rank",
     "online_probe",
@@ -100,32 +102,43 @@ def effective_rank(features: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def collapse_statistics(output: Any) -> dict[str, float]:
-    """Representation-collapse signals of one forward pass (an ``IJepaForPreTraining``-style output with
-    ``target_hidden_state [B, N, D]``, ``targets [..., D]`` and ``predictions [..., D]``).
+def collapse_inputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the collapse signals need of one forward pass (an ``IJepaForPreTraining``-style output with
+    ``target_hidden_state [B, N, D]``, ``targets [..., D]`` and ``predictions [..., D]``), detached on its device
+    and with no host sync, so that it can be kept at every update: the pooled target features ``[B, D]`` (each
+    token layer-normalised, then averaged) and the std over all tokens of the targets and of the predictions
+    ``[2]`` (NaN for a single token)."""
+    with torch.no_grad():
+        hidden = output.target_hidden_state.float()
+        pooled = F.layer_norm(hidden, hidden.shape[-1:]).mean(1)
+        stds = [tokens.float().flatten(0, -2).std(0).mean() if tokens[..., 0].numel() > 1
+                else hidden.new_tensor(float("nan")) for tokens in (output.targets, output.predictions)]
+    return pooled, torch.stack(stds)
+
+
+def collapse_signals(pooled: torch.Tensor, token_stds: torch.Tensor) -> torch.Tensor:
+    """The collapse signals (`COLLAPSE_KEYS` order, float32 on the device of ``pooled``) of :func:`collapse_inputs`.
 
     The std alone is fooled by scale: features that all point the same way with a little noise keep a std above
-    any fixed threshold. The pairwise cosine and the effective rank of the pooled features are scale-free.
+    any fixed threshold. The pairwise cosine and the effective rank of the pooled features are scale-free. The
+    rank's SVD syncs with the host: call it when a row is written, not at every update.
     """
-    hidden = output.target_hidden_state.float()
-    pooled = F.layer_norm(hidden, hidden.shape[-1:]).mean(1)  # [B, D]
-    targets = output.targets.float().flatten(0, -2)
-    predictions = output.predictions.float().flatten(0, -2)
-    nan = float("nan")
+    nan = pooled.new_tensor(float("nan"))
     batch = pooled.shape[0]
     if batch > 1:
         unit = F.normalize(pooled, dim=-1)
         similarity = unit @ unit.T
-        cosine = float((similarity.sum() - similarity.diagonal().sum()) / (batch * (batch - 1)))
+        cosine = (similarity.sum() - similarity.diagonal().sum()) / (batch * (batch - 1))
     else:
         cosine = nan
-    return {
-        "target_std": pooled.std(0).mean().item() if batch > 1 else nan,
-        "target_token_std": targets.std(0).mean().item() if targets.shape[0] > 1 else nan,
-        "pred_std": predictions.std(0).mean().item() if predictions.shape[0] > 1 else nan,
-        "target_rankme": effective_rank(pooled),
-        "target_cosine": cosine,
-    }
+    return torch.stack([pooled.std(0).mean() if batch > 1 else nan, token_stds[0], token_stds[1],
+                        pooled.new_tensor(effective_rank(pooled)), cosine]).float()
+
+
+def collapse_statistics(output: Any) -> dict[str, float]:
+    """Representation-collapse signals of one forward pass (`COLLAPSE_KEYS`; see :func:`collapse_inputs` for what
+    ``output`` holds): :func:`collapse_signals` of :func:`collapse_inputs`, read on the host."""
+    return dict(zip(COLLAPSE_KEYS, collapse_signals(*collapse_inputs(output)).tolist()))
 
 
 # Images of the online probe set by default (half bank, half queries). Each probe is one forward pass of them, about

@@ -70,8 +70,8 @@ from .compilation import configure_inductor_for_variable_masks
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
 from .export import batch_summary, mask_summary, write_encoder_and_cards
-from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseMonitor, collapse_statistics,
-                      online_probe, regularizer_vector, write_train_log)
+from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseMonitor, collapse_inputs,
+                      collapse_signals, online_probe, regularizer_vector, write_train_log)
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
@@ -341,7 +341,9 @@ class IJepaTrainer(Trainer):
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._first_nonfinite = torch.zeros((), dtype=torch.long)  # first update with a non-finite loss (0: none)
-        self._collapse_stats: torch.Tensor | None = None  # COLLAPSE_KEYS of the last log step's batch
+        # collapse_inputs() of the last batch with an image since the last log row, kept on the device (the signals
+        # are computed when a row is written: whatever asks for one, logging_steps, an epoch's end or a callback)
+        self._collapse_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self._collapse_monitor = CollapseMonitor(min_std=collapse_threshold, max_cosine=collapse_max_cosine)
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
@@ -532,31 +534,29 @@ class IJepaTrainer(Trainer):
                                else ", which is NaN with logging_nan_inf_filter=False")
             loss = loss * (0.0 if model.training else float("nan"))
             return (loss, outputs) if return_outputs else loss
-        if model.training and self._logs_next_update():  # the loop's collapse signals, on log steps only
-            self._collapse_stats = torch.tensor([collapse_statistics(outputs)[k] for k in COLLAPSE_KEYS],
-                                                device=self.args.device)
+        if model.training:
+            self._collapse_inputs = collapse_inputs(outputs)
         if model.training and isinstance(outputs, dict) and outputs.get("prediction_loss") is not None:
             terms = regularizer_vector(outputs)
             self._term_sums = terms if self._term_sums is None else self._term_sums + terms
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _mean_over_processes(self, sums: torch.Tensor | None, count: int, size: int) -> list[float] | None:
+        """``sums`` (``[size]``, over ``count`` batches of this process) averaged over every process's batches, or
+        ``None`` when no process had one. Every process joins the collective, also one whose batches since the last
+        row had no readable image (``sums=None``): a process that skipped it would leave the others waiting."""
+        mine = torch.zeros(size + 1, device=self.args.device)
+        if sums is not None:
+            mine[:size], mine[size] = sums.to(mine.device), count
+        total = self.accelerator.reduce(mine, "sum").tolist()
+        return None if total[size] == 0 else [value / total[size] for value in total[:size]]
+
     def _pop_regularizer_terms(self) -> dict[str, float]:
         """The means of the regulariser's terms since the last log row, over micro-batches and processes."""
-        if self._term_sums is None:
-            return {}
-        means = self.accelerator.reduce(self._term_sums / self._term_count, "mean").tolist()
+        means = self._mean_over_processes(self._term_sums, self._term_count, len(REGULARIZER_KEYS))
         self._term_sums, self._term_count = None, 0
-        return {k: v for k, v in zip(REGULARIZER_KEYS, means) if not math.isnan(v)}
-
-    def _logs_next_update(self) -> bool:
-        """Whether the update being computed ends in a log row (``logging_strategy="steps"``)."""
-        strategy = getattr(self.args.logging_strategy, "value", self.args.logging_strategy)
-        update = self.state.global_step + 1
-        steps = self.args.logging_steps
-        if steps < 1:  # a fraction of the run, as Trainer reads it
-            steps = max(1, math.ceil(self.state.max_steps * steps))
-        return strategy == "steps" and (update % int(steps) == 0 or (update == 1 and self.args.logging_first_step))
+        return {} if means is None else {k: v for k, v in zip(REGULARIZER_KEYS, means) if not math.isnan(v)}
 
     def _schedule_values(self) -> dict[str, float]:
         """The loop's schedule keys beside Trainer's ``learning_rate``: the decay groups' weight decay and the EMA
@@ -570,12 +570,12 @@ class IJepaTrainer(Trainer):
         return values
 
     def _pop_collapse_statistics(self) -> dict[str, float]:
-        """The collapse signals of the last log step's batch, averaged over processes (NaN where undefined)."""
-        if self._collapse_stats is None:
-            return {}
-        values = self.accelerator.reduce(self._collapse_stats, "mean").tolist()
-        self._collapse_stats = None
-        return dict(zip(COLLAPSE_KEYS, values))
+        """The collapse signals of each process's last batch since the last log row, averaged over processes (NaN
+        where undefined)."""
+        signals = None if self._collapse_inputs is None else collapse_signals(*self._collapse_inputs)
+        means = self._mean_over_processes(signals, 1, len(COLLAPSE_KEYS))
+        self._collapse_inputs = None
+        return {} if means is None else dict(zip(COLLAPSE_KEYS, means))
 
     def _check_finite(self, weights: bool = False) -> None:
         """Raise :class:`~ijepa_hf.training.NonFiniteLossError` naming the first update with a non-finite loss on any
