@@ -51,19 +51,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
-    """A Trainer script's ``--resume_from_checkpoint``: ``"latest"`` (as in ``pretrain.py``) is the newest
-    ``checkpoint-*`` in ``output_dir``, or ``None`` (a fresh start) when there is none; ``"last"`` is a deprecated
-    alias; anything else is a checkpoint path."""
+    """A Trainer script's ``--resume_from_checkpoint``: ``"latest"`` (as in ``pretrain.py``) is the newest complete
+    ``checkpoint-*`` in ``output_dir`` (folders a kill cut short are skipped, naming them), or ``None`` (a fresh
+    start) when there is none; ``"last"`` is a deprecated alias; anything else is a checkpoint path, refused when it
+    was cut short."""
     import warnings
 
-    from transformers.trainer_utils import get_last_checkpoint
+    from .training.checkpointing import check_trainer_checkpoint, latest_trainer_checkpoint
 
     if value == "last":
         warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
                       FutureWarning, stacklevel=2)
         value = "latest"
     if value == "latest":
-        return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        return latest_trainer_checkpoint(output_dir)
+    if value is not None:
+        check_trainer_checkpoint(value)
     return value
 
 

@@ -261,8 +261,9 @@ def test_finetune_never_overwrites_another_run_unasked(tmp_path, load_example, i
 def test_finetune_resume_keyword_is_latest_as_in_pretraining(tmp_path, load_example):
     finetune = load_example("finetune")
     assert finetune.resolve_resume_checkpoint("latest", tmp_path) is None  # nothing yet: starts fresh
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-12").mkdir()
+    for step in (5, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     assert finetune.resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-12")
     with pytest.warns(FutureWarning, match="latest"):
         assert finetune.resolve_resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-12")

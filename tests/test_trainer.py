@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -312,3 +313,43 @@ def test_every_log_row_has_the_collapse_signals_whatever_asked_for_it(tmp_path):
     rows = [row for row in trainer.state.log_history if "loss" in row]
     assert [row["step"] for row in rows] == [4, 8]
     assert all(set(COLLAPSE_KEYS) <= row.keys() for row in rows), rows
+
+
+def test_a_trainer_checkpoint_cut_short_is_skipped_by_latest_and_refused_by_name(tmp_path, caplog):
+    """Trainer writes a checkpoint's files one after the other, trainer_state.json last, so a kill during a save
+    (a node lost, the OOM killer) leaves a folder without it, or with half of it. ``latest`` and
+    ``resume_from_checkpoint=True`` used to pick that folder and stop on the missing file at every restart; they now
+    skip it, naming it, and resume the newest complete checkpoint. Named by its path, it is refused, naming the
+    newest complete one."""
+    from ijepa_hf.scripts import resolve_resume_checkpoint
+    from ijepa_hf.training.checkpointing import CheckpointError
+
+    out = tmp_path / "trainer"
+    model, collator, data = tiny_trainer_parts()
+    IJepaTrainer(model=model, args=trainer_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=data,
+                 data_collator=collator).train()
+    complete = out / "checkpoint-4"
+    assert (complete / "trainer_state.json").is_file()
+    torn = out / "checkpoint-6"  # killed while writing the weights: no optimizer, no trainer state
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes((complete / "model.safetensors").read_bytes()[:1000])
+    half = out / "checkpoint-8"  # killed while writing trainer_state.json
+    shutil.copytree(complete, half)
+    text = (complete / "trainer_state.json").read_text()
+    (half / "trainer_state.json").write_text(text[: len(text) // 2])
+
+    with caplog.at_level("WARNING"):
+        assert resolve_resume_checkpoint("latest", out) == str(complete)
+    assert str(torn) in caplog.text and str(half) in caplog.text and "cut short" in caplog.text
+    with pytest.raises(CheckpointError, match=f"{torn}.*cut short.*{complete}"):
+        resolve_resume_checkpoint(str(torn), out)
+
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=6),
+                           train_dataset=data, data_collator=collator)
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 6
+    assert [row["step"] for row in trainer.state.log_history if "loss" in row] == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoint-6" / "trainer_state.json").is_file()  # the torn folder was written anew
+    with pytest.raises(CheckpointError, match="checkpoint-8.*cut short"):
+        trainer.train(resume_from_checkpoint=str(half))

@@ -18,6 +18,9 @@ through its ``save`` (model weights, optimizer, scheduler) are computed from the
 reading multi-GB files back; the small files written otherwise (RNG states, a gradient scaler) and the shards of
 FSDP / DeepSpeed engines are read as they are flushed. A resume refuses a file whose digest differs, naming it.
 
+The checkpoints a transformers ``Trainer`` writes (``checkpoint-<N>``: ``IJepaTrainer``, the fine-tuning script)
+are not atomic; :func:`latest_trainer_checkpoint` skips the ones a kill cut short.
+
 Nothing is unpickled beyond plain tensors and numbers: the loop's own state is JSON in the manifest, and
 accelerate (>= 1.1) reads model, optimizer, scaler and RNG files with ``torch.load(weights_only=True)``; no custom
 object is registered with ``accelerator.register_for_checkpointing`` (accelerate loads those with
@@ -59,6 +62,9 @@ __all__ = [
     "check_output_dir_options",
     "list_checkpoints",
     "latest_checkpoint",
+    "latest_trainer_checkpoint",
+    "check_trainer_checkpoint",
+    "trainer_checkpoint_problem",
     "save_checkpoint",
     "read_manifest",
     "load_checkpoint",
@@ -234,6 +240,54 @@ def latest_checkpoint(output_dir: str | os.PathLike, run_id: str | None = None) 
         chosen = info
         break
     return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A transformers Trainer's checkpoints (IJepaTrainer, the fine-tuning script)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+
+
+def trainer_checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why the Trainer checkpoint folder ``path`` cannot be resumed, or ``None``. Trainer writes a checkpoint's
+    files in place, one after the other, ``trainer_state.json`` last (weights, optimizer, scheduler and RNG states
+    first), so a folder without a readable one was cut short by a kill during its save."""
+    state = Path(path) / _TRAINER_STATE_NAME
+    try:
+        json.loads(state.read_text())
+    except FileNotFoundError:
+        return f"it has no {_TRAINER_STATE_NAME} (written last), so its save was cut short"
+    except (OSError, ValueError) as error:
+        return f"its {_TRAINER_STATE_NAME} cannot be read ({error}), so its save was cut short"
+    return None
+
+
+def latest_trainer_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete ``checkpoint-<N>`` folder of ``output_dir`` (``None``: none); newer folders cut short
+    (:func:`trainer_checkpoint_problem`) are skipped with a warning naming them, where transformers'
+    ``get_last_checkpoint`` would return them and the resume would stop on the missing file."""
+    root = Path(output_dir)
+    found = sorted(((int(match.group(1)), path) for path in (root.iterdir() if root.is_dir() else ())
+                    if (match := _TRAINER_CHECKPOINT_RE.match(path.name)) and path.is_dir()), reverse=True)
+    for _, path in found:
+        problem = trainer_checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("Skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def check_trainer_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a Trainer checkpoint folder named by its path that was cut short, naming the newest complete one of
+    its folder (a path that is not a folder is left to the Trainer's own error)."""
+    if not Path(path).is_dir() or (problem := trainer_checkpoint_problem(path)) is None:
+        return
+    newest = latest_trainer_checkpoint(Path(path).parent)
+    raise CheckpointError(f"cannot resume from {path}: {problem}. "
+                          + (f"Resume from {newest}, the newest complete checkpoint of its folder, or with "
+                             "`latest`." if newest else "Its folder has no complete checkpoint: start afresh."))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from ..data import (IMAGENET_MEAN, IMAGENET_STD, LOAD_SECONDS_KEY, EpochShuffleS
 from ..licensing import record_weights_license, weights_license
 from ..visualization import plot_training_curves
 from .compilation import configure_inductor_for_variable_masks
+from .checkpointing import check_trainer_checkpoint, latest_trainer_checkpoint
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
 from .export import batch_summary, mask_summary, write_encoder_and_cards
@@ -369,6 +371,18 @@ class IJepaTrainer(Trainer):
             # Only a datasets.Dataset has its columns removed, and the model's signature keeps pixel_values.
             logger.warning("IJepaTrainer: remove_unused_columns=True drops the columns %s the mask collator reads; "
                            "set remove_unused_columns=False.", columns)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's, resuming from complete checkpoints only: ``True`` is the newest complete one of
+        ``output_dir`` (folders a kill cut short during their save are skipped, naming them), and a path to one cut
+        short is refused (:func:`~ijepa_hf.training.checkpointing.latest_trainer_checkpoint`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_trainer_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:  # the Trainer's own message
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_trainer_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_run(self, *, data_description: str, hub_dataset: str | None = None, source: str | None = None
                  ) -> Path | None:
