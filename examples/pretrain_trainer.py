@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+import transformers
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ijepa_hf import IJepaForPreTraining, make_image_processor
@@ -151,9 +153,21 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
     return script_args, training_args
 
 
+def _summed_over_processes(trainer: IJepaTrainer, counter: BadImageCounter | None) -> int:
+    """The bad images ``counter`` counted in every process (each counts its own reads); every process calls it."""
+    count = torch.tensor([0 if counter is None else counter.count], device=trainer.args.device)
+    return int(trainer.accelerator.reduce(count, "sum").item())
+
+
 def main(argv: list[str] | None = None) -> IJepaTrainer:
     configure_logging()
     script_args, training_args = parse(list(sys.argv[1:] if argv is None else argv))
+    # The main process logs from --log_level on (info unless given), the others from --log_level_replica (warning)
+    # on: each line once, not once per process
+    if not training_args.should_log or training_args.log_level != "passive":
+        log_level = training_args.get_process_log_level()
+        logging.getLogger().setLevel(log_level)
+        transformers.utils.logging.set_verbosity(log_level)
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     config = build_pretraining_config(
@@ -232,13 +246,14 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset)
+    held_out_counter = None if validation is None else validation.dataset.counter
+    bad, held_out_bad = (_summed_over_processes(trainer, c) for c in (counter, held_out_counter))
     if trainer.is_world_process_zero():
-        held_out_bad = None if validation is None else validation.dataset.counter
-        if held_out_bad is not None and held_out_bad.count:
-            logger.warning("Skipped %d unreadable held-out image(s) over the evaluations: %s", held_out_bad.count,
-                           held_out_bad)
+        if held_out_bad:
+            logger.warning("Skipped %d unreadable held-out image(s) over the evaluations: %s", held_out_bad,
+                           held_out_counter.describe(held_out_bad))
         logger.info("Saved the pretraining model to %s and the target encoder to %s (training images: %s)",
-                    training_args.output_dir, encoder_dir, counter)
+                    training_args.output_dir, encoder_dir, counter.describe(bad))
         if push:
             url = push_output_dir(training_args.output_dir, training_args.hub_model_id, token=training_args.hub_token,
                                   private=training_args.hub_private_repo)

@@ -307,3 +307,28 @@ def test_named_held_out_sets_are_each_evaluated_alike(tmp_path):
                            data_collator=MaskedBatchCollator(collator))
     metrics = trainer.evaluate()
     assert metrics["eval_a_loss"] == metrics["eval_b_loss"] == trainer.evaluate()["eval_a_loss"]
+
+
+def test_the_trainer_example_on_two_processes_logs_once_and_counts_every_processs_bad_images(tmp_path):
+    """Under ``accelerate launch`` the example logged each line once per process, and its last line counted the
+    unreadable images that the main process read, whichever process read the broken file."""
+    from PIL import Image
+    from tiny import TINY_OVERRIDES, free_port
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(7):
+        Image.new("RGB", (40, 40), (30 * i, 90, 30)).save(train / f"{i}.png")
+    (train / "broken.png").write_bytes(b"not an image")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+         str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--train_dir", str(train), "--output_dir",
+         str(tmp_path / "out"), "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "2",
+         "--max_steps", "4", "--online_probe_steps", "0", "--report_to", "none"],  # 2 epochs: every file read twice
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("Training data: image folder") == 1, proc.stderr[-4000:]
+    last = [line for line in proc.stderr.splitlines() if "Saved the pretraining model" in line]
+    assert len(last) == 1 and "training images: 2 bad images skipped" in last[0], last

@@ -150,7 +150,12 @@ class BadImageCounter:
             self._warned = 0
 
     def __str__(self) -> str:
-        n = self.count
+        return self.describe()
+
+    def describe(self, count: int | None = None) -> str:
+        """``"N bad images skipped (e.g. ...)"``: ``count`` (default: :attr:`count`) is the number, e.g. a sum over
+        data-parallel processes; the examples are this process's."""
+        n = self.count if count is None else count
         if n == 0:
             return "0 bad images"
         examples = self.examples
