@@ -28,7 +28,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -47,7 +46,7 @@ from ijepa_hf.finetuning import (
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
-from ijepa_hf.scripts import quiet_http_logging, resolve_resume_checkpoint, run_script
+from ijepa_hf.scripts import prepare_trainer_run, quiet_http_logging, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -134,22 +133,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
     return model_args, data_args, training_args
 
 
-# What a finished run leaves in its output folder; another run must not silently overwrite or mix into them.
-_RUN_OUTPUTS = ("README.md", "config.json", "model.safetensors", "all_results.json", "train_results.json",
-                "eval_results.json", "trainer_state.json")
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, resuming: bool) -> None:
-    """Raises `ValueError` naming ``--overwrite_output_dir`` when ``output_dir`` holds another run's model, results or
-    card (resuming a run in its own folder is fine)."""
-    found = [name for name in _RUN_OUTPUTS if (Path(output_dir) / name).exists()]
-    if found and not overwrite and not resuming:
-        raise ValueError(
-            f"--output_dir {output_dir} already holds another run's {', '.join(found)}: choose another folder, pass "
-            "--overwrite_output_dir to replace them, or --resume_from_checkpoint latest to continue that run."
-        )
-
-
 def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -195,8 +178,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     logger.info("%d classes, %d training and %d validation images.", len(names), len(splits["train"]),
                 len(splits["validation"]))
 
-    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, resuming=resume is not None)
+    resume = prepare_trainer_run(training_args, model_args.overwrite_output_dir)  # refuses another run's folder
 
     overrides = {key: getattr(model_args, key) for key in ("drop_path_rate", "pooler_norm")
                  if getattr(model_args, key) is not None}

@@ -17,7 +17,8 @@ clipping, ``remove_unused_columns False``) — with or without other arguments, 
 At the end the output folder holds what ``pretrain.py`` writes (``IJepaTrainer.save_run``): the pretraining model,
 the target encoder in ``<output_dir>/encoder``, both model cards (licence, base model, recipe), ``train_log.jsonl``
 and ``training_curves.png``; ``--push_to_hub`` uploads them (not the Trainer checkpoints), and
-``--resume_from_checkpoint latest`` continues from the newest ``checkpoint-*``.
+``--resume_from_checkpoint latest`` continues from the newest complete ``checkpoint-*``; an ``--output_dir`` holding
+another run is refused unless ``--overwrite_output_dir`` is given.
 
 ``--eval_strategy steps --eval_steps N`` (and ``--do_eval``, once at the end) log the prediction loss on held-out
 images as ``eval_loss``: ``--validation_dir`` or ``--validation_split_name`` name them (the embedded data has its own
@@ -41,7 +42,7 @@ from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import (BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data,
                            build_validation_data)
-from ijepa_hf.scripts import configure_logging, resolve_resume_checkpoint, run_script
+from ijepa_hf.scripts import configure_logging, prepare_trainer_run, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -96,6 +97,8 @@ class ScriptArguments:
         "own held-out scenes.")})
     max_eval_samples: int | None = field(default=None, metadata={"help": (
         "Keep the first N held-out images (embedded data: 256 by default).")})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": (
+        "Start a new run in an --output_dir holding another run (its checkpoints are moved to replaced-<time>/).")})
     embedded_num_images: int = field(default=2048, metadata={"help": "Size of the embedded dataset."})
     config_name: str | None = field(default=None, metadata={"help": "Preset name or config path/repo."})
     config_overrides: str | None = field(default=None, metadata={"help": "'a=1,encoder.x=2,predictor.y=3'."})
@@ -147,6 +150,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
             demo.pop("max_steps", None)
         if given.get("recipe", "official") != "official":
             demo.pop("warmup_steps", None)
+        if not {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"} & set(given):
+            demo["overwrite_output_dir"] = True  # the demo's own folder: running the demo again replaces it
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
     script_args.user_overrides = set(parse_config_overrides(given.get("config_overrides")))
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         log_level = training_args.get_process_log_level()
         logging.getLogger().setLevel(log_level)
         transformers.utils.logging.set_verbosity(log_level)
+    resume = prepare_trainer_run(training_args, script_args.overwrite_output_dir)  # refuses another run's folder
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     config = build_pretraining_config(
@@ -232,8 +238,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
         collapse_threshold=script_args.collapse_threshold, collapse_max_cosine=script_args.collapse_max_cosine,
     )
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(training_args.resume_from_checkpoint,
-                                                                   training_args.output_dir))
+    trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted is not None:
         logger.warning("%s", preemption.preempted)
         raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
-           "resolve_resume_checkpoint", "run_script", "user_errors"]
+           "prepare_trainer_run", "resolve_resume_checkpoint", "run_script", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
@@ -57,17 +57,32 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
     was cut short."""
     import warnings
 
-    from .training.checkpointing import check_trainer_checkpoint, latest_trainer_checkpoint
+    from .training.checkpointing import resolve_trainer_checkpoint
 
     if value == "last":
         warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
                       FutureWarning, stacklevel=2)
         value = "latest"
-    if value == "latest":
-        return latest_trainer_checkpoint(output_dir)
-    if value is not None:
-        check_trainer_checkpoint(value)
-    return value
+    return resolve_trainer_checkpoint(value, output_dir)
+
+
+def prepare_trainer_run(training_args: Any, overwrite_output_dir: bool) -> str | None:
+    """A Trainer script's output folder and the checkpoint it resumes: ``--resume_from_checkpoint`` (see
+    :func:`resolve_resume_checkpoint`) under the output-folder policy of
+    :func:`ijepa_hf.training.checkpointing.prepare_trainer_output_dir`, applied by the main process first (the
+    others then find the folder as it left it)."""
+    import warnings
+
+    from .training.checkpointing import prepare_trainer_output_dir
+
+    value = training_args.resume_from_checkpoint
+    if value == "last":
+        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
+                      FutureWarning, stacklevel=2)
+        value = "latest"
+    with training_args.main_process_first(local=False, desc="the output folder"):
+        return prepare_trainer_output_dir(training_args.output_dir, resume_from_checkpoint=value,
+                                          overwrite_output_dir=overwrite_output_dir)
 
 
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:

@@ -258,8 +258,8 @@ def test_finetune_never_overwrites_another_run_unasked(tmp_path, load_example, i
     assert "eval_accuracy" in json.loads((output_dir / "eval_results.json").read_text())
 
 
-def test_finetune_resume_keyword_is_latest_as_in_pretraining(tmp_path, load_example):
-    finetune = load_example("finetune")
+def test_finetune_resume_keyword_is_latest_as_in_pretraining(tmp_path):
+    from ijepa_hf import scripts as finetune  # the resolver of the Trainer scripts' --resume_from_checkpoint
     assert finetune.resolve_resume_checkpoint("latest", tmp_path) is None  # nothing yet: starts fresh
     for step in (5, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()

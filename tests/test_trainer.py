@@ -353,3 +353,74 @@ def test_a_trainer_checkpoint_cut_short_is_skipped_by_latest_and_refused_by_name
     assert (out / "checkpoint-6" / "trainer_state.json").is_file()  # the torn folder was written anew
     with pytest.raises(CheckpointError, match="checkpoint-8.*cut short"):
         trainer.train(resume_from_checkpoint=str(half))
+
+
+def _trainer_checkpoint(folder, step, complete=True):
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"weights of step %d" % step)
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
+def test_the_trainer_scripts_output_folder_policy(tmp_path, caplog):
+    """As pretrain()'s: a new run into a folder holding another run is refused, naming the options; an overwriting
+    run moves the other run's checkpoints aside (else `latest` would resume them, and Trainer's rotation would
+    prune the new run's first); resuming checkpoint-N moves the later ones (an abandoned branch, or folders cut
+    short) aside. Nothing is deleted."""
+    from ijepa_hf.training.checkpointing import prepare_trainer_output_dir
+
+    assert prepare_trainer_output_dir(tmp_path / "new", resume_from_checkpoint=None, overwrite_output_dir=False) is None
+    out = tmp_path / "out"
+    (tmp_path / "finished").mkdir()
+    (tmp_path / "finished" / "model.safetensors").write_bytes(b"a finished run's weights")
+    old = [_trainer_checkpoint(out, step) for step in (2, 4, 6)]
+    (out / "README.md").write_text("the other run's card")
+    with pytest.raises(ValueError, match="already holds another run.*checkpoint-2.*--resume_from_checkpoint latest.*"
+                                         "--overwrite_output_dir"):
+        prepare_trainer_output_dir(out, resume_from_checkpoint=None, overwrite_output_dir=False)
+    assert all(path.is_dir() for path in old)
+    with pytest.raises(ValueError, match="latest: .* has no complete checkpoint to continue from, but holds another"):
+        prepare_trainer_output_dir(tmp_path / "finished", resume_from_checkpoint="latest", overwrite_output_dir=False)
+    with pytest.raises(ValueError, match="only one of them"):
+        prepare_trainer_output_dir(out, resume_from_checkpoint=str(old[0]), overwrite_output_dir=True)
+
+    with caplog.at_level("WARNING"):
+        prepare_trainer_output_dir(out, resume_from_checkpoint=str(old[0]), overwrite_output_dir=False)
+    abandoned = next(out.glob("abandoned-*"))
+    assert sorted(p.name for p in abandoned.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert old[0].is_dir() and "checkpoint-4, checkpoint-6" in caplog.text
+
+    with caplog.at_level("WARNING"):
+        prepare_trainer_output_dir(out, resume_from_checkpoint=None, overwrite_output_dir=True)
+    replaced = next(out.glob("replaced-*"))
+    assert [p.name for p in replaced.iterdir()] == ["checkpoint-2"] and not list(out.glob("checkpoint-*"))
+    assert (out / "README.md").read_text() == "the other run's card"  # the new run replaces it when it writes its own
+    assert str(replaced) in caplog.text
+
+
+def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
+    """It used to train into it: the other run's checkpoints were overwritten where their steps met, its later ones
+    kept, and `latest` then resumed them."""
+    from tiny import TINY_OVERRIDES
+
+    out = tmp_path / "run"
+    argv = [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--output_dir", str(out),
+            "--config_overrides", TINY_OVERRIDES, "--embedded_num_images", "32", "--per_device_train_batch_size", "8",
+            "--save_strategy", "steps", "--save_steps", "2", "--online_probe_steps", "0", "--use_cpu", "--report_to",
+            "none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*argv, "--max_steps", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = (out / "checkpoint-4" / "model.safetensors").read_bytes()
+    second = subprocess.run([*argv, "--max_steps", "2", "--seed", "1"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "--overwrite_output_dir" in second.stderr and "already holds another run" in second.stderr
+    assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == weights
+    third = subprocess.run([*argv, "--max_steps", "2", "--seed", "1", "--overwrite_output_dir"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (next(out.glob("replaced-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == weights

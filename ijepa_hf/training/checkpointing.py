@@ -63,6 +63,8 @@ __all__ = [
     "list_checkpoints",
     "latest_checkpoint",
     "latest_trainer_checkpoint",
+    "prepare_trainer_output_dir",
+    "resolve_trainer_checkpoint",
     "check_trainer_checkpoint",
     "trainer_checkpoint_problem",
     "save_checkpoint",
@@ -268,10 +270,7 @@ def latest_trainer_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest complete ``checkpoint-<N>`` folder of ``output_dir`` (``None``: none); newer folders cut short
     (:func:`trainer_checkpoint_problem`) are skipped with a warning naming them, where transformers'
     ``get_last_checkpoint`` would return them and the resume would stop on the missing file."""
-    root = Path(output_dir)
-    found = sorted(((int(match.group(1)), path) for path in (root.iterdir() if root.is_dir() else ())
-                    if (match := _TRAINER_CHECKPOINT_RE.match(path.name)) and path.is_dir()), reverse=True)
-    for _, path in found:
+    for _, path in reversed(_trainer_checkpoints(Path(output_dir))):
         problem = trainer_checkpoint_problem(path)
         if problem is None:
             return str(path)
@@ -288,6 +287,89 @@ def check_trainer_checkpoint(path: str | os.PathLike) -> None:
     raise CheckpointError(f"cannot resume from {path}: {problem}. "
                           + (f"Resume from {newest}, the newest complete checkpoint of its folder, or with "
                              "`latest`." if newest else "Its folder has no complete checkpoint: start afresh."))
+
+
+# What a Trainer run writes into its output folder (besides its checkpoint-<N> folders): a folder holding any of
+# them holds another run.
+_TRAINER_RUN_OUTPUTS = ("README.md", "config.json", "model.safetensors", "all_results.json", "train_results.json",
+                        "eval_results.json", "trainer_state.json", "train_log.jsonl", "training_args.bin")
+
+
+def _trainer_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-<N>`` folders of ``output_dir``, by step."""
+    if not output_dir.is_dir():
+        return []
+    return sorted((int(match.group(1)), path) for path in output_dir.iterdir()
+                  if (match := _TRAINER_CHECKPOINT_RE.match(path.name)) and path.is_dir())
+
+
+def _move_aside(output_dir: Path, paths: list[Path], prefix: str) -> Path:
+    """Move ``paths`` (folders of ``output_dir``) whole into a new ``<prefix>-<time>`` folder there; returns it."""
+    aside = output_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    aside.mkdir()
+    for path in paths:
+        os.replace(path, aside / path.name)
+    _fsync_dir(output_dir)
+    return aside
+
+
+def resolve_trainer_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """A Trainer script's ``--resume_from_checkpoint``: ``"latest"`` is :func:`latest_trainer_checkpoint` (``None``:
+    none yet, a fresh start); a path is returned as is, unless it was cut short (:func:`check_trainer_checkpoint`)."""
+    if value == "latest":
+        return latest_trainer_checkpoint(output_dir)
+    if value is not None:
+        check_trainer_checkpoint(value)
+    return value
+
+
+def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,
+                               overwrite_output_dir: bool) -> str | None:
+    """The output-folder policy of the Trainer scripts (``pretrain_trainer.py``, ``finetune.py``), as
+    :func:`prepare_output_dir`'s for ``pretrain()`` (main process first). Returns the checkpoint to resume
+    (:func:`resolve_trainer_checkpoint` of ``resume_from_checkpoint``), or ``None``. Nothing is deleted.
+
+    * A new run into a folder holding another run's checkpoints or outputs is refused, naming
+      ``--resume_from_checkpoint latest`` and ``--overwrite_output_dir`` (``latest`` with no complete checkpoint to
+      continue is refused as well: it would start anew over the other run). An overwriting run moves the other run's
+      ``checkpoint-*`` into one ``replaced-<time>`` folder: Trainer's checkpoints carry no run identity, so left in
+      place ``latest`` would resume them, and Trainer's rotation (``save_total_limit``) would prune the new run's
+      checkpoints before them. Its other files are replaced as the new run writes its own.
+    * Resuming ``checkpoint-<N>`` moves the folder's later ``checkpoint-*`` (the branch the resume abandons, or folders
+      a kill cut short) into one ``abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
+    resume_from = resolve_trainer_checkpoint(resume_from_checkpoint, output_dir)
+    checkpoints = _trainer_checkpoints(output_dir)
+    if resume_from is not None:
+        resumed = Path(resume_from).resolve()
+        match = _TRAINER_CHECKPOINT_RE.match(resumed.name)
+        later = [path for step, path in checkpoints if match and step > int(match.group(1))]
+        if later and resumed.parent == output_dir.resolve():
+            aside = _move_aside(output_dir, later, "abandoned")
+            logger.warning("Resuming from %s abandons the later checkpoints %s: moved to %s (delete it once you no "
+                           "longer need them)", resumed.name, ", ".join(path.name for path in later), aside)
+        return resume_from
+    held = [path.name for _, path in checkpoints] + [name for name in _TRAINER_RUN_OUTPUTS
+                                                     if (output_dir / name).exists()]
+    if held and resume_from_checkpoint == "latest":
+        raise ValueError(
+            f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint to continue from, but holds "
+            f"another run ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); starting anew would mix into it. "
+            "Use --overwrite_output_dir (without --resume_from_checkpoint) to start a new run there, or choose "
+            "another --output_dir.")
+    if held and not overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {output_dir} already holds another run ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}"
+            "). Use --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start a new run there, "
+            "or choose another --output_dir.")
+    if checkpoints:
+        aside = _move_aside(output_dir, [path for _, path in checkpoints], "replaced")
+        logger.warning("--overwrite_output_dir: the other run's checkpoints %s were moved to %s (delete it once you no "
+                       "longer need them); its other files are replaced as this run writes its own",
+                       ", ".join(path.name for _, path in checkpoints), aside)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,13 +510,8 @@ def _move_abandoned_branch(output_dir: Path, run_id: str, step: int) -> list[Pat
              if info.step > step and info.run_id in (run_id, None)]
     if not newer:
         return []
-    aside = output_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    aside.mkdir()
-    moved = []
-    for info in newer:
-        os.replace(info.path, aside / info.path.name)
-        moved.append(aside / info.path.name)
-    _fsync_dir(output_dir)
+    aside = _move_aside(output_dir, [info.path for info in newer], "abandoned")
+    moved = [aside / info.path.name for info in newer]
     logger.warning("Resuming from step %d abandons the later checkpoints %s of this run: moved to %s (delete it "
                    "once you no longer need them)", step, ", ".join(info.path.name for info in newer), aside)
     return moved
