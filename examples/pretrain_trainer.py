@@ -42,7 +42,7 @@ from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import (BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data,
                            build_validation_data)
-from ijepa_hf.scripts import configure_logging, prepare_trainer_run, run_script
+from ijepa_hf.scripts import configure_logging, run_script, trainer_run_folder
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -173,7 +173,12 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         log_level = training_args.get_process_log_level()
         logging.getLogger().setLevel(log_level)
         transformers.utils.logging.set_verbosity(log_level)
-    resume = prepare_trainer_run(training_args, script_args.overwrite_output_dir)  # refuses another run's folder
+    # The folder's run lock for the whole run; another run's folder is refused
+    with trainer_run_folder(training_args, script_args.overwrite_output_dir) as resume:
+        return _pretrain(script_args, training_args, resume)
+
+
+def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, resume: str | None) -> IJepaTrainer:
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     config = build_pretraining_config(

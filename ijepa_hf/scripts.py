@@ -10,15 +10,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
-           "prepare_trainer_run", "resolve_resume_checkpoint", "run_script", "user_errors"]
+           "prepare_trainer_run", "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
@@ -55,34 +56,48 @@ def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) 
     ``checkpoint-*`` in ``output_dir`` (folders a kill cut short are skipped, naming them), or ``None`` (a fresh
     start) when there is none; ``"last"`` is a deprecated alias; anything else is a checkpoint path, refused when it
     was cut short."""
-    import warnings
-
     from .training.checkpointing import resolve_trainer_checkpoint
 
-    if value == "last":
-        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
-                      FutureWarning, stacklevel=2)
-        value = "latest"
-    return resolve_trainer_checkpoint(value, output_dir)
+    return resolve_trainer_checkpoint(_resume_keyword(value), output_dir)
+
+
+def _resume_keyword(value: str | None) -> str | None:
+    """``--resume_from_checkpoint`` with the deprecated ``last`` read as ``latest``, with a warning."""
+    if value != "last":
+        return value
+    import warnings
+
+    warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
+                  FutureWarning, stacklevel=3)
+    return "latest"
 
 
 def prepare_trainer_run(training_args: Any, overwrite_output_dir: bool) -> str | None:
     """A Trainer script's output folder and the checkpoint it resumes: ``--resume_from_checkpoint`` (see
     :func:`resolve_resume_checkpoint`) under the output-folder policy of
-    :func:`ijepa_hf.training.checkpointing.prepare_trainer_output_dir`, applied by the main process first (the
+    :func:`~ijepa_hf.training.checkpointing.prepare_trainer_output_dir`, applied by the main process first (the
     others then find the folder as it left it)."""
-    import warnings
-
     from .training.checkpointing import prepare_trainer_output_dir
 
-    value = training_args.resume_from_checkpoint
-    if value == "last":
-        warnings.warn("--resume_from_checkpoint last is deprecated: use `latest` (the pretraining script's keyword).",
-                      FutureWarning, stacklevel=2)
-        value = "latest"
+    value = _resume_keyword(training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=False, desc="the output folder"):
         return prepare_trainer_output_dir(training_args.output_dir, resume_from_checkpoint=value,
                                           overwrite_output_dir=overwrite_output_dir)
+
+
+@contextlib.contextmanager
+def trainer_run_folder(training_args: Any, overwrite_output_dir: bool) -> Iterator[str | None]:
+    """:func:`prepare_trainer_run` with the folder's run lock held by the main process for the length of the
+    ``with`` block (:class:`~ijepa_hf.training.checkpointing.OutputDirLock`, as ``pretrain.py``): a second run into
+    the folder fails at once, naming the holder. Yields the checkpoint to resume."""
+    from .training.checkpointing import OutputDirLock
+
+    held = OutputDirLock(training_args.output_dir).acquire() if training_args.process_index == 0 else None
+    try:
+        yield prepare_trainer_run(training_args, overwrite_output_dir)
+    finally:
+        if held is not None:
+            held.release()
 
 
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:

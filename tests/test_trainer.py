@@ -424,3 +424,20 @@ def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
     assert third.returncode == 0, third.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (next(out.glob("replaced-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == weights
+
+
+def test_pretrain_trainer_refuses_a_folder_another_run_is_training_into(tmp_path):
+    """As pretrain.py: a second run into the folder of a live one (a requeued job while the first still runs, two
+    jobs given one folder) fails at once, naming the holder, instead of both writing checkpoints there."""
+    from ijepa_hf.training.checkpointing import OutputDirLock
+
+    out = tmp_path / "run"
+    with OutputDirLock(out):  # the live run
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--output_dir", str(out),
+             "--max_steps", "2", "--use_cpu", "--report_to", "none", "--online_probe_steps", "0",
+             "--embedded_num_images", "64", "--resume_from_checkpoint", "latest"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "is in use by another run" in proc.stderr and f"pid\": {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".ijepa_hf.lock"]
