@@ -441,3 +441,29 @@ def test_pretrain_trainer_refuses_a_folder_another_run_is_training_into(tmp_path
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "is in use by another run" in proc.stderr and f"pid\": {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [".ijepa_hf.lock"]
+
+
+def test_resuming_the_trainer_under_changed_settings_is_refused_naming_them(tmp_path):
+    """As pretrain(): the checkpoint's model config and the settings that define the run must be the ones it was
+    trained with. Trainer used to load the checkpoint's learning rate into the scheduler over a new one without a
+    word, and any mask setting of the config with it; the operational ones (logging, saving) may change."""
+    model, collator, data = tiny_trainer_parts()
+    IJepaTrainer(model=model, args=trainer_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=data,
+                 data_collator=collator).train()
+    checkpoint = str(tmp_path / "trainer" / "checkpoint-2")
+
+    model, collator, data = tiny_trainer_parts()
+    model.config.num_target_blocks = 3
+    args = trainer_args(tmp_path, save_strategy="steps", save_steps=2, learning_rate=1e-2,
+                        per_device_train_batch_size=2)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    with pytest.raises(ValueError, match=r"Cannot resume exactly: the global batch is 2, the checkpoint's 4; "
+                                         r"learning_rate is 0.01, the checkpoint was trained with 5e-05; config "
+                                         r"num_target_blocks is 3, the checkpoint's is 2\."):
+        trainer.train(resume_from_checkpoint=checkpoint)
+
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, save_strategy="steps", save_steps=3, logging_steps=2)  # operational: allowed
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == 4

@@ -8,7 +8,9 @@ distributed strategies' part of a load (the EMA's view of sharded parameters) is
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "check_resume_compatible", "loop_state", "resume_run"]
+__all__ = ["Progress", "TRAINER_SETTINGS_ENTRY", "check_resume_compatible", "check_trainer_resume_compatible", "loop_state",
+           "resume_run"]
 
 
 @dataclass
@@ -173,15 +176,7 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
     if saved["num_processes"] != num_processes and not moved:
         problems.append(f"{num_processes} processes, the checkpoint was trained on {saved['num_processes']} (with the "
                         "same global batch, --allow_process_count_change continues it on another process count)")
-    old_config = _flatten(_comparable_config(saved["config"]))
-    new_config = _flatten(_comparable_config(config.to_dict()))
-    # A field added to the config after the checkpoint was written: the checkpoint trained with its default.
-    defaults = _flatten(_comparable_config(type(config)().to_dict()))
-    for key in sorted(set(old_config) | set(new_config)):
-        if key not in old_config and key in defaults and new_config.get(key) == defaults[key]:
-            continue
-        if old_config.get(key) != new_config.get(key):
-            problems.append(f"config {key} is {new_config.get(key)!r}, the checkpoint's is {old_config.get(key)!r}")
+    problems += _config_problems(saved["config"], config)
     if saved["total_steps"] != total_steps:
         if not args.extend_run:
             problems.append(f"the run would last {total_steps} steps, the checkpoint's run {saved['total_steps']} "
@@ -189,6 +184,52 @@ def check_resume_compatible(saved: dict[str, Any], args: PretrainingArguments, c
         elif total_steps < saved["progress"]["completed_steps"]:
             problems.append(f"--extend_run: the new length ({total_steps} steps) is shorter than the "
                             f"{saved['progress']['completed_steps']} steps already done")
+    _refuse(problems)
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:
         raise ValueError("Cannot resume exactly: " + "; ".join(problems) + ". Resume with the checkpoint's settings, "
                          "or start a new run (another --output_dir or --overwrite_output_dir).")
+
+
+def _config_problems(saved: dict[str, Any], config: IJepaPretrainingConfig) -> list[str]:
+    """The fields in which ``config`` differs from a checkpoint's config (``saved``, its ``to_dict()``)."""
+    old_config = _flatten(_comparable_config(saved))
+    new_config = _flatten(_comparable_config(config.to_dict()))
+    # A field added to the config after the checkpoint was written: the checkpoint trained with its default.
+    defaults = _flatten(_comparable_config(type(config)().to_dict()))
+    return [f"config {key} is {new_config.get(key)!r}, the checkpoint's is {old_config.get(key)!r}"
+            for key in sorted(set(old_config) | set(new_config))
+            if not (key not in old_config and key in defaults and new_config.get(key) == defaults[key])
+            and old_config.get(key) != new_config.get(key)]
+
+
+# Where IJepaTrainer records the settings that define its run in a checkpoint's trainer_state.json (the
+# ``stateful_callbacks`` entry of ``ijepa_hf.training.trainer.RunSettingsCallback``).
+TRAINER_SETTINGS_ENTRY = "RunSettingsCallback"
+
+
+def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dict[str, Any],
+                                    config: IJepaPretrainingConfig) -> None:
+    """Refuse to resume the Trainer checkpoint ``checkpoint`` under other settings than it was trained with: the
+    model config (its ``config.json``) and ``settings`` (what ``IJepaTrainer`` records in its ``trainer_state.json``;
+    a checkpoint without them, from another trainer, has its config compared only). Raises ``ValueError`` naming every
+    differing field, as :func:`check_resume_compatible`."""
+    checkpoint = Path(checkpoint)
+    problems = []
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("stateful_callbacks", {}).get(TRAINER_SETTINGS_ENTRY)
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else None
+    if saved is not None:
+        old, new = saved.get("args", {}).get("settings", {}), json.loads(json.dumps(settings))
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) == new.get(name):
+                continue
+            problems.append(f"the global batch is {new.get(name)}, the checkpoint's {old.get(name)}"
+                            if name == "global_batch" else
+                            f"{name} is {new.get(name)!r}, the checkpoint was trained with {old.get(name)!r}")
+    if (checkpoint / "config.json").is_file():
+        problems += _config_problems(json.loads((checkpoint / "config.json").read_text()), config)
+    _refuse(problems)

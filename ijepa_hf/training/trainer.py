@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
@@ -77,6 +78,7 @@ from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseM
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
+from .resume import check_trainer_resume_compatible
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, dummy_batch_factory, weights_are_finite
 
@@ -130,6 +132,19 @@ def recipe_training_arguments(output_dir: str, recipe: str = "official", **overr
     ``small`` recipe warms up over a quarter of the run). Pair with ``apply_recipe(config, recipe)`` for the model;
     ``overrides`` win."""
     return official_training_arguments(output_dir, **{"warmup_steps": get_recipe(recipe).warmup_ratio, **overrides})
+
+
+class RunSettingsCallback(TrainerCallback, ExportableState):
+    """Records the settings that define an ``IJepaTrainer`` run (learning rate and its schedule, weight decay, EMA,
+    optimizer, global batch, seed, precision) in every checkpoint's ``trainer_state.json``, where
+    ``IJepaTrainer.train(resume_from_checkpoint=...)`` compares them with the resuming run's
+    (:func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`). JSON, no pickle."""
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"settings": self.settings}, "attributes": {}}
 
 
 class EMACallback(TrainerCallback):
@@ -350,6 +365,8 @@ class IJepaTrainer(Trainer):
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
+        self._settings = RunSettingsCallback(self._run_settings(final_weight_decay, ema_momentum))
+        self.add_callback(self._settings)
         # The model's forward takes **kwargs only for API compatibility; it returns a mean loss, so the Trainer
         # must scale it for gradient accumulation instead of passing num_items_in_batch.
         self.model_accepts_loss_kwargs = False
@@ -382,7 +399,31 @@ class IJepaTrainer(Trainer):
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_trainer_checkpoint(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            check_trainer_resume_compatible(resume_from_checkpoint, self._settings.settings,
+                                            _unwrap(self.model).config)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _run_settings(self, final_weight_decay: float | None, ema_momentum: Sequence[float] | None
+                      ) -> dict[str, Any]:
+        """What defines the run beyond the model config (which the checkpoint's config.json holds): resuming under
+        other values would silently continue another run (Trainer restores the checkpoint's learning rate into its
+        scheduler over a new one, for one). Logging, saving and evaluation settings may change, and so may the
+        length (``max_steps``, ``num_train_epochs``): the schedules are then recomputed for the new length, as
+        ``pretrain()``'s ``--extend_run`` does."""
+        args = self.args
+        return {
+            "learning_rate": args.learning_rate, "lr_scheduler_type": getattr(args.lr_scheduler_type, "value",
+                                                                              args.lr_scheduler_type),
+            "lr_scheduler_kwargs": args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps,
+            "weight_decay": args.weight_decay, "final_weight_decay": final_weight_decay,
+            "ema_momentum": None if ema_momentum is None else [float(m) for m in ema_momentum],
+            "optim": getattr(args.optim, "value", args.optim), "adam_beta1": args.adam_beta1,
+            "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
+            "global_batch": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+            "seed": args.seed,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        }
 
     def save_run(self, *, data_description: str, hub_dataset: str | None = None, source: str | None = None
                  ) -> Path | None:
