@@ -317,6 +317,9 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     if args.optim_args:
         raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
                          "adam_beta2 and adam_epsilon")
+    if args.gradient_accumulation_steps < 1:  # Trainer would divide by it
+        raise ValueError(f"IJepaTrainer: gradient_accumulation_steps must be a positive integer, got "
+                         f"{args.gradient_accumulation_steps}")
     if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
         raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
