@@ -33,6 +33,7 @@ class _LrRecorder(TrainerCallback):
     ({"optim": "sgd"}, "optim='sgd' is not supported"),
     ({"optim": "adamw_torch", "optim_args": "foo=1"}, "optim_args"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer, got 0"),
+    ({"fp16": True}, "fp16 mixed precision is not applied on CPU"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"start_lr": 2e-4}}, "warm-up would go down"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 1e-6}}, r"\['min_lr'\] are not options"),
 ])

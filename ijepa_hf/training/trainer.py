@@ -317,6 +317,9 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     if args.optim_args:
         raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
                          "adam_beta2 and adam_epsilon")
+    if args.fp16 and args.device.type == "cpu":  # accelerate runs it in fp32, while the log and the card say fp16
+        raise ValueError("IJepaTrainer: fp16 mixed precision is not applied on CPU (the run would be fp32's while "
+                         "the log and the card said fp16): use bf16=True, or neither, on CPU")
     if args.gradient_accumulation_steps < 1:  # Trainer would divide by it
         raise ValueError(f"IJepaTrainer: gradient_accumulation_steps must be a positive integer, got "
                          f"{args.gradient_accumulation_steps}")
