@@ -469,3 +469,15 @@ def test_resuming_the_trainer_under_changed_settings_is_refused_naming_them(tmp_
     trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
     trainer.train(resume_from_checkpoint=checkpoint)
     assert trainer.state.global_step == 4
+
+
+def test_resuming_a_checkpoint_of_weights_only_is_refused(tmp_path):
+    """A checkpoint saved with save_only_model holds no optimizer, scheduler or RNG state: Trainer resumed from it
+    with fresh ones, without a word, so the learning-rate warm-up started again in the middle of the run."""
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, save_strategy="steps", save_steps=2, save_only_model=True)
+    IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    with pytest.raises(ValueError, match="checkpoint-4 holds the weights only .*save_only_model.*warm-up"):
+        trainer.train(resume_from_checkpoint=True)
