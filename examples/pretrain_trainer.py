@@ -70,7 +70,7 @@ RECIPE_DEFAULTS["optim"] = getattr(RECIPE_DEFAULTS["optim"], "value", RECIPE_DEF
 # Used without a data argument, for the options not given: a tiny model on the embedded procedural shapes.
 EMBEDDED_DEMO: dict[str, Any] = {
     "output_dir": "outputs/pretrain-trainer", "max_steps": 50, "per_device_train_batch_size": 32,
-    "warmup_steps": 5, "logging_steps": 10, "save_strategy": "no", "report_to": "none",
+    "warmup_steps": 0.1, "logging_steps": 10, "save_strategy": "no", "report_to": "none",  # warm-up: a tenth of the run
 }
 # Its model: --config_name replaces it, --config_overrides changes it (as examples/pretrain.py's demo).
 EMBEDDED_DEMO_MODEL: dict[str, Any] = {

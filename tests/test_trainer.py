@@ -89,7 +89,7 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
         assert getattr(bare, name) == getattr(some, name), name
         if name != "warmup_steps":  # the embedded demo's 50-step budget has its own warm-up
             assert getattr(bare, name) == getattr(data, name), name
-    assert data.warmup_steps == pytest.approx(40 / 300) and bare.warmup_steps == 5
+    assert data.warmup_steps == pytest.approx(40 / 300) and bare.warmup_steps == 0.1  # a tenth of any length
     assert bare.learning_rate == 1e-3 and bare.max_grad_norm == 0.0 and bare.remove_unused_columns is False
     assert some.max_steps == 7 and data.max_steps == -1 and data.num_train_epochs == 3  # no demo budget with data
     path = tmp_path / "args.json"
@@ -481,3 +481,15 @@ def test_resuming_a_checkpoint_of_weights_only_is_refused(tmp_path):
     trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
     with pytest.raises(ValueError, match="checkpoint-4 holds the weights only .*save_only_model.*warm-up"):
         trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_a_warmup_longer_than_the_run_is_refused(tmp_path, scheduler):
+    """As pretrain(): the learning rate would never reach its peak. IJepaTrainer's cosine used to cut the warm-up to
+    the run's length without a word (the peak reached at the last step)."""
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, warmup_steps=10, lr_scheduler_type=scheduler)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    with pytest.raises(ValueError, match=r"warmup_steps 10 is longer than the run \(4 steps\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -684,11 +684,15 @@ class IJepaTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int,
                          optimizer: torch.optim.Optimizer | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if self.lr_scheduler is None and warmup > num_training_steps:
+            raise ValueError(f"IJepaTrainer: warmup_steps {warmup} is longer than the run ({num_training_steps} steps): "
+                             "the learning rate would never reach its peak; lower it, or give a fraction of the run "
+                             "(warmup_steps < 1)")
         if self.lr_scheduler is None and self._cosine:
             peak = self.args.learning_rate
             schedule = PretrainingSchedule(
-                total_steps=max(1, num_training_steps),
-                warmup_steps=min(self.args.get_warmup_steps(num_training_steps), max(1, num_training_steps)),
+                total_steps=max(1, num_training_steps), warmup_steps=warmup,
                 start_lr=self._cosine["start_lr"], peak_lr=peak, final_lr=self._cosine["final_lr"])
 
             def factor(index: int) -> float:
