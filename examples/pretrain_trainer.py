@@ -222,7 +222,8 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, re
     evaluating = training_args.do_eval or getattr(training_args.eval_strategy, "value", "no") != "no"
     if evaluating:
         validation = build_validation_data(  # its own counter: the last line counts the training images alone
-            image_size=image_size, seed=training_args.seed, counter=BadImageCounter(), dataset_name=script_args.dataset_name,
+            image_size=image_size, seed=training_args.seed, counter=BadImageCounter(),
+            dataset_name=script_args.dataset_name,
             dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
             validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
             image_column_name=script_args.image_column_name, max_eval_samples=script_args.max_eval_samples,

@@ -353,17 +353,17 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
         return resume_from
     held = [path.name for _, path in checkpoints] + [name for name in _TRAINER_RUN_OUTPUTS
                                                      if (output_dir / name).exists()]
+    listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
     if held and resume_from_checkpoint == "latest":
         raise ValueError(
             f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint to continue from, but holds "
-            f"another run ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}); starting anew would mix into it. "
+            f"another run ({listed}); starting anew would mix into it. "
             "Use --overwrite_output_dir (without --resume_from_checkpoint) to start a new run there, or choose "
             "another --output_dir.")
     if held and not overwrite_output_dir:
         raise ValueError(
-            f"--output_dir {output_dir} already holds another run ({', '.join(held[:6])}{', ...' if len(held) > 6 else ''}"
-            "). Use --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start a new run there, "
-            "or choose another --output_dir.")
+            f"--output_dir {output_dir} already holds another run ({listed}). Use --resume_from_checkpoint latest "
+            "to continue it, --overwrite_output_dir to start a new run there, or choose another --output_dir.")
     if checkpoints:
         aside = _move_aside(output_dir, [path for _, path in checkpoints], "replaced")
         logger.warning("--overwrite_output_dir: the other run's checkpoints %s were moved to %s (delete it once you no "

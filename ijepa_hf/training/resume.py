@@ -24,8 +24,8 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "TRAINER_SETTINGS_ENTRY", "check_resume_compatible", "check_trainer_resume_compatible", "loop_state",
-           "resume_run"]
+__all__ = ["Progress", "TRAINER_SETTINGS_ENTRY", "check_resume_compatible", "check_trainer_resume_compatible",
+           "loop_state", "resume_run"]
 
 
 @dataclass
@@ -213,9 +213,9 @@ TRAINER_SETTINGS_ENTRY = "RunSettingsCallback"
 def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dict[str, Any],
                                     config: IJepaPretrainingConfig) -> None:
     """Refuse to resume the Trainer checkpoint ``checkpoint`` when it holds the weights only (``save_only_model``), or
-    under other settings than it was trained with: the model config (its ``config.json``) and ``settings`` (what ``IJepaTrainer`` records in its ``trainer_state.json``;
-    a checkpoint without them, from another trainer, has its config compared only). Raises ``ValueError`` naming every
-    differing field, as :func:`check_resume_compatible`."""
+    under other settings than it was trained with: the model config (its ``config.json``) and ``settings`` (what
+    ``IJepaTrainer`` records in its ``trainer_state.json``; a checkpoint without them, from another trainer, has its
+    config compared only). Raises ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
     checkpoint = Path(checkpoint)
     if not any(path.name.startswith(("optimizer", "global_step")) for path in checkpoint.iterdir()):
         raise ValueError(
