@@ -243,6 +243,7 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, re
         processing_class=make_image_processor(config.encoder_config),
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
         collapse_threshold=script_args.collapse_threshold, collapse_max_cosine=script_args.collapse_max_cosine,
+        data_fingerprint=data.fingerprint(),  # resuming on other images is refused
     )
     trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted is not None:

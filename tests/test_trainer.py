@@ -493,3 +493,34 @@ def test_a_warmup_longer_than_the_run_is_refused(tmp_path, scheduler):
     with pytest.raises(ValueError, match=r"warmup_steps 10 is longer than the run \(4 steps\)"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_pretrain_trainer_refuses_to_resume_on_other_images(tmp_path):
+    """As pretrain.py: the checkpoint records what identifies its images (their paths relative to the folder and
+    their sizes), so a resume on a folder that changed is refused, naming it; the same images elsewhere resume."""
+    from PIL import Image
+    from tiny import TINY_OVERRIDES
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 90, 30)).save(images / f"{i}.png")
+    out = tmp_path / "run"
+
+    def run(folder, steps):
+        return subprocess.run(
+            [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--train_dir", str(folder),
+             "--output_dir", str(out), "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "4",
+             "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "2", "--online_probe_steps", "0",
+             "--use_cpu", "--report_to", "none", "--resume_from_checkpoint", "latest"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+
+    assert run(images, 2).returncode == 0
+    staged = tmp_path / "staged"
+    shutil.copytree(images, staged)
+    Image.new("RGB", (40, 40)).save(images / "added.png")
+    changed = run(images, 4)
+    assert changed.returncode == 2 and "Cannot resume exactly: data is" in changed.stderr, changed.stderr[-3000:]
+    assert "'files': 9" in changed.stderr and "'files': 8" in changed.stderr
+    moved = run(staged, 4)  # the checkpoint's images at another path
+    assert moved.returncode == 0, moved.stderr[-3000:]

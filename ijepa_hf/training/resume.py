@@ -230,8 +230,8 @@ def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dic
         saved = saved[-1] if saved else None
     if saved is not None:
         old, new = saved.get("args", {}).get("settings", {}), json.loads(json.dumps(settings))
-        for name in sorted(set(old) | set(new)):
-            if old.get(name) == new.get(name):
+        for name in sorted(set(old) & set(new)):  # a setting recorded on one side only is not compared
+            if old[name] == new[name]:
                 continue
             problems.append(f"the global batch is {new.get(name)}, the checkpoint's {old.get(name)}"
                             if name == "global_batch" else

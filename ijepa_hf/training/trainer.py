@@ -355,11 +355,14 @@ class IJepaTrainer(Trainer):
         ema_momentum: ``(start, end)`` of the EMA; default the model config's.
         collapse_threshold, collapse_max_cosine: when a log row warns of collapse (the pooled target features' std
             below, or their mean pairwise cosine above), as ``pretrain``'s options of the same names.
+        data_fingerprint: what identifies the training images (``PretrainingData.fingerprint()``): recorded in the
+            checkpoints, so that resuming on other images is refused, as in ``pretrain``; ``None``: not checked.
     """
 
     def __init__(self, *args: Any, final_weight_decay: float | None = None,
                  ema_momentum: Sequence[float] | None = None, collapse_threshold: float = 0.01,
-                 collapse_max_cosine: float = 0.999, **kwargs: Any) -> None:
+                 collapse_max_cosine: float = 0.999, data_fingerprint: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
@@ -371,7 +374,8 @@ class IJepaTrainer(Trainer):
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
-        self._settings = RunSettingsCallback(self._run_settings(final_weight_decay, ema_momentum))
+        self._settings = RunSettingsCallback({**self._run_settings(final_weight_decay, ema_momentum),
+                                              **({"data": data_fingerprint} if data_fingerprint else {})})
         self.add_callback(self._settings)
         # The model's forward takes **kwargs only for API compatibility; it returns a mean loss, so the Trainer
         # must scale it for gradient accumulation instead of passing num_items_in_batch.
