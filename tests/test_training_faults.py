@@ -283,6 +283,19 @@ def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_holder(tmp_p
     assert run(out, steps=2).global_step == 2
 
 
+def test_the_lock_names_the_holders_command_without_its_token(tmp_path, monkeypatch):
+    """The lock file records the holder's command line, and a second run prints it: a Hub token given on that line
+    (--hub_token, --token) is written as *** (it used to reach the folder and the other run's terminal in clear)."""
+    secret = "hf_" + "x" * 30
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--hub_token", secret, "--push_to_hub", f"--token={secret}"])
+    with OutputDirLock(tmp_path / "run"):
+        with pytest.raises(OutputDirInUseError) as refused:
+            OutputDirLock(tmp_path / "run").acquire()
+        written = (tmp_path / "run" / ".ijepa_hf.lock").read_text()
+    assert secret not in str(refused.value) and secret not in written
+    assert "pretrain.py --hub_token *** --push_to_hub --token=***" in written
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Non-finite loss
 # ----------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,22 @@ class OutputDirInUseError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+_TOKEN_OPTIONS = ("--hub_token", "--token")
+
+
+def _without_tokens(argv: list[str]) -> str:
+    """The command line with the values of its token options as ``***``: the lock file records it, and a second run
+    prints it."""
+    words = []
+    for i, word in enumerate(argv):
+        if i and argv[i - 1] in _TOKEN_OPTIONS:
+            word = "***"
+        elif word.startswith(tuple(f"{option}=" for option in _TOKEN_OPTIONS)):
+            word = word.split("=", 1)[0] + "=***"
+        words.append(word)
+    return " ".join(words)
+
+
 class OutputDirLock:
     """An exclusive ``flock`` on ``output_dir/.ijepa_hf.lock`` for the lifetime of a run (main process only).
 
@@ -131,7 +147,7 @@ class OutputDirLock:
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "command": " ".join(sys.argv)[:500]}))
+                                 "command": _without_tokens(sys.argv)[:500]}))
         handle.flush()
         self._handle = handle
         return self
