@@ -276,9 +276,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        run_script(main)
-    finally:
-        if torch.distributed.is_initialized():
-            # An orderly exit: a process group left to interpreter shutdown can abort it (seen with DeepSpeed on CPU).
-            torch.distributed.destroy_process_group()
+    run_script(main)  # which also ends the process group in order

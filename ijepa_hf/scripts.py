@@ -102,7 +102,10 @@ def trainer_run_folder(training_args: Any, overwrite_output_dir: bool) -> Iterat
 
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
     """Run ``main(argv)`` (``argv`` without ``--debug``; default ``sys.argv[1:]``) and return what it returns; a
-    user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring)."""
+    user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring). A process
+    group the run started (``accelerate launch``) is destroyed on the way out, whatever happened: one left to the
+    interpreter's shutdown can abort the process (gloo: ``terminate called without an active exception``) after the
+    run finished, and the launcher then reports the whole job failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [item for item in argv if item != DEBUG_FLAG]
@@ -115,3 +118,12 @@ def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = No
         print(f"{Path(sys.argv[0]).name}: error: {message} (the traceback: add {DEBUG_FLAG} or set {DEBUG_ENV}=1)",
               file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -264,6 +264,7 @@ def test_finetune_resume_keyword_is_latest_as_in_pretraining(tmp_path):
     for step in (5, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"its optimizer state")
     assert finetune.resolve_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-12")
     with pytest.warns(FutureWarning, match="latest"):
         assert finetune.resolve_resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-12")

@@ -74,3 +74,27 @@ logging.getLogger("ijepa_hf").info("the package's own lines stay")
         outputs[mode] = proc.stdout + proc.stderr
     assert "HTTP Request" in outputs["plain"]  # the request line this test looks for
     assert "HTTP Request" not in outputs["scripts"] and "the package's own lines stay" in outputs["scripts"]
+
+
+def test_run_script_ends_the_process_group_the_run_started(tmp_path):
+    """A gloo process group left to the interpreter's shutdown sometimes aborted a finished run (`terminate called
+    without an active exception`, exit -6), and `accelerate launch` then reported the job failed: the scripts' runner
+    destroys it on the way out, after an error as after a success."""
+    code = (
+        "import os, torch.distributed as dist\n"
+        "from ijepa_hf.scripts import run_script\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=os.environ['PORT'])\n"
+        "def main(argv):\n"
+        "    dist.init_process_group('gloo', rank=0, world_size=1)\n"
+        "    if argv: raise ValueError('a user error')\n"
+        "try:\n"
+        "    run_script(main, os.environ['ARGV'].split())\n"
+        "except SystemExit as exit:\n"
+        "    print('exit', exit.code)\n"
+        "print('initialized', dist.is_initialized())\n")
+    from tiny import free_port
+
+    for argv, printed in (("", "initialized False"), ("--fail", "exit 2\\ninitialized False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PORT": str(free_port()), "ARGV": argv})
+        assert proc.returncode == 0 and proc.stdout.strip() == printed.replace("\\n", "\n"), proc.stderr[-2000:]

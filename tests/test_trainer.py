@@ -264,6 +264,7 @@ trainer = IJepaTrainer(model=model, args=args, train_dataset=Unreadable(data, [2
 trainer.train()
 if trainer.is_world_process_zero():
     Path(sys.argv[1], "rows.json").write_text(json.dumps([r for r in trainer.state.log_history if "loss" in r]))
+torch.distributed.destroy_process_group()  # an orderly exit (examples get it from ijepa_hf.scripts.run_script)
 '''
 
 
@@ -361,6 +362,7 @@ def _trainer_checkpoint(folder, step, complete=True):
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "model.safetensors").write_bytes(b"weights of step %d" % step)
+    (path / "optimizer.pt").write_bytes(b"its optimizer state")
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return path
@@ -474,13 +476,19 @@ def test_resuming_the_trainer_under_changed_settings_is_refused_naming_them(tmp_
 def test_resuming_a_checkpoint_of_weights_only_is_refused(tmp_path):
     """A checkpoint saved with save_only_model holds no optimizer, scheduler or RNG state: Trainer resumed from it
     with fresh ones, without a word, so the learning-rate warm-up started again in the middle of the run."""
+    from ijepa_hf.scripts import resolve_resume_checkpoint
+    from ijepa_hf.training.checkpointing import CheckpointError
+
     model, collator, data = tiny_trainer_parts()
     args = trainer_args(tmp_path, save_strategy="steps", save_steps=2, save_only_model=True)
     IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator).train()
     model, collator, data = tiny_trainer_parts()
     trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
-    with pytest.raises(ValueError, match="checkpoint-4 holds the weights only .*save_only_model.*warm-up"):
+    with pytest.raises(CheckpointError, match="checkpoint-4: it holds the weights only .*save_only_model.*warm-up"):
         trainer.train(resume_from_checkpoint=True)
+    # the Trainer scripts' --resume_from_checkpoint (finetune.py's too)
+    with pytest.raises(CheckpointError, match="checkpoint-2: it holds the weights only"):
+        resolve_resume_checkpoint(str(tmp_path / "trainer" / "checkpoint-2"), tmp_path / "trainer")
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "linear"])

@@ -295,14 +295,23 @@ def latest_trainer_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 
 def check_trainer_checkpoint(path: str | os.PathLike) -> None:
-    """Refuse a Trainer checkpoint folder named by its path that was cut short, naming the newest complete one of
-    its folder (a path that is not a folder is left to the Trainer's own error)."""
-    if not Path(path).is_dir() or (problem := trainer_checkpoint_problem(path)) is None:
+    """Refuse to resume a Trainer checkpoint folder that was cut short, naming the newest complete one of its folder,
+    or that holds the weights only (``save_only_model``: Trainer would resume it with a fresh optimizer, learning-rate
+    schedule and RNG, the warm-up again in the middle of the run). A path that is not a folder is left to the
+    Trainer's own error."""
+    if not Path(path).is_dir():
         return
-    newest = latest_trainer_checkpoint(Path(path).parent)
-    raise CheckpointError(f"cannot resume from {path}: {problem}. "
-                          + (f"Resume from {newest}, the newest complete checkpoint of its folder, or with "
-                             "`latest`." if newest else "Its folder has no complete checkpoint: start afresh."))
+    if (problem := trainer_checkpoint_problem(path)) is not None:
+        newest = latest_trainer_checkpoint(Path(path).parent)
+        raise CheckpointError(f"cannot resume from {path}: {problem}. "
+                              + (f"Resume from {newest}, the newest complete checkpoint of its folder, or with "
+                                 "`latest`." if newest else "Its folder has no complete checkpoint: start afresh."))
+    if not any(item.name.startswith(("optimizer", "global_step")) for item in Path(path).iterdir()):
+        raise CheckpointError(
+            f"cannot resume from {path}: it holds the weights only (saved with save_only_model), without the "
+            "optimizer, learning-rate schedule and RNG states the run needs to continue (Trainer would start them "
+            "afresh, the lr warm-up again in the middle of the run). Resume from a checkpoint saved without "
+            "save_only_model, or start a new run.")
 
 
 # What a Trainer run writes into its output folder (besides its checkpoint-<N> folders): a folder holding any of
@@ -331,12 +340,12 @@ def _move_aside(output_dir: Path, paths: list[Path], prefix: str) -> Path:
 
 def resolve_trainer_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
     """A Trainer script's ``--resume_from_checkpoint``: ``"latest"`` is :func:`latest_trainer_checkpoint` (``None``:
-    none yet, a fresh start); a path is returned as is, unless it was cut short (:func:`check_trainer_checkpoint`)."""
-    if value == "latest":
-        return latest_trainer_checkpoint(output_dir)
-    if value is not None:
-        check_trainer_checkpoint(value)
-    return value
+    none yet, a fresh start), anything else a checkpoint path; either is refused when it cannot be resumed
+    (:func:`check_trainer_checkpoint`)."""
+    path = latest_trainer_checkpoint(output_dir) if value == "latest" else value
+    if path is not None:
+        check_trainer_checkpoint(path)
+    return path
 
 
 def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,

@@ -212,17 +212,11 @@ TRAINER_SETTINGS_ENTRY = "RunSettingsCallback"
 
 def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dict[str, Any],
                                     config: IJepaPretrainingConfig) -> None:
-    """Refuse to resume the Trainer checkpoint ``checkpoint`` when it holds the weights only (``save_only_model``), or
-    under other settings than it was trained with: the model config (its ``config.json``) and ``settings`` (what
+    """Refuse to resume the Trainer checkpoint ``checkpoint`` under other settings than it was trained with (whether
+    it can be resumed at all is :func:`~ijepa_hf.training.checkpointing.check_trainer_checkpoint`'s): the model config (its ``config.json``) and ``settings`` (what
     ``IJepaTrainer`` records in its ``trainer_state.json``; a checkpoint without them, from another trainer, has its
     config compared only). Raises ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
     checkpoint = Path(checkpoint)
-    if not any(path.name.startswith(("optimizer", "global_step")) for path in checkpoint.iterdir()):
-        raise ValueError(
-            f"{checkpoint} holds the weights only (saved with save_only_model): without its optimizer, learning-rate "
-            f"schedule and RNG states the run cannot continue from it (Trainer would start them afresh, the lr warm-up "
-            "again in the middle of the run). Resume from a checkpoint saved without save_only_model, or start a new "
-            "run.")
     problems = []
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved = state.get("stateful_callbacks", {}).get(TRAINER_SETTINGS_ENTRY)

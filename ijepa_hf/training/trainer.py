@@ -69,7 +69,7 @@ from ..data import (IMAGENET_MEAN, IMAGENET_STD, LOAD_SECONDS_KEY, EpochShuffleS
 from ..licensing import record_weights_license, weights_license
 from ..visualization import plot_training_curves
 from .compilation import configure_inductor_for_variable_masks
-from .checkpointing import check_trainer_checkpoint, latest_trainer_checkpoint
+from .checkpointing import resolve_trainer_checkpoint
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
 from .export import batch_summary, mask_summary, write_encoder_and_cards
@@ -400,15 +400,17 @@ class IJepaTrainer(Trainer):
                            "set remove_unused_columns=False.", columns)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's, resuming from complete checkpoints only: ``True`` is the newest complete one of
-        ``output_dir`` (folders a kill cut short during their save are skipped, naming them), and a path to one cut
-        short is refused (:func:`~ijepa_hf.training.checkpointing.latest_trainer_checkpoint`)."""
+        """The Trainer's, resuming only what can be continued exactly: ``True`` is the newest complete checkpoint of
+        ``output_dir`` (folders a kill cut short during their save are skipped, naming them); a checkpoint cut short,
+        of the weights only (``save_only_model``), or trained under other settings is refused, naming why
+        (:func:`~ijepa_hf.training.checkpointing.resolve_trainer_checkpoint`,
+        :func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = latest_trainer_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = resolve_trainer_checkpoint("latest", self.args.output_dir)
             if resume_from_checkpoint is None:  # the Trainer's own message
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            check_trainer_checkpoint(resume_from_checkpoint)
+            resume_from_checkpoint = resolve_trainer_checkpoint(str(resume_from_checkpoint), self.args.output_dir)
         if resume_from_checkpoint:
             check_trainer_resume_compatible(resume_from_checkpoint, self._settings.settings,
                                             _unwrap(self.model).config)
