@@ -103,14 +103,18 @@ def trainer_run_folder(training_args: Any, overwrite_output_dir: bool) -> Iterat
 def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
     """Run ``main(argv)`` (``argv`` without ``--debug``; default ``sys.argv[1:]``) and return what it returns; a
     user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring). A process
-    group the run started (``accelerate launch``) is destroyed on the way out, whatever happened: one left to the
-    interpreter's shutdown can abort the process (gloo: ``terminate called without an active exception``) after the
-    run finished, and the launcher then reports the whole job failed."""
+    group the run started (``accelerate launch``) is ended on the way out: after a run that finished, once every
+    process has reached that point (a process that closed its connections while another was still in a collective
+    aborted that one, gloo's ``terminate called without an active exception``, and the launcher reported the whole
+    job failed); after an error, at once."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [item for item in argv if item != DEBUG_FLAG]
+    finished = False
     try:
-        return main(argv)
+        result = main(argv)
+        finished = True
+        return result
     except user_errors() as error:
         if debug:
             raise
@@ -119,11 +123,13 @@ def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = No
               file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
     finally:
-        _end_process_group()
+        _end_process_group(wait_for_everyone=finished)
 
 
-def _end_process_group() -> None:
+def _end_process_group(wait_for_everyone: bool) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_everyone and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
