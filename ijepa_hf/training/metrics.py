@@ -108,11 +108,10 @@ def collapse_inputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     and with no host sync, so that it can be kept at every update: the pooled target features ``[B, D]`` (each
     token layer-normalised, then averaged) and the std over all tokens of the targets and of the predictions
     ``[2]`` (NaN for a single token)."""
-    with torch.no_grad():
-        hidden = output.target_hidden_state.float()
-        pooled = F.layer_norm(hidden, hidden.shape[-1:]).mean(1)
-        stds = [tokens.float().flatten(0, -2).std(0).mean() if tokens[..., 0].numel() > 1
-                else hidden.new_tensor(float("nan")) for tokens in (output.targets, output.predictions)]
+    hidden = output.target_hidden_state.float()
+    pooled = F.layer_norm(hidden, hidden.shape[-1:]).mean(1)
+    stds = [tokens.float().flatten(0, -2).std(0).mean() if tokens[..., 0].numel() > 1
+            else hidden.new_tensor(float("nan")) for tokens in (output.targets, output.predictions)]
     return pooled, torch.stack(stds)
 
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from ..masking import IJepaMaskCollator
 from .arguments import OPERATIONAL_FIELDS, SCHEDULE_LENGTH_FIELDS, PretrainingArguments
@@ -24,7 +27,7 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "TRAINER_SETTINGS_ENTRY", "check_resume_compatible", "check_trainer_resume_compatible",
+__all__ = ["Progress", "RunSettingsCallback", "check_resume_compatible", "check_trainer_resume_compatible",
            "loop_state", "resume_run"]
 
 
@@ -205,21 +208,30 @@ def _config_problems(saved: dict[str, Any], config: IJepaPretrainingConfig) -> l
             and old_config.get(key) != new_config.get(key)]
 
 
-# Where IJepaTrainer records the settings that define its run in a checkpoint's trainer_state.json (the
-# ``stateful_callbacks`` entry of ``ijepa_hf.training.trainer.RunSettingsCallback``).
-TRAINER_SETTINGS_ENTRY = "RunSettingsCallback"
+class RunSettingsCallback(TrainerCallback, ExportableState):
+    """Records the settings that define an ``IJepaTrainer`` run (learning rate and its schedule, weight decay, EMA,
+    optimizer, global batch, seed, precision) in every checkpoint's ``trainer_state.json`` (its
+    ``stateful_callbacks`` entry under this class's name), where :func:`check_trainer_resume_compatible` compares them
+    with the resuming run's. JSON, no pickle."""
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"settings": self.settings}, "attributes": {}}
 
 
 def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dict[str, Any],
                                     config: IJepaPretrainingConfig) -> None:
     """Refuse to resume the Trainer checkpoint ``checkpoint`` under other settings than it was trained with (whether
-    it can be resumed at all is :func:`~ijepa_hf.training.checkpointing.check_trainer_checkpoint`'s): the model config (its ``config.json``) and ``settings`` (what
-    ``IJepaTrainer`` records in its ``trainer_state.json``; a checkpoint without them, from another trainer, has its
-    config compared only). Raises ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
+    it can be resumed at all is :func:`~ijepa_hf.training.checkpointing.check_trainer_checkpoint`'s): the model
+    config (its ``config.json``) and ``settings`` (what :class:`RunSettingsCallback` records in its
+    ``trainer_state.json``; a checkpoint without them, from another trainer, has its config compared only). Raises
+    ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
     checkpoint = Path(checkpoint)
     problems = []
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    saved = state.get("stateful_callbacks", {}).get(TRAINER_SETTINGS_ENTRY)
+    saved = state.get("stateful_callbacks", {}).get(RunSettingsCallback.__name__)
     if isinstance(saved, list):
         saved = saved[-1] if saved else None
     if saved is not None:
@@ -227,9 +239,8 @@ def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dic
         for name in sorted(set(old) & set(new)):  # a setting recorded on one side only is not compared
             if old[name] == new[name]:
                 continue
-            problems.append(f"the global batch is {new.get(name)}, the checkpoint's {old.get(name)}"
-                            if name == "global_batch" else
-                            f"{name} is {new.get(name)!r}, the checkpoint was trained with {old.get(name)!r}")
+            problems.append(f"the global batch is {new[name]}, the checkpoint's {old[name]}" if name == "global_batch"
+                            else f"{name} is {new[name]!r}, the checkpoint was trained with {old[name]!r}")
     if (checkpoint / "config.json").is_file():
         problems += _config_problems(json.loads((checkpoint / "config.json").read_text()), config)
     _refuse(problems)

@@ -60,7 +60,6 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import has_length
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
@@ -78,7 +77,7 @@ from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseM
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
-from .resume import check_trainer_resume_compatible
+from .resume import RunSettingsCallback, check_trainer_resume_compatible
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, dummy_batch_factory, weights_are_finite
 
@@ -132,19 +131,6 @@ def recipe_training_arguments(output_dir: str, recipe: str = "official", **overr
     ``small`` recipe warms up over a quarter of the run). Pair with ``apply_recipe(config, recipe)`` for the model;
     ``overrides`` win."""
     return official_training_arguments(output_dir, **{"warmup_steps": get_recipe(recipe).warmup_ratio, **overrides})
-
-
-class RunSettingsCallback(TrainerCallback, ExportableState):
-    """Records the settings that define an ``IJepaTrainer`` run (learning rate and its schedule, weight decay, EMA,
-    optimizer, global batch, seed, precision) in every checkpoint's ``trainer_state.json``, where
-    ``IJepaTrainer.train(resume_from_checkpoint=...)`` compares them with the resuming run's
-    (:func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`). JSON, no pickle."""
-
-    def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
-
-    def state(self) -> dict[str, Any]:
-        return {"args": {"settings": self.settings}, "attributes": {}}
 
 
 class EMACallback(TrainerCallback):
