@@ -238,28 +238,16 @@ import json, os, sys
 from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
-from tiny import tiny_trainer_parts, trainer_args
+from tiny import WithUnreadableRows, tiny_trainer_parts, trainer_args
 from ijepa_hf.data import MaskedBatchCollator
 from ijepa_hf.training import IJepaTrainer
-
-
-class Unreadable(torch.utils.data.Dataset):
-    def __init__(self, base, rows):
-        self.base, self.rows = base, set(rows)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        return None if index in self.rows else self.base[index]
-
 
 model, collator, data = tiny_trainer_parts()
 model.config.vicreg_variance_weight, model.config.regularized_embeddings = 1.0, "context_tokens"
 args = trainer_args(Path(sys.argv[1]), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
                     train_sampling_strategy="sequential")
 # Rows 2 and 3 are the second process's batch of the first update (batches of 2 go to the processes in turn).
-trainer = IJepaTrainer(model=model, args=args, train_dataset=Unreadable(data, [2, 3]),
+trainer = IJepaTrainer(model=model, args=args, train_dataset=WithUnreadableRows(data, [2, 3]),
                        data_collator=MaskedBatchCollator(collator))
 trainer.train()
 if trainer.is_world_process_zero():

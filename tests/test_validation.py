@@ -15,7 +15,7 @@ import torch
 from ijepa_hf.data import EvalTransform, MaskedBatchCollator, ProceduralShapes, build_pretraining_data
 from ijepa_hf.training import IJepaTrainer
 
-from tiny import REPO_ROOT, tiny_trainer_parts, trainer_args
+from tiny import REPO_ROOT, WithUnreadableRows, tiny_trainer_parts, trainer_args
 
 
 def _weights(model: torch.nn.Module) -> torch.Tensor:
@@ -251,27 +251,13 @@ def test_unreadable_held_out_images_do_not_stop_the_run(tmp_path, caplog):
     assert "No readable image among the held-out images" in caplog.text and str(held_out) in caplog.text
 
 
-class _WithUnreadableRows(torch.utils.data.Dataset):
-    """``base`` with the rows in ``unreadable`` read as ``None`` (how the package's datasets hand over files that
-    cannot be read: the collator drops them, and a batch with none left is ``None``)."""
-
-    def __init__(self, base, unreadable):
-        self.base, self.unreadable = base, set(unreadable)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        return None if index in self.unreadable else self.base[index]
-
-
 def test_the_trainer_goes_on_past_batches_without_a_readable_image(tmp_path, caplog):
     """A training batch whose images were all unreadable makes a zero-weight update (as the Accelerate loop does, so
     data-parallel ranks stay in step) instead of stopping the run with a TypeError; a held-out batch like it is left
     out of eval_loss, with a warning, instead of stopping the evaluation with an AttributeError."""
     model, collator, _ = tiny_trainer_parts()
-    train = _WithUnreadableRows(_training_set("plain"), range(4, 8))  # the 2nd batch of 4, read in order
-    held_out = _WithUnreadableRows(_validation_set("plain"), range(4))
+    train = WithUnreadableRows(_training_set("plain"), range(4, 8))  # the 2nd batch of 4, read in order
+    held_out = WithUnreadableRows(_validation_set("plain"), range(4))
     args = trainer_args(tmp_path, train_sampling_strategy="sequential", eval_strategy="steps", eval_steps=4,
                         per_device_eval_batch_size=4)
     trainer = IJepaTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
@@ -291,7 +277,7 @@ def test_the_trainer_goes_on_past_batches_without_a_readable_image(tmp_path, cap
 
 def test_the_trainer_stops_when_a_whole_epoch_had_no_readable_image(tmp_path):
     model, collator, _ = tiny_trainer_parts()
-    train = _WithUnreadableRows(_training_set("plain"), range(16))
+    train = WithUnreadableRows(_training_set("plain"), range(16))
     trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, max_steps=8), train_dataset=train,
                            data_collator=MaskedBatchCollator(collator))
     with pytest.raises(RuntimeError, match="no readable image in a whole epoch"):

@@ -154,6 +154,20 @@ def tiny_trainer_parts() -> tuple[IJepaForPreTraining, IJepaMaskCollator, torch.
             ProceduralShapes(16, image_size=32, transform=PretrainTransform(32)))
 
 
+class WithUnreadableRows(torch.utils.data.Dataset):
+    """``base`` with the rows in ``unreadable`` read as ``None`` (how the package's datasets hand over files that
+    cannot be read: the collator drops them, and a batch with none left is ``None``)."""
+
+    def __init__(self, base, unreadable):
+        self.base, self.unreadable = base, set(unreadable)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return None if index in self.unreadable else self.base[index]
+
+
 def trainer_args(tmp_path: Path, **values):
     """``TrainingArguments`` of a 4-step CPU run (``values`` win)."""
     from transformers import TrainingArguments
