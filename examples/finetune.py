@@ -18,7 +18,9 @@ Example::
 ``--remove_unused_columns`` is forced to False (the transform, not the model, consumes the ``image`` column).
 As in transformers' script, ``--do_train`` / ``--do_eval`` say what runs (an ``--eval_strategy`` without
 ``--do_train`` is refused: it would evaluate an untrained head); an ``--output_dir`` holding another run's results
-needs ``--overwrite_output_dir``; ``--resume_from_checkpoint latest`` resumes the newest checkpoint there.
+needs ``--overwrite_output_dir``; ``--resume_from_checkpoint latest`` resumes the newest checkpoint there, under
+the settings it was trained with (others are refused, naming them); a second run into a folder a live run holds
+fails at once.
 Models derived from Meta's weights keep their CC BY-NC 4.0 licence (config and card, `ijepa_hf.licensing`).
 """
 
@@ -40,13 +42,15 @@ from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
     build_layerwise_optimizer,
     classification_collate,
+    finetune_run_settings,
     load_accuracy_metric,
     load_labeled_splits,
     make_compute_metrics,
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
-from ijepa_hf.scripts import prepare_trainer_run, quiet_http_logging, run_script
+from ijepa_hf.scripts import quiet_http_logging, run_script, trainer_run_folder
+from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +182,18 @@ def main(argv: list[str] | None = None) -> Trainer:
     logger.info("%d classes, %d training and %d validation images.", len(names), len(splits["train"]),
                 len(splits["validation"]))
 
-    resume = prepare_trainer_run(training_args, model_args.overwrite_output_dir)  # refuses another run's folder
+    # The folder's run lock for the whole run (a second job into it fails at once); another run's folder is refused
+    with trainer_run_folder(training_args, model_args.overwrite_output_dir) as resume:
+        return _finetune(model_args, data_args, training_args, splits, id2label, hub_kwargs, resume)
 
+
+def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
+              splits: Any, id2label: dict[int, str], hub_kwargs: dict[str, Any], resume: str | None) -> Trainer:
     overrides = {key: getattr(model_args, key) for key in ("drop_path_rate", "pooler_norm")
                  if getattr(model_args, key) is not None}
     model = load_image_classifier(
         model_args.model_name_or_path,
-        num_labels=len(names),
+        num_labels=len(id2label),
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
         encoder=model_args.encoder,
@@ -201,6 +210,14 @@ def main(argv: list[str] | None = None) -> Trainer:
     )
     train_dataset = set_image_transform(splits["train"], train_transform) if training_args.do_train else None
     eval_dataset = set_image_transform(splits["validation"], eval_transform) if training_args.do_eval else None
+
+    # Recorded in every checkpoint; resuming under others is refused, naming them (Trainer would load the checkpoint's
+    # learning rate over the new one, without a word)
+    settings = RunSettingsCallback(finetune_run_settings(
+        training_args, layer_decay=model_args.layer_decay, min_crop_scale=data_args.min_crop_scale,
+        train_dataset=splits["train"]))
+    if training_args.do_train and resume is not None:
+        check_trainer_resume_compatible(resume, settings.settings, model.config)
 
     optimizers: tuple[Any, Any] = (None, None)
     if model_args.layer_decay is not None:
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         data_collator=classification_collate,
         compute_metrics=make_compute_metrics(load_accuracy_metric()),
         optimizers=optimizers,
+        callbacks=[settings],
     )
 
     if training_args.do_train:

@@ -14,6 +14,8 @@
 * :func:`load_labeled_splits`: train/validation ``datasets`` splits with one consistent ``ClassLabel`` column,
   from an image folder, the Hub, or the embedded ``procedural_shapes`` / local ``fashion_mnist`` data (shared by
   the fine-tuning and probing examples).
+* :func:`finetune_run_settings`: what defines a fine-tuning run, recorded in its checkpoints so that resuming under
+  other settings is refused (``ijepa_hf.training.resume.check_trainer_resume_compatible``).
 
 Loading the classifier to fine-tune is :func:`ijepa_hf.loading.load_image_classifier`.
 """
@@ -49,6 +51,7 @@ __all__ = [
     "BUILTIN_DATASETS",
     "load_builtin_split",
     "load_labeled_splits",
+    "finetune_run_settings",
 ]
 
 # One stack of transformer blocks: ours (`blocks.3.`), transformers' ViT/I-JEPA in memory (`layers.3.`) and
@@ -458,3 +461,17 @@ def load_labeled_splits(
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
     return datasets.DatasetDict(train=train, validation=validation)
+
+
+def finetune_run_settings(training_args: Any, *, layer_decay: float | None, min_crop_scale: float,
+                          train_dataset: Any) -> dict[str, Any]:
+    """What defines a fine-tuning run, for :class:`~ijepa_hf.training.resume.RunSettingsCallback`: the Trainer's
+    settings (:func:`~ijepa_hf.training.resume.trainer_run_settings`), the label smoothing, the layer decay, the
+    crop, and what identifies the training images without their path (their number and the class names: the same
+    images staged elsewhere resume). Trainer restores a checkpoint's optimizer and scheduler over new ones, so a
+    resume under another learning rate or layer decay would go on with the checkpoint's without a word."""
+    from .training.resume import trainer_run_settings
+
+    return {**trainer_run_settings(training_args), "label_smoothing_factor": training_args.label_smoothing_factor,
+            "layer_decay": layer_decay, "min_crop_scale": min_crop_scale,
+            "data": {"images": len(train_dataset), "classes": list(train_dataset.features["label"].names)}}

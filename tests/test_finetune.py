@@ -351,3 +351,74 @@ def test_a_training_batch_of_one_image_uses_the_pooler_norms_running_statistics(
     trainer = load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "one-ln", *single,
                                                            "--pooler_norm", "layernorm"))
     assert trainer.model.config.pooler_norm == "layernorm" and trainer.state.global_step == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune.py on a cluster: resuming, a second job into the folder, pushing (as the pretraining scripts)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_finetune_refuses_to_resume_under_other_settings_naming_them(tmp_path, load_example, image_folder,
+                                                                     encoder_repo):
+    """Trainer loads the checkpoint's optimizer and scheduler over new ones: a resume with another --learning_rate
+    or --layer_decay went on with the checkpoint's without a word. As the pretraining scripts, it is refused,
+    naming each setting; a longer run (--max_steps) continues, its schedule recomputed for the new length."""
+    finetune = load_example("finetune")
+    output_dir = tmp_path / "ft"
+    first = ["--do_train", "--learning_rate", "1e-3", "--layer_decay", "0.75", "--save_strategy", "steps",
+             "--save_steps", "2"]
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *first, "--max_steps", "2"))
+    resumed = [*first, "--max_steps", "4", "--resume_from_checkpoint", "latest"]
+    changed = [arg if arg != "1e-3" else "5e-3" for arg in resumed]
+    with pytest.raises(ValueError, match=r"Cannot resume exactly: .*learning_rate is 0.005, the checkpoint was "
+                                         r"trained with 0.001"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *changed))
+    with pytest.raises(ValueError, match=r"layer_decay is 0.5, the checkpoint was trained with 0.75"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir,
+                                     *[arg if arg != "0.75" else "0.5" for arg in resumed]))
+    with pytest.raises(ValueError, match=r"data is \{.images.: 9, .*the checkpoint was trained with \{.*.images.: 24\}"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *resumed, "--max_train_samples", "9"))
+    assert not (output_dir / "checkpoint-4").exists()
+    trainer = finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *resumed))
+    assert trainer.state.global_step == 4
+    assert json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_finetune_refuses_a_folder_another_run_is_training_into(tmp_path, load_example, image_folder, encoder_repo):
+    """As the pretraining scripts: a second job into the folder of a live one (a requeue while the first still
+    runs, two jobs given one folder) fails at once, naming the holder, instead of both writing checkpoints there."""
+    from ijepa_hf.training.checkpointing import OutputDirInUseError, OutputDirLock
+
+    output_dir = tmp_path / "ft"
+    with OutputDirLock(output_dir):  # the live run
+        with pytest.raises(OutputDirInUseError, match="is in use by another run"):
+            load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train",
+                                                         "--max_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert not list(output_dir.glob("checkpoint-*")) and not (output_dir / "config.json").exists()
+
+
+def test_finetune_push_leaves_out_the_replaced_run_and_the_lock(tmp_path, load_example, image_folder, encoder_repo,
+                                                                fake_hub, hf_home):
+    """--overwrite_output_dir moves the other run's checkpoints aside in the folder; Trainer's push uploads the
+    folder, and uploaded them (its optimizer state, its pickled arguments). What it leaves out of a push is what
+    starts with `_` and the top-level `checkpoint-*`: the folder set aside and the run lock must be among them."""
+    import subprocess
+    import sys
+
+    from hub_utils import REPO_ROOT, hub_env
+
+    output_dir = tmp_path / "ft"
+    save = ["--do_train", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, output_dir, *save))
+    env = {**hub_env(fake_hub, hf_home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "finetune.py"),
+                           *_finetune_argv(encoder_repo, image_folder, output_dir, *save, "--overwrite_output_dir",
+                                           "--push_to_hub", "--hub_model_id", "someone/finetuned")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    listing = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import HfApi; print(HfApi().list_repo_files('someone/finetuned'))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    files = eval(listing.stdout)  # a list of file names printed by the line above  # noqa: S307
+    assert "model.safetensors" in files and "README.md" in files
+    assert [name for name in files if "checkpoint-" in name or "lock" in name] == [], files

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -244,10 +245,10 @@ from ijepa_hf.training import IJepaTrainer
 
 model, collator, data = tiny_trainer_parts()
 model.config.vicreg_variance_weight, model.config.regularized_embeddings = 1.0, "context_tokens"
-args = trainer_args(Path(sys.argv[1]), per_device_train_batch_size=2, max_steps=3, logging_steps=1,
+args = trainer_args(Path(sys.argv[1]), per_device_train_batch_size=2, max_steps={max_steps}, logging_steps=1,
                     train_sampling_strategy="sequential")
-# Rows 2 and 3 are the second process's batch of the first update (batches of 2 go to the processes in turn).
-trainer = IJepaTrainer(model=model, args=args, train_dataset=WithUnreadableRows(data, [2, 3]),
+# Batches of 2 go to the processes in turn: rows 2 and 3 are the second process's batch of the first update.
+trainer = IJepaTrainer(model=model, args=args, train_dataset=WithUnreadableRows(data, {unreadable}),
                        data_collator=MaskedBatchCollator(collator))
 trainer.train()
 if trainer.is_world_process_zero():
@@ -262,28 +263,58 @@ os._exit(0)
 '''
 
 
+def _run_two_processes(tmp_path, unreadable, max_steps):
+    """The two-process IJepaTrainer run of _TWO_PROCESS_RUN; returns the process and the main process's loss rows."""
+    from tiny import free_port
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "run.py"
+    script.write_text(_TWO_PROCESS_RUN.format(tests=str(REPO_ROOT / "tests"), unreadable=list(unreadable),
+                                              max_steps=max_steps))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), str(script), str(tmp_path / "out")]
+    launched = subprocess.Popen(command, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = launched.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)  # the launcher and both processes
+        stdout, stderr = launched.communicate()
+        pytest.fail(f"the two-process run hung; its last output: {stderr[-3000:]}")
+    proc = subprocess.CompletedProcess(command, launched.returncode, stdout, stderr)
+    rows = tmp_path / "out" / "rows.json"
+    return proc, json.loads(rows.read_text()) if rows.is_file() else None
+
+
 def test_two_processes_log_on_past_a_batch_without_a_readable_image_on_one_of_them(tmp_path):
     """Under data parallelism a log row's collapse signals and regulariser terms are averaged over the processes.
     When one process's batch of a log step had no readable image, that process used to skip the collective the
     others entered, and the run hung; now every process takes part, and the row averages the batches that had
     images."""
     from ijepa_hf.training.metrics import COLLAPSE_KEYS
-    from tiny import free_port
 
-    script = tmp_path / "run.py"
-    script.write_text(_TWO_PROCESS_RUN.format(tests=str(REPO_ROOT / "tests")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-         "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-         str(script), str(tmp_path / "out")],
-        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=120)
+    proc, rows = _run_two_processes(tmp_path, unreadable=[2, 3], max_steps=3)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads((tmp_path / "out" / "rows.json").read_text())
     assert [row["step"] for row in rows] == [1, 2, 3]
     for row in rows:
         assert set(COLLAPSE_KEYS) <= row.keys() and row["target_std"] > 0, row
         assert row["prediction_loss"] > 0 and row["variance_loss"] >= 0, row
+
+
+def test_two_processes_train_on_when_one_of_them_reads_no_image_in_a_whole_epoch(tmp_path):
+    """One process whose share of the data is unreadable for a whole epoch (a node whose staged copy of the data is
+    broken) used to stop alone, leaving the other waiting in the next gradient all-reduce. As in the Accelerate
+    loop, the run stops only when no process has read an image: here the other process's images train on, and
+    the process without any makes zero-weight updates beside it."""
+    # 16 rows in batches of 2, in turn: the second process reads rows 2-3, 6-7, 10-11 and 14-15, 4 batches an epoch
+    proc, rows = _run_two_processes(tmp_path, unreadable=[2, 3, 6, 7, 10, 11, 14, 15], max_steps=6)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6] and all(row["loss"] > 0 for row in rows), rows
+    # With no image readable in either process, both stop at the same update, naming the data (none is left waiting)
+    proc, rows = _run_two_processes(tmp_path / "none", unreadable=range(16), max_steps=6)
+    assert proc.returncode != 0 and rows is None
+    assert proc.stderr.count("no readable image in a whole epoch (4 batches in each process)") >= 2, proc.stderr[-3000:]
 
 
 def test_every_log_row_has_the_collapse_signals_whatever_asked_for_it(tmp_path):
@@ -386,16 +417,43 @@ def test_the_trainer_scripts_output_folder_policy(tmp_path, caplog):
 
     with caplog.at_level("WARNING"):
         prepare_trainer_output_dir(out, resume_from_checkpoint=str(old[0]), overwrite_output_dir=False)
-    abandoned = next(out.glob("abandoned-*"))
+    abandoned = next(out.glob("_abandoned-*"))
     assert sorted(p.name for p in abandoned.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert old[0].is_dir() and "checkpoint-4, checkpoint-6" in caplog.text
 
     with caplog.at_level("WARNING"):
         prepare_trainer_output_dir(out, resume_from_checkpoint=None, overwrite_output_dir=True)
-    replaced = next(out.glob("replaced-*"))
+    replaced = next(out.glob("_replaced-*"))
     assert [p.name for p in replaced.iterdir()] == ["checkpoint-2"] and not list(out.glob("checkpoint-*"))
     assert (out / "README.md").read_text() == "the other run's card"  # the new run replaces it when it writes its own
     assert str(replaced) in caplog.text
+
+
+def test_a_push_leaves_out_the_checkpoints_the_folder_policy_set_aside(tmp_path, fake_hub, hf_home):
+    """`--overwrite_output_dir` and resuming an earlier checkpoint move checkpoints aside inside the folder; the push
+    of a finished run (`pretrain_trainer.py --push_to_hub`, `ijepa-hf push`) left out `checkpoint-*` but uploaded
+    the ones set aside: another run's weights, optimizer state and pickled arguments."""
+    from hub_utils import hub_env
+
+    from ijepa_hf.training.checkpointing import prepare_trainer_output_dir
+
+    out = tmp_path / "run"
+    for step in (2, 4):
+        _trainer_checkpoint(out, step)
+    prepare_trainer_output_dir(out, resume_from_checkpoint=str(out / "checkpoint-2"), overwrite_output_dir=False)
+    prepare_trainer_output_dir(out, resume_from_checkpoint=None, overwrite_output_dir=True)
+    (out / "encoder").mkdir()
+    for folder in (out, out / "encoder"):  # what a finished run leaves
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"the new run's weights")
+    env = hub_env(fake_hub, hf_home)
+    proc = subprocess.run([sys.executable, "-m", "ijepa_hf.cli", "push", str(out), "someone/run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    listing = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import HfApi; print(HfApi().list_repo_files('someone/run'))"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert "encoder/model.safetensors" in listing.stdout and "checkpoint-" not in listing.stdout, listing.stdout
 
 
 def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
@@ -421,7 +479,7 @@ def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert (next(out.glob("replaced-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == weights
+    assert (next(out.glob("_replaced-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == weights
 
 
 def test_pretrain_trainer_refuses_a_folder_another_run_is_training_into(tmp_path):
@@ -438,7 +496,7 @@ def test_pretrain_trainer_refuses_a_folder_another_run_is_training_into(tmp_path
             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "is in use by another run" in proc.stderr and f"pid\": {os.getpid()}" in proc.stderr, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == [".ijepa_hf.lock"]
+    assert sorted(p.name for p in out.iterdir()) == ["_ijepa_hf.lock"]
 
 
 def test_resuming_the_trainer_under_changed_settings_is_refused_naming_them(tmp_path):

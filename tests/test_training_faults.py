@@ -138,7 +138,7 @@ def test_resuming_an_older_checkpoint_moves_the_abandoned_branch_aside(tmp_path,
                      "--resume_from_checkpoint", str(out / "step_4"), steps=8)
     assert result.resumed_from == str(out / "step_4") and result.global_step == 8
     # step_6 and step_8 of the abandoned branch were moved aside, named in a warning, before anything else ...
-    aside = sorted(out.glob("abandoned-*/step_*"))
+    aside = sorted(out.glob("_abandoned-*/step_*"))
     assert [path.name for path in aside] == ["step_6", "step_8"]
     assert all((path / "checkpoint.json").read_text() == straight[path.name] for path in aside)
     assert "step_6" in caplog.text and "abandoned" in caplog.text
@@ -291,7 +291,7 @@ def test_the_lock_names_the_holders_command_without_its_token(tmp_path, monkeypa
     with OutputDirLock(tmp_path / "run"):
         with pytest.raises(OutputDirInUseError) as refused:
             OutputDirLock(tmp_path / "run").acquire()
-        written = (tmp_path / "run" / ".ijepa_hf.lock").read_text()
+        written = (tmp_path / "run" / "_ijepa_hf.lock").read_text()
     assert secret not in str(refused.value) and secret not in written
     assert "pretrain.py --hub_token *** --push_to_hub --token=***" in written
 

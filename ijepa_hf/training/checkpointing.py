@@ -4,7 +4,7 @@ load that runs no code. What a checkpoint's loop state holds and how a run resum
 Layout of ``output_dir``::
 
     run.json                 the run's identity (``run_id``), written when the run starts
-    .ijepa_hf.lock           held (``flock``) by the process that trains into the folder
+    _ijepa_hf.lock           held (``flock``) by the process that trains into the folder
     train_log.jsonl          see ijepa_hf.training.metrics
     step_<N>/                a complete checkpoint: accelerate's ``save_state`` files + checkpoint.json
     .step_<N>.incomplete/    a checkpoint being written (never read)
@@ -53,6 +53,8 @@ __all__ = [
     "MANIFEST_NAME",
     "RUN_FILE_NAME",
     "LOCK_FILE_NAME",
+    "NOT_PUBLISHED_PREFIX",
+    "LEGACY_NAMES",
     "CheckpointInfo",
     "RunFolder",
     "CheckpointError",
@@ -79,12 +81,17 @@ __all__ = [
 
 MANIFEST_NAME = "checkpoint.json"
 RUN_FILE_NAME = "run.json"
-LOCK_FILE_NAME = ".ijepa_hf.lock"
+# A run's own bookkeeping in its folder (the lock, checkpoints moved aside) starts with `_`: neither this package's
+# push nor Trainer's (which leaves out `_*`) publishes it.
+LOCK_FILE_NAME = "_ijepa_hf.lock"
+NOT_PUBLISHED_PREFIX = "_"
+# What versions before 2026-12-06 named them: still recognised in a folder they wrote.
+LEGACY_NAMES = (".ijepa_hf.lock", "abandoned-*", "replaced-*")
 MANIFEST_FORMAT = 1
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 _INCOMPLETE_RE = re.compile(r"^\.step_(\d+)\.incomplete$")
 # Files a fresh run may find in its output folder without it holding another run.
-_IGNORED_IN_EMPTY_DIR = {LOCK_FILE_NAME, ".DS_Store"}
+_IGNORED_IN_EMPTY_DIR = {LOCK_FILE_NAME, LEGACY_NAMES[0], ".DS_Store"}
 
 
 class CheckpointError(RuntimeError):
@@ -117,7 +124,7 @@ def _without_tokens(argv: list[str]) -> str:
 
 
 class OutputDirLock:
-    """An exclusive ``flock`` on ``output_dir/.ijepa_hf.lock`` for the lifetime of a run (main process only).
+    """An exclusive ``flock`` on ``output_dir/_ijepa_hf.lock`` for the lifetime of a run (main process only).
 
     A second run into the same folder fails at once with :class:`OutputDirInUseError` naming the holder (pid,
     host, start time, command). The kernel drops the lock when the holder dies, even by ``kill -9``. ``flock`` is
@@ -329,8 +336,9 @@ def _trainer_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _move_aside(output_dir: Path, paths: list[Path], prefix: str) -> Path:
-    """Move ``paths`` (folders of ``output_dir``) whole into a new ``<prefix>-<time>`` folder there; returns it."""
-    aside = output_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    """Move ``paths`` (folders of ``output_dir``) whole into a new ``_<prefix>-<time>`` folder there (not published:
+    see :data:`NOT_PUBLISHED_PREFIX`); returns it."""
+    aside = output_dir / f"{NOT_PUBLISHED_PREFIX}{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     aside.mkdir()
     for path in paths:
         os.replace(path, aside / path.name)
@@ -357,11 +365,11 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
     * A new run into a folder holding another run's checkpoints or outputs is refused, naming
       ``--resume_from_checkpoint latest`` and ``--overwrite_output_dir`` (``latest`` with no complete checkpoint to
       continue is refused as well: it would start anew over the other run). An overwriting run moves the other run's
-      ``checkpoint-*`` into one ``replaced-<time>`` folder: Trainer's checkpoints carry no run identity, so left in
+      ``checkpoint-*`` into one ``_replaced-<time>`` folder: Trainer's checkpoints carry no run identity, so left in
       place ``latest`` would resume them, and Trainer's rotation (``save_total_limit``) would prune the new run's
       checkpoints before them. Its other files are replaced as the new run writes its own.
     * Resuming ``checkpoint-<N>`` moves the folder's later ``checkpoint-*`` (the branch the resume abandons, or folders
-      a kill cut short) into one ``abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
+      a kill cut short) into one ``_abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
     """
     output_dir = Path(output_dir)
     check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
@@ -529,7 +537,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
 
 def _move_abandoned_branch(output_dir: Path, run_id: str, step: int) -> list[Path]:
     """Resuming this run from ``step`` abandons its checkpoints after it: they are moved, whole, into one
-    ``abandoned-<time>`` folder (a warning names them) before anything else, so that neither ``latest`` nor pruning
+    ``_abandoned-<time>`` folder (a warning names them) before anything else, so that neither ``latest`` nor pruning
     ever mixes the two branches. Other runs' checkpoints stay where they are."""
     newer = [info for info in list_checkpoints(output_dir)
              if info.step > step and info.run_id in (run_id, None)]

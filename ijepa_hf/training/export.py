@@ -10,6 +10,7 @@ from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from .arguments import PretrainingArguments
+from .checkpointing import LEGACY_NAMES, NOT_PUBLISHED_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +18,12 @@ __all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "training_summary
            "write_encoder_and_cards", "mask_summary", "push_output_dir"]
 
 ENCODER_SUBFOLDER = "encoder"
-# What a push leaves out of a run's folder: the training checkpoints, the lock and the run file.
-# Trainer's: its checkpoints and training_args.bin (a pickle).
-_NOT_PUBLISHED = ["step_*", "step_*/**", ".step_*", ".step_*/**", "abandoned-*", "abandoned-*/**", ".*.tmp",
-                  "checkpoint-*", "checkpoint-*/**", "training_args.bin"]
+# What a push leaves out of a run's folder: the training checkpoints, the run file, and the run's bookkeeping named
+# `_*` (the lock, checkpoints moved aside; as Trainer's push), under today's names and earlier ones. Trainer's: its
+# checkpoints and training_args.bin (a pickle).
+_NOT_PUBLISHED = ["step_*", "step_*/**", ".step_*", ".step_*/**", ".*.tmp", "checkpoint-*", "checkpoint-*/**",
+                  "training_args.bin", f"{NOT_PUBLISHED_PREFIX}*", *LEGACY_NAMES,
+                  *(f"{name}/**" for name in LEGACY_NAMES)]
 
 
 class ExportError(RuntimeError):
@@ -167,7 +170,7 @@ def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token
     """
     from huggingface_hub import HfApi
 
-    from .checkpointing import LOCK_FILE_NAME, RUN_FILE_NAME
+    from .checkpointing import RUN_FILE_NAME
 
     output_dir = Path(output_dir)
     if not (output_dir / "config.json").is_file() or not (output_dir / ENCODER_SUBFOLDER / "config.json").is_file():
@@ -179,7 +182,7 @@ def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token
         repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
         commit = api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="model",
                                    commit_message="I-JEPA pretraining",
-                                   ignore_patterns=[*_NOT_PUBLISHED, LOCK_FILE_NAME, RUN_FILE_NAME])
+                                   ignore_patterns=[*_NOT_PUBLISHED, RUN_FILE_NAME])
     except Exception as error:  # noqa: BLE001 - any failure of the upload gets the same way out
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise HubPushError(

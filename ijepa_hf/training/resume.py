@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import PretrainedConfig, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
@@ -28,7 +28,7 @@ from .schedules import PretrainingSchedule
 logger = logging.getLogger(__name__)
 
 __all__ = ["Progress", "RunSettingsCallback", "check_resume_compatible", "check_trainer_resume_compatible",
-           "loop_state", "resume_run"]
+           "loop_state", "resume_run", "trainer_run_settings"]
 
 
 @dataclass
@@ -196,7 +196,12 @@ def _refuse(problems: list[str]) -> None:
                          "or start a new run (another --output_dir or --overwrite_output_dir).")
 
 
-def _config_problems(saved: dict[str, Any], config: IJepaPretrainingConfig) -> list[str]:
+# Config fields a model or Trainer fills in while training when they were left unset (a classifier infers its
+# problem_type from the labels at its first forward; Trainer turns use_cache off): unset, they match what was saved.
+_SET_WHILE_TRAINING = frozenset({"problem_type", "use_cache"})
+
+
+def _config_problems(saved: dict[str, Any], config: PretrainedConfig) -> list[str]:
     """The fields in which ``config`` differs from a checkpoint's config (``saved``, its ``to_dict()``)."""
     old_config = _flatten(_comparable_config(saved))
     new_config = _flatten(_comparable_config(config.to_dict()))
@@ -205,12 +210,32 @@ def _config_problems(saved: dict[str, Any], config: IJepaPretrainingConfig) -> l
     return [f"config {key} is {new_config.get(key)!r}, the checkpoint's is {old_config.get(key)!r}"
             for key in sorted(set(old_config) | set(new_config))
             if not (key not in old_config and key in defaults and new_config.get(key) == defaults[key])
+            and not (key in _SET_WHILE_TRAINING and new_config.get(key) is None)
             and old_config.get(key) != new_config.get(key)]
 
 
+def trainer_run_settings(args: Any) -> dict[str, Any]:
+    """What defines a ``Trainer`` run among its ``TrainingArguments`` (the learning rate and its schedule, weight
+    decay, optimizer, gradient clipping, global batch, seed, precision), as JSON values: resuming under others would
+    silently continue another run (Trainer restores the checkpoint's learning rate into its scheduler over a new one,
+    for one; another global batch or seed changes which images it skips). Logging, saving and evaluation settings
+    may change, and so may the length (``max_steps``, ``num_train_epochs``): the schedule is then recomputed for the
+    new length, as ``pretrain()``'s ``--extend_run`` does. A trainer adds its own settings to these."""
+    return {
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+        "lr_scheduler_kwargs": args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps,
+        "weight_decay": args.weight_decay, "optim": getattr(args.optim, "value", args.optim),
+        "adam_beta1": args.adam_beta1, "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon,
+        "max_grad_norm": args.max_grad_norm,
+        "global_batch": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
+        "seed": args.seed, "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+    }
+
+
 class RunSettingsCallback(TrainerCallback, ExportableState):
-    """Records the settings that define an ``IJepaTrainer`` run (learning rate and its schedule, weight decay, EMA,
-    optimizer, global batch, seed, precision) in every checkpoint's ``trainer_state.json`` (its
+    """Records the settings that define a ``Trainer`` run (:func:`trainer_run_settings` and the trainer's own: the
+    EMA of ``IJepaTrainer``, the layer decay of ``finetune.py``) in every checkpoint's ``trainer_state.json`` (its
     ``stateful_callbacks`` entry under this class's name), where :func:`check_trainer_resume_compatible` compares them
     with the resuming run's. JSON, no pickle."""
 
@@ -222,7 +247,7 @@ class RunSettingsCallback(TrainerCallback, ExportableState):
 
 
 def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dict[str, Any],
-                                    config: IJepaPretrainingConfig) -> None:
+                                    config: PretrainedConfig) -> None:
     """Refuse to resume the Trainer checkpoint ``checkpoint`` under other settings than it was trained with (whether
     it can be resumed at all is :func:`~ijepa_hf.training.checkpointing.check_trainer_checkpoint`'s): the model
     config (its ``config.json``) and ``settings`` (what :class:`RunSettingsCallback` records in its

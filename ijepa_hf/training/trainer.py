@@ -77,7 +77,7 @@ from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseM
 from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
-from .resume import RunSettingsCallback, check_trainer_resume_compatible
+from .resume import RunSettingsCallback, check_trainer_resume_compatible, trainer_run_settings
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, dummy_batch_factory, weights_are_finite
 
@@ -352,6 +352,7 @@ class IJepaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
+        self._readable_checked = False  # whether a process has read an image in the first epoch's worth of batches
         self._first_nonfinite = torch.zeros((), dtype=torch.long)  # first update with a non-finite loss (0: none)
         # collapse_inputs() of the last batch with an image since the last log row, kept on the device (the signals
         # are computed when a row is written: whatever asks for one, logging_steps, an epoch's end or a callback)
@@ -404,24 +405,10 @@ class IJepaTrainer(Trainer):
 
     def _run_settings(self, final_weight_decay: float | None, ema_momentum: Sequence[float] | None
                       ) -> dict[str, Any]:
-        """What defines the run beyond the model config (which the checkpoint's config.json holds): resuming under
-        other values would silently continue another run (Trainer restores the checkpoint's learning rate into its
-        scheduler over a new one, for one). Logging, saving and evaluation settings may change, and so may the
-        length (``max_steps``, ``num_train_epochs``): the schedules are then recomputed for the new length, as
-        ``pretrain()``'s ``--extend_run`` does."""
-        args = self.args
-        return {
-            "learning_rate": args.learning_rate, "lr_scheduler_type": getattr(args.lr_scheduler_type, "value",
-                                                                              args.lr_scheduler_type),
-            "lr_scheduler_kwargs": args.lr_scheduler_kwargs, "warmup_steps": args.warmup_steps,
-            "weight_decay": args.weight_decay, "final_weight_decay": final_weight_decay,
-            "ema_momentum": None if ema_momentum is None else [float(m) for m in ema_momentum],
-            "optim": getattr(args.optim, "value", args.optim), "adam_beta1": args.adam_beta1,
-            "adam_beta2": args.adam_beta2, "adam_epsilon": args.adam_epsilon, "max_grad_norm": args.max_grad_norm,
-            "global_batch": args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps,
-            "seed": args.seed,
-            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        }
+        """What defines the run beyond the model config (which the checkpoint's config.json holds): the Trainer's
+        (:func:`~ijepa_hf.training.resume.trainer_run_settings`) and the weight-decay ramp and EMA."""
+        return {**trainer_run_settings(self.args), "final_weight_decay": final_weight_decay,
+                "ema_momentum": None if ema_momentum is None else [float(m) for m in ema_momentum]}
 
     def save_run(self, *, data_description: str, hub_dataset: str | None = None, source: str | None = None
                  ) -> Path | None:
@@ -543,24 +530,34 @@ class IJepaTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         """The Trainer's, with a training batch of no readable image replaced by :meth:`_stand_in`: a zero-weight
         update keeps the run (and data-parallel ranks) going, as the Accelerate loop's step does. A whole epoch's
-        worth of such batches before any readable one stops the run, naming the data, as the loop does."""
+        worth of batches without a readable image in any process stops the run, naming the data, as the loop does
+        (:meth:`_require_a_readable_image`)."""
         def readable() -> Any:
             for batch in epoch_iterator:
-                if batch is not None:
-                    self._batch_counts[0] += 1
-                    yield batch
-                    continue
-                self._batch_counts[1] += 1
-                dataset = self.train_dataset
-                per_epoch = (len(dataset) // max(1, self._train_batch_size * self.args.world_size)
-                             if has_length(dataset) else None)
-                if self._batch_counts[0] == 0 and per_epoch is not None and self._batch_counts[1] >= per_epoch:
-                    raise RuntimeError(f"the training data ({type(dataset).__name__} of {len(dataset)} rows) yielded "
-                                       f"no readable image in a whole epoch ({self._batch_counts[1]} batches): check "
-                                       "the data and its image column")
-                yield self._stand_in()
+                self._batch_counts[batch is None] += 1
+                self._require_a_readable_image()
+                yield self._stand_in() if batch is None else batch
 
         return super().get_batch_samples(readable(), num_batches, device)
+
+    def _require_a_readable_image(self) -> None:
+        """Once every process has taken an epoch's worth of batches (all at the same update), stop the run when none
+        of them has read an image. A process without one trains on with zero-weight updates beside the others, as in
+        the Accelerate loop: stopping it alone would leave the others waiting in the next gradient all-reduce."""
+        dataset = self.train_dataset
+        if self._readable_checked or not has_length(dataset):
+            return
+        per_epoch = max(1, len(dataset) // max(1, self._train_batch_size * self.args.world_size))
+        if sum(self._batch_counts) < per_epoch:
+            return
+        self._readable_checked = True
+        readable = torch.tensor([self._batch_counts[0]], device=self.args.device)
+        if self.args.world_size > 1:
+            readable = self.accelerator.reduce(readable, "sum")
+        if readable.item() == 0:
+            raise RuntimeError(f"the training data ({type(dataset).__name__} of {len(dataset)} rows) yielded no "
+                               f"readable image in a whole epoch ({self._batch_counts[1]} batches in each process): "
+                               "check the data and its image column")
 
     def prediction_step(self, model: Any, inputs: dict[str, Any] | None, prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> Any:
