@@ -82,7 +82,8 @@ class ModelArguments:
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Write into an --output_dir that already holds another run's model, results or card."},
+        metadata={"help": "Start a new run in an --output_dir holding another run (its checkpoints and outputs are "
+                          "moved to _replaced-<time>/)."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model."})

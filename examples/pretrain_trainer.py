@@ -98,7 +98,8 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": (
         "Keep the first N held-out images (embedded data: 256 by default).")})
     overwrite_output_dir: bool = field(default=False, metadata={"help": (
-        "Start a new run in an --output_dir holding another run (its checkpoints are moved to _replaced-<time>/).")})
+        "Start a new run in an --output_dir holding another run (its checkpoints and outputs are moved to "
+        "_replaced-<time>/).")})
     embedded_num_images: int = field(default=2048, metadata={"help": "Size of the embedded dataset."})
     config_name: str | None = field(default=None, metadata={"help": "Preset name or config path/repo."})
     config_overrides: str | None = field(default=None, metadata={"help": "'a=1,encoder.x=2,predictor.y=3'."})

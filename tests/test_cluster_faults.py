@@ -188,6 +188,30 @@ def test_a_failed_push_names_the_push_command_and_a_retry_does_not_retrain(tmp_p
     assert RUN_FILE_NAME not in files and LOCK_FILE_NAME not in files
 
 
+def test_an_overwriting_run_that_stopped_early_publishes_nothing_of_the_other_run(tmp_path, fake_hub, hf_home):
+    """--overwrite_output_dir left the other run's final model, encoder/, cards and curves in the folder until the
+    new run wrote its own: a new run that stopped early (here a non-finite loss) left a folder that `ijepa-hf push`
+    published as a finished run, the other run's model beside the new run's log. The other run's outputs and
+    checkpoints are now moved aside when the new run starts, and a folder whose run has not finished is not pushed."""
+    from hub_utils import hub_env
+
+    from ijepa_hf.training import NonFiniteLossError
+
+    out = tmp_path / "run"
+    run(out, "--checkpointing_steps", "2", steps=2)
+    finished = load_file(out / "model.safetensors")
+    with pytest.raises(NonFiniteLossError):
+        run(out, "--overwrite_output_dir", "--learning_rate", "100", steps=8)
+    assert not (out / "model.safetensors").exists() and not (out / "encoder").exists()
+    replaced = next(out.glob("_replaced-*"))
+    kept = load_file(replaced / "model.safetensors")
+    assert all(torch.equal(kept[name], value) for name, value in finished.items())
+    assert (replaced / "encoder" / "model.safetensors").is_file() and (replaced / "step_2").is_dir()
+    proc = subprocess.run([sys.executable, "-m", "ijepa_hf.cli", "push", str(out), "someone/unfinished"],
+                          env=hub_env(fake_hub, hf_home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "holds no finished run" in proc.stderr, proc.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings that cannot be honoured are refused before the folder is touched
 # ----------------------------------------------------------------------------------------------------------------

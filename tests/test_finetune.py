@@ -422,3 +422,25 @@ def test_finetune_push_leaves_out_the_replaced_run_and_the_lock(tmp_path, load_e
     files = eval(listing.stdout)  # a list of file names printed by the line above  # noqa: S307
     assert "model.safetensors" in files and "README.md" in files
     assert [name for name in files if "checkpoint-" in name or "lock" in name] == [], files
+
+
+def test_an_overwriting_run_reports_none_of_the_other_runs_results(tmp_path, load_example, image_folder,
+                                                                   encoder_repo):
+    """--overwrite_output_dir left the other run's files in the folder until the new run wrote its own: Trainer's
+    save_metrics merges into an existing all_results.json, so a new run that only trained reported the other run's
+    eval_accuracy as its own (and pushed its eval_results.json). The other run's outputs are moved aside with its
+    checkpoints: nothing is deleted, nothing is mixed."""
+    finetune = load_example("finetune")
+    output_dir = tmp_path / "ft"
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train", "--do_eval", "--max_steps",
+                                 "2", "--save_strategy", "steps", "--save_steps", "2"))
+    other = json.loads((output_dir / "all_results.json").read_text())
+    assert "eval_accuracy" in other
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train", "--max_steps", "1",
+                                 "--overwrite_output_dir"))
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert "eval_accuracy" not in results and results["epoch"] > 0, results
+    assert not (output_dir / "eval_results.json").exists()
+    replaced = next(output_dir.glob("_replaced-*"))
+    assert json.loads((replaced / "all_results.json").read_text()) == other
+    assert (replaced / "checkpoint-2").is_dir() and (replaced / "eval_results.json").is_file()

@@ -423,10 +423,10 @@ def test_the_trainer_scripts_output_folder_policy(tmp_path, caplog):
 
     with caplog.at_level("WARNING"):
         prepare_trainer_output_dir(out, resume_from_checkpoint=None, overwrite_output_dir=True)
-    replaced = next(out.glob("_replaced-*"))
-    assert [p.name for p in replaced.iterdir()] == ["checkpoint-2"] and not list(out.glob("checkpoint-*"))
-    assert (out / "README.md").read_text() == "the other run's card"  # the new run replaces it when it writes its own
-    assert str(replaced) in caplog.text
+    replaced = next(out.glob("_replaced-*"))  # its checkpoints and outputs: the new run mixes into none of them
+    assert sorted(p.name for p in replaced.iterdir()) == ["README.md", "checkpoint-2"]
+    assert (replaced / "README.md").read_text() == "the other run's card" and not (out / "README.md").exists()
+    assert not list(out.glob("checkpoint-*")) and str(replaced) in caplog.text
 
 
 def test_a_push_leaves_out_the_checkpoints_the_folder_policy_set_aside(tmp_path, fake_hub, hf_home):

@@ -259,7 +259,8 @@ def test_a_folder_holding_another_run_is_refused_and_overwriting_never_resumes_i
     new_run = json.loads((old / "run.json").read_text())["run_id"]
     mine = [info for info in list_checkpoints(old) if info.run_id == new_run]
     assert [info.path.name for info in mine] == ["step_4"]
-    assert (old / "step_8").is_dir()  # the other run's checkpoint is left alone, and never resumed:
+    # the other run's checkpoints are moved aside, whole, and never resumed
+    assert sorted(path.name for path in next(old.glob("_replaced-*")).glob("step_*")) == ["step_4", "step_8"]
     result = run(old, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", steps=4)
     assert result.resumed_from == str(old / "step_4")
 

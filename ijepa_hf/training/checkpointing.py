@@ -321,10 +321,20 @@ def check_trainer_checkpoint(path: str | os.PathLike) -> None:
             "save_only_model, or start a new run.")
 
 
-# What a Trainer run writes into its output folder (besides its checkpoint-<N> folders): a folder holding any of
-# them holds another run.
-_TRAINER_RUN_OUTPUTS = ("README.md", "config.json", "model.safetensors", "all_results.json", "train_results.json",
-                        "eval_results.json", "trainer_state.json", "train_log.jsonl", "training_args.bin")
+# What a run writes into its output folder besides its checkpoints (``pretrain()``'s and the Trainer scripts': the
+# model, sharded or not, its processor, results, cards, log, curves, the demo's mask picture, encoder/, run file): an overwriting run moves the
+# other run's aside with its checkpoints, so that nothing of it is reported, resumed or published as the new run's.
+_RUN_OUTPUTS = ("README.md", "config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "preprocessor_config.json", "*_results.json", "trainer_state.json", "train_log.jsonl",
+                "train_log.jsonl.corrupt-*", "training_curves.png", "masks.png", "training_args.bin", "encoder",
+                RUN_FILE_NAME)
+
+
+def _run_outputs(output_dir: Path) -> list[Path]:
+    """The files and folders of :data:`_RUN_OUTPUTS` in ``output_dir``."""
+    if not output_dir.is_dir():
+        return []
+    return sorted({path for pattern in _RUN_OUTPUTS for path in output_dir.glob(pattern)})
 
 
 def _trainer_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -365,9 +375,10 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
     * A new run into a folder holding another run's checkpoints or outputs is refused, naming
       ``--resume_from_checkpoint latest`` and ``--overwrite_output_dir`` (``latest`` with no complete checkpoint to
       continue is refused as well: it would start anew over the other run). An overwriting run moves the other run's
-      ``checkpoint-*`` into one ``_replaced-<time>`` folder: Trainer's checkpoints carry no run identity, so left in
-      place ``latest`` would resume them, and Trainer's rotation (``save_total_limit``) would prune the new run's
-      checkpoints before them. Its other files are replaced as the new run writes its own.
+      ``checkpoint-*`` and outputs (model, results, cards, log) into one ``_replaced-<time>`` folder: Trainer's
+      checkpoints carry no run identity, so left in place ``latest`` would resume them, and Trainer's rotation
+      (``save_total_limit``) would prune the new run's checkpoints before them; Trainer's ``save_metrics`` merges
+      into an ``all_results.json`` it finds, so the new run would report the other run's results as its own.
     * Resuming ``checkpoint-<N>`` moves the folder's later ``checkpoint-*`` (the branch the resume abandons, or folders
       a kill cut short) into one ``_abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
     """
@@ -384,8 +395,8 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
             logger.warning("Resuming from %s abandons the later checkpoints %s: moved to %s (delete it once you no "
                            "longer need them)", resumed.name, ", ".join(path.name for path in later), aside)
         return resume_from
-    held = [path.name for _, path in checkpoints] + [name for name in _TRAINER_RUN_OUTPUTS
-                                                     if (output_dir / name).exists()]
+    outputs = _run_outputs(output_dir)
+    held = [path.name for _, path in checkpoints] + [path.name for path in outputs]
     listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
     if held and resume_from_checkpoint == "latest":
         raise ValueError(
@@ -397,11 +408,10 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
         raise ValueError(
             f"--output_dir {output_dir} already holds another run ({listed}). Use --resume_from_checkpoint latest "
             "to continue it, --overwrite_output_dir to start a new run there, or choose another --output_dir.")
-    if checkpoints:
-        aside = _move_aside(output_dir, [path for _, path in checkpoints], "replaced")
-        logger.warning("--overwrite_output_dir: the other run's checkpoints %s were moved to %s (delete it once you no "
-                       "longer need them); its other files are replaced as this run writes its own",
-                       ", ".join(path.name for _, path in checkpoints), aside)
+    if held:
+        aside = _move_aside(output_dir, [path for _, path in checkpoints] + outputs, "replaced")
+        logger.warning("--overwrite_output_dir: the other run's checkpoints and outputs (%s) were moved to %s (delete "
+                       "it once you no longer need them)", listed, aside)
     return None
 
 
@@ -461,7 +471,9 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
 
     * A fresh run needs an empty (or absent) folder, or ``overwrite_output_dir``; a folder holding another run is
       refused with an error naming ``--overwrite_output_dir`` and ``--resume_from_checkpoint``. An overwriting run
-      gets a new run id: the other run's ``step_*`` checkpoints are then never resumed or pruned by it.
+      gets a new run id and moves the other run's checkpoints and outputs (final model, ``encoder/``, cards, log,
+      curves) into one ``_replaced-<time>`` folder: until it wrote its own, a push or a load of the folder took the
+      other run's model for this one's. Nothing is deleted.
     * ``resume_from_checkpoint="latest"`` continues the folder's run from its newest complete checkpoint; without
       one it starts that run afresh (a run that never reached its first checkpoint) — or, when the folder holds
       something else, refuses as above.
@@ -527,9 +539,12 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
         return RunFolder(manifest["run_id"], path)
     if contents and not overwrite_output_dir:
         raise refuse
-    if contents:
-        logger.warning("--overwrite_output_dir: starting a new run in %s; its files will be replaced as the new run "
-                       "writes them, and the old run's checkpoints are ignored", output_dir)
+    replaced = [info.path for info in list_checkpoints(output_dir)] + _run_outputs(output_dir)
+    if replaced:
+        aside = _move_aside(output_dir, replaced, "replaced")
+        logger.warning("--overwrite_output_dir: the other run's checkpoints and outputs (%s) were moved to %s (delete "
+                       "it once you no longer need them)", ", ".join(path.name for path in replaced[:6])
+                       + (", ..." if len(replaced) > 6 else ""), aside)
     run_id = uuid.uuid4().hex
     write_run_file(output_dir, run_id)
     return RunFolder(run_id, None)
