@@ -322,8 +322,9 @@ def check_trainer_checkpoint(path: str | os.PathLike) -> None:
 
 
 # What a run writes into its output folder besides its checkpoints (``pretrain()``'s and the Trainer scripts': the
-# model, sharded or not, its processor, results, cards, log, curves, the demo's mask picture, encoder/, run file): an overwriting run moves the
-# other run's aside with its checkpoints, so that nothing of it is reported, resumed or published as the new run's.
+# model, sharded or not, its processor, results, cards, log, curves, the demo's mask picture, encoder/, run file):
+# an overwriting run moves the other run's aside with its checkpoints, so that nothing of it is reported, resumed or
+# published as the new run's.
 _RUN_OUTPUTS = ("README.md", "config.json", "model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                 "preprocessor_config.json", "*_results.json", "trainer_state.json", "train_log.jsonl",
                 "train_log.jsonl.corrupt-*", "training_curves.png", "masks.png", "training_args.bin", "encoder",
