@@ -133,6 +133,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         )
     if not (training_args.do_train or training_args.do_eval):
         parser.error("nothing to do: pass --do_train and/or --do_eval.")
+    if training_args.resume_from_checkpoint is not None and not training_args.do_train:
+        parser.error(  # it would be dropped: the run would evaluate --model_name_or_path, not the checkpoint
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} continues a training run, but --do_train "
+            "is not set: add --do_train, or, to evaluate a checkpoint, give it as --model_name_or_path.")
     if training_args.remove_unused_columns:
         training_args.remove_unused_columns = False  # keep `image`: the transform consumes it, not the model
     return model_args, data_args, training_args

@@ -244,6 +244,22 @@ def test_finetune_refuses_a_run_that_would_train_nothing(tmp_path, load_example,
     assert not (tmp_path / "out").exists()
 
 
+def test_finetune_refuses_a_resume_that_would_train_nothing(tmp_path, load_example, image_folder, encoder_repo,
+                                                            capsys):
+    """--resume_from_checkpoint without --do_train was dropped without a word: the run evaluated
+    --model_name_or_path, not the checkpoint, and resuming checkpoint-2 still moved the later checkpoints aside."""
+    finetune = load_example("finetune")
+    output_dir = tmp_path / "ft"
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train", "--max_steps", "4",
+                                 "--save_strategy", "steps", "--save_steps", "2"))
+    with pytest.raises(SystemExit):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_eval", "--resume_from_checkpoint",
+                                     str(output_dir / "checkpoint-2")))
+    message = capsys.readouterr().err
+    assert "--do_train" in message and "--model_name_or_path" in message, message
+    assert (output_dir / "checkpoint-4").is_dir() and not list(output_dir.glob("_abandoned-*"))
+
+
 def test_finetune_never_overwrites_another_run_unasked(tmp_path, load_example, image_folder, encoder_repo):
     output_dir = tmp_path / "previous"
     output_dir.mkdir()
