@@ -18,7 +18,8 @@ Outputs:
     * ``--format npz``: one ``.npz`` with ``features [N, D]``, ``labels [N]``, ``ids [N]``, ``paths [N]`` and a
       JSON ``metadata`` string.
 
-Unreadable images are skipped; ``id`` (the row in the source split) and ``path`` (its file, when it has one) keep
+An ``--output`` that exists is refused before anything is extracted, unless ``--overwrite_output`` (the new features
+are written under a temporary name and replace it only once complete). Unreadable images are skipped; ``id`` (the row in the source split) and ``path`` (its file, when it has one) keep
 every feature row matched to its image.
 
 Labels are -1 when the data has no label column (e.g. an image folder without class sub-folders).
@@ -29,6 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label_column_name", default="label")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--output", required=True, help="Output folder (datasets) or .npz file.")
+    parser.add_argument("--overwrite_output", action="store_true", help="Replace an --output that exists.")
     parser.add_argument("--format", choices=("datasets", "npz"), default="datasets")
     parser.add_argument("--layers", default="last", help="'last' or a number k of last blocks (e.g. 4).")
     parser.add_argument("--batch_size", type=int, default=64)
@@ -70,7 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_dir is None:
         parser.error("give --dataset_name or --train_dir.")
+    output = output_path(args.output, args.format)
+    if output.exists() and not args.overwrite_output:  # before hours of extraction, not after
+        parser.error(f"--output {output} exists (earlier features?): pass --overwrite_output to replace it, or choose "
+                     "another --output.")
     return args
+
+
+def output_path(output: str | Path, output_format: str) -> Path:
+    """Where the features go: ``output``, with the ``.npz`` suffix for ``npz``."""
+    output = Path(output)
+    return output if output_format != "npz" or output.suffix == ".npz" else output.with_suffix(".npz")
 
 
 def save_features(
@@ -88,18 +103,47 @@ def save_features(
 
     ``label_feature``: the source's label feature (a ``ClassLabel`` keeps the class names); default int64.
     """
-    output = Path(output)
+    output = output_path(output, output_format)
     ids = torch.arange(len(labels)) if ids is None else ids
     paths = [p or "" for p in paths] if paths is not None else [""] * len(labels)
-    if output_format == "npz":
-        output = output if output.suffix == ".npz" else output.with_suffix(".npz")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(output, features=features.numpy(), labels=labels.numpy(), ids=ids.numpy(),
-                 paths=np.array(paths, dtype=str), metadata=json.dumps(metadata))
-        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name, then renamed: a run stopped while writing leaves any earlier output whole.
+    partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        if output_format == "npz":
+            with open(partial, "wb") as handle:  # np.savez would add .npz to the temporary name
+                np.savez(handle, features=features.numpy(), labels=labels.numpy(), ids=ids.numpy(),
+                         paths=np.array(paths, dtype=str), metadata=json.dumps(metadata))
+        else:
+            _features_dataset(features, labels, ids, paths, label_feature).save_to_disk(str(partial))
+            (partial / "extraction.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        _replace(partial, output)
+    finally:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        partial.unlink(missing_ok=True)
+    return output
+
+
+def _replace(new: Path, output: Path) -> None:
+    """Put ``new`` at ``output``, replacing what is there (a file or a folder) only once ``new`` is complete."""
+    if not output.exists() or output.is_file() and new.is_file():
+        os.replace(new, output)
+        return
+    old = output.parent / f".{output.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(output, old)
+    os.replace(new, output)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _features_dataset(features: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, paths: list[str],
+                      label_feature: Any | None) -> Any:
     import datasets
 
-    dataset = datasets.Dataset.from_dict(
+    return datasets.Dataset.from_dict(
         {"id": ids.numpy(), "path": paths, "features": features.numpy(), "label": labels.numpy()},
         features=datasets.Features({
             "id": datasets.Value("int64"),
@@ -108,9 +152,6 @@ def save_features(
             "label": label_feature if label_feature is not None and (labels >= 0).all() else datasets.Value("int64"),
         }),
     )
-    dataset.save_to_disk(str(output))
-    (output / "extraction.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    return output
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -284,6 +284,48 @@ def test_extract_features_example_writes_ids_and_paths(tmp_path, load_example, e
     assert table["id"] == [0, 1, 3] and [Path(p).name for p in table["path"]] == ["0.png", "1.png", "3.png"]
 
 
+@pytest.mark.parametrize("output_format", ["npz", "datasets"])
+def test_extract_features_never_replaces_earlier_features_unasked(tmp_path, load_example, encoder, output_format):
+    """An --output that exists (the features of another split or model, maybe hours of extraction) was replaced
+    without a word (npz), or written into (datasets). It is refused before anything is extracted, naming
+    --overwrite_output, which replaces it."""
+    encoder.save_pretrained(tmp_path / "encoder")
+    argv = ["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes", "--max_samples",
+            "4", "--format", output_format, "--no_progress"]
+    extract = load_example("extract_features")
+    first = extract.main([*argv, "--output", str(tmp_path / "feats")])
+    written = {path: path.read_bytes() for path in ([first] if first.is_file() else sorted(first.rglob("*.*")))}
+    with pytest.raises(SystemExit):
+        extract.main([*argv, "--split", "test", "--output", str(tmp_path / "feats")])
+    assert {path: path.read_bytes() for path in written} == written
+    second = extract.main([*argv, "--split", "test", "--output", str(tmp_path / "feats"), "--overwrite_output"])
+    assert second == first
+    split = (json.loads(str(np.load(second)["metadata"])) if output_format == "npz"
+             else json.loads((second / "extraction.json").read_text()))["split"]
+    assert split == "test" and not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
+
+
+def test_extract_features_stopped_while_writing_leaves_the_earlier_features_whole(tmp_path, load_example, encoder,
+                                                                                  monkeypatch):
+    """The features are written under a temporary name and renamed: a write that fails half-way (a full disk, a
+    kill) leaves the earlier file as it was, and no partial file behind."""
+    encoder.save_pretrained(tmp_path / "encoder")
+    argv = ["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes", "--max_samples",
+            "4", "--format", "npz", "--no_progress", "--output", str(tmp_path / "feats.npz")]
+    extract = load_example("extract_features")
+    earlier = extract.main(argv).read_bytes()
+
+    def full_disk(handle, **arrays):
+        handle.write(b"half of the archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(extract.np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        extract.main([*argv, "--overwrite_output"])
+    assert (tmp_path / "feats.npz").read_bytes() == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["encoder", "feats.npz"]
+
+
 def test_extract_features_example_reads_the_builtin_datasets_without_the_hub(tmp_path, load_example, encoder):
     encoder.save_pretrained(tmp_path / "encoder")
     for split in ("train", "test"):
