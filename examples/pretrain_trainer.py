@@ -58,15 +58,12 @@ from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer,
 
 logger = logging.getLogger("pretrain_trainer")
 
-# The official recipe as the TrainingArguments defaults of this script.
-_OFFICIAL = official_training_arguments("outputs/pretrain-trainer")
-RECIPE_DEFAULTS: dict[str, Any] = {
-    name: getattr(_OFFICIAL, name) for name in (
-        "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
-        "max_grad_norm", "remove_unused_columns")
-}
-RECIPE_DEFAULTS["lr_scheduler_type"] = getattr(RECIPE_DEFAULTS["lr_scheduler_type"], "value", "cosine")
-RECIPE_DEFAULTS["optim"] = getattr(RECIPE_DEFAULTS["optim"], "value", RECIPE_DEFAULTS["optim"])
+# The official recipe as the TrainingArguments defaults of this script: every field official_training_arguments
+# sets (its hyperparameters and its input pipeline's), as plain values.
+_OFFICIAL = official_training_arguments("outputs/pretrain-trainer").to_dict()
+_PLAIN = TrainingArguments("outputs/pretrain-trainer").to_dict()
+RECIPE_DEFAULTS: dict[str, Any] = {name: value for name, value in _OFFICIAL.items()
+                                   if value != _PLAIN[name] and name != "output_dir"}
 # Used without a data argument, for the options not given: a tiny model on the embedded procedural shapes.
 EMBEDDED_DEMO: dict[str, Any] = {
     "output_dir": "outputs/pretrain-trainer", "max_steps": 50, "per_device_train_batch_size": 32,

@@ -100,6 +100,39 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
     assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
 
 
+def test_pretrain_trainer_example_defaults_are_official_training_arguments(tmp_path):
+    """The example took a hand-picked list of official_training_arguments' fields as its defaults, and the input
+    pipeline's were missing from it: without dataloader_drop_last the workers were not handed each sample's mask
+    index (a resumed run's masks then differ with persistent workers) and the copies were blocking. Every field the
+    official arguments set is now the example's default."""
+    from transformers import TrainingArguments
+
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    official = official_training_arguments(str(tmp_path)).to_dict()
+    plain = TrainingArguments(str(tmp_path)).to_dict()
+    recipe = {name: value for name, value in official.items() if plain[name] != value}
+    assert {"dataloader_drop_last", "accelerator_config", "learning_rate"} <= set(recipe)
+    _, data = example.parse(["--train_dir", str(tmp_path), "--output_dir", str(tmp_path)])
+    assert {name: data.to_dict()[name] for name in recipe} == recipe
+
+
+def test_data_fewer_than_one_global_batch_is_refused_not_trained_for_zero_steps(tmp_path):
+    """With dataloader_drop_last (the official loader's, and official_training_arguments'), images fewer than one
+    global batch gave an empty loader: the Trainer "finished" after 0 updates and the untrained model was saved as
+    the run's. As in pretrain(), it is refused, naming the fix."""
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, per_device_train_batch_size=8, max_steps=3, dataloader_drop_last=True)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=torch.utils.data.Subset(data, range(4)),
+                           data_collator=collator)
+    with pytest.raises(ValueError, match=r"4 images are fewer than one global batch \(8 x 1 processes\).*"
+                                         r"per_device_train_batch_size"):
+        trainer.train()
+
+
 def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     try:

@@ -391,7 +391,13 @@ class IJepaTrainer(Trainer):
         ``output_dir`` (folders a kill cut short during their save are skipped, naming them); a checkpoint cut short,
         of the weights only (``save_only_model``), or trained under other settings is refused, naming why
         (:func:`~ijepa_hf.training.checkpointing.resolve_trainer_checkpoint`,
-        :func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`)."""
+        :func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`). Images fewer than one global batch
+        are refused under ``dataloader_drop_last`` (the loader would be empty and the run end after no update)."""
+        dataset, global_batch = self.train_dataset, self._train_batch_size * self.args.world_size
+        if self.args.dataloader_drop_last and has_length(dataset) and len(dataset) < global_batch:
+            raise ValueError(f"{len(dataset)} images are fewer than one global batch ({self._train_batch_size} x "
+                             f"{self.args.world_size} processes), which dataloader_drop_last drops: nothing would be "
+                             "trained; lower per_device_train_batch_size or add data")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = resolve_trainer_checkpoint("latest", self.args.output_dir)
             if resume_from_checkpoint is None:  # the Trainer's own message
