@@ -120,6 +120,12 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError("--remote-code does not apply to --to-transformers: stock `ijepa` repos load without it.")
     checkpoint_path = Path(args.checkpoint)
     output_dir = Path(args.output_dir)
+    targets = [output_dir / kind for kind in ("pretraining", "encoder", "predictor")] if args.all else [output_dir]
+    held = [path for path in targets if path.is_dir() and any(path.iterdir())]
+    if held and not args.overwrite:  # before the checkpoint is read: a trained run given by mistake keeps its files
+        raise ValueError(f"{', '.join(map(str, held))} already hold{'s' if len(held) == 1 else ''} files (a model, an "
+                         "earlier conversion?): pass --overwrite to write the converted repo there, or choose another "
+                         "output_dir.")
     release = _release_for(checkpoint_path, args.release)
     checkpoint = load_official_checkpoint(checkpoint_path)
     config, heads_source = _config_for(checkpoint, release, args.num_heads)
@@ -197,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also upload the written repo(s) to the Hub (with --all: REPO_ID-pretraining, "
                            "REPO_ID-encoder, REPO_ID-predictor)")
     conv.add_argument("--private", action="store_true", help="create new Hub repo(s) private")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="write into an output folder that holds files (otherwise refused: its model would be "
+                           "replaced)")
     conv.set_defaults(func=convert)
 
     upload = commands.add_parser(

@@ -260,3 +260,21 @@ def test_encoder_from_a_transformers_4x_format_repo(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixels).last_hidden_state, stock(pixels).last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", [[], ["--all"]])
+def test_convert_never_writes_over_a_folder_holding_files_unasked(tmp_path, capsys, mode):
+    """`convert` into a folder holding a model (a trained run given by mistake, an earlier conversion) replaced its
+    weights, config and card without a word. It is refused before the checkpoint is read, naming --overwrite, which
+    writes there."""
+    out = tmp_path / "run"
+    target = out / "encoder" if mode else out
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_bytes(b"a trained run's weights")
+    (target / "README.md").write_text("its card")
+    assert convert(str(out), *mode) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (target / "model.safetensors").read_bytes() == b"a trained run's weights"
+    assert convert(str(out), *mode, "--overwrite") == 0
+    assert (target / "model.safetensors").read_bytes() != b"a trained run's weights"
+    assert convert(str(tmp_path / "new"), *mode) == 0  # a new or empty folder needs nothing
