@@ -20,7 +20,8 @@ As in transformers' script, ``--do_train`` / ``--do_eval`` say what runs (an ``-
 ``--do_train`` is refused: it would evaluate an untrained head); an ``--output_dir`` holding another run's results
 needs ``--overwrite_output_dir``; ``--resume_from_checkpoint latest`` resumes the newest checkpoint there, under
 the settings it was trained with (others are refused, naming them); a second run into a folder a live run holds
-fails at once.
+fails at once. SIGTERM or SIGUSR1 (a cluster's warning before it pre-empts the job) saves a checkpoint after the
+current update and exits with code 75, which ``--resume_from_checkpoint latest`` continues.
 Models derived from Meta's weights keep their CC BY-NC 4.0 licence (config and card, `ijepa_hf.licensing`).
 """
 
@@ -50,6 +51,7 @@ from ijepa_hf.finetuning import (
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import quiet_http_logging, run_script, trainer_run_folder
+from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 
 logger = logging.getLogger(__name__)
@@ -224,6 +226,7 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
     if training_args.do_train and resume is not None:
         check_trainer_resume_compatible(resume, settings.settings, model.config)
 
+    preemption = PreemptionCallback()  # SIGTERM / SIGUSR1: a checkpoint after this update, then exit code 75
     optimizers: tuple[Any, Any] = (None, None)
     if model_args.layer_decay is not None:
         optimizer = build_layerwise_optimizer(
@@ -245,11 +248,14 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
         data_collator=classification_collate,
         compute_metrics=make_compute_metrics(load_accuracy_metric()),
         optimizers=optimizers,
-        callbacks=[settings],
+        callbacks=[settings, preemption],
     )
 
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume)
+        if preemption.preempted is not None:  # a checkpoint of the last update is written; requeue to continue
+            logger.warning("%s", preemption.preempted)
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         trainer.save_model()  # the model and, as processing_class, the image processor
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)

@@ -4,6 +4,7 @@ and a short fine-tuning run whose loss falls and whose saved model reloads with 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -460,3 +461,50 @@ def test_an_overwriting_run_reports_none_of_the_other_runs_results(tmp_path, loa
     replaced = next(output_dir.glob("_replaced-*"))
     assert json.loads((replaced / "all_results.json").read_text()) == other
     assert (replaced / "checkpoint-2").is_dir() and (replaced / "eval_results.json").is_file()
+
+
+_PREEMPTED_FINETUNE = """
+import os, signal, sys
+import transformers
+sys.path.insert(0, {examples!r})
+import finetune
+
+calls = []
+original = transformers.Trainer.training_step
+
+def training_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the scheduler's warning, during the second update
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, *args, **kwargs)
+
+transformers.Trainer.training_step = training_step
+finetune.main(sys.argv[1:])
+"""
+
+
+def test_finetune_saves_and_exits_75_on_a_preemption_signal_and_resumes(tmp_path, image_folder, encoder_repo):
+    """As the pretraining scripts: SIGTERM / SIGUSR1 (a cluster's warning before it pre-empts or requeues the job)
+    killed fine-tuning where it stood, losing the updates since the last save. It now finishes the update, saves a
+    checkpoint and exits with code 75; --resume_from_checkpoint latest continues from that update."""
+    import subprocess
+    import sys
+
+    from hub_utils import REPO_ROOT
+
+    from ijepa_hf.training import PREEMPTED_EXIT_CODE
+
+    script = tmp_path / "preempted.py"
+    script.write_text(_PREEMPTED_FINETUNE.format(examples=str(REPO_ROOT / "examples")))
+    output_dir = tmp_path / "ft"
+    argv = _finetune_argv(encoder_repo, image_folder, output_dir, "--do_train", "--max_steps", "4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+    assert json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (output_dir / "model.safetensors").exists()  # not finished: no final model
+    resumed = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "finetune.py"), *argv,
+                              "--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4
