@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop, normalize, pil_to_tensor, to_rgb
+from .data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop, check_sample_limit, normalize,
+                   pil_to_tensor, to_rgb)
 from .modeling_ijepa_hf import is_no_decay_param
 
 logger = logging.getLogger(__name__)
@@ -368,6 +369,7 @@ def load_builtin_split(name: str, split: str = "train", *, max_samples: int | No
                        seed: int = 0) -> Any:
     """One split (``train``, or ``test`` / ``validation``: the held-out one) of a :data:`BUILTIN_DATASETS` dataset,
     with ``image`` and ``label`` columns, read without the Hub."""
+    check_sample_limit(max_samples, "max_samples")
     held_out = ("test", "validation")
     if split != "train" and split not in held_out:
         raise ValueError(f"{name} has the splits 'train' and 'test' (also called 'validation'), not {split!r}")
@@ -417,6 +419,8 @@ def load_labeled_splits(
     """
     import datasets
 
+    check_sample_limit(max_train_samples, "max_train_samples")
+    check_sample_limit(max_eval_samples, "max_eval_samples")
     if dataset_name in BUILTIN_DATASETS:
         return _builtin_splits(dataset_name, max_train_samples, max_eval_samples, procedural_image_size, seed)
     common = dict(dataset_config_name=dataset_config_name, image_column=image_column, **load_kwargs)

@@ -486,3 +486,31 @@ def test_random_resized_crop_defaults_are_official():
     # The official crop scale and ratio are the defaults.
     crop = RandomResizedCrop(224)
     assert crop.scale == (0.3, 1.0) and math.isclose(crop.ratio[0], 3 / 4) and math.isclose(crop.ratio[1], 4 / 3)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_a_sample_limit_below_one_is_refused_not_read_as_no_limit(tmp_path, value):
+    """`--max_train_samples 0` trained on every image (pretrain_trainer.py: the 2,048 embedded scenes; probe.py:
+    2,000), read as no limit; pretrain.py refused it. Every data entry point refuses it now, naming the field."""
+    from ijepa_hf.data import build_pretraining_data, build_validation_data, load_image_dataset
+    from ijepa_hf.finetuning import load_builtin_split, load_labeled_splits
+
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    _rand_image(32, 32).save(folder / "0.png")
+    calls = {
+        "max_train_samples": [lambda: build_pretraining_data(image_size=32, max_train_samples=value),
+                              lambda: build_pretraining_data(image_size=32, train_dir=str(tmp_path / "images"),
+                                                             max_train_samples=value),
+                              lambda: load_labeled_splits(dataset_name="procedural_shapes", max_train_samples=value),
+                              lambda: load_labeled_splits(train_dir=str(tmp_path / "images"),
+                                                          max_train_samples=value)],
+        "max_eval_samples": [lambda: build_validation_data(image_size=32, max_eval_samples=value),
+                             lambda: load_labeled_splits(dataset_name="procedural_shapes", max_eval_samples=value)],
+        "max_samples": [lambda: load_builtin_split("procedural_shapes", max_samples=value),
+                        lambda: load_image_dataset(train_dir=str(tmp_path / "images"), max_samples=value)],
+    }
+    for name, functions in calls.items():
+        for call in functions:
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+                call()

@@ -17,7 +17,7 @@ from .fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
-from .folder import IMAGE_COLUMN_CANDIDATES, detect_image_column, load_image_dataset
+from .folder import IMAGE_COLUMN_CANDIDATES, check_sample_limit, detect_image_column, load_image_dataset
 from .loading import (
     IMAGE_EXTENSIONS,
     BadImageCounter,
@@ -103,6 +103,7 @@ __all__ = [
     "fashion_mnist_dataset",
     # folders / hub
     "IMAGE_COLUMN_CANDIDATES",
+    "check_sample_limit",
     "detect_image_column",
     "load_image_dataset",
     # the pretraining pipeline

@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["detect_image_column", "load_image_dataset", "IMAGE_COLUMN_CANDIDATES"]
+__all__ = ["check_sample_limit", "detect_image_column", "load_image_dataset", "IMAGE_COLUMN_CANDIDATES"]
 
 IMAGE_COLUMN_CANDIDATES: tuple[str, ...] = ("image", "img")
+
+
+def check_sample_limit(value: int | None, name: str) -> None:
+    """Refuse a limit on the number of images (``max_samples``, ``max_train_samples``...) below 1: ``0`` would
+    otherwise read as no limit wherever the limit is an ``or`` default. ``None`` keeps every image."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer (unset: every image), got {value!r}")
 
 
 def detect_image_column(dataset_or_features: Any, image_column: str | None = None) -> str:
@@ -98,6 +105,7 @@ def load_image_dataset(
 
     if dataset_name is None and train_dir is None and data_files is None:
         raise ValueError("give dataset_name (Hub name or builder) or train_dir (local image folder)")
+    check_sample_limit(max_samples, "max_samples")
     kwargs: dict[str, Any] = dict(load_kwargs)
     if cache_dir is not None:
         kwargs["cache_dir"] = os.fspath(cache_dir)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .folder import load_image_dataset
+from .folder import check_sample_limit, load_image_dataset
 from .loading import BadImageCounter, load_image
 from .procedural import ProceduralShapes
 from .transforms import EvalTransform, PretrainTransform, normalize_images
@@ -407,6 +407,7 @@ def build_pretraining_data(
     the device. ``batch_size`` (per process) and ``num_processes``: the sampler of map-style data yields
     :class:`SampleKey` s for that batch layout (see :class:`EpochShuffleSampler`); ``shuffle=False`` keeps the rows
     in order (held-out images, :func:`build_validation_data`)."""
+    check_sample_limit(max_train_samples, "max_train_samples")
     counter = counter if counter is not None else BadImageCounter()
     common = dict(image_size=image_size, crop_scale=crop_scale, counter=counter, seed=seed, uint8_images=uint8_images)
     keyed = dict(batch_size=batch_size, num_processes=num_processes, shuffle=shuffle)
@@ -461,6 +462,7 @@ def build_validation_data(
     picked by each image's position and the run's ``seed``: every evaluation sees the same inputs, so two
     evaluations of the same weights give the same loss. Training images are never taken for it: data with no
     held-out images named is refused, naming the options that name them."""
+    check_sample_limit(max_eval_samples, "max_eval_samples")
     if validation_dir is not None and validation_split_name is not None:
         raise ValueError("give either --validation_dir (an image folder) or --validation_split_name (a split of "
                          "--dataset_name) for the held-out images, not both")
