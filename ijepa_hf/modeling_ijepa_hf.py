@@ -37,6 +37,7 @@ This file only imports torch, transformers, its sibling configuration files and 
 # - TRF002: the predictor's empty prefix keeps the base class's `encoder.` off its weights; the pretraining model
 #   holds three models (two encoders and the predictor) and no one base model to prefix.
 # - TRF018: the official initialisation replaces transformers' default for every module these models hold.
+# - TRF013: the base class's `__init__` only checks the config; each model's own `__init__` calls `post_init`.
 
 from __future__ import annotations
 
@@ -651,7 +652,7 @@ class IJepaForPreTrainingOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-# trf-ignore: TRF001, trf-ignore: TRF057 (linter note at the top of this file)
+# trf-ignore: TRF001, trf-ignore: TRF013, trf-ignore: TRF057 (linter note at the top of this file)
 class IJepaPreTrainedModel(PreTrainedModel):
     """Weight init (official: truncated normal 0.02 on linear/conv weights, zero biases, unit LayerNorms, no depth
     rescaling since the official ``init_model`` overwrites it) and strict loading."""
@@ -675,6 +676,12 @@ class IJepaPreTrainedModel(PreTrainedModel):
     # Keys a checkpoint may lack (transformers filters them out of its missing-key report): the sin-cos tables are
     # recomputed from the config. Subclasses add freshly initialised heads.
     _keys_to_ignore_on_load_missing = [r"(^|\.)pos_embed$"]
+
+    def __init__(self, config: PretrainedConfig, *inputs: Any, **kwargs: Any) -> None:
+        # `from_pretrained(repo, name=value)` sets each value on the loaded config by assignment, which checks its
+        # type only: the config's rules run here, so that no model is built from a config its constructor refuses.
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
 
     def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args: Any, **kwargs: Any) -> Any:
         # Both of transformers' push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) write a card into

@@ -248,3 +248,22 @@ def test_config_errors_pickle():
             IJepaEncoderConfig(**kwargs)
         clone = pickle.loads(pickle.dumps(error.value))
         assert type(clone) is type(error.value) and str(clone) == str(error.value)
+
+
+def test_values_given_to_from_pretrained_are_validated_before_a_model_is_built(tmp_path):
+    """`from_pretrained(repo, drop_path_rate=2.0)` (finetune.py --drop_path_rate 2) sets the value on the loaded
+    config past its validators (assignment checks the type only): the model was built and training then failed
+    deep in torch ("bernoulli_ expects p to be in [0, 1]"). The model refuses a config its constructor would."""
+    from transformers import AutoModelForImageClassification, AutoModelForPreTraining
+
+    from tiny import tiny_encoder_config, tiny_pretraining_config
+    from ijepa_hf import IJepaEncoderModel, IJepaForPreTraining
+
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(ValueError, match=r"`drop_path_rate` must be in \[0, 1\), got 2.0"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=2, drop_path_rate=2.0)
+    IJepaForPreTraining(tiny_pretraining_config()).save_pretrained(tmp_path / "pretraining")
+    with pytest.raises(ValueError, match="num_target_blocks"):
+        AutoModelForPreTraining.from_pretrained(tmp_path / "pretraining", num_target_blocks=0)
+    assert AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=2,
+                                                           drop_path_rate=0.1).config.drop_path_rate == 0.1
