@@ -133,6 +133,27 @@ def test_data_fewer_than_one_global_batch_is_refused_not_trained_for_zero_steps(
         trainer.train()
 
 
+def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_path):
+    """pretrain_trainer.py --online_probe_k 0 trained until the first probe (a tenth of the run by default, hours
+    on a real one) and stopped there on the k-NN's own check; pretrain.py refuses it before training. So does the
+    callback now, when it is made."""
+    from ijepa_hf.training import OnlineProbeCallback
+
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        OnlineProbeCallback(probe_set=None, every_n_steps=2, k=0)
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        example.main(["--output_dir", str(out), "--max_steps", "4", "--online_probe_steps", "2", "--online_probe_k",
+                      "0", "--save_strategy", "steps", "--save_steps", "1", "--use_cpu", "--embedded_num_images",
+                      "64", "--report_to", "none"])
+    assert not list(out.glob("checkpoint-*"))  # nothing was trained
+
+
 def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     try:

@@ -272,6 +272,8 @@ class OnlineProbeCallback(TrainerCallback):
     def __init__(self, probe_set: Any, every_n_steps: int, k: int = 20) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if k < 1:  # here, not at the first probe a tenth of the run in
+            raise ValueError(f"the online probe's k must be >= 1, got {k} (--online_probe_k)")
         self.probe_set, self.every_n_steps, self.k = probe_set, int(every_n_steps), int(k)
         self.pending: dict[str, float] = {}
         self.seconds = 0.0
