@@ -189,13 +189,8 @@ def main(argv: list[str] | None = None) -> Trainer:
     logger.info("%d classes, %d training and %d validation images.", len(names), len(splits["train"]),
                 len(splits["validation"]))
 
-    # The folder's run lock for the whole run (a second job into it fails at once); another run's folder is refused
-    with trainer_run_folder(training_args, model_args.overwrite_output_dir) as resume:
-        return _finetune(model_args, data_args, training_args, splits, id2label, hub_kwargs, resume)
-
-
-def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-              splits: Any, id2label: dict[int, str], hub_kwargs: dict[str, Any], resume: str | None) -> Trainer:
+    # The model is read before the output folder is prepared: an overwriting run into the model's own folder moves
+    # the earlier outputs aside
     overrides = {key: getattr(model_args, key) for key in ("drop_path_rate", "pooler_norm")
                  if getattr(model_args, key) is not None}
     model = load_image_classifier(
@@ -212,6 +207,14 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
     licence = weights_license(model, source=model_args.model_name_or_path)
     record_weights_license(model, licence.license, licence.base_model)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, **hub_kwargs)
+
+    # The folder's run lock for the whole run (a second job into it fails at once); another run's folder is refused
+    with trainer_run_folder(training_args, model_args.overwrite_output_dir) as resume:
+        return _finetune(model_args, data_args, training_args, splits, model, image_processor, licence, resume)
+
+
+def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
+              splits: Any, model: Any, image_processor: Any, licence: Any, resume: str | None) -> Trainer:
     train_transform, eval_transform = make_finetune_transforms(
         image_processor, crop_scale=(data_args.min_crop_scale, 1.0), eval_resize_ratio=data_args.eval_resize_ratio
     )

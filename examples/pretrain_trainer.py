@@ -171,19 +171,21 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         log_level = training_args.get_process_log_level()
         logging.getLogger().setLevel(log_level)
         transformers.utils.logging.set_verbosity(log_level)
-    # The folder's run lock for the whole run; another run's folder is refused
-    with trainer_run_folder(training_args, script_args.overwrite_output_dir) as resume:
-        return _pretrain(script_args, training_args, resume)
-
-
-def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, resume: str | None) -> IJepaTrainer:
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
+    # Read before the output folder is prepared: an overwriting run moves the earlier run's config.json aside
     config = build_pretraining_config(
         config_name=script_args.config_name, config_overrides=script_args.config_overrides,
         image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,
         recipe=script_args.recipe, keep=keep,
     )
+    # The folder's run lock for the whole run; another run's folder is refused
+    with trainer_run_folder(training_args, script_args.overwrite_output_dir) as resume:
+        return _pretrain(script_args, training_args, config, ema, resume)
+
+
+def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, config: Any,
+              ema: tuple[float, float] | None, resume: str | None) -> IJepaTrainer:
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     set_seed(training_args.seed)  # the model's initial weights too (Trainer seeds only once it is built)

@@ -267,3 +267,13 @@ def test_values_given_to_from_pretrained_are_validated_before_a_model_is_built(t
         AutoModelForPreTraining.from_pretrained(tmp_path / "pretraining", num_target_blocks=0)
     assert AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=2,
                                                            drop_path_rate=0.1).config.drop_path_rate == 0.1
+
+
+@pytest.mark.parametrize("option", ["config_name", "model_name_or_path"])
+def test_a_folder_without_a_config_is_refused_not_read_as_the_default_config(tmp_path, option):
+    """transformers' `from_pretrained` of a folder without config.json returns the class's default config without a
+    word, so `--config_name ./run` (a folder whose config was moved or never written) trained a default ViT-B/16."""
+    from ijepa_hf.training import build_pretraining_config
+
+    with pytest.raises(ValueError, match=f"--{option} .* has no config.json"):
+        build_pretraining_config(**{option: str(tmp_path)})

@@ -508,3 +508,15 @@ def test_finetune_saves_and_exits_75_on_a_preemption_signal_and_resumes(tmp_path
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_finetune_continues_a_model_in_its_own_folder(tmp_path, load_example, image_folder, encoder_repo):
+    """`--model_name_or_path ft --output_dir ft --overwrite_output_dir` (fine-tune a fine-tuned model again, in
+    place): the model is read before the folder policy moves the earlier run's outputs aside."""
+    finetune = load_example("finetune")
+    output_dir = tmp_path / "ft"
+    finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train", "--max_steps", "2"))
+    again = finetune.main(_finetune_argv(output_dir, image_folder, output_dir, "--do_train", "--max_steps", "1",
+                                         "--overwrite_output_dir"))
+    assert again.state.global_step == 1 and (output_dir / "model.safetensors").is_file()
+    assert (next(output_dir.glob("_replaced-*")) / "model.safetensors").is_file()

@@ -154,6 +154,24 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     assert not list(out.glob("checkpoint-*"))  # nothing was trained
 
 
+def test_pretrain_trainer_takes_its_config_from_its_own_folder_when_overwriting(tmp_path):
+    """`--config_name run --output_dir run --overwrite_output_dir` (a new run with an earlier run's model config): the
+    config is read before the folder policy moves the earlier run's outputs aside."""
+    sys.path.insert(0, str(REPO_ROOT / "examples"))
+    try:
+        import pretrain_trainer as example  # examples/pretrain_trainer.py
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "1", "--use_cpu", "--online_probe_steps", "0",
+            "--embedded_num_images", "64", "--report_to", "none"]
+    first = example.main(argv)
+    trainer = example.main([*argv, "--config_name", str(out), "--overwrite_output_dir", "--seed", "1"])
+    assert trainer.state.global_step == 1
+    same = {key: value for key, value in first.model.config.to_dict().items() if key != "_name_or_path"}
+    assert {key: value for key, value in trainer.model.config.to_dict().items() if key != "_name_or_path"} == same
+
+
 def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "examples"))
     try:

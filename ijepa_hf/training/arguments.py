@@ -18,6 +18,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.utils import CONFIG_NAME
+
 from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config_override_items, list_presets,
                                       parse_config_overrides)
 from .checkpointing import check_output_dir_options
@@ -525,6 +527,11 @@ def build_pretraining_config(
     once: ``--image_size 96 --config_overrides encoder.patch_size=12`` is valid though 12 does not divide the
     default 224, and so is a predictor width the recipe's head count divides."""
     _check_model_source(config_name, model_name_or_path)
+    for option, source in (("config_name", config_name), ("model_name_or_path", model_name_or_path)):
+        # transformers reads a folder without config.json as the class's default config, without a word
+        if source is not None and os.path.isdir(source) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
+            raise ValueError(f"--{option} {source!r} is a folder that has no {CONFIG_NAME}: name a saved model or "
+                             "config (a folder with its config.json, a config file, a Hub repo) or a preset")
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
     elif config_name is None:
