@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_dir is None:
         parser.error("give --dataset_name or --train_dir.")
+    # Checked before any feature is extracted (the probes check them too, after hours of extraction on a large set)
+    for name in ("linear_epochs", "attentive_epochs", "low_shot_draws", "batch_size", "k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}.")
     return args
 
 

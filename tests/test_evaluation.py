@@ -403,3 +403,22 @@ def test_low_shot_linear_probe_fits_on_the_subset_only():
     again = low_shot_linear_probe(noisy, labels[:600], features[600:], labels[600:], num_labels=40,
                                   seeds=(0, 1, 2))
     assert again["accuracies"] == result["accuracies"]
+
+
+def test_a_probe_of_no_training_is_refused(tmp_path, load_example, encoder, capsys):
+    """`linear_probe(epochs=0)` returned the accuracy of an untrained head as the probe's (probe.py --linear_epochs 0
+    printed 30% on 5 classes); probe.py's option values are now checked before any feature is extracted (an
+    --attentive_epochs 0 stopped the run only after the linear and k-NN probes)."""
+    from ijepa_hf.evaluation import linear_probe
+
+    features, labels = torch.randn(20, 8), torch.arange(20) % 2
+    for optimizer in ("lbfgs", "adamw"):
+        with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+            linear_probe(features, labels, features, labels, epochs=0, optimizer=optimizer)
+    encoder.save_pretrained(tmp_path / "encoder")
+    probe = load_example("probe")
+    for option in ("--linear_epochs", "--attentive_epochs", "--low_shot_draws", "--batch_size", "--k"):
+        with pytest.raises(SystemExit):
+            probe.main(["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
+                        "--attentive", "--low_shot_labels", "10", option, "0", "--no_progress"])
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err

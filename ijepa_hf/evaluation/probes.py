@@ -169,6 +169,8 @@ def linear_probe(
         raise ValueError(f"feature widths differ: train {train_features.shape[1]}, test {test_features.shape[1]}.")
     if optimizer not in ("lbfgs", "adamw"):
         raise ValueError(f"optimizer must be 'lbfgs' or 'adamw', got {optimizer!r}.")
+    if epochs < 1:  # an untrained head's accuracy is no probe's
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
     device = torch.device(device) if device is not None else train_features.device
