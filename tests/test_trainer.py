@@ -528,6 +528,33 @@ def test_a_push_leaves_out_the_checkpoints_the_folder_policy_set_aside(tmp_path,
     assert "encoder/model.safetensors" in listing.stdout and "checkpoint-" not in listing.stdout, listing.stdout
 
 
+def test_resuming_a_checkpoint_of_another_folder_into_a_folder_holding_a_run_is_refused(tmp_path):
+    """As pretrain(): resuming another folder's checkpoint into a folder that holds another run (a wrong
+    --output_dir) would write the resumed run's checkpoints among that run's, overwriting those whose steps meet; it
+    is refused, naming the checkpoint's own folder. Into a new folder it continues; a checkpoint set aside in the
+    folder itself (an abandoned branch taken up again) moves the folder's later checkpoints aside, as any resume."""
+    from ijepa_hf.training.checkpointing import prepare_trainer_output_dir
+
+    source, other = tmp_path / "source", tmp_path / "other"
+    for step in (2, 4):
+        _trainer_checkpoint(source, step)
+    _trainer_checkpoint(other, 2)
+    with pytest.raises(ValueError, match="holds another run .*checkpoint-2.* resume into the checkpoint's own folder"):
+        prepare_trainer_output_dir(other, resume_from_checkpoint=str(source / "checkpoint-4"),
+                                   overwrite_output_dir=False)
+    assert prepare_trainer_output_dir(tmp_path / "new", resume_from_checkpoint=str(source / "checkpoint-4"),
+                                      overwrite_output_dir=False) == str(source / "checkpoint-4")
+    out = tmp_path / "out"
+    for step in (2, 4, 6, 8):
+        _trainer_checkpoint(out, step)
+    prepare_trainer_output_dir(out, resume_from_checkpoint=str(out / "checkpoint-2"), overwrite_output_dir=False)
+    abandoned = next(out.glob("_abandoned-*"))
+    for step in (4, 6):
+        _trainer_checkpoint(out, step)  # the new branch
+    prepare_trainer_output_dir(out, resume_from_checkpoint=str(abandoned / "checkpoint-6"), overwrite_output_dir=False)
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
 def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
     """It used to train into it: the other run's checkpoints were overwritten where their steps met, its later ones
     kept, and `latest` then resumed them."""

@@ -382,23 +382,33 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
       into an ``all_results.json`` it finds, so the new run would report the other run's results as its own.
     * Resuming ``checkpoint-<N>`` moves the folder's later ``checkpoint-*`` (the branch the resume abandons, or folders
       a kill cut short) into one ``_abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
+      Resuming another folder's checkpoint is refused when this folder holds a run (its checkpoints would be written
+      among that run's), as :func:`prepare_output_dir` refuses it.
     """
     output_dir = Path(output_dir)
     check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
     resume_from = resolve_trainer_checkpoint(resume_from_checkpoint, output_dir)
-    checkpoints = _trainer_checkpoints(output_dir)
+    checkpoints, outputs = _trainer_checkpoints(output_dir), _run_outputs(output_dir)
+    held = [path.name for _, path in checkpoints] + [path.name for path in outputs]
+    listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
     if resume_from is not None:
         resumed = Path(resume_from).resolve()
+        if not resumed.is_relative_to(output_dir.resolve()):
+            if held:  # its checkpoints would be written among another run's, over those whose steps meet
+                raise ValueError(
+                    f"--output_dir {output_dir} holds another run ({listed}) than the checkpoint {resume_from}: "
+                    f"resume into the checkpoint's own folder ({resumed.parent}) or an empty one")
+            return resume_from
+        # The folder's checkpoints from its step on, other than itself (a later branch, or an abandoned one taken
+        # up again from the folder it was set aside in), would be resumed by `latest` or overwritten in place
         match = _TRAINER_CHECKPOINT_RE.match(resumed.name)
-        later = [path for step, path in checkpoints if match and step > int(match.group(1))]
-        if later and resumed.parent == output_dir.resolve():
+        later = [path for step, path in checkpoints if match and step >= int(match.group(1))
+                 and path.resolve() != resumed]
+        if later:
             aside = _move_aside(output_dir, later, "abandoned")
             logger.warning("Resuming from %s abandons the later checkpoints %s: moved to %s (delete it once you no "
                            "longer need them)", resumed.name, ", ".join(path.name for path in later), aside)
         return resume_from
-    outputs = _run_outputs(output_dir)
-    held = [path.name for _, path in checkpoints] + [path.name for path in outputs]
-    listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
     if held and resume_from_checkpoint == "latest":
         raise ValueError(
             f"--resume_from_checkpoint latest: {output_dir} has no complete checkpoint to continue from, but holds "
