@@ -265,6 +265,32 @@ def test_a_folder_holding_another_run_is_refused_and_overwriting_never_resumes_i
     assert result.resumed_from == str(old / "step_4")
 
 
+def test_the_lock_excludes_a_run_of_an_earlier_version_that_locked_the_earlier_lock_file(tmp_path):
+    """The lock file was renamed (`.ijepa_hf.lock` -> `_ijepa_hf.lock`, which no push uploads): where an earlier
+    version left its lock file, a run of it still training there must exclude a new run, and the new run must
+    exclude it, or the two would train into one folder each holding its own file."""
+    import fcntl
+
+    from ijepa_hf.training.checkpointing import LEGACY_NAMES, OutputDirInUseError, OutputDirLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    legacy = out / LEGACY_NAMES[0]
+    legacy.write_text('{"pid": 1234, "host": "node7"}')
+    with open(legacy, encoding="utf-8") as held:  # the earlier version's run
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputDirInUseError, match=r"in use by another run .*node7.*earlier version"):
+            OutputDirLock(out).acquire()
+    lock = OutputDirLock(out).acquire()  # the earlier run has ended
+    try:
+        with open(legacy, encoding="utf-8") as later, pytest.raises(BlockingIOError):
+            fcntl.flock(later.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # how the earlier version takes its lock
+    finally:
+        lock.release()
+    with open(legacy, encoding="utf-8") as later:
+        fcntl.flock(later.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the lock
+
+
 def test_a_second_run_into_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(

@@ -134,6 +134,7 @@ class OutputDirLock:
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir) / LOCK_FILE_NAME
         self._handle: Any = None
+        self._earlier: Any = None  # the earlier version's lock file, where one was left (see acquire)
 
     def acquire(self) -> OutputDirLock:
         import fcntl
@@ -150,6 +151,21 @@ class OutputDirLock:
                 f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, or "
                 "choose another --output_dir"
             ) from error
+        # A folder an earlier version trained in has its lock file under the earlier name: held as well, so that a
+        # run of that version still training there excludes this one, and this one excludes a later start of it.
+        legacy = self.path.parent / LEGACY_NAMES[0]
+        if legacy.is_file():
+            earlier = open(legacy, encoding="utf-8")  # noqa: SIM115 - held until release()
+            try:
+                fcntl.flock(earlier.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                holder = earlier.read().strip() or "unknown holder"
+                earlier.close()
+                handle.close()
+                raise OutputDirInUseError(
+                    f"{self.path.parent} is in use by another run ({holder}, an earlier version of ijepa-hf); wait "
+                    "for it to finish or stop it, or choose another --output_dir") from error
+            self._earlier = earlier
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -173,18 +189,22 @@ class OutputDirLock:
     def reacquire(self) -> None:
         """Lock ``path`` anew (recreating the folder) after :meth:`still_held` turned false;
         :class:`OutputDirInUseError` when another run holds it by now."""
-        stale, self._handle = self._handle, None
-        if stale is not None:
-            stale.close()
+        for name in ("_handle", "_earlier"):
+            stale = getattr(self, name)
+            if stale is not None:
+                stale.close()  # drops its lock with it
+                setattr(self, name, None)
         self.acquire()
 
     def release(self) -> None:
-        if self._handle is not None:
-            import fcntl
+        import fcntl
 
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        for name in ("_handle", "_earlier"):
+            handle = getattr(self, name)
+            if handle is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                handle.close()
+                setattr(self, name, None)
 
     def __enter__(self) -> OutputDirLock:
         return self.acquire()
