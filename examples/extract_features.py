@@ -19,8 +19,8 @@ Outputs:
       JSON ``metadata`` string.
 
 An ``--output`` that exists is refused before anything is extracted, unless ``--overwrite_output`` (the new features
-are written under a temporary name and replace it only once complete). Unreadable images are skipped; ``id`` (the row in the source split) and ``path`` (its file, when it has one) keep
-every feature row matched to its image.
+are written under a temporary name and replace it only once complete). Unreadable images are skipped; ``id`` (the
+row in the source split) and ``path`` (its file, when it has one) keep every feature row matched to its image.
 
 Labels are -1 when the data has no label column (e.g. an image folder without class sub-folders).
 """

@@ -271,11 +271,11 @@ def test_the_lock_excludes_a_run_of_an_earlier_version_that_locked_the_earlier_l
     exclude it, or the two would train into one folder each holding its own file."""
     import fcntl
 
-    from ijepa_hf.training.checkpointing import LEGACY_NAMES, OutputDirInUseError, OutputDirLock
+    from ijepa_hf.training.checkpointing import LEGACY_LOCK_FILE_NAME, OutputDirInUseError, OutputDirLock
 
     out = tmp_path / "run"
     out.mkdir()
-    legacy = out / LEGACY_NAMES[0]
+    legacy = out / LEGACY_LOCK_FILE_NAME
     legacy.write_text('{"pid": 1234, "host": "node7"}')
     with open(legacy, encoding="utf-8") as held:  # the earlier version's run
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

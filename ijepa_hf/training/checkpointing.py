@@ -54,6 +54,7 @@ __all__ = [
     "RUN_FILE_NAME",
     "LOCK_FILE_NAME",
     "NOT_PUBLISHED_PREFIX",
+    "LEGACY_LOCK_FILE_NAME",
     "LEGACY_NAMES",
     "CheckpointInfo",
     "RunFolder",
@@ -83,15 +84,16 @@ MANIFEST_NAME = "checkpoint.json"
 RUN_FILE_NAME = "run.json"
 # A run's own bookkeeping in its folder (the lock, checkpoints moved aside) starts with `_`: neither this package's
 # push nor Trainer's (which leaves out `_*`) publishes it.
-LOCK_FILE_NAME = "_ijepa_hf.lock"
 NOT_PUBLISHED_PREFIX = "_"
+LOCK_FILE_NAME = f"{NOT_PUBLISHED_PREFIX}ijepa_hf.lock"
 # What versions before 2026-12-06 named them: still recognised in a folder they wrote.
-LEGACY_NAMES = (".ijepa_hf.lock", "abandoned-*", "replaced-*")
+LEGACY_LOCK_FILE_NAME = ".ijepa_hf.lock"
+LEGACY_NAMES = (LEGACY_LOCK_FILE_NAME, "abandoned-*", "replaced-*")
 MANIFEST_FORMAT = 1
 _CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
 _INCOMPLETE_RE = re.compile(r"^\.step_(\d+)\.incomplete$")
 # Files a fresh run may find in its output folder without it holding another run.
-_IGNORED_IN_EMPTY_DIR = {LOCK_FILE_NAME, LEGACY_NAMES[0], ".DS_Store"}
+_IGNORED_IN_EMPTY_DIR = {LOCK_FILE_NAME, LEGACY_LOCK_FILE_NAME, ".DS_Store"}
 
 
 class CheckpointError(RuntimeError):
@@ -137,35 +139,17 @@ class OutputDirLock:
         self._earlier: Any = None  # the earlier version's lock file, where one was left (see acquire)
 
     def acquire(self) -> OutputDirLock:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown holder"
-            handle.close()
-            raise OutputDirInUseError(
-                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it, or "
-                "choose another --output_dir"
-            ) from error
+        handle = self._lock(self.path, "a+")
         # A folder an earlier version trained in has its lock file under the earlier name: held as well, so that a
         # run of that version still training there excludes this one, and this one excludes a later start of it.
-        legacy = self.path.parent / LEGACY_NAMES[0]
+        legacy = self.path.parent / LEGACY_LOCK_FILE_NAME
         if legacy.is_file():
-            earlier = open(legacy, encoding="utf-8")  # noqa: SIM115 - held until release()
             try:
-                fcntl.flock(earlier.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                holder = earlier.read().strip() or "unknown holder"
-                earlier.close()
+                self._earlier = self._lock(legacy, "r", holder_note=", an earlier version of ijepa-hf")
+            except OutputDirInUseError:
                 handle.close()
-                raise OutputDirInUseError(
-                    f"{self.path.parent} is in use by another run ({holder}, an earlier version of ijepa-hf); wait "
-                    "for it to finish or stop it, or choose another --output_dir") from error
-            self._earlier = earlier
+                raise
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -174,6 +158,24 @@ class OutputDirLock:
         handle.flush()
         self._handle = handle
         return self
+
+    def _lock(self, path: Path, mode: str, holder_note: str = "") -> Any:
+        """``path`` opened and locked exclusively (the open file, held until :meth:`release`), or
+        :class:`OutputDirInUseError` naming the holder the file records."""
+        import fcntl
+
+        handle = open(path, mode, encoding="utf-8")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown holder"
+            handle.close()
+            raise OutputDirInUseError(
+                f"{self.path.parent} is in use by another run ({holder}{holder_note}); wait for it to finish or stop "
+                "it, or choose another --output_dir"
+            ) from error
+        return handle
 
     def still_held(self) -> bool:
         """Whether the lock file this process holds is still the one at ``path`` (a folder deleted, or moved
@@ -366,9 +368,21 @@ def _trainer_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
                   if (match := _TRAINER_CHECKPOINT_RE.match(path.name)) and path.is_dir())
 
 
+def _listing(names: list[str]) -> str:
+    """The first names of a folder's contents, for a message."""
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+
+
+def _replace_other_run(output_dir: Path, paths: list[Path]) -> None:
+    """An overwriting run's move of the other run's checkpoints and outputs ``paths`` aside, with its warning."""
+    aside = _move_aside(output_dir, paths, "replaced")
+    logger.warning("--overwrite_output_dir: the other run's checkpoints and outputs (%s) were moved to %s (delete it "
+                   "once you no longer need them)", _listing([path.name for path in paths]), aside)
+
+
 def _move_aside(output_dir: Path, paths: list[Path], prefix: str) -> Path:
-    """Move ``paths`` (folders of ``output_dir``) whole into a new ``_<prefix>-<time>`` folder there (not published:
-    see :data:`NOT_PUBLISHED_PREFIX`); returns it."""
+    """Move ``paths`` (files and folders of ``output_dir``) whole into a new ``_<prefix>-<time>`` folder there (not
+    published: see :data:`NOT_PUBLISHED_PREFIX`); returns it."""
     aside = output_dir / f"{NOT_PUBLISHED_PREFIX}{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     aside.mkdir()
     for path in paths:
@@ -409,8 +423,8 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
     check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
     resume_from = resolve_trainer_checkpoint(resume_from_checkpoint, output_dir)
     checkpoints, outputs = _trainer_checkpoints(output_dir), _run_outputs(output_dir)
-    held = [path.name for _, path in checkpoints] + [path.name for path in outputs]
-    listed = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+    held = [path for _, path in checkpoints] + outputs
+    listed = _listing([path.name for path in held])
     if resume_from is not None:
         resumed = Path(resume_from).resolve()
         if not resumed.is_relative_to(output_dir.resolve()):
@@ -440,9 +454,7 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
             f"--output_dir {output_dir} already holds another run ({listed}). Use --resume_from_checkpoint latest "
             "to continue it, --overwrite_output_dir to start a new run there, or choose another --output_dir.")
     if held:
-        aside = _move_aside(output_dir, [path for _, path in checkpoints] + outputs, "replaced")
-        logger.warning("--overwrite_output_dir: the other run's checkpoints and outputs (%s) were moved to %s (delete "
-                       "it once you no longer need them)", listed, aside)
+        _replace_other_run(output_dir, held)
     return None
 
 
@@ -520,9 +532,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
     run_id = _read_run_id(output_dir)
     contents = sorted(p.name for p in output_dir.iterdir() if p.name not in _IGNORED_IN_EMPTY_DIR)
     refuse = ValueError(
-        f"--output_dir {output_dir} already holds another run ({', '.join(contents[:6])}"
-        f"{', ...' if len(contents) > 6 else ''}). Use --resume_from_checkpoint latest to continue it, "
-        "--overwrite_output_dir to start a new run there, or choose another --output_dir."
+        f"--output_dir {output_dir} already holds another run ({_listing(contents)}). Use --resume_from_checkpoint "
+        "latest to continue it, --overwrite_output_dir to start a new run there, or choose another --output_dir."
     )
     if resume_from_checkpoint == "latest":
         if run_id is None and contents:
@@ -572,10 +583,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
         raise refuse
     replaced = [info.path for info in list_checkpoints(output_dir)] + _run_outputs(output_dir)
     if replaced:
-        aside = _move_aside(output_dir, replaced, "replaced")
-        logger.warning("--overwrite_output_dir: the other run's checkpoints and outputs (%s) were moved to %s (delete "
-                       "it once you no longer need them)", ", ".join(path.name for path in replaced[:6])
-                       + (", ..." if len(replaced) > 6 else ""), aside)
+        _replace_other_run(output_dir, replaced)
     run_id = uuid.uuid4().hex
     write_run_file(output_dir, run_id)
     return RunFolder(run_id, None)

@@ -395,11 +395,11 @@ class IJepaTrainer(Trainer):
         (:func:`~ijepa_hf.training.checkpointing.resolve_trainer_checkpoint`,
         :func:`~ijepa_hf.training.resume.check_trainer_resume_compatible`). Images fewer than one global batch
         are refused under ``dataloader_drop_last`` (the loader would be empty and the run end after no update)."""
-        dataset, global_batch = self.train_dataset, self._train_batch_size * self.args.world_size
-        if self.args.dataloader_drop_last and has_length(dataset) and len(dataset) < global_batch:
-            raise ValueError(f"{len(dataset)} images are fewer than one global batch ({self._train_batch_size} x "
-                             f"{self.args.world_size} processes), which dataloader_drop_last drops: nothing would be "
-                             "trained; lower per_device_train_batch_size or add data")
+        if self.args.dataloader_drop_last and self._complete_batches_per_epoch() == 0:
+            raise ValueError(f"{len(self.train_dataset)} images are fewer than one global batch "
+                             f"({self._train_batch_size} x {self.args.world_size} processes), which "
+                             "dataloader_drop_last drops: nothing would be trained; lower per_device_train_batch_size "
+                             "or add data")
         if resume_from_checkpoint is True:
             resume_from_checkpoint = resolve_trainer_checkpoint("latest", self.args.output_dir)
             if resume_from_checkpoint is None:  # the Trainer's own message
@@ -548,16 +548,22 @@ class IJepaTrainer(Trainer):
 
         return super().get_batch_samples(readable(), num_batches, device)
 
+    def _complete_batches_per_epoch(self) -> int | None:
+        """The training data's complete global batches (each process's batch times the processes); ``None`` for data
+        of no length."""
+        dataset = self.train_dataset
+        return len(dataset) // (self._train_batch_size * self.args.world_size) if has_length(dataset) else None
+
     def _require_a_readable_image(self) -> None:
         """Once every process has taken an epoch's worth of batches (all at the same update), stop the run when none
         of them has read an image. A process without one trains on with zero-weight updates beside the others, as in
         the Accelerate loop: stopping it alone would leave the others waiting in the next gradient all-reduce."""
+        if self._readable_checked:  # once per run: every batch passes here
+            return
+        per_epoch = self._complete_batches_per_epoch()
+        if per_epoch is None or sum(self._batch_counts) < max(1, per_epoch):
+            return
         dataset = self.train_dataset
-        if self._readable_checked or not has_length(dataset):
-            return
-        per_epoch = max(1, len(dataset) // max(1, self._train_batch_size * self.args.world_size))
-        if sum(self._batch_counts) < per_epoch:
-            return
         self._readable_checked = True
         readable = torch.tensor([self._batch_counts[0]], device=self.args.device)
         if self.args.world_size > 1:
