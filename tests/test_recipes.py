@@ -4,14 +4,12 @@ script; what the user sets explicitly wins; ``official`` changes nothing."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from ijepa_hf import IJepaPretrainingConfig
 from ijepa_hf.training import apply_recipe, build_config, get_recipe, parse_args, recipe_training_arguments
 
-from tiny import REPO_ROOT, TINY_OVERRIDES, run
+from tiny import TINY_OVERRIDES, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,14 +80,10 @@ def test_pretrain_with_the_small_recipe(tmp_path):
     assert result.global_step == 4
 
 
-def test_trainer_recipe_arguments_and_script(tmp_path):
+def test_trainer_recipe_arguments_and_script(tmp_path, load_example):
     assert recipe_training_arguments(str(tmp_path), "small").warmup_steps == 0.25
     assert recipe_training_arguments(str(tmp_path)).warmup_steps == pytest.approx(40 / 300)
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+    example = load_example("pretrain_trainer")
     _, training = example.parse(["--recipe", "small", "--output_dir", str(tmp_path)])
     assert training.warmup_steps == 0.25  # not the demo's 5 steps
     trainer = example.main(["--recipe", "small", "--max_steps", "2", "--per_device_train_batch_size", "4",

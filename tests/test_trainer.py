@@ -75,12 +75,8 @@ def test_the_official_recipe_arguments(tmp_path):
     assert decay[0] > 0.04 and decay[-1] == pytest.approx(0.4) and trainer.optimizer.defaults.get("fused")
 
 
-def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_arguments(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_arguments(tmp_path, load_example):
+    example = load_example("pretrain_trainer")
     recipe = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
               "max_grad_norm", "remove_unused_columns")
     _, bare = example.parse([])
@@ -100,18 +96,14 @@ def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_argumen
     assert json_script == cli_script and from_json.to_dict() == from_cli.to_dict()
 
 
-def test_pretrain_trainer_example_defaults_are_official_training_arguments(tmp_path):
+def test_pretrain_trainer_example_defaults_are_official_training_arguments(tmp_path, load_example):
     """The example took a hand-picked list of official_training_arguments' fields as its defaults, and the input
     pipeline's were missing from it: without dataloader_drop_last the workers were not handed each sample's mask
     index (a resumed run's masks then differ with persistent workers) and the copies were blocking. Every field the
     official arguments set is now the example's default."""
     from transformers import TrainingArguments
 
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+    example = load_example("pretrain_trainer")
     official = official_training_arguments(str(tmp_path)).to_dict()
     plain = TrainingArguments(str(tmp_path)).to_dict()
     recipe = {name: value for name, value in official.items() if plain[name] != value}
@@ -133,7 +125,7 @@ def test_data_fewer_than_one_global_batch_is_refused_not_trained_for_zero_steps(
         trainer.train()
 
 
-def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_path):
+def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_path, load_example):
     """pretrain_trainer.py --online_probe_k 0 trained until the first probe (a tenth of the run by default, hours
     on a real one) and stopped there on the k-NN's own check; pretrain.py refuses it before training. So does the
     callback now, when it is made."""
@@ -141,11 +133,7 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
 
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         OnlineProbeCallback(probe_set=None, every_n_steps=2, k=0)
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+    example = load_example("pretrain_trainer")
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="k must be >= 1, got 0"):
         example.main(["--output_dir", str(out), "--max_steps", "4", "--online_probe_steps", "2", "--online_probe_k",
@@ -154,14 +142,10 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     assert not list(out.glob("checkpoint-*"))  # nothing was trained
 
 
-def test_pretrain_trainer_takes_its_config_from_its_own_folder_when_overwriting(tmp_path):
+def test_pretrain_trainer_takes_its_config_from_its_own_folder_when_overwriting(tmp_path, load_example):
     """`--config_name run --output_dir run --overwrite_output_dir` (a new run with an earlier run's model config): the
     config is read before the folder policy moves the earlier run's outputs aside."""
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+    example = load_example("pretrain_trainer")
     out = tmp_path / "run"
     argv = ["--output_dir", str(out), "--max_steps", "1", "--use_cpu", "--online_probe_steps", "0",
             "--embedded_num_images", "64", "--report_to", "none"]
@@ -172,12 +156,8 @@ def test_pretrain_trainer_takes_its_config_from_its_own_folder_when_overwriting(
     assert {key: value for key, value in trainer.model.config.to_dict().items() if key != "_name_or_path"} == same
 
 
-def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_path, load_example):
+    example = load_example("pretrain_trainer")
     from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 
     bare, _ = example.parse([])
@@ -191,12 +171,8 @@ def test_pretrain_trainer_example_config_overrides_change_the_demos_model(tmp_pa
     assert script.config_overrides == "min_keep=4" and script.image_size is None
 
 
-def test_pretrain_trainer_example_with_one_seed_starts_from_the_same_weights(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO_ROOT / "examples"))
-    try:
-        import pretrain_trainer as example  # examples/pretrain_trainer.py
-    finally:
-        sys.path.pop(0)
+def test_pretrain_trainer_example_with_one_seed_starts_from_the_same_weights(tmp_path, monkeypatch, load_example):
+    example = load_example("pretrain_trainer")
     built = []
     original = example.IJepaForPreTraining
 
