@@ -75,6 +75,21 @@ def test_the_official_recipe_arguments(tmp_path):
     assert decay[0] > 0.04 and decay[-1] == pytest.approx(0.4) and trainer.optimizer.defaults.get("fused")
 
 
+def test_the_search_for_unused_parameters_is_off_unless_asked_for(tmp_path, monkeypatch):
+    """Under data parallelism the Trainer's default for a model like this one searched the autograd graph for unused
+    parameters after every forward; IJepaTrainer's default is no search (the two-process tests run it), an explicit
+    setting is honoured, and the caller's arguments are left as given."""
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path)
+    trainer = IJepaTrainer(model, args, collator, data)  # positional, as the Trainer takes them
+    assert trainer.args.ddp_find_unused_parameters is False and args.ddp_find_unused_parameters is None
+    assert trainer.train_dataset is data and trainer.data_collator is collator
+    asked = trainer_args(tmp_path, ddp_find_unused_parameters=True)
+    assert IJepaTrainer(model=model, args=asked, train_dataset=data).args.ddp_find_unused_parameters is True
+    monkeypatch.chdir(tmp_path)  # with no arguments the Trainer's default output_dir is relative
+    assert IJepaTrainer(model=model).args.ddp_find_unused_parameters is False
+
+
 def test_pretrain_trainer_example_has_the_same_defaults_with_and_without_arguments(tmp_path, load_example):
     example = load_example("pretrain_trainer")
     recipe = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
@@ -345,6 +360,10 @@ def test_two_processes_log_on_past_a_batch_without_a_readable_image_on_one_of_th
     proc, rows = _run_two_processes(tmp_path, unreadable=[2, 3], max_steps=3)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [row["step"] for row in rows] == [1, 2, 3]
+    # Every trainable parameter takes part in each step's loss (a batch of no image too, as a zero-weight stand-in),
+    # so the gradient all-reduce needs no search for unused ones: DDP's extra traversal of the autograd graph every
+    # step, and the warning it prints on every process, were the Trainer's default for a PreTrainedModel.
+    assert "find_unused_parameters=True" not in proc.stderr, proc.stderr[-3000:]
     for row in rows:
         assert set(COLLAPSE_KEYS) <= row.keys() and row["target_std"] > 0, row
         assert row["prediction_loss"] > 0 and row["variance_loss"] >= 0, row

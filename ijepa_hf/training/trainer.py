@@ -13,7 +13,10 @@ reinterpretation:
   ``None`` keeps it constant;
 * ``optim``: ``adamw_torch`` or ``adamw_torch_fused`` (AdamW over the official groups, with ``adam_beta1/2`` and
   ``adam_epsilon``); other optimizers are refused with an error naming the field;
-* ``max_grad_norm`` is the Trainer's (``0`` disables clipping, as the official recipe).
+* ``max_grad_norm`` is the Trainer's (``0`` disables clipping, as the official recipe);
+* ``ddp_find_unused_parameters=None`` (the default) means ``False``, as in the Accelerate loop: every trainable
+  parameter takes part in each step's loss, so data parallelism needs no search of the autograd graph for unused
+  ones (the Trainer's choice for other models); ``True`` is honoured.
 
 :func:`official_training_arguments` returns ``TrainingArguments`` with the official recipe.
 
@@ -330,6 +333,22 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     return cosine
 
 
+def _no_unused_parameter_search(args: TrainingArguments | None) -> TrainingArguments:
+    """``args`` (the Trainer's default when ``None``) with ``ddp_find_unused_parameters=None`` resolved to ``False``.
+
+    The Trainer resolves ``None`` to ``True`` for a model without activation checkpointing: under data parallelism
+    DDP then walks the autograd graph after every forward for parameters without a gradient, and warns on every
+    process that it found none. I-JEPA's loss uses every trainable parameter at every step (a batch of no readable
+    image through its zero-weight stand-in too). A copy, so the caller's object is left as given."""
+    if args is None:
+        return _no_unused_parameter_search(TrainingArguments(output_dir="tmp_trainer"))  # the Trainer's default
+    if args.ddp_find_unused_parameters is not None:
+        return args
+    resolved = copy.copy(args)
+    resolved.ddp_find_unused_parameters = False
+    return resolved
+
+
 class IJepaTrainer(Trainer):
     """``Trainer`` for I-JEPA pretraining (see the module docstring for how ``TrainingArguments`` are honoured).
 
@@ -347,11 +366,11 @@ class IJepaTrainer(Trainer):
             checkpoints, so that resuming on other images is refused, as in ``pretrain``; ``None``: not checked.
     """
 
-    def __init__(self, *args: Any, final_weight_decay: float | None = None,
-                 ema_momentum: Sequence[float] | None = None, collapse_threshold: float = 0.01,
-                 collapse_max_cosine: float = 0.999, data_fingerprint: dict[str, Any] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: Any = None, args: TrainingArguments | None = None, *trainer_args: Any,
+                 final_weight_decay: float | None = None, ema_momentum: Sequence[float] | None = None,
+                 collapse_threshold: float = 0.01, collapse_max_cosine: float = 0.999,
+                 data_fingerprint: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(model, _no_unused_parameter_search(args), *trainer_args, **kwargs)
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._readable_checked = False  # whether a process has read an image in the first epoch's worth of batches
