@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -208,26 +209,29 @@ def main(argv: list[str] | None = None) -> Trainer:
     record_weights_license(model, licence.license, licence.base_model)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, **hub_kwargs)
 
+    # Recorded in every checkpoint; resuming under others is refused, naming them (Trainer would load the checkpoint's
+    # learning rate over the new one, without a word), before the folder policy moves anything
+    settings = RunSettingsCallback(finetune_run_settings(
+        training_args, layer_decay=model_args.layer_decay, min_crop_scale=data_args.min_crop_scale,
+        train_dataset=splits["train"]))
+
+    def check_resume(checkpoint: Path) -> None:
+        check_trainer_resume_compatible(checkpoint, settings.settings, model.config)
+
     # The folder's run lock for the whole run (a second job into it fails at once); another run's folder is refused
-    with trainer_run_folder(training_args, model_args.overwrite_output_dir) as resume:
-        return _finetune(model_args, data_args, training_args, splits, model, image_processor, licence, resume)
+    with trainer_run_folder(training_args, model_args.overwrite_output_dir, check_resume) as resume:
+        return _finetune(model_args, data_args, training_args, splits, model, image_processor, licence, settings,
+                         resume)
 
 
 def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-              splits: Any, model: Any, image_processor: Any, licence: Any, resume: str | None) -> Trainer:
+              splits: Any, model: Any, image_processor: Any, licence: Any, settings: RunSettingsCallback,
+              resume: str | None) -> Trainer:
     train_transform, eval_transform = make_finetune_transforms(
         image_processor, crop_scale=(data_args.min_crop_scale, 1.0), eval_resize_ratio=data_args.eval_resize_ratio
     )
     train_dataset = set_image_transform(splits["train"], train_transform) if training_args.do_train else None
     eval_dataset = set_image_transform(splits["validation"], eval_transform) if training_args.do_eval else None
-
-    # Recorded in every checkpoint; resuming under others is refused, naming them (Trainer would load the checkpoint's
-    # learning rate over the new one, without a word)
-    settings = RunSettingsCallback(finetune_run_settings(
-        training_args, layer_decay=model_args.layer_decay, min_crop_scale=data_args.min_crop_scale,
-        train_dataset=splits["train"]))
-    if training_args.do_train and resume is not None:
-        check_trainer_resume_compatible(resume, settings.settings, model.config)
 
     preemption = PreemptionCallback()  # SIGTERM / SIGUSR1: a checkpoint after this update, then exit code 75
     optimizers: tuple[Any, Any] = (None, None)

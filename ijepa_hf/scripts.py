@@ -72,21 +72,24 @@ def _resume_keyword(value: str | None) -> str | None:
     return "latest"
 
 
-def prepare_trainer_run(training_args: Any, overwrite_output_dir: bool) -> str | None:
+def prepare_trainer_run(training_args: Any, overwrite_output_dir: bool,
+                        check_resume: Callable[[Path], None] | None = None) -> str | None:
     """A Trainer script's output folder and the checkpoint it resumes: ``--resume_from_checkpoint`` (see
     :func:`resolve_resume_checkpoint`) under the output-folder policy of
     :func:`~ijepa_hf.training.checkpointing.prepare_trainer_output_dir`, applied by the main process first (the
-    others then find the folder as it left it)."""
+    others then find the folder as it left it). ``check_resume(checkpoint)`` refuses a checkpoint the run cannot
+    continue, before anything in the folder moves."""
     from .training.checkpointing import prepare_trainer_output_dir
 
     value = _resume_keyword(training_args.resume_from_checkpoint)
     with training_args.main_process_first(local=False, desc="the output folder"):
         return prepare_trainer_output_dir(training_args.output_dir, resume_from_checkpoint=value,
-                                          overwrite_output_dir=overwrite_output_dir)
+                                          overwrite_output_dir=overwrite_output_dir, check_resume=check_resume)
 
 
 @contextlib.contextmanager
-def trainer_run_folder(training_args: Any, overwrite_output_dir: bool) -> Iterator[str | None]:
+def trainer_run_folder(training_args: Any, overwrite_output_dir: bool,
+                       check_resume: Callable[[Path], None] | None = None) -> Iterator[str | None]:
     """:func:`prepare_trainer_run` with the folder's run lock held by the main process for the length of the
     ``with`` block (:class:`~ijepa_hf.training.checkpointing.OutputDirLock`, as ``pretrain.py``): a second run into
     the folder fails at once, naming the holder. Yields the checkpoint to resume."""
@@ -94,7 +97,7 @@ def trainer_run_folder(training_args: Any, overwrite_output_dir: bool) -> Iterat
 
     held = OutputDirLock(training_args.output_dir).acquire() if training_args.process_index == 0 else None
     try:
-        yield prepare_trainer_run(training_args, overwrite_output_dir)
+        yield prepare_trainer_run(training_args, overwrite_output_dir, check_resume)
     finally:
         if held is not None:
             held.release()

@@ -398,6 +398,12 @@ def test_finetune_refuses_to_resume_under_other_settings_naming_them(tmp_path, l
     assert not (output_dir / "checkpoint-4").exists()
     trainer = finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *resumed))
     assert trainer.state.global_step == 4
+    # Resuming an earlier checkpoint moves the later ones aside; a refused resume used to have moved them already
+    # (`latest` then went on from the earlier one). Refused before anything in the folder moves:
+    earlier = [arg if arg != "latest" else str(output_dir / "checkpoint-2") for arg in changed]
+    with pytest.raises(ValueError, match=r"Cannot resume exactly: .*learning_rate is 0.005"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, output_dir, *earlier))
+    assert (output_dir / "checkpoint-4").is_dir() and not list(output_dir.glob("_abandoned-*"))
     assert json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
 
 

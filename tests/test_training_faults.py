@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ijepa_hf.training import NonFiniteLossError, PretrainingArguments, PretrainingSchedule, parse_args, pretrain
 from ijepa_hf.training.checkpointing import (
+    LOCK_FILE_NAME,
     MANIFEST_NAME,
     CheckpointError,
     OutputDirInUseError,
@@ -412,6 +413,20 @@ def test_resume_under_changed_settings_is_refused_naming_the_field(reference, tm
         argv[index + 1] = change[1]
     with pytest.raises(ValueError, match=rf"Cannot resume exactly: .*{field}"):
         pretrain(parse_args(argv))
+
+
+def test_a_refused_resume_leaves_the_later_checkpoints_where_they_were(reference, tmp_path):
+    """Resuming an earlier checkpoint moves the later ones aside (the branch it abandons). A resume refused for its
+    settings used to have moved them already: the folder's `latest` was then the earlier checkpoint, and the next
+    `--resume_from_checkpoint latest` went on from there, the later steps' work set aside without a word in the
+    error. The checkpoint is checked before anything in the folder moves."""
+    out = copy_run(reference, tmp_path / "run", "step_4", "step_8")
+    argv = tiny_argv(out, "--checkpointing_steps", "4", "--resume_from_checkpoint", str(out / "step_4"),
+                     "--learning_rate", "2e-3")
+    with pytest.raises(ValueError, match="Cannot resume exactly: .*--learning_rate"):
+        pretrain(parse_args(argv))
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE_NAME, "run.json", "step_4", "step_8",
+                                                          "train_log.jsonl"]
 
 
 def test_extend_run_recomputes_the_schedules_for_the_new_length(reference, tmp_path):

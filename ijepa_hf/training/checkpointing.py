@@ -42,7 +42,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -402,7 +402,8 @@ def resolve_trainer_checkpoint(value: str | None, output_dir: str | os.PathLike)
 
 
 def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,
-                               overwrite_output_dir: bool) -> str | None:
+                               overwrite_output_dir: bool,
+                               check_resume: Callable[[Path], None] | None = None) -> str | None:
     """The output-folder policy of the Trainer scripts (``pretrain_trainer.py``, ``finetune.py``), as
     :func:`prepare_output_dir`'s for ``pretrain()`` (main process first). Returns the checkpoint to resume
     (:func:`resolve_trainer_checkpoint` of ``resume_from_checkpoint``), or ``None``. Nothing is deleted.
@@ -418,6 +419,8 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
       a kill cut short) into one ``_abandoned-<time>`` folder, so that ``latest`` never mixes the two branches.
       Resuming another folder's checkpoint is refused when this folder holds a run (its checkpoints would be written
       among that run's), as :func:`prepare_output_dir` refuses it.
+    * ``check_resume(checkpoint)`` (the run's settings against the checkpoint's; it raises to refuse) runs before
+      anything in the folder moves: a refused resume leaves it as it was.
     """
     output_dir = Path(output_dir)
     check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
@@ -432,6 +435,9 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
                 raise ValueError(
                     f"--output_dir {output_dir} holds another run ({listed}) than the checkpoint {resume_from}: "
                     f"resume into the checkpoint's own folder ({resumed.parent}) or an empty one")
+        if check_resume is not None:
+            check_resume(Path(resume_from))
+        if not resumed.is_relative_to(output_dir.resolve()):
             return resume_from
         # The folder's checkpoints from its step on, other than itself (a later branch, or an abandoned one taken
         # up again from the folder it was set aside in), would be resumed by `latest` or overwritten in place
@@ -509,7 +515,7 @@ def check_output_dir_options(overwrite_output_dir: bool, resume_from_checkpoint:
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint: str | None,
-                       overwrite_output_dir: bool) -> RunFolder:
+                       overwrite_output_dir: bool, check_resume: Callable[[Path], None] | None = None) -> RunFolder:
     """Apply the output-folder policy of transformers' example scripts (main process, lock held).
 
     * A fresh run needs an empty (or absent) folder, or ``overwrite_output_dir``; a folder holding another run is
@@ -521,6 +527,10 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
       one it starts that run afresh (a run that never reached its first checkpoint) — or, when the folder holds
       something else, refuses as above.
     * ``resume_from_checkpoint=<path>`` continues the run of that checkpoint.
+
+    ``check_resume(checkpoint)`` (the run's settings against the checkpoint's; it raises to refuse) runs before
+    anything in the folder moves: a refused resume leaves it as it was (resuming an earlier checkpoint moves the
+    later ones aside).
     """
     output_dir = Path(output_dir)
     check_output_dir_options(overwrite_output_dir, resume_from_checkpoint)
@@ -564,6 +574,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
             run_id = run_id or uuid.uuid4().hex
             write_run_file(output_dir, run_id)
             return RunFolder(run_id, None)
+        if check_resume is not None:
+            check_resume(found.path)
         _move_abandoned_branch(output_dir, run_id, found.step)
         return RunFolder(run_id, found.path)
     if resume_from_checkpoint:
@@ -576,6 +588,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, *, resume_from_checkpoint:
                 output_dir.resolve()):
             raise ValueError(f"--output_dir {output_dir} holds another run than the checkpoint {path}: resume into "
                              "the checkpoint's own folder or an empty one")
+        if check_resume is not None:
+            check_resume(path)
         write_run_file(output_dir, manifest["run_id"])
         _move_abandoned_branch(output_dir, manifest["run_id"], int(manifest["step"]))
         return RunFolder(manifest["run_id"], path)

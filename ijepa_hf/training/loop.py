@@ -67,7 +67,7 @@ from .metrics import (
 from .optim import build_optimizer
 from .preemption import PreemptionHandler, TrainingPreempted, ignore_signals, parse_signals
 from .recipes import predictor_size_note
-from .resume import Progress, loop_state, resume_run
+from .resume import Progress, check_run_may_resume, loop_state, resume_run
 from .schedules import PretrainingSchedule
 from .step import NonFiniteLossError, PretrainingStep, dummy_batch_factory, weights_are_finite
 
@@ -187,6 +187,13 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
 
         logger.info("torch.compile: %d transformer blocks compiled (one graph for every layer)", compile_blocks(model))
 
+    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
+                                              process_index=accelerator.process_index)
+
+    def check_resume(checkpoint: Path) -> None:  # before the policy moves anything (a later branch, set aside)
+        check_run_may_resume(accelerator, checkpoint, args, config, mask_collator, data.fingerprint(),
+                             length.total_steps)
+
     # ---- output folder: lock, policy, run identity (the main process decides, every rank learns the outcome)
     lock: OutputDirLock | None = None
     outcome: list[Any] = [None]
@@ -194,7 +201,7 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         try:
             lock = OutputDirLock(output_dir).acquire()
             outcome = [prepare_output_dir(output_dir, resume_from_checkpoint=args.resume_from_checkpoint,
-                                          overwrite_output_dir=args.overwrite_output_dir)]
+                                          overwrite_output_dir=args.overwrite_output_dir, check_resume=check_resume)]
         except Exception as error:  # noqa: BLE001 - re-raised on every rank below
             outcome = [error]
     if accelerator.num_processes > 1:
@@ -207,7 +214,7 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         folder = _OutputFolder(accelerator, output_dir, lock, outcome[0].run_id)
         with handler as preemption:
             return _train(args, accelerator, folder, outcome[0], ema, preemption, config, model, data, counter,
-                          length, validation)
+                          length, validation, mask_collator)
     finally:
         if lock is not None:
             lock.release()
@@ -268,13 +275,12 @@ class _OutputFolder:
 
 def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _OutputFolder, run: RunFolder,
            ema: EmaMode, preemption: PreemptionHandler, config: Any, model: Any, data: Any,
-           counter: BadImageCounter, length: RunLength, validation: Any) -> PretrainingResult:
+           counter: BadImageCounter, length: RunLength, validation: Any,
+           mask_collator: IJepaMaskCollator) -> PretrainingResult:
     image_size = _square(config.encoder_config.image_size)
     output_dir = folder.path
 
     # ---- data
-    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
-                                              process_index=accelerator.process_index)
     dataloader = data.dataloader(args.per_device_train_batch_size, MaskedBatchCollator(mask_collator),
                                  num_workers=args.num_workers, prefetch_factor=args.prefetch_factor,
                                  pin_memory=accelerator.device.type == "cuda",

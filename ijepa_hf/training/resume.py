@@ -27,8 +27,8 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Progress", "RunSettingsCallback", "check_resume_compatible", "check_trainer_resume_compatible",
-           "loop_state", "resume_run", "trainer_run_settings"]
+__all__ = ["Progress", "RunSettingsCallback", "check_resume_compatible", "check_run_may_resume",
+           "check_trainer_resume_compatible", "loop_state", "resume_run", "trainer_run_settings"]
 
 
 @dataclass
@@ -61,13 +61,11 @@ def loop_state(accelerator: Any, args: PretrainingArguments, config: IJepaPretra
             "data": data_fingerprint}
 
 
-def resume_run(accelerator: Any, model: Any, path: Path, args: PretrainingArguments,
-               config: IJepaPretrainingConfig, mask_collator: IJepaMaskCollator, data_fingerprint: dict[str, Any],
-               schedule: PretrainingSchedule, total_steps: int, batches_per_epoch: int | None) -> Progress:
-    """Checks that this run may continue the checkpoint at ``path`` (before loading anything), loads it into the
-    prepared ``model`` and optimizer, and returns the loop's position; ``mask_collator`` continues its sequence.
-    ``batches_per_epoch``: None for streamed data."""
-    logger.info("Resuming from %s", path)
+def check_run_may_resume(accelerator: Any, path: Path, args: PretrainingArguments, config: IJepaPretrainingConfig,
+                         mask_collator: IJepaMaskCollator, data_fingerprint: dict[str, Any],
+                         total_steps: int) -> dict[str, Any]:
+    """Refuse (``ValueError`` naming every difference) to continue the checkpoint at ``path`` under this run's
+    settings, before anything is loaded or moved; returns the checkpoint's loop state."""
     saved = read_manifest(path)["state"]
     check_resume_compatible(saved, args, config, accelerator.num_processes, total_steps,
                             mixed_precision=accelerator.mixed_precision,
@@ -79,6 +77,17 @@ def resume_run(accelerator: Any, model: Any, path: Path, args: PretrainingArgume
         raise ValueError(f"Cannot resume exactly: the checkpoint's masks were sampled {saved_sampling}, this run "
                          f"samples them {mask_collator.mask_sampling} (mask_sampling); continue with the "
                          "settings or the version that wrote it, or start anew")
+    return saved
+
+
+def resume_run(accelerator: Any, model: Any, path: Path, args: PretrainingArguments,
+               config: IJepaPretrainingConfig, mask_collator: IJepaMaskCollator, data_fingerprint: dict[str, Any],
+               schedule: PretrainingSchedule, total_steps: int, batches_per_epoch: int | None) -> Progress:
+    """Checks that this run may continue the checkpoint at ``path`` (:func:`check_run_may_resume`, before loading
+    anything), loads it into the prepared ``model`` and optimizer, and returns the loop's position;
+    ``mask_collator`` continues its sequence. ``batches_per_epoch``: None for streamed data."""
+    logger.info("Resuming from %s", path)
+    saved = check_run_may_resume(accelerator, path, args, config, mask_collator, data_fingerprint, total_steps)
     load_checkpoint(accelerator, path)
     after_checkpoint_load(accelerator, model)
     progress = Progress(**saved["progress"])
