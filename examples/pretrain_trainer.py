@@ -4,6 +4,7 @@
     python examples/pretrain_trainer.py                                  # embedded data, a tiny model, 50 steps
     python examples/pretrain_trainer.py --train_dir ./images --config_name vit_small_patch16_224 \\
         --output_dir outputs/trainer --per_device_train_batch_size 64 --num_train_epochs 100 --bf16
+    python examples/pretrain_trainer.py --model_name_or_path ijepa-vith14 --train_dir ./images ...  # continue one
     torchrun --nproc_per_node 8 examples/pretrain_trainer.py ...        # data parallel, as any Trainer script
     python examples/pretrain_trainer.py args.json                        # the same options from a JSON file
 
@@ -50,7 +51,7 @@ from ijepa_hf.training import (
     build_pretraining_config,
     get_recipe,
 )
-from ijepa_hf.training.arguments import demo_model_options, explicit_options, parse_range
+from ijepa_hf.training.arguments import MODEL_SOURCE_OPTIONS, demo_model_options, explicit_options, parse_range
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
@@ -99,9 +100,14 @@ class ScriptArguments:
         "_replaced-<time>/).")})
     embedded_num_images: int = field(default=2048, metadata={"help": "Size of the embedded dataset."})
     config_name: str | None = field(default=None, metadata={"help": "Preset name or config path/repo."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": (
+        "Continue pretraining a saved model (a folder or Hub repo with context, target encoder and predictor: an "
+        "earlier run, or official weights converted with `ijepa-hf convert`), with its config.")})
     config_overrides: str | None = field(default=None, metadata={"help": "'a=1,encoder.x=2,predictor.y=3'."})
     image_size: int | None = field(default=None, metadata={"help": "Training resolution."})
     mask_mode: str | None = field(default=None, metadata={"help": "'fixed' or 'official'."})
+    crop_scale: str = field(default="0.3,1.0", metadata={"help": (
+        "Area range 'min,max' of the random resized crop (official 0.3,1.0).")})
     final_weight_decay: float = field(default=OFFICIAL_FINAL_WEIGHT_DECAY, metadata={
         "help": "Weight decay at the end of the cosine ramp from --weight_decay (official 0.4)."})
     ema_momentum: str | None = field(default=None, metadata={"help": "'start,end' (default: the config's)."})
@@ -142,7 +148,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         values["warmup_steps"] = get_recipe(given.get("recipe", "official")).warmup_ratio
     if "dataset_name" not in given and "train_dir" not in given:
         demo = {k: v for k, v in EMBEDDED_DEMO.items() if k not in given}
-        if "config_name" not in given:
+        if not set(MODEL_SOURCE_OPTIONS) & set(given):
             demo.update(demo_model_options(EMBEDDED_DEMO_MODEL, set(given), given.get("config_overrides"))[0])
         if "num_train_epochs" in given:
             demo.pop("max_steps", None)
@@ -172,30 +178,52 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         logging.getLogger().setLevel(log_level)
         transformers.utils.logging.set_verbosity(log_level)
     ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
+    crop = parse_range(script_args.crop_scale, "crop_scale", 1e-6, 1.0)
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     # Read before the output folder is prepared: an overwriting run moves the earlier run's config.json aside
     config = build_pretraining_config(
-        config_name=script_args.config_name, config_overrides=script_args.config_overrides,
-        image_size=script_args.image_size, mask_mode=script_args.mask_mode, ema_momentum=ema,
-        recipe=script_args.recipe, keep=keep,
+        config_name=script_args.config_name, model_name_or_path=script_args.model_name_or_path,
+        config_overrides=script_args.config_overrides, image_size=script_args.image_size,
+        mask_mode=script_args.mask_mode, ema_momentum=ema, recipe=script_args.recipe, keep=keep,
+        token=training_args.hub_token,
     )
-    # The folder's run lock for the whole run; another run's folder is refused
-    with trainer_run_folder(training_args, script_args.overwrite_output_dir) as resume:
-        return _pretrain(script_args, training_args, config, ema, resume)
+    set_seed(training_args.seed)  # the model's initial weights too (Trainer seeds only once it is built)
+    model = (IJepaForPreTraining(config) if script_args.model_name_or_path is None else
+             IJepaForPreTraining.from_pretrained(script_args.model_name_or_path, config=config,
+                                                 token=training_args.hub_token))
+    # --push_to_hub uploads at the end what pretrain.py uploads (the package's cards, encoder/, log and curves),
+    # rather than Trainer's generic card at every save.
+    push, training_args.push_to_hub = training_args.push_to_hub, False
+    run = _prepare(script_args, training_args, model, ema, crop)
+    # The folder's run lock for the whole run; another run's folder is refused, and so is a checkpoint the run
+    # cannot continue, before the folder policy moves anything
+    with trainer_run_folder(training_args, script_args.overwrite_output_dir, run.trainer.check_resume) as resume:
+        return _pretrain(script_args, training_args, run, push, resume)
 
 
-def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, config: Any,
-              ema: tuple[float, float] | None, resume: str | None) -> IJepaTrainer:
+@dataclass
+class _Run:
+    """What a run trains with, made before anything is written into its output folder."""
+
+    trainer: IJepaTrainer
+    data: Any
+    counter: BadImageCounter
+    validation: Any
+    preemption: PreemptionCallback
+
+
+def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, model: IJepaForPreTraining,
+             ema: tuple[float, float] | None, crop: tuple[float, float]) -> _Run:
+    config = model.config
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
-    set_seed(training_args.seed)  # the model's initial weights too (Trainer seeds only once it is built)
-    model = IJepaForPreTraining(config)
 
     counter = BadImageCounter()  # unreadable images become None, dropped by the collator and counted
     data = build_pretraining_data(
-        image_size=image_size, seed=training_args.seed, counter=counter, dataset_name=script_args.dataset_name,
-        dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
-        image_column_name=script_args.image_column_name, max_train_samples=script_args.max_train_samples,
+        image_size=image_size, seed=training_args.seed, crop_scale=crop, counter=counter,
+        dataset_name=script_args.dataset_name, dataset_config_name=script_args.dataset_config_name,
+        train_dir=script_args.train_dir, image_column_name=script_args.image_column_name,
+        max_train_samples=script_args.max_train_samples,
         embedded_num_images=script_args.embedded_num_images, uint8_images=True,  # IJepaTrainer finishes them
     )
     logger.info("Training data: %s", data.description)
@@ -222,7 +250,7 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, co
     evaluating = training_args.do_eval or getattr(training_args.eval_strategy, "value", "no") != "no"
     if evaluating:
         validation = build_validation_data(  # its own counter: the last line counts the training images alone
-            image_size=image_size, seed=training_args.seed, counter=BadImageCounter(),
+            image_size=image_size, seed=training_args.seed, crop_scale=crop, counter=BadImageCounter(),
             dataset_name=script_args.dataset_name,
             dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
             validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
@@ -234,9 +262,6 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, co
         raise ValueError("held-out images are named (--validation_dir / --validation_split_name / "
                          "--max_eval_samples) but nothing evaluates them: add --eval_strategy steps --eval_steps N, "
                          "or --do_eval")
-    # --push_to_hub uploads at the end what pretrain.py uploads (the package's cards, encoder/, log and curves),
-    # rather than Trainer's generic card at every save.
-    push, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = IJepaTrainer(
         model=model, args=training_args, train_dataset=data.dataset, data_collator=collator,
         eval_dataset=None if validation is None else validation.dataset,
@@ -245,6 +270,13 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, co
         collapse_threshold=script_args.collapse_threshold, collapse_max_cosine=script_args.collapse_max_cosine,
         data_fingerprint=data.fingerprint(),  # resuming on other images is refused
     )
+    return _Run(trainer, data, counter, validation, preemption)
+
+
+def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, run: _Run, push: bool,
+              resume: str | None) -> IJepaTrainer:
+    trainer, data, counter, validation, preemption = (run.trainer, run.data, run.counter, run.validation,
+                                                      run.preemption)
     trainer.train(resume_from_checkpoint=resume)
     if preemption.preempted is not None:
         logger.warning("%s", preemption.preempted)
@@ -257,7 +289,8 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, co
         metrics = {name: value for name, value in metrics.items() if name.startswith("eval_")}
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset)
+    encoder_dir = trainer.save_run(data_description=data.description, hub_dataset=data.hub_dataset,
+                                   source=script_args.model_name_or_path)
     held_out_counter = None if validation is None else validation.dataset.counter
     bad, held_out_bad = (_summed_over_processes(trainer, c) for c in (counter, held_out_counter))
     if trainer.is_world_process_zero():

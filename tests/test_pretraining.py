@@ -22,7 +22,8 @@ from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.training import PretrainingArguments, build_config, parse_args, pretrain
 from ijepa_hf.training.checkpointing import latest_checkpoint
 
-from tiny import REPO_ROOT, TINY_OVERRIDES, assert_same_weights, free_port, read_log, run, tiny_argv
+from tiny import (REPO_ROOT, TINY_OVERRIDES, assert_same_weights, free_port, read_log, run,
+                  save_meta_derived_model, tiny_argv)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: in-process runs on one thread
@@ -565,14 +566,7 @@ def test_push_to_hub_uploads_model_encoder_and_cards_without_checkpoints(fake_hu
 
 
 def test_continued_pretraining_keeps_the_licence_and_names_the_base_model(tmp_path):
-    from ijepa_hf.licensing import record_weights_license
-
-    config = IJepaPretrainingConfig()
-    config.update_from_string(TINY_OVERRIDES)
-    base = tmp_path / "meta-derived"
-    model = IJepaForPreTraining(config)
-    record_weights_license(model, "cc-by-nc-4.0", "facebook/ijepa_vith14_1k")
-    model.save_pretrained(base)
+    base = save_meta_derived_model(tmp_path / "meta-derived")
     out = tmp_path / "continued"
     pretrain(parse_args(["--model_name_or_path", str(base), "--output_dir", str(out), "--embedded_num_images", "8",
                          "--per_device_train_batch_size", "8", "--max_train_steps", "1"]))

@@ -678,3 +678,49 @@ def test_pretrain_trainer_refuses_to_resume_on_other_images(tmp_path):
     assert "'files': 9" in changed.stderr and "'files': 8" in changed.stderr
     moved = run(staged, 4)  # the checkpoint's images at another path
     assert moved.returncode == 0, moved.stderr[-3000:]
+
+
+def test_pretrain_trainer_takes_the_crop_and_refuses_to_resume_under_another(tmp_path, load_example):
+    """`--crop_scale` as pretrain.py's: the random crop's area range of the training images (and of the held-out
+    images of eval_loss, read with the training crop). The crop shapes what the run learns, so a checkpoint records
+    it and a resume under another one is refused, naming it, as pretrain.py refuses one."""
+    example = load_example("pretrain_trainer")
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+            "--use_cpu", "--online_probe_steps", "0", "--embedded_num_images", "64", "--report_to", "none"]
+    trainer = example.main([*argv, "--crop_scale", "0.8,1.0", "--do_eval"])
+    assert trainer.train_dataset.crop_scale == (0.8, 1.0) == trainer.eval_dataset.crop_scale
+    with pytest.raises(ValueError, match=r"crop_scale is \[0\.3, 1\.0\], the checkpoint was trained with "
+                                         r"\[0\.8, 1\.0\]"):
+        example.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    with pytest.raises(ValueError, match="crop_scale"):
+        example.main([*argv, "--crop_scale", "0.8", "--output_dir", str(tmp_path / "bad")])
+    trainer = example.main([*argv, "--max_steps", "3", "--crop_scale", "0.8,1.0", "--resume_from_checkpoint",
+                            str(out / "checkpoint-2")])
+    assert trainer.state.global_step == 3
+
+
+def test_pretrain_trainer_continues_a_saved_model(tmp_path, load_example):
+    """`--model_name_or_path` as pretrain.py's: continue pretraining a saved model (an earlier run, or official
+    weights converted with `ijepa-hf convert`) on other data, its config with it; the cards name the weights'
+    source and keep their licence. With every rate at 0 one update leaves the loaded weights as they were."""
+    from safetensors.torch import load_file
+
+    from tiny import save_meta_derived_model
+
+    example = load_example("pretrain_trainer")
+    base = save_meta_derived_model(tmp_path / "meta-derived")
+    out = tmp_path / "continued"
+    zero = ["--learning_rate", "0", "--lr_scheduler_kwargs", '{"start_lr": 0, "final_lr": 0}', "--weight_decay", "0",
+            "--final_weight_decay", "0", "--ema_momentum", "1,1"]
+    trainer = example.main(["--model_name_or_path", str(base), "--output_dir", str(out), "--max_steps", "1",
+                            "--use_cpu", "--online_probe_steps", "0", "--embedded_num_images", "64",
+                            "--report_to", "none", *zero])
+    assert trainer.state.global_step == 1 and trainer.model.config.encoder_config.hidden_size == 32
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    for folder in (out, out / "encoder"):
+        card = (folder / "README.md").read_text()
+        assert "license: cc-by-nc-4.0" in card and "facebook/ijepa_vith14_1k" in card, folder
+    with pytest.raises(ValueError, match="--recipe small sizes a new model's predictor"):
+        example.main(["--model_name_or_path", str(base), "--recipe", "small", "--output_dir", str(tmp_path / "x")])

@@ -115,6 +115,19 @@ def run(output_dir: Path | str, *extra: str, **kwargs):
     return pretrain(parse_args(tiny_argv(output_dir, *extra, **kwargs)))
 
 
+def save_meta_derived_model(path: Path) -> Path:
+    """A tiny pretraining model saved at ``path`` as one derived from Meta's weights (their CC BY-NC 4.0 licence and
+    base model recorded in its config), for the runs that continue it."""
+    from ijepa_hf.licensing import record_weights_license
+
+    config = IJepaPretrainingConfig()
+    config.update_from_string(TINY_OVERRIDES)
+    model = IJepaForPreTraining(config)
+    record_weights_license(model, "cc-by-nc-4.0", "facebook/ijepa_vith14_1k")
+    model.save_pretrained(path)
+    return path
+
+
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
 

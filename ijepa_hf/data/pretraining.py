@@ -208,6 +208,11 @@ class _CroppedImageSource:
         self.transform.epoch = int(epoch)
 
     @property
+    def crop_scale(self) -> tuple[float, float]:
+        """The area range of the random crop, ``(min, max)``."""
+        return self.transform.transform.crop.scale
+
+    @property
     def image_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """``(mean, std)`` of the crops' normalisation, with which ``uint8`` images are finished
         (:func:`~ijepa_hf.data.normalize_images`)."""

@@ -272,9 +272,6 @@ class PretrainingArguments:
         from .recipes import get_recipe
 
         get_recipe(self.recipe)  # an unknown name is an error naming the recipes
-        if self.recipe != "official" and self.model_name_or_path is not None:
-            raise ValueError(f"--recipe {self.recipe} sizes a new model's predictor, but --model_name_or_path "
-                             "continues a saved model with its own; drop one of them.")
         for name in ("learning_rate", "start_lr", "final_lr", "weight_decay", "final_weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -304,7 +301,7 @@ class PretrainingArguments:
             raise ValueError("--streaming needs --max_train_steps (a streamed dataset has no length to count epochs)")
         if self.streaming and self.dataset_name is None and self.train_dir is None:
             raise ValueError("--streaming needs --dataset_name or --train_dir")
-        _check_model_source(self.config_name, self.model_name_or_path)
+        _check_model_source(self.config_name, self.model_name_or_path, self.recipe)
         check_output_dir_options(self.overwrite_output_dir, self.resume_from_checkpoint)
         for flag in ("extend_run", "allow_process_count_change"):
             if getattr(self, flag) and not self.resume_from_checkpoint:
@@ -500,9 +497,14 @@ def demo_model_options(demo_model: dict[str, Any], given: set[str],
     return options, ",".join(kept) or None
 
 
-def _check_model_source(config_name: str | None, model_name_or_path: str | None) -> None:
+def _check_model_source(config_name: str | None, model_name_or_path: str | None,
+                        recipe: str | Recipe = "official") -> None:
     if config_name is not None and model_name_or_path is not None:
         raise ValueError("give either --config_name (new model) or --model_name_or_path (continue one), not both")
+    name = getattr(recipe, "name", recipe)
+    if name != "official" and model_name_or_path is not None:
+        raise ValueError(f"--recipe {name} sizes a new model's predictor, but --model_name_or_path continues a saved "
+                         "model with its own; drop one of them.")
 
 
 def build_pretraining_config(
@@ -526,7 +528,7 @@ def build_pretraining_config(
     :func:`~ijepa_hf.training.recipes.recipe_changes`), which win over the overrides'. All in one change, validated
     once: ``--image_size 96 --config_overrides encoder.patch_size=12`` is valid though 12 does not divide the
     default 224, and so is a predictor width the recipe's head count divides."""
-    _check_model_source(config_name, model_name_or_path)
+    _check_model_source(config_name, model_name_or_path, recipe)
     for option, source in (("config_name", config_name), ("model_name_or_path", model_name_or_path)):
         # transformers reads a folder without config.json as the class's default config, without a word
         if source is not None and os.path.isdir(source) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):

@@ -426,16 +426,24 @@ class IJepaTrainer(Trainer):
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             resume_from_checkpoint = resolve_trainer_checkpoint(str(resume_from_checkpoint), self.args.output_dir)
         if resume_from_checkpoint:
-            check_trainer_resume_compatible(resume_from_checkpoint, self._settings.settings,
-                                            _unwrap(self.model).config)
+            self.check_resume(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def check_resume(self, checkpoint: str | os.PathLike) -> None:
+        """Refuse (``ValueError`` naming every difference) to continue ``checkpoint`` under this trainer's settings
+        and model config: what ``train(resume_from_checkpoint=...)`` checks first, for an output-folder policy to
+        run before it moves anything (``ijepa_hf.scripts.trainer_run_folder``'s ``check_resume``)."""
+        check_trainer_resume_compatible(checkpoint, self._settings.settings, _unwrap(self.model).config)
 
     def _run_settings(self, final_weight_decay: float | None, ema_momentum: Sequence[float] | None
                       ) -> dict[str, Any]:
         """What defines the run beyond the model config (which the checkpoint's config.json holds): the Trainer's
-        (:func:`~ijepa_hf.training.resume.trainer_run_settings`) and the weight-decay ramp and EMA."""
+        (:func:`~ijepa_hf.training.resume.trainer_run_settings`), the weight-decay ramp and EMA, and the random
+        crop of a training set that says which it draws (the package's pretraining datasets)."""
+        crop = getattr(self.train_dataset, "crop_scale", None)
         return {**trainer_run_settings(self.args), "final_weight_decay": final_weight_decay,
-                "ema_momentum": None if ema_momentum is None else [float(m) for m in ema_momentum]}
+                "ema_momentum": None if ema_momentum is None else [float(m) for m in ema_momentum],
+                **({} if crop is None else {"crop_scale": [float(c) for c in crop]})}
 
     def save_run(self, *, data_description: str, hub_dataset: str | None = None, source: str | None = None
                  ) -> Path | None:
