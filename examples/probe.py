@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.evaluation import attentive_probe, evaluate_encoder, extract_features, format_results_table
+from ijepa_hf.evaluation import (attentive_probe, evaluate_encoder, extract_features, format_results_table,
+                                 low_shot_indices)
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
 from ijepa_hf.scripts import configure_logging, run_script
@@ -88,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset_name is None and args.train_dir is None:
         parser.error("give --dataset_name or --train_dir.")
     # Checked before any feature is extracted (the probes check them too, after hours of extraction on a large set)
-    for name in ("linear_epochs", "attentive_epochs", "low_shot_draws", "batch_size", "k"):
-        if getattr(args, name) < 1:
+    for name in ("linear_epochs", "attentive_epochs", "low_shot_draws", "batch_size", "k", "low_shot_labels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}.")
@@ -122,6 +123,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         procedural_image_size=args.procedural_image_size,
     )
     logger.info("Probing on %d training and %d evaluation images.", len(splits["train"]), len(splits["validation"]))
+    if args.low_shot_labels is not None:  # the subsets the low-shot probe will draw, before any feature is extracted
+        labels = torch.as_tensor(splits["train"]["label"])
+        for draw in range(args.low_shot_draws):
+            try:
+                low_shot_indices(labels, args.low_shot_labels, seed=args.seed + draw)
+            except ValueError as error:
+                raise ValueError(f"--low_shot_labels {args.low_shot_labels}: {error}") from None
 
     rows = []
     for path in args.model_name_or_path:

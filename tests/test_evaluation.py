@@ -380,7 +380,7 @@ def test_low_shot_indices_are_balanced_seeded_and_checked():
     assert sorted(counts.tolist()) == [6] * 6 + [7] * 4  # the remainder spread one per class
     with pytest.raises(ValueError, match="fewer than the 10 classes"):
         low_shot_indices(labels, 5)
-    with pytest.raises(ValueError, match="lower num_labels"):
+    with pytest.raises(ValueError, match="ask for fewer labels"):
         low_shot_indices(labels, 1001)
 
 
@@ -422,3 +422,27 @@ def test_a_probe_of_no_training_is_refused(tmp_path, load_example, encoder, caps
             probe.main(["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
                         "--attentive", "--low_shot_labels", "10", option, "0", "--no_progress"])
         assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_low_shot_subset_the_data_cannot_give_is_refused_before_any_encoder_runs(tmp_path, load_example, encoder,
+                                                                                   monkeypatch, capsys):
+    """probe.py --low_shot_labels fewer than the classes (or more than a class can give) stopped the run only after
+    every feature of the training set was extracted (hours on a large set), with an error naming the library's
+    `num_labels`; the option is now checked against the labels as soon as they are read, naming it."""
+    encoder.save_pretrained(tmp_path / "encoder")
+    probe = load_example("probe")
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the encoder was loaded before the options were checked")
+
+    monkeypatch.setattr(probe, "load_encoder", no_encoder)
+    argv = ["--model_name_or_path", str(tmp_path / "encoder"), "--dataset_name", "procedural_shapes",
+            "--max_train_samples", "40", "--no_progress"]
+    with pytest.raises(ValueError, match=r"--low_shot_labels 3: 3 labels are fewer than the \d+ classes"):
+        probe.main([*argv, "--low_shot_labels", "3"])
+    with pytest.raises(ValueError, match=r"--low_shot_labels 400: class \d+ has \d+ examples, fewer than the \d+ a "
+                                         r"balanced subset of 400 labels needs: ask for fewer labels"):
+        probe.main([*argv, "--low_shot_labels", "400"])
+    with pytest.raises(SystemExit):
+        probe.main([*argv, "--low_shot_labels", "0"])
+    assert "--low_shot_labels must be >= 1, got 0" in capsys.readouterr().err

@@ -309,8 +309,8 @@ def low_shot_indices(labels: torch.Tensor, num_labels: int, seed: int = 0) -> to
         raise ValueError(f"labels must be [N], got shape {tuple(labels.shape)}.")
     classes, counts = labels.unique(return_counts=True)
     if num_labels < len(classes):
-        raise ValueError(f"num_labels={num_labels} is fewer than the {len(classes)} classes: give at least one "
-                         "label per class.")
+        raise ValueError(f"{num_labels} labels are fewer than the {len(classes)} classes: give at least one label "
+                         "per class.")
     generator = torch.Generator().manual_seed(seed)
     per_class = torch.full((len(classes),), num_labels // len(classes), dtype=torch.long)
     per_class[torch.randperm(len(classes), generator=generator)[: num_labels % len(classes)]] += 1
@@ -318,7 +318,8 @@ def low_shot_indices(labels: torch.Tensor, num_labels: int, seed: int = 0) -> to
     if short.any():
         name = classes[short][0].item()
         raise ValueError(f"class {name} has {counts[short][0].item()} examples, fewer than the "
-                         f"{per_class[short][0].item()} a balanced subset of {num_labels} needs: lower num_labels.")
+                         f"{per_class[short][0].item()} a balanced subset of {num_labels} labels needs: ask for fewer "
+                         "labels.")
     chosen = []
     for value, take in zip(classes.tolist(), per_class.tolist()):
         members = (labels == value).nonzero().squeeze(1)
