@@ -11,6 +11,7 @@ model card (CC BY-NC 4.0, the licence of Meta's weights) and, with ``--remote-co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -166,9 +167,14 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def push(args: argparse.Namespace) -> None:
+    from .training.checkpointing import OutputDirLock
     from .training.export import push_output_dir
 
-    url = push_output_dir(args.output_dir, args.repo_id, private=args.private or None)
+    # The folder's run lock for the upload: a run training there is refused rather than published half-way (an
+    # earlier final model beside its new log, a model file being written), and no run starts there meanwhile.
+    folder = Path(args.output_dir)
+    with OutputDirLock(folder) if folder.is_dir() else contextlib.nullcontext():
+        url = push_output_dir(folder, args.repo_id, private=args.private or None)
     print(f"pushed {args.output_dir} ({url})")
 
 

@@ -5,6 +5,7 @@ a failed Hub push and its retry, a warm-up longer than the run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,30 @@ def test_a_failed_push_names_the_push_command_and_a_retry_does_not_retrain(tmp_p
     files = listing.stdout
     assert "model.safetensors" in files and "encoder/model.safetensors" in files and "train_log.jsonl" in files
     assert RUN_FILE_NAME not in files and LOCK_FILE_NAME not in files
+
+
+def test_a_push_waits_for_the_run_training_in_the_folder(tmp_path, fake_hub, hf_home):
+    """`ijepa-hf push` of a folder a run is training into (a finished run extended with --extend_run, a new run
+    overwriting it) uploaded whatever was there at that moment: the earlier final model beside the new run's log, or
+    a model file half-written at the end. It holds the folder's run lock while it uploads, so it is refused, naming
+    the run, while one trains there (and a run cannot start there during the upload)."""
+    from hub_utils import hub_env
+
+    from ijepa_hf.training.checkpointing import OutputDirLock
+
+    out = tmp_path / "run"
+    run(out, steps=2)
+    push = [sys.executable, "-m", "ijepa_hf.cli", "push", str(out), "someone/busy"]
+    with OutputDirLock(out):  # the run training there
+        proc = subprocess.run(push, env=hub_env(fake_hub, hf_home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is in use by another run" in proc.stderr, proc.stderr[-3000:]
+    assert f'"pid": {os.getpid()}' in proc.stderr, proc.stderr[-3000:]
+    listing = subprocess.run(
+        [sys.executable, "-c", "from huggingface_hub import HfApi; print(HfApi().repo_exists('someone/busy'))"],
+        env=hub_env(fake_hub, hf_home), capture_output=True, text=True, timeout=60)
+    assert listing.stdout.strip() == "False", listing.stderr[-2000:]
+    proc = subprocess.run(push, env=hub_env(fake_hub, hf_home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_an_overwriting_run_that_stopped_early_publishes_nothing_of_the_other_run(tmp_path, fake_hub, hf_home):
