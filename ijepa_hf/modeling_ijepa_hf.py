@@ -38,6 +38,8 @@ This file only imports torch, transformers, its sibling configuration files and 
 #   holds three models (two encoders and the predictor) and no one base model to prefix.
 # - TRF018: the official initialisation replaces transformers' default for every module these models hold.
 # - TRF013: the base class's `__init__` only checks the config; each model's own `__init__` calls `post_init`.
+# - TRF033: `IJepaForPreTraining.set_input_size` moves a model to another resolution (timm's method of that name):
+#   it sets the config's `image_size` and recomputes what follows from it, the grid and the fixed sin-cos tables.
 
 from __future__ import annotations
 
@@ -1100,6 +1102,31 @@ class IJepaForPreTraining(IJepaPreTrainedModel):
         super().train(mode)
         self.target_encoder.eval()  # its outputs must be deterministic targets (no dropout / drop-path)
         return self
+
+    # trf-ignore: TRF033 (linter note at the top of this file)
+    def set_input_size(self, image_size: int | Sequence[int]) -> None:
+        """Train at another resolution (timm's name): the config's ``image_size`` (the encoders' and the
+        predictor's) becomes ``image_size``, and the patch grid and the three fixed sin-cos tables follow it.
+        Nothing learned depends on the grid. ``from_pretrained`` with a config of another ``image_size`` loads the
+        saved model at its own and calls this.
+
+        Raises:
+            ValueError: ``image_size`` is not a multiple of the patch size (the config's message).
+        """
+        encoder_config, predictor_config = self.config.encoder_config, self.config.predictor_config
+        before = (encoder_config.image_size, predictor_config.image_size)
+        size = int(image_size) if isinstance(image_size, int) else [int(side) for side in image_size]
+        encoder_config.image_size = predictor_config.image_size = size
+        try:
+            self.config.validate()
+        except ValueError:
+            encoder_config.image_size, predictor_config.image_size = before
+            raise
+        for module in (self.context_encoder, self.target_encoder, self.predictor):
+            table = module.pos_embed
+            module.grid_size = module.config.grid_size
+            module.pos_embed = nn.Buffer(sincos_position_embeddings(table.shape[-1], module.grid_size)[None].to(
+                device=table.device, dtype=table.dtype), persistent=True)
 
     @torch.no_grad()
     def update_target_encoder(self, momentum: float) -> None:

@@ -30,7 +30,12 @@ This module adds only what transformers cannot know:
 - **A fresh head starts as every fresh head does**: a class that declares ``_fresh_head_config`` gets those config
   values when the repo was not saved by that class and the caller gave none.
 - **Strict keys**: missing or unexpected keys are an error listing them (transformers only warns, which silently
-  leaves random weights); ``strict=False`` gives transformers' lenient behaviour.
+  leaves random weights); ``strict=False`` gives transformers' lenient behaviour. So are weights whose shape the
+  config changes (a width or depth override of a saved model), named with both shapes; ``ignore_mismatched_sizes``
+  is transformers' (those weights start afresh).
+- **Another resolution.** A pretraining repo loaded with a config of another ``image_size`` (continued pretraining
+  at another resolution) is loaded at its own and moved to the new one (`IJepaForPreTraining.set_input_size`): the
+  only weights that follow the patch grid are the fixed sin-cos tables, recomputed for it.
 
 Like the modelling file that calls it, this module imports only transformers and the configuration module, so it
 ships beside them with ``trust_remote_code`` repos.
@@ -48,7 +53,8 @@ from transformers import PretrainedConfig
 
 from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
 
-__all__ = ["check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config", "some_of"]
+__all__ = ["MismatchedWeightsError", "check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config",
+           "some_of"]
 
 _PRETRAINING = IJepaPretrainingConfig.model_type
 
@@ -63,6 +69,15 @@ _REPO_KINDS: dict[str, tuple[str, str]] = {
     "ijepa_hf_backbone": ("an I-JEPA encoder as a backbone", "`IJepaBackbone` / `AutoBackbone`"),
     "ijepa": ("transformers' own I-JEPA encoder (`IJepaModel`)", "`transformers.AutoModel`"),
 }
+
+
+class MismatchedWeightsError(ValueError, RuntimeError):
+    """Saved weights whose shape the config changes. A ``RuntimeError`` as transformers' own refusal of them (code
+    that catches that still does), and a ``ValueError`` as every other mismatch of config and repo here."""
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _is_local_path(path: str) -> bool:
@@ -215,6 +230,14 @@ def from_pretrained_policy(
             kwargs["config"] = config = _encoder_config_of(config)
     else:
         check_encoder_choice(caller, path, encoder, held)
+    resize_to = None  # the resolution the caller's pretraining config asks for, where the repo's is another
+    if held == _PRETRAINING and isinstance(config, IJepaPretrainingConfig):
+        saved = {name: (repo.get(f"{name}_config") or {}).get("image_size") for name in ("encoder", "predictor")}
+        if None not in saved.values() and _pair(saved["encoder"]) != _pair(config.encoder_config.image_size):
+            # Loaded at its own resolution, then moved (the sin-cos tables are the only weights that follow the grid)
+            resize_to = config.encoder_config.image_size
+            kwargs["config"] = config = copy.deepcopy(config)
+            config.encoder_config.image_size, config.predictor_config.image_size = saved["encoder"], saved["predictor"]
     fresh = getattr(cls, "_fresh_head_config", None)
     if fresh:
         architectures = repo.get("architectures") or getattr(config, "architectures", None) or []
@@ -229,7 +252,10 @@ def from_pretrained_policy(
                     if kwargs.get(key) is None:
                         kwargs[key] = value
     wants_info = kwargs.pop("output_loading_info", False)
-    model, info = load(path, *model_args, output_loading_info=True, **kwargs)
+    # Strict: weights of another shape are reported here, naming them (transformers' own error names an option)
+    reinitialise = bool(kwargs.pop("ignore_mismatched_sizes", False))
+    model, info = load(path, *model_args, output_loading_info=True,
+                       ignore_mismatched_sizes=reinitialise or strict, **kwargs)
     if picked is not None:
         _forget_renaming(model, picked)
     if strict:
@@ -241,5 +267,17 @@ def from_pretrained_policy(
                 "check that the config matches the weights (an official checkpoint is converted with "
                 "`ijepa-hf convert`); strict=False loads anyway."
             )
+        mismatched = sorted(info.get("mismatched_keys", []))
+        if mismatched and not reinitialise:
+            shown = "; ".join(f"{key}: {tuple(saved)} saved, {tuple(wanted)} by the config"
+                              for key, saved, wanted in mismatched[:3])
+            raise MismatchedWeightsError(
+                f"{caller}({str(path)!r}): the config changes the shape of the saved weights ({len(mismatched)} "
+                f"tensors, e.g. {shown}). A saved model loads with its own architecture: leave out the config "
+                "changes that size it (widths, depths, patch size), or build a new model from a config; "
+                "ignore_mismatched_sizes=True starts those weights afresh."
+            )
+    if resize_to is not None:
+        model.set_input_size(resize_to)
     model._after_load()
     return (model, info) if wants_info else model

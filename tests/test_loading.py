@@ -62,7 +62,8 @@ def test_ignore_mismatched_sizes_reheads_a_classifier_and_reports_the_keys(repos
 
 
 def test_vit_and_ijepa_agree_on_mismatched_sizes(tmp_path):
-    """The reference behaviour: ViT re-heads with the flag and refuses without it; ours does the same."""
+    """The reference behaviour: ViT re-heads with the flag and refuses without it (a RuntimeError naming the flag);
+    ours does the same, its error naming the weights and their shapes too."""
     vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
     vit.save_pretrained(tmp_path / "vit")
@@ -70,8 +71,9 @@ def test_vit_and_ijepa_agree_on_mismatched_sizes(tmp_path):
     ijepa.save_pretrained(tmp_path / "ijepa")
     for cls, path in ((ViTForImageClassification, tmp_path / "vit"), (IJepaEncoderForImageClassification, tmp_path / "ijepa")):
         assert cls.from_pretrained(path, num_labels=5, ignore_mismatched_sizes=True).classifier.out_features == 5
-        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes") as error:
             cls.from_pretrained(path, num_labels=5)
+    assert "classifier.bias: (3,) saved, (5,) by the config" in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -437,3 +437,21 @@ def test_unknown_forward_arguments_are_refused_naming_them():
     # what transformers passes: output flags, return_dict, Trainer's num_items_in_batch
     out = classifier(pixels, labels=torch.tensor([0, 1]), output_hidden_states=True, num_items_in_batch=2)
     assert out.loss is not None and len(out.hidden_states) == 2
+
+
+def test_set_input_size_moves_the_grid_and_refuses_a_size_the_patches_do_not_divide():
+    from ijepa_hf import sincos_position_embeddings
+
+    model = IJepaForPreTraining(tiny_pretraining_config())
+    patch = model.config.encoder_config.patch_size
+    weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("pos_embed")}
+    model.set_input_size(6 * patch)
+    assert model.config.encoder_config.image_size == model.config.predictor_config.image_size == 6 * patch
+    for module in (model.context_encoder, model.target_encoder, model.predictor):
+        assert torch.equal(module.pos_embed[0], sincos_position_embeddings(module.pos_embed.shape[-1], (6, 6)))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items() if k in weights)
+    pixels = torch.randn(2, 3, 6 * patch, 6 * patch)
+    assert model.target_encoder(pixels).last_hidden_state.shape[1] == 36
+    with pytest.raises(ValueError):
+        model.set_input_size(6 * patch + 1)
+    assert model.config.encoder_config.image_size == 6 * patch and model.context_encoder.pos_embed.shape[1] == 36

@@ -135,6 +135,43 @@ def test_model_name_or_path_continues_from_saved_weights(straight_run, tmp_path)
     assert json.loads((out / "config.json").read_text())["encoder_config"]["hidden_size"] == 32
 
 
+def test_a_saved_model_continues_at_another_resolution(straight_run, tmp_path):
+    """`--model_name_or_path M --image_size S` (continue pretraining at another resolution: the official 224 px
+    weights on 448 px images, say) stopped with transformers' size-mismatch error on the sin-cos position tables,
+    which follow the patch grid and hold nothing learned. They are recomputed for the new grid; every learned weight
+    is the saved one (with every rate at 0, unchanged after an update)."""
+    from ijepa_hf import sincos_position_embeddings
+
+    out = tmp_path / "larger"
+    zero = ["--learning_rate", "0", "--start_lr", "0", "--final_lr", "0", "--weight_decay", "0",
+            "--final_weight_decay", "0", "--ema_momentum", "1,1"]
+    pretrain(parse_args(["--model_name_or_path", str(straight_run), "--output_dir", str(out), "--image_size", "64",
+                         "--embedded_num_images", "8", "--per_device_train_batch_size", "8", "--max_train_steps", "1",
+                         *zero]))
+    before, after = load_file(straight_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for key, value in after.items():
+        if key.endswith("pos_embed"):
+            assert value.shape[1] == 64 and torch.equal(value[0], sincos_position_embeddings(value.shape[2], (8, 8)))
+        else:
+            assert torch.equal(value, before[key]), key
+    config = json.loads((out / "config.json").read_text())
+    assert config["encoder_config"]["image_size"] == config["predictor_config"]["image_size"] == 64
+
+
+def test_continuing_a_saved_model_under_another_architecture_is_a_clear_error(straight_run, tmp_path):
+    """An override that changes the shape of the saved weights ended in transformers' RuntimeError "You set
+    `ignore_mismatched_sizes` to `False`", an option the user never set; the error now names the weights that do
+    not fit and what to do."""
+    argv = ["--model_name_or_path", str(straight_run), "--output_dir", str(tmp_path / "wider"), "--config_overrides",
+            "encoder.hidden_size=64", "--embedded_num_images", "8", "--per_device_train_batch_size", "8",
+            "--max_train_steps", "1"]
+    with pytest.raises(ValueError, match=r"the config changes the shape of the saved weights \(\d+ tensors, e\.g\. "
+                                         r"context_encoder\.\S+: \(32,\) saved, \(64,\) by the config"):
+        pretrain(parse_args(argv))
+    assert not (tmp_path / "wider").exists()
+
+
 def test_resume_latest_without_checkpoint_starts_fresh(tmp_path):
     result = run(tmp_path / "fresh", "--resume_from_checkpoint", "latest", steps=2)
     assert result.resumed_from is None and result.global_step == 2
