@@ -271,11 +271,16 @@ def from_pretrained_policy(
         if mismatched and not reinitialise:
             shown = "; ".join(f"{key}: {tuple(saved)} saved, {tuple(wanted)} by the config"
                               for key, saved, wanted in mismatched[:3])
+            if all(key.split(".")[-1] == "pos_embed" for key, *_ in mismatched):
+                fix = ("only the fixed sin-cos position tables differ (they follow image_size), and the model takes "
+                       "any input size as saved: leave image_size out")
+            else:
+                fix = ("a saved model loads with its own architecture: leave out the config changes that size it "
+                       "(widths, depths, patch size), or build a new model from a config; ignore_mismatched_sizes="
+                       "True starts those weights afresh")
             raise MismatchedWeightsError(
                 f"{caller}({str(path)!r}): the config changes the shape of the saved weights ({len(mismatched)} "
-                f"tensors, e.g. {shown}). A saved model loads with its own architecture: leave out the config "
-                "changes that size it (widths, depths, patch size), or build a new model from a config; "
-                "ignore_mismatched_sizes=True starts those weights afresh."
+                f"tensors, e.g. {shown}); {fix}."
             )
     if resize_to is not None:
         model.set_input_size(resize_to)

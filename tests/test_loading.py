@@ -76,6 +76,20 @@ def test_vit_and_ijepa_agree_on_mismatched_sizes(tmp_path):
     assert "classifier.bias: (3,) saved, (5,) by the config" in str(error.value)
 
 
+def test_an_encoder_loaded_with_another_image_size_is_told_it_needs_none(tmp_path):
+    """An encoder runs at any input size as saved (its fixed sin-cos positions extend to any grid); loading one with
+    another `image_size` changes only those tables' shape, and the error says so rather than naming widths and
+    depths; a pretraining repo's encoder the same."""
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path / "encoder")
+    IJepaForPreTraining(tiny_pretraining_config()).save_pretrained(tmp_path / "pretraining")
+    for repo in ("encoder", "pretraining"):
+        with pytest.raises(ValueError, match=r"only the fixed sin-cos position tables differ .* any input size as "
+                                             r"saved: leave image_size out"):
+            IJepaEncoderModel.from_pretrained(tmp_path / repo, image_size=64)
+    encoder = IJepaEncoderModel.from_pretrained(tmp_path / "encoder")
+    assert encoder(torch.randn(1, 3, 64, 64)).last_hidden_state.shape[1] == 64
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Auto classes across kinds of repo
 # ------------------------------------------------------------------------------------------------------------------
