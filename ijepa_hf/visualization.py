@@ -310,15 +310,18 @@ def plot_training_curves(
     log-scale panel.
 
     Raises:
-        ValueError: no row has any of the known keys (the message lists the keys found).
+        ValueError: no row has a finite value under any of the known keys (the message lists the keys found).
     """
     rows = (read_train_log(log_path_or_rows) if isinstance(log_path_or_rows, (str, os.PathLike))
             else [dict(row) for row in log_path_or_rows])
     panels = _panels_with_data(rows)
     if not panels:
+        known = [k for p in _PANELS for k in p[1] + p[2]]
         found = sorted({key for row in rows for key in row})
-        raise ValueError(f"nothing to plot: no row has any of {[k for p in _PANELS for k in p[1] + p[2]]}; "
-                         f"keys found: {found}.")
+        non_finite = [key for key in found if key in known]  # logged, but never as a finite number
+        raise ValueError(f"nothing to plot: no finite value under any of {known}; keys found: {found}"
+                         + (f"; of the known keys found, each non-finite in every row: {non_finite}" if non_finite
+                            else "") + ".")
     ncols = 1 if len(panels) == 1 else 2
     nrows = math.ceil(len(panels) / ncols)
     if figsize is None:

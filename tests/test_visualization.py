@@ -76,6 +76,11 @@ def test_plot_training_curves(tmp_path):
     assert_picture(plot_training_curves(partial, tmp_path / "loss.png", figsize=(4, 3), dpi=50), (200, 150))
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_training_curves([{"step": 1, "foo": 2}], tmp_path / "none.png")
+    # A run whose every logged loss was non-finite: the error said no row had a `loss` while listing `loss` as found
+    with pytest.raises(ValueError, match=r"nothing to plot: no finite value .* of the known keys found, each non-finite in "
+                                         r"every row: \['loss'\]"):
+        plot_training_curves([{"step": 1, "loss": float("nan")}, {"step": 2, "loss": float("inf")}],
+                             tmp_path / "nan.png")
 
 
 def test_training_curves_show_the_regulariser_terms_and_the_online_rankme(tmp_path):
