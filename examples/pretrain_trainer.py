@@ -51,10 +51,11 @@ from ijepa_hf.training import (
     build_pretraining_config,
     get_recipe,
 )
-from ijepa_hf.training.arguments import MODEL_SOURCE_OPTIONS, demo_model_options, explicit_options, parse_range
+from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, demo_model_options,
+                                        explicit_options, parse_range)
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
-from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, default_online_probe_steps
+from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
 
 logger = logging.getLogger("pretrain_trainer")
@@ -127,6 +128,15 @@ class ScriptArguments:
         "Collapse warning when the batch std of the pooled, normalised target features falls below this.")})
     collapse_max_cosine: float = field(default=0.999, metadata={"help": (
         "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this.")})
+
+    def __post_init__(self) -> None:  # the script's own options, checked before any data is read
+        check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
+        CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)
+        parse_range(self.crop_scale, "crop_scale", 1e-6, 1.0)
+        if self.ema_momentum:
+            parse_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        if self.embedded_num_images < 1:
+            raise ValueError(f"--embedded_num_images must be a positive integer, got {self.embedded_num_images}")
 
     @property
     def uses_embedded_data(self) -> bool:

@@ -73,6 +73,22 @@ def test_short_run_writes_log_tensorboard_models_and_cards(tmp_path):
     assert result.model is not None and result.to_dict()["global_step"] == 6
 
 
+@pytest.mark.parametrize("option, value", [("--collapse_threshold", "-1"), ("--collapse_threshold", "nan"),
+                                           ("--collapse_max_cosine", "2"), ("--collapse_max_cosine", "-1.5")])
+def test_a_collapse_threshold_that_cannot_mean_anything_is_refused(tmp_path, option, value):
+    """A std below a negative threshold, or a cosine above 2, never happens: the warning was off without a word
+    (and a cosine threshold below -1 warned at the first row of any run). Refused, naming the option and its range;
+    0 and 1 turn a test off, -1 makes it warn at once."""
+    from ijepa_hf.training.metrics import CollapseMonitor
+
+    with pytest.raises(ValueError, match=rf"{option.lstrip('-')} must be"):
+        parse_args(["--output_dir", str(tmp_path), option, value])
+    with pytest.raises(ValueError, match=rf"{option.lstrip('-')} must be"):
+        CollapseMonitor(**{"min_std" if "threshold" in option else "max_cosine": float(value)})
+    for extreme in ("0", "1", "-1") if "cosine" in option else ("0",):
+        parse_args(["--output_dir", str(tmp_path), option, extreme])
+
+
 def test_collapse_statistics_and_warning(tmp_path, caplog):
     from types import SimpleNamespace
 

@@ -157,6 +157,21 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     assert not list(out.glob("checkpoint-*"))  # nothing was trained
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--online_probe_steps", "-1", "--online_probe_steps must be >= 0"),
+    ("--collapse_threshold", "-1", "collapse_threshold must be a finite number >= 0"),
+    ("--collapse_max_cosine", "2", r"collapse_max_cosine must be a number in \[-1, 1\]"),
+    ("--embedded_num_images", "0", "--embedded_num_images must be a positive integer"),
+])
+def test_pretrain_trainer_refuses_its_own_options_out_of_range_when_parsing(tmp_path, load_example, option, value,
+                                                                            message):
+    """As pretrain.py, before any data is read: a collapse threshold no value can cross turned the warning off
+    without a word, and -1 online-probe steps got the callback's error naming its keyword (every_n_steps)."""
+    example = load_example("pretrain_trainer")
+    with pytest.raises(ValueError, match=message):
+        example.parse(["--output_dir", str(tmp_path / "run"), option, value])
+
+
 def test_pretrain_trainer_takes_its_config_from_its_own_folder_when_overwriting(tmp_path, load_example):
     """`--config_name run --output_dir run --overwrite_output_dir` (a new run with an earlier run's model config): the
     config is read before the folder policy moves the earlier run's outputs aside."""

@@ -23,7 +23,7 @@ from transformers.utils import CONFIG_NAME
 from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config_override_items, list_presets,
                                       parse_config_overrides)
 from .checkpointing import check_output_dir_options
-from .metrics import DEFAULT_ONLINE_PROBE_IMAGES
+from .metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor
 from .recipes import Recipe, recipe_changes
 
 logger = logging.getLogger(__name__)
@@ -283,11 +283,7 @@ class PretrainingArguments:
             if text != "epoch" and not (text.isdigit() and int(text) > 0):
                 raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {text!r}")
             self.checkpointing_steps = text
-        if self.online_probe_steps is not None and self.online_probe_steps < 0:
-            raise ValueError(f"--online_probe_steps must be >= 0 (0: off), got {self.online_probe_steps}")
-        if self.online_probe_images < 2 or self.online_probe_k < 1:
-            raise ValueError("--online_probe_images must be >= 2 and --online_probe_k >= 1, got "
-                             f"{self.online_probe_images} and {self.online_probe_k}")
+        check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
         if self.attn_implementation not in ("auto", "sdpa", "eager"):
             raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
@@ -313,6 +309,7 @@ class PretrainingArguments:
                 raise ValueError(f"--{flag} and --config_overrides {clash[0]}=... set the same field: give it once")
         self.ema_range  # validates the string
         self.crop_range  # validates the string
+        CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)  # validates the thresholds
         self._demo_defaults: dict[str, Any] = {}
 
     @property
@@ -495,6 +492,16 @@ def demo_model_options(demo_model: dict[str, Any], given: set[str],
     if kept or user_items:
         options["config_overrides"] = ",".join(kept + [item for _, item in user_items])
     return options, ",".join(kept) or None
+
+
+def check_online_probe_options(steps: int | None, num_images: int, k: int) -> None:
+    """The online probe's options, as both pretraining scripts name them (checked before any data is read)."""
+    if steps is not None and steps < 0:
+        raise ValueError(f"--online_probe_steps must be >= 0 (0: off), got {steps}")
+    if num_images < 2:
+        raise ValueError(f"--online_probe_images must be >= 2 (a bank and queries), got {num_images}")
+    if k < 1:
+        raise ValueError(f"--online_probe_k must be >= 1, got {k}")
 
 
 def _check_model_source(config_name: str | None, model_name_or_path: str | None,

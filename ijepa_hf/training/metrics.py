@@ -218,7 +218,14 @@ class CollapseMonitor:
     """
 
     def __init__(self, min_std: float = 0.01, max_cosine: float = 0.999) -> None:
-        self.min_std, self.max_cosine = min_std, max_cosine
+        # Named as the options that set them (pretrain.py and pretrain_trainer.py, IJepaTrainer's keywords)
+        if not (math.isfinite(min_std) and min_std >= 0):
+            raise ValueError(f"collapse_threshold must be a finite number >= 0 (0: no warning on the std), got "
+                             f"{min_std}")
+        if not (math.isfinite(max_cosine) and -1 <= max_cosine <= 1):
+            raise ValueError(f"collapse_max_cosine must be a number in [-1, 1] (1: no warning on the cosine), got "
+                             f"{max_cosine}")
+        self.min_std, self.max_cosine = float(min_std), float(max_cosine)
         self.warned_at: int | None = None
 
     def reasons(self, row: Mapping[str, Any]) -> list[str]:
