@@ -136,6 +136,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         )
     if not (training_args.do_train or training_args.do_eval):
         parser.error("nothing to do: pass --do_train and/or --do_eval.")
+    if not 0 < data_args.min_crop_scale <= 1:
+        parser.error(f"--min_crop_scale must be in (0, 1], got {data_args.min_crop_scale}.")
+    if not 0 <= training_args.label_smoothing_factor < 1:
+        parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:
         parser.error(  # it would be dropped: the run would evaluate --model_name_or_path, not the checkpoint
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} continues a training run, but --do_train "

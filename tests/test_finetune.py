@@ -236,9 +236,14 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
 @pytest.mark.parametrize("flags, message", [
     (["--eval_strategy", "epoch"], "--do_train"),  # transformers turns do_eval on: nothing would be trained
     ([], "--do_train"),
+    # A crop of no area was accepted; one above the image failed in the crop, naming its own `scale`
+    (["--do_train", "--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1], got 0.0"),
+    (["--do_train", "--min_crop_scale", "2"], "--min_crop_scale must be in (0, 1], got 2.0"),
+    # Trainer takes any value; above 1 the targets' weights turn negative
+    (["--do_train", "--label_smoothing_factor", "2"], "--label_smoothing_factor must be in [0, 1), got 2.0"),
 ])
-def test_finetune_refuses_a_run_that_would_train_nothing(tmp_path, load_example, image_folder, encoder_repo, capsys,
-                                                         flags, message):
+def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
+                                                                 capsys, flags, message):
     with pytest.raises(SystemExit):
         load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, tmp_path / "out", *flags))
     assert message in capsys.readouterr().err
