@@ -8,6 +8,7 @@ left V-JEPA predictor blocks random).
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,22 @@ def _strip_ddp_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     return {key[len("module."):] if key.startswith("module.") else key: value for key, value in state_dict.items()}
 
 
+def _unreadable_because(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in one line: torch's own message runs to a dozen lines,
+    asks for an issue to be filed and suggests ``weights_only=False``, which would run any code the file holds."""
+    with open(path, "rb") as handle:
+        starts_as_zip = handle.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if starts_as_zip and not zipfile.is_zipfile(path):
+        return ("it was cut off (it starts as a torch checkpoint, but its end is missing: a download or copy that did "
+                "not finish?); fetch it again")
+    if not starts_as_zip:
+        return ("it is not a checkpoint torch wrote (the official files are .pth.tar archives saved by torch.save); "
+                "check that the path names the checkpoint itself")
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
+    return ("it holds objects other than tensors and plain containers, which are not unpickled (an untrusted file "
+            f"could run code that way){': ' + found.group(1).strip() if found else ''}")
+
+
 def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads an official ``.pth.tar`` safely (``weights_only=True``) and strips the DDP ``module.`` prefixes.
 
@@ -86,7 +103,8 @@ def load_official_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise ValueError(f"Could not read {path} as an official I-JEPA checkpoint (torch.load, weights_only): {error}") from error
+        raise ValueError(f"Could not read {path} ({path.stat().st_size:,} bytes) as an official I-JEPA checkpoint: "
+                         f"{_unreadable_because(path, error)}") from None
     if not isinstance(checkpoint, Mapping) or not any(key in checkpoint for key in _OFFICIAL_SECTIONS):
         found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise ValueError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -162,6 +163,21 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="Could not read"):
         load_official_checkpoint(garbage)
+    # A download cut short, and a file that is no checkpoint at all: torch's own message (a dozen lines that end in
+    # "please file an issue", and for the latter the advice to load with weights_only=False, which runs whatever code
+    # the file holds) became the error; it now says what the file is likely to be and what to do.
+    cut = tmp_path / "IN1K-vit.h.14-300e.pth.tar"
+    cut.write_bytes(GOLDEN_CHECKPOINT.read_bytes()[:1000])
+    for path, expected in ((cut, "cut off"), (garbage, "not a checkpoint torch wrote")):
+        with pytest.raises(ValueError) as error:
+            load_official_checkpoint(path)
+        message = str(error.value)
+        assert expected in message and f"{path.stat().st_size:,} bytes" in message, message
+        assert "\n" not in message and "file an issue" not in message and "weights_only=False" not in message
+    pickled = tmp_path / "objects.pth.tar"  # a checkpoint with an object beyond tensors: named, never unpickled
+    torch.save({"encoder": {}, "args": argparse.Namespace(lr=1e-3)}, pickled)
+    with pytest.raises(ValueError, match="holds objects other than tensors .* not unpickled .*argparse.Namespace"):
+        load_official_checkpoint(pickled)
 
 
 # ------------------------------------------------------------------------------------------------------------------
