@@ -37,8 +37,8 @@ This module adds only what transformers cannot know:
   at another resolution) is loaded at its own and moved to the new one (`IJepaForPreTraining.set_input_size`): the
   only weights that follow the patch grid are the fixed sin-cos tables, recomputed for it.
 
-Like the modelling file that calls it, this module imports only transformers and the configuration module, so it
-ships beside them with ``trust_remote_code`` repos.
+Like the modelling file that calls it, this module imports only transformers (and safetensors, which transformers
+requires) and the configuration module, so it ships beside them with ``trust_remote_code`` repos.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from transformers import PretrainedConfig
 
 from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
@@ -254,8 +255,14 @@ def from_pretrained_policy(
     wants_info = kwargs.pop("output_loading_info", False)
     # Strict: weights of another shape are reported here, naming them (transformers' own error names an option)
     reinitialise = bool(kwargs.pop("ignore_mismatched_sizes", False))
-    model, info = load(path, *model_args, output_loading_info=True,
-                       ignore_mismatched_sizes=reinitialise or strict, **kwargs)
+    try:
+        model, info = load(path, *model_args, output_loading_info=True,
+                           ignore_mismatched_sizes=reinitialise or strict, **kwargs)
+    except SafetensorError as error:  # its traceback would be the whole message
+        raise ValueError(
+            f"{caller}({str(path)!r}): a weights file of {path} cannot be read ({error}): it was cut off or changed "
+            "after it was saved (a copy or a download that did not finish?); copy or download it again"
+        ) from None
     if picked is not None:
         _forget_renaming(model, picked)
     if strict:

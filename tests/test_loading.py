@@ -90,6 +90,19 @@ def test_an_encoder_loaded_with_another_image_size_is_told_it_needs_none(tmp_pat
     assert encoder(torch.randn(1, 3, 64, 64)).last_hidden_state.shape[1] == 64
 
 
+def test_a_weights_file_cut_short_is_a_clear_error(tmp_path):
+    """A model folder whose weights file was cut short (a copy between file systems that did not finish) stopped every
+    script with safetensors' traceback ("incomplete metadata, file not fully covered"); it is now an error naming the
+    folder, what is likely wrong and what to do, which the scripts print as one line."""
+    IJepaForPreTraining(tiny_pretraining_config()).save_pretrained(tmp_path / "run")
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for cls in (IJepaForPreTraining, IJepaEncoderModel, IJepaEncoderForImageClassification):
+        with pytest.raises(ValueError, match=r"a weights file of .* cannot be read .*cut off or changed after it was "
+                                             r"saved .* copy or download it again"):
+            cls.from_pretrained(tmp_path / "run")
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Auto classes across kinds of repo
 # ------------------------------------------------------------------------------------------------------------------
