@@ -175,6 +175,15 @@ def test_a_saved_model_continues_at_another_resolution(straight_run, tmp_path):
     assert config["encoder_config"]["image_size"] == config["predictor_config"]["image_size"] == 64
 
 
+def test_a_training_checkpoint_given_as_the_model_to_continue_names_the_option_that_continues_it(straight_run):
+    """`--model_name_or_path run/step_4` (a checkpoint of pretrain.py, which holds no config.json) was refused as a
+    folder without a config, with no word of what the folder is: the error now says it is a training checkpoint and
+    names --resume_from_checkpoint, which continues it, and the run's final model, which a new run can start from."""
+    with pytest.raises(ValueError, match=r"step_4 is a training checkpoint of pretrain\.py, not a saved model: .*"
+                                         r"--resume_from_checkpoint \S*step_4 .*final model"):
+        build_config(parse_args(["--model_name_or_path", str(straight_run / "step_4"), "--output_dir", "o"]))
+
+
 def test_continuing_a_saved_model_under_another_architecture_is_a_clear_error(straight_run, tmp_path):
     """An override that changes the shape of the saved weights ended in transformers' RuntimeError "You set
     `ignore_mismatched_sizes` to `False`", an option the user never set; the error now names the weights that do
