@@ -124,7 +124,7 @@ def load_encoder(
     from .modeling_ijepa_hf import IJepaEncoderModel
     from .pretrained_loading import check_encoder_choice, check_model_path, repo_config
 
-    check_model_path(model_name_or_path, "load_encoder")
+    check_model_path(model_name_or_path, "load_encoder", kwargs.get("subfolder") or "")
     saved = repo_config(model_name_or_path, kwargs)
     if saved.get("model_type") == IJepaPretrainingConfig.model_type:
         network = IJepaEncoderModel.from_pretrained(model_name_or_path, encoder=encoder, **kwargs)
@@ -179,7 +179,7 @@ def load_image_classifier(
     from .modeling_ijepa_hf import IJepaEncoderForImageClassification
     from .pretrained_loading import check_encoder_choice, check_model_path, repo_config
 
-    check_model_path(model_name_or_path, "load_image_classifier")
+    check_model_path(model_name_or_path, "load_image_classifier", kwargs.get("subfolder") or "")
     labels = dict(num_labels=num_labels, id2label=dict(id2label or {}), label2id=dict(label2id or {}))
     labels = {key: value for key, value in labels.items() if value or key == "num_labels"}
     repo = repo_config(model_name_or_path, kwargs)

@@ -87,10 +87,11 @@ def _is_local_path(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def check_model_path(path: Any, caller: str) -> None:
+def check_model_path(path: Any, caller: str, subfolder: str = "") -> None:
     """Raises a `ValueError` naming the problem and the fix where ``path`` cannot be a model: a file (an official
-    ``.pth.tar``: the ``ijepa-hf convert`` command) or a local folder that does not exist (which transformers would
-    report as a malformed Hub repo id). ``caller`` names the function in the message."""
+    ``.pth.tar``: the ``ijepa-hf convert`` command), a local folder that does not exist (which transformers would
+    report as a malformed Hub repo id), or one without ``config.json`` (in its ``subfolder``, the keyword of
+    ``from_pretrained``). ``caller`` names the function in the message."""
     if path is None or not isinstance(path, (str, os.PathLike)):
         return
     text = os.fspath(path)
@@ -106,6 +107,15 @@ def check_model_path(path: Any, caller: str) -> None:
             f"{caller}({text!r}): there is no folder {os.path.abspath(expanded)!r}. A model folder "
             "holds config.json and the weights (what save_pretrained or a pretraining run writes); a Hub repo is "
             "named 'namespace/name'. Check the path."
+        )
+    if os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, subfolder or "", "config.json")):
+        # transformers would say the config lacks a `model_type`, as if it were there
+        raise ValueError(
+            f"{caller}({text!r}): {os.path.join(os.path.abspath(expanded), subfolder or '')} has no config.json: "
+            "not a saved model. A checkpoint of "
+            "pretrain.py (step_N/: weights and optimizer state) is continued with --resume_from_checkpoint; the "
+            "model a run saves is its output folder (the target encoder in its encoder/), and a Trainer's "
+            "checkpoint-N/ loads as a model."
         )
 
 
@@ -204,7 +214,7 @@ def from_pretrained_policy(
     or ``(model, loading_info)`` with ``output_loading_info=True``), after ``model._after_load()``."""
     caller = f"{cls.__name__}.from_pretrained"
     check_encoder_choice(caller, path, encoder, _PRETRAINING)  # the value itself; its fit to the repo below
-    check_model_path(path, caller)
+    check_model_path(path, caller, kwargs.get("subfolder") or "")
     config = kwargs.get("config")
     repo = repo_config(path, kwargs) if path is not None else {}
     held = repo.get("model_type") or getattr(config, "model_type", None)

@@ -208,6 +208,25 @@ def test_a_local_path_that_does_not_exist_is_named_as_such(tmp_path, monkeypatch
                 load(path)
 
 
+def test_a_local_folder_without_a_config_is_named_as_such(tmp_path):
+    """A folder that holds no config.json (a checkpoint of pretrain.py, `step_N/`: weights and optimizer state; a
+    folder whose files went elsewhere) got transformers' "Unrecognized model ... Should have a `model_type` key in its
+    config.json", as if the config were there but incomplete. The error now says the config is missing and what the
+    folder may be instead."""
+    from ijepa_hf.loading import load_encoder, load_image_classifier
+
+    step = tmp_path / "run" / "step_4"
+    step.mkdir(parents=True)
+    (step / "checkpoint.json").write_text("{}")
+    for load in (IJepaEncoderModel.from_pretrained, IJepaForPreTraining.from_pretrained, load_encoder,
+                 lambda name: load_image_classifier(name, num_labels=3)):
+        with pytest.raises(ValueError, match=r"step_4.* has no config\.json: not a saved model.*"
+                                             r"--resume_from_checkpoint"):
+            load(str(step))
+    IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path / "repo" / "encoder")  # `subfolder` is honoured
+    assert IJepaEncoderModel.from_pretrained(tmp_path / "repo", subfolder="encoder").config.hidden_size == 32
+
+
 def test_stock_transformers_repo_is_refused_with_the_import_function(repos):
     for cls in (IJepaEncoderModel, IJepaForPreTraining, IJepaPredictorModel):
         with pytest.raises(ValueError) as error:
