@@ -52,7 +52,7 @@ from ijepa_hf.training import (
     get_recipe,
 )
 from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, demo_model_options,
-                                        explicit_options, parse_range)
+                                        explicit_options, parse_crop_scale, parse_ema_momentum)
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
@@ -132,11 +132,17 @@ class ScriptArguments:
     def __post_init__(self) -> None:  # the script's own options, checked before any data is read
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
         CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)
-        parse_range(self.crop_scale, "crop_scale", 1e-6, 1.0)
-        if self.ema_momentum:
-            parse_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        self.crop_range, self.ema_range  # noqa: B018 - parse, so that a bad value fails here
         if self.embedded_num_images < 1:
             raise ValueError(f"--embedded_num_images must be a positive integer, got {self.embedded_num_images}")
+
+    @property
+    def crop_range(self) -> tuple[float, float]:
+        return parse_crop_scale(self.crop_scale)
+
+    @property
+    def ema_range(self) -> tuple[float, float] | None:
+        return parse_ema_momentum(self.ema_momentum or None)
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -187,8 +193,7 @@ def main(argv: list[str] | None = None) -> IJepaTrainer:
         log_level = training_args.get_process_log_level()
         logging.getLogger().setLevel(log_level)
         transformers.utils.logging.set_verbosity(log_level)
-    ema = parse_range(script_args.ema_momentum, "ema_momentum", 0.0, 1.0) if script_args.ema_momentum else None
-    crop = parse_range(script_args.crop_scale, "crop_scale", 1e-6, 1.0)
+    ema, crop = script_args.ema_range, script_args.crop_range
     keep = script_args.user_overrides | ({"ema_momentum"} if ema is not None else set())
     # Read before the output folder is prepared: an overwriting run moves the earlier run's config.json aside
     config = build_pretraining_config(

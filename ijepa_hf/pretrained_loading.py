@@ -52,7 +52,7 @@ from typing import Any
 from safetensors import SafetensorError
 from transformers import PretrainedConfig
 
-from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig
+from .configuration_ijepa_hf import ENCODER_CHOICES, IJepaEncoderConfig, IJepaPretrainingConfig, _as_pair
 
 __all__ = ["MismatchedWeightsError", "check_encoder_choice", "from_pretrained_policy", "check_model_path", "repo_config",
            "some_of"]
@@ -75,10 +75,6 @@ _REPO_KINDS: dict[str, tuple[str, str]] = {
 class MismatchedWeightsError(ValueError, RuntimeError):
     """Saved weights whose shape the config changes. A ``RuntimeError`` as transformers' own refusal of them (code
     that catches that still does), and a ``ValueError`` as every other mismatch of config and repo here."""
-
-
-def _pair(size: Any) -> tuple[int, int]:
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _is_local_path(path: str) -> bool:
@@ -244,7 +240,8 @@ def from_pretrained_policy(
     resize_to = None  # the resolution the caller's pretraining config asks for, where the repo's is another
     if held == _PRETRAINING and isinstance(config, IJepaPretrainingConfig):
         saved = {name: (repo.get(f"{name}_config") or {}).get("image_size") for name in ("encoder", "predictor")}
-        if None not in saved.values() and _pair(saved["encoder"]) != _pair(config.encoder_config.image_size):
+        if None not in saved.values() and (_as_pair(saved["encoder"], "image_size")
+                                           != _as_pair(config.encoder_config.image_size, "image_size")):
             # Loaded at its own resolution, then moved (the sin-cos tables are the only weights that follow the grid)
             resize_to = config.encoder_config.image_size
             kwargs["config"] = config = copy.deepcopy(config)

@@ -315,11 +315,11 @@ class PretrainingArguments:
     @property
     def ema_range(self) -> tuple[float, float] | None:
         """``--ema_momentum`` as ``(start, end)``, or ``None`` (use the config's)."""
-        return None if self.ema_momentum is None else parse_range(self.ema_momentum, "ema_momentum", 0.0, 1.0)
+        return parse_ema_momentum(self.ema_momentum)
 
     @property
     def crop_range(self) -> tuple[float, float]:
-        return parse_range(self.crop_scale, "crop_scale", 1e-6, 1.0)
+        return parse_crop_scale(self.crop_scale)
 
     @property
     def evaluates(self) -> bool:
@@ -492,6 +492,16 @@ def demo_model_options(demo_model: dict[str, Any], given: set[str],
     if kept or user_items:
         options["config_overrides"] = ",".join(kept + [item for _, item in user_items])
     return options, ",".join(kept) or None
+
+
+def parse_ema_momentum(text: str | None) -> tuple[float, float] | None:
+    """``--ema_momentum 'start,end'`` as ``(start, end)`` (each in [0, 1]), or ``None`` (use the config's)."""
+    return None if text is None else parse_range(text, "ema_momentum", 0.0, 1.0)
+
+
+def parse_crop_scale(text: str) -> tuple[float, float]:
+    """``--crop_scale 'min,max'``: the area range of the random resized crop, in (0, 1]."""
+    return parse_range(text, "crop_scale", 1e-6, 1.0)
 
 
 def check_online_probe_options(steps: int | None, num_images: int, k: int) -> None:

@@ -430,14 +430,14 @@ def prepare_trainer_output_dir(output_dir: str | os.PathLike, *, resume_from_che
     listed = _listing([path.name for path in held])
     if resume_from is not None:
         resumed = Path(resume_from).resolve()
-        if not resumed.is_relative_to(output_dir.resolve()):
-            if held:  # its checkpoints would be written among another run's, over those whose steps meet
-                raise ValueError(
-                    f"--output_dir {output_dir} holds another run ({listed}) than the checkpoint {resume_from}: "
-                    f"resume into the checkpoint's own folder ({resumed.parent}) or an empty one")
+        elsewhere = not resumed.is_relative_to(output_dir.resolve())  # another folder's checkpoint
+        if elsewhere and held:  # its checkpoints would be written among another run's, over those whose steps meet
+            raise ValueError(
+                f"--output_dir {output_dir} holds another run ({listed}) than the checkpoint {resume_from}: "
+                f"resume into the checkpoint's own folder ({resumed.parent}) or an empty one")
         if check_resume is not None:
             check_resume(Path(resume_from))
-        if not resumed.is_relative_to(output_dir.resolve()):
+        if elsewhere:
             return resume_from
         # The folder's checkpoints from its step on, other than itself (a later branch, or an abandoned one taken
         # up again from the folder it was set aside in), would be resumed by `latest` or overwritten in place
