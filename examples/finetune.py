@@ -104,8 +104,9 @@ class DataTrainingArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one sub-folder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Validation image folder."})
-    train_val_split: float = field(
-        default=0.15, metadata={"help": "Fraction of train held out when there is no validation data."}
+    train_val_split: float | None = field(
+        default=None, metadata={"help": "Fraction of train held out when the data has no validation images (default "
+                                        "0.15); refused where it has."}
     )
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
     label_column_name: str = field(default="label", metadata={"help": "Label column."})

@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset_config_name", default=None)
     data.add_argument("--train_dir", default=None, help="Image folder with one sub-folder per class.")
     data.add_argument("--validation_dir", default=None, help="Evaluation image folder.")
-    data.add_argument("--train_val_split", type=float, default=0.15,
-                      help="Held-out fraction of train when there is no validation/test data.")
+    data.add_argument("--train_val_split", type=float, default=None,
+                      help="Held-out fraction of train when there is no validation/test data (default 0.15); "
+                           "refused where there is.")
     data.add_argument("--image_column_name", default=None)
     data.add_argument("--label_column_name", default="label")
     data.add_argument("--max_train_samples", type=int, default=None,

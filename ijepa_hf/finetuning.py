@@ -347,6 +347,16 @@ def make_compute_metrics(metric: Any | None = None) -> Callable[[Any], dict[str,
 BUILTIN_DATASETS: tuple[str, ...] = ("procedural_shapes", "fashion_mnist")
 
 
+DEFAULT_TRAIN_VAL_SPLIT = 0.15  # held out of train where the data has no validation images (as transformers' example)
+
+
+def _check_split_unused(train_val_split: float | None, why: str) -> None:
+    if train_val_split is not None:
+        raise ValueError(f"train_val_split={train_val_split} asks to hold out part of the training images, but "
+                         f"{why}, which is used for validation: drop train_val_split (--train_val_split), or give "
+                         "only training data to hold a fraction of it out.")
+
+
 def _builtin_splits(name: str, max_train: int | None, max_eval: int | None, image_size: int, seed: int) -> Any:
     import datasets
 
@@ -396,7 +406,7 @@ def load_labeled_splits(
     train_dir: str | None = None,
     validation_dir: str | None = None,
     dataset_config_name: str | None = None,
-    train_val_split: float = 0.15,
+    train_val_split: float | None = None,
     image_column: str | None = None,
     label_column: str = "label",
     max_train_samples: int | None = None,
@@ -410,7 +420,8 @@ def load_labeled_splits(
     Sources: ``dataset_name`` in :data:`BUILTIN_DATASETS`; a Hub dataset; a local ``train_dir`` (imagefolder:
     class sub-folders become labels); with ``validation_dir`` for the validation images. Without a
     validation source, the Hub's ``validation`` (else ``test``) split is used, else ``train_val_split`` of the
-    training set is held out (stratified when possible).
+    training set is held out (stratified when possible; default 0.15). ``train_val_split`` given where the data has
+    validation images of its own is an error: it would not be applied.
 
     Returns:
         ``datasets.DatasetDict(train=..., validation=...)`` with an ``image`` column and a ``label`` column
@@ -421,19 +432,26 @@ def load_labeled_splits(
 
     check_sample_limit(max_train_samples, "max_train_samples")
     check_sample_limit(max_eval_samples, "max_eval_samples")
+    if train_val_split is not None and not 0.0 < train_val_split < 1.0:
+        raise ValueError(f"train_val_split={train_val_split} is not in (0, 1): it is the fraction of the training "
+                         "images held out for validation.")
     if dataset_name in BUILTIN_DATASETS:
+        _check_split_unused(train_val_split, f"{dataset_name} has a held-out split of its own")
         return _builtin_splits(dataset_name, max_train_samples, max_eval_samples, procedural_image_size, seed)
     common = dict(dataset_config_name=dataset_config_name, image_column=image_column, **load_kwargs)
     train = _load_split("train", dataset_name=dataset_name, train_dir=train_dir, **common)
     if train is None:
         raise ValueError(f"{dataset_name or train_dir} has no 'train' split.")
-    validation = None
+    validation, validation_source = None, None
     if validation_dir is not None:
         validation = _load_split("train", train_dir=validation_dir, **common)
+        validation_source = "validation_dir is given"
     elif train_dir is None:
-        validation = _load_split("validation", dataset_name=dataset_name, **common)
-        if validation is None:
-            validation = _load_split("test", dataset_name=dataset_name, **common)
+        for split in ("validation", "test"):
+            validation = _load_split(split, dataset_name=dataset_name, **common)
+            if validation is not None:
+                validation_source = f"{dataset_name} has a {split!r} split"
+                break
 
     def prepare(dataset: Any) -> Any:
         if label_column not in dataset.column_names:
@@ -450,14 +468,14 @@ def load_labeled_splits(
     if not isinstance(train.features["label"], datasets.ClassLabel):
         train = train.class_encode_column("label")
     if validation is None:
-        if not 0.0 < train_val_split < 1.0:
-            raise ValueError(f"no validation data and train_val_split={train_val_split} is not in (0, 1).")
+        train_val_split = DEFAULT_TRAIN_VAL_SPLIT if train_val_split is None else train_val_split
         try:
             splits = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column="label")
         except ValueError:  # a class too small to stratify
             splits = train.train_test_split(test_size=train_val_split, seed=seed)
         train, validation = splits["train"], splits["test"]
     else:
+        _check_split_unused(train_val_split, validation_source)
         # Cast, not re-encode: the validation ids must follow the training names.
         validation = prepare(validation).cast_column("label", train.features["label"])
     if max_train_samples is not None:

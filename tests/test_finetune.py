@@ -531,3 +531,19 @@ def test_finetune_continues_a_model_in_its_own_folder(tmp_path, load_example, im
                                          "--overwrite_output_dir"))
     assert again.state.global_step == 1 and (output_dir / "model.safetensors").is_file()
     assert (next(output_dir.glob("_replaced-*")) / "model.safetensors").is_file()
+
+
+def test_train_val_split_is_refused_where_the_data_has_its_own_validation(image_folder):
+    # A held-out fraction asked for is honoured or refused: with validation data of its own it would silently not
+    # be applied (the model selected on other images than the user chose).
+    for source in (dict(train_dir=str(image_folder), validation_dir=str(image_folder)),
+                   dict(dataset_name="procedural_shapes", max_train_samples=6, max_eval_samples=4,
+                        procedural_image_size=32)):
+        with pytest.raises(ValueError, match="train_val_split"):
+            load_labeled_splits(train_val_split=0.25, **source)
+        splits = load_labeled_splits(**source)  # not asked for: the data's own validation split
+        assert len(splits["validation"]) in (4, 32)
+    with pytest.raises(ValueError, match=r"train_val_split=1\.5.*\(0, 1\)"):
+        load_labeled_splits(train_dir=str(image_folder), train_val_split=1.5)
+    default = load_labeled_splits(train_dir=str(image_folder), seed=0)  # no validation data: 0.15 held out
+    assert (len(default["train"]), len(default["validation"])) == (27, 5)
