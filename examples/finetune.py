@@ -53,6 +53,7 @@ from ijepa_hf.finetuning import (
 from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import quiet_http_logging, run_script, trainer_run_folder
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback
+from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         )
     if not (training_args.do_train or training_args.do_eval):
         parser.error("nothing to do: pass --do_train and/or --do_eval.")
+    try:
+        check_seed(training_args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     if not 0 < data_args.min_crop_scale <= 1:
         parser.error(f"--min_crop_scale must be in (0, 1], got {data_args.min_crop_scale}.")
     if not 0 <= training_args.label_smoothing_factor < 1:

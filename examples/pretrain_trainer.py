@@ -51,8 +51,8 @@ from ijepa_hf.training import (
     build_pretraining_config,
     get_recipe,
 )
-from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, demo_model_options,
-                                        explicit_options, parse_crop_scale, parse_ema_momentum)
+from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, check_seed,
+                                        demo_model_options, explicit_options, parse_crop_scale, parse_ema_momentum)
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
@@ -174,6 +174,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
             demo["overwrite_output_dir"] = True  # the demo's own folder: running the demo again replaces it
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
+    check_seed(training_args.seed)
     script_args.user_overrides = set(parse_config_overrides(given.get("config_overrides")))
     return script_args, training_args
 

@@ -33,6 +33,7 @@ from ijepa_hf.evaluation import (attentive_probe, evaluate_encoder, extract_feat
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
 from ijepa_hf.scripts import configure_logging, run_script
+from ijepa_hf.training.arguments import check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}.")
+    try:
+        check_seed(args.seed)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

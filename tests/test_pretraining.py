@@ -656,3 +656,22 @@ def test_disable_tqdm_silences_the_progress_bar_and_keeps_the_log(tmp_path, capf
     run(tmp_path / "out", *(["--disable_tqdm"] if disabled else []), steps=2, images=16)
     assert ("pretraining:" in capfd.readouterr().err) is not disabled
     assert [row["step"] for row in read_log(tmp_path / "out")] == [2]
+
+
+def test_a_seed_no_generator_takes_is_refused_naming_the_option(tmp_path, load_example, capsys):
+    """`--seed -1` stopped every script with numpy's "Seed must be between 0 and 2**32 - 1", which does not say
+    which option is wrong (pretrain.py only after building the model); each entry point now names --seed."""
+    for seed in (-1, 2**32):
+        with pytest.raises(ValueError, match=rf"--seed must be an integer in \[0, 2\*\*31 - 1\], got {seed}"):
+            PretrainingArguments(seed=seed)
+    with pytest.raises(ValueError, match=r"--seed must be an integer in \[0, 2\*\*31 - 1\], got -1"):
+        load_example("pretrain_trainer").parse(["--seed", "-1", "--output_dir", str(tmp_path / "t")])
+    with pytest.raises(SystemExit):
+        load_example("finetune").parse_args(["--model_name_or_path", "m", "--dataset_name", "procedural_shapes",
+                                             "--do_train", "--seed", "-1", "--output_dir", str(tmp_path / "f")])
+    assert "--seed must be an integer in [0, 2**31 - 1], got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_example("probe").parse_args(["--model_name_or_path", "m", "--dataset_name", "procedural_shapes",
+                                          "--seed", "-1"])
+    assert "--seed must be an integer in [0, 2**31 - 1], got -1" in capsys.readouterr().err
+    assert PretrainingArguments(seed=2**31 - 1).seed == 2**31 - 1

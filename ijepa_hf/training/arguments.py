@@ -253,6 +253,7 @@ class PretrainingArguments:
         for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "image_size", "eval_steps",
                      "per_device_eval_batch_size", "max_eval_samples"):
             positive(name, allow_none=True)
+        check_seed(self.seed)
         for name in ("warmup_steps", "num_workers", "skip_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -502,6 +503,16 @@ def parse_ema_momentum(text: str | None) -> tuple[float, float] | None:
 def parse_crop_scale(text: str) -> tuple[float, float]:
     """``--crop_scale 'min,max'``: the area range of the random resized crop, in (0, 1]."""
     return parse_range(text, "crop_scale", 1e-6, 1.0)
+
+
+MAX_SEED = 2**31 - 1  # every generator seeded takes it, with room for the per-process and per-draw offsets added
+
+
+def check_seed(seed: int) -> None:
+    """``--seed``, as every script names it: an integer the random generators take (numpy's refusal of a negative
+    seed does not say which option it came from)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, 2**31 - 1], got {seed!r}")
 
 
 def check_online_probe_options(steps: int | None, num_images: int, k: int) -> None:
