@@ -52,7 +52,8 @@ from ijepa_hf.training import (
     get_recipe,
 )
 from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, check_seed,
-                                        demo_model_options, explicit_options, parse_crop_scale, parse_ema_momentum)
+                                        demo_model_options, explicit_options, parse_crop_scale, parse_ema_momentum,
+                                        parse_embedded_scene_option)
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
@@ -100,6 +101,9 @@ class ScriptArguments:
         "Start a new run in an --output_dir holding another run (its checkpoints and outputs are moved to "
         "_replaced-<time>/).")})
     embedded_num_images: int = field(default=2048, metadata={"help": "Size of the embedded dataset."})
+    embedded_scenes: str | None = field(default=None, metadata={"help": (
+        "Changes to the embedded scenes' generator settings (ijepa_hf.data.EMBEDDED_SCENES), 'key=value,...', as "
+        "pretrain.py's --embedded_scenes; only without a data argument.")})
     config_name: str | None = field(default=None, metadata={"help": "Preset name or config path/repo."})
     model_name_or_path: str | None = field(default=None, metadata={"help": (
         "Continue pretraining a saved model (a folder or Hub repo with context, target encoder and predictor: an "
@@ -132,7 +136,7 @@ class ScriptArguments:
     def __post_init__(self) -> None:  # the script's own options, checked before any data is read
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
         CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)
-        self.crop_range, self.ema_range  # noqa: B018 - parse, so that a bad value fails here
+        self.crop_range, self.ema_range, self.embedded_scene_settings  # noqa: B018 - parse: a bad value fails here
         if self.embedded_num_images < 1:
             raise ValueError(f"--embedded_num_images must be a positive integer, got {self.embedded_num_images}")
 
@@ -143,6 +147,10 @@ class ScriptArguments:
     @property
     def ema_range(self) -> tuple[float, float] | None:
         return parse_ema_momentum(self.ema_momentum or None)
+
+    @property
+    def embedded_scene_settings(self) -> dict[str, Any]:
+        return parse_embedded_scene_option(self.embedded_scenes, self.uses_embedded_data)
 
     @property
     def uses_embedded_data(self) -> bool:
@@ -241,6 +249,7 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
         train_dir=script_args.train_dir, image_column_name=script_args.image_column_name,
         max_train_samples=script_args.max_train_samples,
         embedded_num_images=script_args.embedded_num_images, uint8_images=True,  # IJepaTrainer finishes them
+        embedded_scene_settings=script_args.embedded_scene_settings,
     )
     logger.info("Training data: %s", data.description)
     collator = MaskedBatchCollator(mask_collator_for_process(
@@ -271,7 +280,7 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
             dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
             validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
             image_column_name=script_args.image_column_name, max_eval_samples=script_args.max_eval_samples,
-            uint8_images=True, batch_size=training_args.per_device_eval_batch_size,
+            embedded_scene_settings=script_args.embedded_scene_settings, uint8_images=True, batch_size=training_args.per_device_eval_batch_size,
             num_processes=training_args.world_size)
         logger.info("Held-out data (eval_loss): %s", validation.description)
     elif {script_args.validation_dir, script_args.validation_split_name, script_args.max_eval_samples} != {None}:

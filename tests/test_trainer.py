@@ -739,3 +739,25 @@ def test_pretrain_trainer_continues_a_saved_model(tmp_path, load_example):
         assert "license: cc-by-nc-4.0" in card and "facebook/ijepa_vith14_1k" in card, folder
     with pytest.raises(ValueError, match="--recipe small sizes a new model's predictor"):
         example.main(["--model_name_or_path", str(base), "--recipe", "small", "--output_dir", str(tmp_path / "x")])
+
+
+def test_pretrain_trainer_takes_the_embedded_scenes_and_refuses_to_resume_under_others(tmp_path, load_example):
+    """`--embedded_scenes` as pretrain.py's: the embedded scenes' generator settings, for the training images and the
+    held-out ones; they define what the run learns, so a resume under other scenes is refused, as pretrain.py
+    refuses one, and a data argument beside them is refused."""
+    example = load_example("pretrain_trainer")
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+            "--use_cpu", "--online_probe_steps", "0", "--embedded_num_images", "64", "--report_to", "none"]
+    trainer = example.main([*argv, "--embedded_scenes", "max_objects=1,shared_shape=false", "--do_eval"])
+    for images in (trainer.train_dataset.source, trainer.eval_dataset.source):
+        assert (images.max_objects, images.shared_shape) == (1, False)
+    with pytest.raises(ValueError, match="max_objects=1"):  # the checkpoint's scenes, named
+        example.main([*argv, "--max_steps", "3", "--resume_from_checkpoint", str(out / "checkpoint-1")])
+    trainer = example.main([*argv, "--max_steps", "3", "--embedded_scenes", "max_objects=1,shared_shape=false",
+                            "--resume_from_checkpoint", str(out / "checkpoint-2")])
+    assert trainer.state.global_step == 3
+    with pytest.raises(ValueError, match="--embedded_scenes.*unknown setting"):
+        example.parse(["--embedded_scenes", "objects=2"])
+    with pytest.raises(ValueError, match="--embedded_scenes sets the embedded scenes, but a data argument"):
+        example.parse(["--embedded_scenes", "max_objects=1", "--train_dir", str(tmp_path)])

@@ -420,6 +420,9 @@ def build_pretraining_data(
         num = min(embedded_num_images, max_train_samples or embedded_num_images)
         source = embedded_scenes(num, image_size=image_size, seed=embedded_seed, **(embedded_scene_settings or {}))
         scenes = f"generator seed {embedded_seed}, " if embedded_seed else ""  # other scenes than the training ones
+        if embedded_scene_settings:  # named in the description, which is also the data's fingerprint on resume
+            scenes += "scenes changed: " + ", ".join(f"{key}={value}" for key, value in
+                                                     sorted(embedded_scene_settings.items())) + ", "
         return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed, **keyed),
                                f"{EMBEDDED_DATASET_NAME} (embedded, {scenes}{num} images at {image_size}px)", None, num)
     source = load_image_dataset(

@@ -263,10 +263,7 @@ class PretrainingArguments:
             raise ValueError("--max_eval_samples / --per_device_eval_batch_size set the held-out loss, which this run "
                              "does not compute: add --eval_steps N (and --validation_dir or --validation_split_name "
                              "unless the data is the embedded scenes)")
-        if self.embedded_scenes and not self.uses_embedded_data:
-            raise ValueError("--embedded_scenes sets the embedded scenes, but a data argument (--dataset_name / "
-                             "--train_dir) is given; drop one of them.")
-        self.embedded_scene_settings  # noqa: B018 - parses, so that a bad setting fails before the run starts
+        parse_embedded_scene_option(self.embedded_scenes, self.uses_embedded_data)  # fails before the run starts
         from .preemption import parse_signals
 
         parse_signals(self.preemption_signals)  # an unknown name is an error naming it
@@ -341,9 +338,7 @@ class PretrainingArguments:
     @property
     def embedded_scene_settings(self) -> dict[str, Any]:
         """``--embedded_scenes`` as ``ProceduralShapes`` keyword arguments over ``EMBEDDED_SCENES`` (``{}``: none)."""
-        from ..data import parse_embedded_scenes
-
-        return parse_embedded_scenes(self.embedded_scenes)
+        return parse_embedded_scene_option(self.embedded_scenes, self.uses_embedded_data)
 
     @property
     def warmup_fraction(self) -> float:
@@ -513,6 +508,17 @@ def check_seed(seed: int) -> None:
     seed does not say which option it came from)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"--seed must be an integer in [0, 2**31 - 1], got {seed!r}")
+
+
+def parse_embedded_scene_option(text: str | None, uses_embedded_data: bool) -> dict[str, Any]:
+    """``--embedded_scenes``, as both pretraining scripts take it: ``ProceduralShapes`` keyword arguments over
+    ``EMBEDDED_SCENES`` (``{}``: none); refused beside a data argument, which the scenes would not change."""
+    from ..data import parse_embedded_scenes
+
+    if text and not uses_embedded_data:
+        raise ValueError("--embedded_scenes sets the embedded scenes, but a data argument (--dataset_name / "
+                         "--train_dir) is given; drop one of them.")
+    return parse_embedded_scenes(text)
 
 
 def check_online_probe_options(steps: int | None, num_images: int, k: int) -> None:
