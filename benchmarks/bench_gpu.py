@@ -69,9 +69,21 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
+def preset_config(preset: str) -> IJepaPretrainingConfig:
+    """The config of a preset name, or of ``name@SIZE``: the preset at another image size (a toy run's smaller
+    grid; a table row keeps the whole name)."""
+    name, _, size = preset.partition("@")
+    if not size:
+        return IJepaPretrainingConfig.from_preset(name)
+    if not size.isdigit():
+        raise SystemExit(f"{preset!r}: the size after '@' must be an image side in pixels, e.g. {name}@96")
+    return IJepaPretrainingConfig.from_preset(name, encoder={"image_size": int(size)},
+                                              predictor={"image_size": int(size)})
+
+
 def build(preset: str, device: torch.device, seed: int = 0) -> tuple[IJepaForPreTraining, IJepaPretrainingConfig]:
     torch.manual_seed(seed)
-    config = IJepaPretrainingConfig.from_preset(preset)
+    config = preset_config(preset)
     with device:  # built in place: a ViT-H pair is 1.3B parameters, slow to initialise on the host
         model = IJepaForPreTraining(config)
     return model.train(), config
@@ -463,7 +475,8 @@ def format_tables(device_label: str, throughput: list[dict], agreements: list[di
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
-                        help="comma-separated presets (IJepaPretrainingConfig.from_preset names)")
+                        help="comma-separated presets (IJepaPretrainingConfig.from_preset names; name@SIZE: at "
+                             "another image size, e.g. a toy run's vit_tiny_patch16_224@96)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-batch", type=int, default=8)
     parser.add_argument("--max-batch", type=int, default=1024)
