@@ -44,19 +44,20 @@ trainer.train()
 trainer.save_model()
 trainer.push_to_hub()
 """, fake_hub, tmp_path / f"trainer-{name}")
-        for source in (str(tmp_path / name), f"test-org/remote-resave-{name}"):
-            run_hub_script(_WITHOUT_IJEPA_HF + f"""
-import torch
-from transformers import AutoModelForImageClassification, pipeline
-model = AutoModelForImageClassification.from_pretrained(r"{source}", trust_remote_code=True).eval()
-assert type(model).__name__ == "IJepaEncoderForImageClassification", type(model)
-with torch.no_grad():
-    assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3)
-classify = pipeline("image-classification", model=r"{source}", trust_remote_code=True)
+        # the saved folder and the pushed repo, loaded in one process without ijepa_hf
+        run_hub_script(_WITHOUT_IJEPA_HF + f"""
 import numpy as np
+import torch
 from PIL import Image
-assert len(classify(Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)))) == 3
-""", fake_hub, tmp_path / f"loader-{name}-{'hub' if source.startswith('test-org') else 'folder'}")
+from transformers import AutoModelForImageClassification, pipeline
+for source in (r"{tmp_path / name}", "test-org/remote-resave-{name}"):
+    model = AutoModelForImageClassification.from_pretrained(source, trust_remote_code=True).eval()
+    assert type(model).__name__ == "IJepaEncoderForImageClassification", (source, type(model))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).logits.shape == (1, 3), source
+    classify = pipeline("image-classification", model=source, trust_remote_code=True)
+    assert len(classify(Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)))) == 3, source
+""", fake_hub, tmp_path / f"loader-{name}")
 
 
 def test_an_encoder_repo_with_its_code_loads_through_auto_backbone_without_ijepa_hf(fake_hub: str, tmp_path: Path):
