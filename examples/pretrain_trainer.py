@@ -242,6 +242,11 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
     image_size = config.encoder_config.image_size
     image_size = image_size if isinstance(image_size, int) else image_size[0]
 
+    # The masks first: a grid the sampler cannot work on is refused before any image is indexed
+    collator = MaskedBatchCollator(mask_collator_for_process(
+        config, seed=training_args.seed, num_processes=training_args.world_size,
+        process_index=training_args.process_index,
+    ))
     counter = BadImageCounter()  # unreadable images become None, dropped by the collator and counted
     data = build_pretraining_data(
         image_size=image_size, seed=training_args.seed, crop_scale=crop, counter=counter,
@@ -252,10 +257,6 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
         embedded_scene_settings=script_args.embedded_scene_settings,
     )
     logger.info("Training data: %s", data.description)
-    collator = MaskedBatchCollator(mask_collator_for_process(
-        config, seed=training_args.seed, num_processes=training_args.world_size,
-        process_index=training_args.process_index,
-    ))
     preemption = PreemptionCallback()  # SIGTERM / SIGUSR1: a checkpoint after this update, then exit code 75
     callbacks: list[Any] = [preemption]
     if script_args.online_probe_steps != 0:

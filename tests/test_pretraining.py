@@ -675,3 +675,24 @@ def test_a_seed_no_generator_takes_is_refused_naming_the_option(tmp_path, load_e
                                           "--seed", "-1"])
     assert "--seed must be an integer in [0, 2**31 - 1], got -1" in capsys.readouterr().err
     assert PretrainingArguments(seed=2**31 - 1).seed == 2**31 - 1
+
+
+def test_masks_the_config_cannot_sample_are_refused_before_any_image_is_read(tmp_path, monkeypatch, load_example):
+    """A grid too small for the masks (here 4x4 patches with min_keep=4) was refused only after the data was
+    indexed: minutes of "Generating train split" for a large image folder, then a config error. Both pretraining
+    scripts now build the mask sampler from the config before the data."""
+    import ijepa_hf.training.loop as loop
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the masks were checked")
+
+    monkeypatch.setattr(loop, "build_pretraining_data", no_data)
+    options = ["--train_dir", str(tmp_path), "--config_name", "vit_tiny_patch16_224", "--image_size", "64",
+               "--config_overrides", "min_keep=4", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="Mask sampler cannot work with image_size=\\(64, 64\\)"):
+        pretrain(parse_args([*options, "--max_train_steps", "1"]))
+    example = load_example("pretrain_trainer")
+    monkeypatch.setattr(example, "build_pretraining_data", no_data)
+    with pytest.raises(ValueError, match="Mask sampler cannot work with image_size=\\(64, 64\\)"):
+        example.main([*options, "--max_steps", "1", "--use_cpu", "--report_to", "none"])
+    assert not (tmp_path / "out").exists()

@@ -153,6 +153,10 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
     # ---- what the run is: config, data and model, checked before anything is written into output_dir, so that a
     # failed start (a typo in an override, a missing image column, a wrong model path) leaves the folder as it was
     config = build_config(args)
+    # The masks first: a grid the sampler cannot work on is refused before any image is indexed (minutes for a
+    # large folder)
+    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
+                                              process_index=accelerator.process_index)
     counter = BadImageCounter()
     data = build_pretraining_data(
         image_size=_square(config.encoder_config.image_size), seed=args.seed, crop_scale=args.crop_range,
@@ -186,9 +190,6 @@ def pretrain(args: PretrainingArguments) -> PretrainingResult:
         from .compilation import compile_blocks
 
         logger.info("torch.compile: %d transformer blocks compiled (one graph for every layer)", compile_blocks(model))
-
-    mask_collator = mask_collator_for_process(config, seed=args.seed, num_processes=accelerator.num_processes,
-                                              process_index=accelerator.process_index)
 
     def check_resume(checkpoint: Path) -> None:  # before the policy moves anything (a later branch, set aside)
         check_run_may_resume(accelerator, checkpoint, args, config, mask_collator, data.fingerprint(),
