@@ -51,7 +51,7 @@ from ijepa_hf.finetuning import (
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
-from ijepa_hf.scripts import quiet_http_logging, run_script, trainer_run_folder
+from ijepa_hf.scripts import TRAINING_INTERRUPTED, quiet_http_logging, run_script, trainer_run_folder
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
@@ -300,4 +300,4 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, on_interrupt=TRAINING_INTERRUPTED)

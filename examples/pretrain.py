@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ijepa_hf.scripts import configure_logging, run_script
+from ijepa_hf.scripts import TRAINING_INTERRUPTED, configure_logging, run_script
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     PretrainingArguments,
@@ -276,4 +276,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run_script(main)  # which also ends the process group in order
+    run_script(main, on_interrupt=TRAINING_INTERRUPTED)  # which also ends the process group in order

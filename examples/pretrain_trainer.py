@@ -43,7 +43,7 @@ from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import (BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data,
                            build_validation_data)
-from ijepa_hf.scripts import configure_logging, run_script, trainer_run_folder
+from ijepa_hf.scripts import TRAINING_INTERRUPTED, configure_logging, run_script, trainer_run_folder
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -333,4 +333,4 @@ def _pretrain(script_args: ScriptArguments, training_args: TrainingArguments, ru
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, on_interrupt=TRAINING_INTERRUPTED)

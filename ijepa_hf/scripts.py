@@ -4,8 +4,8 @@
   clients' request lines (one per Hub request) kept at WARNING.
 * :func:`run_script`: runs a script's ``main(argv)``; an error the user can fix (a bad argument, a missing file, a
   folder in use, a refused resume, a full disk, a failed push) is printed as one line naming the script, and the
-  script exits with code 2. ``--debug`` on the command line, or ``IJEPA_HF_DEBUG=1``, shows the full traceback.
-  Anything else (a bug) keeps its traceback.
+  script exits with code 2; Ctrl-C is one line too (exit code 130). ``--debug`` on the command line, or
+  ``IJEPA_HF_DEBUG=1``, shows the full traceback. Anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
+__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "INTERRUPTED_EXIT_CODE", "TRAINING_INTERRUPTED", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
            "prepare_trainer_run", "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
 USAGE_EXIT_CODE = 2  # argparse's, for the same kind of mistake
+INTERRUPTED_EXIT_CODE = 130  # the shell's for a process ended by Ctrl-C (128 + SIGINT)
+# What a training script's user can do after Ctrl-C (run_script's on_interrupt)
+TRAINING_INTERRUPTED = ("the checkpoints saved so far are kept: --resume_from_checkpoint latest continues from the "
+                        "last one (to stop with a checkpoint of the current update instead, send SIGTERM)")
 # Loggers that log every HTTP request at INFO (huggingface_hub's clients).
 _HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3")
 
@@ -103,9 +107,12 @@ def trainer_run_folder(training_args: Any, overwrite_output_dir: bool,
             held.release()
 
 
-def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> Any:
+def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, *,
+               on_interrupt: str | None = None) -> Any:
     """Run ``main(argv)`` (``argv`` without ``--debug``; default ``sys.argv[1:]``) and return what it returns; a
-    user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring). A process
+    user's error is printed as one line and exits with :data:`USAGE_EXIT_CODE` (see the module docstring); Ctrl-C
+    (``KeyboardInterrupt``) is one line too, with ``on_interrupt`` (what the user can do next) after it, and exits
+    with :data:`INTERRUPTED_EXIT_CODE`. A process
     group the run started (``accelerate launch``) is ended on the way out: after a run that finished, once every
     process has reached that point (a process that closed its connections while another was still in a collective
     aborted that one, gloo's ``terminate called without an active exception``, and the launcher reported the whole
@@ -125,6 +132,12 @@ def run_script(main: Callable[[list[str]], Any], argv: Sequence[str] | None = No
         print(f"{Path(sys.argv[0]).name}: error: {message} (the traceback: add {DEBUG_FLAG} or set {DEBUG_ENV}=1)",
               file=sys.stderr)
         raise SystemExit(USAGE_EXIT_CODE) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{Path(sys.argv[0]).name}: interrupted (Ctrl-C)" + (f": {on_interrupt}" if on_interrupt else ""),
+              file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         _end_process_group(wait_for_everyone=finished)
 

@@ -51,6 +51,26 @@ def test_run_script_passes_bugs_through_with_their_traceback():
     assert stopped.value.code == 2
 
 
+def test_ctrl_c_is_one_line_naming_how_to_continue(capsys):
+    """Ctrl-C in a run printed a traceback of wherever the step was (torch's attention, a data worker); it is one
+    line with the conventional exit code 130, saying what a training run keeps and how it continues."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(interrupted, [], on_interrupt="continue from the last checkpoint with --resume_from_checkpoint "
+                                                 "latest")
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ": interrupted (Ctrl-C): continue from the last checkpoint with --resume_from_checkpoint latest" in err
+    with pytest.raises(SystemExit) as stopped:
+        run_script(interrupted, [])
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip().endswith(": interrupted (Ctrl-C)")
+    with pytest.raises(KeyboardInterrupt):
+        run_script(interrupted, ["--debug"])
+
+
 def test_the_scripts_do_not_log_every_hub_request(fake_hub, hf_home):
     from hub_utils import run_hub_script
 
