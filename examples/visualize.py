@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from ijepa_hf.data import PretrainTransform, embedded_scenes, load_image, load_image_dataset
+from ijepa_hf.data import BadImageCounter, PretrainTransform, embedded_scenes, load_image, load_image_dataset
 from ijepa_hf.finetuning import processor_image_size
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.masking import IJepaMaskCollator
@@ -65,12 +65,18 @@ def masks(args: argparse.Namespace) -> Path:
 
 def pca(args: argparse.Namespace) -> Path:
     """PCA map of one image's patch features."""
-    encoder, image_processor = load_encoder(args.model_name_or_path, encoder=args.encoder)
-    if args.image:
-        image: Any = load_image(args.image)
+    image: Any = None
+    if args.image:  # read before the model loads: a wrong path fails at once
+        if not Path(args.image).is_file():
+            raise ValueError(f"--image {args.image}: no such file")
+        bad = BadImageCounter(max_warnings=0)
+        image = load_image(args.image, bad)
         if image is None:
-            raise SystemExit(f"cannot read {args.image}")
-    else:
+            reason = bad.examples[0].removeprefix(f"{args.image} (").removesuffix(")") if bad.examples else ""
+            raise ValueError(f"--image {args.image} cannot be read as an image ({reason}): give a file PIL opens "
+                             "(PNG, JPEG, ...)")
+    encoder, image_processor = load_encoder(args.model_name_or_path, encoder=args.encoder)
+    if image is None:
         image = _images(args, 1, processor_image_size(image_processor))[0]
     return plot_pca_features(encoder, image, args.output, image_processor, dpi=args.dpi,
                              interpolation=args.interpolation)

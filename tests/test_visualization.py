@@ -149,3 +149,21 @@ def test_visualize_example(tmp_path, load_example):
     # One panel: 12 x 3.5 inches (the default figure's least height).
     assert_picture(visualize.main(["curves", "--log", str(log), "--output", str(tmp_path / "c.png"), "--dpi", "40"]),
                    (480, 140))
+
+
+def test_an_image_that_cannot_be_read_is_named_before_the_model_loads(tmp_path, load_example, monkeypatch):
+    """`visualize.py pca --image` of a missing or broken file loaded the model, then ended with a bare "cannot read
+    X" and exit code 1; it is now a user's error naming --image and why, before anything is loaded."""
+    example = load_example("visualize")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image was read")
+
+    monkeypatch.setattr(example, "load_encoder", no_model)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = ["pca", "--model_name_or_path", str(tmp_path), "--output", str(tmp_path / "pca.png"), "--image"]
+    with pytest.raises(ValueError, match=r"--image .*missing\.jpg: no such file"):
+        example.main([*argv, str(tmp_path / "missing.jpg")])
+    with pytest.raises(ValueError, match=r"--image .*broken\.jpg cannot be read as an image \(UnidentifiedImageError"):
+        example.main([*argv, str(broken)])
