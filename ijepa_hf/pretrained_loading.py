@@ -104,15 +104,28 @@ def check_model_path(path: Any, caller: str, subfolder: str = "") -> None:
             "holds config.json and the weights (what save_pretrained or a pretraining run writes); a Hub repo is "
             "named 'namespace/name'. Check the path."
         )
-    if os.path.isdir(expanded) and not os.path.isfile(os.path.join(expanded, subfolder or "", "config.json")):
-        # transformers would say the config lacks a `model_type`, as if it were there
-        raise ValueError(
-            f"{caller}({text!r}): {os.path.join(os.path.abspath(expanded), subfolder or '')} has no config.json: "
-            "not a saved model. A checkpoint of "
-            "pretrain.py (step_N/: weights and optimizer state) is continued with --resume_from_checkpoint; the "
-            "model a run saves is its output folder (the target encoder in its encoder/), and a Trainer's "
-            "checkpoint-N/ loads as a model."
-        )
+    reason = missing_config(text, subfolder)
+    if reason is not None:  # transformers would say the config lacks a `model_type`, as if it were there
+        raise ValueError(f"{caller}({text!r}): {os.path.join(os.path.abspath(expanded), subfolder or '')} {reason}")
+
+
+def missing_config(path: str | os.PathLike, subfolder: str = "") -> str | None:
+    """``None``, or where ``path`` (with ``subfolder``) is a local folder without ``config.json``, what that means and
+    what the folder may be instead (the rest of a sentence whose subject is the folder): a checkpoint of
+    ``pretrain.py`` (its manifest) is continued with ``--resume_from_checkpoint``. Every loader and option that
+    takes a saved model checks with it."""
+    from .training.checkpointing import MANIFEST_NAME
+
+    folder = os.path.join(os.path.expanduser(os.fspath(path)), subfolder or "")
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+        return (f"has no config.json: it is a training checkpoint of pretrain.py, not a saved model. Continue that "
+                f"run with --resume_from_checkpoint {os.fspath(path)} (into its own folder), or start a new run from "
+                "the run's final model (its output folder, once it has finished).")
+    return ("has no config.json: not a saved model. A checkpoint of pretrain.py (step_N/: weights and optimizer "
+            "state) is continued with --resume_from_checkpoint; the model a run saves is its output folder (the "
+            "target encoder in its encoder/), and a Trainer's checkpoint-N/ loads as a model.")
 
 
 def repo_config(path: Any, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -220,9 +220,12 @@ def test_a_local_folder_without_a_config_is_named_as_such(tmp_path):
     (step / "checkpoint.json").write_text("{}")
     for load in (IJepaEncoderModel.from_pretrained, IJepaForPreTraining.from_pretrained, load_encoder,
                  lambda name: load_image_classifier(name, num_labels=3)):
-        with pytest.raises(ValueError, match=r"step_4.* has no config\.json: not a saved model.*"
-                                             r"--resume_from_checkpoint"):
+        with pytest.raises(ValueError, match=r"step_4.* has no config\.json: it is a training checkpoint of "
+                                             r"pretrain\.py, not a saved model\. .*--resume_from_checkpoint"):
             load(str(step))
+    (step / "checkpoint.json").unlink()  # a folder whose files went elsewhere
+    with pytest.raises(ValueError, match=r"step_4.* has no config\.json: not a saved model\."):
+        load_encoder(str(step))
     IJepaEncoderModel(tiny_encoder_config()).save_pretrained(tmp_path / "repo" / "encoder")  # `subfolder` is honoured
     assert IJepaEncoderModel.from_pretrained(tmp_path / "repo", subfolder="encoder").config.hidden_size == 32
 

@@ -179,8 +179,8 @@ def test_a_training_checkpoint_given_as_the_model_to_continue_names_the_option_t
     """`--model_name_or_path run/step_4` (a checkpoint of pretrain.py, which holds no config.json) was refused as a
     folder without a config, with no word of what the folder is: the error now says it is a training checkpoint and
     names --resume_from_checkpoint, which continues it, and the run's final model, which a new run can start from."""
-    with pytest.raises(ValueError, match=r"step_4 is a training checkpoint of pretrain\.py, not a saved model: .*"
-                                         r"--resume_from_checkpoint \S*step_4 .*final model"):
+    with pytest.raises(ValueError, match=r"step_4 has no config\.json: it is a training checkpoint of pretrain\.py, "
+                                         r"not a saved model\. .*--resume_from_checkpoint \S*step_4 .*final model"):
         build_config(parse_args(["--model_name_or_path", str(straight_run / "step_4"), "--output_dir", "o"]))
 
 

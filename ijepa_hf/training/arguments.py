@@ -18,11 +18,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers.utils import CONFIG_NAME
-
 from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config_override_items, list_presets,
                                       parse_config_overrides)
-from .checkpointing import MANIFEST_NAME, check_output_dir_options
+from ..pretrained_loading import missing_config
+from .checkpointing import check_output_dir_options
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor
 from .recipes import Recipe, recipe_changes
 
@@ -565,14 +564,9 @@ def build_pretraining_config(
     _check_model_source(config_name, model_name_or_path, recipe)
     for option, source in (("config_name", config_name), ("model_name_or_path", model_name_or_path)):
         # transformers reads a folder without config.json as the class's default config, without a word
-        if source is not None and os.path.isdir(source) and not os.path.isfile(os.path.join(source, CONFIG_NAME)):
-            if os.path.isfile(os.path.join(source, MANIFEST_NAME)):
-                raise ValueError(
-                    f"--{option} {source} is a training checkpoint of pretrain.py, not a saved model: continue that "
-                    f"run with --resume_from_checkpoint {source} (into its own folder), or start a new run from the "
-                    "run's final model (its output folder, once it has finished)")
-            raise ValueError(f"--{option} {source!r} is a folder that has no {CONFIG_NAME}: name a saved model or "
-                             "config (a folder with its config.json, a config file, a Hub repo) or a preset")
+        reason = None if source is None else missing_config(source)
+        if reason is not None:
+            raise ValueError(f"--{option} {source} {reason}")
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
     elif config_name is None:
