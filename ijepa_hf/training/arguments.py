@@ -566,7 +566,9 @@ def build_pretraining_config(
         # transformers reads a folder without config.json as the class's default config, without a word
         reason = None if source is None else missing_config(source)
         if reason is not None:
-            raise ValueError(f"--{option} {source} {reason}")
+            raise ValueError(f"--{option} {source} {reason}" + (" --config_name also takes a config file or a "
+                                                               f"preset ({', '.join(list_presets())})."
+                                                               if option == "config_name" else ""))
     if model_name_or_path is not None:
         config = IJepaPretrainingConfig.from_pretrained(model_name_or_path, cache_dir=cache_dir, token=token)
     elif config_name is None:
