@@ -130,6 +130,9 @@ class ScriptArguments:
     online_probe_k: int = field(default=20, metadata={"help": "Neighbours of the online k-NN."})
     collapse_threshold: float = field(default=0.01, metadata={"help": (
         "Collapse warning when the batch std of the pooled, normalised target features falls below this.")})
+    skip_nonfinite_steps: int = field(default=0, metadata={"help": (
+        "Updates with a non-finite loss to skip (no optimizer step, no EMA) before stopping; 0: stop at the next log "
+        "row. Syncs with the host at every update when > 0.")})
     collapse_max_cosine: float = field(default=0.999, metadata={"help": (
         "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this.")})
 
@@ -137,6 +140,8 @@ class ScriptArguments:
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
         CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)
         self.crop_range, self.ema_range, self.embedded_scene_settings  # noqa: B018 - parse: a bad value fails here
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"--skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
         if self.embedded_num_images < 1:
             raise ValueError(f"--embedded_num_images must be a positive integer, got {self.embedded_num_images}")
 
@@ -295,6 +300,7 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
         final_weight_decay=script_args.final_weight_decay, ema_momentum=ema, callbacks=callbacks,
         collapse_threshold=script_args.collapse_threshold, collapse_max_cosine=script_args.collapse_max_cosine,
         data_fingerprint=data.fingerprint(),  # resuming on other images is refused
+        skip_nonfinite_steps=script_args.skip_nonfinite_steps,
     )
     return _Run(trainer, data, counter, validation, preemption)
 

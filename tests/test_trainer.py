@@ -761,3 +761,65 @@ def test_pretrain_trainer_takes_the_embedded_scenes_and_refuses_to_resume_under_
         example.parse(["--embedded_scenes", "objects=2"])
     with pytest.raises(ValueError, match="--embedded_scenes sets the embedded scenes, but a data argument"):
         example.parse(["--embedded_scenes", "max_objects=1", "--train_dir", str(tmp_path)])
+
+
+class _PoisonedCollator:
+    """``collator`` whose calls in ``poisoned`` (1-based: the update they feed, one batch per update) carry a NaN
+    pixel, as a corrupt image or an overflow would give."""
+
+    def __init__(self, collator, poisoned):
+        self.collator, self.poisoned, self.calls = collator, set(poisoned), 0
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        self.calls += 1
+        if self.calls in self.poisoned:
+            batch["pixel_values"] = batch["pixel_values"].clone()
+            batch["pixel_values"][0, 0, 0, 0] = float("nan")
+        return batch
+
+
+def test_the_trainer_skips_as_many_non_finite_updates_as_asked(tmp_path):
+    """`skip_nonfinite_steps` as pretrain()'s --skip_nonfinite_steps: an update whose loss is NaN changes nothing
+    (no optimizer step, no EMA), the run goes on, and one more such update than allowed stops it, naming the
+    option. IJepaTrainer had no such option: the first NaN stopped a run of days."""
+    from transformers import TrainerCallback
+
+    from ijepa_hf.training import NonFiniteLossError
+
+    class Weights(TrainerCallback):
+        def __init__(self):
+            self.after = {}
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.after[state.global_step] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, collator, data = tiny_trainer_parts()
+    weights = Weights()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, max_steps=4, logging_steps=1), train_dataset=data,
+                           data_collator=_PoisonedCollator(collator, {2}), skip_nonfinite_steps=1,
+                           callbacks=[weights])
+    trainer.train()
+    assert trainer.skipped_updates == 1 and trainer.state.global_step == 4
+    for name, value in weights.after[2].items():  # update 2 changed no weight, not even the target encoder's
+        assert torch.equal(value, weights.after[1][name]), name
+    assert any(not torch.equal(value, weights.after[2][name]) for name, value in weights.after[3].items())
+    assert all(torch.isfinite(v).all() for v in weights.after[4].values())
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, max_steps=4), train_dataset=data,
+                           data_collator=_PoisonedCollator(collator, {1, 3}), skip_nonfinite_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*one non-finite step more than skip_nonfinite_steps=1 allows"):
+        trainer.train()
+    with pytest.raises(ValueError, match="skip_nonfinite_steps must be an integer >= 0, got -1"):
+        IJepaTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data, data_collator=collator,
+                     skip_nonfinite_steps=-1)
+
+
+def test_pretrain_trainer_takes_skip_nonfinite_steps(tmp_path, load_example):
+    example = load_example("pretrain_trainer")
+    trainer = example.main(["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--use_cpu", "--report_to",
+                            "none", "--online_probe_steps", "0", "--embedded_num_images", "64",
+                            "--skip_nonfinite_steps", "3"])
+    assert trainer.skip_nonfinite_steps == 3 and trainer.skipped_updates == 0
+    with pytest.raises(ValueError, match="--skip_nonfinite_steps must be >= 0, got -1"):
+        example.parse(["--skip_nonfinite_steps", "-1"])

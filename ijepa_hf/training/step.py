@@ -184,8 +184,8 @@ class PretrainingStep:
                     self._first_bad.zero_()
                     if self.skipped_updates > self.skip_nonfinite_steps:
                         raise NonFiniteLossError(update, self.schedule.lr_at(update),
-                                                 f", the {self.skipped_updates}th such step (--skip_nonfinite_steps "
-                                                 f"{self.skip_nonfinite_steps})")
+                                                 f", one non-finite step more than --skip_nonfinite_steps "
+                                                 f"{self.skip_nonfinite_steps} allows")
                 self._window_bad = torch.zeros_like(self._window_bad)
                 if not skipped:
                     self.optimizer.step()

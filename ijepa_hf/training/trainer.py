@@ -46,7 +46,8 @@ evaluation (the training collator's count is left as it was, so evaluating does 
 (:func:`~ijepa_hf.data.build_validation_data` makes one).
 
 As in the Accelerate loop: a non-finite loss stops the run at the next log row or save with
-:class:`~ijepa_hf.training.NonFiniteLossError`, naming the update, and non-finite weights are never saved; a batch
+:class:`~ijepa_hf.training.NonFiniteLossError`, naming the update, unless ``skip_nonfinite_steps`` allows skipping
+it, and non-finite weights are never saved; a batch
 with no readable image is a zero-weight stand-in; log rows carry the collapse signals, the weight decay and the EMA
 momentum.
 """
@@ -147,11 +148,14 @@ class EMACallback(TrainerCallback):
 
     Attributes:
         last_momentum: the momentum of the most recent update (``None`` before the first one).
+        skip_next: set by :class:`IJepaTrainer` when it skips an update with a non-finite loss
+            (``skip_nonfinite_steps``): the target encoder is left as it is for that update too.
     """
 
     def __init__(self, momentum: Sequence[float] | None = None) -> None:
         self.momentum = None if momentum is None else (float(momentum[0]), float(momentum[1]))
         self.last_momentum: float | None = None
+        self.skip_next = False
 
     def momentum_at(self, update: int, max_steps: int, model: Any = None) -> float:
         start, end = self.momentum if self.momentum is not None else _unwrap(model).config.ema_momentum
@@ -159,6 +163,9 @@ class EMACallback(TrainerCallback):
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           model: Any = None, **kwargs: Any) -> None:
+        if self.skip_next:
+            self.skip_next = False
+            return
         momentum = self.momentum_at(current_update(state), state.max_steps, model)
         # Under DeepSpeed ZeRO-3 the update gathers both encoders (every rank calls it; rank 0 modifies).
         update_target_encoder(_unwrap(model), momentum, is_main_process=state.is_world_process_zero)
@@ -364,13 +371,30 @@ class IJepaTrainer(Trainer):
             below, or their mean pairwise cosine above), as ``pretrain``'s options of the same names.
         data_fingerprint: what identifies the training images (``PretrainingData.fingerprint()``): recorded in the
             checkpoints, so that resuming on other images is refused, as in ``pretrain``; ``None``: not checked.
+        skip_nonfinite_steps: how many updates with a non-finite loss to skip (no optimizer step, no EMA; the
+            learning-rate schedule moves on) before stopping with :class:`~ijepa_hf.training.NonFiniteLossError`, as
+            ``pretrain``'s option; ``0`` (default) stops at the next log row. ``> 0`` syncs with the host at every
+            update. Under fp16 the gradient scaler skips the optimizer step (and holds the schedule) itself.
+
+    Attributes:
+        skipped_updates: how many updates this process's run skipped (``skip_nonfinite_steps``).
     """
 
     def __init__(self, model: Any = None, args: TrainingArguments | None = None, *trainer_args: Any,
                  final_weight_decay: float | None = None, ema_momentum: Sequence[float] | None = None,
                  collapse_threshold: float = 0.01, collapse_max_cosine: float = 0.999,
-                 data_fingerprint: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 data_fingerprint: dict[str, Any] | None = None, skip_nonfinite_steps: int = 0,
+                 **kwargs: Any) -> None:
+        if isinstance(skip_nonfinite_steps, bool) or not isinstance(skip_nonfinite_steps, int) \
+                or skip_nonfinite_steps < 0:
+            raise ValueError(f"IJepaTrainer: skip_nonfinite_steps must be an integer >= 0, got "
+                             f"{skip_nonfinite_steps!r}")
         super().__init__(model, _no_unused_parameter_search(args), *trainer_args, **kwargs)
+        if skip_nonfinite_steps and self.is_deepspeed_enabled:
+            raise ValueError("IJepaTrainer: skip_nonfinite_steps is not supported with DeepSpeed (its engine steps the "
+                             "optimizer itself); set it to 0")
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.skipped_updates = 0
         self._dummy_batch: Any = None  # makes the stand-in for a batch of no readable image (_stand_in)
         self._batch_counts = [0, 0]  # training batches with a readable image / without one, in this process
         self._readable_checked = False  # whether a process has read an image in the first epoch's worth of batches
@@ -394,7 +418,8 @@ class IJepaTrainer(Trainer):
             configure_inductor_for_variable_masks()
         if final_weight_decay is not None:
             self.add_callback(WeightDecayScheduleCallback(final_weight_decay))
-        self.add_callback(EMACallback(ema_momentum))
+        self._ema = EMACallback(ema_momentum)
+        self.add_callback(self._ema)
         if hasattr(self.data_collator, "set_step"):
             self.add_callback(MaskCollatorStepCallback(self.data_collator))
         config = getattr(self.model, "config", None)  # Trainer wraps the model later, in train()
@@ -633,6 +658,33 @@ class IJepaTrainer(Trainer):
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's; with ``skip_nonfinite_steps``, the last micro-batch of an update whose loss was non-finite
+        on any process leaves the update out (:meth:`_skip_update`)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.skip_nonfinite_steps and self.accelerator.sync_gradients:
+            first = int(self.accelerator.reduce(self._first_nonfinite.to(self.args.device), "max"))  # the sync
+            if first:
+                self._skip_update(model, first)
+        return loss
+
+    def _skip_update(self, model: Any, update: int) -> None:
+        """Leave out update ``update`` (its loss was non-finite): with no gradient, AdamW steps no parameter (and
+        under fp16 the gradient scaler skips the step for the NaN gradients itself); no EMA. One update more than
+        ``skip_nonfinite_steps`` allows stops the run."""
+        self.skipped_updates += 1
+        if self.skipped_updates > self.skip_nonfinite_steps:
+            lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
+            raise NonFiniteLossError(update, lr, ", one non-finite step more than skip_nonfinite_steps="
+                                                 f"{self.skip_nonfinite_steps} allows")
+        if self.accelerator.scaler is None:
+            model.zero_grad(set_to_none=True)
+        self._ema.skip_next = True
+        self._first_nonfinite = torch.zeros_like(self._first_nonfinite)
+        self._collapse_inputs = None  # the skipped batch's features are no signal of the weights
+        logger.warning("IJepaTrainer: update %d had a non-finite loss: skipped (no optimizer step, no EMA); %d of "
+                       "skip_nonfinite_steps=%d", update, self.skipped_updates, self.skip_nonfinite_steps)
+
     def _mean_over_processes(self, sums: torch.Tensor | None, count: int, size: int) -> list[float] | None:
         """``sums`` (``[size]``, over ``count`` batches of this process) averaged over every process's batches, or
         ``None`` when no process had one. Every process joins the collective, also one whose batches since the last
@@ -680,7 +732,7 @@ class IJepaTrainer(Trainer):
             step = first or self.state.global_step
             lr = self.lr_scheduler.get_last_lr()[0] if self.lr_scheduler is not None else self.args.learning_rate
             raise NonFiniteLossError(step, lr, "" if first else ": the weights are no longer finite",
-                                     can_skip=False)
+                                     can_skip=bool(first))  # the option's name in pretrain_trainer.py too
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Trainer's checkpoints start with save_model too: no checkpoint or final model is saved non-finite.
