@@ -55,6 +55,7 @@ from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_prob
                                         demo_model_options, explicit_options, parse_crop_scale, parse_ema_momentum,
                                         parse_embedded_scene_option)
 from ijepa_hf.training.distributed import mask_collator_for_process
+from ijepa_hf.training.kernels import check_attention_choice, set_attention_implementation
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
 from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
@@ -130,6 +131,9 @@ class ScriptArguments:
     online_probe_k: int = field(default=20, metadata={"help": "Neighbours of the online k-NN."})
     collapse_threshold: float = field(default=0.01, metadata={"help": (
         "Collapse warning when the batch std of the pooled, normalised target features falls below this.")})
+    attn_implementation: str = field(default="sdpa", metadata={"help": (
+        "Attention kernel: 'sdpa', 'eager' or 'auto' (time both on this run's model, batch and precision at "
+        "start-up and keep the faster, logged), as pretrain.py's.")})
     skip_nonfinite_steps: int = field(default=0, metadata={"help": (
         "Updates with a non-finite loss to skip (no optimizer step, no EMA) before stopping; 0: stop at the next log "
         "row. Syncs with the host at every update when > 0.")})
@@ -140,6 +144,7 @@ class ScriptArguments:
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
         CollapseMonitor(self.collapse_threshold, self.collapse_max_cosine)
         self.crop_range, self.ema_range, self.embedded_scene_settings  # noqa: B018 - parse: a bad value fails here
+        check_attention_choice(self.attn_implementation)
         if self.skip_nonfinite_steps < 0:
             raise ValueError(f"--skip_nonfinite_steps must be >= 0, got {self.skip_nonfinite_steps}")
         if self.embedded_num_images < 1:
@@ -302,6 +307,10 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
         data_fingerprint=data.fingerprint(),  # resuming on other images is refused
         skip_nonfinite_steps=script_args.skip_nonfinite_steps,
     )
+    set_attention_implementation(  # before train() wraps the model: no gradient all-reduce runs while timing
+        trainer.model, script_args.attn_implementation, collator.mask_collator,
+        batch_size=training_args.per_device_train_batch_size, seed=training_args.seed, device=training_args.device,
+        autocast=trainer.accelerator.autocast, num_processes=training_args.world_size)
     return _Run(trainer, data, counter, validation, preemption)
 
 

@@ -68,7 +68,7 @@ def test_pretrain_honours_attn_implementation_and_auto_logs_its_measured_choice(
     assert not used  # eager: no SDPA call in any forward
     run(tmp_path / "sdpa", steps=2)  # the default
     assert used
-    with caplog.at_level(logging.INFO, logger="ijepa_hf.training.loop"):
+    with caplog.at_level(logging.INFO, logger="ijepa_hf.training"):
         run(tmp_path / "auto", "--attn_implementation", "auto", steps=2)
     message = next(r.getMessage() for r in caplog.records if "--attn_implementation auto" in r.getMessage())
     assert "sdpa" in message and "eager" in message and "to pin it" in message
@@ -80,3 +80,20 @@ def test_auto_times_per_image_context_batches_too(tmp_path):
     result = run(tmp_path / "auto", "--attn_implementation", "auto", "--config_overrides",
                  __import__("test_pretraining").TINY_OVERRIDES + ",context_lengths=per_image", steps=2)
     assert result.global_step == 2
+
+
+def test_pretrain_trainer_honours_attn_implementation_and_auto_as_pretrain_does(tmp_path, load_example, caplog):
+    """pretrain_trainer.py had no --attn_implementation: the Trainer path ran SDPA whatever the CPU, where pretrain.py
+    can pin eager or time both (eager is the faster in bf16 training on some CPUs)."""
+    example = load_example("pretrain_trainer")
+    argv = ["--max_steps", "1", "--use_cpu", "--report_to", "none", "--online_probe_steps", "0",
+            "--embedded_num_images", "64"]
+    trainer = example.main([*argv, "--output_dir", str(tmp_path / "eager"), "--attn_implementation", "eager"])
+    assert {m.config._attn_implementation for m in (trainer.model.context_encoder, trainer.model.target_encoder,
+                                                    trainer.model.predictor)} == {"eager"}
+    with caplog.at_level(logging.INFO, logger="ijepa_hf.training"):
+        trainer = example.main([*argv, "--output_dir", str(tmp_path / "auto"), "--attn_implementation", "auto"])
+    message = next(r.getMessage() for r in caplog.records if "--attn_implementation auto" in r.getMessage())
+    assert trainer.model.context_encoder.config._attn_implementation in message.split(":")[1]
+    with pytest.raises(ValueError, match="--attn_implementation must be auto, sdpa or eager"):
+        example.parse(["--attn_implementation", "flash"])

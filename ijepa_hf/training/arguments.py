@@ -22,6 +22,7 @@ from ..configuration_ijepa_hf import (MASK_MODES, IJepaPretrainingConfig, config
                                       parse_config_overrides)
 from ..pretrained_loading import missing_config
 from .checkpointing import check_output_dir_options
+from .kernels import check_attention_choice
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor
 from .recipes import Recipe, recipe_changes
 
@@ -281,8 +282,7 @@ class PretrainingArguments:
                 raise ValueError(f"--checkpointing_steps must be a positive integer or 'epoch', got {text!r}")
             self.checkpointing_steps = text
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
-        if self.attn_implementation not in ("auto", "sdpa", "eager"):
-            raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {self.attn_implementation!r}")
+        check_attention_choice(self.attn_implementation)
         if self.mixed_precision is not None and self.mixed_precision not in ("no", "fp16", "bf16", "fp8"):
             raise ValueError(f"--mixed_precision must be one of no/fp16/bf16/fp8, got {self.mixed_precision!r}")
         if self.torch_compile_scope not in TORCH_COMPILE_SCOPES:

@@ -4,21 +4,26 @@ Which attention kernel is faster depends on the CPU or GPU, the precision and th
 torch's fused SDPA kernel wins in fp32 and loses in bf16 training (its backward recomputes in small tiles), on
 another the order flips, and on a GPU SDPA wins. The model does exactly what ``attn_implementation`` says;
 :func:`choose_attention_implementation` times the candidates on the run's own model, batch and precision and sets
-the faster one (``--attn_implementation auto`` of :func:`ijepa_hf.training.pretrain`).
+the faster one; :func:`set_attention_implementation` is ``--attn_implementation`` of both pretraining scripts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 
-__all__ = ["ATTENTION_CANDIDATES", "choose_attention_implementation"]
+__all__ = ["ATTENTION_CANDIDATES", "ATTENTION_CHOICES", "check_attention_choice", "choose_attention_implementation",
+           "set_attention_implementation"]
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_CANDIDATES = ("sdpa", "eager")
+ATTENTION_CHOICES = ("auto", *ATTENTION_CANDIDATES)  # what --attn_implementation takes
 
 
 def _synchronize(device: torch.device) -> None:
@@ -77,3 +82,41 @@ def choose_attention_implementation(
     choice = min(candidates, key=lambda name: best[name]) if repeats else candidates[0]
     model.set_attn_implementation(choice)
     return choice, best
+
+
+def check_attention_choice(name: str) -> None:
+    """``--attn_implementation``'s value, as both pretraining scripts check it before anything runs."""
+    if name not in ATTENTION_CHOICES:
+        raise ValueError(f"--attn_implementation must be auto, sdpa or eager, got {name!r}")
+
+
+def set_attention_implementation(model: torch.nn.Module, name: str, mask_collator: Any, *, batch_size: int,
+                                 seed: int, device: torch.device | str,
+                                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                                 num_processes: int = 1) -> str:
+    """``--attn_implementation`` of a pretraining run: ``name`` as given, or (``auto``) the faster of
+    :data:`ATTENTION_CANDIDATES` timed by :func:`choose_attention_implementation` on a random batch of the run's
+    shapes (``batch_size`` images with ``mask_collator``'s masks, per-image lengths too) and precision
+    (``autocast``), on ``device``. Call it before the model is wrapped for data parallelism (no gradient all-reduce
+    may run); rank 0's choice holds on every rank (their timings differ, their kernels must not). Returns the
+    implementation set."""
+    check_attention_choice(name)
+    if name != "auto":
+        model.set_attn_implementation(name)
+        return name
+    model.to(device)
+    masks = mask_collator.sample_batch(batch_size, batch_index=0)
+    height, width = mask_collator.image_size
+    channels = getattr(getattr(model.config, "encoder_config", None), "num_channels", 3)
+    pixels = torch.randn(batch_size, channels, height, width, generator=torch.Generator().manual_seed(seed))
+    batch = {name: value.to(device) for name, value in {"pixel_values": pixels, **masks}.items()}
+    choice, seconds = choose_attention_implementation(model, batch, autocast)
+    if num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        choice = broadcast_object_list([choice])[0]
+        model.set_attn_implementation(choice)
+    logger.info("--attn_implementation auto: %s (forward + backward of one batch here: %s; pass "
+                "--attn_implementation %s to pin it)", choice,
+                ", ".join(f"{key} {value * 1e3:.0f} ms" for key, value in seconds.items()), choice)
+    return choice

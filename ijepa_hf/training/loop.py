@@ -54,6 +54,7 @@ from .distributed import (
     run_on_main_process,
 )
 from .export import push_output_dir, save_final_model, training_summary
+from .kernels import set_attention_implementation
 from .metrics import (
     HELD_OUT_KEYS,
     TRAIN_LOG_NAME,
@@ -292,7 +293,10 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         model, lr=args.learning_rate,
         weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
     )
-    _set_attention(args, accelerator, model, mask_collator, config)
+    set_attention_implementation(model, args.attn_implementation, mask_collator,
+                                 batch_size=args.per_device_train_batch_size, seed=args.seed,
+                                 device=accelerator.device, autocast=accelerator.autocast,
+                                 num_processes=accelerator.num_processes)  # before prepare(): no all-reduce runs
     match_deepspeed_config(accelerator, gradient_accumulation_steps=args.gradient_accumulation_steps,
                            max_grad_norm=args.clip_grad_norm, skip_nonfinite_steps=args.skip_nonfinite_steps)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
@@ -688,33 +692,6 @@ class _HeldOutLoss:
             logger.warning("Skipped %d unreadable held-out image(s) over the evaluations: %s", bad.count, bad)
         if self.last is not None:
             logger.info("Held-out loss at the end: %.5f (%s)", self.last, self.data.description)
-
-
-def _set_attention(args: PretrainingArguments, accelerator: Accelerator, model: torch.nn.Module,
-                   mask_collator: IJepaMaskCollator, config: Any) -> None:
-    """``--attn_implementation``: as given, or (``auto``) the faster of SDPA and eager as timed here on a batch of
-    this run's shapes and precision, before ``prepare`` so that no gradient all-reduce runs; rank 0's choice holds
-    on every rank (their timings differ, their kernels must not)."""
-    if args.attn_implementation != "auto":
-        model.set_attn_implementation(args.attn_implementation)
-        return
-    from .kernels import choose_attention_implementation
-
-    model.to(accelerator.device)
-    masks = mask_collator.sample_batch(args.per_device_train_batch_size, batch_index=0)  # per_image lengths too
-    height, width = mask_collator.image_size
-    generator = torch.Generator().manual_seed(args.seed)
-    pixels = torch.randn(args.per_device_train_batch_size, config.encoder_config.num_channels, height, width,
-                         generator=generator)
-    batch = {"pixel_values": pixels, **masks}
-    choice, seconds = choose_attention_implementation(
-        model, {name: value.to(accelerator.device) for name, value in batch.items()}, accelerator.autocast)
-    if accelerator.num_processes > 1:
-        choice = broadcast_object_list([choice])[0]
-        model.set_attn_implementation(choice)
-    logger.info("--attn_implementation auto: %s (forward + backward of one batch here: %s; pass "
-                "--attn_implementation %s to pin it)", choice,
-                ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in seconds.items()), choice)
 
 
 def _require_good_batches(accelerator: Any, good_batches: int, description: str, counter: BadImageCounter) -> None:
