@@ -287,7 +287,7 @@ class MultiBlockMaskGenerator:
                 f"Mask sampler cannot work with {grid}, target_scale={self.target_scale}, "
                 f"target_aspect_ratio={self.target_aspect_ratio}, mask_mode={self.mask_mode!r}: the smallest "
                 f"target block is {th}x{tw} = {th * tw} patches, not more than min_keep="
-                f"{self.min_keep}{hang}. Fix: lower min_keep (below {th * tw}), use a larger "
+                f"{self.min_keep}{hang}. Fix: min_keep={th * tw - 1}{' or lower' if th * tw > 1 else ''}, a larger "
                 f"image_size or a smaller patch_size, or a larger target_scale."
             )
         csizes = self.possible_block_sizes("context")
