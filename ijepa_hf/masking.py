@@ -681,7 +681,12 @@ class IJepaMaskCollator:
         for ex in examples:
             if isinstance(ex, Mapping):
                 if "pixel_values" not in ex:
-                    raise ValueError(f"example dict has no 'pixel_values' key (keys: {list(ex)})")
+                    raise ValueError(
+                        f"example dict has no 'pixel_values' key (keys: {list(ex)}): the collator batches cropped "
+                        "image tensors. Wrap an image dataset (a datasets.Dataset with an image column, a list of "
+                        "dicts) as ijepa_hf.data.PretrainImageDataset(dataset, image_size="
+                        f"{self.image_size[0]}) (the official crop; image_key= names another column), or give it a "
+                        "transform that returns 'pixel_values'.")
                 ex = ex["pixel_values"]
             elif isinstance(ex, (tuple, list)):
                 ex = ex[0]

@@ -468,3 +468,21 @@ def test_mask_settings_have_one_rule_set_and_the_config_defaults():
         IJepaMaskCollator(224, 16, mode="official")
     with pytest.raises(TypeError, match="unknown mask settings"):
         IJepaMaskCollator(224, 16, min_keeps=4)
+
+
+def test_untransformed_examples_are_refused_naming_the_dataset_that_transforms_them():
+    """A `datasets.Dataset` of images handed to the collator (README's IJepaTrainer snippet with one's own data) was
+    refused with "example dict has no 'pixel_values' key" and no word of the fix; the error names the dataset
+    wrapper that crops and tensorises them, which then trains."""
+    import numpy as np
+    from PIL import Image
+
+    from ijepa_hf.data import PretrainImageDataset
+
+    collator = IJepaMaskCollator(64, 16, min_keep=0, seed=0)
+    image = Image.fromarray(np.zeros((70, 80, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"no 'pixel_values' key \(keys: \['image', 'label'\]\).*"
+                                         r"PretrainImageDataset\(dataset, image_size=64\)"):
+        collator([{"image": image, "label": 0}])
+    batch = collator([PretrainImageDataset([{"image": image, "label": 0}], image_size=64)[0]])
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)
