@@ -40,9 +40,8 @@ import datasets
 import numpy as np
 import torch
 
-from ijepa_hf.data import load_image_dataset
+from ijepa_hf.data import BUILTIN_DATASETS, load_builtin_split, load_image_dataset
 from ijepa_hf.evaluation import extract_features
-from ijepa_hf.finetuning import BUILTIN_DATASETS, load_builtin_split
 from ijepa_hf.loading import load_encoder
 from ijepa_hf.scripts import configure_logging, run_script
 

@@ -86,7 +86,8 @@ EMBEDDED_DEMO_MODEL: dict[str, Any] = {
 class ScriptArguments:
     """Model and data arguments (the training ones are ``transformers.TrainingArguments``)."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (or a datasets builder)."})
+    dataset_name: str | None = field(default=None, metadata={"help": (
+        "Hub dataset (or a datasets builder), or 'fashion_mnist': Debian's copy, read locally.")})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
     train_dir: str | None = field(default=None, metadata={"help": "Local image folder."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})

@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop, check_sample_limit, normalize,
-                   pil_to_tensor, to_rgb)
+from .data import (BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop,
+                   check_sample_limit, load_builtin_split, normalize, pil_to_tensor, to_rgb)
 from .modeling_ijepa_hf import is_no_decay_param
 
 logger = logging.getLogger(__name__)
@@ -342,11 +342,6 @@ def make_compute_metrics(metric: Any | None = None) -> Callable[[Any], dict[str,
 # Labelled data and models
 # ----------------------------------------------------------------------------------------------------------------
 
-# Datasets that need no download: the embedded procedural shapes (label = class of the largest shape) and
-# Fashion-MNIST read from local IDX files (see `ijepa_hf.data.fashion_mnist`).
-BUILTIN_DATASETS: tuple[str, ...] = ("procedural_shapes", "fashion_mnist")
-
-
 DEFAULT_TRAIN_VAL_SPLIT = 0.15  # held out of train where the data has no validation images (as transformers' example)
 
 
@@ -360,32 +355,9 @@ def _check_split_unused(train_val_split: float | None, why: str) -> None:
 def _builtin_splits(name: str, max_train: int | None, max_eval: int | None, image_size: int, seed: int) -> Any:
     import datasets
 
-    from .data import embedded_scenes, fashion_mnist_dataset
-
-    if name == "procedural_shapes":
-        # The embedded pretraining data's scenes; distinct seeds: the two splits are disjoint draws of them.
-        train = embedded_scenes(max_train or 2000, image_size=image_size, seed=2 * seed).to_hf_dataset()
-        validation = embedded_scenes(max_eval or 500, image_size=image_size, seed=2 * seed + 1).to_hf_dataset()
-    else:
-        train = fashion_mnist_dataset("train", max_samples=max_train)
-        validation = fashion_mnist_dataset("test", max_samples=max_eval)
-    keep = ["image", "label"]
     return datasets.DatasetDict(
-        train=train.select_columns(keep), validation=validation.select_columns(keep)
-    )
-
-
-def load_builtin_split(name: str, split: str = "train", *, max_samples: int | None = None, image_size: int = 64,
-                       seed: int = 0) -> Any:
-    """One split (``train``, or ``test`` / ``validation``: the held-out one) of a :data:`BUILTIN_DATASETS` dataset,
-    with ``image`` and ``label`` columns, read without the Hub."""
-    check_sample_limit(max_samples, "max_samples")
-    held_out = ("test", "validation")
-    if split != "train" and split not in held_out:
-        raise ValueError(f"{name} has the splits 'train' and 'test' (also called 'validation'), not {split!r}")
-    splits = _builtin_splits(name, max_samples if split == "train" else 1, max_samples if split in held_out else 1,
-                             image_size, seed)
-    return splits["train" if split == "train" else "validation"]
+        train=load_builtin_split(name, "train", max_samples=max_train, image_size=image_size, seed=seed),
+        validation=load_builtin_split(name, "test", max_samples=max_eval, image_size=image_size, seed=seed))
 
 
 def _load_split(split: str, **kwargs: Any) -> Any | None:

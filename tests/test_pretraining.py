@@ -696,3 +696,31 @@ def test_masks_the_config_cannot_sample_are_refused_before_any_image_is_read(tmp
     with pytest.raises(ValueError, match="Mask sampler cannot work with image_size=\\(64, 64\\)"):
         example.main([*options, "--max_steps", "1", "--use_cpu", "--report_to", "none"])
     assert not (tmp_path / "out").exists()
+
+
+def test_pretraining_takes_the_local_fashion_mnist_by_the_name_the_probes_take(tmp_path, monkeypatch, load_example):
+    """`--dataset_name fashion_mnist` is the local (Debian) Fashion-MNIST for probe.py, finetune.py and
+    extract_features.py, but pretrain.py and pretrain_trainer.py sent it to the Hub ("Couldn't reach
+    'fashion_mnist'" offline): one vocabulary now, its 'test' split the held-out images of eval_loss.
+    `procedural_shapes` names the embedded data, which a pretraining run takes without a data argument."""
+    from tiny import write_fake_fashion_mnist
+
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(write_fake_fashion_mnist(tmp_path / "fmnist", train=64, test=32)))
+    data = build_pretraining_data(image_size=32, dataset_name="fashion_mnist", max_train_samples=40)
+    assert data.num_images == 40 and "fashion_mnist" in data.description
+    assert data.fingerprint() == build_pretraining_data(image_size=32, dataset_name="fashion_mnist",
+                                                        max_train_samples=40).fingerprint()  # resumable
+    result = run(tmp_path / "run", "--dataset_name", "fashion_mnist", "--eval_steps", "2",
+                 "--validation_split_name", "test", "--online_probe_steps", "2", steps=2)
+    rows = read_log(tmp_path / "run")
+    assert result.global_step == 2 and any("eval_loss" in row for row in rows)
+    assert any("online_knn_accuracy" in row for row in rows)  # its labels feed the online probe
+    trainer = load_example("pretrain_trainer").main(
+        ["--dataset_name", "fashion_mnist", "--output_dir", str(tmp_path / "trainer"), "--max_steps", "1",
+         "--use_cpu", "--report_to", "none", "--config_overrides", TINY_OVERRIDES, "--online_probe_steps", "0",
+         "--per_device_train_batch_size", "8"])
+    assert trainer.state.global_step == 1
+    with pytest.raises(ValueError, match="procedural_shapes is the embedded data.*without --dataset_name"):
+        build_pretraining_data(image_size=32, dataset_name="procedural_shapes")
+    with pytest.raises(ValueError, match="fashion_mnist is read from local files.*--streaming"):
+        build_pretraining_data(image_size=32, dataset_name="fashion_mnist", streaming=True)

@@ -17,7 +17,8 @@ from .fashion_mnist import (
     load_fashion_mnist,
     read_idx,
 )
-from .folder import IMAGE_COLUMN_CANDIDATES, check_sample_limit, detect_image_column, load_image_dataset
+from .folder import (BUILTIN_DATASETS, IMAGE_COLUMN_CANDIDATES, check_sample_limit, detect_image_column,
+                     load_builtin_split, load_image_dataset)
 from .loading import (
     IMAGE_EXTENSIONS,
     BadImageCounter,
@@ -102,6 +103,8 @@ __all__ = [
     "load_fashion_mnist",
     "fashion_mnist_dataset",
     # folders / hub
+    "BUILTIN_DATASETS",
+    "load_builtin_split",
     "IMAGE_COLUMN_CANDIDATES",
     "check_sample_limit",
     "detect_image_column",

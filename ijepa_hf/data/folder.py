@@ -1,4 +1,5 @@
-"""Load an image dataset from the Hub or a local folder through ``datasets.load_dataset``.
+"""Load an image dataset from the Hub or a local folder through ``datasets.load_dataset``, or one of the datasets
+every script reads without the Hub (:data:`BUILTIN_DATASETS`).
 
 Mirrors the data arguments of the Hugging Face image-pretraining examples (``--dataset_name``,
 ``--train_dir``, ``--image_column_name``, streaming) and adds image-column auto-detection.
@@ -9,9 +10,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["check_sample_limit", "detect_image_column", "load_image_dataset", "IMAGE_COLUMN_CANDIDATES"]
+__all__ = ["check_sample_limit", "detect_image_column", "load_builtin_split", "load_image_dataset",
+           "BUILTIN_DATASETS", "IMAGE_COLUMN_CANDIDATES"]
 
 IMAGE_COLUMN_CANDIDATES: tuple[str, ...] = ("image", "img")
+# Dataset names every script reads without the Hub: the embedded procedural scenes and Debian's Fashion-MNIST
+# (`ijepa_hf.data.fashion_mnist_dataset`), whose held-out split is 'test' (also called 'validation').
+BUILTIN_DATASETS: tuple[str, ...] = ("procedural_shapes", "fashion_mnist")
 
 
 def check_sample_limit(value: int | None, name: str) -> None:
@@ -19,6 +24,31 @@ def check_sample_limit(value: int | None, name: str) -> None:
     otherwise read as no limit wherever the limit is an ``or`` default. ``None`` keeps every image."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be a positive integer (unset: every image), got {value!r}")
+
+
+def load_builtin_split(name: str, split: str = "train", *, max_samples: int | None = None, image_size: int = 64,
+                       seed: int = 0) -> Any:
+    """One split (``train``, or ``test`` / ``validation``: the held-out one) of a :data:`BUILTIN_DATASETS` dataset,
+    with ``image`` and ``label`` columns, read without the Hub. ``procedural_shapes``: the embedded pretraining
+    data's scenes at ``image_size`` (default 2,000 training and 500 held-out images), its two splits disjoint draws
+    (generator seeds ``2 * seed`` and ``2 * seed + 1``); ``fashion_mnist``: Debian's copy
+    (:func:`~ijepa_hf.data.fashion_mnist_dataset`)."""
+    check_sample_limit(max_samples, "max_samples")
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"{name!r} is not one of the datasets read without the Hub, {list(BUILTIN_DATASETS)}")
+    held_out = split in ("test", "validation")
+    if split != "train" and not held_out:
+        raise ValueError(f"{name} has the splits 'train' and 'test' (also called 'validation'), not {split!r}")
+    if name == "procedural_shapes":
+        from .pretraining import embedded_scenes
+
+        count = max_samples or (500 if held_out else 2000)
+        dataset = embedded_scenes(count, image_size=image_size, seed=2 * seed + held_out).to_hf_dataset()
+    else:
+        from .fashion_mnist import fashion_mnist_dataset
+
+        dataset = fashion_mnist_dataset("test" if held_out else "train", max_samples=max_samples)
+    return dataset.select_columns(["image", "label"])
 
 
 def detect_image_column(dataset_or_features: Any, image_column: str | None = None) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from .folder import check_sample_limit, load_image_dataset
+from .folder import BUILTIN_DATASETS, check_sample_limit, load_builtin_split, load_image_dataset
 from .loading import BadImageCounter, load_image
 from .procedural import ProceduralShapes
 from .transforms import EvalTransform, PretrainTransform, normalize_images
@@ -425,11 +425,14 @@ def build_pretraining_data(
                                                      sorted(embedded_scene_settings.items())) + ", "
         return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(num, seed, **keyed),
                                f"{EMBEDDED_DATASET_NAME} (embedded, {scenes}{num} images at {image_size}px)", None, num)
-    source = load_image_dataset(
-        dataset_name=dataset_name, train_dir=train_dir, streaming=streaming, image_column=image_column_name,
-        split=dataset_split, dataset_config_name=dataset_config_name, cache_dir=cache_dir, token=token,
-        max_samples=max_train_samples, decode=False,
-    )
+    if dataset_name in BUILTIN_DATASETS:
+        source = _builtin_source(dataset_name, dataset_split, max_train_samples, streaming)
+    else:
+        source = load_image_dataset(
+            dataset_name=dataset_name, train_dir=train_dir, streaming=streaming, image_column=image_column_name,
+            split=dataset_split, dataset_config_name=dataset_config_name, cache_dir=cache_dir, token=token,
+            max_samples=max_train_samples, decode=False,
+        )
     name = dataset_name if dataset_name not in (None, "imagefolder") else None
     description = name or f"image folder {train_dir}"
     if name is not None and dataset_split != "train":  # e.g. the held-out split of build_validation_data
@@ -442,6 +445,16 @@ def build_pretraining_data(
     local = train_dir if dataset_name in (None, "imagefolder") else None
     return PretrainingData(PretrainImageDataset(source, **common), EpochShuffleSampler(len(source), seed, **keyed),
                            f"{description} ({len(source)} images)", name, len(source), local)
+
+
+def _builtin_source(name: str, split: str, max_samples: int | None, streaming: bool) -> Any:
+    """A :data:`BUILTIN_DATASETS` dataset's split, read without the Hub, as the probes and fine-tuning read it."""
+    if name == "procedural_shapes":
+        raise ValueError("procedural_shapes is the embedded data, which pretraining takes without --dataset_name "
+                         "(--embedded_scenes changes its scenes, --embedded_num_images its size); drop --dataset_name")
+    if streaming:
+        raise ValueError(f"{name} is read from local files into memory, not streamed: drop --streaming")
+    return load_builtin_split(name, split, max_samples=max_samples)
 
 
 def build_validation_data(

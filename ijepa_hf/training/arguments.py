@@ -69,7 +69,8 @@ class PretrainingArguments:
 
     # ---- data
     dataset_name: str | None = field(default=None, metadata=_help(
-        "Hub dataset name (e.g. 'cifar10') or a datasets builder ('imagefolder' together with --train_dir)."))
+        "Hub dataset name (e.g. 'cifar10'), a datasets builder ('imagefolder' together with --train_dir), or "
+        "'fashion_mnist': Debian's copy, read locally (held-out split 'test')."))
     dataset_config_name: str | None = field(default=None, metadata=_help("Configuration name of the Hub dataset."))
     train_dir: str | None = field(default=None, metadata=_help(
         "Local folder of images (read with the 'imagefolder' builder; class sub-folders are fine)."))
