@@ -109,17 +109,20 @@ def check_model_path(path: Any, caller: str, subfolder: str = "") -> None:
         raise ValueError(f"{caller}({text!r}): {os.path.join(os.path.abspath(expanded), subfolder or '')} {reason}")
 
 
+# The file that makes a folder a training checkpoint of pretrain.py (ijepa_hf.training.checkpointing writes it). Kept
+# here, not imported: this module ships as a model repo's remote code, which holds the model modules alone.
+CHECKPOINT_MANIFEST_NAME = "checkpoint.json"
+
+
 def missing_config(path: str | os.PathLike, subfolder: str = "") -> str | None:
     """``None``, or where ``path`` (with ``subfolder``) is a local folder without ``config.json``, what that means and
     what the folder may be instead (the rest of a sentence whose subject is the folder): a checkpoint of
     ``pretrain.py`` (its manifest) is continued with ``--resume_from_checkpoint``. Every loader and option that
     takes a saved model checks with it."""
-    from .training.checkpointing import MANIFEST_NAME
-
     folder = os.path.join(os.path.expanduser(os.fspath(path)), subfolder or "")
     if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
         return None
-    if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+    if os.path.isfile(os.path.join(folder, CHECKPOINT_MANIFEST_NAME)):
         return (f"has no config.json: it is a training checkpoint of pretrain.py, not a saved model. Continue that "
                 f"run with --resume_from_checkpoint {os.fspath(path)} (into its own folder), or start a new run from "
                 "the run's final model (its output folder, once it has finished).")

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..pretrained_loading import CHECKPOINT_MANIFEST_NAME
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -80,7 +82,7 @@ __all__ = [
     "write_failure",
 ]
 
-MANIFEST_NAME = "checkpoint.json"
+MANIFEST_NAME = CHECKPOINT_MANIFEST_NAME  # what makes a folder a checkpoint (the model loaders name it as one)
 RUN_FILE_NAME = "run.json"
 # A run's own bookkeeping in its folder (the lock, checkpoints moved aside) starts with `_`: neither this package's
 # push nor Trainer's (which leaves out `_*`) publishes it.
