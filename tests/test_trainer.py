@@ -565,28 +565,22 @@ def test_resuming_a_checkpoint_of_another_folder_into_a_folder_holding_a_run_is_
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path):
+def test_pretrain_trainer_refuses_a_folder_holding_another_run(tmp_path, load_example):
     """It used to train into it: the other run's checkpoints were overwritten where their steps met, its later ones
     kept, and `latest` then resumed them."""
     from tiny import TINY_OVERRIDES
 
+    example = load_example("pretrain_trainer")
     out = tmp_path / "run"
-    argv = [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--output_dir", str(out),
-            "--config_overrides", TINY_OVERRIDES, "--embedded_num_images", "32", "--per_device_train_batch_size", "8",
-            "--save_strategy", "steps", "--save_steps", "2", "--online_probe_steps", "0", "--use_cpu", "--report_to",
-            "none"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*argv, "--max_steps", "4"], env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    argv = ["--output_dir", str(out), "--config_overrides", TINY_OVERRIDES, "--embedded_num_images", "32",
+            "--per_device_train_batch_size", "8", "--save_strategy", "steps", "--save_steps", "2",
+            "--online_probe_steps", "0", "--use_cpu", "--report_to", "none"]
+    example.main([*argv, "--max_steps", "4"])
     weights = (out / "checkpoint-4" / "model.safetensors").read_bytes()
-    second = subprocess.run([*argv, "--max_steps", "2", "--seed", "1"], env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert second.returncode == 2, second.stderr[-3000:]
-    assert "--overwrite_output_dir" in second.stderr and "already holds another run" in second.stderr
+    with pytest.raises(ValueError, match="already holds another run.*--overwrite_output_dir"):
+        example.main([*argv, "--max_steps", "2", "--seed", "1"])
     assert (out / "checkpoint-4" / "model.safetensors").read_bytes() == weights
-    third = subprocess.run([*argv, "--max_steps", "2", "--seed", "1", "--overwrite_output_dir"], env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stderr[-3000:]
+    example.main([*argv, "--max_steps", "2", "--seed", "1", "--overwrite_output_dir"])
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (next(out.glob("_replaced-*")) / "checkpoint-4" / "model.safetensors").read_bytes() == weights
 
@@ -664,7 +658,7 @@ def test_a_warmup_longer_than_the_run_is_refused(tmp_path, scheduler):
     assert trainer.state.global_step == 0
 
 
-def test_pretrain_trainer_refuses_to_resume_on_other_images(tmp_path):
+def test_pretrain_trainer_refuses_to_resume_on_other_images(tmp_path, load_example):
     """As pretrain.py: the checkpoint records what identifies its images (their paths relative to the folder and
     their sizes), so a resume on a folder that changed is refused, naming it; the same images elsewhere resume."""
     from PIL import Image
@@ -675,24 +669,23 @@ def test_pretrain_trainer_refuses_to_resume_on_other_images(tmp_path):
     for i in range(8):
         Image.new("RGB", (40, 40), (30 * i, 90, 30)).save(images / f"{i}.png")
     out = tmp_path / "run"
+    example = load_example("pretrain_trainer")
 
     def run(folder, steps):
-        return subprocess.run(
-            [sys.executable, str(REPO_ROOT / "examples" / "pretrain_trainer.py"), "--train_dir", str(folder),
-             "--output_dir", str(out), "--config_overrides", TINY_OVERRIDES, "--per_device_train_batch_size", "4",
-             "--max_steps", str(steps), "--save_strategy", "steps", "--save_steps", "2", "--online_probe_steps", "0",
-             "--use_cpu", "--report_to", "none", "--resume_from_checkpoint", "latest"],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        return example.main(
+            ["--train_dir", str(folder), "--output_dir", str(out), "--config_overrides", TINY_OVERRIDES,
+             "--per_device_train_batch_size", "4", "--max_steps", str(steps), "--save_strategy", "steps",
+             "--save_steps", "2", "--online_probe_steps", "0", "--use_cpu", "--report_to", "none",
+             "--resume_from_checkpoint", "latest"])
 
-    assert run(images, 2).returncode == 0
+    assert run(images, 2).state.global_step == 2
     staged = tmp_path / "staged"
     shutil.copytree(images, staged)
     Image.new("RGB", (40, 40)).save(images / "added.png")
-    changed = run(images, 4)
-    assert changed.returncode == 2 and "Cannot resume exactly: data is" in changed.stderr, changed.stderr[-3000:]
-    assert "'files': 9" in changed.stderr and "'files': 8" in changed.stderr
-    moved = run(staged, 4)  # the checkpoint's images at another path
-    assert moved.returncode == 0, moved.stderr[-3000:]
+    with pytest.raises(ValueError, match="Cannot resume exactly: data is") as refused:
+        run(images, 4)
+    assert "'files': 9" in str(refused.value) and "'files': 8" in str(refused.value)
+    assert run(staged, 4).state.global_step == 4  # the checkpoint's images at another path
 
 
 def test_pretrain_trainer_takes_the_crop_and_refuses_to_resume_under_another(tmp_path, load_example):
