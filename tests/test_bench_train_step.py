@@ -54,13 +54,15 @@ def test_side_by_side_table_at_toy_sizes_against_the_rebuilt_step(monkeypatch):
     _check_table(result.stdout, "official (rebuilt)")
 
 
-def test_an_official_root_that_is_not_a_checkout_is_refused_by_name(tmp_path):
+def test_an_official_root_that_is_not_a_checkout_is_refused_by_name(bench_train_step, tmp_path, monkeypatch,
+                                                                    capsys):
     (tmp_path / "src").mkdir()
-    result = subprocess.run([sys.executable, str(_SCRIPT), "--official-root", str(tmp_path)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode != 0
-    assert "is not a checkout of facebookresearch/ijepa" in result.stderr
-    assert "src/models/vision_transformer.py" in result.stderr and "--official-root" in result.stderr
+    monkeypatch.setattr(sys, "argv", [str(_SCRIPT), "--official-root", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        bench_train_step.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "is not a checkout of facebookresearch/ijepa" in err
+    assert "src/models/vision_transformer.py" in err and "--official-root" in err
 
 
 @pytest.mark.skipif(not os.environ.get("IJEPA_OFFICIAL_ROOT"),
@@ -75,14 +77,30 @@ def test_side_by_side_table_against_the_official_code():
     _check_table(result.stdout, "official code")
 
 
-def test_rounds_must_be_positive():
-    result = subprocess.run([sys.executable, str(_SCRIPT), "--rounds", "0"], capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "expected a positive whole number, got '0'" in result.stderr
+@pytest.fixture(scope="module")
+def bench_train_step():
+    """The script as a module (its argument checks run in this process: no interpreter start per case)."""
+    import importlib.util
+
+    sys.path.insert(0, str(_SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("benchmarks_bench_train_step", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(_SCRIPT.parent))
 
 
-def test_lists_must_name_known_precisions_and_allocators():
-    for flag, value, choices in (("--precisions", "fp32,fp16", "fp32,bf16"), ("--allocators", "", "tuned,default")):
-        result = subprocess.run([sys.executable, str(_SCRIPT), flag, value], capture_output=True, text=True,
-                                timeout=60)
-        assert result.returncode != 0
-        assert f"expected a comma-separated subset of {choices}, got {value!r}" in result.stderr
+@pytest.mark.parametrize("flag, value, message", [
+    ("--rounds", "0", "expected a positive whole number, got '0'"),
+    ("--precisions", "fp32,fp16", "expected a comma-separated subset of fp32,bf16, got 'fp32,fp16'"),
+    ("--allocators", "", "expected a comma-separated subset of tuned,default, got ''"),
+])
+def test_options_are_checked_by_name(bench_train_step, monkeypatch, capsys, flag, value, message):
+    monkeypatch.setattr(sys, "argv", [str(_SCRIPT), flag, value])
+    with pytest.raises(SystemExit) as stopped:
+        bench_train_step.main()
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
