@@ -52,8 +52,8 @@ from ijepa_hf.training import (
     get_recipe,
 )
 from ijepa_hf.training.arguments import (MODEL_SOURCE_OPTIONS, check_online_probe_options, check_seed,
-                                        demo_model_options, explicit_options, parse_crop_scale, parse_ema_momentum,
-                                        parse_embedded_scene_option)
+                                        check_streaming_options, demo_model_options, explicit_options,
+                                        parse_crop_scale, parse_ema_momentum, parse_embedded_scene_option)
 from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.kernels import check_attention_choice, set_attention_implementation
 from ijepa_hf.training.export import push_output_dir
@@ -92,6 +92,10 @@ class ScriptArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Local image folder."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N images."})
+    streaming: bool = field(default=False, metadata={"help": (
+        "Stream the dataset (nothing downloaded up front); needs --max_steps.")})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": (
+        "Shuffle buffer of a streamed dataset (0 disables shuffling).")})
     validation_dir: str | None = field(default=None, metadata={"help": (
         "Folder of held-out images for the prediction loss eval_loss (--eval_strategy steps / --do_eval).")})
     validation_split_name: str | None = field(default=None, metadata={"help": (
@@ -194,6 +198,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
     check_seed(training_args.seed)
+    check_streaming_options(script_args.streaming, training_args.max_steps > 0, script_args.uses_embedded_data,
+                            "--max_steps")
     script_args.user_overrides = set(parse_config_overrides(given.get("config_overrides")))
     return script_args, training_args
 
@@ -263,7 +269,8 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
         image_size=image_size, seed=training_args.seed, crop_scale=crop, counter=counter,
         dataset_name=script_args.dataset_name, dataset_config_name=script_args.dataset_config_name,
         train_dir=script_args.train_dir, image_column_name=script_args.image_column_name,
-        max_train_samples=script_args.max_train_samples,
+        max_train_samples=script_args.max_train_samples, streaming=script_args.streaming,
+        shuffle_buffer_size=script_args.shuffle_buffer_size,
         embedded_num_images=script_args.embedded_num_images, uint8_images=True,  # IJepaTrainer finishes them
         embedded_scene_settings=script_args.embedded_scene_settings,
     )

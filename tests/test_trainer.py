@@ -816,3 +816,36 @@ def test_pretrain_trainer_takes_skip_nonfinite_steps(tmp_path, load_example):
     assert trainer.skip_nonfinite_steps == 3 and trainer.skipped_updates == 0
     with pytest.raises(ValueError, match="--skip_nonfinite_steps must be >= 0, got -1"):
         example.parse(["--skip_nonfinite_steps", "-1"])
+
+
+def test_pretrain_trainer_streams_and_resumes_a_stream_exactly(tmp_path, load_example):
+    """`--streaming` as pretrain.py's (nothing read up front; a Hub dataset of any size): pretrain_trainer.py had no
+    such option. A run resumed from a checkpoint, across an epoch of the stream, ends with the weights of the run
+    that was not stopped; a stream needs a step budget."""
+    from PIL import Image
+
+    from tiny import TINY_OVERRIDES
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (40, 40), (30 * i, 90 if label == "a" else 200, 30)).save(
+                tmp_path / "images" / label / f"{i}.png")
+    example = load_example("pretrain_trainer")
+    argv = ["--train_dir", str(tmp_path / "images"), "--streaming", "--shuffle_buffer_size", "8", "--config_overrides",
+            TINY_OVERRIDES, "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2",
+            "--online_probe_steps", "0", "--use_cpu", "--report_to", "none", "--max_steps", "7"]
+    straight = example.main([*argv, "--output_dir", str(tmp_path / "straight")])
+    assert isinstance(straight.train_dataset, torch.utils.data.IterableDataset)  # read as it goes, not indexed
+    example.main([*argv, "--output_dir", str(tmp_path / "resumed")])
+    for later in ("checkpoint-4", "checkpoint-6"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    resumed = example.main([*argv, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                            str(tmp_path / "resumed" / "checkpoint-2")])
+    assert resumed.state.global_step == 7
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        example.parse(["--train_dir", str(tmp_path / "images"), "--streaming"])
+    with pytest.raises(ValueError, match="--streaming needs --dataset_name or --train_dir"):
+        example.parse(["--streaming"])

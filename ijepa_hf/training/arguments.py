@@ -291,10 +291,7 @@ class PretrainingArguments:
                              f"{self.torch_compile_scope!r}")
         if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
             raise ValueError(f"--mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        if self.streaming and self.max_train_steps is None:
-            raise ValueError("--streaming needs --max_train_steps (a streamed dataset has no length to count epochs)")
-        if self.streaming and self.dataset_name is None and self.train_dir is None:
-            raise ValueError("--streaming needs --dataset_name or --train_dir")
+        check_streaming_options(self.streaming, self.max_train_steps is not None, self.uses_embedded_data)
         _check_model_source(self.config_name, self.model_name_or_path, self.recipe)
         check_output_dir_options(self.overwrite_output_dir, self.resume_from_checkpoint)
         for flag in ("extend_run", "allow_process_count_change"):
@@ -519,6 +516,16 @@ def parse_embedded_scene_option(text: str | None, uses_embedded_data: bool) -> d
         raise ValueError("--embedded_scenes sets the embedded scenes, but a data argument (--dataset_name / "
                          "--train_dir) is given; drop one of them.")
     return parse_embedded_scenes(text)
+
+
+def check_streaming_options(streaming: bool, has_step_budget: bool, uses_embedded_data: bool,
+                            budget_option: str = "--max_train_steps") -> None:
+    """``--streaming``, as both pretraining scripts check it: a stream has no length to count epochs in, and the
+    embedded data is not streamed."""
+    if streaming and not has_step_budget:
+        raise ValueError(f"--streaming needs {budget_option} (a streamed dataset has no length to count epochs)")
+    if streaming and uses_embedded_data:
+        raise ValueError("--streaming needs --dataset_name or --train_dir")
 
 
 def check_online_probe_options(steps: int | None, num_images: int, k: int) -> None:
