@@ -49,18 +49,20 @@ def hf_home(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def load_example():
-    """``load_example("finetune")`` imports ``examples/finetune.py`` as a module (examples are scripts, not a
-    package), so tests call its ``main(argv)`` in-process instead of paying a subprocess start-up."""
+def _script_loader(folder: str, prefix: str, on_path: bool = False):
+    """``load(name)`` imports ``<repo>/<folder>/<name>.py`` as a module, once (scripts are not a package), so tests
+    call it in-process instead of paying a subprocess start-up. ``on_path``: the folder goes on ``sys.path``, as
+    ``python <folder>/<name>.py`` puts it there for the script's imports of its siblings."""
     import importlib.util
 
-    examples_dir = Path(__file__).resolve().parents[1] / "examples"
+    scripts = Path(__file__).resolve().parents[1] / folder
+    if on_path and str(scripts) not in sys.path:
+        sys.path.insert(0, str(scripts))
     loaded: dict[str, object] = {}
 
     def load(name: str):
         if name not in loaded:
-            spec = importlib.util.spec_from_file_location(f"ijepa_hf_example_{name}", examples_dir / f"{name}.py")
+            spec = importlib.util.spec_from_file_location(f"{prefix}_{name}", scripts / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
             spec.loader.exec_module(module)
@@ -68,6 +70,18 @@ def load_example():
         return loaded[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load_example("finetune")``: ``examples/finetune.py`` as a module."""
+    return _script_loader("examples", "ijepa_hf_example")
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("bench_gpu")``: ``benchmarks/bench_gpu.py`` as a module (its folder on ``sys.path``)."""
+    return _script_loader("benchmarks", "ijepa_hf_benchmark", on_path=True)
 
 
 @pytest.fixture

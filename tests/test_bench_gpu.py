@@ -3,9 +3,7 @@ the script a device session runs is known to work before device time is spent on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,8 @@ TOY = ["--device", "cpu", "--models", MODEL, "--min-batch", "2", "--max-batch", 
 
 
 @pytest.fixture(scope="module")
-def bench_gpu():
-    # The script imports its sibling bench_train_step.py, as `python benchmarks/bench_gpu.py` finds it.
-    sys.path.insert(0, str(_SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("benchmarks_bench_gpu", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(_SCRIPT.parent))
+def bench_gpu(load_benchmark):
+    return load_benchmark("bench_gpu")  # it imports its sibling bench_train_step.py, as `python benchmarks/...` does
 
 
 def test_toy_run_writes_throughput_and_agreement(bench_gpu, tmp_path):

@@ -78,20 +78,8 @@ def test_side_by_side_table_against_the_official_code():
 
 
 @pytest.fixture(scope="module")
-def bench_train_step():
-    """The script as a module (its argument checks run in this process: no interpreter start per case)."""
-    import importlib.util
-
-    sys.path.insert(0, str(_SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("benchmarks_bench_train_step", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(_SCRIPT.parent))
+def bench_train_step(load_benchmark):
+    return load_benchmark("bench_train_step")  # its argument checks run in this process
 
 
 @pytest.mark.parametrize("flag, value, message", [
