@@ -136,14 +136,14 @@ class ScriptArguments:
     online_probe_k: int = field(default=20, metadata={"help": "Neighbours of the online k-NN."})
     collapse_threshold: float = field(default=0.01, metadata={"help": (
         "Collapse warning when the batch std of the pooled, normalised target features falls below this.")})
+    collapse_max_cosine: float = field(default=0.999, metadata={"help": (
+        "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this.")})
     attn_implementation: str = field(default="sdpa", metadata={"help": (
         "Attention kernel: 'sdpa', 'eager' or 'auto' (time both on this run's model, batch and precision at "
         "start-up and keep the faster, logged), as pretrain.py's.")})
     skip_nonfinite_steps: int = field(default=0, metadata={"help": (
         "Updates with a non-finite loss to skip (no optimizer step, no EMA) before stopping; 0: stop at the next log "
         "row. Syncs with the host at every update when > 0.")})
-    collapse_max_cosine: float = field(default=0.999, metadata={"help": (
-        "Collapse warning when the mean pairwise cosine of different images' pooled target features exceeds this.")})
 
     def __post_init__(self) -> None:  # the script's own options, checked before any data is read
         check_online_probe_options(self.online_probe_steps, self.online_probe_images, self.online_probe_k)
@@ -299,8 +299,8 @@ def _prepare(script_args: ScriptArguments, training_args: TrainingArguments, mod
             dataset_config_name=script_args.dataset_config_name, train_dir=script_args.train_dir,
             validation_dir=script_args.validation_dir, validation_split_name=script_args.validation_split_name,
             image_column_name=script_args.image_column_name, max_eval_samples=script_args.max_eval_samples,
-            embedded_scene_settings=script_args.embedded_scene_settings, uint8_images=True, batch_size=training_args.per_device_eval_batch_size,
-            num_processes=training_args.world_size)
+            embedded_scene_settings=script_args.embedded_scene_settings, uint8_images=True,
+            batch_size=training_args.per_device_eval_batch_size, num_processes=training_args.world_size)
         logger.info("Held-out data (eval_loss): %s", validation.description)
     elif {script_args.validation_dir, script_args.validation_split_name, script_args.max_eval_samples} != {None}:
         raise ValueError("held-out images are named (--validation_dir / --validation_split_name / "
