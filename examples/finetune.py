@@ -42,6 +42,7 @@ from ijepa_hf.data import set_image_transform
 from ijepa_hf.licensing import record_weights_license, weights_license
 from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
+    DEFAULT_TRAIN_VAL_SPLIT,
     build_layerwise_optimizer,
     classification_collate,
     finetune_run_settings,
@@ -107,7 +108,7 @@ class DataTrainingArguments:
     validation_dir: str | None = field(default=None, metadata={"help": "Validation image folder."})
     train_val_split: float | None = field(
         default=None, metadata={"help": "Fraction of train held out when the data has no validation images (default "
-                                        "0.15); refused where it has."}
+                                        f"{DEFAULT_TRAIN_VAL_SPLIT}); refused where it has."}
     )
     image_column_name: str | None = field(default=None, metadata={"help": "Image column (auto-detected)."})
     label_column_name: str = field(default="label", metadata={"help": "Label column."})

@@ -31,7 +31,7 @@ import torch
 from ijepa_hf.evaluation import (attentive_probe, evaluate_encoder, extract_features, format_results_table,
                                  low_shot_indices)
 from ijepa_hf.loading import load_encoder
-from ijepa_hf.finetuning import BUILTIN_DATASETS, load_labeled_splits
+from ijepa_hf.finetuning import BUILTIN_DATASETS, DEFAULT_TRAIN_VAL_SPLIT, load_labeled_splits
 from ijepa_hf.scripts import configure_logging, run_script
 from ijepa_hf.training.arguments import check_seed
 
@@ -54,8 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train_dir", default=None, help="Image folder with one sub-folder per class.")
     data.add_argument("--validation_dir", default=None, help="Evaluation image folder.")
     data.add_argument("--train_val_split", type=float, default=None,
-                      help="Held-out fraction of train when there is no validation/test data (default 0.15); "
-                           "refused where there is.")
+                      help="Held-out fraction of train when there is no validation/test data (default "
+                           f"{DEFAULT_TRAIN_VAL_SPLIT}); refused where there is.")
     data.add_argument("--image_column_name", default=None)
     data.add_argument("--label_column_name", default="label")
     data.add_argument("--max_train_samples", type=int, default=None,

@@ -50,6 +50,7 @@ __all__ = [
     "make_compute_metrics",
     "classification_collate",
     "BUILTIN_DATASETS",
+    "DEFAULT_TRAIN_VAL_SPLIT",
     "load_builtin_split",
     "load_labeled_splits",
     "finetune_run_settings",
@@ -392,8 +393,8 @@ def load_labeled_splits(
     Sources: ``dataset_name`` in :data:`BUILTIN_DATASETS`; a Hub dataset; a local ``train_dir`` (imagefolder:
     class sub-folders become labels); with ``validation_dir`` for the validation images. Without a
     validation source, the Hub's ``validation`` (else ``test``) split is used, else ``train_val_split`` of the
-    training set is held out (stratified when possible; default 0.15). ``train_val_split`` given where the data has
-    validation images of its own is an error: it would not be applied.
+    training set is held out (stratified when possible; default :data:`DEFAULT_TRAIN_VAL_SPLIT`).
+    ``train_val_split`` given where the data has validation images of its own is an error: it would not be applied.
 
     Returns:
         ``datasets.DatasetDict(train=..., validation=...)`` with an ``image`` column and a ``label`` column

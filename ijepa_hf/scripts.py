@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "INTERRUPTED_EXIT_CODE", "TRAINING_INTERRUPTED", "USAGE_EXIT_CODE", "configure_logging", "quiet_http_logging",
-           "prepare_trainer_run", "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
+__all__ = ["DEBUG_FLAG", "DEBUG_ENV", "INTERRUPTED_EXIT_CODE", "TRAINING_INTERRUPTED", "USAGE_EXIT_CODE",
+           "configure_logging", "quiet_http_logging", "prepare_trainer_run", "resolve_resume_checkpoint", "run_script",
+           "trainer_run_folder", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"

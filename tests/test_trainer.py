@@ -801,7 +801,8 @@ def test_the_trainer_skips_as_many_non_finite_updates_as_asked(tmp_path):
     model, collator, data = tiny_trainer_parts()
     trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, max_steps=4), train_dataset=data,
                            data_collator=_PoisonedCollator(collator, {1, 3}), skip_nonfinite_steps=1)
-    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*one non-finite step more than skip_nonfinite_steps=1 allows"):
+    with pytest.raises(NonFiniteLossError,
+                       match=r"at step 3 .*one non-finite step more than skip_nonfinite_steps=1 allows"):
         trainer.train()
     with pytest.raises(ValueError, match="skip_nonfinite_steps must be an integer >= 0, got -1"):
         IJepaTrainer(model=model, args=trainer_args(tmp_path), train_dataset=data, data_collator=collator,

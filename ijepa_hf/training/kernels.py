@@ -109,7 +109,7 @@ def set_attention_implementation(model: torch.nn.Module, name: str, mask_collato
     height, width = mask_collator.image_size
     channels = getattr(getattr(model.config, "encoder_config", None), "num_channels", 3)
     pixels = torch.randn(batch_size, channels, height, width, generator=torch.Generator().manual_seed(seed))
-    batch = {name: value.to(device) for name, value in {"pixel_values": pixels, **masks}.items()}
+    batch = {key: value.to(device) for key, value in {"pixel_values": pixels, **masks}.items()}
     choice, seconds = choose_attention_implementation(model, batch, autocast)
     if num_processes > 1:
         from accelerate.utils import broadcast_object_list
