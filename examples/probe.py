@@ -15,7 +15,9 @@ Examples::
         --validation_dir imgs/val --output_json probe.json
 
 Prints a Markdown table (linear and k-NN accuracy for each model and layer choice) and writes all numbers,
-including each probe's chosen weight decay and its search, to ``--output_json``.
+including each probe's chosen weight decay and its search, to ``--output_json``, rewritten after each model (a
+failure at a later model keeps the earlier ones' results). Every model's path and depth are checked against
+``--layers`` before any data is read.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,8 @@ import torch
 
 from ijepa_hf.evaluation import (attentive_probe, evaluate_encoder, extract_features, format_results_table,
                                  low_shot_indices)
-from ijepa_hf.loading import load_encoder
+from ijepa_hf.evaluation.features import check_layers
+from ijepa_hf.loading import encoder_depth, load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, DEFAULT_TRAIN_VAL_SPLIT, load_labeled_splits
 from ijepa_hf.scripts import configure_logging, run_script
 from ijepa_hf.training.arguments import check_seed
@@ -114,6 +118,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Runs the probes; returns the result rows (see `ijepa_hf.evaluation.evaluate_encoder`)."""
     args = parse_args(argv)
     configure_logging()
+    hub_kwargs = {"revision": args.revision} if args.revision else {}
+    for path in args.model_name_or_path:  # every model's path and depth, before the data and the first model's probes
+        depth = encoder_depth(path, **hub_kwargs)
+        for layers in args.layers or []:
+            try:
+                check_layers(layers, depth, owner=path)
+            except ValueError as error:
+                raise ValueError(f"--layers {layers}: {error}") from None
+    output = None if args.output_json is None else Path(args.output_json)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     splits = load_labeled_splits(
         dataset_name=args.dataset_name,
@@ -139,7 +155,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows = []
     for path in args.model_name_or_path:
-        hub_kwargs = {"revision": args.revision} if args.revision else {}
         encoder, image_processor = load_encoder(path, encoder=args.encoder, **hub_kwargs)
         encoder.to(device)
         name = path if args.encoder == "target" else f"{path} ({args.encoder})"
@@ -172,16 +187,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "num_test": result["num_test"], "attentive": result})
             logger.info("%s, attentive probe: %.2f%%", name, 100 * result["accuracy"])
         del encoder
+        if output is not None:  # after each model: a later model's failure keeps the finished ones' results
+            write_results(output, {"dataset": args.dataset_name or args.train_dir, "encoder": args.encoder,
+                                   "rows": rows})
 
     print(format_results_table(rows))
-    if args.output_json:
-        output = Path(args.output_json)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        dataset = args.dataset_name or args.train_dir
-        payload = {"dataset": dataset, "encoder": args.encoder, "rows": rows}
-        output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if output is not None:
         logger.info("Results written to %s", output)
     return rows
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as ``path``, through a temporary file and a rename: never a torn file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(temporary, path)
 
 
 if __name__ == "__main__":

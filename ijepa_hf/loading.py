@@ -21,7 +21,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_encoder", "load_image_classifier", "load_image_processor", "resolve_encoder",
+__all__ = ["encoder_depth", "load_encoder", "load_image_classifier", "load_image_processor", "resolve_encoder",
            "route_local_backbone_folders"]
 
 # The model types whose local folders AutoBackbone.from_pretrained is routed for (the encoder, classifier and
@@ -134,6 +134,21 @@ def load_encoder(
         auto_class = AutoModelForImageClassification if is_classifier else AutoModel
         network = resolve_encoder(auto_class.from_pretrained(model_name_or_path, **kwargs), encoder)
     return network, load_image_processor(model_name_or_path, network.config, **kwargs)
+
+
+def encoder_depth(model_name_or_path: str, **kwargs: Any) -> int | None:
+    """The number of blocks of the encoder :func:`load_encoder` gives from the repo or folder, read from its
+    ``config.json`` alone (no weights); ``None`` where the config does not say. Checks the path as
+    :func:`load_encoder` does; ``kwargs`` are the Hub keywords of ``from_pretrained`` (``revision``, ``token``)."""
+    from .configuration_ijepa_hf import IJepaPretrainingConfig
+    from .pretrained_loading import check_model_path, repo_config
+
+    check_model_path(model_name_or_path, "encoder_depth", kwargs.get("subfolder") or "")
+    saved = repo_config(model_name_or_path, kwargs)
+    if saved.get("model_type") == IJepaPretrainingConfig.model_type:  # both encoders have the encoder config's depth
+        saved = saved.get("encoder_config") or {}
+    depth = saved.get("num_hidden_layers")
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
 
 
 def _check_head_size(path: str, repo: Mapping[str, Any], num_labels: int, id2label: Mapping[int, str] | None,

@@ -446,3 +446,50 @@ def test_a_low_shot_subset_the_data_cannot_give_is_refused_before_any_encoder_ru
     with pytest.raises(SystemExit):
         probe.main([*argv, "--low_shot_labels", "0"])
     assert "--low_shot_labels must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_probe_checks_every_models_depth_before_any_encoder_runs(tmp_path, load_example, encoder, monkeypatch):
+    """probe.py --model_name_or_path A B --layers 4, with B of 2 blocks, probed A (hours on a large set), then
+    stopped at B with "layers=4 but the encoder has 2 blocks." and no result of A written. Every model's depth is
+    now read from its config before any encoder is loaded, and the error names the model and the fix."""
+    encoder.save_pretrained(tmp_path / "deep")
+    IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=2)).save_pretrained(tmp_path / "shallow")
+    pretraining = tmp_path / "pretraining"
+    IJepaForPreTraining(tiny_pretraining_config()).save_pretrained(pretraining)  # 2 blocks
+    probe = load_example("probe")
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("an encoder was loaded before every model's depth was checked")
+
+    monkeypatch.setattr(probe, "load_encoder", no_encoder)
+    argv = ["--dataset_name", "procedural_shapes", "--max_train_samples", "20", "--no_progress"]
+    for shallow in (tmp_path / "shallow", pretraining):
+        expected = rf"--layers 4: layers=4 asks for the last 4 blocks, but {shallow} has 2 blocks: ask for 1 to 2"
+        with pytest.raises(ValueError, match=expected):
+            probe.main(["--model_name_or_path", str(tmp_path / "deep"), str(shallow), "--layers", "last", "4",
+                        *argv])
+
+
+def test_probe_writes_each_models_rows_as_soon_as_they_are_done(tmp_path, load_example, encoder, monkeypatch):
+    """A failure at the second of several models (out of memory, the network) lost the first model's finished
+    probes: the results file was written only at the end. It is now rewritten after each model."""
+    encoder.save_pretrained(tmp_path / "first")
+    encoder.save_pretrained(tmp_path / "second")
+    probe = load_example("probe")
+    real_load = probe.load_encoder
+
+    def fail_on_second(path, *args, **kwargs):
+        if str(path).endswith("second"):
+            raise RuntimeError("out of memory (injected)")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(probe, "load_encoder", fail_on_second)
+    output = tmp_path / "probe.json"
+    with pytest.raises(RuntimeError, match="injected"):
+        probe.main(["--model_name_or_path", str(tmp_path / "first"), str(tmp_path / "second"), "--dataset_name",
+                    "procedural_shapes", "--procedural_image_size", "32", "--max_train_samples", "20",
+                    "--max_eval_samples", "10", "--layers", "last", "--k", "3", "--output_json", str(output),
+                    "--no_progress"])
+    saved = json.loads(output.read_text())
+    assert [row["model"] for row in saved["rows"]] == [str(tmp_path / "first")]
+    assert 0.0 <= saved["rows"][0]["linear_accuracy"] <= 1.0

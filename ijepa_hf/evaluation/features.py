@@ -42,16 +42,12 @@ def _last_layers(
     Our encoders have timm's ``get_intermediate_layers`` (it stops after the last block asked for); other models
     (transformers' stock ``IJepaModel``, ViT) give them through ``output_hidden_states``.
     """
-    num_blocks = _num_blocks(encoder)
-    if num_blocks is not None and num_layers > num_blocks:
-        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    check_layers(num_layers, _num_blocks(encoder))
     if hasattr(encoder, "get_intermediate_layers"):
         return list(encoder.get_intermediate_layers(pixel_values, n=num_layers, norm=True))
     hidden_states = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
     # hidden_states = (embeddings, block 1, ..., block L): only the last L are block outputs.
-    num_blocks = 0 if hidden_states is None else len(hidden_states) - 1
-    if num_layers > num_blocks:
-        raise ValueError(f"layers={num_layers} but the encoder has {num_blocks} blocks.")
+    check_layers(num_layers, 0 if hidden_states is None else len(hidden_states) - 1)
     return [norm(h) for h in hidden_states[-num_layers:]]
 
 
@@ -64,6 +60,16 @@ def parse_layers(layers: LayerSpec) -> int:
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"`layers` must be 'last' or a positive number of blocks (e.g. 4), got {layers!r}.")
     return layers
+
+
+def check_layers(layers: LayerSpec, num_blocks: int | None, owner: str = "the encoder") -> int:
+    """:func:`parse_layers`, refused where it asks for more blocks than ``owner`` has (``num_blocks``; ``None``: not
+    known, not checked)."""
+    num_layers = parse_layers(layers)
+    if num_blocks is not None and num_layers > num_blocks:
+        raise ValueError(f"layers={num_layers} asks for the last {num_layers} blocks, but {owner} has {num_blocks} "
+                         f"blocks: ask for 1 to {num_blocks}, or 'last'.")
+    return num_layers
 
 
 def _to_label(value: Any) -> int:
@@ -242,6 +248,7 @@ def extract_features(
     if not pool and num_layers:
         raise ValueError("pool=False returns the final patch tokens: use it with layers='last'.")
     network = resolve_encoder(model, encoder)
+    check_layers(layers, _num_blocks(network))  # before any image is read
     norm = _final_norm(network) if num_layers and not hasattr(network, "get_intermediate_layers") else None
     if transform is None and image_processor is None:
         from ..image_processing import make_image_processor
