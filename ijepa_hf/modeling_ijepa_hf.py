@@ -1389,7 +1389,9 @@ class IJepaBackbone(BackboneMixin, IJepaEncoderModel):
     embeddings (``"stem"``) and the blocks (``"stage1"`` ..), and ``feature_maps`` holds those in
     ``config.out_features`` as ``[B, D, H / p, W / p]`` maps (through the final LayerNorm unless
     ``config.apply_layernorm=False``; tokens ``[B, N, D]`` with ``reshape_hidden_states=False``). Dense heads built
-    on `load_backbone` (`UperNetForSemanticSegmentation`, ...) take it as their ``backbone_config``.
+    on `load_backbone` (`UperNetForSemanticSegmentation`, ...) take it as their ``backbone_config``; they build the
+    backbone from the config alone, so the pretrained weights go in afterwards
+    (``head.backbone.load_state_dict(backbone.state_dict())``).
 
     Its weights are an encoder's (same module names): `from_pretrained` loads encoder, classifier and pretraining
     repos (the target encoder) as well as backbone repos, with ``out_features`` / ``out_indices`` /

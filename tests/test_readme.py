@@ -39,3 +39,29 @@ def test_readme_multi_process_cpu_command_runs_as_written(tmp_path):
     assert proc.returncode == 0, output[-4000:]
     assert "MULTI_CPU" in output and "processes = 2" in output
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "encoder").is_dir()
+
+
+def test_dense_features_snippet_gives_the_head_the_pretrained_backbone(tmp_path):
+    """The README's dense-head example built `UperNetForSemanticSegmentation(UperNetConfig(backbone_config=...))`
+    from the pretrained backbone's config: transformers 5 builds a head's backbone from its config alone, so the
+    segmenter it showed had freshly initialised weights, not I-JEPA's. Run as written (its repo names pointed at a
+    saved encoder), the segmenter's backbone now holds the pretrained weights."""
+    import torch
+
+    from ijepa_hf import IJepaEncoderModel
+    from tiny import tiny_encoder_config
+
+    torch.manual_seed(0)
+    encoder = IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=12))
+    encoder.save_pretrained(tmp_path / "encoder")
+    text = README.read_text()
+    section = text[text.index("### Dense features"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for name in ("path/to/encoder", "org/encoder-repo"):
+        code = code.replace(f'"{name}"', repr(str(tmp_path / "encoder")))
+    namespace: dict = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    exec(compile(code, "README.md", "exec"), namespace)
+    expected = encoder.state_dict()
+    held = namespace["segmenter"].backbone.state_dict()
+    differing = [key for key, value in held.items() if not torch.equal(value, expected[key])]
+    assert not differing, f"the segmenter's backbone is not the pretrained encoder: {differing[:5]}"
