@@ -363,12 +363,18 @@ class PretrainingData:
         """The run's ``DataLoader`` (complete batches only). Workers persist across epochs when the data is map-style:
         its samples' keys carry the epoch and mask index, so nothing has to reach the workers at an epoch start. A
         stream's workers take the epoch when they start, so they are started anew each epoch. ``pin_memory``:
-        page-locked batches, whose copies to a CUDA device can be non-blocking."""
+        page-locked batches, whose copies to a CUDA device can be non-blocking.
+
+        The loader draws its workers' base seed from a generator of its own, not from torch's global one: a step
+        that draws random numbers (DropPath, SIGReg's directions) then sees the same global stream in a resumed run,
+        whose epoch iterator is made after the checkpoint's generator state is restored, as in the uninterrupted
+        run, whose iterator was made at the epoch's start. The crops and masks do not depend on that seed."""
         return DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True, collate_fn=collate_fn,
             num_workers=num_workers, pin_memory=pin_memory,
             persistent_workers=num_workers > 0 and self.num_images is not None,
             prefetch_factor=prefetch_factor if num_workers > 0 else None, worker_init_fn=worker_init_fn,
+            generator=torch.Generator().manual_seed(0),
         )
 
     def model_inputs(self, batch: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
