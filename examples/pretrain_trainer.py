@@ -183,6 +183,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         explicit = explicit_options(argv)
         given = {name: value for name, value in vars(parser.parse_args(argv)).items() if name in explicit}
     values = {**RECIPE_DEFAULTS, **given}
+    if given.get("lr_scheduler_type", "cosine") != "cosine" and "lr_scheduler_kwargs" not in given:
+        values["lr_scheduler_kwargs"] = {}  # the recipe's start_lr / final_lr belong to the I-JEPA cosine
     if "warmup_steps" not in given:  # the recipe's warm-up (official: 40/300 of the run)
         values["warmup_steps"] = get_recipe(given.get("recipe", "official")).warmup_ratio
     if "dataset_name" not in given and "train_dir" not in given:

@@ -850,3 +850,66 @@ def test_pretrain_trainer_streams_and_resumes_a_stream_exactly(tmp_path, load_ex
         example.parse(["--train_dir", str(tmp_path / "images"), "--streaming"])
     with pytest.raises(ValueError, match="--streaming needs --dataset_name or --train_dir"):
         example.parse(["--streaming"])
+
+
+def _card_rows(folder) -> dict[str, str]:
+    """The rows of a model card's training table: label -> value."""
+    rows = {}
+    for line in (folder / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_the_trainers_card_records_the_recipe_as_pretrains_card_does(tmp_path):
+    """IJepaTrainer's card wrote its learning-rate schedule as "SchedulerType.COSINE, peak 0.001, warm-up 0.25" (a
+    fraction without its unit, no start or end), its weight decay as the constant 0.04 while the run ramped it to
+    0.4, and no EMA, optimiser, clipping or crop. The same recipe now reads the same in both paths' cards."""
+    from tiny import run
+
+    from ijepa_hf.data import MaskedBatchCollator, build_pretraining_data
+
+    model, collator, _ = tiny_trainer_parts()  # TINY_OVERRIDES: EMA 0.996 -> 1.0
+    data = build_pretraining_data(image_size=32, embedded_num_images=16, uint8_images=True).dataset  # crop 0.3-1
+    collator = MaskedBatchCollator(collator)
+    args = official_training_arguments(str(tmp_path / "trainer"), max_steps=8, warmup_steps=2,
+                                       per_device_train_batch_size=4, use_cpu=True, report_to="none",
+                                       save_strategy="no", logging_steps=4, optim="adamw_torch")
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator,
+                           final_weight_decay=0.4)
+    trainer.train()
+    trainer.save_run(data_description="procedural shapes")
+    loop = tmp_path / "loop"
+    run(loop, "--learning_rate", "1e-3", "--start_lr", "2e-4", "--final_lr", "1e-6", "--weight_decay", "0.04",
+        "--final_weight_decay", "0.4", "--online_probe_steps", "0")
+    trainer_rows, loop_rows = _card_rows(tmp_path / "trainer"), _card_rows(loop)
+    expected = {"Learning-rate schedule": "linear warm-up 0.0002 -> 0.001 over 2 steps, cosine to 1e-06",
+                "Weight-decay schedule": "cosine 0.04 -> 0.4", "Target-encoder EMA momentum": "linear 0.996 -> 1",
+                "Gradient clipping": "none", "Optimiser": "AdamW (betas 0.9, 0.999), official parameter groups"}
+    for label, value in expected.items():
+        assert loop_rows.get(label) == value, (label, loop_rows.get(label))
+        assert trainer_rows.get(label) == value, (label, trainer_rows.get(label))
+    assert trainer_rows["Augmentations"] == loop_rows["Augmentations"]
+
+
+def test_another_lr_scheduler_than_the_cosine_drops_or_refuses_the_cosines_options(tmp_path, load_example):
+    """`pretrain_trainer.py --lr_scheduler_type linear` (and `official_training_arguments(lr_scheduler_type=
+    "linear")`) kept the I-JEPA cosine's start_lr / final_lr in lr_scheduler_kwargs, and the run stopped in
+    transformers with "get_linear_schedule_with_warmup() got an unexpected keyword argument 'start_lr'". The
+    recipe's own cosine options now go with the cosine; given by the user for another scheduler, they are refused
+    when the trainer is made, naming them."""
+    assert official_training_arguments(str(tmp_path), lr_scheduler_type="linear").lr_scheduler_kwargs == {}
+    assert official_training_arguments(str(tmp_path)).lr_scheduler_kwargs == {"start_lr": 2e-4, "final_lr": 1e-6}
+    example = load_example("pretrain_trainer")
+    _, args = example.parse(["--lr_scheduler_type", "linear", "--output_dir", str(tmp_path / "a")])
+    assert args.lr_scheduler_kwargs == {}
+    trainer = example.main(["--lr_scheduler_type", "linear", "--max_steps", "2", "--output_dir", str(tmp_path / "b"),
+                            "--config_overrides", "encoder.hidden_size=32,predictor.hidden_size=16",
+                            "--embedded_num_images", "64", "--online_probe_steps", "0", "--use_cpu"])
+    assert trainer.state.global_step == 2
+    model, collator, data = tiny_trainer_parts()
+    args = trainer_args(tmp_path, lr_scheduler_type="linear", lr_scheduler_kwargs={"start_lr": 1e-4})
+    with pytest.raises(ValueError, match=r"lr_scheduler_kwargs \['start_lr'\] are options of the I-JEPA cosine "
+                                         r"\(lr_scheduler_type='cosine'\), not of 'linear'"):
+        IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)

@@ -4,17 +4,18 @@ cards with the recipe, and the Hub upload."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from .arguments import PretrainingArguments
 from .checkpointing import LEGACY_NAMES, NOT_PUBLISHED_PREFIX
+from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "training_summary", "save_final_model",
+__all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "recipe_summary", "training_summary", "save_final_model",
            "write_encoder_and_cards", "mask_summary", "push_output_dir"]
 
 ENCODER_SUBFOLDER = "encoder"
@@ -40,24 +41,38 @@ def batch_summary(per_device: int, num_processes: int, accumulation: int) -> str
             f"{accumulation} accumulation)")
 
 
+def recipe_summary(schedule: PretrainingSchedule, *, crop_scale: Sequence[float] | None, betas: Sequence[float],
+                   max_grad_norm: float | None, lr_schedule: str | None = None) -> dict[str, Any]:
+    """The recipe rows of the model cards, one wording for ``pretrain()`` and ``IJepaTrainer``: the crop (when
+    known), the optimiser, clipping and the three schedules of ``schedule`` (``lr_schedule`` describes a learning
+    rate that does not follow it, e.g. another Trainer scheduler)."""
+    rows: dict[str, Any] = {}
+    if crop_scale is not None:
+        low, high = (float(value) for value in crop_scale)
+        rows["augmentations"] = f"random resized crop ({low}, {high}), ImageNet normalisation (official recipe)"
+    rows["optimizer"] = f"AdamW (betas {betas[0]:g}, {betas[1]:g}), official parameter groups"
+    rows["gradient_clipping"] = "none" if not max_grad_norm else f"norm {max_grad_norm:g}"
+    rows["lr_schedule"] = lr_schedule or (
+        f"linear warm-up {schedule.start_lr:g} -> {schedule.peak_lr:g} over {schedule.warmup_steps} steps, cosine to "
+        f"{schedule.final_lr:g}")
+    start, end = schedule.start_weight_decay, schedule.final_weight_decay
+    rows["wd_schedule"] = f"constant {start:g}" if start == end else f"cosine {start:g} -> {end:g}"
+    rows["ema_schedule"] = f"linear {schedule.ema_start:g} -> {schedule.ema_end:g}"
+    return rows
+
+
 def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig, *, data_description: str,
-                     total_steps: int, completed_steps: int, warmup_steps: int,
-                     num_processes: int, mixed_precision: str, final_loss: float | None, bad_images: int,
-                     images_per_s: float) -> dict[str, Any]:
-    """The recipe as recorded in the model cards."""
+                     schedule: PretrainingSchedule, completed_steps: int, num_processes: int, mixed_precision: str,
+                     final_loss: float | None, bad_images: int, images_per_s: float) -> dict[str, Any]:
+    """The recipe of a ``pretrain()`` run as recorded in the model cards."""
     return {
         "data": data_description,
         "image_size": config.encoder_config.image_size,
-        "augmentations": f"random resized crop {args.crop_range}, ImageNet normalisation (official recipe)",
-        "steps": f"{completed_steps} of {total_steps}",
+        "steps": f"{completed_steps} of {schedule.total_steps}",
         "batch_size": batch_summary(args.per_device_train_batch_size, num_processes, args.gradient_accumulation_steps),
         "masks": mask_summary(config),
-        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), official parameter groups",
-        "gradient_clipping": "none" if args.clip_grad_norm is None else f"norm {args.clip_grad_norm:g}",
-        "lr_schedule": (f"linear warm-up {args.start_lr:g} -> {args.learning_rate:g} over {warmup_steps} steps, "
-                        f"cosine to {args.final_lr:g}"),
-        "wd_schedule": f"cosine {args.weight_decay:g} -> {args.final_weight_decay:g}",
-        "ema_schedule": f"linear {config.ema_momentum[0]:g} -> {config.ema_momentum[1]:g}",
+        **recipe_summary(schedule, crop_scale=args.crop_range, betas=(args.adam_beta1, args.adam_beta2),
+                         max_grad_norm=args.clip_grad_norm),
         "mixed_precision": mixed_precision,
         "seed": args.seed,
         "final_loss": "n/a" if final_loss is None else round(final_loss, 5),

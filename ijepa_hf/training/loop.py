@@ -460,10 +460,9 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
 
     # ---- export
     summary = training_summary(
-        args, config, data_description=data.description, total_steps=total_steps,
-        completed_steps=progress.completed_steps, warmup_steps=schedule.warmup_steps,
-        num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision, final_loss=final_loss,
-        bad_images=bad, images_per_s=images_per_s)
+        args, config, data_description=data.description, schedule=schedule,
+        completed_steps=progress.completed_steps, num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision, final_loss=final_loss, bad_images=bad, images_per_s=images_per_s)
     folder.guard(progress.completed_steps)
     encoder_dir = save_final_model(
         accelerator, model, config, args, output_dir, summary, data.hub_dataset,

@@ -75,7 +75,7 @@ from .compilation import configure_inductor_for_variable_masks
 from .checkpointing import resolve_trainer_checkpoint
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
-from .export import batch_summary, mask_summary, write_encoder_and_cards
+from .export import batch_summary, mask_summary, recipe_summary, write_encoder_and_cards
 from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseMonitor, collapse_inputs,
                       collapse_signals, online_probe, regularizer_vector, write_train_log)
 from .optim import build_optimizer
@@ -127,6 +127,9 @@ def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingAr
         dataloader_drop_last=True, accelerator_config={"non_blocking": True},
     )
     values.update(overrides)
+    if getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"]) != "cosine" \
+            and "lr_scheduler_kwargs" not in overrides:
+        values["lr_scheduler_kwargs"] = {}  # start_lr / final_lr are the I-JEPA cosine's, not another scheduler's
     return TrainingArguments(**values)
 
 
@@ -326,6 +329,10 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if scheduler != "cosine":
+        ours = sorted(set(kwargs) & set(_COSINE_KWARGS))
+        if ours:  # transformers' own schedulers would stop the run at its start with a TypeError
+            raise ValueError(f"IJepaTrainer: lr_scheduler_kwargs {ours} are options of the I-JEPA cosine "
+                             f"(lr_scheduler_type='cosine'), not of {scheduler!r}: leave them out, or use the cosine")
         return {}
     unknown = sorted(set(kwargs) - set(_COSINE_KWARGS))
     if unknown:
@@ -406,6 +413,7 @@ class IJepaTrainer(Trainer):
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
         self._cosine = _validate(self.args, final_weight_decay)
+        self._final_weight_decay = final_weight_decay
         self._settings = RunSettingsCallback({**self._run_settings(final_weight_decay, ema_momentum),
                                               **({"data": data_fingerprint} if data_fingerprint else {})})
         self.add_callback(self._settings)
@@ -498,8 +506,7 @@ class IJepaTrainer(Trainer):
             "batch_size": batch_summary(args.per_device_train_batch_size, args.world_size,
                                         args.gradient_accumulation_steps),
             "masks": mask_summary(config),
-            "lr_schedule": f"{args.lr_scheduler_type}, peak {args.learning_rate:g}, warm-up {args.warmup_steps}",
-            "weight_decay": f"{args.weight_decay:g}",
+            **self._recipe_summary(),
             "mixed_precision": precision,
             "seed": args.seed,
             "final_loss": next((round(row["loss"], 5) for row in reversed(rows) if "loss" in row), "n/a"),
@@ -513,6 +520,26 @@ class IJepaTrainer(Trainer):
             except (ValueError, ImportError) as error:  # a log without curves to draw must not fail the save
                 logger.warning("Could not draw the training curves: %s", error)
         return encoder_dir
+
+    def _recipe_summary(self) -> dict[str, Any]:
+        """The card's recipe rows (``ijepa_hf.training.export.recipe_summary``, as ``pretrain()`` writes them): the
+        schedules this trainer ran, the crop when the training set says which it draws."""
+        args, model = self.args, _unwrap(self.model)
+        total = max(1, self.state.max_steps)
+        start_wd = args.weight_decay
+        ema_start, ema_end = self._ema.momentum if self._ema.momentum is not None else model.config.ema_momentum
+        schedule = PretrainingSchedule(
+            total_steps=total, warmup_steps=min(total, args.get_warmup_steps(total)),
+            start_lr=self._cosine.get("start_lr", 0.0), peak_lr=args.learning_rate,
+            final_lr=self._cosine.get("final_lr", 0.0), start_weight_decay=start_wd,
+            final_weight_decay=start_wd if self._final_weight_decay is None else self._final_weight_decay,
+            ema_start=ema_start, ema_end=ema_end)
+        scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+        other = None if self._cosine else (f"transformers' {scheduler}, peak {args.learning_rate:g}, warm-up over "
+                                           f"{schedule.warmup_steps} steps")
+        return recipe_summary(schedule, crop_scale=getattr(self.train_dataset, "crop_scale", None),
+                              betas=(args.adam_beta1, args.adam_beta2), max_grad_norm=args.max_grad_norm,
+                              lr_schedule=other)
 
     def _keyed_samples(self, dataset: Any) -> bool:
         """Whether ``dataset`` takes :class:`~ijepa_hf.data.SampleKey` s from the sampler (see the module docstring)."""
