@@ -177,3 +177,22 @@ def test_build_optimizer_with_schedules():
     opt.step()  # runs with the extra group keys
     with pytest.raises(ValueError, match="no trainable"):
         official_param_groups({"frozen": nn.Linear(2, 2).requires_grad_(False)})
+
+
+def test_a_start_or_end_above_the_peak_is_refused_in_both_paths(tmp_path):
+    """`pretrain.py --final_lr 1` ran a cosine that climbed from the peak 1e-3 to 1 (the loss went to 11), and
+    `--start_lr` above the peak a warm-up that went down, while IJepaTrainer refused the same values: one rule now
+    refuses them for `PretrainingSchedule`, `pretrain()`'s options (before any data is read) and the trainer."""
+    from ijepa_hf.training import parse_args
+    from tiny import tiny_argv
+
+    with pytest.raises(ValueError, match=r"final_lr=1 is above peak_lr=0.001 \(the peak\): the cosine would go up"):
+        PretrainingSchedule(total_steps=10, final_lr=1.0)
+    with pytest.raises(ValueError, match=r"start_lr=0.002 is above peak_lr=0.001 \(the peak\): the warm-up would go "
+                                         r"down"):
+        PretrainingSchedule(total_steps=10, start_lr=2e-3)
+    for option, value, words in (("--final_lr", "1", "the cosine would go up"),
+                                 ("--start_lr", "0.01", "the warm-up would go down")):
+        with pytest.raises(ValueError, match=rf"{option}={value} is above --learning_rate=0.001 \(the peak\): {words}"):
+            parse_args(tiny_argv(tmp_path / "run", "--learning_rate", "1e-3", option, value))
+    assert not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ from .checkpointing import check_output_dir_options
 from .kernels import check_attention_choice
 from .metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor
 from .recipes import Recipe, recipe_changes
+from .schedules import check_learning_rates
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,8 @@ class PretrainingArguments:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+        check_learning_rates(self.start_lr, self.learning_rate, self.final_lr,
+                             names=("--start_lr", "--learning_rate", "--final_lr"))
         if self.max_grad_norm is not None and not math.isfinite(self.max_grad_norm):
             raise ValueError(f"--max_grad_norm must be finite (<= 0 or unset: no clipping), got {self.max_grad_norm}")
         if self.checkpointing_steps is not None:

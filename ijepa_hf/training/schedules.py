@@ -42,11 +42,25 @@ import torch
 
 __all__ = [
     "PretrainingSchedule",
+    "check_learning_rates",
     "warmup_cosine_value",
     "cosine_wd_value",
     "ema_momentum_value",
     "applies_weight_decay",
 ]
+
+
+def check_learning_rates(start_lr: float, peak_lr: float, final_lr: float,
+                         names: tuple[str, str, str] = ("start_lr", "peak_lr", "final_lr")) -> None:
+    """Refuse (``ValueError``, the values called by ``names``) a warm-up start or a cosine end above the peak: the
+    warm-up would go down, or the cosine up. The rule of every path that runs these schedules."""
+    start, peak, final = names
+    if start_lr > peak_lr:
+        raise ValueError(f"{start}={start_lr:g} is above {peak}={peak_lr:g} (the peak): the warm-up would go down. "
+                         f"Lower {start} (official: 2e-4 for the peak 1e-3) or raise {peak}")
+    if final_lr > peak_lr:
+        raise ValueError(f"{final}={final_lr:g} is above {peak}={peak_lr:g} (the peak): the cosine would go up. "
+                         f"Lower {final} (official 1e-6) or raise {peak}")
 
 
 def warmup_cosine_value(
@@ -116,6 +130,7 @@ class PretrainingSchedule:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        check_learning_rates(self.start_lr, self.peak_lr, self.final_lr)
         if not 0.0 <= self.ema_start <= self.ema_end <= 1.0:
             raise ValueError(f"EMA momentum must satisfy 0 <= start <= end <= 1, got ({self.ema_start}, "
                              f"{self.ema_end})")

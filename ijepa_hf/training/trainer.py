@@ -82,7 +82,7 @@ from .optim import build_optimizer
 from .preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionHandler, TrainingPreempted, parse_signals
 from .recipes import get_recipe, predictor_size_note
 from .resume import RunSettingsCallback, check_trainer_resume_compatible, trainer_run_settings
-from .schedules import PretrainingSchedule
+from .schedules import PretrainingSchedule, check_learning_rates
 from .step import NonFiniteLossError, dummy_batch_factory, weights_are_finite
 
 logger = logging.getLogger(__name__)
@@ -339,11 +339,11 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
         raise ValueError(f"IJepaTrainer: lr_scheduler_kwargs {unknown} are not options of the I-JEPA cosine; it takes "
                          f"{list(_COSINE_KWARGS)} (official: start_lr=2e-4, final_lr=1e-6)")
     cosine = {"start_lr": float(kwargs.get("start_lr", 0.0)), "final_lr": float(kwargs.get("final_lr", 0.0))}
-    for name, value in cosine.items():
-        if value > args.learning_rate:
-            raise ValueError(
-                f"IJepaTrainer: lr_scheduler_kwargs {name}={value:g} is above learning_rate={args.learning_rate:g} "
-                "(the peak): the warm-up would go down. Raise learning_rate (official 1e-3) or lower " + name)
+    try:
+        check_learning_rates(cosine["start_lr"], args.learning_rate, cosine["final_lr"],
+                             names=("lr_scheduler_kwargs start_lr", "learning_rate", "lr_scheduler_kwargs final_lr"))
+    except ValueError as error:
+        raise ValueError(f"IJepaTrainer: {error}") from None
     return cosine
 
 
