@@ -58,7 +58,8 @@ from ijepa_hf.training.distributed import mask_collator_for_process
 from ijepa_hf.training.kernels import check_attention_choice, set_attention_implementation
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
-from ijepa_hf.training.trainer import OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, official_training_arguments
+from ijepa_hf.training.trainer import (OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, check_training_arguments,
+                                       official_training_arguments)
 
 logger = logging.getLogger("pretrain_trainer")
 
@@ -200,8 +201,11 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
     check_seed(training_args.seed)
+    if training_args.max_steps == 0:  # TrainingArguments would train --num_train_epochs instead
+        raise ValueError("--max_steps must be a positive integer (or -1: --num_train_epochs decides), got 0")
     check_streaming_options(script_args.streaming, training_args.max_steps > 0, script_args.uses_embedded_data,
-                            "--max_steps")
+                            "--max_steps", shuffle_buffer_size=script_args.shuffle_buffer_size)
+    check_training_arguments(training_args, script_args.final_weight_decay)  # the trainer's checks, before any data
     script_args.user_overrides = set(parse_config_overrides(given.get("config_overrides")))
     return script_args, training_args
 

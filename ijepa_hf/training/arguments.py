@@ -294,7 +294,8 @@ class PretrainingArguments:
                              f"{self.torch_compile_scope!r}")
         if self.mask_mode is not None and self.mask_mode not in MASK_MODES:
             raise ValueError(f"--mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        check_streaming_options(self.streaming, self.max_train_steps is not None, self.uses_embedded_data)
+        check_streaming_options(self.streaming, self.max_train_steps is not None, self.uses_embedded_data,
+                                shuffle_buffer_size=self.shuffle_buffer_size)
         _check_model_source(self.config_name, self.model_name_or_path, self.recipe)
         check_output_dir_options(self.overwrite_output_dir, self.resume_from_checkpoint)
         for flag in ("extend_run", "allow_process_count_change"):
@@ -522,9 +523,11 @@ def parse_embedded_scene_option(text: str | None, uses_embedded_data: bool) -> d
 
 
 def check_streaming_options(streaming: bool, has_step_budget: bool, uses_embedded_data: bool,
-                            budget_option: str = "--max_train_steps") -> None:
-    """``--streaming``, as both pretraining scripts check it: a stream has no length to count epochs in, and the
-    embedded data is not streamed."""
+                            budget_option: str = "--max_train_steps", shuffle_buffer_size: int = 0) -> None:
+    """``--streaming`` and ``--shuffle_buffer_size``, as both pretraining scripts check them: a stream has no length
+    to count epochs in, and the embedded data is not streamed."""
+    if shuffle_buffer_size < 0:
+        raise ValueError(f"--shuffle_buffer_size must be >= 0 (0: no shuffling), got {shuffle_buffer_size}")
     if streaming and not has_step_budget:
         raise ValueError(f"--streaming needs {budget_option} (a streamed dataset has no length to count epochs)")
     if streaming and uses_embedded_data:

@@ -89,7 +89,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "PreemptionCallback",
            "IJepaTrainer",
-           "official_training_arguments", "OFFICIAL_FINAL_WEIGHT_DECAY", "SUPPORTED_OPTIMIZERS"]
+           "check_training_arguments", "official_training_arguments", "OFFICIAL_FINAL_WEIGHT_DECAY",
+           "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _COSINE_KWARGS = ("start_lr", "final_lr")
@@ -307,8 +308,9 @@ class OnlineProbeCallback(TrainerCallback):
         return values
 
 
-def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict[str, float]:
-    """Refuse the ``TrainingArguments`` this trainer cannot honour; returns the cosine's start/final lr."""
+def check_training_arguments(args: TrainingArguments, final_weight_decay: float | None = None) -> dict[str, float]:
+    """Refuse (``ValueError`` naming the field) the ``TrainingArguments`` :class:`IJepaTrainer` cannot honour, as the
+    trainer does when it is made; a script calls it before reading any data. Returns the cosine's start/final lr."""
     optim = getattr(args.optim, "value", args.optim)
     if optim not in SUPPORTED_OPTIMIZERS:
         raise ValueError(
@@ -321,9 +323,9 @@ def _validate(args: TrainingArguments, final_weight_decay: float | None) -> dict
     if args.fp16 and args.device.type == "cpu":  # accelerate runs it in fp32, while the log and the card say fp16
         raise ValueError("IJepaTrainer: fp16 mixed precision is not applied on CPU (the run would be fp32's while "
                          "the log and the card said fp16): use bf16=True, or neither, on CPU")
-    if args.gradient_accumulation_steps < 1:  # Trainer would divide by it
-        raise ValueError(f"IJepaTrainer: gradient_accumulation_steps must be a positive integer, got "
-                         f"{args.gradient_accumulation_steps}")
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:  # Trainer would divide by it
+            raise ValueError(f"IJepaTrainer: {name} must be a positive integer, got {getattr(args, name)}")
     if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
         raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
@@ -412,7 +414,7 @@ class IJepaTrainer(Trainer):
         self._collapse_monitor = CollapseMonitor(min_std=collapse_threshold, max_cosine=collapse_max_cosine)
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
-        self._cosine = _validate(self.args, final_weight_decay)
+        self._cosine = check_training_arguments(self.args, final_weight_decay)
         self._final_weight_decay = final_weight_decay
         self._settings = RunSettingsCallback({**self._run_settings(final_weight_decay, ema_momentum),
                                               **({"data": data_fingerprint} if data_fingerprint else {})})
