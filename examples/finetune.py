@@ -52,7 +52,8 @@ from ijepa_hf.finetuning import (
     make_finetune_transforms,
 )
 from ijepa_hf.loading import load_image_classifier, load_image_processor
-from ijepa_hf.scripts import TRAINING_INTERRUPTED, quiet_http_logging, run_script, trainer_run_folder
+from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, quiet_http_logging, run_script,
+                              trainer_run_folder)
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
@@ -145,6 +146,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         parser.error(str(error))
     if not 0 < data_args.min_crop_scale <= 1:
         parser.error(f"--min_crop_scale must be in (0, 1], got {data_args.min_crop_scale}.")
+    if training_args.do_train:
+        try:
+            check_trainer_length(training_args)
+        except ValueError as error:
+            parser.error(f"{error}.")
     if not 0 <= training_args.label_smoothing_factor < 1:
         parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:

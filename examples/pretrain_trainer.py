@@ -43,7 +43,8 @@ from ijepa_hf import IJepaForPreTraining, make_image_processor
 from ijepa_hf.configuration_ijepa_hf import parse_config_overrides
 from ijepa_hf.data import (BadImageCounter, MaskedBatchCollator, build_online_probe_set, build_pretraining_data,
                            build_validation_data)
-from ijepa_hf.scripts import TRAINING_INTERRUPTED, configure_logging, run_script, trainer_run_folder
+from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, configure_logging, run_script,
+                              trainer_run_folder)
 from ijepa_hf.training import (
     PREEMPTED_EXIT_CODE,
     OnlineProbeCallback,
@@ -201,8 +202,7 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         values.update(demo)
     script_args, training_args = parser.parse_dict(values)
     check_seed(training_args.seed)
-    if training_args.max_steps == 0:  # TrainingArguments would train --num_train_epochs instead
-        raise ValueError("--max_steps must be a positive integer (or -1: --num_train_epochs decides), got 0")
+    check_trainer_length(training_args)
     check_streaming_options(script_args.streaming, training_args.max_steps > 0, script_args.uses_embedded_data,
                             "--max_steps", shuffle_buffer_size=script_args.shuffle_buffer_size)
     check_training_arguments(training_args, script_args.final_weight_decay)  # the trainer's checks, before any data

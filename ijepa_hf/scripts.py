@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DEBUG_FLAG", "DEBUG_ENV", "INTERRUPTED_EXIT_CODE", "TRAINING_INTERRUPTED", "USAGE_EXIT_CODE",
-           "configure_logging", "quiet_http_logging", "prepare_trainer_run", "resolve_resume_checkpoint", "run_script",
-           "trainer_run_folder", "user_errors"]
+           "check_trainer_length", "configure_logging", "quiet_http_logging", "prepare_trainer_run",
+           "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
@@ -54,6 +54,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .training.step import NonFiniteLossError
 
     return (ValueError, OSError, CheckpointError, OutputDirInUseError, ExportError, HubPushError, NonFiniteLossError)
+
+
+def check_trainer_length(training_args: Any) -> None:
+    """Refuse (``ValueError``) a Trainer script's run length that trains nothing: ``TrainingArguments`` takes
+    ``--max_steps 0`` as "count epochs" and ``--num_train_epochs 0`` as an empty run, and the run exits 0."""
+    if training_args.max_steps == 0:
+        raise ValueError("--max_steps 0 trains nothing: give a positive number of steps, or -1 (the default) to train "
+                         "--num_train_epochs")
+    if training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
+        raise ValueError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing: give a positive "
+                         "number of epochs, or --max_steps")
 
 
 def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:

@@ -241,6 +241,9 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     (["--do_train", "--min_crop_scale", "2"], "--min_crop_scale must be in (0, 1], got 2.0"),
     # Trainer takes any value; above 1 the targets' weights turn negative
     (["--do_train", "--label_smoothing_factor", "2"], "--label_smoothing_factor must be in [0, 1), got 2.0"),
+    # Trainer ran them, training nothing (or, for --max_steps 0, the default epochs), and the run exited 0
+    (["--do_train", "--max_steps", "0"], "--max_steps 0 trains nothing"),
+    (["--do_train", "--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
 ])
 def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
                                                                  capsys, flags, message):

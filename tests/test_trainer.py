@@ -164,9 +164,10 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     ("--collapse_threshold", "-1", "collapse_threshold must be a finite number >= 0"),
     ("--collapse_max_cosine", "2", r"collapse_max_cosine must be a number in \[-1, 1\]"),
     ("--embedded_num_images", "0", "--embedded_num_images must be a positive integer"),
-    # these three ran: 0 steps trained the Trainer's default 3 epochs, a batch of 0 stopped with a ZeroDivisionError
+    # these ran: 0 steps trained the Trainer's default 3 epochs, a batch of 0 stopped with a ZeroDivisionError
     # traceback once the data was read, a negative shuffle buffer did not shuffle without a word
-    ("--max_steps", "0", r"--max_steps must be a positive integer \(or -1: --num_train_epochs decides\), got 0"),
+    ("--max_steps", "0", "--max_steps 0 trains nothing"),
+    ("--num_train_epochs", "0", "--num_train_epochs 0 trains nothing"),
     ("--per_device_train_batch_size", "0", "per_device_train_batch_size must be a positive integer, got 0"),
     ("--shuffle_buffer_size", "-5", r"--shuffle_buffer_size must be >= 0 \(0: no shuffling\), got -5"),
 ])
