@@ -151,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
             check_trainer_length(training_args)
         except ValueError as error:
             parser.error(f"{error}.")
+    if not data_args.eval_resize_ratio >= 1:
+        parser.error(f"--eval_resize_ratio must be >= 1 (resize, then centre-crop), got {data_args.eval_resize_ratio}.")
     if not 0 <= training_args.label_smoothing_factor < 1:
         parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:

@@ -239,6 +239,8 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     # A crop of no area was accepted; one above the image failed in the crop, naming its own `scale`
     (["--do_train", "--min_crop_scale", "0"], "--min_crop_scale must be in (0, 1], got 0.0"),
     (["--do_train", "--min_crop_scale", "2"], "--min_crop_scale must be in (0, 1], got 2.0"),
+    # refused once the data was read, naming the library's resize_ratio
+    (["--do_train", "--eval_resize_ratio", "0.5"], "--eval_resize_ratio must be >= 1 (resize, then centre-crop)"),
     # Trainer takes any value; above 1 the targets' weights turn negative
     (["--do_train", "--label_smoothing_factor", "2"], "--label_smoothing_factor must be in [0, 1), got 2.0"),
     # Trainer ran them, training nothing (or, for --max_steps 0, the default epochs), and the run exited 0
