@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_dir", default=None, help="Local image folder (read with imagefolder).")
     parser.add_argument("--split", default="train", help="Split to extract (default: train).")
     parser.add_argument("--image_column_name", default=None, help="Image column (auto-detected).")
-    parser.add_argument("--label_column_name", default="label")
+    parser.add_argument("--label_column_name", default=None,
+                        help="Column of the labels (default: 'label' where the data has one, else labels are -1).")
     parser.add_argument("--max_samples", type=int, default=None)
     parser.add_argument("--output", required=True, help="Output folder (datasets) or .npz file.")
     parser.add_argument("--overwrite_output", action="store_true", help="Replace an --output that exists.")
@@ -171,9 +172,12 @@ def main(argv: list[str] | None = None) -> Path:
             max_samples=args.max_samples,
             decode=False,  # decode in ijepa_hf's robust loader: a corrupt file is skipped, not fatal
         )
-    label_column = args.label_column_name if args.label_column_name in dataset.column_names else None
+    if args.label_column_name is not None and args.label_column_name not in dataset.column_names:
+        raise ValueError(f"--label_column_name {args.label_column_name!r}: the data has no such column (its columns: "
+                         f"{dataset.column_names}); leave the option out to save labels of -1")
+    label_column = args.label_column_name or ("label" if "label" in dataset.column_names else None)
     if label_column is None:
-        logger.warning("No %r column: labels are saved as -1.", args.label_column_name)
+        logger.warning("No 'label' column: labels are saved as -1.")
     encoder, image_processor = load_encoder(
         args.model_name_or_path, encoder=args.encoder, **({"revision": args.revision} if args.revision else {})
     )

@@ -341,6 +341,25 @@ def test_extract_features_example_reads_the_builtin_datasets_without_the_hub(tmp
             "extra", "--output", str(tmp_path / "x"), "--no_progress"])
 
 
+def test_extract_features_refuses_a_named_label_column_the_data_lacks(tmp_path, load_example, encoder):
+    """`extract_features.py --label_column_name <typo>` saved every label as -1 with a warning, as for data without
+    labels: a column the user named is now refused, naming the data's columns; the default `label` missing from
+    unlabelled data still gives -1."""
+    encoder.save_pretrained(tmp_path / "encoder")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (60 * i, 90, 30)).save(folder / f"{i}.png")
+    argv = ["--model_name_or_path", str(tmp_path / "encoder"), "--format", "npz", "--no_progress"]
+    with pytest.raises(ValueError, match=r"--label_column_name 'kind': the data has no such column \(its columns: "
+                                         r"\['image', 'label'\]\)"):
+        load_example("extract_features").main([*argv, "--dataset_name", "procedural_shapes", "--max_samples", "4",
+                                                "--label_column_name", "kind", "--output", str(tmp_path / "a")])
+    assert not (tmp_path / "a.npz").exists() and not (tmp_path / "a").exists()
+    output = load_example("extract_features").main([*argv, "--train_dir", str(folder), "--output", str(tmp_path / "b")])
+    assert (np.load(output)["labels"] == -1).all()
+
+
 def test_probe_defaults_work_on_shallow_encoders(tmp_path, load_example):
     torch.manual_seed(0)
     IJepaEncoderModel(tiny_encoder_config(num_hidden_layers=3)).save_pretrained(tmp_path / "encoder")
