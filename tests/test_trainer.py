@@ -921,3 +921,25 @@ def test_another_lr_scheduler_than_the_cosine_drops_or_refuses_the_cosines_optio
     with pytest.raises(ValueError, match=r"lr_scheduler_kwargs \['start_lr'\] are options of the I-JEPA cosine "
                                          r"\(lr_scheduler_type='cosine'\), not of 'linear'"):
         IJepaTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+
+
+def test_pretrain_trainer_resumes_bitwise_when_the_step_draws_random_numbers(tmp_path, load_example):
+    """The loop's resume drew the data loader's base seed from the restored global generator (DropPath and SIGReg
+    then drew other numbers); the Trainer restores the generator after making the epoch's iterator. Both stay
+    exact: here the Trainer path, resumed mid-epoch (step 4) and at an epoch's end (step 6 of 6 per epoch)."""
+    from tiny import TINY_OVERRIDES
+
+    example = load_example("pretrain_trainer")
+    argv = ["--config_overrides", TINY_OVERRIDES + ",encoder.drop_path_rate=0.2,sigreg_weight=0.05,"
+            "regularized_embeddings=context_tokens", "--embedded_num_images", "48", "--per_device_train_batch_size",
+            "8", "--save_strategy", "steps", "--save_steps", "2", "--online_probe_steps", "0", "--use_cpu",
+            "--report_to", "none", "--max_steps", "8"]
+    straight = example.main([*argv, "--output_dir", str(tmp_path / "straight")])
+    for step in (4, 6):
+        resumed = tmp_path / f"resumed_{step}"
+        resumed.mkdir()
+        shutil.copytree(tmp_path / "straight" / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
+        again = example.main([*argv, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+        assert again.state.global_step == 8
+        for name, value in straight.model.state_dict().items():
+            assert torch.equal(value, again.model.state_dict()[name]), (step, name)
