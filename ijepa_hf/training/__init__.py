@@ -52,6 +52,7 @@ __all__ = [
     "PreemptionCallback",
     "official_training_arguments",
     "recipe_training_arguments",
+    "check_training_arguments",
     "RECIPES",
     "apply_recipe",
     "get_recipe",
@@ -80,6 +81,7 @@ _LAZY = {
     "get_recipe": "recipes",
     "predictor_size_note": "recipes",
     "official_training_arguments": "trainer",
+    "check_training_arguments": "trainer",
 }
 
 
