@@ -84,6 +84,8 @@ _TRAINING_LABELS: dict[str, str] = {
     "precision": "Precision",
     "hardware": "Hardware",
     "duration": "Training time",
+    "held_out_loss": "Held-out loss (last evaluation)",
+    "online_knn": "Online k-NN accuracy (last probe)",
 }
 
 # Config fields worth showing in the architecture table, in display order.

@@ -943,3 +943,41 @@ def test_pretrain_trainer_resumes_bitwise_when_the_step_draws_random_numbers(tmp
         assert again.state.global_step == 8
         for name, value in straight.model.state_dict().items():
             assert torch.equal(value, again.model.state_dict()[name]), (step, name)
+
+
+def test_both_paths_cards_report_what_the_run_measured(tmp_path):
+    """A run with a held-out loss and the online probe wrote neither into its model card ("No evaluation results");
+    both paths' cards now carry the last held-out loss and the last online k-NN (with raw pixels' beside it), read
+    from the run's log rows by one function."""
+    from ijepa_hf.data import MaskedBatchCollator, build_online_probe_set, build_pretraining_data, build_validation_data
+    from ijepa_hf.training import OnlineProbeCallback
+    from ijepa_hf.training.metrics import read_train_log
+    from tiny import run
+
+    loop = tmp_path / "loop"
+    run(loop, "--eval_steps", "4", "--online_probe_steps", "4", "--online_probe_images", "16")
+    rows = read_train_log(loop / "train_log.jsonl")
+    last_eval = [row["eval_loss"] for row in rows if "eval_loss" in row][-1]
+    last_knn = [row for row in rows if "online_knn_accuracy" in row][-1]
+    card = _card_rows(loop)
+    assert card["Held-out loss (last evaluation)"] == f"{last_eval:.5f} at step 8"
+    assert card["Online k-NN accuracy (last probe)"] == (
+        f"{last_knn['online_knn_accuracy']:.3f} at step 8 (raw pixels {last_knn['online_knn_pixels_accuracy']:.3f})")
+
+    model, collator, _ = tiny_trainer_parts()
+    data = build_pretraining_data(image_size=32, embedded_num_images=16, uint8_images=True)
+    held_out = build_validation_data(image_size=32, max_eval_samples=8, uint8_images=True, batch_size=4)
+    args = trainer_args(tmp_path / "t", eval_strategy="steps", eval_steps=4, per_device_eval_batch_size=4,
+                        dataloader_drop_last=True, logging_steps=4)
+    trainer = IJepaTrainer(model=model, args=args, train_dataset=data.dataset, eval_dataset=held_out.dataset,
+                           data_collator=MaskedBatchCollator(collator))
+    trainer.add_callback(OnlineProbeCallback(build_online_probe_set(data, image_size=32, num_images=16),
+                                             every_n_steps=4))
+    trainer.train()
+    trainer.save_run(data_description="embedded")
+    card = _card_rows(tmp_path / "t" / "trainer")
+    evaluated = [row for row in trainer.state.log_history if "eval_loss" in row][-1]
+    probed = [row for row in trainer.state.log_history if "online_knn_accuracy" in row][-1]
+    assert card["Held-out loss (last evaluation)"] == f"{evaluated['eval_loss']:.5f} at step 4"
+    assert card["Online k-NN accuracy (last probe)"] == (
+        f"{probed['online_knn_accuracy']:.3f} at step 4 (raw pixels {probed['online_knn_pixels_accuracy']:.3f})")

@@ -15,7 +15,8 @@ from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "recipe_summary", "training_summary", "save_final_model",
+__all__ = ["ENCODER_SUBFOLDER", "ExportError", "HubPushError", "measured_summary", "recipe_summary",
+           "training_summary", "save_final_model",
            "write_encoder_and_cards", "mask_summary", "push_output_dir"]
 
 ENCODER_SUBFOLDER = "encoder"
@@ -61,10 +62,27 @@ def recipe_summary(schedule: PretrainingSchedule, *, crop_scale: Sequence[float]
     return rows
 
 
+def measured_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """What a run measured as it trained, for the model cards of both paths: the last held-out loss and the last
+    online k-NN accuracy (raw pixels' beside it), from its log rows (``train_log.jsonl``, the Trainer's
+    ``log_history``)."""
+    found: dict[str, str] = {}
+    evaluated = [row for row in rows if row.get("eval_loss") is not None]
+    if evaluated:
+        found["held_out_loss"] = f"{evaluated[-1]['eval_loss']:.5f} at step {evaluated[-1].get('step')}"
+    probed = [row for row in rows if row.get("online_knn_accuracy") is not None]
+    if probed:
+        row, pixels = probed[-1], probed[-1].get("online_knn_pixels_accuracy")
+        found["online_knn"] = (f"{row['online_knn_accuracy']:.3f} at step {row.get('step')}"
+                               + ("" if pixels is None else f" (raw pixels {pixels:.3f})"))
+    return found
+
+
 def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig, *, data_description: str,
                      schedule: PretrainingSchedule, completed_steps: int, num_processes: int, mixed_precision: str,
-                     final_loss: float | None, bad_images: int, images_per_s: float) -> dict[str, Any]:
-    """The recipe of a ``pretrain()`` run as recorded in the model cards."""
+                     final_loss: float | None, bad_images: int, images_per_s: float,
+                     log_rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The recipe of a ``pretrain()`` run as recorded in the model cards, with what it measured (``log_rows``)."""
     return {
         "data": data_description,
         "image_size": config.encoder_config.image_size,
@@ -78,6 +96,7 @@ def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig,
         "final_loss": "n/a" if final_loss is None else round(final_loss, 5),
         "unreadable_images_skipped": bad_images,
         "throughput": f"{images_per_s:.1f} images/s",
+        **measured_summary(log_rows),
     }
 
 

@@ -462,7 +462,8 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
     summary = training_summary(
         args, config, data_description=data.description, schedule=schedule,
         completed_steps=progress.completed_steps, num_processes=accelerator.num_processes,
-        mixed_precision=accelerator.mixed_precision, final_loss=final_loss, bad_images=bad, images_per_s=images_per_s)
+        mixed_precision=accelerator.mixed_precision, final_loss=final_loss, bad_images=bad, images_per_s=images_per_s,
+        log_rows=read_train_log(log_path) if accelerator.is_main_process and log_path.exists() else ())
     folder.guard(progress.completed_steps)
     encoder_dir = save_final_model(
         accelerator, model, config, args, output_dir, summary, data.hub_dataset,
