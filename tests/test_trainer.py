@@ -981,3 +981,28 @@ def test_both_paths_cards_report_what_the_run_measured(tmp_path):
     assert card["Held-out loss (last evaluation)"] == f"{evaluated['eval_loss']:.5f} at step 4"
     assert card["Online k-NN accuracy (last probe)"] == (
         f"{probed['online_knn_accuracy']:.3f} at step 4 (raw pixels {probed['online_knn_pixels_accuracy']:.3f})")
+
+
+def test_a_checkpoint_of_the_other_training_path_is_named_as_such(tmp_path, straight_run):
+    """pretrain.py --resume_from_checkpoint <a Trainer checkpoint-N> said it "was not completely written (or comes from
+    an older version of ijepa_hf)", and pretrain_trainer.py given a pretrain.py step_N said "its save was cut short
+    ... start afresh": each is a complete checkpoint of the other script, and the message now says so and how to
+    continue it. A missing folder got the Trainer's raw "[Errno 2] No such file or directory: .../trainer_state.json"."""
+    from ijepa_hf.training import parse_args, pretrain
+    from ijepa_hf.training.checkpointing import CheckpointError, check_trainer_checkpoint
+    from tiny import tiny_argv
+
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2),
+                           train_dataset=data, data_collator=collator)
+    trainer.train()
+    checkpoint = tmp_path / "trainer" / "checkpoint-2"
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of transformers' Trainer \(examples/pretrain_trainer.py"
+                                              r", IJepaTrainer\), not of pretrain.py: continue it with "
+                                              r"pretrain_trainer.py --resume_from_checkpoint"):
+        pretrain(parse_args(tiny_argv(tmp_path / "loop", "--resume_from_checkpoint", str(checkpoint))))
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of pretrain.py \(its checkpoint.json\), not of the "
+                                              r"Trainer: continue it with pretrain.py --resume_from_checkpoint"):
+        check_trainer_checkpoint(straight_run / "step_4")
+    with pytest.raises(CheckpointError, match="there is no folder"):
+        check_trainer_checkpoint(tmp_path / "nothere")

@@ -238,6 +238,11 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a complete checkpoint; :class:`CheckpointError` naming what is missing otherwise."""
     path = Path(path)
     manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file() and (path / _TRAINER_STATE_NAME).is_file():
+        raise CheckpointError(
+            f"{path} is a checkpoint of transformers' Trainer (examples/pretrain_trainer.py, IJepaTrainer), not of "
+            f"pretrain.py: continue it with pretrain_trainer.py --resume_from_checkpoint {path}, or start a "
+            "pretrain.py run from its weights with --model_name_or_path and the Trainer run's output folder")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: it was not completely written (or comes from an "
                               "older version of ijepa_hf)")
@@ -328,10 +333,16 @@ def latest_trainer_checkpoint(output_dir: str | os.PathLike) -> str | None:
 def check_trainer_checkpoint(path: str | os.PathLike) -> None:
     """Refuse to resume a Trainer checkpoint folder that was cut short, naming the newest complete one of its folder,
     or that holds the weights only (``save_only_model``: Trainer would resume it with a fresh optimizer, learning-rate
-    schedule and RNG, the warm-up again in the middle of the run). A path that is not a folder is left to the
-    Trainer's own error."""
+    schedule and RNG, the warm-up again in the middle of the run), or that is not a folder, or is a checkpoint of
+    ``pretrain()`` (named as such, with the command that continues it)."""
     if not Path(path).is_dir():
-        return
+        raise CheckpointError(f"cannot resume from {path}: there is no folder {os.path.abspath(path)}; give a "
+                              "checkpoint-N folder of a Trainer run, or `latest`")
+    if (Path(path) / MANIFEST_NAME).is_file():
+        raise CheckpointError(
+            f"cannot resume from {path}: it is a checkpoint of pretrain.py (its {MANIFEST_NAME}), not of the Trainer: "
+            f"continue it with pretrain.py --resume_from_checkpoint {path}, or start a Trainer run from its weights "
+            "with --model_name_or_path and that run's output folder")
     if (problem := trainer_checkpoint_problem(path)) is not None:
         newest = latest_trainer_checkpoint(Path(path).parent)
         raise CheckpointError(f"cannot resume from {path}: {problem}. "
