@@ -1006,3 +1006,22 @@ def test_a_checkpoint_of_the_other_training_path_is_named_as_such(tmp_path, stra
         check_trainer_checkpoint(straight_run / "step_4")
     with pytest.raises(CheckpointError, match="there is no folder"):
         check_trainer_checkpoint(tmp_path / "nothere")
+
+
+def test_resuming_a_checkpoint_of_another_kind_of_model_names_the_kinds(tmp_path, load_example):
+    """finetune.py --resume_from_checkpoint <a pretraining run's checkpoint-N> was refused with some eighty
+    differences (every field of both configs, the data, the schedule) and not the one that matters: the checkpoint
+    holds another kind of model. The kinds are now named, with the script that continues the checkpoint."""
+    from ijepa_hf.training.resume import check_trainer_resume_compatible
+
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2),
+                           train_dataset=data, data_collator=collator)
+    trainer.train()
+    classifier_config = model.export_encoder("target").config
+    with pytest.raises(ValueError) as refused:
+        check_trainer_resume_compatible(tmp_path / "trainer" / "checkpoint-2", {"learning_rate": 1.0},
+                                        classifier_config)
+    message = str(refused.value)
+    assert "holds a model of type 'ijepa_hf_pretraining'; this run trains one of type 'ijepa_hf_encoder'" in message
+    assert "pretrain_trainer.py" in message and message.count(" is ") < 6, message

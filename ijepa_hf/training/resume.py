@@ -263,6 +263,13 @@ def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dic
     ``trainer_state.json``; a checkpoint without them, from another trainer, has its config compared only). Raises
     ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
     checkpoint = Path(checkpoint)
+    if (checkpoint / "config.json").is_file():
+        held = json.loads((checkpoint / "config.json").read_text()).get("model_type")
+        if held != config.model_type:  # every field would differ: say what does
+            script = {"ijepa_hf_pretraining": "pretrain_trainer.py"}.get(held, "finetune.py")
+            raise ValueError(f"Cannot resume {checkpoint}: it holds a model of type {held!r}; this run trains one of "
+                             f"type {config.model_type!r}. Continue it with the script that made it ({script} "
+                             "--resume_from_checkpoint), or start this run without --resume_from_checkpoint.")
     problems = []
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     saved = state.get("stateful_callbacks", {}).get(RunSettingsCallback.__name__)
