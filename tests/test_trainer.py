@@ -1006,6 +1006,14 @@ def test_a_checkpoint_of_the_other_training_path_is_named_as_such(tmp_path, stra
         check_trainer_checkpoint(straight_run / "step_4")
     with pytest.raises(CheckpointError, match="there is no folder"):
         check_trainer_checkpoint(tmp_path / "nothere")
+    # a run's output folder given for one of its checkpoints: "save cut short ... start afresh" / "not completely
+    # written" before; now the newest complete checkpoint inside it is named
+    with pytest.raises(CheckpointError, match=r"is a run's output folder, not one of its checkpoints: resume "
+                                              r".*checkpoint-2"):
+        check_trainer_checkpoint(tmp_path / "trainer")
+    with pytest.raises(CheckpointError, match=r"is a run's output folder, not one of its checkpoints: resume "
+                                              r".*step_8"):
+        pretrain(parse_args(tiny_argv(tmp_path / "loop2", "--resume_from_checkpoint", str(straight_run))))
 
 
 def test_resuming_a_checkpoint_of_another_kind_of_model_names_the_kinds(tmp_path, load_example):

@@ -243,6 +243,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is a checkpoint of transformers' Trainer (examples/pretrain_trainer.py, IJepaTrainer), not of "
             f"pretrain.py: continue it with pretrain_trainer.py --resume_from_checkpoint {path}, or start a "
             "pretrain.py run from its weights with --model_name_or_path and the Trainer run's output folder")
+    if not manifest_path.is_file() and (newest := latest_checkpoint(path)) is not None:
+        raise CheckpointError(f"{path} is a run's output folder, not one of its checkpoints: resume {newest.path}, its "
+                              f"newest complete checkpoint, or give --output_dir {path} --resume_from_checkpoint latest")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: it was not completely written (or comes from an "
                               "older version of ijepa_hf)")
@@ -343,6 +346,10 @@ def check_trainer_checkpoint(path: str | os.PathLike) -> None:
             f"cannot resume from {path}: it is a checkpoint of pretrain.py (its {MANIFEST_NAME}), not of the Trainer: "
             f"continue it with pretrain.py --resume_from_checkpoint {path}, or start a Trainer run from its weights "
             "with --model_name_or_path and that run's output folder")
+    if not (Path(path) / _TRAINER_STATE_NAME).is_file() and (inside := latest_trainer_checkpoint(path)) is not None:
+        raise CheckpointError(f"cannot resume from {path}: it is a run's output folder, not one of its checkpoints: "
+                              f"resume {inside}, its newest complete checkpoint, or give --output_dir {path} "
+                              "--resume_from_checkpoint latest")
     if (problem := trainer_checkpoint_problem(path)) is not None:
         newest = latest_trainer_checkpoint(Path(path).parent)
         raise CheckpointError(f"cannot resume from {path}: {problem}. "
