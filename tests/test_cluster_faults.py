@@ -247,3 +247,22 @@ def test_a_warmup_longer_than_the_run_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ValueError, match="--warmup_steps 10 is longer than the run \\(4 steps\\)"):
         run(out, "--warmup_steps", "10", steps=4)
     assert not out.exists()
+
+
+def test_push_names_what_a_folder_holds_when_it_is_not_a_finished_run(tmp_path, straight_run):
+    """`ijepa-hf push` said "holds no finished run ... finish the training first" for a checkpoint of a finished run,
+    a fine-tuned classifier and a folder that does not exist alike; each is now named, with what to push instead.
+    Nothing reaches the Hub: these are refused before any upload."""
+    from ijepa_hf import IJepaEncoderForImageClassification
+    from ijepa_hf.training.export import ExportError, push_output_dir
+    from tiny import tiny_encoder_config
+
+    with pytest.raises(ExportError, match=r"is a training checkpoint, not a run's output folder: push .*run"):
+        push_output_dir(straight_run / "step_4", "me/x")
+    classifier = tmp_path / "classifier"
+    IJepaEncoderForImageClassification(tiny_encoder_config(num_labels=3)).save_pretrained(classifier)
+    with pytest.raises(ExportError, match=r"holds a model of type 'ijepa_hf_encoder' without encoder/, not a "
+                                          r"pretraining run's output"):
+        push_output_dir(classifier, "me/x")
+    with pytest.raises(ExportError, match="there is no folder"):
+        push_output_dir(tmp_path / "nothere", "me/x")

@@ -987,7 +987,8 @@ def test_a_checkpoint_of_the_other_training_path_is_named_as_such(tmp_path, stra
     """pretrain.py --resume_from_checkpoint <a Trainer checkpoint-N> said it "was not completely written (or comes from
     an older version of ijepa_hf)", and pretrain_trainer.py given a pretrain.py step_N said "its save was cut short
     ... start afresh": each is a complete checkpoint of the other script, and the message now says so and how to
-    continue it. A missing folder got the Trainer's raw "[Errno 2] No such file or directory: .../trainer_state.json"."""
+    continue it. A missing folder got the Trainer's raw "[Errno 2] No such file or directory:
+    .../trainer_state.json"."""
     from ijepa_hf.training import parse_args, pretrain
     from ijepa_hf.training.checkpointing import CheckpointError, check_trainer_checkpoint
     from tiny import tiny_argv

@@ -244,8 +244,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"pretrain.py: continue it with pretrain_trainer.py --resume_from_checkpoint {path}, or start a "
             "pretrain.py run from its weights with --model_name_or_path and the Trainer run's output folder")
     if not manifest_path.is_file() and (newest := latest_checkpoint(path)) is not None:
-        raise CheckpointError(f"{path} is a run's output folder, not one of its checkpoints: resume {newest.path}, its "
-                              f"newest complete checkpoint, or give --output_dir {path} --resume_from_checkpoint latest")
+        raise CheckpointError(f"{path} is a run's output folder, not one of its checkpoints: resume {newest.path}, "
+                              f"its newest complete checkpoint, or give --output_dir {path} --resume_from_checkpoint "
+                              "latest")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no {MANIFEST_NAME}: it was not completely written (or comes from an "
                               "older version of ijepa_hf)")

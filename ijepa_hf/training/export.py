@@ -3,6 +3,7 @@ cards with the recipe, and the Hub upload."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from .arguments import PretrainingArguments
-from .checkpointing import LEGACY_NAMES, NOT_PUBLISHED_PREFIX
+from .checkpointing import LEGACY_NAMES, MANIFEST_NAME, NOT_PUBLISHED_PREFIX
 from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
@@ -192,6 +193,27 @@ def write_encoder_and_cards(model: Any, encoder: Any, output_dir: Path, *, name:
     return encoder_dir
 
 
+def _not_a_finished_run(output_dir: Path) -> str:
+    """Why ``output_dir`` cannot be pushed as a finished pretraining run, naming what it holds and what to push."""
+    if not output_dir.is_dir():
+        return f"there is no folder {output_dir.resolve()}: give the --output_dir of a finished pretraining run"
+    if (output_dir / MANIFEST_NAME).is_file() or (
+            output_dir.name.startswith("checkpoint-") and (output_dir / "trainer_state.json").is_file()):
+        return (f"{output_dir} is a training checkpoint, not a run's output folder: push the run that holds it "
+                f"({output_dir.parent}) once it has finished (--resume_from_checkpoint latest continues it)")
+    if (output_dir / "config.json").is_file():
+        try:
+            model_type = json.loads((output_dir / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            model_type = None
+        if model_type != IJepaPretrainingConfig.model_type:
+            return (f"{output_dir} holds a model of type {model_type!r} without {ENCODER_SUBFOLDER}/, not a "
+                    "pretraining run's output: finetune.py --push_to_hub uploads a fine-tuned classifier at the end of its run, "
+                    "ijepa_hf.hub.push_model any loaded model")
+    return (f"{output_dir} holds no finished run (no final model and {ENCODER_SUBFOLDER}/ in it): finish the "
+            "training first (--resume_from_checkpoint latest continues it)")
+
+
 def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token: str | None = None,
                     private: bool | None = None) -> str:
     """Upload the finished run in ``output_dir`` (its final model, ``encoder/``, cards, log and curves; not the
@@ -208,8 +230,7 @@ def push_output_dir(output_dir: str | Path, repo_id: str | None = None, *, token
 
     output_dir = Path(output_dir)
     if not (output_dir / "config.json").is_file() or not (output_dir / ENCODER_SUBFOLDER / "config.json").is_file():
-        raise ExportError(f"{output_dir} holds no finished run (no final model and {ENCODER_SUBFOLDER}/ in it): "
-                          "finish the training first (--resume_from_checkpoint latest continues it)")
+        raise ExportError(_not_a_finished_run(output_dir))
     repo_id = repo_id or output_dir.name
     try:
         api = HfApi(token=token)
