@@ -1012,6 +1012,10 @@ def test_a_checkpoint_of_the_other_training_path_is_named_as_such(tmp_path, stra
     with pytest.raises(CheckpointError, match=r"is a run's output folder, not one of its checkpoints: resume "
                                               r".*checkpoint-2"):
         check_trainer_checkpoint(tmp_path / "trainer")
+    trainer.save_model()
+    trainer.save_state()  # a finished run's folder holds trainer_state.json too ("the weights only" before)
+    with pytest.raises(CheckpointError, match=r"is a run's output folder, not one of its checkpoints"):
+        check_trainer_checkpoint(tmp_path / "trainer")
     with pytest.raises(CheckpointError, match=r"is a run's output folder, not one of its checkpoints: resume "
                                               r".*step_8"):
         pretrain(parse_args(tiny_argv(tmp_path / "loop2", "--resume_from_checkpoint", str(straight_run))))

@@ -347,7 +347,7 @@ def check_trainer_checkpoint(path: str | os.PathLike) -> None:
             f"cannot resume from {path}: it is a checkpoint of pretrain.py (its {MANIFEST_NAME}), not of the Trainer: "
             f"continue it with pretrain.py --resume_from_checkpoint {path}, or start a Trainer run from its weights "
             "with --model_name_or_path and that run's output folder")
-    if not (Path(path) / _TRAINER_STATE_NAME).is_file() and (inside := latest_trainer_checkpoint(path)) is not None:
+    if (inside := latest_trainer_checkpoint(path)) is not None:  # a checkpoint holds no checkpoint-* of its own
         raise CheckpointError(f"cannot resume from {path}: it is a run's output folder, not one of its checkpoints: "
                               f"resume {inside}, its newest complete checkpoint, or give --output_dir {path} "
                               "--resume_from_checkpoint latest")
