@@ -60,7 +60,7 @@ from ijepa_hf.training.kernels import check_attention_choice, set_attention_impl
 from ijepa_hf.training.export import push_output_dir
 from ijepa_hf.training.metrics import DEFAULT_ONLINE_PROBE_IMAGES, CollapseMonitor, default_online_probe_steps
 from ijepa_hf.training.trainer import (OFFICIAL_FINAL_WEIGHT_DECAY, IJepaTrainer, check_training_arguments,
-                                       official_training_arguments)
+                                       official_training_arguments, recipe_scheduler_kwargs)
 
 logger = logging.getLogger("pretrain_trainer")
 
@@ -185,8 +185,8 @@ def parse(argv: list[str]) -> tuple[ScriptArguments, TrainingArguments]:
         explicit = explicit_options(argv)
         given = {name: value for name, value in vars(parser.parse_args(argv)).items() if name in explicit}
     values = {**RECIPE_DEFAULTS, **given}
-    if given.get("lr_scheduler_type", "cosine") != "cosine" and "lr_scheduler_kwargs" not in given:
-        values["lr_scheduler_kwargs"] = {}  # the recipe's start_lr / final_lr belong to the I-JEPA cosine
+    if "lr_scheduler_kwargs" not in given:  # the recipe's start_lr / final_lr belong to the I-JEPA cosine alone
+        values["lr_scheduler_kwargs"] = recipe_scheduler_kwargs(values["lr_scheduler_type"])
     if "warmup_steps" not in given:  # the recipe's warm-up (official: 40/300 of the run)
         values["warmup_steps"] = get_recipe(given.get("recipe", "official")).warmup_ratio
     if "dataset_name" not in given and "train_dir" not in given:

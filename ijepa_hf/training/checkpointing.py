@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MANIFEST_NAME",
+    "TRAINER_STATE_NAME",
     "RUN_FILE_NAME",
     "LOCK_FILE_NAME",
     "NOT_PUBLISHED_PREFIX",
@@ -84,6 +85,7 @@ __all__ = [
 
 MANIFEST_NAME = CHECKPOINT_MANIFEST_NAME  # what makes a folder a checkpoint (the model loaders name it as one)
 RUN_FILE_NAME = "run.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 # A run's own bookkeeping in its folder (the lock, checkpoints moved aside) starts with `_`: neither this package's
 # push nor Trainer's (which leaves out `_*`) publishes it.
 NOT_PUBLISHED_PREFIX = "_"
@@ -238,7 +240,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a complete checkpoint; :class:`CheckpointError` naming what is missing otherwise."""
     path = Path(path)
     manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file() and (path / _TRAINER_STATE_NAME).is_file():
+    if not manifest_path.is_file() and (path / TRAINER_STATE_NAME).is_file():
         raise CheckpointError(
             f"{path} is a checkpoint of transformers' Trainer (examples/pretrain_trainer.py, IJepaTrainer), not of "
             f"pretrain.py: continue it with pretrain_trainer.py --resume_from_checkpoint {path}, or start a "
@@ -305,20 +307,19 @@ def latest_checkpoint(output_dir: str | os.PathLike, run_id: str | None = None) 
 # ----------------------------------------------------------------------------------------------------------------
 
 _TRAINER_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_TRAINER_STATE_NAME = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 
 
 def trainer_checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why the Trainer checkpoint folder ``path`` cannot be resumed, or ``None``. Trainer writes a checkpoint's
     files in place, one after the other, ``trainer_state.json`` last (weights, optimizer, scheduler and RNG states
     first), so a folder without a readable one was cut short by a kill during its save."""
-    state = Path(path) / _TRAINER_STATE_NAME
+    state = Path(path) / TRAINER_STATE_NAME
     try:
         json.loads(state.read_text())
     except FileNotFoundError:
-        return f"it has no {_TRAINER_STATE_NAME} (written last), so its save was cut short"
+        return f"it has no {TRAINER_STATE_NAME} (written last), so its save was cut short"
     except (OSError, ValueError) as error:
-        return f"its {_TRAINER_STATE_NAME} cannot be read ({error}), so its save was cut short"
+        return f"its {TRAINER_STATE_NAME} cannot be read ({error}), so its save was cut short"
     return None
 
 

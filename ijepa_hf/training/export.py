@@ -11,7 +11,7 @@ from typing import Any
 
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from .arguments import PretrainingArguments
-from .checkpointing import LEGACY_NAMES, MANIFEST_NAME, NOT_PUBLISHED_PREFIX
+from .checkpointing import LEGACY_NAMES, MANIFEST_NAME, NOT_PUBLISHED_PREFIX, TRAINER_STATE_NAME
 from .schedules import PretrainingSchedule
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _not_a_finished_run(output_dir: Path) -> str:
     if not output_dir.is_dir():
         return f"there is no folder {output_dir.resolve()}: give the --output_dir of a finished pretraining run"
     if (output_dir / MANIFEST_NAME).is_file() or (
-            output_dir.name.startswith("checkpoint-") and (output_dir / "trainer_state.json").is_file()):
+            output_dir.name.startswith("checkpoint-") and (output_dir / TRAINER_STATE_NAME).is_file()):
         return (f"{output_dir} is a training checkpoint, not a run's output folder: push the run that holds it "
                 f"({output_dir.parent}) once it has finished (--resume_from_checkpoint latest continues it)")
     if (output_dir / "config.json").is_file():
@@ -208,8 +208,8 @@ def _not_a_finished_run(output_dir: Path) -> str:
             model_type = None
         if model_type != IJepaPretrainingConfig.model_type:
             return (f"{output_dir} holds a model of type {model_type!r} without {ENCODER_SUBFOLDER}/, not a "
-                    "pretraining run's output: finetune.py --push_to_hub uploads a fine-tuned classifier at the end of its run, "
-                    "ijepa_hf.hub.push_model any loaded model")
+                    "pretraining run's output: finetune.py --push_to_hub uploads a fine-tuned classifier at the end "
+                    "of its run, ijepa_hf.hub.push_model any loaded model")
     return (f"{output_dir} holds no finished run (no final model and {ENCODER_SUBFOLDER}/ in it): finish the "
             "training first (--resume_from_checkpoint latest continues it)")
 

@@ -447,8 +447,10 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         logger.info("No unreadable images.")
     if step_fn.skipped_updates:
         logger.warning("Skipped %d non-finite update(s) (--skip_nonfinite_steps)", step_fn.skipped_updates)
-    if accelerator.is_main_process and log_path.exists():  # the main process writes the log
-        limits = throughput_summary(read_train_log(log_path), args.num_workers, accelerator.device.type != "cpu")
+    # the main process writes the log; its rows give the throughput line and the card's measured rows
+    log_rows = read_train_log(log_path) if accelerator.is_main_process and log_path.exists() else []
+    if log_rows:
+        limits = throughput_summary(log_rows, args.num_workers, accelerator.device.type != "cpu")
         if limits:
             logger.info(limits)
     if held_out.data is not None:
@@ -463,7 +465,7 @@ def _train(args: PretrainingArguments, accelerator: Accelerator, folder: _Output
         args, config, data_description=data.description, schedule=schedule,
         completed_steps=progress.completed_steps, num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision, final_loss=final_loss, bad_images=bad, images_per_s=images_per_s,
-        log_rows=read_train_log(log_path) if accelerator.is_main_process and log_path.exists() else ())
+        log_rows=log_rows)
     folder.guard(progress.completed_steps)
     encoder_dir = save_final_model(
         accelerator, model, config, args, output_dir, summary, data.hub_dataset,

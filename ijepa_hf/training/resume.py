@@ -21,7 +21,7 @@ from transformers.trainer_callback import ExportableState
 from ..configuration_ijepa_hf import IJepaPretrainingConfig
 from ..masking import IJepaMaskCollator
 from .arguments import OPERATIONAL_FIELDS, SCHEDULE_LENGTH_FIELDS, PretrainingArguments
-from .checkpointing import load_checkpoint, read_manifest
+from .checkpointing import TRAINER_STATE_NAME, load_checkpoint, read_manifest
 from .distributed import after_checkpoint_load
 from .schedules import PretrainingSchedule
 
@@ -263,15 +263,17 @@ def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dic
     ``trainer_state.json``; a checkpoint without them, from another trainer, has its config compared only). Raises
     ``ValueError`` naming every differing field, as :func:`check_resume_compatible`."""
     checkpoint = Path(checkpoint)
-    if (checkpoint / "config.json").is_file():
-        held = json.loads((checkpoint / "config.json").read_text()).get("model_type")
+    saved_config = (json.loads((checkpoint / "config.json").read_text()) if (checkpoint / "config.json").is_file()
+                    else None)
+    if saved_config is not None:
+        held = saved_config.get("model_type")
         if held != config.model_type:  # every field would differ: say what does
             script = {"ijepa_hf_pretraining": "pretrain_trainer.py"}.get(held, "finetune.py")
             raise ValueError(f"Cannot resume {checkpoint}: it holds a model of type {held!r}; this run trains one of "
                              f"type {config.model_type!r}. Continue it with the script that made it ({script} "
                              "--resume_from_checkpoint), or start this run without --resume_from_checkpoint.")
     problems = []
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
     saved = state.get("stateful_callbacks", {}).get(RunSettingsCallback.__name__)
     if isinstance(saved, list):
         saved = saved[-1] if saved else None
@@ -282,6 +284,6 @@ def check_trainer_resume_compatible(checkpoint: str | os.PathLike, settings: dic
                 continue
             problems.append(f"the global batch is {new[name]}, the checkpoint's {old[name]}" if name == "global_batch"
                             else f"{name} is {new[name]!r}, the checkpoint was trained with {old[name]!r}")
-    if (checkpoint / "config.json").is_file():
-        problems += _config_problems(json.loads((checkpoint / "config.json").read_text()), config)
+    if saved_config is not None:
+        problems += _config_problems(saved_config, config)
     _refuse(problems)

@@ -89,7 +89,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "PreemptionCallback",
            "IJepaTrainer",
-           "check_training_arguments", "official_training_arguments", "OFFICIAL_FINAL_WEIGHT_DECAY",
+           "check_training_arguments", "official_training_arguments", "recipe_scheduler_kwargs",
+           "OFFICIAL_FINAL_WEIGHT_DECAY",
            "SUPPORTED_OPTIMIZERS"]
 
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
@@ -120,18 +121,22 @@ def official_training_arguments(output_dir: str, **overrides: Any) -> TrainingAr
     1e-6 over a 40/300 warm-up, weight decay 0.04 (pair with ``IJepaTrainer(final_weight_decay=0.4)``), AdamW over
     the official groups, no gradient clipping, image columns kept. ``overrides`` win."""
     values: dict[str, Any] = dict(
-        output_dir=output_dir, learning_rate=1e-3, lr_scheduler_type="cosine",
-        lr_scheduler_kwargs={"start_lr": 2e-4, "final_lr": 1e-6}, warmup_steps=40 / 300, weight_decay=0.04,
+        output_dir=output_dir, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=40 / 300, weight_decay=0.04,
         optim="adamw_torch_fused", max_grad_norm=0.0, remove_unused_columns=False,
         # The official loader drops the last incomplete batch; complete batches also let the sampler key every
         # sample with its mask index (IJepaTrainer._get_train_sampler). Non-blocking copies of pinned batches.
         dataloader_drop_last=True, accelerator_config={"non_blocking": True},
     )
     values.update(overrides)
-    if getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"]) != "cosine" \
-            and "lr_scheduler_kwargs" not in overrides:
-        values["lr_scheduler_kwargs"] = {}  # start_lr / final_lr are the I-JEPA cosine's, not another scheduler's
+    values.setdefault("lr_scheduler_kwargs", recipe_scheduler_kwargs(values["lr_scheduler_type"]))
     return TrainingArguments(**values)
+
+
+def recipe_scheduler_kwargs(lr_scheduler_type: Any) -> dict[str, float]:
+    """The official recipe's ``lr_scheduler_kwargs`` for ``lr_scheduler_type``: the I-JEPA cosine's start and end
+    learning rates; none for another scheduler (transformers' own take neither)."""
+    scheduler = getattr(lr_scheduler_type, "value", lr_scheduler_type)
+    return {"start_lr": 2e-4, "final_lr": 1e-6} if scheduler == "cosine" else {}
 
 
 def recipe_training_arguments(output_dir: str, recipe: str = "official", **overrides: Any) -> TrainingArguments:
