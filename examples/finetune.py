@@ -3,9 +3,11 @@
 linear head on average-pooled patch features; any transformers image classifier works too.
 
 Follows the conventions of transformers' ``examples/pytorch/image-classification/run_image_classification.py``
-(HfArgumentParser with a JSON-file alternative, imagefolder/Hub data, ``--train_val_split``, Trainer, model card),
+(HfArgumentParser with a JSON-file alternative, imagefolder/Hub data, ``--train_val_split``, Trainer),
 without torchvision. Extras: ``--layer_decay`` (layer-wise lr decay through a custom optimizer) and the
-``procedural_shapes`` / ``fashion_mnist`` datasets that need no download.
+``procedural_shapes`` / ``fashion_mnist`` datasets that need no download, and the model card: for an I-JEPA model
+the package's classifier card (what the run started from, its data, recipe and validation accuracy) instead of
+Trainer's draft.
 
 Example::
 
@@ -36,7 +38,7 @@ from typing import Any
 
 import datasets
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ijepa_hf.data import set_image_transform
 from ijepa_hf.licensing import record_weights_license, weights_license
@@ -44,7 +46,9 @@ from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
     DEFAULT_TRAIN_VAL_SPLIT,
     build_layerwise_optimizer,
+    FinetuningTrainer,
     classification_collate,
+    describe_initialisation,
     finetune_run_settings,
     load_accuracy_metric,
     load_labeled_splits,
@@ -179,7 +183,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.enable_explicit_format()
 
 
-def main(argv: list[str] | None = None) -> Trainer:
+def main(argv: list[str] | None = None) -> FinetuningTrainer:
     """Runs the fine-tuning; returns the `Trainer` (for notebooks and tests)."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args)
@@ -227,6 +231,12 @@ def main(argv: list[str] | None = None) -> Trainer:
     licence = weights_license(model, source=model_args.model_name_or_path)
     record_weights_license(model, licence.license, licence.base_model)
     image_processor = load_image_processor(model_args.model_name_or_path, model.config, **hub_kwargs)
+    # The card's facts, read now: an overwriting run into the model's own folder moves it aside
+    card_info = dict(initialised_from=describe_initialisation(model_args.model_name_or_path, model_args.encoder,
+                                                              **hub_kwargs),
+                     licence=licence, dataset_name=data_args.dataset_name, train_dataset=splits["train"],
+                     eval_dataset=splits["validation"], layer_decay=model_args.layer_decay,
+                     min_crop_scale=data_args.min_crop_scale, eval_resize_ratio=data_args.eval_resize_ratio)
 
     # Recorded in every checkpoint; resuming under others is refused, naming them (Trainer would load the checkpoint's
     # learning rate over the new one, without a word), before the folder policy moves anything
@@ -239,13 +249,13 @@ def main(argv: list[str] | None = None) -> Trainer:
 
     # The folder's run lock for the whole run (a second job into it fails at once); another run's folder is refused
     with trainer_run_folder(training_args, model_args.overwrite_output_dir, check_resume) as resume:
-        return _finetune(model_args, data_args, training_args, splits, model, image_processor, licence, settings,
+        return _finetune(model_args, data_args, training_args, splits, model, image_processor, card_info, settings,
                          resume)
 
 
 def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, training_args: TrainingArguments,
-              splits: Any, model: Any, image_processor: Any, licence: Any, settings: RunSettingsCallback,
-              resume: str | None) -> Trainer:
+              splits: Any, model: Any, image_processor: Any, card_info: dict[str, Any], settings: RunSettingsCallback,
+              resume: str | None) -> FinetuningTrainer:
     train_transform, eval_transform = make_finetune_transforms(
         image_processor, crop_scale=(data_args.min_crop_scale, 1.0), eval_resize_ratio=data_args.eval_resize_ratio
     )
@@ -265,7 +275,7 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
         )
         optimizers = (optimizer, None)  # Trainer still builds the lr schedule, scaling each group's own lr
 
-    trainer = Trainer(
+    trainer = FinetuningTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -275,6 +285,7 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
         compute_metrics=make_compute_metrics(load_accuracy_metric()),
         optimizers=optimizers,
         callbacks=[settings, preemption],
+        card_info=card_info,  # README.md (what --push_to_hub uploads too): the package's classifier card
     )
 
     if training_args.do_train:
@@ -292,19 +303,10 @@ def _finetune(model_args: ModelArguments, data_args: DataTrainingArguments, trai
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 
-    card_kwargs: dict[str, Any] = {
-        # a Hub repo (or the recorded base of a local conversion); None leaves a local folder out, as Trainer does
-        "finetuned_from": licence.base_model,
-        "license": licence.license,
-        "tasks": "image-classification",
-        "tags": ["image-classification", "vision", "ijepa"],
-    }
-    if data_args.dataset_name is not None:
-        card_kwargs["dataset"] = data_args.dataset_name
     if training_args.push_to_hub:
-        trainer.push_to_hub(**card_kwargs)
-    elif trainer.is_world_process_zero():
-        trainer.create_model_card(**card_kwargs)
+        trainer.push_to_hub()  # writes the card first
+    else:
+        trainer.create_model_card()
     return trainer
 
 

@@ -66,8 +66,10 @@ _META_BASE_PREFIXES = ("facebook/ijepa",)
 
 # Friendly labels (and display order) for the `training` dict; unknown keys are shown after these.
 _TRAINING_LABELS: dict[str, str] = {
+    "initialised_from": "Initialised from",
     "data": "Training data",
     "dataset": "Training data",
+    "validation_data": "Validation data",
     "image_size": "Image size",
     "augmentations": "Augmentations",
     "epochs": "Epochs",

@@ -16,6 +16,8 @@
   the fine-tuning and probing examples).
 * :func:`finetune_run_settings`: what defines a fine-tuning run, recorded in its checkpoints so that resuming under
   other settings is refused (``ijepa_hf.training.resume.check_trainer_resume_compatible``).
+* :class:`FinetuningTrainer` and :func:`finetuned_classifier_card`: the run's model card is the package's classifier
+  card (what it started from, its data, recipe and measured accuracy) rather than Trainer's generated draft.
 
 Loading the classifier to fine-tune is :func:`ijepa_hf.loading.load_image_classifier`.
 """
@@ -25,15 +27,19 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from transformers import Trainer
 
+from .cards import make_model_card, summarize_config
 from .data import (BUILTIN_DATASETS, IMAGENET_MEAN, IMAGENET_STD, EvalTransform, RandomResizedCrop,
                    check_sample_limit, load_builtin_split, normalize, pil_to_tensor, to_rgb)
+from .licensing import WeightsLicense, _is_hub_id
 from .modeling_ijepa_hf import is_no_decay_param
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ __all__ = [
     "load_builtin_split",
     "load_labeled_splits",
     "finetune_run_settings",
+    "describe_initialisation",
+    "finetuned_classifier_card",
+    "FinetuningTrainer",
 ]
 
 # One stack of transformer blocks: ours (`blocks.3.`), transformers' ViT/I-JEPA in memory (`layers.3.`) and
@@ -398,7 +407,8 @@ def load_labeled_splits(
 
     Returns:
         ``datasets.DatasetDict(train=..., validation=...)`` with an ``image`` column and a ``label`` column
-        that is a ``ClassLabel`` shared by both splits (string or integer labels are encoded).
+        that is a ``ClassLabel`` shared by both splits (string or integer labels are encoded). The validation
+        split's ``info.description`` says where its images come from (the run's model card quotes it).
         ``load_kwargs`` (``cache_dir``, ``token``, ...) go to `ijepa_hf.data.load_image_dataset`.
     """
     import datasets
@@ -410,7 +420,9 @@ def load_labeled_splits(
                          "images held out for validation.")
     if dataset_name in BUILTIN_DATASETS:
         _check_split_unused(train_val_split, f"{dataset_name} has a held-out split of its own")
-        return _builtin_splits(dataset_name, max_train_samples, max_eval_samples, procedural_image_size, seed)
+        splits = _builtin_splits(dataset_name, max_train_samples, max_eval_samples, procedural_image_size, seed)
+        splits["validation"].info.description = f"of the 'test' split of {dataset_name}"
+        return splits
     common = dict(dataset_config_name=dataset_config_name, image_column=image_column, **load_kwargs)
     train = _load_split("train", dataset_name=dataset_name, train_dir=train_dir, **common)
     if train is None:
@@ -418,12 +430,13 @@ def load_labeled_splits(
     validation, validation_source = None, None
     if validation_dir is not None:
         validation = _load_split("train", train_dir=validation_dir, **common)
-        validation_source = "validation_dir is given"
+        validation_source, description = "validation_dir is given", "of the validation folder (validation_dir)"
     elif train_dir is None:
         for split in ("validation", "test"):
             validation = _load_split(split, dataset_name=dataset_name, **common)
             if validation is not None:
                 validation_source = f"{dataset_name} has a {split!r} split"
+                description = f"of the {split!r} split of {dataset_name}"
                 break
 
     def prepare(dataset: Any) -> Any:
@@ -442,11 +455,13 @@ def load_labeled_splits(
         train = train.class_encode_column("label")
     if validation is None:
         train_val_split = DEFAULT_TRAIN_VAL_SPLIT if train_val_split is None else train_val_split
+        how = "stratified by class"
         try:
             splits = train.train_test_split(test_size=train_val_split, seed=seed, stratify_by_column="label")
         except ValueError:  # a class too small to stratify
-            splits = train.train_test_split(test_size=train_val_split, seed=seed)
+            splits, how = train.train_test_split(test_size=train_val_split, seed=seed), "not stratified"
         train, validation = splits["train"], splits["test"]
+        description = f"held out of the training images (train_val_split {train_val_split:g}, seed {seed}, {how})"
     else:
         _check_split_unused(train_val_split, validation_source)
         # Cast, not re-encode: the validation ids must follow the training names.
@@ -455,6 +470,7 @@ def load_labeled_splits(
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
         validation = validation.select(range(min(max_eval_samples, len(validation))))
+    validation.info.description = description
     return datasets.DatasetDict(train=train, validation=validation)
 
 
@@ -470,3 +486,145 @@ def finetune_run_settings(training_args: Any, *, layer_decay: float | None, min_
     return {**trainer_run_settings(training_args), "label_smoothing_factor": training_args.label_smoothing_factor,
             "layer_decay": layer_decay, "min_crop_scale": min_crop_scale,
             "data": {"images": len(train_dataset), "classes": list(train_dataset.features["label"].names)}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fine-tuned model's card
+
+
+def describe_initialisation(model_name_or_path: str, encoder: str = "target", **hub_kwargs: Any) -> str:
+    """What a fine-tuning run starts from, as its card names it: the kind of model (an I-JEPA encoder, one encoder
+    of a pretraining model, a classifier trained further, another transformers model) and where it is: its Hub
+    repo, or a local folder by its name only (the author's path says nothing to a reader of the card)."""
+    from .pretrained_loading import repo_config
+
+    repo = repo_config(model_name_or_path, dict(hub_kwargs))
+    model_type, architectures = repo.get("model_type"), repo.get("architectures") or []
+    if any(name.endswith("ForImageClassification") for name in architectures):
+        kind = f"an image classifier (`{model_type}`), trained further"
+    elif model_type == "ijepa_hf_pretraining":
+        kind = f"the {encoder} encoder of an I-JEPA pretraining model"
+    elif model_type in ("ijepa_hf_encoder", "ijepa"):
+        kind = "an I-JEPA encoder"
+    else:
+        kind = f"a `{model_type}` model" if model_type else "a model"
+    path = str(model_name_or_path)
+    return f"{kind}: " + (f"`{path}`" if _is_hub_id(path) else f"the local folder `{Path(path).name}`")
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} " + (noun if count == 1 else plural or f"{noun}s")
+
+
+def finetuned_classifier_card(
+    trainer: Trainer,
+    *,
+    initialised_from: str,
+    licence: WeightsLicense,
+    dataset_name: str | None,
+    train_dataset: Any,
+    eval_dataset: Any,
+    layer_decay: float | None,
+    min_crop_scale: float,
+    eval_resize_ratio: float,
+    model_name: str | None = None,
+    tags: Sequence[str] | None = None,
+) -> Any:
+    """The model card of a fine-tuned I-JEPA classifier (:func:`ijepa_hf.cards.make_model_card`,
+    ``kind="classifier"``): architecture, licence and base model of the weights, what the run started from
+    (:func:`describe_initialisation`), its data, recipe and final training loss, and the last validation accuracy
+    it measured (also in the ``model-index`` metadata), with Trainer's table of its evaluations during training.
+
+    Args:
+        trainer: the `Trainer` after the run (its arguments, state and log history are read).
+        initialised_from: from :func:`describe_initialisation`.
+        licence: the weights' licence and Hub base model (:func:`ijepa_hf.licensing.weights_license`).
+        dataset_name: the data's Hub id or built-in name; ``None`` for a local image folder.
+        train_dataset, eval_dataset: the splits of :func:`load_labeled_splits` (their sizes, class names and where
+            the validation images come from).
+        layer_decay, min_crop_scale, eval_resize_ratio: the recipe's options beyond `TrainingArguments`.
+        model_name: the repo id (default: the Hub repo the trainer pushes to, else the output folder's name).
+        tags: extra Hub tags.
+    """
+    from transformers.modelcard import make_markdown_table, parse_log_history
+
+    from .training.export import batch_summary, final_loss_summary
+
+    args, state, history = trainer.args, trainer.state, trainer.state.log_history
+    model_name = getattr(trainer, "hub_model_id", None) or args.hub_model_id or model_name or Path(
+        args.output_dir).name
+    classes = train_dataset.features["label"].names
+    optimiser = f"AdamW (betas {args.adam_beta1:g}, {args.adam_beta2:g}), weight decay {args.weight_decay:g}, " + (
+        f"layer-wise learning-rate decay {layer_decay:g}" if layer_decay is not None
+        else "one learning rate for all parameters")
+    warmup = args.get_warmup_steps(state.max_steps)
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    training: dict[str, Any] = {
+        "initialised_from": initialised_from,
+        "data": f"{dataset_name or 'a local image folder'}: {_plural(len(train_dataset), 'training image')}, "
+                f"{_plural(len(classes), 'class', 'classes')}",
+        "validation_data": f"{_plural(len(eval_dataset), 'image')} {eval_dataset.info.description}".rstrip(),
+        "image_size": processor_image_size(trainer.processing_class),
+        "augmentations": f"random resized crop ({min_crop_scale:g}, 1.0) and horizontal flip; evaluation: the "
+                         f"shorter side resized to {eval_resize_ratio:g} x the image size, centre crop",
+        "steps": str(state.global_step),
+        "epochs": round(state.epoch or 0.0, 2),
+        "batch_size": batch_summary(args.per_device_train_batch_size, args.world_size,
+                                    args.gradient_accumulation_steps),
+        "optimizer": optimiser,
+        "lr_schedule": f"peak {args.learning_rate:g} after {_plural(warmup, 'warm-up step')}, Trainer's "
+                       f"`{scheduler}` schedule",
+        "label_smoothing": args.label_smoothing_factor,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+        "final_loss": final_loss_summary(history),
+    }
+    evaluated = [row for row in history if row.get("eval_accuracy") is not None]
+    results = [{
+        "task_name": "Image classification (fine-tuned)", "dataset_name": dataset_name or "image folder",
+        "dataset_type": dataset_name or "imagefolder", "dataset_split": "validation", "metric_type": "accuracy",
+        "metric_name": "Top-1 accuracy (%)", "metric_value": round(100 * evaluated[-1]["eval_accuracy"], 2),
+    }] if evaluated else []
+    _, lines, _ = parse_log_history(history)
+    extra = ("## Training results\n\nThe evaluations during training (Trainer's log):\n\n" + make_markdown_table(lines)
+             if lines else None)
+    hub_dataset = dataset_name if dataset_name is not None and dataset_name not in BUILTIN_DATASETS else None
+    return make_model_card(
+        model_name=model_name, kind="classifier", config_summary=summarize_config(trainer.model),
+        license=licence.license, base_model=licence.base_model, datasets=hub_dataset,
+        tags=["image-classification", *(tags or [])], training=training, eval_results=results, extra=extra)
+
+
+class FinetuningTrainer(Trainer):
+    """`Trainer` whose model card, written by ``create_model_card`` and so by ``push_to_hub``, is the package's
+    classifier card (:func:`finetuned_classifier_card`) for an I-JEPA model. Trainer's generated draft calls a model
+    fine-tuned from a local folder "trained from scratch" and says nothing of the encoder or the recipe. Any other
+    model (finetune.py fine-tunes any transformers image classifier) gets Trainer's draft, with the licence, base
+    model and data of ``card_info``.
+
+    Args:
+        card_info: the keyword arguments of :func:`finetuned_classifier_card` but ``trainer``, ``model_name`` and
+            ``tags``.
+    """
+
+    def __init__(self, *args: Any, card_info: Mapping[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.card_info = dict(card_info)
+
+    def create_model_card(self, model_name: str | None = None, tags: str | list[str] | None = None,
+                          **unused: Any) -> None:
+        if unused:  # honoured by Trainer's draft, not by this card: refused rather than dropped
+            raise TypeError(f"FinetuningTrainer.create_model_card: {', '.join(sorted(unused))} would not reach the "
+                            "card; its licence, base model, data and task come from the run (card_info).")
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        if not str(self.model.config.model_type).startswith("ijepa"):
+            info = self.card_info
+            super().create_model_card(
+                model_name=model_name, license=info["licence"].license, finetuned_from=info["licence"].base_model,
+                tasks="image-classification", tags=["image-classification", "vision", *tags],
+                dataset=info.get("dataset_name"))
+            return
+        card = finetuned_classifier_card(self, model_name=model_name, tags=tags, **self.card_info)
+        card.save(str(Path(self.args.output_dir) / "README.md"))

@@ -901,6 +901,20 @@ def test_the_trainers_card_records_the_recipe_as_pretrains_card_does(tmp_path):
     assert trainer_rows["Augmentations"] == loop_rows["Augmentations"]
 
 
+def test_the_trainers_card_states_the_final_loss_of_a_run_that_logged_no_loss_row(tmp_path):
+    """A run shorter than logging_steps logs no loss row, and IJepaTrainer's card said "Final loss: n/a" though the
+    Trainer's closing row holds the run's mean training loss; the card states that mean, and says it is one."""
+    model, collator, data = tiny_trainer_parts()
+    trainer = IJepaTrainer(model=model, args=trainer_args(tmp_path, max_steps=3, logging_steps=100),
+                           train_dataset=data, data_collator=collator)
+    trainer.train()
+    trainer.save_run(data_description="embedded")
+    [summary] = [row for row in trainer.state.log_history if "train_loss" in row]
+    assert not [row for row in trainer.state.log_history if "loss" in row]
+    assert _card_rows(tmp_path / "trainer")["Final loss"] == (
+        f"{summary['train_loss']:.5f} (the run's mean: no step logged a loss)")
+
+
 def test_another_lr_scheduler_than_the_cosine_drops_or_refuses_the_cosines_options(tmp_path, load_example):
     """`pretrain_trainer.py --lr_scheduler_type linear` (and `official_training_arguments(lr_scheduler_type=
     "linear")`) kept the I-JEPA cosine's start_lr / final_lr in lr_scheduler_kwargs, and the run stopped in

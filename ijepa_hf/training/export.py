@@ -79,6 +79,16 @@ def measured_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return found
 
 
+def final_loss_summary(history: Sequence[Mapping[str, Any]]) -> float | str:
+    """The final training loss a card states, from a Trainer's log history: the last logged loss, else the run's
+    mean from the Trainer's closing row (a run shorter than ``logging_steps`` logs no loss row), else ``"n/a"``."""
+    logged = [row["loss"] for row in history if "loss" in row]
+    if logged:
+        return round(logged[-1], 5)
+    means = [row["train_loss"] for row in history if "train_loss" in row]
+    return f"{means[-1]:.5f} (the run's mean: no step logged a loss)" if means else "n/a"
+
+
 def training_summary(args: PretrainingArguments, config: IJepaPretrainingConfig, *, data_description: str,
                      schedule: PretrainingSchedule, completed_steps: int, num_processes: int, mixed_precision: str,
                      final_loss: float | None, bad_images: int, images_per_s: float,

@@ -75,7 +75,8 @@ from .compilation import configure_inductor_for_variable_masks
 from .checkpointing import resolve_trainer_checkpoint
 from .cpu_allocator import keep_freed_memory_for_reuse
 from .distributed import update_target_encoder
-from .export import batch_summary, mask_summary, measured_summary, recipe_summary, write_encoder_and_cards
+from .export import (batch_summary, final_loss_summary, mask_summary, measured_summary, recipe_summary,
+                     write_encoder_and_cards)
 from .metrics import (COLLAPSE_KEYS, REGULARIZER_KEYS, TRAIN_LOG_NAME, CollapseMonitor, collapse_inputs,
                       collapse_signals, online_probe, regularizer_vector, write_train_log)
 from .optim import build_optimizer
@@ -516,7 +517,7 @@ class IJepaTrainer(Trainer):
             **self._recipe_summary(),
             "mixed_precision": precision,
             "seed": args.seed,
-            "final_loss": next((round(row["loss"], 5) for row in reversed(rows) if "loss" in row), "n/a"),
+            "final_loss": final_loss_summary(self.state.log_history),
             **measured_summary(rows),
         }
         encoder_dir = write_encoder_and_cards(model, model.export_encoder("target"), output_dir,
