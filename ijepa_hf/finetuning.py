@@ -442,8 +442,9 @@ def load_labeled_splits(
     def prepare(dataset: Any) -> Any:
         if label_column not in dataset.column_names:
             raise ValueError(
-                f"label column {label_column!r} not found in {dataset.column_names}; pass label_column= (an "
-                "image folder needs one sub-folder per class)."
+                f"label column {label_column!r} not found in {dataset.column_names}; name one of them with "
+                "label_column= (--label_column_name in the example scripts); an image folder needs one sub-folder "
+                "per class."
             )
         if label_column != "label":
             dataset = dataset.remove_columns([c for c in ["label"] if c in dataset.column_names])

@@ -352,6 +352,20 @@ def test_finetuned_card_describes_the_run(tmp_path, load_example, image_folder, 
     assert result.metric_value == pytest.approx(accuracy, abs=0.01)
 
 
+def test_a_wrong_column_name_is_refused_naming_the_scripts_flag(tmp_path, load_example, image_folder, encoder_repo):
+    """finetune.py --label_column_name lbl said "pass label_column=", a keyword its user never sees; the message now
+    names the flag too (as the library's other messages do), and lists the data's columns."""
+    finetune = load_example("finetune")
+    with pytest.raises(ValueError, match=r"label column 'lbl' not found in \['image', 'label'\]; .*"
+                                         r"--label_column_name"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, tmp_path / "a", "--do_train", "--label_column_name",
+                                     "lbl"))
+    with pytest.raises(ValueError, match=r"image column 'img' not found; columns are \['image', 'label'\].*"
+                                         r"--image_column_name"):
+        finetune.main(_finetune_argv(encoder_repo, image_folder, tmp_path / "b", "--do_train", "--image_column_name",
+                                     "img"))
+
+
 def test_a_model_other_than_i_jepa_keeps_trainers_card_and_card_options_are_not_dropped(tmp_path, image_folder):
     """finetune.py fine-tunes any transformers image classifier: the I-JEPA card would misdescribe a ViT, which keeps
     Trainer's draft (with the run's licence). Trainer's card options do not reach the package's card, so they are

@@ -68,11 +68,13 @@ def detect_image_column(dataset_or_features: Any, image_column: str | None = Non
         resolve = getattr(dataset_or_features, "_resolve_features", None)
         features = resolve().features if resolve is not None else None
     if features is None:
-        raise ValueError("cannot detect the image column: the dataset has no known features; pass image_column=")
+        raise ValueError("cannot detect the image column: the dataset has no known features; pass image_column= "
+                         "(--image_column_name in the example scripts)")
     columns = list(features)
     if image_column is not None:
         if image_column not in features:
-            raise ValueError(f"image column {image_column!r} not found; columns are {columns}")
+            raise ValueError(f"image column {image_column!r} not found; columns are {columns}: name one of them with "
+                             "image_column= (--image_column_name in the example scripts)")
         return image_column
     for name in IMAGE_COLUMN_CANDIDATES:
         if name in features:
@@ -83,7 +85,7 @@ def detect_image_column(dataset_or_features: Any, image_column: str | None = Non
     described = ", ".join(f"{name}: {type(feature).__name__}" for name, feature in features.items())
     raise ValueError(
         f"no image column found (looked for {list(IMAGE_COLUMN_CANDIDATES)} or a datasets.Image feature) "
-        f"among [{described}]; pass image_column= explicitly"
+        f"among [{described}]; pass image_column= (--image_column_name in the example scripts)"
     )
 
 

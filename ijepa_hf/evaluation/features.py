@@ -116,7 +116,7 @@ class _BatchBuilder:
             if self.image_column not in example:
                 raise KeyError(
                     f"example has neither 'pixel_values' nor the image column {self.image_column!r} "
-                    f"(keys: {sorted(example)}); pass image_column=."
+                    f"(keys: {sorted(example)}); pass image_column= (--image_column_name in the example scripts)."
                 )
             return example[self.image_column], label
         if isinstance(example, (tuple, list)) and len(example) == 2:
