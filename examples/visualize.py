@@ -67,6 +67,8 @@ def pca(args: argparse.Namespace) -> Path:
     """PCA map of one image's patch features."""
     image: Any = None
     if args.image:  # read before the model loads: a wrong path fails at once
+        if Path(args.image).is_dir():
+            raise ValueError(f"--image {args.image} is a folder: give one image file (the PCA map is of one image)")
         if not Path(args.image).is_file():
             raise ValueError(f"--image {args.image}: no such file")
         bad = BadImageCounter(max_warnings=0)

@@ -167,3 +167,5 @@ def test_an_image_that_cannot_be_read_is_named_before_the_model_loads(tmp_path, 
         example.main([*argv, str(tmp_path / "missing.jpg")])
     with pytest.raises(ValueError, match=r"--image .*broken\.jpg cannot be read as an image \(UnidentifiedImageError"):
         example.main([*argv, str(broken)])
+    with pytest.raises(ValueError, match=r"--image .* is a folder: give one image file"):  # it said "no such file"
+        example.main([*argv, str(tmp_path)])
