@@ -514,7 +514,7 @@ def describe_initialisation(model_name_or_path: str, encoder: str = "target", **
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} " + (noun if count == 1 else plural or f"{noun}s")
+    return f"{count:,} " + (noun if count == 1 else plural or f"{noun}s")
 
 
 def finetuned_classifier_card(
@@ -564,7 +564,6 @@ def finetuned_classifier_card(
         "initialised_from": initialised_from,
         "data": f"{dataset_name or 'a local image folder'}: {_plural(len(train_dataset), 'training image')}, "
                 f"{_plural(len(classes), 'class', 'classes')}",
-        "validation_data": f"{_plural(len(eval_dataset), 'image')} {eval_dataset.info.description}".rstrip(),
         "image_size": processor_image_size(trainer.processing_class),
         "augmentations": f"random resized crop ({min_crop_scale:g}, 1.0) and horizontal flip; evaluation: the "
                          f"shorter side resized to {eval_resize_ratio:g} x the image size, centre crop",
@@ -581,6 +580,8 @@ def finetuned_classifier_card(
         "final_loss": final_loss_summary(history),
     }
     evaluated = [row for row in history if row.get("eval_accuracy") is not None]
+    if evaluated:  # the images behind the accuracy below
+        training["validation_data"] = f"{_plural(len(eval_dataset), 'image')} {eval_dataset.info.description}"
     results = [{
         "task_name": "Image classification (fine-tuned)", "dataset_name": dataset_name or "image folder",
         "dataset_type": dataset_name or "imagefolder", "dataset_split": "validation", "metric_type": "accuracy",

@@ -312,6 +312,7 @@ def test_finetuned_card_carries_the_licence_of_meta_weights(tmp_path, load_examp
                                                  "--max_steps", "1"))
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.license == META_WEIGHTS_LICENSE
+    assert "Validation data" not in _card_rows(card.content) and not card.data.eval_results  # nothing evaluated
     assert json.loads((output_dir / "config.json").read_text())["weights_license"] == META_WEIGHTS_LICENSE
 
 
