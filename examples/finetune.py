@@ -30,6 +30,7 @@ Models derived from Meta's weights keep their CC BY-NC 4.0 licence (config and c
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -74,7 +75,8 @@ class ModelArguments:
     )
     encoder: str = field(
         default="target",
-        metadata={"help": "For an I-JEPA pretraining repo: the 'target' (default, as the paper) or 'context' encoder."},
+        metadata={"choices": ["target", "context"],
+                  "help": "For an I-JEPA pretraining repo: the 'target' (default, as the paper) or 'context' encoder."},
     )
     layer_decay: float | None = field(
         default=None,
@@ -157,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
             parser.error(f"{error}.")
     if not data_args.eval_resize_ratio >= 1:
         parser.error(f"--eval_resize_ratio must be >= 1 (resize, then centre-crop), got {data_args.eval_resize_ratio}.")
+    if not (training_args.weight_decay >= 0 and math.isfinite(training_args.weight_decay)):
+        # Trainer puts it in its parameter groups, which torch's own check (of its default only) does not see
+        parser.error(f"--weight_decay must be a finite number >= 0, got {training_args.weight_decay}.")
     if not 0 <= training_args.label_smoothing_factor < 1:
         parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:

@@ -247,6 +247,10 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     # Trainer ran them, training nothing (or, for --max_steps 0, the default epochs), and the run exited 0
     (["--do_train", "--max_steps", "0"], "--max_steps 0 trains nothing"),
     (["--do_train", "--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
+    # Trainer puts it in its parameter groups, which torch's own check (of the default only) does not see: it ran
+    (["--do_train", "--weight_decay", "-1"], "--weight_decay must be a finite number >= 0, got -1.0"),
+    # refused once the data and the model were read, naming load_image_classifier
+    (["--do_train", "--encoder", "foo"], "invalid choice: 'foo'"),
 ])
 def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
                                                                  capsys, flags, message):

@@ -37,6 +37,7 @@ class _LrRecorder(TrainerCallback):
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be a positive integer, got 0"),
     ({"per_device_eval_batch_size": 0}, "per_device_eval_batch_size must be a positive integer, got 0"),
     ({"fp16": True}, "fp16 mixed precision is not applied on CPU"),
+    ({"weight_decay": -1.0}, r"weight_decay must be a finite number >= 0, got -1.0"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"start_lr": 2e-4}}, "warm-up would go down"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 1e-6}}, r"\['min_lr'\] are not options"),
 ])
@@ -170,6 +171,7 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     ("--num_train_epochs", "0", "--num_train_epochs 0 trains nothing"),
     ("--per_device_train_batch_size", "0", "per_device_train_batch_size must be a positive integer, got 0"),
     ("--shuffle_buffer_size", "-5", r"--shuffle_buffer_size must be >= 0 \(0: no shuffling\), got -5"),
+    ("--weight_decay", "-1", "weight_decay must be a finite number >= 0, got -1.0"),  # torch's raw message, late
 ])
 def test_pretrain_trainer_refuses_its_own_options_out_of_range_when_parsing(tmp_path, load_example, option, value,
                                                                             message):

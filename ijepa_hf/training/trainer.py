@@ -332,6 +332,8 @@ def check_training_arguments(args: TrainingArguments, final_weight_decay: float 
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) < 1:  # Trainer would divide by it
             raise ValueError(f"IJepaTrainer: {name} must be a positive integer, got {getattr(args, name)}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):  # torch checks its default, not our groups
+        raise ValueError(f"IJepaTrainer: weight_decay must be a finite number >= 0, got {args.weight_decay}")
     if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
         raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
