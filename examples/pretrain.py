@@ -242,7 +242,8 @@ def print_summary(args: PretrainingArguments, summary: dict[str, Any], result: P
     print(f"{'Training log:':<45}{result.log_file}")
     if probe_path is not None:
         print(f"{'Probe results (JSON):':<45}{probe_path}")
-    print(f"Total time (pretraining + probe): {summary['total_seconds']:.0f}s")
+    print(f"Total time ({'pretraining + probe' if probe_path is not None else 'pretraining'}): "
+          f"{summary['total_seconds']:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
