@@ -93,7 +93,7 @@ _TRAINING_LABELS: dict[str, str] = {
 # Config fields worth showing in the architecture table, in display order.
 _SUMMARY_KEYS = (
     "model_type", "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers",
-    "num_attention_heads", "intermediate_size", "mlp_ratio", "encoder_hidden_size", "num_labels",
+    "num_attention_heads", "intermediate_size", "mlp_ratio", "encoder_hidden_size", "num_labels", "pooler_norm",
     "num_target_blocks", "context_scale", "target_scale", "target_aspect_ratio", "loss", "ema_momentum",
 )
 

@@ -544,7 +544,8 @@ def finetuned_classifier_card(
         train_dataset, eval_dataset: the splits of :func:`load_labeled_splits` (their sizes, class names and where
             the validation images come from).
         layer_decay, min_crop_scale, eval_resize_ratio: the recipe's options beyond `TrainingArguments`.
-        model_name: the repo id (default: the Hub repo the trainer pushes to, else the output folder's name).
+        model_name: the card's repo id where the trainer pushes to no Hub repo (default: the output folder's name);
+            the Hub repo's id wins, as the card's loading code needs it.
         tags: extra Hub tags.
     """
     from transformers.modelcard import make_markdown_table, parse_log_history
