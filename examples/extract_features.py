@@ -43,7 +43,7 @@ import torch
 from ijepa_hf.data import BUILTIN_DATASETS, load_builtin_split, load_image_dataset
 from ijepa_hf.evaluation import extract_features
 from ijepa_hf.loading import load_encoder
-from ijepa_hf.scripts import configure_logging, run_script
+from ijepa_hf.scripts import configure_logging, resolve_device, run_script
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> Path:
     """Extracts and saves the features; returns the output path."""
     args = parse_args(argv)
     configure_logging()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)  # before any data or model is read
     if args.dataset_name in BUILTIN_DATASETS:  # read locally, as probe.py and finetune.py do
         dataset = load_builtin_split(args.dataset_name, args.split, max_samples=args.max_samples)
         dataset = dataset.cast_column("image", datasets.Image(decode=False))

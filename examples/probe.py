@@ -36,7 +36,7 @@ from ijepa_hf.evaluation import (attentive_probe, evaluate_encoder, extract_feat
 from ijepa_hf.evaluation.features import check_layers
 from ijepa_hf.loading import encoder_depth, load_encoder
 from ijepa_hf.finetuning import BUILTIN_DATASETS, DEFAULT_TRAIN_VAL_SPLIT, load_labeled_splits
-from ijepa_hf.scripts import configure_logging, run_script
+from ijepa_hf.scripts import configure_logging, resolve_device, run_script
 from ijepa_hf.training.arguments import check_seed
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Runs the probes; returns the result rows (see `ijepa_hf.evaluation.evaluate_encoder`)."""
     args = parse_args(argv)
     configure_logging()
+    device = resolve_device(args.device)  # before any data or model is read
     hub_kwargs = {"revision": args.revision} if args.revision else {}
     for path in args.model_name_or_path:  # every model's path and depth, before the data and the first model's probes
         depth = encoder_depth(path, **hub_kwargs)
@@ -130,7 +131,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     splits = load_labeled_splits(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,

@@ -20,7 +20,7 @@ from typing import Any
 
 __all__ = ["DEBUG_FLAG", "DEBUG_ENV", "INTERRUPTED_EXIT_CODE", "TRAINING_INTERRUPTED", "USAGE_EXIT_CODE",
            "check_trainer_length", "configure_logging", "quiet_http_logging", "prepare_trainer_run",
-           "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
+           "resolve_device", "resolve_resume_checkpoint", "run_script", "trainer_run_folder", "user_errors"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "IJEPA_HF_DEBUG"
@@ -65,6 +65,32 @@ def check_trainer_length(training_args: Any) -> None:
     if training_args.max_steps < 0 and training_args.num_train_epochs <= 0:
         raise ValueError(f"--num_train_epochs {training_args.num_train_epochs:g} trains nothing: give a positive "
                          "number of epochs, or --max_steps")
+
+
+def resolve_device(value: str | None) -> str:
+    """The device of a script's ``--device`` (``None``: cuda when available, else cpu), refused (``ValueError``
+    naming the flag) where this machine cannot use it: torch would stop at the first tensor moved there, after the
+    data and the model were read, with a traceback such as "Torch not compiled with CUDA enabled"."""
+    import torch
+
+    if value is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(f"--device {value!r} is not a torch device ({error}): give cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return value
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    name = device.type.upper() if device.type in ("cuda", "xpu") else device.type
+    if backend is None or not backend.is_available():
+        raise ValueError(f"--device {value}: this torch sees no {name} GPU (torch.{device.type}.is_available() is "
+                         "False); give --device cpu, or leave --device out (the GPU when there is one, else the CPU)")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {value}: this machine has {count} {name} GPU{'' if count == 1 else 's'} "
+                         f"({device.type}:0 to {device.type}:{count - 1})")
+    return value
 
 
 def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:

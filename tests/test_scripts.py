@@ -118,3 +118,35 @@ def test_run_script_ends_the_process_group_the_run_started(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PORT": str(free_port()), "ARGV": argv})
         assert proc.returncode == 0 and proc.stdout.strip() == printed.replace("\\n", "\n"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", ["extract_features", "probe"])
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, load_example, monkeypatch, script):
+    """extract_features.py / probe.py --device cuda on a machine without CUDA read the data and loaded the model, then
+    stopped with torch's traceback ("AssertionError: Torch not compiled with CUDA enabled"); a GPU index the machine
+    lacks, or no device at all, went as far. Each is refused at the start, naming --device and what to give."""
+    import torch
+
+    from ijepa_hf.scripts import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    example = load_example(script)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data or a model was read before --device was checked")
+
+    for name in ("load_encoder", "load_labeled_splits", "load_image_dataset", "load_builtin_split", "encoder_depth"):
+        if hasattr(example, name):
+            monkeypatch.setattr(example, name, no_work)
+    argv = ["--model_name_or_path", str(tmp_path / "m"), "--dataset_name", "procedural_shapes"]
+    argv += ["--output", str(tmp_path / "f.npz")] if script == "extract_features" else []
+    with pytest.raises(ValueError, match=r"--device cuda: this torch sees no CUDA GPU .*--device cpu"):
+        example.main([*argv, "--device", "cuda"])
+    with pytest.raises(ValueError, match=r"--device 'gpu0' is not a torch device.*cpu, cuda or cuda:N"):
+        example.main([*argv, "--device", "gpu0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA GPUs \(cuda:0 to cuda:1\)"):
+        example.main([*argv, "--device", "cuda:2"])
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device(None) == "cuda"
