@@ -59,7 +59,7 @@ from ijepa_hf.finetuning import (
 from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, quiet_http_logging, run_script,
                               trainer_run_folder)
-from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback
+from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback, check_mixed_precision
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 
@@ -162,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
     if not (training_args.weight_decay >= 0 and math.isfinite(training_args.weight_decay)):
         # Trainer puts it in its parameter groups, which torch's own check (of its default only) does not see
         parser.error(f"--weight_decay must be a finite number >= 0, got {training_args.weight_decay}.")
+    try:
+        check_mixed_precision(training_args)
+    except ValueError as error:
+        parser.error(f"--fp16: {error}.")
     if not 0 <= training_args.label_smoothing_factor < 1:
         parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:

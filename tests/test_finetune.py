@@ -251,6 +251,8 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     (["--do_train", "--weight_decay", "-1"], "--weight_decay must be a finite number >= 0, got -1.0"),
     # refused once the data and the model were read, naming load_image_classifier
     (["--do_train", "--encoder", "foo"], "invalid choice: 'foo'"),
+    # Trainer runs it in fp32 on CPU (no autocast), while its card said fp16 ("Native AMP")
+    (["--do_train", "--fp16"], "--fp16: fp16 mixed precision is not applied on CPU"),
 ])
 def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
                                                                  capsys, flags, message):

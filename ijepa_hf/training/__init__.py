@@ -53,6 +53,7 @@ __all__ = [
     "official_training_arguments",
     "recipe_training_arguments",
     "check_training_arguments",
+    "check_mixed_precision",
     "RECIPES",
     "apply_recipe",
     "get_recipe",
@@ -82,6 +83,7 @@ _LAZY = {
     "predictor_size_note": "recipes",
     "official_training_arguments": "trainer",
     "check_training_arguments": "trainer",
+    "check_mixed_precision": "trainer",
 }
 
 

@@ -314,6 +314,14 @@ class OnlineProbeCallback(TrainerCallback):
         return values
 
 
+def check_mixed_precision(args: TrainingArguments) -> None:
+    """Refuse (``ValueError``) ``fp16`` on CPU: accelerate applies no autocast there, so the run would be fp32's while
+    its log and card said fp16 (any Trainer: the fine-tuning script runs this check too)."""
+    if args.fp16 and args.device.type == "cpu":
+        raise ValueError("fp16 mixed precision is not applied on CPU (the run would be fp32's while the log and the "
+                         "card said fp16): use bf16=True, or neither, on CPU")
+
+
 def check_training_arguments(args: TrainingArguments, final_weight_decay: float | None = None) -> dict[str, float]:
     """Refuse (``ValueError`` naming the field) the ``TrainingArguments`` :class:`IJepaTrainer` cannot honour, as the
     trainer does when it is made; a script calls it before reading any data. Returns the cosine's start/final lr."""
@@ -326,9 +334,10 @@ def check_training_arguments(args: TrainingArguments, final_weight_decay: float 
     if args.optim_args:
         raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
                          "adam_beta2 and adam_epsilon")
-    if args.fp16 and args.device.type == "cpu":  # accelerate runs it in fp32, while the log and the card say fp16
-        raise ValueError("IJepaTrainer: fp16 mixed precision is not applied on CPU (the run would be fp32's while "
-                         "the log and the card said fp16): use bf16=True, or neither, on CPU")
+    try:
+        check_mixed_precision(args)
+    except ValueError as error:
+        raise ValueError(f"IJepaTrainer: {error}") from None
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) < 1:  # Trainer would divide by it
             raise ValueError(f"IJepaTrainer: {name} must be a positive integer, got {getattr(args, name)}")
