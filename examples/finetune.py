@@ -60,6 +60,7 @@ from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, quiet_http_logging, run_script,
                               trainer_run_folder)
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback, check_mixed_precision
+from ijepa_hf.training.trainer import TORCH_ADAMW_OPTIMIZERS
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 
@@ -162,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
     if not (training_args.weight_decay >= 0 and math.isfinite(training_args.weight_decay)):
         # Trainer puts it in its parameter groups, which torch's own check (of its default only) does not see
         parser.error(f"--weight_decay must be a finite number >= 0, got {training_args.weight_decay}.")
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if model_args.layer_decay is not None and optim not in TORCH_ADAMW_OPTIMIZERS:
+        parser.error(f"--optim {optim} would not be used: --layer_decay builds its own AdamW over layer-wise groups. "
+                     "Drop --optim, or --layer_decay to train with that optimiser.")
+    if model_args.layer_decay is not None and training_args.optim_args:
+        parser.error(f"--optim_args {training_args.optim_args} would not be used: --layer_decay builds its own AdamW "
+                     "(it takes --adam_beta1, --adam_beta2, --adam_epsilon and --weight_decay).")
     try:
         check_mixed_precision(training_args)
     except ValueError as error:

@@ -556,9 +556,14 @@ def finetuned_classifier_card(
     model_name = getattr(trainer, "hub_model_id", None) or args.hub_model_id or model_name or Path(
         args.output_dir).name
     classes = train_dataset.features["label"].names
-    optimiser = f"AdamW (betas {args.adam_beta1:g}, {args.adam_beta2:g}), weight decay {args.weight_decay:g}, " + (
-        f"layer-wise learning-rate decay {layer_decay:g}" if layer_decay is not None
-        else "one learning rate for all parameters")
+    optim = getattr(args.optim, "value", args.optim)
+    if layer_decay is not None:  # build_layerwise_optimizer's AdamW (finetune.py refuses another --optim with it)
+        optimiser = (f"AdamW (betas {args.adam_beta1:g}, {args.adam_beta2:g}), weight decay {args.weight_decay:g}, "
+                     f"layer-wise learning-rate decay {layer_decay:g}")
+    else:
+        betas = f", betas {args.adam_beta1:g}, {args.adam_beta2:g}" if "adam" in optim else ""
+        optimiser = (f"`{optim}` (Trainer's --optim){betas}, weight decay {args.weight_decay:g}, one learning rate "
+                     "for all parameters")
     warmup = args.get_warmup_steps(state.max_steps)
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     training: dict[str, Any] = {

@@ -253,6 +253,9 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     (["--do_train", "--encoder", "foo"], "invalid choice: 'foo'"),
     # Trainer runs it in fp32 on CPU (no autocast), while its card said fp16 ("Native AMP")
     (["--do_train", "--fp16"], "--fp16: fp16 mixed precision is not applied on CPU"),
+    # --layer_decay builds its own AdamW: Trainer's --optim and --optim_args were dropped without a word
+    (["--do_train", "--layer_decay", "0.75", "--optim", "sgd"], "--optim sgd would not be used: --layer_decay builds"),
+    (["--do_train", "--layer_decay", "0.75", "--optim_args", "foo=1"], "--optim_args foo=1 would not be used"),
 ])
 def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
                                                                  capsys, flags, message):
@@ -357,6 +360,16 @@ def test_finetuned_card_describes_the_run(tmp_path, load_example, image_folder, 
     [result] = card.data.eval_results
     assert (result.dataset_split, result.metric_type) == ("validation", "accuracy")
     assert result.metric_value == pytest.approx(accuracy, abs=0.01)
+
+
+def test_the_card_names_the_optimiser_trainer_ran(tmp_path, load_example, image_folder, encoder_repo):
+    """Without --layer_decay, Trainer builds the optimiser --optim names; the card said AdamW whatever it was."""
+    output_dir = tmp_path / "ft"
+    trainer = load_example("finetune").main(_finetune_argv(encoder_repo, image_folder, output_dir, "--do_train",
+                                                           "--max_steps", "1", "--optim", "sgd"))
+    assert type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__ == "SGD"
+    optimiser = _card_rows((output_dir / "README.md").read_text())["Optimiser"]
+    assert optimiser.startswith("`sgd` (Trainer's --optim), weight decay 0") and "AdamW" not in optimiser
 
 
 def test_a_wrong_column_name_is_refused_naming_the_scripts_flag(tmp_path, load_example, image_folder, encoder_repo):

@@ -92,9 +92,11 @@ __all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallba
            "IJepaTrainer",
            "check_training_arguments", "official_training_arguments", "recipe_scheduler_kwargs",
            "OFFICIAL_FINAL_WEIGHT_DECAY",
-           "SUPPORTED_OPTIMIZERS"]
+           "TORCH_ADAMW_OPTIMIZERS"]
 
-SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+# Trainer's names of torch's AdamW: the optimisers IJepaTrainer (the official parameter groups) and finetune.py's
+# layer-wise groups build.
+TORCH_ADAMW_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
 _COSINE_KWARGS = ("start_lr", "final_lr")
 OFFICIAL_FINAL_WEIGHT_DECAY = 0.4
 # Marks the batch that stands in for one of no readable image (IJepaTrainer._stand_in).
@@ -326,7 +328,7 @@ def check_training_arguments(args: TrainingArguments, final_weight_decay: float 
     """Refuse (``ValueError`` naming the field) the ``TrainingArguments`` :class:`IJepaTrainer` cannot honour, as the
     trainer does when it is made; a script calls it before reading any data. Returns the cosine's start/final lr."""
     optim = getattr(args.optim, "value", args.optim)
-    if optim not in SUPPORTED_OPTIMIZERS:
+    if optim not in TORCH_ADAMW_OPTIMIZERS:
         raise ValueError(
             f"IJepaTrainer: optim={optim!r} is not supported; I-JEPA optimises the official AdamW parameter groups "
             f"(weight decay on weights, none on biases and 1-D parameters): use optim='adamw_torch' or "
