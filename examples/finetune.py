@@ -88,7 +88,8 @@ class ModelArguments:
     pooler_norm: str | None = field(
         default=None, metadata={"choices": ["batchnorm", "layernorm", "none"], "help": (
             "How a new head normalises the pooled features: 'batchnorm' (a new head's default; needs training "
-            "batches of 2 or more images), 'layernorm' or 'none'. A classifier repo keeps the one it was trained with.")},
+            "batches of 2 or more images), 'layernorm' or 'none'. A classifier repo keeps the one it was trained with "
+            "(another is refused).")},
     )
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Replace a classifier head whose number of labels differs."}

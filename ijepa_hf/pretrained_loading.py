@@ -28,7 +28,8 @@ This module adds only what transformers cannot know:
   Saved afterwards, such a model is a repo of its own class: transformers reverses a load's ``key_mapping`` on save,
   so this renaming is taken back off the model (a caller's own ``key_mapping`` is still reversed).
 - **A fresh head starts as every fresh head does**: a class that declares ``_fresh_head_config`` gets those config
-  values when the repo was not saved by that class and the caller gave none.
+  values when the repo was not saved by that class and the caller gave none; a head that class trained keeps its
+  own (another value is refused: the trained head would see other inputs).
 - **Strict keys**: missing or unexpected keys are an error listing them (transformers only warns, which silently
   leaves random weights); ``strict=False`` gives transformers' lenient behaviour. So are weights whose shape the
   config changes (a width or depth override of a saved model), named with both shapes; ``ignore_mismatched_sizes``
@@ -265,7 +266,19 @@ def from_pretrained_policy(
     fresh = getattr(cls, "_fresh_head_config", None)
     if fresh:
         architectures = repo.get("architectures") or getattr(config, "architectures", None) or []
-        if cls.__name__ not in architectures:  # a head this class did not train
+        if cls.__name__ in architectures:  # a head this class trained keeps the settings it was trained with
+            for key in fresh:
+                # The Auto classes move the keyword into the config they pass
+                given = kwargs.get(key, getattr(config, key, None) if isinstance(config, PretrainedConfig) else None)
+                saved = repo.get(key)
+                if given is not None and given != saved and not (given == "none" and saved is None):
+                    raise ValueError(
+                        f"{caller}({str(path)!r}, {key}={given!r}): this classifier's head was trained on pooled "
+                        f"features normalised by {saved or 'none'!r}; another {key} would feed it other inputs. "
+                        f"Leave {key} out (--{key} in the example scripts) to keep it, or start from the encoder "
+                        "or pretraining repo for a new head."
+                    )
+        else:  # a head this class did not train
             if isinstance(config, PretrainedConfig):
                 kwargs["config"] = config = copy.deepcopy(config)
                 for key, value in fresh.items():

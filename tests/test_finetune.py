@@ -432,6 +432,12 @@ def test_a_new_head_standardises_the_pooled_features_and_saved_classifiers_load_
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier").eval()
     assert torch.equal(reloaded.pooler_norm.running_mean, new.pooler_norm.running_mean)
     torch.testing.assert_close(reloaded(pixels).logits, new.eval()(pixels).logits)
+    # The trained head keeps its norm: another one (finetune.py --pooler_norm) fed it other inputs without a word
+    with pytest.raises(ValueError, match=r"pooler_norm='layernorm'\): this classifier's head was trained on pooled "
+                                         r"features normalised by 'batchnorm'"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "classifier", pooler_norm="layernorm")
+    same = AutoModelForImageClassification.from_pretrained(tmp_path / "classifier", pooler_norm="batchnorm").eval()
+    torch.testing.assert_close(same(pixels).logits, reloaded(pixels).logits)
     explicit = AutoModelForImageClassification.from_pretrained(tmp_path / "encoder", num_labels=3, pooler_norm="none")
     assert isinstance(explicit.pooler_norm, torch.nn.Identity)
     # a classifier of an earlier version: its config has no pooler_norm, its head sees the raw pooled features
