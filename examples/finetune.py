@@ -46,8 +46,8 @@ from ijepa_hf.licensing import record_weights_license, weights_license
 from ijepa_hf.finetuning import (
     BUILTIN_DATASETS,
     DEFAULT_TRAIN_VAL_SPLIT,
-    build_layerwise_optimizer,
     FinetuningTrainer,
+    build_layerwise_optimizer,
     classification_collate,
     describe_initialisation,
     finetune_run_settings,
@@ -60,9 +60,9 @@ from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, quiet_http_logging, run_script,
                               trainer_run_folder)
 from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback, check_mixed_precision
-from ijepa_hf.training.trainer import TORCH_ADAMW_OPTIMIZERS
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
+from ijepa_hf.training.trainer import TORCH_ADAMW_OPTIMIZERS
 
 logger = logging.getLogger(__name__)
 

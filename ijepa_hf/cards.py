@@ -67,6 +67,7 @@ _META_BASE_PREFIXES = ("facebook/ijepa",)
 # Friendly labels (and display order) for the `training` dict; unknown keys are shown after these.
 _TRAINING_LABELS: dict[str, str] = {
     "initialised_from": "Initialised from",
+    "evaluated_model": "Evaluated model",
     "data": "Training data",
     "dataset": "Training data",
     "validation_data": "Validation data",

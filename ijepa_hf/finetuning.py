@@ -495,14 +495,15 @@ def finetune_run_settings(training_args: Any, *, layer_decay: float | None, min_
 
 def describe_initialisation(model_name_or_path: str, encoder: str = "target", **hub_kwargs: Any) -> str:
     """What a fine-tuning run starts from, as its card names it: the kind of model (an I-JEPA encoder, one encoder
-    of a pretraining model, a classifier trained further, another transformers model) and where it is: its Hub
+    of a pretraining model, an image classifier, another transformers model) and where it is: its Hub
     repo, or a local folder by its name only (the author's path says nothing to a reader of the card)."""
     from .pretrained_loading import repo_config
 
     repo = repo_config(model_name_or_path, dict(hub_kwargs))
     model_type, architectures = repo.get("model_type"), repo.get("architectures") or []
-    if any(name.endswith("ForImageClassification") for name in architectures):
-        kind = f"an image classifier (`{model_type}`), trained further"
+    classifiers = [name for name in architectures if name.endswith("ForImageClassification")]
+    if classifiers:
+        kind = f"an image classifier (`{classifiers[0]}`)"
     elif model_type == "ijepa_hf_pretraining":
         kind = f"the {encoder} encoder of an I-JEPA pretraining model"
     elif model_type in ("ijepa_hf_encoder", "ijepa"):
@@ -515,6 +516,44 @@ def describe_initialisation(model_name_or_path: str, encoder: str = "target", **
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count:,} " + (noun if count == 1 else plural or f"{noun}s")
+
+
+def _recipe_rows(trainer: Trainer, initialised_from: str, dataset_name: str | None, train_dataset: Any, *,
+                 layer_decay: float | None, min_crop_scale: float, eval_resize_ratio: float) -> dict[str, Any]:
+    """The training table of a fine-tuning run's card (:func:`finetuned_classifier_card`)."""
+    from .training.export import batch_summary, final_loss_summary
+
+    args, state = trainer.args, trainer.state
+    classes = train_dataset.features["label"].names
+    optim = getattr(args.optim, "value", args.optim)
+    if layer_decay is not None:  # build_layerwise_optimizer's AdamW (finetune.py refuses another --optim with it)
+        optimiser = (f"AdamW (betas {args.adam_beta1:g}, {args.adam_beta2:g}), weight decay {args.weight_decay:g}, "
+                     f"layer-wise learning-rate decay {layer_decay:g}")
+    else:
+        betas = f", betas {args.adam_beta1:g}, {args.adam_beta2:g}" if "adam" in optim else ""
+        optimiser = (f"`{optim}` (Trainer's --optim){betas}, weight decay {args.weight_decay:g}, one learning rate "
+                     "for all parameters")
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    warmup = args.get_warmup_steps(state.max_steps)
+    return {
+        "initialised_from": initialised_from,
+        "data": f"{dataset_name or 'a local image folder'}: {_plural(len(train_dataset), 'training image')}, "
+                f"{_plural(len(classes), 'class', 'classes')}",
+        "image_size": processor_image_size(trainer.processing_class),
+        "augmentations": f"random resized crop ({min_crop_scale:g}, 1.0) and horizontal flip; evaluation: the "
+                         f"shorter side resized to {eval_resize_ratio:g} x the image size, centre crop",
+        "steps": str(state.global_step),
+        "epochs": round(state.epoch or 0.0, 2),
+        "batch_size": batch_summary(args.per_device_train_batch_size, args.world_size,
+                                    args.gradient_accumulation_steps),
+        "optimizer": optimiser,
+        "lr_schedule": f"peak {args.learning_rate:g} after {_plural(warmup, 'warm-up step')}, Trainer's `{scheduler}` "
+                       "schedule",
+        "label_smoothing": args.label_smoothing_factor,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "seed": args.seed,
+        "final_loss": final_loss_summary(state.log_history),
+    }
 
 
 def finetuned_classifier_card(
@@ -536,6 +575,8 @@ def finetuned_classifier_card(
     (:func:`describe_initialisation`), its data, recipe and final training loss, and the last validation accuracy
     it measured (also in the ``model-index`` metadata), with Trainer's table of its evaluations during training.
 
+    A run that trained nothing (evaluation only) names the model it evaluated and no recipe.
+
     Args:
         trainer: the `Trainer` after the run (its arguments, state and log history are read).
         initialised_from: from :func:`describe_initialisation`.
@@ -550,41 +591,14 @@ def finetuned_classifier_card(
     """
     from transformers.modelcard import make_markdown_table, parse_log_history
 
-    from .training.export import batch_summary, final_loss_summary
-
-    args, state, history = trainer.args, trainer.state, trainer.state.log_history
+    args, history = trainer.args, trainer.state.log_history
     model_name = getattr(trainer, "hub_model_id", None) or args.hub_model_id or model_name or Path(
         args.output_dir).name
-    classes = train_dataset.features["label"].names
-    optim = getattr(args.optim, "value", args.optim)
-    if layer_decay is not None:  # build_layerwise_optimizer's AdamW (finetune.py refuses another --optim with it)
-        optimiser = (f"AdamW (betas {args.adam_beta1:g}, {args.adam_beta2:g}), weight decay {args.weight_decay:g}, "
-                     f"layer-wise learning-rate decay {layer_decay:g}")
-    else:
-        betas = f", betas {args.adam_beta1:g}, {args.adam_beta2:g}" if "adam" in optim else ""
-        optimiser = (f"`{optim}` (Trainer's --optim){betas}, weight decay {args.weight_decay:g}, one learning rate "
-                     "for all parameters")
-    warmup = args.get_warmup_steps(state.max_steps)
-    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    training: dict[str, Any] = {
-        "initialised_from": initialised_from,
-        "data": f"{dataset_name or 'a local image folder'}: {_plural(len(train_dataset), 'training image')}, "
-                f"{_plural(len(classes), 'class', 'classes')}",
-        "image_size": processor_image_size(trainer.processing_class),
-        "augmentations": f"random resized crop ({min_crop_scale:g}, 1.0) and horizontal flip; evaluation: the "
-                         f"shorter side resized to {eval_resize_ratio:g} x the image size, centre crop",
-        "steps": str(state.global_step),
-        "epochs": round(state.epoch or 0.0, 2),
-        "batch_size": batch_summary(args.per_device_train_batch_size, args.world_size,
-                                    args.gradient_accumulation_steps),
-        "optimizer": optimiser,
-        "lr_schedule": f"peak {args.learning_rate:g} after {_plural(warmup, 'warm-up step')}, Trainer's "
-                       f"`{scheduler}` schedule",
-        "label_smoothing": args.label_smoothing_factor,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
-        "seed": args.seed,
-        "final_loss": final_loss_summary(history),
-    }
+    if trainer.state.global_step:
+        training = _recipe_rows(trainer, initialised_from, dataset_name, train_dataset, layer_decay=layer_decay,
+                                min_crop_scale=min_crop_scale, eval_resize_ratio=eval_resize_ratio)
+    else:  # an evaluation-only run: no recipe ran
+        training = {"evaluated_model": f"not trained by this run: {initialised_from}"}
     evaluated = [row for row in history if row.get("eval_accuracy") is not None]
     if evaluated:  # the images behind the accuracy below
         training["validation_data"] = f"{_plural(len(eval_dataset), 'image')} {eval_dataset.info.description}"

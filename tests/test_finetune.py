@@ -372,6 +372,19 @@ def test_the_card_names_the_optimiser_trainer_ran(tmp_path, load_example, image_
     assert optimiser.startswith("`sgd` (Trainer's --optim), weight decay 0") and "AdamW" not in optimiser
 
 
+def test_the_card_of_an_evaluation_only_run_states_no_recipe(tmp_path, load_example, image_folder, encoder_repo):
+    """finetune.py --do_eval alone evaluates a classifier: its card listed a learning-rate schedule, optimiser and crop
+    that never ran (0 steps) and called the model "trained further"."""
+    finetune = load_example("finetune")
+    finetune.main(_finetune_argv(encoder_repo, image_folder, tmp_path / "trained", "--do_train", "--max_steps", "1"))
+    finetune.main(_finetune_argv(tmp_path / "trained", image_folder, tmp_path / "evaluated", "--do_eval"))
+    rows = _card_rows((tmp_path / "evaluated" / "README.md").read_text())
+    assert rows["Evaluated model"] == ("not trained by this run: an image classifier "
+                                       "(`IJepaEncoderForImageClassification`): the local folder `trained`")
+    assert not {"Optimiser", "Learning-rate schedule", "Augmentations", "Optimisation steps"} & set(rows), rows
+    assert rows["Validation data"].startswith("8 images held out of the training images")
+
+
 def test_a_wrong_column_name_is_refused_naming_the_scripts_flag(tmp_path, load_example, image_folder, encoder_repo):
     """finetune.py --label_column_name lbl said "pass label_column=", a keyword its user never sees; the message now
     names the flag too (as the library's other messages do), and lists the data's columns."""
@@ -399,8 +412,8 @@ def test_a_model_other_than_i_jepa_keeps_trainers_card_and_card_options_are_not_
     vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                               num_attention_heads=2, intermediate_size=64, num_labels=2))
     vit.save_pretrained(tmp_path / "vit")
-    assert describe_initialisation(str(tmp_path / "vit")) == "an image classifier (`vit`), trained further: " \
-                                                              "the local folder `vit`"
+    assert describe_initialisation(str(tmp_path / "vit")) == ("an image classifier (`ViTForImageClassification`): "
+                                                              "the local folder `vit`")
     info = dict(initialised_from="a ViT", licence=WeightsLicense("mit", None), dataset_name=None,
                 train_dataset=splits["train"], eval_dataset=splits["validation"], layer_decay=None,
                 min_crop_scale=0.08, eval_resize_ratio=1.0)
