@@ -38,6 +38,9 @@ class _LrRecorder(TrainerCallback):
     ({"per_device_eval_batch_size": 0}, "per_device_eval_batch_size must be a positive integer, got 0"),
     ({"fp16": True}, "fp16 mixed precision is not applied on CPU"),
     ({"weight_decay": -1.0}, r"weight_decay must be a finite number >= 0, got -1.0"),
+    # no labels and no token embeddings: label smoothing was ignored without a word, NEFTune an AttributeError
+    ({"label_smoothing_factor": 0.1}, r"label_smoothing_factor=0.1 smooths classification labels"),
+    ({"neftune_noise_alpha": 5.0}, r"neftune_noise_alpha=5.0 adds noise to a language model's token embeddings"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"start_lr": 2e-4}}, "warm-up would go down"),
     ({"lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"min_lr": 1e-6}}, r"\['min_lr'\] are not options"),
 ])
@@ -172,6 +175,8 @@ def test_an_online_probe_setting_it_cannot_use_is_refused_before_training(tmp_pa
     ("--per_device_train_batch_size", "0", "per_device_train_batch_size must be a positive integer, got 0"),
     ("--shuffle_buffer_size", "-5", r"--shuffle_buffer_size must be >= 0 \(0: no shuffling\), got -5"),
     ("--weight_decay", "-1", "weight_decay must be a finite number >= 0, got -1.0"),  # torch's raw message, late
+    ("--label_smoothing_factor", "0.1", "label_smoothing_factor=0.1 smooths classification labels"),
+    ("--use_liger_kernel", "true", "use_liger_kernel patches language models"),  # an ImportError traceback
 ])
 def test_pretrain_trainer_refuses_its_own_options_out_of_range_when_parsing(tmp_path, load_example, option, value,
                                                                             message):

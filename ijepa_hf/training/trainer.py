@@ -343,6 +343,16 @@ def check_training_arguments(args: TrainingArguments, final_weight_decay: float 
     for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
         if getattr(args, name) < 1:  # Trainer would divide by it
             raise ValueError(f"IJepaTrainer: {name} must be a positive integer, got {getattr(args, name)}")
+    # Options for labels or language models: I-JEPA's loss has no labels and its model no token embeddings
+    if args.label_smoothing_factor:  # Trainer would ignore it without a word
+        raise ValueError(f"IJepaTrainer: label_smoothing_factor={args.label_smoothing_factor} smooths classification "
+                         "labels; I-JEPA's loss has none: leave it at 0")
+    if args.neftune_noise_alpha is not None:
+        raise ValueError(f"IJepaTrainer: neftune_noise_alpha={args.neftune_noise_alpha} adds noise to a language "
+                         "model's token embeddings; I-JEPA's encoder has none: leave it out")
+    if args.use_liger_kernel:
+        raise ValueError("IJepaTrainer: use_liger_kernel patches language models' layers (Liger kernels); it does "
+                         "not apply to I-JEPA: leave it out")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):  # torch checks its default, not our groups
         raise ValueError(f"IJepaTrainer: weight_decay must be a finite number >= 0, got {args.weight_decay}")
     if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
@@ -417,6 +427,8 @@ class IJepaTrainer(Trainer):
                 or skip_nonfinite_steps < 0:
             raise ValueError(f"IJepaTrainer: skip_nonfinite_steps must be an integer >= 0, got "
                              f"{skip_nonfinite_steps!r}")
+        # Before Trainer's own set-up, which stops with a traceback on some of them (NEFTune, Liger)
+        cosine = check_training_arguments(args, final_weight_decay) if args is not None else None
         super().__init__(model, _no_unused_parameter_search(args), *trainer_args, **kwargs)
         if skip_nonfinite_steps and self.is_deepspeed_enabled:
             raise ValueError("IJepaTrainer: skip_nonfinite_steps is not supported with DeepSpeed (its engine steps the "
@@ -433,7 +445,7 @@ class IJepaTrainer(Trainer):
         self._collapse_monitor = CollapseMonitor(min_std=collapse_threshold, max_cosine=collapse_max_cosine)
         self._term_sums: torch.Tensor | None = None  # the regulariser's terms summed since the last log row
         self._term_count = 0
-        self._cosine = check_training_arguments(self.args, final_weight_decay)
+        self._cosine = cosine if cosine is not None else check_training_arguments(self.args, final_weight_decay)
         self._final_weight_decay = final_weight_decay
         self._settings = RunSettingsCallback({**self._run_settings(final_weight_decay, ema_momentum),
                                               **({"data": data_fingerprint} if data_fingerprint else {})})
