@@ -59,7 +59,8 @@ from ijepa_hf.finetuning import (
 from ijepa_hf.loading import load_image_classifier, load_image_processor
 from ijepa_hf.scripts import (TRAINING_INTERRUPTED, check_trainer_length, quiet_http_logging, run_script,
                               trainer_run_folder)
-from ijepa_hf.training import PREEMPTED_EXIT_CODE, PreemptionCallback, check_mixed_precision
+from ijepa_hf.training import (PREEMPTED_EXIT_CODE, PreemptionCallback, check_batch_arguments,
+                               check_mixed_precision)
 from ijepa_hf.training.arguments import check_seed
 from ijepa_hf.training.resume import RunSettingsCallback, check_trainer_resume_compatible
 from ijepa_hf.training.trainer import TORCH_ADAMW_OPTIMIZERS
@@ -175,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         check_mixed_precision(training_args)
     except ValueError as error:
         parser.error(f"--fp16: {error}.")
+    try:
+        check_batch_arguments(training_args)
+    except ValueError as error:
+        parser.error(f"--{error}.")
     if not 0 <= training_args.label_smoothing_factor < 1:
         parser.error(f"--label_smoothing_factor must be in [0, 1), got {training_args.label_smoothing_factor}.")
     if training_args.resume_from_checkpoint is not None and not training_args.do_train:

@@ -256,6 +256,9 @@ def _finetune_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> li
     # --layer_decay builds its own AdamW: Trainer's --optim and --optim_args were dropped without a word
     (["--do_train", "--layer_decay", "0.75", "--optim", "sgd"], "--optim sgd would not be used: --layer_decay builds"),
     (["--do_train", "--layer_decay", "0.75", "--optim_args", "foo=1"], "--optim_args foo=1 would not be used"),
+    # a ZeroDivisionError traceback, and torch's DataLoader error once the data and model were read
+    (["--do_train", "--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive integer"),
+    (["--do_train", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
 ])
 def test_finetune_refuses_options_it_cannot_honour_before_it_runs(tmp_path, load_example, image_folder, encoder_repo,
                                                                  capsys, flags, message):

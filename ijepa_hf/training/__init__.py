@@ -54,6 +54,7 @@ __all__ = [
     "recipe_training_arguments",
     "check_training_arguments",
     "check_mixed_precision",
+    "check_batch_arguments",
     "RECIPES",
     "apply_recipe",
     "get_recipe",
@@ -84,6 +85,7 @@ _LAZY = {
     "official_training_arguments": "trainer",
     "check_training_arguments": "trainer",
     "check_mixed_precision": "trainer",
+    "check_batch_arguments": "trainer",
 }
 
 

@@ -90,7 +90,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EMACallback", "WeightDecayScheduleCallback", "MaskCollatorStepCallback", "PreemptionCallback",
            "IJepaTrainer",
-           "check_training_arguments", "official_training_arguments", "recipe_scheduler_kwargs",
+           "check_batch_arguments", "check_mixed_precision", "check_training_arguments", "official_training_arguments",
+           "recipe_scheduler_kwargs",
            "OFFICIAL_FINAL_WEIGHT_DECAY",
            "TORCH_ADAMW_OPTIMIZERS"]
 
@@ -316,6 +317,14 @@ class OnlineProbeCallback(TrainerCallback):
         return values
 
 
+def check_batch_arguments(args: TrainingArguments) -> None:
+    """Refuse (``ValueError``) a batch size or accumulation below 1: Trainer would divide by it (a ZeroDivisionError)
+    or fail in the data loader once the data and the model were read (any Trainer: finetune.py runs it too)."""
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)}")
+
+
 def check_mixed_precision(args: TrainingArguments) -> None:
     """Refuse (``ValueError``) ``fp16`` on CPU: accelerate applies no autocast there, so the run would be fp32's while
     its log and card said fp16 (any Trainer: the fine-tuning script runs this check too)."""
@@ -340,9 +349,10 @@ def check_training_arguments(args: TrainingArguments, final_weight_decay: float 
         check_mixed_precision(args)
     except ValueError as error:
         raise ValueError(f"IJepaTrainer: {error}") from None
-    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
-        if getattr(args, name) < 1:  # Trainer would divide by it
-            raise ValueError(f"IJepaTrainer: {name} must be a positive integer, got {getattr(args, name)}")
+    try:
+        check_batch_arguments(args)
+    except ValueError as error:
+        raise ValueError(f"IJepaTrainer: {error}") from None
     # Options for labels or language models: I-JEPA's loss has no labels and its model no token embeddings
     if args.label_smoothing_factor:  # Trainer would ignore it without a word
         raise ValueError(f"IJepaTrainer: label_smoothing_factor={args.label_smoothing_factor} smooths classification "
