@@ -336,55 +336,53 @@ def check_mixed_precision(args: TrainingArguments) -> None:
 def check_training_arguments(args: TrainingArguments, final_weight_decay: float | None = None) -> dict[str, float]:
     """Refuse (``ValueError`` naming the field) the ``TrainingArguments`` :class:`IJepaTrainer` cannot honour, as the
     trainer does when it is made; a script calls it before reading any data. Returns the cosine's start/final lr."""
+    try:
+        return _check_training_arguments(args, final_weight_decay)
+    except ValueError as error:
+        raise ValueError(f"IJepaTrainer: {error}") from None
+
+
+def _check_training_arguments(args: TrainingArguments, final_weight_decay: float | None) -> dict[str, float]:
     optim = getattr(args.optim, "value", args.optim)
     if optim not in TORCH_ADAMW_OPTIMIZERS:
         raise ValueError(
-            f"IJepaTrainer: optim={optim!r} is not supported; I-JEPA optimises the official AdamW parameter groups "
+            f"optim={optim!r} is not supported; I-JEPA optimises the official AdamW parameter groups "
             f"(weight decay on weights, none on biases and 1-D parameters): use optim='adamw_torch' or "
             "'adamw_torch_fused' (official_training_arguments() sets the official recipe)")
     if args.optim_args:
-        raise ValueError(f"IJepaTrainer: optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, "
-                         "adam_beta2 and adam_epsilon")
-    try:
-        check_mixed_precision(args)
-    except ValueError as error:
-        raise ValueError(f"IJepaTrainer: {error}") from None
-    try:
-        check_batch_arguments(args)
-    except ValueError as error:
-        raise ValueError(f"IJepaTrainer: {error}") from None
+        raise ValueError(f"optim_args={args.optim_args!r} is not supported; AdamW takes adam_beta1, adam_beta2 and "
+                         "adam_epsilon")
+    check_mixed_precision(args)
+    check_batch_arguments(args)
     # Options for labels or language models: I-JEPA's loss has no labels and its model no token embeddings
     if args.label_smoothing_factor:  # Trainer would ignore it without a word
-        raise ValueError(f"IJepaTrainer: label_smoothing_factor={args.label_smoothing_factor} smooths classification "
-                         "labels; I-JEPA's loss has none: leave it at 0")
+        raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} smooths classification labels; "
+                         "I-JEPA's loss has none: leave it at 0")
     if args.neftune_noise_alpha is not None:
-        raise ValueError(f"IJepaTrainer: neftune_noise_alpha={args.neftune_noise_alpha} adds noise to a language "
-                         "model's token embeddings; I-JEPA's encoder has none: leave it out")
+        raise ValueError(f"neftune_noise_alpha={args.neftune_noise_alpha} adds noise to a language model's token "
+                         "embeddings; I-JEPA's encoder has none: leave it out")
     if args.use_liger_kernel:
-        raise ValueError("IJepaTrainer: use_liger_kernel patches language models' layers (Liger kernels); it does "
-                         "not apply to I-JEPA: leave it out")
+        raise ValueError("use_liger_kernel patches language models' layers (Liger kernels); it does not apply to "
+                         "I-JEPA: leave it out")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):  # torch checks its default, not our groups
-        raise ValueError(f"IJepaTrainer: weight_decay must be a finite number >= 0, got {args.weight_decay}")
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {args.weight_decay}")
     if final_weight_decay is not None and (final_weight_decay < 0 or not math.isfinite(final_weight_decay)):
-        raise ValueError(f"IJepaTrainer: final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
+        raise ValueError(f"final_weight_decay must be a finite number >= 0, got {final_weight_decay}")
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     kwargs = dict(args.lr_scheduler_kwargs or {})
     if scheduler != "cosine":
         ours = sorted(set(kwargs) & set(_COSINE_KWARGS))
         if ours:  # transformers' own schedulers would stop the run at its start with a TypeError
-            raise ValueError(f"IJepaTrainer: lr_scheduler_kwargs {ours} are options of the I-JEPA cosine "
-                             f"(lr_scheduler_type='cosine'), not of {scheduler!r}: leave them out, or use the cosine")
+            raise ValueError(f"lr_scheduler_kwargs {ours} are options of the I-JEPA cosine (lr_scheduler_type="
+                             f"'cosine'), not of {scheduler!r}: leave them out, or use the cosine")
         return {}
     unknown = sorted(set(kwargs) - set(_COSINE_KWARGS))
     if unknown:
-        raise ValueError(f"IJepaTrainer: lr_scheduler_kwargs {unknown} are not options of the I-JEPA cosine; it takes "
+        raise ValueError(f"lr_scheduler_kwargs {unknown} are not options of the I-JEPA cosine; it takes "
                          f"{list(_COSINE_KWARGS)} (official: start_lr=2e-4, final_lr=1e-6)")
     cosine = {"start_lr": float(kwargs.get("start_lr", 0.0)), "final_lr": float(kwargs.get("final_lr", 0.0))}
-    try:
-        check_learning_rates(cosine["start_lr"], args.learning_rate, cosine["final_lr"],
-                             names=("lr_scheduler_kwargs start_lr", "learning_rate", "lr_scheduler_kwargs final_lr"))
-    except ValueError as error:
-        raise ValueError(f"IJepaTrainer: {error}") from None
+    check_learning_rates(cosine["start_lr"], args.learning_rate, cosine["final_lr"],
+                         names=("lr_scheduler_kwargs start_lr", "learning_rate", "lr_scheduler_kwargs final_lr"))
     return cosine
 
 
